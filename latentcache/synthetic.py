@@ -1,0 +1,120 @@
+"""Real videos with moving content, written with PyAV's bundled encoders.
+
+Used by `latentcache demo`, the tests and the benchmarks, so that nothing large is committed and every codec path
+is exercised on real bitstreams. Each frame has a bright square moving left to right and a white marker in the
+top-left corner, so a test can check order (the square moves with time) and orientation (where the marker is).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+# codec -> (container suffix, pixel format, encoder options)
+CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "h264": (".mp4", "yuv420p", {"preset": "ultrafast"}),
+    "h264_444": (".mp4", "yuv444p", {"preset": "ultrafast"}),
+    "hevc10": (".mp4", "yuv420p10le", {"preset": "ultrafast", "x265-params": "log-level=error"}),
+    "vp9": (".webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8"}),
+    "av1": (".mkv", "yuv420p", {"preset": "12"}),
+    "prores": (".mov", "yuv422p10le", {}),
+    "mjpeg": (".avi", "yuvj420p", {}),
+    "gif": (".gif", "rgb8", {}),
+    "mpegts": (".ts", "yuv420p", {"preset": "ultrafast"}),
+    "mpeg4": (".mp4", "yuv420p", {}),
+}
+_ENCODER = {
+    "h264": "libx264",
+    "h264_444": "libx264",
+    "hevc10": "libx265",
+    "vp9": "libvpx-vp9",
+    "av1": "libsvtav1",
+    "prores": "prores_ks",
+    "mjpeg": "mjpeg",
+    "gif": "gif",
+    "mpegts": "libx264",
+    "mpeg4": "mpeg4",
+}
+
+
+def moving_frames(num_frames: int, height: int, width: int) -> Iterator[np.ndarray]:
+    """RGB uint8 frames: a diagonal gradient, a square moving left to right, a marker in the top-left corner."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    side = max(4, min(height, width) // 4)
+    marker = max(2, min(height, width) // 8)
+    for i in range(num_frames):
+        frame = np.empty((height, width, 3), np.uint8)
+        frame[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
+        frame[..., 1] = ((yy + 3 * i) * 255 // max(height - 1, 1) % 256).astype(np.uint8)
+        frame[..., 2] = 64
+        x0 = int((width - side) * (i / max(num_frames - 1, 1)))
+        y0 = (height - side) // 2
+        frame[y0 : y0 + side, x0 : x0 + side] = (255, 32, 32)
+        frame[:marker, :marker] = 255
+        yield frame
+
+
+def write_video(
+    path: str | Path,
+    *,
+    codec: str = "h264",
+    num_frames: int = 48,
+    height: int = 96,
+    width: int = 128,
+    fps: int = 24,
+    rotation: int = 0,
+    pts: list[int] | None = None,
+    audio_first: bool = False,
+) -> Path:
+    """Encode `num_frames` moving frames into `path` with a real codec; returns the path written.
+
+    `pts`, when given, is one presentation time per frame in milliseconds, for irregular (VFR) timing.
+    `rotation` is stored as display-matrix metadata (counter-clockwise degrees), as phones do.
+    """
+    # SVT-AV1 prints a banner to stderr unless told to log errors only.
+    os.environ.setdefault("SVT_LOG", "1")
+    suffix, pix_fmt, options = CODECS[codec]
+    path = Path(path)
+    if path.suffix == "":
+        path = path.with_suffix(suffix)
+    fmt = "mpegts" if codec == "mpegts" else None
+    with av.open(str(path), "w", format=fmt) as container:
+        if audio_first:
+            audio = container.add_stream("aac", rate=16000)
+            audio.layout = "mono"
+        stream = container.add_stream(_ENCODER[codec], rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, rgb in enumerate(moving_frames(num_frames, height, width)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if pts is not None:
+                frame.pts = pts[i]
+                frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio_first:
+            _write_silence(container, audio, seconds=num_frames / fps)
+    return path
+
+
+def _write_silence(container: av.container.OutputContainer, audio, seconds: float) -> None:
+    samples = int(seconds * audio.rate)
+    chunk = 1024
+    for start in range(0, samples, chunk):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, chunk), np.float32), format="fltp", layout="mono")
+        frame.rate = audio.rate
+        frame.pts = start
+        for packet in audio.encode(frame):
+            container.mux(packet)
+    for packet in audio.encode():
+        container.mux(packet)
