@@ -1,0 +1,85 @@
+"""Decode ahead of the VAE in DataLoader worker processes, so the accelerator never waits for the CPU.
+
+`ClipStream` yields `(PlannedClip, Clip | InputError)` in plan order. With `workers > 0`, worker processes decode and
+resize clips while the main process encodes earlier ones; host memory stays bounded by
+`workers * prefetch` decoded clips (a clip is only its sampled, resized frames, never a whole video).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from latentcache.decode import Clip, decode_clip
+from latentcache.errors import InputError
+from latentcache.plan import PlannedClip
+from latentcache.settings import ClipSettings
+
+log = logging.getLogger(__name__)
+
+
+def default_workers(world_size_on_node: int = 1) -> int:
+    """Leave a core for the process that drives the accelerator; share the rest between local ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, clips: list[PlannedClip], clip: ClipSettings) -> None:
+        self.clips = clips
+        self.clip = clip
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> tuple[int, Clip | InputError]:
+        planned = self.clips[index]
+        try:
+            # Each worker decodes with one thread: the parallelism is across workers.
+            return index, decode_clip(planned.source, planned.start, self.clip, key=planned.key)
+        except InputError as e:
+            return index, e
+
+
+def _keep(items: list) -> list:
+    return items
+
+
+class ClipStream:
+    """Ordered, prefetched decoding of a list of planned clips."""
+
+    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int = 2) -> None:
+        self.clips = clips
+        self.clip = clip
+        self.workers = workers
+        self.prefetch = prefetch
+
+    def __iter__(self) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
+        if not self.clips:
+            return
+        dataset = _DecodeDataset(self.clips, self.clip)
+        if self.workers == 0:
+            for i in range(len(dataset)):
+                _, result = dataset[i]
+                yield self.clips[i], result
+            return
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            prefetch_factor=self.prefetch,
+            collate_fn=_keep,
+            worker_init_fn=_limit_threads,
+            # fork is fast and safe here: workers only run PyAV and numpy.
+            multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
+        )
+        for index, result in loader:
+            yield self.clips[index], result
+
+
+def _limit_threads(_: int) -> None:
+    torch.set_num_threads(1)
