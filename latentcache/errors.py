@@ -26,6 +26,24 @@ class InputError(LatentcacheError):
         self.reason = reason
         # A skip is a policy decision (e.g. the video is shorter than one clip), not a broken file.
         self.skipped = skipped
+        self._error_type: str | None = None
+
+    @property
+    def error_type(self) -> str:
+        """What went wrong, for failures.jsonl: "skipped", or the underlying exception's class name."""
+        if self._error_type is not None:
+            return self._error_type
+        return "skipped" if self.skipped else type(self.__cause__ or self).__name__
+
+    def __reduce__(self):
+        # Decode workers send these across processes; keep what failure records need (the cause is not picklable).
+        return (_rebuild_input_error, (self.path, self.stage, self.reason, self.skipped, self.error_type))
+
+
+def _rebuild_input_error(path: str, stage: str, reason: str, skipped: bool, error_type: str) -> InputError:
+    error = InputError(path, stage, reason, skipped=skipped)
+    error._error_type = error_type
+    return error
 
 
 class ShardFormatError(LatentcacheError):
