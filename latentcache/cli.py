@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from latentcache.errors import ConfigError, InputError, LatentcacheError
-from latentcache.settings import ClipSettings, EncodeSettings, TilingSettings, VAESettings
+from latentcache.settings import ClipSettings, EncodeSettings, TextSettings, TilingSettings, VAESettings
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 log = logging.getLogger("latentcache")
@@ -24,9 +24,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="video files, directories (recursive), or a .txt/.csv/.jsonl list")
     p.add_argument("--out", required=True, type=Path, help="output directory (shards, manifest, failures)")
     g = p.add_argument_group("VAE")
-    g.add_argument("--vae", default=None, help="local dir, hub id, or tiny-random-cogvideox "
+    g.add_argument("--vae", default=None, help="local dir, hub id, or tiny-random-<family> "
                    "(default: the family's hub id, e.g. THUDM/CogVideoX-2b)")
-    g.add_argument("--family", default="cogvideox", help="VAE family (default cogvideox)")
+    g.add_argument("--family", default=None, help="VAE family: cogvideox, wan, hunyuanvideo or ltx "
+                   "(default: the one a tiny-random-<family> --vae names, else cogvideox)")
     g.add_argument("--subfolder", default=None, help="subfolder of a pipeline repo holding the VAE (default: vae)")
     g.add_argument("--revision", default=None)
     g.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
@@ -36,6 +37,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
     g.add_argument("--device", default="auto")
     g.add_argument("--batch-size", type=int, default=1, help="clips per VAE call")
+    g.add_argument("--workers", type=int, default=None,
+                   help="decode worker processes (default: from the CPU count; 0 decodes in the main process)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
     c.add_argument("--frames", type=int, default=defaults.frames)
@@ -45,17 +49,33 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--clips", default=defaults.strategy, help="first | uniform:K | sliding:SECONDS | all")
     c.add_argument("--resize", default=defaults.resize, choices=["crop", "fit"])
     c.add_argument("--short", default=defaults.short, choices=["skip", "pad"],
-                   help="videos shorter than one clip: skip (reported) or pad by repeating the last frame")
+                   help="videos shorter than one clip (after --frame-buckets): skip (reported) or pad by repeating "
+                   "the last frame (recorded in the clip's padded_frames)")
+    c.add_argument("--buckets", default="", metavar="HxW,...",
+                   help="aspect buckets, e.g. 480x720,720x480,480x480: each video takes the nearest aspect "
+                   "(replaces --height/--width); shards hold one bucket each")
+    c.add_argument("--frame-buckets", default="", metavar="N,...",
+                   help="shorter frame counts for videos too short for --frames, e.g. 33,17 (largest that fits)")
     p.add_argument("--samples-per-shard", type=int, default=EncodeSettings().samples_per_shard)
+    t = p.add_argument_group("captions")
+    t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
+                   help="cache prompt embeddings of each caption with this pipeline's text encoder (e.g. the "
+                   "--vae pipeline); needs `pip install 'latentcache[text]'`")
+    t.add_argument("--text-max-length", type=int, default=None,
+                   help="tokens per prompt (default: the family's pipeline: CogVideoX 226, Wan 512, LTX 128)")
+    p.add_argument("--store", default="posterior", choices=["posterior", "mean"],
+                   help="posterior: mean + logvar (re-sampled each epoch); mean: half the bytes")
+    p.add_argument("--store-dtype", default="encode", choices=["encode", "fp16", "bf16", "fp32"],
+                   help="dtype of the stored latents (default: the encode dtype)")
     p.add_argument("--strict", action="store_true", help="stop at the first failed input")
     p.add_argument("--overwrite", action="store_true", help="start OUT again even if it was made with other settings")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
-    from latentcache.vae import family_of
+    from latentcache.vae import family_for_source, family_of
 
-    family = family_of(args.family)
+    family = family_of(family_for_source(args.vae, args.family))
     tiling = None
     if args.tiling:
         try:
@@ -64,8 +84,8 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
         except ValueError:
             raise ConfigError(f"--tiling {args.tiling!r}: expected H,W,OVERLAP such as 240,360,0.25") from None
     source = args.vae or family.default_source
-    subfolder = args.subfolder if args.subfolder is not None else (
-        family.default_subfolder if source == family.default_source else None)
+    # A pipeline repo keeps its VAE in a subfolder; load_vae falls back to the root for a VAE-only repo or dir.
+    subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
     for name in ("frames", "batch_size", "samples_per_shard"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -73,10 +93,17 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
         raise ConfigError(f"--fps must be positive, got {args.fps}")
     return EncodeSettings(
         clip=ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width,
-                          strategy=args.clips, resize=args.resize, short=args.short),
+                          strategy=args.clips, resize=args.resize, short=args.short,
+                          buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets)),
         vae=VAESettings(source=source, family=family.name, subfolder=subfolder, revision=args.revision,
                         dtype=args.dtype, tiling=tiling, frame_chunk=args.frame_chunk),
         samples_per_shard=args.samples_per_shard,
+        text=(TextSettings(source=args.text_encoder, max_length=args.text_max_length)
+              if getattr(args, "text_encoder", None) else None),
+        store=args.store,
+        store_dtype=args.store_dtype,
+        workers=args.workers,
+        compile=args.compile,
         device=args.device,
         batch_size=args.batch_size,
         strict=args.strict,
@@ -85,17 +112,28 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
 
 def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, is_main: bool = True,
                barrier: Callable[[], None] = lambda: None, device: str | None = None, finalize_at_end: bool = True,
-               progress_position: int = 0) -> int:
-    """The encode job, shared by `latentcache encode` and `jobs/encode.py` (accelerate, SLURM)."""
+               progress_position: int = 0,
+               reduce_sum: Callable[[list[float]], list[float]] = lambda values: values) -> int:
+    """The encode job, shared by `latentcache encode` and `jobs/encode.py` (accelerate, SLURM).
+
+    `barrier` waits for the processes launched together; `reduce_sum` adds a list of numbers over them (for the job
+    summary). Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier.
+    """
     from tqdm import tqdm
 
     from latentcache import pipeline
     from latentcache.plan import Plan, discover_inputs, shards_for_rank
     from latentcache.vae import load_vae
 
+    started = time.perf_counter()
     settings = settings_from_args(args)
     out: Path = args.out
     vae = load_vae(settings.vae, device or settings.device)
+    texts = None
+    if settings.text is not None:
+        from latentcache.text import load_text_encoder
+
+        texts = load_text_encoder(settings.text, settings.vae.family, vae.device)
     if vae.identity.random_weights and is_main:
         print(f"NOTE: {settings.vae.source} has random weights: these latents are for demos and tests only.")
     if is_main:
@@ -104,40 +142,81 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     barrier()
     if not is_main:
         plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"))
+    pending = pipeline.pending_shards(out, plan)
+    if not pending and is_main:
+        print(f"{out}: all {len(plan.shards)} shard(s) are already done; nothing to encode")
     mine = shards_for_rank(plan, rank, world_size)
+    pending_ids = {s.shard_id for s in pending}
     total = sum(len(s.keys) for s in mine)
     label = f"rank {rank}" if world_size > 1 else "encode"
-    with tqdm(total=total, unit="clip", desc=label, position=progress_position, dynamic_ncols=True,
-              disable=not sys.stderr.isatty() and world_size > 1) as bar:
-        summary = pipeline.run(out, plan, vae, settings, rank=rank, world_size=world_size, on_clip=bar.update)
-    written = summary.shards_written
-    print(f"[{label}] {summary.clips_written} clips in {written} shard(s) written, {summary.shards_skipped} shard(s) "
-          f"already done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
+    # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
+    # Without a terminal (SLURM logs) a bar line every 30 s is a heartbeat, not noise.
+    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.shard_id not in pending_ids), unit="clip",
+              desc=label, position=progress_position, dynamic_ncols=True, leave=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+        summary = pipeline.run(out, plan, vae, settings, rank=rank, world_size=world_size, on_clip=bar.update,
+                               texts=texts)
+    print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
+          f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
+          f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
+    totals = reduce_sum([summary.clips_written, len(summary.failures), summary.shards_written,
+                         summary.shards_redone, summary.seconds])
     barrier()
-    if not (is_main and finalize_at_end):
+    if not is_main:
         return EXIT_OK
-    if summary.shards_written == 0 and summary.shards_skipped == len(mine) and (out / "manifest.json").is_file():
-        print(f"{out}: every shard was already done; nothing encoded")
+    print_job_summary(totals, world_size, time.perf_counter() - started)
+    if not finalize_at_end:
+        return EXIT_OK
+    left = pipeline.pending_shards(out, plan)
+    if left:
+        # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
+        print(f"{out}: {len(left)} shard(s) are still being written by other tasks; the last task to finish writes "
+              f"the manifest (or run `latentcache finalize {out}` once all are done)")
+        return EXIT_OK
     return report_finalize(out)
 
 
+def print_job_summary(totals: list[float], world_size: int, wall_seconds: float) -> None:
+    """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
+    clips, failures, shards, redone, device_seconds = totals
+    print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
+          f"interruption) by {world_size} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
+          f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, {device_seconds / 3600:.4f} device-hours")
+
+
+def _bucket_list(text: str) -> tuple[str, ...]:
+    return tuple(b.strip().lower() for b in text.split(",") if b.strip())
+
+
+def _frame_bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(f) for f in text.split(",") if f.strip()}, reverse=True))
+    except ValueError:
+        raise ConfigError(f"--frame-buckets {text!r}: expected frame counts separated by commas, e.g. 33,17") from None
+
+
 def report_finalize(out: Path) -> int:
-    from latentcache.pipeline import finalize
+    """Finalize and print the run's outcome. Skips (a policy, e.g. too short) are reported but are not failures."""
+    import json
+
+    from latentcache.pipeline import PLAN_FILE, finalize
+    from latentcache.plan import outcome_counts
 
     manifest = finalize(out)
     counts = manifest["counts"]
-    failures = [line for line in (out / "failures.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s), "
-          f"{counts['failures']} failure(s); manifest at {out / 'manifest.json'}")
-    if failures:
-        import json
-
-        reasons = Counter(json.loads(f)["error"] for f in failures)
-        print("failures by kind: " + ", ".join(f"{k}: {n}" for k, n in reasons.most_common())
-              + f" (details in {out / 'failures.jsonl'})")
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    plan = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+    outcome = outcome_counts(plan, records)
+    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
+    skipped, failed = sum(outcome["skips"].values()), sum(outcome["failures"].values())
+    print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
+          f"{counts['samples']} written of {counts['planned_clips']} planned; skipped: {skipped}; failed: {failed}")
+    for title, by_reason in (("skipped by reason", outcome["skips"]), ("failures by kind", outcome["failures"])):
+        if by_reason:
+            print(f"{title}: " + ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
+                  + f" (details in {out / 'failures.jsonl'})")
+    return EXIT_SOME_FAILED if outcome["failures"] else EXIT_OK
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -154,6 +233,76 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from latentcache.verify import verify
+
+    report = verify(args.dir, trainer_config=args.trainer_config, check_sha256=not args.no_sha256)
+    for line in report.lines():
+        print(line)
+    # The check ran to the end but the data is not right: like inputs that failed (3), not a usage error (2).
+    return EXIT_OK if report.ok else EXIT_SOME_FAILED
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from latentcache.verify import info_lines
+
+    for line in info_lines(args.dir):
+        print(line)
+    return EXIT_OK
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from latentcache.preview import preview
+
+    result = preview(args.dir, args.out, keys=args.key, random_count=args.random, seed=args.seed,
+                     device=args.device)
+    for key, with_source in zip(result.keys, result.with_source, strict=True):
+        print(f"{key}: {'source | reconstruction' if with_source else 'reconstruction only (source not found)'}")
+    print(f"wrote {result.out}: {result.frames} frames, {result.size[0]}x{result.size[1]}")
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from latentcache.shards import read_manifest
+    from latentcache.trainer_config import config_problems, load_trainer_config
+
+    problems = config_problems(load_trainer_config(args.config), read_manifest(args.data))
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print(f"{args.config}: fits {args.data}" if not problems else
+          f"{args.config}: {len(problems)} problem(s) with {args.data}")
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
+    """verify, info, preview, check-config: the trainer side of a dataset."""
+    p = sub.add_parser("verify", help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--trainer-config", type=Path, default=None, help="also check a SAT-style training YAML")
+    p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("info", help="a short table of a dataset, from its manifest")
+    p.add_argument("dir", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("preview", help="decode latents back to video with the manifest's VAE (mp4, beside sources)")
+    p.add_argument("dir", type=Path)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--key", action="append", default=None, help="sample key (repeatable)")
+    which.add_argument("--random", type=int, default=1, metavar="N", help="N random samples (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("preview.mp4"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_preview)
+    p = sub.add_parser("check-config", help="does a CogVideo SAT-style training YAML fit these latents?")
+    p.add_argument("config", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_check_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentcache", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_demo)
+    add_trainer_commands(sub)
     return parser
 
 

@@ -3,23 +3,53 @@
 Frames are picked by timestamps, not by index, so a 60 fps, a 24 fps and a variable-frame-rate source sampled at
 `fps=8` give the same wall-clock spacing. Resizing happens in swscale (`VideoFrame.reformat`) on the frames that
 are actually taken, so a 4K source is never held or upscaled at full resolution in numpy or torch.
+
+Damaged files are the norm in scraped corpora. A clip is only returned when every frame in it is intact: a corrupt
+packet, a decoder error or a hole in the timestamps taints the decoder's output until the next keyframe, and a clip
+that would use a tainted frame, or repeat a frame across a hole, is dropped with the reason (`InputError`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from latentcache.errors import InputError
 from latentcache.settings import ClipSettings
 
 log = logging.getLogger(__name__)
+
+# Demuxers that read one still image: a PNG or JPEG renamed .mp4 opens as a one-frame "video" through these.
+_STILL_IMAGE_FORMATS = ("image2", "_pipe")
+# Consecutive packets that fail to decode before the file is given up on (one bad packet is decoded around).
+_MAX_BAD_PACKETS = 32
+# Stream containers, where a hole in the timestamps means lost packets. In indexed containers (mp4, mkv, webm, avi,
+# gif) a hole is the file's own variable frame rate (a held frame) and the frame is repeated as the file says.
+_LOSSY_TIMING_FORMATS = {"mpegts", "mpegtsraw", "mpeg", "mpegvideo", "h264", "hevc", "flv", "rtp", "rtsp"}
+_SEEK_START = "decoding started between keyframes"
+
+
+# Causes attached to InputError (`raise InputError(...) from NotAVideo()`): their names are the `error` column of
+# failures.jsonl, so the run summary can count failures by kind.
+class NotAVideo(Exception):
+    """The file opens, but holds no video: audio only, a still image."""
+
+
+class CorruptVideo(Exception):
+    """Corrupt packets, decoder errors or missing frames inside the clip."""
+
+
+class TruncatedVideo(Exception):
+    """The video stream ends before the duration the container announces."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,6 +75,24 @@ class Clip:
     meta: dict[str, Any]
 
 
+def _file_size(path: str, stage: str) -> int:
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as e:
+        raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
+    except OSError as e:
+        raise InputError(path, stage, f"cannot read the file ({_why(e)})") from e
+    if size == 0:
+        raise InputError(path, stage, "empty file (0 bytes): an interrupted download or copy? "
+                         "Fetch it again or remove it from the inputs") from TruncatedVideo()
+    return size
+
+
+def _why(e: BaseException) -> str:
+    """'InvalidDataError: Invalid data found when processing input', without FFmpeg's errno and file name."""
+    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+
+
 def _open(path: str, stage: str) -> av.container.InputContainer:
     try:
         return av.open(path, metadata_errors="ignore")
@@ -53,20 +101,29 @@ def _open(path: str, stage: str) -> av.container.InputContainer:
     except PermissionError as e:
         raise InputError(path, stage, "permission denied") from e
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise InputError(path, stage, f"not a readable video container ({type(e).__name__}: {e})") from e
+        raise InputError(path, stage, f"not a readable video container ({_why(e)}); expected a "
+                         "video file such as mp4/mkv/webm/mov: is it truncated, or not a video?") from e
 
 
 def _video_stream(container: av.container.InputContainer, path: str, stage: str) -> av.video.stream.VideoStream:
+    fmt = container.format.name
+    if fmt == _STILL_IMAGE_FORMATS[0] or fmt.endswith(_STILL_IMAGE_FORMATS[1]):
+        raise InputError(path, stage, f"a still image ({fmt} format), not a video") from NotAVideo()
     # The first *video* stream: many files put audio first.
     for stream in container.streams.video:
         if stream.codec_context is not None and stream.codec_context.width > 0:
             return stream
     kinds = ", ".join(s.type for s in container.streams) or "none"
-    raise InputError(path, stage, f"no video stream (streams found: {kinds})")
+    raise InputError(path, stage, f"no video stream (streams found: {kinds})") from NotAVideo()
 
 
 def _stream_start(stream: av.video.stream.VideoStream) -> float:
     return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _frame_period(stream: av.video.stream.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    return 1.0 / float(rate) if rate else 1.0 / 25.0
 
 
 def _rotation(frame: av.VideoFrame) -> int:
@@ -75,8 +132,12 @@ def _rotation(frame: av.VideoFrame) -> int:
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """Read container metadata (one frame is decoded only to learn the rotation). Raises InputError."""
+    """Read container metadata (one frame is decoded only to learn the rotation). Raises InputError.
+
+    Whether a file is a video is decided here, by opening it, never by its extension.
+    """
     path = str(path)
+    size = _file_size(path, "probe")
     with _open(path, "probe") as container:
         stream = _video_stream(container, path, "probe")
         duration = None
@@ -89,9 +150,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as e:
-            raise InputError(path, "probe", f"the first frame does not decode ({type(e).__name__}: {e})") from e
+            raise InputError(path, "probe", f"the first frame does not decode ({_why(e)})") from e
         if first is None:
-            raise InputError(path, "probe", "the video stream holds no decodable frame")
+            raise InputError(path, "probe", "the video stream holds no decodable frame") from CorruptVideo()
         rotation = _rotation(first)
         width, height = first.width, first.height
         if rotation in (90, 270):
@@ -108,7 +169,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             height=height,
             rotation=rotation,
             codec=stream.codec_context.name,
-            size_bytes=os.path.getsize(path),
+            size_bytes=size,
         )
 
 
@@ -116,12 +177,15 @@ def _duration_by_demux(container: av.container.InputContainer, stream: av.video.
     """Last packet end time, for containers that do not store a duration (some gifs, raw streams)."""
     container.seek(0)
     start, end = None, 0.0
-    for packet in container.demux(stream):
-        if packet.pts is None:
-            continue
-        t = float(packet.pts * packet.time_base)
-        start = t if start is None else min(start, t)
-        end = max(end, t + float((packet.duration or 0) * packet.time_base))
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            t = float(packet.pts * packet.time_base)
+            start = t if start is None else min(start, t)
+            end = max(end, t + float((packet.duration or 0) * packet.time_base))
+    except av.FFmpegError as e:
+        log.debug("%s: demuxing stopped at %.3fs (%s)", container.name, end, e)
     return end - (start or 0.0)
 
 
@@ -144,10 +208,13 @@ class Geometry:
             scale = min(width / src_w, height / src_h)
         else:
             raise ValueError(f"resize mode {mode!r} is not one of 'crop', 'fit'")
-        # Round up for crop so the scaled frame always covers the target; down for fit so it always fits.
-        rounder = np.ceil if mode == "crop" else np.floor
-        sw = int(min(max(rounder(src_w * scale - 1e-6), 1), width if mode == "fit" else 1 << 30))
-        sh = int(min(max(rounder(src_h * scale - 1e-6), 1), height if mode == "fit" else 1 << 30))
+        # Round up for crop so the scaled frame always covers the target; down for fit so it always fits. The nudge
+        # keeps float error (160 * 0.4 = 63.99999...) from costing a row.
+        if mode == "crop":
+            sw, sh = int(np.ceil(src_w * scale - 1e-6)), int(np.ceil(src_h * scale - 1e-6))
+        else:
+            sw = min(max(int(np.floor(src_w * scale + 1e-6)), 1), width)
+            sh = min(max(int(np.floor(src_h * scale + 1e-6)), 1), height)
         if mode == "crop":
             sw, sh = max(sw, width), max(sh, height)
             box = ((sw - width) // 2, (sh - height) // 2, width, height)
@@ -177,6 +244,9 @@ class _Converter:
         self.rotation = 0
         self.source_size = (0, 0)
         self._last: tuple[av.VideoFrame, np.ndarray] | None = None
+        # One swscale context for the whole clip: `frame.reformat` builds a new one per frame, which costs more than
+        # the scaling itself at training resolutions.
+        self._reformatter = VideoReformatter()
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         if self._last is not None and self._last[0] is frame:
@@ -190,7 +260,8 @@ class _Converter:
         # swscale works on the stored (unrotated) frame, so ask it for the rotated-back size.
         out_w, out_h = (geo.scaled_h, geo.scaled_w) if self.rotation in (90, 270) else (geo.scaled_w, geo.scaled_h)
         interpolation = "BICUBIC" if geo.upscaled else "AREA"
-        rgb = frame.reformat(width=out_w, height=out_h, format="rgb24", interpolation=interpolation).to_ndarray()
+        rgb = self._reformatter.reformat(frame, width=out_w, height=out_h, format="rgb24",
+                                         interpolation=interpolation).to_ndarray()
         if self.rotation:
             rgb = np.rot90(rgb, k=self.rotation // 90)
         out = geo.apply(rgb, self.clip.width, self.clip.height)
@@ -198,103 +269,290 @@ class _Converter:
         return out
 
 
+class _SeekMissed(Exception):
+    """The seek landed after the clip start or between keyframes: decode from the start of the file instead."""
+
+
+class _Integrity:
+    """Whether the decoder's output can be trusted right now.
+
+    Damage (a packet the demuxer flags corrupt, a packet the decoder rejects, a hole in the timestamps of a stream
+    container) taints every frame after it until the next keyframe: decoders conceal errors by predicting from
+    broken references, so the frames look plausible but are garbage, and nothing flags them.
+    """
+
+    def __init__(self, period: float, *, detect_holes: bool, after_seek: bool) -> None:
+        self.period = period
+        self.detect_holes = detect_holes
+        # After a seek, frames are only trusted from the first keyframe on.
+        self.reason: str | None = _SEEK_START if after_seek else None
+        self.tainted_from = float("-inf")  # frames shown from here on are not trusted...
+        self.clean_after = float("-inf")  # ...until a keyframe shown after the latest damage
+        self.last_t: float | None = None
+        # Recent frame intervals: the stream's real period, even where the header's frame rate is wrong (interlaced
+        # material often announces the field rate).
+        self.intervals: deque[float] = deque(maxlen=9)
+
+    @property
+    def typical(self) -> float:
+        return float(np.median(self.intervals)) if len(self.intervals) >= 3 else self.period
+
+    def damage(self, t: float | None, reason: str) -> None:
+        if t is None:
+            t = self.last_t if self.last_t is not None else 0.0
+        if self.reason is None:
+            self.reason, self.tainted_from = reason, t
+        self.clean_after = max(self.clean_after, t)
+
+    def check(self, t: float, frame: av.VideoFrame) -> _Decoded:
+        """Updates the state with a decoded frame and says whether it is intact and whether frames are missing
+        right before it."""
+        hole_from = None
+        if self.detect_holes and self.last_t is not None and t > self.last_t:
+            interval, typical = t - self.last_t, self.typical
+            if interval > 1.5 * typical:
+                hole_from = self.last_t + typical
+                self.damage(self.last_t, f"frames missing: no frame between {self.last_t:.3f}s and {t:.3f}s "
+                            f"(the stream's frame period is {typical:.3f}s)")
+            else:
+                self.intervals.append(interval)
+        if self.last_t is None or t > self.last_t:
+            self.last_t = t
+        if frame.key_frame and not frame.is_corrupt and t >= self.clean_after:
+            self.reason = None
+        damaged = None
+        if frame.is_corrupt:
+            damaged = "the decoder flagged the frame as corrupt"
+        elif t >= self.tainted_from:
+            # Frame threading and B-frame reordering deliver frames shown before the damage after it: intact.
+            damaged = self.reason
+        return _Decoded(t, frame, damaged, hole_from)
+
+
+@dataclass(slots=True)
+class _Decoded:
+    t: float  # seconds from the stream start
+    frame: av.VideoFrame
+    damaged: str | None  # why this frame is not intact, None when it is
+    hole_from: float | None = None  # frames are missing from here up to this frame (stream containers only)
+
+
+def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, t0: float,
+                    integrity: _Integrity, path: str) -> Iterator[_Decoded]:
+    """Decode packet by packet, so that one bad packet is recorded and decoded around instead of ending the clip."""
+    decoded, bad_in_row = 0, 0
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:
+            # The demuxer cannot go on (truncated or garbled container): what was decoded so far still counts.
+            integrity.damage(None, f"the container breaks off ({_why(e)})")
+            log.debug("%s: demuxing stopped after %d frames: %s", path, decoded, e)
+            return
+        packet_t = float(packet.pts * packet.time_base) - t0 if packet.pts is not None else None
+        if packet.is_corrupt:
+            integrity.damage(packet_t, "a packet is flagged corrupt by the demuxer")
+        try:
+            frames = packet.decode()
+            bad_in_row = 0
+        except av.FFmpegError as e:
+            bad_in_row += 1
+            integrity.damage(packet_t, f"a packet does not decode ({_why(e)})")
+            if bad_in_row > _MAX_BAD_PACKETS:
+                raise InputError(path, "decode", f"{bad_in_row} packets in a row do not decode after {decoded} "
+                                 f"good frames ({_why(e)})") from e
+            continue
+        for frame in frames:
+            t = (float(frame.time) - t0) if frame.time is not None else decoded * integrity.period
+            decoded += 1
+            yield integrity.check(t, frame)
+
+
+class _ClipBuilder:
+    """Takes, for each target time, the frame on screen at that time (the last one with pts <= target)."""
+
+    def __init__(self, path: str, start: float, clip: ClipSettings, period: float) -> None:
+        self.path = path
+        self.start = start
+        self.clip = clip
+        self.period = period
+        self.targets = target_times(start, clip)
+        self.frames = np.empty((clip.frames, clip.height, clip.width, 3), np.uint8)
+        self.times: list[float] = []
+        self.convert = _Converter(clip)
+
+    @property
+    def done(self) -> bool:
+        return len(self.times) >= self.clip.frames
+
+    def next_target(self) -> float:
+        return self.targets[len(self.times)]
+
+    def take(self, d: _Decoded) -> None:
+        if d.damaged is not None:
+            raise InputError(self.path, "decode", f"corrupt video at {d.t:.3f}s, inside the clip "
+                             f"{self.start:.3f}-{self.targets[-1]:.3f}s: {d.damaged}; clip dropped") \
+                from CorruptVideo()
+        self.frames[len(self.times)] = self.convert(d.frame)
+        self.times.append(round(d.t, 6))
+
+    def fill_until(self, prev: _Decoded, until: float, hole_from: float | None = None) -> None:
+        """Take `prev` for every target before `until` (the next frame's time, or where `prev` stops showing)."""
+        while not self.done and self.next_target() < until:
+            if hole_from is not None and self.next_target() >= hole_from:
+                # Taking `prev` here would repeat it in place of frames that were lost.
+                raise InputError(self.path, "decode", f"frames missing inside the clip: none between {prev.t:.3f}s "
+                                 f"and {until:.3f}s (the stream's frame period is {hole_from - prev.t:.3f}s); "
+                                 "clip dropped rather than repeating a frame") from CorruptVideo()
+            self.take(prev)
+
+
 def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "") -> Clip:
     """Decode `clip.frames` frames starting `start` seconds after the stream start, at `clip.fps`.
 
     Seeks to the keyframe before `start` and decodes forward, so a clip late in a long file costs the same as an
-    early one. Only the frames taken are converted, and at most two source frames are alive at once.
-    Raises InputError (stage "decode") for unreadable or too-short videos.
+    early one; containers without a usable index (MPEG-TS) fall back to decoding from the start. Only the frames
+    taken are converted, and at most two source frames are alive at once.
+    Raises InputError (stage "decode") for unreadable, corrupt, truncated or too-short videos.
     """
     path = str(path)
-    targets = target_times(start, clip)
-    frames = np.empty((clip.frames, clip.height, clip.width, 3), np.uint8)
-    times: list[float] = []
-    convert = _Converter(clip)
+    size = _file_size(path, "decode")
     with _open(path, "decode") as container:
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
-        t0 = _stream_start(stream)
-        rate = stream.average_rate or stream.guessed_rate
-        frame_period = 1.0 / float(rate) if rate else 1.0 / 25.0
-
-        def take(t: float, frame: av.VideoFrame) -> None:
-            frames[len(times)] = convert(frame)
-            times.append(round(t, 6))
-
-        def run(seek: bool) -> tuple[float, av.VideoFrame] | None:
-            """Decode forward, taking frames; returns the last frame seen, None if the seek missed the clip."""
-            if seek:
-                # backward=True lands on the keyframe at or before the clip start (where the container has an
-                # index); we decode forward from there.
-                container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
-            prev: tuple[float, av.VideoFrame] | None = None
-            decoded = 0
-            try:
-                for frame in container.decode(stream):
-                    t = (float(frame.time) - t0) if frame.time is not None else decoded * frame_period
-                    decoded += 1
-                    if prev is None and t > targets[0] + 1.5 * frame_period:
-                        if seek:
-                            return None
-                        raise InputError(path, "decode", f"first decodable frame is at {t:.3f}s, after the clip "
-                                         f"start {targets[0]:.3f}s")
-                    if prev is not None and t <= prev[0]:
-                        continue  # a repeated or out-of-order timestamp: keep the first frame shown at that time
-                    while prev is not None and len(times) < clip.frames and targets[len(times)] < t:
-                        take(*prev)
-                    if len(times) >= clip.frames:
-                        break
-                    prev = (t, frame)
-            except av.FFmpegError as e:
-                raise InputError(path, "decode", f"decoding failed after {decoded} frames "
-                                 f"({type(e).__name__}: {e})") from e
-            return None if (seek and prev is None) else prev
-
-        prev = run(seek=start > 0)
-        if prev is None and start > 0:
-            # Containers without a keyframe index (MPEG-TS, some AVIs) can land on a frame that does not decode;
-            # decoding from the start is slow but right.
+        period = _frame_period(stream)
+        detect_holes = bool(set(container.format.name.split(",")) & _LOSSY_TIMING_FORMATS)
+        run = _Run(container, stream, path, start, clip, period, detect_holes)
+        try:
+            builder, last = run.decode(seek=start > 0)
+        except _SeekMissed:
             log.debug("%s: seek to %.3fs missed the clip, decoding from the start", path, start)
             container.seek(0)
-            prev = run(seek=False)
-        if prev is None:
-            raise InputError(path, "decode", f"no frame decoded at or after {start:.3f}s")
-        if len(times) < clip.frames:
-            last_t, last = prev
-            shown_until = last_t + (float(last.duration * last.time_base) if last.duration else frame_period)
-            while len(times) < clip.frames and targets[len(times)] < shown_until:
-                take(*prev)
-        padded = clip.frames - len(times)
-        if padded:
-            need = (clip.frames - 1) / clip.fps
-            if clip.short != "pad":
-                raise InputError(
-                    path, "decode",
-                    f"too short: {prev[0] - start:.2f}s of video from {start:.2f}s, a clip of {clip.frames} frames "
-                    f"at {clip.fps:g} fps needs {need:.2f}s (use --short pad or fewer --frames)",
-                    skipped=True,
-                )
-            frames[len(times):] = frames[len(times) - 1] if times else convert(prev[1])
+            builder, last = run.decode(seek=False)
+        padded = _finish(builder, last, run.integrity, _announced_duration(container, stream))
+    meta = _meta(builder, path, size, period, padded) | {"frames_decoded": run.frames_decoded}
+    return Clip(key=key, frames=builder.frames, meta=meta)
+
+
+class _Run:
+    """One pass of decoding forward, from a seek point or from the start of the file."""
+
+    def __init__(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str,
+                 start: float, clip: ClipSettings, period: float, detect_holes: bool) -> None:
+        self.container, self.stream, self.path = container, stream, path
+        self.start, self.clip, self.period, self.detect_holes = start, clip, period, detect_holes
+        self.integrity = _Integrity(period, detect_holes=detect_holes, after_seek=False)
+        self.frames_decoded = 0  # over every pass: what the clip cost, to show that seeking works
+
+    def decode(self, *, seek: bool) -> tuple[_ClipBuilder, _Decoded | None]:
+        """Takes the clip's frames; raises _SeekMissed when the seek landed somewhere the clip cannot start."""
+        t0 = _stream_start(self.stream)
+        if seek:
+            # backward=True lands on the keyframe at or before the clip start where the container has an index.
+            self.container.seek(int((t0 + self.start) / self.stream.time_base), stream=self.stream, backward=True)
+        builder = _ClipBuilder(self.path, self.start, self.clip, self.period)
+        self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)
+        prev: _Decoded | None = None
+        try:
+            for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path):
+                self.frames_decoded += 1
+                if prev is None and d.t > builder.targets[0] + 1.5 * self.period:
+                    if seek:
+                        raise _SeekMissed()
+                    raise InputError(self.path, "decode", f"the first decodable frame is at {d.t:.3f}s, after the "
+                                     f"clip start {builder.targets[0]:.3f}s") from CorruptVideo()
+                if prev is not None and d.t <= prev.t:
+                    continue  # a repeated or out-of-order timestamp: keep the first frame shown at that time
+                if prev is not None:
+                    builder.fill_until(prev, d.t, d.hole_from)
+                if builder.done:
+                    break
+                prev = d
+            if prev is not None and not builder.done:
+                # The stream ended: the last frame covers the targets before it stops being shown (its duration
+                # is the file's own timing, never a hole).
+                shown = float(prev.frame.duration * prev.frame.time_base) if prev.frame.duration else self.period
+                builder.fill_until(prev, prev.t + shown)
+        except InputError:
+            if seek and integrity.reason == _SEEK_START:
+                raise _SeekMissed() from None
+            raise
+        if seek and prev is None:
+            raise _SeekMissed()
+        return builder, prev
+
+
+def _finish(builder: _ClipBuilder, last: _Decoded | None, integrity: _Integrity, announced: float | None) -> int:
+    """Decide between a complete clip, padding, a skip (too short) and a failure (truncated or damaged).
+
+    Returns the number of frames padded."""
+    path, clip, start = builder.path, builder.clip, builder.start
+    if last is None:
+        raise InputError(path, "decode", f"no frame decoded at or after {start:.3f}s") from CorruptVideo()
+    missing = clip.frames - len(builder.times)
+    if not missing:
+        return 0
+    shown = float(last.frame.duration * last.frame.time_base) if last.frame.duration else builder.period
+    ends_at = last.t + shown
+    if integrity.reason is not None or (announced is not None and ends_at < announced - max(4 * builder.period, 0.5)):
+        found = f"ends at {ends_at:.2f}s" + (f" ({integrity.reason})" if integrity.reason else "")
+        expected = f"the container announces {announced:.2f}s" if announced else "the clip needs more"
+        raise InputError(path, "decode", f"the video stream {found}, but {expected}: a truncated or damaged file; "
+                         "clip dropped") from TruncatedVideo()
+    if clip.short != "pad":
+        need = (clip.frames - 1) / clip.fps
+        raise InputError(
+            path, "decode",
+            f"too short: {ends_at - start:.2f}s of video from {start:.2f}s, a clip of {clip.frames} frames "
+            f"at {clip.fps:g} fps needs more than {need:.2f}s (use --short pad, fewer --frames or --frame-buckets)",
+            skipped=True,
+        )
+    if not builder.times:
+        builder.take(last)
+        missing -= 1
+    builder.frames[len(builder.times):] = builder.frames[len(builder.times) - 1]
+    log.info("%s: %d of %d frames padded by repeating the last frame (--short pad)", path, missing, clip.frames)
+    return missing
+
+
+def _announced_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    if stream.duration is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base - max(_stream_start(stream), 0.0)
+    return None
+
+
+def _meta(builder: _ClipBuilder, path: str, size: int, period: float, padded: int) -> dict[str, Any]:
+    clip, convert, start = builder.clip, builder.convert, builder.start
     geo = convert.geometry
+    assert geo is not None  # at least one frame was converted
     src_w, src_h = convert.source_size
-    meta = {
+    if geo.upscaled:
+        log.info("%s: %dx%d is smaller than %dx%d, upscaled", path, src_w, src_h, clip.width, clip.height)
+    return {
         "source": path,
-        "source_size_bytes": Path(path).stat().st_size,
+        "source_size_bytes": size,
         "source_width": src_w,
         "source_height": src_h,
-        "source_fps": round(1.0 / frame_period, 6),
+        "source_fps": round(1.0 / period, 6),
         "clip_start": round(start, 6),
         "clip_end": round(start + (clip.frames - 1) / clip.fps, 6),
-        "frame_times": times,
+        "frame_times": builder.times,
         "fps": clip.fps,
         "frames": clip.frames,
+        "height": clip.height,
+        "width": clip.width,
         "rotation_applied": convert.rotation,
         "resize": clip.resize,
         "scaled_size": [geo.scaled_w, geo.scaled_h],
         "box": list(geo.box),
         "upscaled": geo.upscaled,
         "padded_frames": padded,
+        # Output frames that show the same source frame as the one before: the source's own timing (a low frame
+        # rate, a held VFR frame), recorded so that a repeat is never silent.
+        "repeated_frames": sum(a == b for a, b in itertools.pairwise(builder.times)),
     }
-    if geo.upscaled:
-        log.info("%s: %dx%d is smaller than %dx%d, upscaled", path, src_w, src_h, clip.width, clip.height)
-    return Clip(key=key, frames=frames, meta=meta)

@@ -7,11 +7,14 @@ process takes (`shards_for_rank`); any process can produce any shard, and produc
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,26 +96,62 @@ def _read_caption(video: Path) -> str | None:
     return None
 
 
-def _from_list(list_file: Path) -> list[InputVideo]:
-    """A text file with one path per line, or a CSV/JSONL with a `path` and optional `caption` column."""
-    base = list_file.parent
-    rows: list[dict[str, Any]]
+def _list_rows(list_file: Path) -> list[dict[str, Any]]:
+    # utf-8-sig: spreadsheets save CSVs with a byte-order mark, which would otherwise become part of "path".
+    text = list_file.read_text(encoding="utf-8-sig")
     if list_file.suffix == ".csv":
-        with list_file.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif list_file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        rows = [{"path": line.strip()} for line in list_file.read_text(encoding="utf-8").splitlines()
-                if line.strip() and not line.startswith("#")]
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); found "
+                              f"columns: {', '.join(reader.fieldnames or []) or 'none'}")
+        return list(reader)
+    if list_file.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{list_file}: line {n} is not JSON ({e.msg}); expected one object per line "
+                                  'such as {"path": "a.mp4", "caption": "..."}') from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with 'path'")
+            rows.append(row)
+        return rows
+    return [{"path": line.strip()} for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _from_list(list_file: Path) -> list[InputVideo]:
+    """A text file with one path per line, or a CSV/JSONL with a `path` and optional `caption` column.
+
+    Relative paths are relative to the list's folder. A listed file that does not exist is not an error here: it
+    becomes a failure record when it is probed, so one stale line does not stop a million-video run.
+    """
+    base = list_file.parent
     out = []
-    for n, row in enumerate(rows, 1):
-        if "path" not in row:
-            raise ConfigError(f"{list_file}: row {n} has no 'path' column (columns: {', '.join(row)})")
-        p = (base / row["path"]).resolve()
-        caption = row.get("caption") or _read_caption(p)
-        out.append(InputVideo(str(p), os.path.relpath(p, base), caption))
+    for n, row in enumerate(_list_rows(list_file), 1):
+        raw = row.get("path")
+        if not isinstance(raw, str) or not raw.strip():
+            raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
+        p = (base / Path(raw.strip()).expanduser()).resolve()
+        caption = row.get("caption")
+        caption = str(caption).strip() if caption not in (None, "") else None
+        out.append(InputVideo(str(p), Path(os.path.relpath(p, base)).as_posix(), caption or _read_caption(p)))
     return out
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under `root`, sorted, without hidden files and folders (.git, .cache, editors' temporaries)."""
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).parts
+        if any(part.startswith(".") for part in rel) or not f.is_file():
+            continue
+        if f.suffix.lower() in NOT_VIDEO_SUFFIXES:
+            # Caption sidecars, lists, thumbnails: never videos. Anything else is probed, whatever its extension.
+            log.debug("not a video by its extension, not probed: %s", f)
+            continue
+        yield f
 
 
 def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
@@ -121,9 +160,7 @@ def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() not in NOT_VIDEO_SUFFIXES and not f.name.startswith("."):
-                    found.append(InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f)))
+            found.extend(InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f)) for f in _walk(p))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             found.extend(_from_list(p))
         elif p.is_file():
@@ -145,28 +182,131 @@ def clip_key(relpath: str, index: int) -> str:
     return f"{digest}_{index:04d}"
 
 
+STRATEGIES = "first, uniform:K, sliding:SECONDS, all"
+
+
+def parse_strategy(strategy: str) -> tuple[str, float]:
+    """'uniform:4' -> ('uniform', 4); raises ConfigError naming the valid forms."""
+    kind, sep, arg = strategy.partition(":")
+    try:
+        if kind in ("first", "all") and not sep:
+            return kind, 0.0
+        if kind == "uniform" and int(arg) >= 1 and float(arg) == int(arg):
+            return kind, float(int(arg))
+        if kind == "sliding" and float(arg) > 0:
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"--clips {strategy!r} is not one of {STRATEGIES} (K a whole number >= 1, SECONDS > 0), "
+                      "e.g. uniform:4 or sliding:2.5")
+
+
 def clip_starts(duration: float, clip: ClipSettings) -> list[float]:
-    """Start times (seconds) of the clips taken from a video of `duration` seconds."""
+    """Start times (seconds) of the clips taken from a video of `duration` seconds; [] when no clip fits.
+
+    A clip fits when its last target time falls strictly inside the video (a frame is on screen there).
+    Deterministic: the same duration and settings give the same starts on every machine.
+    """
+    kind, arg = parse_strategy(clip.strategy)
     span = (clip.frames - 1) / clip.fps
-    # A clip fits when its last target time falls strictly inside the video.
-    room = duration - span
-    kind, _, arg = clip.strategy.partition(":")
+    room = duration - span  # the latest start is just before this
     if room <= 0:
-        return [0.0] if clip.short == "pad" else []
+        return []
     if kind == "first":
         return [0.0]
     if kind == "uniform":
-        k = int(arg or 1)
+        k = int(arg)
         if k == 1:
             return [round(room / 2, 6)]
+        # Spread from 0 to just before `room` (0.999: the last start must stay strictly inside).
         return [round(room * i / (k - 1) * 0.999, 6) for i in range(k)]
-    if kind in ("sliding", "all"):
-        stride = float(arg) if kind == "sliding" else span + 1.0 / clip.fps
-        if stride <= 0:
-            raise ConfigError(f"--clips {clip.strategy}: the stride must be positive")
-        n = int(room // stride) + 1
-        return [round(i * stride, 6) for i in range(n) if i * stride < room]
-    raise ConfigError(f"--clips {clip.strategy!r} is not one of first, uniform:K, sliding:SECONDS, all")
+    # "all": back to back without overlap, one target period apart; "sliding": every `arg` seconds.
+    stride = arg if kind == "sliding" else span + 1.0 / clip.fps
+    n = int(room / stride) + 1
+    return [round(i * stride, 6) for i in range(n) if i * stride < room - 1e-9]
+
+
+def parse_bucket(bucket: str) -> tuple[int, int, int]:
+    """'17x64x96' -> (frames, height, width)."""
+    frames, height, width = (int(x) for x in bucket.split("x"))
+    return frames, height, width
+
+
+def clip_settings_for(bucket: str, clip: ClipSettings) -> ClipSettings:
+    """The clip settings a planned clip is decoded with: its own bucket's frames and size, the rest shared."""
+    frames, height, width = parse_bucket(bucket)
+    return dataclasses.replace(clip, frames=frames, height=height, width=width)
+
+
+def _aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
+    sizes = []
+    for b in clip.buckets:
+        try:
+            h, w = (int(x) for x in b.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--buckets {b!r}: expected HEIGHTxWIDTH such as 480x720") from None
+        if h < 1 or w < 1:
+            raise ConfigError(f"--buckets {b!r}: height and width must be positive")
+        sizes.append((h, w))
+    return sizes or [(clip.height, clip.width)]
+
+
+def nearest_size(width: int, height: int, clip: ClipSettings) -> tuple[int, int]:
+    """The aspect bucket (height, width) nearest the displayed aspect of a width x height video (first on ties)."""
+    aspect = math.log(width / height)
+    return min(_aspect_sizes(clip), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+
+def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
+    """Refuse strategies and buckets that cannot work, before any video is probed.
+
+    `spec` is the VAE's latent spec (temporal and spatial compression): every aspect bucket and frame bucket must be
+    something the VAE encodes exactly, as `--frames/--height/--width` are.
+    """
+    parse_strategy(clip.strategy)
+    sizes = _aspect_sizes(clip)
+    for f in clip.frame_buckets:
+        if not 1 <= f <= clip.frames:
+            raise ConfigError(f"--frame-buckets {f} is not between 1 and --frames {clip.frames}: frame buckets are the "
+                              "shorter clips a video too short for --frames falls back to")
+    if not spec:
+        return
+    k, s = int(spec.get("temporal_compression", 1)), int(spec.get("spatial_compression", 1))
+    rule = spec.get("frame_rule", f"{k}k+1")
+    for f in clip.frame_buckets:
+        if (f - 1) % k:
+            lower = max(1, (f - 1) // k * k + 1)
+            raise ConfigError(f"--frame-buckets {f} does not fit the VAE, which needs {rule} frames; nearest valid: "
+                              f"{lower} or {lower + k}")
+    if clip.buckets:
+        for h, w in sizes:
+            for name, v in (("height", h), ("width", w)):
+                if v < s or v % s:
+                    lower = max(s, v // s * s)
+                    raise ConfigError(f"--buckets {h}x{w}: the {name} {v} is not a multiple of the VAE's spatial "
+                                      f"compression {s}; nearest valid: {lower} or {lower + s}")
+
+
+def plan_video(info: VideoInfo, clip: ClipSettings) -> tuple[str, list[float]]:
+    """The bucket and clip starts for one probed video. Raises InputError (skipped) when no clip fits.
+
+    A video too short for `clip.frames` falls back to the largest frame bucket that fits, then to the short policy:
+    "pad" takes one clip of the smallest frame count from the start (decode repeats the last frame, recorded in
+    the clip's `padded_frames`), "skip" reports it.
+    """
+    height, width = nearest_size(info.width, info.height, clip)
+    fallbacks = sorted((f for f in clip.frame_buckets if f < clip.frames), reverse=True)
+    for frames in (clip.frames, *fallbacks):
+        starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames))
+        if starts:
+            return f"{frames}x{height}x{width}", starts
+    smallest = min((clip.frames, *fallbacks))
+    if clip.short == "pad":
+        return f"{smallest}x{height}x{width}", [0.0]
+    need = (smallest - 1) / clip.fps
+    raise InputError(info.path, "plan",
+                     f"too short: {info.duration:.2f}s, a clip of {smallest} frames at {clip.fps:g} fps needs more "
+                     f"than {need:.2f}s (use --short pad, fewer --frames or --frame-buckets)", skipped=True)
 
 
 def make_plan(
@@ -177,27 +317,30 @@ def make_plan(
     probe_fn: Callable[[str], VideoInfo] = probe,
     workers: int = 8,
 ) -> Plan:
-    """Probe every input (in parallel, container metadata only) and lay its clips out in shards."""
+    """Probe every input (in parallel, container metadata only) and lay its clips out in shards, one bucket each.
+
+    With `settings.strict`, the first input that cannot be probed raises its InputError (skips are not failures).
+    """
     clip = settings.clip
+    check_buckets(clip, vae_identity.get("spec"))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probed = list(pool.map(lambda v: _try_probe(v, probe_fn), inputs))
     clips: list[PlannedClip] = []
     rejected: list[dict[str, Any]] = []
     for video, result in zip(inputs, probed, strict=True):
-        if isinstance(result, InputError):
-            rejected.append(failure_record(result))
-            continue
-        starts = clip_starts(result.duration, clip)
-        if not starts:
-            need = (clip.frames - 1) / clip.fps
-            rejected.append(failure_record(InputError(
-                video.path, "plan",
-                f"too short: {result.duration:.2f}s, a clip of {clip.frames} frames at {clip.fps:g} fps needs "
-                f"more than {need:.2f}s (use --short pad or fewer --frames)", skipped=True)))
+        try:
+            if isinstance(result, InputError):
+                raise result
+            bucket, starts = plan_video(result, clip)
+        except InputError as e:
+            if settings.strict and not e.skipped:
+                raise
+            rejected.append(failure_record(e))
+            log.log(logging.INFO if e.skipped else logging.WARNING, "%s: %s", e.path, e.reason)
             continue
         for i, start in enumerate(starts):
             clips.append(PlannedClip(clip_key(video.relpath, i), video.path, video.relpath, i, start,
-                                     clip.bucket, video.caption))
+                                     bucket, video.caption))
     shards: list[PlannedShard] = []
     by_bucket: dict[str, list[str]] = {}
     for c in clips:
@@ -221,9 +364,28 @@ def failure_record(error: InputError) -> dict[str, Any]:
     return {
         "path": error.path,
         "stage": error.stage,
-        "error": "skipped" if error.skipped else type(error.__cause__ or error).__name__,
+        "error": error.error_type,
         "message": error.reason,
     }
+
+
+def outcome_counts(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a finished run did, from plan.json and failures.jsonl: videos, and skips and failures by reason.
+
+    Skips are grouped by the reason's first words ("too short"), failures by stage and error type
+    ("probe/InvalidDataError", "decode/CorruptVideo")."""
+    failed_keys = {r["key"] for r in records if "key" in r}
+    sources = {c["source"] for c in plan["clips"]}
+    with_clips = {c["source"] for c in plan["clips"] if c["key"] not in failed_keys}
+    skips: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for r in records:
+        if r.get("error") == "skipped":
+            skips[r["message"].split(":")[0]] += 1
+        else:
+            failures[f"{r.get('stage')}/{r.get('error')}"] += 1
+    return {"videos": len(sources | {r["path"] for r in plan.get("rejected", [])}),
+            "videos_with_clips": len(with_clips), "skips": skips, "failures": failures}
 
 
 def shards_for_rank(plan: Plan, rank: int, world_size: int) -> list[PlannedShard]:

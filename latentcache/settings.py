@@ -26,6 +26,11 @@ class ClipSettings:
     # What to do with a video shorter than one clip: "skip" (reported) or "pad" (repeat the last frame).
     short: str = "skip"
     seed: int = 0
+    # Aspect buckets "HxW" (e.g. "480x720"): each video takes the one nearest its displayed aspect; empty: always
+    # height x width.
+    buckets: tuple[str, ...] = ()
+    # Shorter frame counts a video too short for `frames` falls back to (the largest that fits), e.g. (33, 17).
+    frame_buckets: tuple[int, ...] = ()
 
     @property
     def bucket(self) -> str:
@@ -55,14 +60,38 @@ class VAESettings:
     frame_chunk: int | None = None
 
 
+RUNTIME_ONLY = ("device", "batch_size", "workers", "compile", "strict")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TextSettings:
+    """The text encoder whose prompt embeddings are cached next to the latents (`--text-encoder`)."""
+
+    # A local directory or hub id: a whole pipeline (text_encoder/ and tokenizer/ subfolders) or the encoder alone.
+    source: str
+    revision: str | None = None
+    # Tokens per prompt; None uses the family's pipeline default (CogVideoX 226, Wan 512, LTX-Video 128).
+    max_length: int | None = None
+    # "auto": bf16 on a GPU (T5 overflows in fp16), fp32 on CPU.
+    dtype: str = "auto"
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class EncodeSettings:
     clip: ClipSettings = field(default_factory=ClipSettings)
     vae: VAESettings = field(default_factory=VAESettings)
     samples_per_shard: int = 64
+    # Prompt embeddings cached per sample; None writes captions only.
+    text: TextSettings | None = None
+    # "posterior" keeps mean and log-variance (a trainer can re-sample each epoch); "mean" halves the bytes.
+    store: str = "posterior"
+    # dtype of the stored tensors: "encode" keeps the VAE's dtype, or fp16/bf16/fp32.
+    store_dtype: str = "encode"
     # Runtime knobs: they change how fast the work goes, never what is written.
     device: str = "auto"
     batch_size: int = 1
+    workers: int | None = None  # decode worker processes; None: from the CPU count
+    compile: bool = False
     strict: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,7 +99,7 @@ class EncodeSettings:
 
     def output_affecting(self) -> dict[str, Any]:
         d = self.to_dict()
-        for runtime_only in ("device", "batch_size", "strict"):
+        for runtime_only in RUNTIME_ONLY:
             d.pop(runtime_only)
         return d
 

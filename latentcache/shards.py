@@ -15,12 +15,13 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -74,10 +75,16 @@ def sidecar_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".json")
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name unique to this writer: two processes that ever write the same file (a requeued SLURM task
+    overlapping its old self, two array tasks making the plan) never write into one inode; the rename decides."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+
+
 def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the whole shard atomically, then its sidecar. Returns the sidecar record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _tmp_name(path)
     digest = hashlib.sha256()
     with open(tmp, "wb") as raw:
 
@@ -96,6 +103,8 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)
+    # Only the rename makes the tar visible, and only the sidecar makes it count: a kill between the two leaves a
+    # complete tar without a sidecar, which `read_done` treats as unfinished and the next run rewrites (same bytes).
     record = {
         "path": path.name,
         "samples": len(clips),
@@ -104,13 +113,22 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
         "sha256": digest.hexdigest(),
         **(extra or {}),
     }
-    _write_json_atomic(sidecar_path(path), record)
+    write_json_atomic(sidecar_path(path), record)
     return record
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, no timestamps), written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half."""
+    tmp = _tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -126,11 +144,50 @@ def read_done(path: Path) -> dict[str, Any] | None:
     return record if record.get("bytes") == path.stat().st_size else None
 
 
-def remove_temporaries(shard: Path) -> None:
-    """Leftovers of a killed writer of this shard (only its owner calls this, so no live writer is hurt)."""
-    shard.with_name(shard.name + TMP_SUFFIX).unlink(missing_ok=True)
-    sidecar = sidecar_path(shard)
-    sidecar.with_name(sidecar.name + TMP_SUFFIX).unlink(missing_ok=True)
+def remove_temporaries(shard: Path) -> list[Path]:
+    """Leftovers of killed writers of this shard and its sidecar; returns what was removed.
+
+    Only the shard's owner calls this, right before writing it, so in a normal run no live writer is hurt. (Two
+    overlapping runs into one directory could remove each other's file; the loser's rename then fails loudly.)
+    """
+    # One pattern covers the tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`).
+    removed = sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
+    if removed:
+        log.info("removed %d stale temporary file(s) of %s", len(removed), shard)
+    return removed
+
+
+def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[Path]:
+    """Temporaries anywhere under `root` whose writer is gone: a dead process on this host, or older than an hour
+    (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when finalizing."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in sorted(root.rglob(f"*{TMP_SUFFIX}")):
+        stem = tmp.name[: -len(TMP_SUFFIX)]
+        before, _, pid = stem.rpartition(".")
+        local = pid.isdigit() and before.endswith(f".{host}")
+        try:
+            age = time.time() - tmp.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (local and not _alive(int(pid))) or age > max_age_s:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d stale temporary file(s) under %s, e.g. %s", len(removed), root, removed[0])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sha256_file(path: Path) -> str:
@@ -142,10 +199,9 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
-    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **manifest}
+    """No timestamp: the manifest is a function of the shards, so a resumed run's is byte-identical to a clean one's."""
     path = out / "manifest.json"
-    _write_json_atomic(path, manifest)
+    write_json_atomic(path, {"format_version": FORMAT_VERSION, **manifest})
     return path
 
 
@@ -164,15 +220,54 @@ def read_manifest(root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def check_member_name(name: str) -> None:
+    """Refuse absolute (`/x`, `C:x`) and parent-relative (`../x`) member names: whoever extracts them escapes."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or ".." in posix.split("/") or (len(posix) > 1 and posix[1] == ":"):
+        raise ShardFormatError(f"member {name!r} has an absolute or parent-relative path; latentcache writes "
+                               "plain KEY.EXT names")
+
+
 def split_member(name: str) -> tuple[str, str]:
     """'dir/abc_0001.latents.safetensors' -> ('abc_0001', 'latents.safetensors'), refusing unsafe names."""
-    if name.startswith("/") or ".." in Path(name).parts:
-        raise ShardFormatError(f"member {name!r} has an absolute or parent-relative path")
+    check_member_name(name)
     base = name.rsplit("/", 1)[-1]
     key, dot, ext = base.partition(".")
     if not dot:
         raise ShardFormatError(f"member {name!r} has no extension")
     return key, ext
+
+
+SAFETENSORS_MAX_HEADER = 100 << 20
+
+
+def safetensors_header(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and check a safetensors header without touching tensor data: every tensor must lie inside `data`.
+
+    A header that claims more bytes than the member holds is refused here, before any loader trusts it.
+    """
+    if len(data) < 8:
+        raise ShardFormatError(f"{where}: {len(data)} bytes, too short for a safetensors file (8-byte header "
+                               "length first)")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, SAFETENSORS_MAX_HEADER):
+        raise ShardFormatError(f"{where}: safetensors header claims {size} bytes, the member holds "
+                               f"{len(data) - 8} after the length field; truncated or crafted")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{where}: safetensors header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ShardFormatError(f"{where}: safetensors header is a {type(header).__name__}, expected an object")
+    room = len(data) - 8 - size
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = (info.get("data_offsets") or [0, 0]) if isinstance(info, dict) else (-1, -1)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= room):
+            raise ShardFormatError(f"{where}: tensor {name!r} claims bytes {begin}..{end}, the member holds "
+                                   f"{room} bytes of tensor data; truncated or crafted")
+    return header
 
 
 def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
@@ -190,6 +285,9 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     if LATENTS not in sample:
         raise ShardFormatError(f"{where}: sample {key!r} has no {LATENTS} member")
     out: dict[str, Any] = {"key": key, "url": where}
+    for member in (LATENTS, TEXT_EMBEDS):
+        if member in sample:
+            safetensors_header(sample[member], f"{where}: member {key}.{member}")
     try:
         tensors = load_safetensors(sample[LATENTS])
         out["meta"] = json.loads(sample["json"]) if "json" in sample else {}
@@ -203,25 +301,94 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def iter_tar(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Group the members of one local tar into raw samples, with the same safety checks as the dataset."""
+@dataclass(slots=True)
+class TarStats:
+    """Filled in while a tar streams past: bytes read, their sha256 (once the tar is finished) and samples."""
+
+    bytes: int = 0
+    samples: int = 0
+    sha256: str | None = None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through, so a checksum costs no second read."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _member_problem(member: tarfile.TarInfo, ext: str) -> str | None:
+    if not member.isfile():
+        kind = "link" if member.issym() or member.islnk() else "special file"
+        return f"is a {kind}; latentcache shards hold only regular files"
+    if ext not in KNOWN_MEMBERS:
+        return (f"has extension .{ext}; latentcache shards hold only {', '.join(sorted(KNOWN_MEMBERS))}. Refusing "
+                "to read it (a .pyd/.pth/.pickle member could run code when unpickled)")
+    return None
+
+
+def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
+             stats: TarStats | None = None) -> Iterator[dict[str, Any]]:
+    """Group the members of one tar stream into raw samples ({'__key__': key, ext: bytes}), refusing unsafe ones.
+
+    Reads sequentially (a pipe or an HTTP stream works) and never extracts to disk. A member is refused from its
+    header, before its bytes are read, when its name is absolute or climbs out (`..`), when it is not a regular
+    file, or when its extension is not one latentcache writes. A tar cut short, even at a member boundary (no
+    end-of-archive blocks), is an error. `stats` receives the byte count, sha256 and sample count.
+    """
+    where = where or str(source)
+    stats = stats if stats is not None else TarStats()
+    own = not hasattr(source, "read")
+    reader = _HashingReader(open(source, "rb") if own else source)  # noqa: SIM115 (closed in finally)
     current: dict[str, Any] | None = None
+    name = "(first header)"
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
-                if not member.isfile():
+                name = member.name
+                if member.isdir():
+                    check_member_name(name)  # a directory entry is harmless unless its name is unsafe
                     continue
-                key, ext = split_member(member.name)
+                key, ext = split_member(name)
+                problem = _member_problem(member, ext)
+                if problem:
+                    raise ShardFormatError(f"{where}: member {name!r} {problem}")
                 if current is not None and current["__key__"] != key:
+                    stats.samples += 1
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key}
-                f = tar.extractfile(member)
-                current[ext] = f.read() if f is not None else b""
+                if ext in current:
+                    raise ShardFormatError(f"{where}: member {name!r} appears twice in sample {key!r}")
+                current[ext] = tar.extractfile(member).read()
+            end = tar.offset
+        reader.drain()
     except tarfile.TarError as e:
-        raise ShardFormatError(f"{path}: not a complete tar ({e})") from e
+        raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {name!r} ({e}); copy the "
+                               "shard again or re-encode it") from e
     except ShardFormatError as e:
-        raise ShardFormatError(f"{path}: {e}") from e
+        message = str(e)
+        raise ShardFormatError(message if message.startswith(where) else f"{where}: {message}") from e
+    finally:
+        if own:
+            reader.raw.close()
+    if reader.count - end < 2 * tarfile.BLOCKSIZE:
+        raise ShardFormatError(f"{where}: the tar ends after member {name!r} without its end-of-archive blocks "
+                               f"({reader.count} bytes): the shard was cut short; copy it again or re-encode it")
+    stats.bytes, stats.sha256 = reader.count, reader.digest.hexdigest()
     if current is not None:
+        stats.samples += 1
         yield current

@@ -18,6 +18,8 @@ import numpy as np
 # codec -> (container suffix, pixel format, encoder options)
 CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     "h264": (".mp4", "yuv420p", {"preset": "ultrafast"}),
+    # ultrafast turns B-frames off; real cameras and encoders use them (decode order != presentation order).
+    "h264_bframes": (".mp4", "yuv420p", {"preset": "ultrafast", "x264-params": "bframes=3:b-adapt=0"}),
     "h264_444": (".mp4", "yuv444p", {"preset": "ultrafast"}),
     "hevc10": (".mp4", "yuv420p10le", {"preset": "ultrafast", "x265-params": "log-level=error"}),
     "vp9": (".webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8"}),
@@ -30,6 +32,7 @@ CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 _ENCODER = {
     "h264": "libx264",
+    "h264_bframes": "libx264",
     "h264_444": "libx264",
     "hevc10": "libx265",
     "vp9": "libvpx-vp9",
@@ -51,12 +54,18 @@ def moving_frames(num_frames: int, height: int, width: int) -> Iterator[np.ndarr
         frame = np.empty((height, width, 3), np.uint8)
         frame[..., 0] = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
         frame[..., 1] = ((yy + 3 * i) * 255 // max(height - 1, 1) % 256).astype(np.uint8)
-        frame[..., 2] = 64
-        x0 = int((width - side) * (i / max(num_frames - 1, 1)))
-        y0 = (height - side) // 2
+        # A blue background the red square (255, 32, 32) cannot be mistaken for, whatever the codec does to colour.
+        frame[..., 2] = 160
+        x0, y0 = square_origin(i, num_frames, height, width)
         frame[y0 : y0 + side, x0 : x0 + side] = (255, 32, 32)
         frame[:marker, :marker] = 255
         yield frame
+
+
+def square_origin(index: int, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    """Top-left (x, y) of the red square in frame `index`: tests compare decoded frames with where it should be."""
+    side = max(4, min(height, width) // 4)
+    return int((width - side) * (index / max(num_frames - 1, 1))), (height - side) // 2
 
 
 def write_video(
@@ -70,11 +79,13 @@ def write_video(
     rotation: int = 0,
     pts: list[int] | None = None,
     audio_first: bool = False,
+    gop: int | None = None,
 ) -> Path:
     """Encode `num_frames` moving frames into `path` with a real codec; returns the path written.
 
     `pts`, when given, is one presentation time per frame in milliseconds, for irregular (VFR) timing.
     `rotation` is stored as display-matrix metadata (counter-clockwise degrees), as phones do.
+    `gop` is the keyframe interval in frames (the encoder's default when None).
     """
     # SVT-AV1 prints a banner to stderr unless told to log errors only.
     os.environ.setdefault("SVT_LOG", "1")
@@ -89,6 +100,8 @@ def write_video(
             audio.layout = "mono"
         stream = container.add_stream(_ENCODER[codec], rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         if pts is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
@@ -118,3 +131,32 @@ def _write_silence(container: av.container.OutputContainer, audio, seconds: floa
             container.mux(packet)
     for packet in audio.encode():
         container.mux(packet)
+
+
+def write_audio(path: str | Path, *, seconds: float = 2.0) -> Path:
+    """An audio-only file (AAC in MP4): a real container with no video stream in it."""
+    path = Path(path)
+    with av.open(str(path), "w", format="mp4") as container:
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        _write_silence(container, audio, seconds)
+    return path
+
+
+def corrupt_stream(src: str | Path, dst: str | Path, *, at: float, ts_packets: int = 4, seed: int = 0) -> Path:
+    """Copy an MPEG-TS file, overwriting the payload of `ts_packets` 188-byte transport packets with random bytes,
+    starting where the video frame shown at `at` seconds is stored: what a lossy broadcast or a bad download does.
+    The transport headers are kept, so the demuxer does not notice; only the decoded pictures can tell.
+    """
+    with av.open(str(src)) as container:
+        stream = container.streams.video[0]
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        positions = [(abs(float(p.pts * p.time_base) - t0 - at), p.pos) for p in container.demux(stream)
+                     if p.pts is not None and p.pos is not None and p.pos >= 0]
+    pos = min(positions)[1]
+    data = bytearray(Path(src).read_bytes())
+    rng = np.random.default_rng(seed)
+    for offset in range(pos, min(pos + 188 * ts_packets, len(data) - 188), 188):
+        data[offset + 4 : offset + 188] = rng.bytes(184)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)

@@ -115,18 +115,29 @@ class VAEFamily:
     default_source: str
     default_subfolder: str | None
     tiny_config: dict[str, Any]
-    spec_from_config: Callable[[Any], LatentSpec]
+    # Builds the spec from a loaded model: its config, plus the weights where a family keeps its normalisation
+    # there (LTX-Video registers latents_mean/latents_std as buffers, not config fields).
+    spec_from_model: Callable[[Any], LatentSpec]
+    # How diffusers tiles this encoder spatially: "overlap" (CogVideoX: tile size and an overlap factor, blended
+    # tiles concatenated as they are) or "stride" (tile size and a stride in pixels, the result cropped to size).
+    tiling_style: str = "stride"
+    # The attribute that sets frames per encoder step, where the encoder has one (CogVideoX only).
+    frame_chunk_attr: str | None = None
+    # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
+    transformer_class: str | None = None
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value) if value is not None else None
 
 
-def _cogvideox_spec(config: Any) -> LatentSpec:
+def _cogvideox_spec(model: Any) -> LatentSpec:
+    config = model.config
     return LatentSpec(
         family="cogvideox",
         channels=int(config.latent_channels),
         temporal_compression=int(config.temporal_compression_ratio),
+        # What CogVideoXPipeline uses: one 2x downsample per block after the first.
         spatial_compression=2 ** (len(config.block_out_channels) - 1),
         scaling_factor=float(config.scaling_factor),
         shift_factor=None if config.shift_factor is None else float(config.shift_factor),
@@ -136,13 +147,58 @@ def _cogvideox_spec(config: Any) -> LatentSpec:
     )
 
 
+def _wan_spec(model: Any) -> LatentSpec:
+    config = model.config
+    # Old configs lack the scale factors; the encoder's own downsampling schedule gives the same numbers.
+    temporal = config.get("scale_factor_temporal") or 2 ** sum(config.temperal_downsample)
+    spatial = config.get("scale_factor_spatial") or 2 ** (len(config.dim_mult) - 1) * (config.get("patch_size") or 1)
+    return LatentSpec(
+        family="wan",
+        channels=int(config.z_dim),
+        temporal_compression=int(temporal),
+        spatial_compression=int(spatial),
+        # WanPipeline: (z - latents_mean) * (1 / latents_std); there is no scaling factor.
+        latents_mean=_optional_tuple(config.latents_mean),
+        latents_std=_optional_tuple(config.latents_std),
+    )
+
+
+def _hunyuan_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="hunyuanvideo",
+        channels=int(config.latent_channels),
+        temporal_compression=int(config.temporal_compression_ratio),
+        spatial_compression=int(config.spatial_compression_ratio),
+        scaling_factor=float(config.scaling_factor),
+    )
+
+
+def _ltx_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="ltx",
+        channels=int(config.latent_channels),
+        # Derived by the model from patch sizes and its down blocks unless the config sets them; LTXPipeline reads
+        # these attributes too.
+        temporal_compression=int(model.temporal_compression_ratio),
+        spatial_compression=int(model.spatial_compression_ratio),
+        scaling_factor=float(config.scaling_factor),
+        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers.
+        latents_mean=tuple(float(v) for v in model.latents_mean.float().cpu()),
+        latents_std=tuple(float(v) for v in model.latents_std.float().cpu()),
+    )
+
+
+# Tiny configs keep each family's real architecture (the number of down blocks, hence the compression ratios,
+# and the latent channels) with a few hundred thousand parameters, so a CPU encodes a 17x64x96 clip in well
+# under a second.
 FAMILIES: dict[str, VAEFamily] = {
     "cogvideox": VAEFamily(
         name="cogvideox",
         class_name="AutoencoderKLCogVideoX",
         default_source="THUDM/CogVideoX-2b",
         default_subfolder="vae",
-        # The real architecture (4 down blocks: 8x spatial, 4x temporal, 16 channels), ~0.7M parameters.
         tiny_config=dict(
             block_out_channels=(16, 16, 32, 32),
             layers_per_block=1,
@@ -152,7 +208,43 @@ FAMILIES: dict[str, VAEFamily] = {
             sample_height=64,
             sample_width=96,
         ),
-        spec_from_config=_cogvideox_spec,
+        spec_from_model=_cogvideox_spec,
+        tiling_style="overlap",
+        frame_chunk_attr="num_sample_frames_batch_size",
+        transformer_class="CogVideoXTransformer3DModel",
+    ),
+    "wan": VAEFamily(
+        name="wan",
+        class_name="AutoencoderKLWan",
+        default_source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        default_subfolder="vae",
+        # 3 spatial downsamples (8x), 2 of them temporal (4x), 16 channels; the default per-channel mean/std.
+        tiny_config=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                         temperal_downsample=[False, True, True]),
+        spec_from_model=_wan_spec,
+        transformer_class="WanTransformer3DModel",
+    ),
+    "hunyuanvideo": VAEFamily(
+        name="hunyuanvideo",
+        class_name="AutoencoderKLHunyuanVideo",
+        default_source="hunyuanvideo-community/HunyuanVideo",
+        default_subfolder="vae",
+        tiny_config=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                         latent_channels=16),
+        spec_from_model=_hunyuan_spec,
+        transformer_class="HunyuanVideoTransformer3DModel",
+    ),
+    "ltx": VAEFamily(
+        name="ltx",
+        class_name="AutoencoderKLLTXVideo",
+        default_source="Lightricks/LTX-Video",
+        default_subfolder="vae",
+        # Patch size 4 and three spatio-temporal 2x downsamples: 32x spatial, 8x temporal, 128 channels.
+        tiny_config=dict(latent_channels=128, block_out_channels=(8, 8, 16, 16),
+                         decoder_block_out_channels=(8, 8, 16, 16), layers_per_block=(1, 1, 1, 1, 1),
+                         decoder_layers_per_block=(1, 1, 1, 1, 1)),
+        spec_from_model=_ltx_spec,
+        transformer_class="LTXVideoTransformer3DModel",
     ),
 }
 
@@ -180,29 +272,43 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
 
 
-def tile_problem(tiling: TilingSettings, spatial: int) -> str | None:
+def tile_problem(tiling: TilingSettings, spatial: int, style: str = "overlap") -> str | None:
     """Why these tile settings would give latents of the wrong size, or None when they are exact.
 
-    diffusers steps through the input by int(tile * (1 - overlap)) pixels but keeps
+    style "overlap" (CogVideoX): diffusers steps through the input by int(tile * (1 - overlap)) pixels but keeps
     (tile/spatial - int(tile/spatial * overlap)) latents per tile; unless the two agree exactly, the blended
     result is too wide (e.g. tile 32, overlap 0.2 on a 96-wide clip gives 14 latents instead of 12).
+
+    style "stride" (Wan, HunyuanVideo, LTX-Video): diffusers steps by a stride in pixels, keeps stride // spatial
+    latents per tile and crops the result, so it is exact when the stride int(tile * (1 - overlap)) is a
+    multiple of the spatial compression (otherwise the latents come out too small).
     """
     for name, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
         if tile % spatial or tile < 2 * spatial:
             return f"tile {name} {tile} must be a multiple of {spatial} and at least {2 * spatial}"
         if not 0.0 <= tiling.overlap < 1.0:
             return f"tile overlap {tiling.overlap} must be in [0, 1)"
-        stride_pixels = int(tile * (1 - tiling.overlap))
-        latent_tile = tile // spatial
-        kept_latents = latent_tile - int(latent_tile * tiling.overlap)
-        if stride_pixels != kept_latents * spatial:
-            good = [o for o in (0.125, 0.25, 1 / 3, 0.5) if _tile_exact(tile, o, spatial)]
+        exact = _tile_exact if style == "overlap" else _stride_exact
+        if not exact(tile, tiling.overlap, spatial):
+            stride_pixels = int(tile * (1 - tiling.overlap))
+            good = [o for o in (0.125, 0.25, 1 / 3, 0.5) if exact(tile, o, spatial)]
+            if style == "overlap":
+                latent_tile = tile // spatial
+                kept = latent_tile - int(latent_tile * tiling.overlap)
+                why = f"keeps {kept} latents ({kept * spatial} pixels) per tile"
+            else:
+                why = f"that is not a multiple of the spatial compression {spatial}"
             return (
-                f"tile {name} {tile} with overlap {tiling.overlap:g} steps {stride_pixels} pixels but keeps "
-                f"{kept_latents} latents ({kept_latents * spatial} pixels) per tile, so the latents come out the "
-                f"wrong size; exact overlaps for this tile: {', '.join(f'{o:g}' for o in good) or 'none'}"
+                f"tile {name} {tile} with overlap {tiling.overlap:g} steps {stride_pixels} pixels but {why}, so the "
+                f"latents come out the wrong size; exact overlaps for this tile: "
+                f"{', '.join(f'{o:g}' for o in good) or 'none'}"
             )
     return None
+
+
+def _stride_exact(tile: int, overlap: float, spatial: int) -> bool:
+    stride = int(tile * (1 - overlap))
+    return stride >= spatial and stride % spatial == 0
 
 
 def _tile_exact(tile: int, overlap: float, spatial: int) -> bool:
@@ -233,29 +339,53 @@ class VideoVAE:
         self.identity = identity
         self.device = device
         self.dtype = dtype
+        # The tiling in force, so an out-of-memory retry with smaller tiles can restore it afterwards.
+        self.tiling: TilingSettings | None = None
 
     def configure(self, tiling: TilingSettings | None, frame_chunk: int | None) -> None:
+        family = family_of(self.spec.family)
         if tiling is not None:
-            problem = tile_problem(tiling, self.spec.spatial_compression)
+            problem = tile_problem(tiling, self.spec.spatial_compression, family.tiling_style)
             if problem:
                 raise ConfigError(f"--tiling: {problem}")
-            self.model.enable_tiling(
-                tile_sample_min_height=tiling.tile_height,
-                tile_sample_min_width=tiling.tile_width,
-                tile_overlap_factor_height=tiling.overlap,
-                tile_overlap_factor_width=tiling.overlap,
-            )
-            # diffusers treats overlap 0 as "unset" (`or` default); force the value we validated.
-            self.model.tile_overlap_factor_height = self.model.tile_overlap_factor_width = tiling.overlap
+            if family.tiling_style == "overlap":
+                self._enable_overlap_tiling(tiling)
+            else:
+                self._enable_stride_tiling(tiling)
         else:
             self.model.disable_tiling()
+        self.tiling = tiling
         if frame_chunk is not None:
+            if family.frame_chunk_attr is None:
+                raise ConfigError(
+                    f"--frame-chunk {frame_chunk}: the {family.name} VAE ({family.class_name}) has no frames-per-step "
+                    "setting (it chunks time its own way); drop --frame-chunk, or use --tiling to save memory"
+                )
             if frame_chunk % (2 * self.spec.temporal_compression):
                 raise ConfigError(
                     f"--frame-chunk {frame_chunk} must be a multiple of {2 * self.spec.temporal_compression} "
                     f"(the {self.spec.family} encoder keeps a causal cache across chunks of that size)"
                 )
-            self.model.num_sample_frames_batch_size = frame_chunk
+            setattr(self.model, family.frame_chunk_attr, frame_chunk)
+
+    def _enable_overlap_tiling(self, tiling: TilingSettings) -> None:
+        self.model.enable_tiling(
+            tile_sample_min_height=tiling.tile_height,
+            tile_sample_min_width=tiling.tile_width,
+            tile_overlap_factor_height=tiling.overlap,
+            tile_overlap_factor_width=tiling.overlap,
+        )
+        # diffusers treats overlap 0 as "unset" (`or` default); force the value we validated.
+        self.model.tile_overlap_factor_height = self.model.tile_overlap_factor_width = tiling.overlap
+
+    def _enable_stride_tiling(self, tiling: TilingSettings) -> None:
+        # Wan 2.2 tiles after patchifying the input, so its tile sizes are in patchified pixels.
+        patch = (self.model.config.get("patch_size") or 1) if self.spec.family == "wan" else 1
+        sizes = {}
+        for axis, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
+            sizes[f"tile_sample_min_{axis}"] = tile // patch
+            sizes[f"tile_sample_stride_{axis}"] = int(tile * (1 - tiling.overlap)) // patch
+        self.model.enable_tiling(**sizes)
 
     @torch.inference_mode()
     def encode(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None
@@ -302,9 +432,52 @@ class VideoVAE:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Raw (unscaled) latents [B, C, T, H, W] -> uint8 frames [B, T, H, W, 3], for previews."""
         z = latents.to(self.device, self.dtype)
-        video = self.model.decode(z).sample
+        kwargs = {}
+        if self.model.config.get("timestep_conditioning"):
+            # LTX-Video 0.9.1+ decoders are timestep-conditioned; LTXPipeline decodes clean latents at timestep 0.
+            kwargs["temb"] = torch.zeros(z.shape[0], device=self.device, dtype=self.dtype)
+        video = self.model.decode(z, **kwargs).sample
         video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def family_for_source(source: str | None, family: str | None = None) -> str:
+    """The family to use when --family is not given: the one a built-in tiny VAE names, else CogVideoX."""
+    if family:
+        return family
+    if source and source.startswith(TINY_RANDOM_SUFFIX) and source[len(TINY_RANDOM_SUFFIX):] in FAMILIES:
+        return source[len(TINY_RANDOM_SUFFIX):]
+    return "cogvideox"
+
+
+def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tuple[Any, str | None]:
+    """Load a pipeline's VAE subfolder, or a repo or directory that is the VAE itself; refuse another family's."""
+    source, subfolder, revision = settings.source, settings.subfolder, settings.revision
+    if subfolder and Path(source).is_dir() and not (Path(source) / subfolder).is_dir():
+        subfolder = None  # a local directory that is the VAE itself, not a pipeline
+    tried = f"{source}/{subfolder}" if subfolder else source
+    try:
+        try:
+            config = cls.load_config(source, subfolder=subfolder, revision=revision)
+        except OSError:
+            if not subfolder or Path(source).is_dir():
+                raise
+            subfolder = None  # a hub repo that is the VAE itself
+            tried += f" and {source}"
+            config = cls.load_config(source, revision=revision)
+        found = config.get("_class_name")
+        if not found or found == family.class_name:
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision), subfolder
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load {family.class_name} from {tried}: {str(e).rstrip('.')}. Pass a local directory "
+            "holding config.json and weights (or a pipeline with a vae/ folder), or a hub id reachable from here "
+            "(on an offline machine, download it first)."
+        ) from e
+    known = {f.class_name: f.name for f in FAMILIES.values()}
+    fix = f"pass --family {known[found]}" if found in known else "point --vae at one of the supported VAEs"
+    raise ConfigError(f"--vae {source}: found a {found}, but the {family.name} family expects {family.class_name}; "
+                      f"{fix}")
 
 
 def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
@@ -324,28 +497,23 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         subfolder = revision = None
         log.warning("using %s: random weights, for demos and tests only; its latents mean nothing", settings.source)
     elif settings.source.startswith(TINY_RANDOM_SUFFIX):
-        raise ConfigError(f"--vae {settings.source}: built-in tiny VAEs are "
-                          f"{', '.join(TINY_RANDOM_SUFFIX + f for f in FAMILIES)}")
+        other = settings.source[len(TINY_RANDOM_SUFFIX):]
+        hint = f"; for that one pass --family {other}" if other in FAMILIES else ""
+        raise ConfigError(f"--vae {settings.source} with --family {family.name}: the built-in tiny VAEs are "
+                          f"{', '.join(TINY_RANDOM_SUFFIX + f for f in FAMILIES)}{hint}")
     else:
-        subfolder = settings.subfolder
-        if subfolder and Path(settings.source).is_dir() and not (Path(settings.source) / subfolder).is_dir():
-            subfolder = None  # a local directory that is the VAE itself, not a pipeline
+        model, subfolder = _from_pretrained(cls, family, settings)
         revision = settings.revision
-        try:
-            model = cls.from_pretrained(settings.source, subfolder=subfolder, revision=revision)
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"could not load {family.class_name} from {settings.source!r} (subfolder {subfolder!r}): {e}. "
-                "Pass a local directory holding config.json and weights, or a hub id reachable from here."
-            ) from e
     model = model.to(dev, dtype).eval().requires_grad_(False)
-    spec = family.spec_from_config(model.config)
+    spec = family.spec_from_model(model)
     identity = VAEIdentity(
         class_name=family.class_name,
         source=settings.source,
         subfolder=subfolder,
         revision=revision,
-        config_hash=hash_json(dict(model.config)),
+        # Private keys vary between processes (`_use_default_values` is a set's order, `_name_or_path` a local
+        # path) and would make every rank and every restart look like another VAE.
+        config_hash=hash_json({k: v for k, v in dict(model.config).items() if not k.startswith("_")}),
         random_weights=random_weights,
     )
     vae = VideoVAE(model, spec, identity, dev, dtype)

@@ -36,3 +36,158 @@ def tiny_vae():
     from latentcache.vae import load_vae
 
     return load_vae(TINY_VAE, "cpu")
+
+
+ENCODE_TINY = ["--vae", "tiny-random-cogvideox", "--device", "cpu", "--frames", "17", "--fps", "8",
+               "--height", "64", "--width", "96"]
+
+
+@pytest.fixture(scope="session")
+def encoded_dir(video_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`latentcache encode` of video_dir with the tiny random VAE: 8 clips (2 per video) in 4 shards of 2."""
+    from latentcache.cli import main
+
+    out = tmp_path_factory.mktemp("encoded") / "out"
+    code = main(["encode", str(video_dir), "--out", str(out), "--clips", "uniform:2", "--short", "pad",
+                 "--samples-per-shard", "2", *ENCODE_TINY])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_bucket_dir(encoded_dir: Path, video_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """encoded_dir plus a 17x64x64 bucket (2 clips of video_dir/sub, other keys), merged into one manifest the way
+    a multi-bucket encode lays it out: shards/BUCKET/NNNNNN.tar."""
+    import json
+    import shutil
+
+    from latentcache.cli import main
+
+    other = tmp_path_factory.mktemp("encoded64") / "out"
+    args = [a if a != "96" else "64" for a in ENCODE_TINY]
+    assert main(["encode", str(video_dir / "sub"), "--out", str(other), "--clips", "uniform:2", *args]) == 0
+    merged = tmp_path_factory.mktemp("two_buckets") / "out"
+    shutil.copytree(encoded_dir, merged)
+    manifest = json.loads((merged / "manifest.json").read_text())
+    extra = json.loads((other / "manifest.json").read_text())
+    for shard in extra["shards"]:
+        target = merged / shard["path"].replace("000000", "000100")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(other / shard["path"], target)
+        manifest["shards"].append({**shard, "path": target.relative_to(merged).as_posix()})
+    manifest["buckets"].update(extra["buckets"])
+    manifest["counts"]["samples"] += extra["counts"]["samples"]
+    manifest["counts"]["shards"] += extra["counts"]["shards"]
+    (merged / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return merged
+
+
+# The decoding matrix: every codec/container synthetic.write_video knows, 3 s at 24 fps, 96x128.
+MATRIX_CODECS = ("h264", "h264_bframes", "h264_444", "hevc10", "vp9", "av1", "prores", "mjpeg", "gif", "mpegts",
+                 "mpeg4")
+MATRIX_FRAMES, MATRIX_FPS, MATRIX_HEIGHT, MATRIX_WIDTH = 72, 24, 96, 128
+
+
+@pytest.fixture(scope="session")
+def codec_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """codec name -> a real file of that codec and container, with the moving square and the corner marker."""
+    d = tmp_path_factory.mktemp("matrix")
+    return {codec: write_video(d / f"m_{codec}", codec=codec, num_frames=MATRIX_FRAMES, height=MATRIX_HEIGHT,
+                               width=MATRIX_WIDTH, fps=MATRIX_FPS) for codec in MATRIX_CODECS}
+
+
+# ------------------------------------------------------------------ multi-process encoding (accelerate, SLURM)
+# Six 3 s videos give six one-clip shards: enough for ranks to interleave and for a kill to land mid-run.
+SMALL_VIDEOS = 6
+ENCODE_SMALL = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96",
+                "--clips", "first", "--samples-per-shard", "1"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six short h264 videos plus one file that is not a video (a plan-time failure record)."""
+    d = tmp_path_factory.mktemp("small_videos")
+    for i in range(SMALL_VIDEOS):
+        write_video(d / f"v{i}", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    (d / "broken.mp4").write_bytes(b"this is not a video")
+    return d
+
+
+@pytest.fixture(scope="session")
+def launch_encode():
+    """start(out, log, *extra, nproc=2, script=...) -> Popen: `accelerate launch` of jobs/encode.py (or a wrapper
+    script) over `small_videos` with CPU processes, in its own session, output in `log`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(videos: Path, out: Path, log: Path, *extra: str, nproc: int = 2,
+              script: Path = REPO_ROOT / "jobs" / "encode.py", env: dict[str, str] | None = None):
+        accelerate = Path(sys.executable).parent / "accelerate"
+        cmd = [str(accelerate), "launch", "--num_machines", "1", "--num_processes", str(nproc),
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if nproc > 1:
+            cmd.append("--multi_gpu")  # with no GPU visible, jobs/encode.py connects the processes over gloo
+        cmd += [str(script), str(videos), "--out", str(out), *ENCODE_SMALL, *extra]
+        # CPU only, even on a GPU machine: the byte-identity checks compare runs of the same kind.
+        full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log, "w") as f:
+            return subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def encoded_reference(small_videos: Path, launch_encode, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-process run: what every resumed or differently sliced run must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    log = out.parent / "log.txt"
+    code = launch_encode(small_videos, out, log).wait(timeout=240)
+    assert code == 0, log.read_text()
+    assert "broken.mp4" in (out / "failures.jsonl").read_text()
+    return out
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path: two runs agree when these are equal."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One good video and every kind of broken input a scraped corpus holds, in one folder."""
+    import numpy as np
+    from PIL import Image
+
+    from latentcache.synthetic import corrupt_stream, write_audio
+
+    d = tmp_path_factory.mktemp("bad")
+    files = {"good": write_video(d / "good", codec="h264", num_frames=72)}
+    files["empty"] = d / "empty.mp4"
+    files["empty"].write_bytes(b"")
+    mp4 = write_video(tmp_path_factory.mktemp("src") / "whole", codec="h264", num_frames=72).read_bytes()
+    files["truncated_mp4"] = d / "truncated.mp4"  # the index (moov) is at the end: cut off
+    files["truncated_mp4"].write_bytes(mp4[: len(mp4) // 3])
+    webm = write_video(tmp_path_factory.mktemp("src") / "whole", codec="vp9", num_frames=72).read_bytes()
+    files["truncated_webm"] = d / "truncated.webm"  # streamable: opens, announces 3 s, holds 1.3 s
+    files["truncated_webm"].write_bytes(webm[: len(webm) // 2])
+    files["random"] = d / "random.mp4"
+    files["random"].write_bytes(np.random.default_rng(0).bytes(20000))
+    files["text"] = d / "text.mp4"
+    files["text"].write_text("<html>404 not found</html>\n" * 20, encoding="utf-8")
+    files["audio"] = write_audio(d / "audio.mp4")
+    files["png"] = d / "image.mp4"
+    Image.new("RGB", (64, 48)).save(files["png"], format="PNG")
+    # 5 s, a keyframe every second, damaged at 2.2 s: the clip over the damage must go, the others must survive.
+    ts = write_video(tmp_path_factory.mktemp("src") / "whole", codec="mpegts", num_frames=120, gop=24)
+    files["corrupt_ts"] = corrupt_stream(ts, d / "corrupt.ts", at=2.2)
+    return files
+

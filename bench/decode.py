@@ -1,0 +1,112 @@
+"""Seeking and decode speed: is a clip at minute 9 as cheap as one at minute 0, and how does latentcache's decode
+compare with the ffmpeg command line doing the same seek + decode + scale into raw frames?
+
+    pip install -e '.[bench]'      # imageio-ffmpeg: a static ffmpeg binary
+    python bench/decode.py         # a 10-minute 426x240 h264 file, 49-frame clips at 8 fps, 192x320 crop
+    python bench/decode.py --minutes 2 --clips 10 --video my.mp4
+
+Prints ms per clip early and late in the file and their ratio (about 1 when seeking works), then clips/s of
+latentcache (PyAV in process, frame threads) and of `ffmpeg -ss START -i FILE -vf fps,scale,crop -f rawvideo`
+(a process per clip, as a shell loop or a subprocess-based loader does), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentcache.decode import decode_clip, probe  # noqa: E402
+from latentcache.settings import ClipSettings  # noqa: E402
+from latentcache.synthetic import write_video  # noqa: E402
+
+
+def ffmpeg_exe() -> str:
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise SystemExit("bench/decode.py needs the ffmpeg binary of imageio-ffmpeg: pip install -e '.[bench]'") from None
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def ffmpeg_clip(exe: str, path: Path, start: float, clip: ClipSettings) -> np.ndarray:
+    """The same clip through the CLI: keyframe seek, decode, frames by timestamp at clip.fps, fill-scale + crop."""
+    vf = (f"fps={clip.fps:g},scale={clip.width}:{clip.height}:force_original_aspect_ratio=increase:flags=area,"
+          f"crop={clip.width}:{clip.height}")
+    cmd = [exe, "-nostdin", "-v", "error", "-ss", f"{start:.6f}", "-i", str(path), "-vf", vf,
+           "-frames:v", str(clip.frames), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    raw = subprocess.run(cmd, check=True, capture_output=True).stdout
+    expected = clip.frames * clip.height * clip.width * 3
+    if len(raw) != expected:
+        raise RuntimeError(f"ffmpeg returned {len(raw)} bytes for the clip at {start:.2f}s, expected {expected}")
+    return np.frombuffer(raw, np.uint8).reshape(clip.frames, clip.height, clip.width, 3)
+
+
+def timed(fn, starts: list[float]) -> tuple[float, list]:
+    began = time.perf_counter()
+    out = [fn(s) for s in starts]
+    return time.perf_counter() - began, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--video", type=Path, default=None, help="use this file instead of generating one")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--size", default="426x240", help="generated video WxH")
+    p.add_argument("--gop", type=int, default=None, help="keyframe interval in frames (default: x264's 250)")
+    p.add_argument("--clips", type=int, default=20, help="clips per measurement")
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--height", type=int, default=192)
+    p.add_argument("--width", type=int, default=320)
+    args = p.parse_args()
+    exe = ffmpeg_exe()
+    clip = ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.video
+        if path is None:
+            w, h = (int(x) for x in args.size.split("x"))
+            began = time.perf_counter()
+            path = write_video(Path(tmp) / "long", codec="h264", num_frames=int(args.minutes * 60 * 24), fps=24,
+                               height=h, width=w, gop=args.gop)
+            print(f"wrote {path.name}: {args.minutes:g} min, {w}x{h}, h264 ultrafast, keyframe every "
+                  f"{args.gop or 250} frames, in {time.perf_counter() - began:.1f}s")
+        info = probe(path)
+        span = (clip.frames - 1) / clip.fps
+        rng = np.random.default_rng(0)
+        early = sorted(rng.uniform(0, 60, args.clips).round(3).tolist())
+        late = sorted(rng.uniform(info.duration - 60 - span, info.duration - span - 0.5, args.clips).round(3).tolist())
+        print(f"{info.duration:.0f}s {info.codec} {info.width}x{info.height} at {info.fps:g} fps; clips of "
+              f"{clip.frames} frames at {clip.fps:g} fps, {clip.height}x{clip.width} crop; {args.clips} per timing")
+
+        decode_clip(path, early[0], clip)  # warm up (page cache, codec init)
+        t_early, clips = timed(lambda s: decode_clip(path, s, clip), early)
+        t_late, _ = timed(lambda s: decode_clip(path, s, clip), late)
+        decoded = np.mean([c.meta["frames_decoded"] for c in clips])
+        print(f"latentcache: early (first minute) {1000 * t_early / args.clips:.1f} ms/clip, late (last minute) "
+              f"{1000 * t_late / args.clips:.1f} ms/clip; late/early = {t_late / t_early:.2f} "
+              f"({decoded:.0f} source frames decoded per clip)")
+
+        ffmpeg_clip(exe, path, early[0], clip)
+        f_early, ff_clips = timed(lambda s: ffmpeg_clip(exe, path, s, clip), early)
+        f_late, _ = timed(lambda s: ffmpeg_clip(exe, path, s, clip), late)
+        print(f"ffmpeg CLI:  early {1000 * f_early / args.clips:.1f} ms/clip, late {1000 * f_late / args.clips:.1f} "
+              f"ms/clip; late/early = {f_late / f_early:.2f}")
+
+        ours = 2 * args.clips / (t_early + t_late)
+        theirs = 2 * args.clips / (f_early + f_late)
+        diff = np.mean([np.abs(a.frames.astype(int) - b.astype(int)).mean() for a, b in zip(clips, ff_clips,
+                                                                                          strict=True)])
+        print(f"clips/s: latentcache {ours:.1f}, ffmpeg CLI {theirs:.1f}; latentcache/ffmpeg = {ours / theirs:.2f}x "
+              f"(same clips: mean abs pixel difference {diff:.1f}/255)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`latentcache preview`: decode latents back through the VAE the manifest names, into an mp4 a person can watch.
+
+Each chosen sample's posterior mean (what the trainer sees, before normalisation) goes through the VAE decoder;
+when the source video is still readable, the same clip is decoded from it again (same start, fps, crop) and shown
+on the left, the reconstruction on the right. Samples play one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentcache.dataset import ShardRef, read_shard, resolve_source
+from latentcache.errors import ConfigError, InputError
+from latentcache.settings import ClipSettings, VAESettings
+from latentcache.shards import decode_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PreviewResult:
+    out: Path
+    keys: list[str] = field(default_factory=list)
+    with_source: list[bool] = field(default_factory=list)
+    frames: int = 0
+    size: tuple[int, int] = (0, 0)  # width, height of the video
+
+
+def _iter_raw(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, dict[str, Any]]]:
+    for shard in shards:
+        for raw in read_shard(shard):
+            yield shard, raw
+
+
+def pick_samples(shards: list[ShardRef], keys: list[str] | None, count: int | None, seed: int = 0
+                 ) -> list[dict[str, Any]]:
+    """The decoded samples named by `keys`, or `count` drawn at random (one pass, reservoir sampling)."""
+    if keys:
+        wanted, found = set(keys), {}
+        for shard, raw in _iter_raw(_shards_first(shards, wanted)):
+            if raw["__key__"] in wanted:
+                found[raw["__key__"]] = decode_sample(raw, shard.url)
+                if len(found) == len(wanted):
+                    break
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise ConfigError(f"key(s) {', '.join(missing)} are not in the dataset; `latentcache verify` lists "
+                              "none, but each shard's .tar.json sidecar lists its keys")
+        return [found[k] for k in keys]
+    rng, chosen = random.Random(seed), []
+    for n, (shard, raw) in enumerate(_iter_raw(shards)):
+        if len(chosen) < (count or 1):
+            chosen.append((shard, raw))
+        elif (j := rng.randrange(n + 1)) < len(chosen):
+            chosen[j] = (shard, raw)
+    return [decode_sample(raw, shard.url) for shard, raw in chosen]
+
+
+def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:
+    """Shards whose sidecar lists a wanted key first, so a preview of one key reads one shard, not all."""
+    def holds(shard: ShardRef) -> bool:
+        side = Path(shard.url + ".json")
+        try:
+            return bool(wanted & set(json.loads(side.read_text(encoding="utf-8")).get("keys", [])))
+        except (OSError, ValueError):
+            return False
+
+    return sorted(shards, key=lambda s: not holds(s))
+
+
+def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
+    """Where the sample's video is now: plan.json has the absolute path; meta has the path under the input root."""
+    plan = root / "plan.json"
+    if plan.is_file():
+        for clip in json.loads(plan.read_text(encoding="utf-8")).get("clips", []):
+            if clip.get("key") == key and Path(clip["source"]).is_file():
+                return clip["source"]
+    source = meta.get("source")
+    return source if source and Path(source).is_file() else None
+
+
+def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -> np.ndarray | None:
+    """The clip decoded from its source again, as the encoder saw it; None when the source is gone or unreadable."""
+    from latentcache.decode import decode_clip
+
+    meta = sample["meta"]
+    path = _source_path(root, sample["key"], meta)
+    if path is None or "clip_start" not in meta:
+        log.info("%s: source video not found; previewing the reconstruction alone", sample["key"])
+        return None
+    clip = ClipSettings(frames=int(meta["frames"]), fps=float(meta["fps"]), height=height, width=width,
+                        resize=meta.get("resize", "crop"), short="pad")
+    try:
+        return decode_clip(path, float(meta["clip_start"]), clip, key=sample["key"]).frames
+    except InputError as e:
+        log.warning("%s: source %s no longer decodes (%s); previewing the reconstruction alone",
+                    sample["key"], path, e.reason)
+        return None
+
+
+def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
+    """The VAE recorded in the manifest (tiny-random-* is rebuilt with the same seeded weights)."""
+    from latentcache.vae import load_vae
+
+    identity, spec = manifest["vae"], manifest["latent_spec"]
+    settings = VAESettings(source=identity["source"], family=spec["family"], subfolder=identity.get("subfolder"),
+                           revision=identity.get("revision"), dtype="fp32")
+    vae = load_vae(settings, device)
+    if vae.identity.config_hash != identity.get("config_hash"):
+        log.warning("the VAE at %s has config hash %s, the manifest recorded %s: it changed since encoding, so the "
+                    "preview may not show what was encoded", identity["source"], vae.identity.config_hash,
+                    identity.get("config_hash"))
+    return vae
+
+
+def _pad_to(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    t, h, w, _ = frames.shape
+    out = np.zeros((t, height, width, 3), np.uint8)
+    out[:, :h, :w] = frames
+    return out
+
+
+def compose(decoded: np.ndarray, source: np.ndarray | None, side_by_side: bool) -> np.ndarray:
+    """[T, H, W, 3] reconstruction, with the source clip on its left (black when it is gone) if side_by_side."""
+    if not side_by_side:
+        return decoded
+    if source is None:
+        source = np.zeros_like(decoded)
+    t = min(len(decoded), len(source))
+    return np.concatenate([source[:t], decoded[:t]], axis=2)
+
+
+def write_mp4(path: Path, segments: list[np.ndarray], fps: float) -> tuple[int, int]:
+    """h264 (yuv420p, so sizes are padded to even) via PyAV; returns (width, height)."""
+    import av
+
+    height = max(s.shape[1] for s in segments)
+    width = max(s.shape[2] for s in segments)
+    height, width = height + height % 2, width + width % 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
+                                      options={"preset": "veryfast", "crf": "18"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for segment in segments:
+            for frame in _pad_to(segment, height, width):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return width, height
+
+
+def preview(root: str | os.PathLike, out: str | os.PathLike, *, keys: list[str] | None = None,
+            random_count: int | None = None, seed: int = 0, device: str = "cpu") -> PreviewResult:
+    """Decode the chosen samples back to video and write them, side by side with their sources, to `out`."""
+    manifest, mroot, shards = resolve_source(root)
+    samples = pick_samples(shards, keys, random_count if not keys else None, seed)
+    vae = load_manifest_vae(manifest, device)
+    if not samples:
+        raise ConfigError(f"{root}: no sample to preview (the dataset is empty)")
+    result = PreviewResult(out=Path(out))
+    pairs = []
+    for sample in samples:
+        decoded = vae.decode(sample["mean"].float()[None])[0]
+        pairs.append((decoded, source_frames(mroot, sample, decoded.shape[1], decoded.shape[2])))
+        result.keys.append(sample["key"])
+        result.with_source.append(pairs[-1][1] is not None)
+    side_by_side = any(result.with_source)
+    segments = [compose(decoded, source, side_by_side) for decoded, source in pairs]
+    fps = float(samples[0]["meta"].get("fps") or 8.0)
+    result.size = write_mp4(result.out, segments, fps)
+    result.frames = sum(len(s) for s in segments)
+    return result

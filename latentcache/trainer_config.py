@@ -1,0 +1,203 @@
+"""`latentcache check-config`: does a CogVideo SAT-style training YAML fit these latent shards?
+
+The bug this exists for: SAT's `model.latent_input` (default False) makes the trainer treat every batch as RGB
+video and encode it with its own VAE (`first_stage_config`); given latent shards, the DiT is fed the wrong thing.
+Channel, frame, size, fps and scaling-factor mismatches are as silent, so each is reported with its fix.
+
+Keys are looked up by name, in `network_config` first for model keys and in `data` for data keys, and never inside
+`first_stage_config` (the VAE's own `in_channels: 3`) or `conditioner_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentcache.errors import ConfigError
+from latentcache.vae import LatentSpec
+
+log = logging.getLogger(__name__)
+
+NOT_MODEL = ("first_stage_config", "conditioner_config", "loss_fn_config", "denoiser_config", "sampler_config")
+
+
+@dataclass(slots=True)
+class TrainerConfig:
+    """What a training config says about its input; None where it does not say. `where` maps field -> YAML path."""
+
+    path: str
+    latent_input: bool | None = None
+    in_channels: int | None = None
+    num_frames: int | None = None
+    time_compressed_rate: int | None = None
+    latent_height: int | None = None
+    latent_width: int | None = None
+    patch_size: int | None = None
+    scale_factor: float | None = None
+    z_channels: int | None = None
+    video_size: tuple[int, int] | None = None
+    fps: float | None = None
+    where: dict[str, str] = field(default_factory=dict)
+
+
+def _walk(tree: Any, path: str = "") -> list[tuple[str, str, Any]]:
+    """Every (dotted path, key, value) in a YAML tree, breadth first so shallower keys come first."""
+    found, queue = [], [(path, tree)]
+    while queue:
+        here, node = queue.pop(0)
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, value in items:
+            dotted = f"{here}.{key}" if here else str(key)
+            found.append((dotted, str(key), value))
+            if isinstance(value, dict | list):
+                queue.append((dotted, value))
+    return found
+
+
+def _lookup(entries: list[tuple[str, str, Any]], names: tuple[str, ...], prefer: str | None) -> tuple[str, Any]:
+    candidates = [(p, v) for p, k, v in entries if k in names and not any(f".{n}." in f".{p}." for n in NOT_MODEL)]
+    preferred = [(p, v) for p, v in candidates if prefer and f".{prefer}." in f".{p}."]
+    return (preferred or candidates or [("", None)])[0]
+
+
+FIELDS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "latent_input": (("latent_input",), None),
+    "in_channels": (("in_channels",), "network_config"),
+    "num_frames": (("num_frames", "max_num_frames"), "network_config"),
+    "time_compressed_rate": (("time_compressed_rate",), "network_config"),
+    "latent_height": (("latent_height",), "network_config"),
+    "latent_width": (("latent_width",), "network_config"),
+    "patch_size": (("patch_size",), "network_config"),
+    "scale_factor": (("scale_factor", "scaling_factor"), None),
+    "video_size": (("video_size",), "data"),
+    "fps": (("fps",), "data"),
+}
+
+
+def load_trainer_config(path: str | os.PathLike) -> TrainerConfig:
+    """Read the keys that decide what the DiT is fed; several YAML files (model + sft) may be merged by the caller."""
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top, found {type(tree).__name__}")
+    entries = _walk(tree)
+    config = TrainerConfig(path=str(path))
+    for name, (keys, prefer) in FIELDS.items():
+        where, value = _lookup(entries, keys, prefer)
+        if value is not None:
+            setattr(config, name, _coerce(name, value, path, where))
+            config.where[name] = where
+    # The VAE the trainer would encode with: its latent channels, for comparison with the shards' VAE.
+    z = [(p, v) for p, k, v in entries if k == "z_channels" and ".first_stage_config." in f".{p}."]
+    if z:
+        config.z_channels, config.where["z_channels"] = int(z[0][1]), z[0][0]
+    return config
+
+
+def _coerce(name: str, value: Any, path: str | os.PathLike, where: str) -> Any:
+    try:
+        if name == "latent_input":
+            if isinstance(value, str):
+                return value.strip().lower() in ("true", "1", "yes")
+            return bool(value)
+        if name == "video_size":
+            h, w = value
+            return int(h), int(w)
+        if name in ("scale_factor", "fps"):
+            return float(value)
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {where} = {value!r} is not a valid {name}") from e
+
+
+def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str]:
+    """One line per mismatch between the training config and the latent shards, each with its fix."""
+    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    clip = manifest.get("settings", {}).get("clip", {})
+    # Buckets (FxHxW in pixels) say what the shards hold, also when one encode wrote several sizes.
+    buckets = sorted(manifest.get("buckets") or {s["bucket"] for s in manifest["shards"]})
+    w = config.where
+    problems = []
+    if not config.latent_input:
+        said = (f"{w['latent_input']}: {config.latent_input}" if "latent_input" in w
+                else "model.latent_input is not set (SAT defaults to False)")
+        problems.append(
+            f"{said}, so the trainer treats each batch as RGB video and encodes it with its own VAE "
+            f"(first_stage_config): the DiT would get 3-channel RGB (or re-encoded latents), but these shards "
+            f"already hold {spec.channels}-channel latents. Fix: set model.latent_input: true")
+    if config.in_channels is not None and config.in_channels != spec.channels:
+        if config.in_channels == 2 * spec.channels:
+            problems.append(
+                f"{w['in_channels']}: {config.in_channels} is twice the latents' {spec.channels} channels: an "
+                "image-to-video model (noisy video latents concatenated with image latents). Fix: concatenate the "
+                "image latents in the training step, or use the text-to-video config")
+        else:
+            problems.append(f"{w['in_channels']}: {config.in_channels}, the shards hold {spec.channels}-channel "
+                            f"latents ({manifest['vae']['class_name']}). Fix: encode with the VAE this model uses")
+    if config.z_channels is not None and config.z_channels != spec.channels:
+        problems.append(f"{w['z_channels']}: {config.z_channels}, the shards' VAE has {spec.channels} latent channels. "
+                        "Fix: the trainer's first_stage_config must be the VAE the shards were encoded with")
+    for bucket in buckets:
+        frames, height, width = (int(v) for v in bucket.split("x"))
+        for problem in _frame_problems(config, spec, frames) + _size_problems(config, spec, height, width):
+            problem = problem if len(buckets) == 1 else f"bucket {bucket}: {problem}"
+            if problem not in problems:
+                problems.append(problem)
+    problems += _scale_problems(config, spec)
+    if config.fps is not None and clip.get("fps") is not None and not math.isclose(config.fps, clip["fps"]):
+        problems.append(f"{w['fps']}: {config.fps:g}, the shards were sampled at {clip['fps']:g} fps: motion would "
+                        f"play at the wrong speed. Fix: set fps: {clip['fps']:g}, or encode with --fps {config.fps:g}")
+    return problems
+
+
+def _frame_problems(config: TrainerConfig, spec: LatentSpec, frames: int) -> list[str]:
+    w, problems = config.where, []
+    rate = config.time_compressed_rate
+    if rate is not None and rate != spec.temporal_compression:
+        problems.append(f"{w['time_compressed_rate']}: {rate}, the shards' VAE compresses time by "
+                        f"{spec.temporal_compression}. Fix: set time_compressed_rate: {spec.temporal_compression}")
+    if config.num_frames is not None and config.num_frames != frames:
+        latent = (frames - 1) // spec.temporal_compression + 1
+        want = (config.num_frames - 1) // spec.temporal_compression + 1
+        problems.append(f"{w['num_frames']}: {config.num_frames} frames ({want} latent frames), the shards hold "
+                        f"{frames}-frame clips ({latent} latent frames). Fix: set {w['num_frames'].split('.')[-1]}: "
+                        f"{frames}, or encode with --frames {config.num_frames}")
+    return problems
+
+
+def _size_problems(config: TrainerConfig, spec: LatentSpec, height: int, width: int) -> list[str]:
+    w, problems, s = config.where, [], spec.spatial_compression
+    lh, lw = height // s, width // s
+    for name, have, want in (("latent_height", config.latent_height, lh), ("latent_width", config.latent_width, lw)):
+        if have is not None and have != want:
+            problems.append(f"{w[name]}: {have}, the shards' latents are {want} ({height}x{width} pixels / {s}). "
+                            f"Fix: set {name}: {want}, or encode with --{name.split('_')[1]} {have * s}")
+    if config.video_size is not None and config.video_size != (height, width):
+        problems.append(f"{w['video_size']}: {list(config.video_size)}, the shards were encoded at "
+                        f"{height}x{width}. Fix: set video_size: [{height}, {width}], or encode with --height "
+                        f"{config.video_size[0]} --width {config.video_size[1]}")
+    p = config.patch_size
+    if p and (lh % p or lw % p):
+        problems.append(f"{w['patch_size']}: {p} does not divide the {lh}x{lw} latents. Fix: encode at a height and "
+                        f"width that are multiples of {p * s} pixels")
+    return problems
+
+
+def _scale_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
+    if config.scale_factor is None or spec.scaling_factor is None:
+        return []
+    if math.isclose(config.scale_factor, spec.scaling_factor, rel_tol=1e-4):
+        return []
+    return [f"{config.where['scale_factor']}: {config.scale_factor:g}, the shards' VAE scaling factor is "
+            f"{spec.scaling_factor:g} (LatentShardDataset applies it once; SAT with latent_input: true applies "
+            f"none). Fix: set scale_factor: {spec.scaling_factor:g}, or encode with the VAE this model was trained "
+            "with"]

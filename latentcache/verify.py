@@ -1,0 +1,240 @@
+"""`latentcache verify` and `latentcache info`: is this dataset what its manifest says, before a GPU-week starts?
+
+verify streams every shard once (one sequential read: the sha256 is computed from the same bytes the tar reader
+sees), so its cost grows linearly with the data. It collects problems instead of stopping at the first, and
+reports per-channel statistics of the latents as the trainer will see them (normalised once, from the manifest):
+a standard deviation far from 1 says the scaling factor is wrong, or that the stored latents were already scaled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentcache.dataset import ShardRef, bucket_latent_shape, read_shard, resolve_source
+from latentcache.errors import LatentcacheError
+from latentcache.shards import decode_sample
+from latentcache.vae import LatentSpec
+
+log = logging.getLogger(__name__)
+
+# Scaled latents with a std outside this range are flagged: CogVideoX's factor is tuned for std ~ 1.
+STD_RANGE = (0.5, 2.0)
+MAX_LISTED = 20
+
+
+@dataclass(slots=True)
+class ChannelStats:
+    """Running per-channel sums in float64, so millions of samples add up without drift."""
+
+    count: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+
+    def add(self, z: torch.Tensor) -> None:
+        flat = z.double().flatten(1)
+        s, q = flat.sum(1), flat.square().sum(1)
+        self.total = s if self.total is None else self.total + s
+        self.squares = q if self.squares is None else self.squares + q
+        self.count += flat.shape[1]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if not self.count or self.total is None or self.squares is None:
+            return [], []
+        mean = self.total / self.count
+        var = (self.squares / self.count - mean.square()).clamp_min(0)
+        return mean.tolist(), var.sqrt().tolist()
+
+    def overall_std(self) -> float:
+        if not self.count or self.total is None or self.squares is None:
+            return float("nan")
+        n = self.count * len(self.total)
+        mean = float(self.total.sum()) / n
+        return max(float(self.squares.sum()) / n - mean * mean, 0.0) ** 0.5
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    root: str
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: ChannelStats = field(default_factory=ChannelStats)
+    buckets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        gb = self.bytes / 1e9
+        rate = f", {self.seconds / gb:.1f} s/GB" if gb > 1e-6 else ""
+        out = [f"verify {self.root}: {self.samples} samples in {self.shards} shard(s), {_size(self.bytes)} read in "
+               f"{self.seconds:.2f}s{rate}"]
+        for bucket, n in sorted(self.buckets.items()):
+            out.append(f"  bucket {bucket}: {n} samples")
+        means, stds = self.stats.mean_std()
+        if stds:
+            out.append(f"  scaled latents (posterior mean, normalised once as the trainer sees them): std "
+                       f"{self.stats.overall_std():.3f}; per channel mean {_fmt(means)}")
+            out.append(f"  per channel std {_fmt(stds)}")
+        out += [f"WARNING: {w}" for w in self.warnings]
+        out += [f"PROBLEM: {p}" for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            out.append(f"... and {len(self.problems) - MAX_LISTED} more problem(s)")
+        out.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
+        return out
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + " ".join(f"{v:+.2f}" for v in values) + "]"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+class _Checker:
+    """Checks one sample at a time against the manifest and the samples seen before."""
+
+    def __init__(self, spec: LatentSpec, report: VerifyReport) -> None:
+        self.spec = spec
+        self.report = report
+        self.seen: dict[str, str] = {}
+
+    def sample(self, raw: dict[str, Any], shard: ShardRef) -> None:
+        where = shard.url
+        try:
+            sample = decode_sample(raw, where)
+        except LatentcacheError as e:
+            self.report.problems.append(str(e))
+            return
+        key = sample["key"]
+        if key in self.seen:
+            self.report.problems.append(f"{where}: key {key} also appears in {self.seen[key]}")
+        self.seen[key] = where
+        mean, logvar = sample["mean"], sample["logvar"]
+        expected = bucket_latent_shape(self.spec, shard.bucket)
+        if tuple(mean.shape) != expected:
+            hint = " (3 channels: pixels, not latents)" if mean.ndim == 4 and mean.shape[0] == 3 else ""
+            self.report.problems.append(f"{where}: {key} latents are {list(mean.shape)}{hint}, bucket "
+                                        f"{shard.bucket} and the manifest's VAE give {list(expected)}")
+            return
+        if logvar is not None and logvar.shape != mean.shape:
+            self.report.problems.append(f"{where}: {key} logvar is {list(logvar.shape)}, mean {list(mean.shape)}")
+        bucket = sample["meta"].get("bucket")
+        if bucket is not None and bucket != shard.bucket:
+            self.report.problems.append(f"{where}: {key} says bucket {bucket}, its shard is in bucket {shard.bucket}")
+        for name, tensor in (("mean", mean), ("logvar", logvar)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                self.report.problems.append(f"{where}: {key} {name} has {bad} NaN/Inf value(s); re-encode it "
+                                            "(in fp32: --dtype fp32)")
+                return
+        self.report.stats.add(self.spec.normalize(mean.float()))
+        self.report.buckets[shard.bucket] = self.report.buckets.get(shard.bucket, 0) + 1
+
+
+def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | None = None,
+           check_sha256: bool = True) -> VerifyReport:
+    """Read every shard of the dataset once and report what does not match the manifest."""
+    started = time.perf_counter()
+    manifest, mroot, shards = resolve_source(root)
+    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    report = VerifyReport(root=str(root))
+    checker = _Checker(spec, report)
+    for shard in shards:
+        report.shards += 1
+        try:
+            for raw in read_shard(shard, check_sha256=check_sha256):
+                report.samples += 1
+                checker.sample(raw, shard)
+        except LatentcacheError as e:
+            report.problems.append(str(e))
+        except OSError as e:
+            report.problems.append(f"{shard.url}: cannot read ({e}); is the dataset complete?")
+        else:
+            report.bytes += _shard_bytes(shard)
+    _check_totals(manifest, mroot, report)
+    _check_stats(spec, report)
+    if trainer_config is not None:
+        from latentcache.trainer_config import config_problems, load_trainer_config
+
+        report.problems += config_problems(load_trainer_config(trainer_config), manifest)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _shard_bytes(shard: ShardRef) -> int:
+    try:
+        return Path(shard.url).stat().st_size
+    except OSError:
+        return 0
+
+
+def _check_totals(manifest: dict[str, Any], root: Path, report: VerifyReport) -> None:
+    counts = manifest.get("counts", {})
+    if counts.get("samples") is not None and counts["samples"] != sum(s["samples"] for s in manifest["shards"]):
+        report.problems.append(f"{root}/manifest.json: counts.samples is {counts['samples']}, its shards list "
+                               f"{sum(s['samples'] for s in manifest['shards'])}")
+    listed = {s["path"] for s in manifest["shards"]}
+    stray = sorted(p.relative_to(root).as_posix() for p in (root / "shards").rglob("*.tar")
+                   if p.relative_to(root).as_posix() not in listed) if (root / "shards").is_dir() else []
+    if stray:
+        report.warnings.append(f"{len(stray)} shard(s) on disk are not in the manifest (e.g. {stray[0]}): left over "
+                               "from another run? The dataset ignores them")
+
+
+def _check_stats(spec: LatentSpec, report: VerifyReport) -> None:
+    std = report.stats.overall_std()
+    low, high = STD_RANGE
+    if not report.stats.count or low <= std <= high:
+        return
+    raw_std = std / spec._scale() if spec.latents_std is None else float("nan")
+    suggestion = f" (1/raw std = {1 / raw_std:.4g})" if raw_std == raw_std and raw_std > 0 else ""
+    report.warnings.append(
+        f"scaled latents have std {std:.3f}, expected about 1: the scaling factor {spec.scaling_factor} in the "
+        f"manifest may be wrong for this VAE{suggestion}, or the stored latents were already scaled (the trainer "
+        "would then scale them twice). Random-weight VAEs (tiny-random-*) give arbitrary statistics")
+
+
+# ---------------------------------------------------------------------------------------------------- info
+
+
+def info_lines(root: str | os.PathLike) -> list[str]:
+    """A short table of the dataset, from the manifest alone (no shard is read)."""
+    manifest, mroot, shards = resolve_source(root)
+    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    vae = manifest.get("vae", {})
+    total = sum(s["bytes"] for s in manifest["shards"])
+    samples = sum(s["samples"] for s in manifest["shards"])
+    clip = manifest.get("settings", {}).get("clip", {})
+    rows = [
+        ("dataset", str(mroot)),
+        ("samples", f"{samples} in {len(manifest['shards'])} shard(s)"),
+        ("VAE", f"{vae.get('class_name')} from {vae.get('source')}"
+                f"{' (random weights: demo only)' if vae.get('random_weights') else ''}, {manifest.get('dtype')}"),
+        ("latents", f"{spec.channels} channels, /{spec.temporal_compression} time, /{spec.spatial_compression} "
+                    f"space, scaling {spec.scaling_factor}, shift {spec.shift_factor}"),
+        ("clips", f"{clip.get('frames')} frames at {clip.get('fps')} fps, {clip.get('resize')}"),
+        ("size on disk", f"{_size(total)}, {_size(total / samples) if samples else '-'} per sample"),
+        ("failures", str(manifest.get("counts", {}).get("failures", 0))),
+    ]
+    buckets = manifest.get("buckets") or {}
+    for bucket, n in sorted(buckets.items()):
+        rows.append((f"bucket {bucket}", f"{n} samples, latents {list(bucket_latent_shape(spec, bucket))}"))
+    width = max(len(k) for k, _ in rows)
+    return [f"{k.ljust(width)}  {v}" for k, v in rows]

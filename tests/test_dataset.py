@@ -1,0 +1,255 @@
+"""LatentShardDataset on shards written by `latentcache encode` (tiny random VAE, real videos)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
+from latentcache.dataset import StatefulLoader, transformer_problems
+from latentcache.shards import decode_sample, iter_tar, read_manifest
+from latentcache.vae import LatentSpec
+
+
+def all_keys(root: Path) -> list[str]:
+    """Every key, read straight from the shards' tars (not through the dataset under test)."""
+    manifest = read_manifest(root)
+    return [raw["__key__"] for s in manifest["shards"] for raw in iter_tar(root / s["path"])]
+
+
+def keys_of(items) -> list[str]:
+    out = []
+    for item in items:
+        out.extend(item["key"] if isinstance(item["key"], list) else [item["key"]])
+    return out
+
+
+def test_every_sample_once_with_two_workers(encoded_dir: Path) -> None:
+    expected = all_keys(encoded_dir)
+    assert len(expected) == 8 and len(read_manifest(encoded_dir)["shards"]) == 4
+    loader = StatefulLoader(LatentShardDataset(encoded_dir), num_workers=2)
+    got = keys_of(loader)
+    assert Counter(got) == Counter(expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_two_ranks_split_without_overlap(encoded_dir: Path, workers: int) -> None:
+    """2 ranks x 0/2/3 workers over 4 shards: shard-level split (2, 4 slots) or sample-level fallback (6 slots)."""
+    expected = all_keys(encoded_dir)
+    per_rank = []
+    for rank in range(2):
+        dataset = LatentShardDataset(encoded_dir, rank=rank, world_size=2, shuffle=True, seed=5)
+        per_rank.append(keys_of(StatefulLoader(dataset, num_workers=workers)))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(expected)
+
+
+def test_rank_from_environment(encoded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    for rank in range(3):  # 3 ranks, 4 shards: one rank gets two shards
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        seen.append(keys_of(LatentShardDataset(encoded_dir)))
+    assert sorted(len(s) for s in seen) == [2, 2, 4]
+    assert Counter(sum(seen, [])) == Counter(all_keys(encoded_dir))
+
+
+def test_sources_glob_brace_file_url_and_manifest(encoded_dir: Path, tmp_path: Path) -> None:
+    bucket_dir = encoded_dir / "shards" / "17x64x96"
+    expected = all_keys(encoded_dir)
+    assert keys_of(LatentShardDataset(str(bucket_dir / "*.tar"))) == expected
+    assert keys_of(LatentShardDataset(str(bucket_dir / "{000000..000003}.tar"))) == expected
+    assert keys_of(LatentShardDataset(f"file://{bucket_dir}/{{000001..000002}}.tar")) == expected[2:6]
+    assert keys_of(LatentShardDataset([str(bucket_dir / "000003.tar")])) == expected[6:]
+    # Shards copied away from their manifest: found by manifest= only.
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(bucket_dir, elsewhere)
+    with pytest.raises(ShardFormatError, match="manifest"):
+        LatentShardDataset(str(elsewhere / "*.tar"))
+    dataset = LatentShardDataset(str(elsewhere / "*.tar"), manifest=encoded_dir / "manifest.json")
+    assert keys_of(dataset) == expected and len(dataset) == 8
+    with pytest.raises(ShardFormatError, match="remote"):
+        LatentShardDataset("https://example.invalid/shards/{000000..000003}.tar")
+
+
+def test_shard_not_in_manifest_is_refused(encoded_dir: Path, tmp_path: Path) -> None:
+    stranger = tmp_path / "shards" / "17x64x96" / "000099.tar"
+    stranger.parent.mkdir(parents=True)
+    shutil.copy(encoded_dir / "shards" / "17x64x96" / "000000.tar", stranger)
+    with pytest.raises(ShardFormatError, match="not listed"):
+        LatentShardDataset(str(stranger), manifest=encoded_dir)
+
+
+def test_shuffle_is_seeded_by_seed_and_epoch(encoded_dir: Path) -> None:
+    def order(seed: int, epoch: int) -> list[str]:
+        dataset = LatentShardDataset(encoded_dir, shuffle=True, shuffle_buffer=4, seed=seed)
+        dataset.set_epoch(epoch)
+        return keys_of(dataset)
+
+    assert order(1, 0) == order(1, 0)
+    orders = {tuple(order(1, e)) for e in range(4)} | {tuple(order(2, 0))}
+    assert len(orders) > 2
+    assert all(sorted(o) == sorted(all_keys(encoded_dir)) for o in orders)
+
+
+def test_batches_hold_one_bucket(two_bucket_dir: Path) -> None:
+    dataset = LatentShardDataset(two_bucket_dir, batch_size=3, layout="BTCHW", shuffle=True, shuffle_buffer=10)
+    batches = list(dataset)
+    spec = dataset.spec
+    for batch in batches:
+        buckets = {m["bucket"] for m in batch["meta"]}
+        assert len(buckets) == 1
+        frames, h, w = (int(v) for v in buckets.pop().split("x"))
+        c, t, lh, lw = spec.latent_shape(frames, h, w)
+        assert batch["latents"].shape == (len(batch["key"]), t, c, lh, lw)
+    assert Counter(keys_of(batches)) == Counter(all_keys(two_bucket_dir))
+    assert {tuple(b["latents"].shape[-2:]) for b in batches} == {(8, 12), (8, 8)}
+    full = list(LatentShardDataset(two_bucket_dir, batch_size=3, drop_last=True))
+    assert all(len(b["key"]) == 3 for b in full) and len(full) == 2  # 8 // 3 + 2 // 3
+
+
+def test_posterior_normalisation_and_dtype(encoded_dir: Path) -> None:
+    manifest = read_manifest(encoded_dir)
+    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    shard = encoded_dir / manifest["shards"][0]["path"]
+    raw = decode_sample(next(iter_tar(shard)), str(shard))
+    mean = LatentShardDataset(encoded_dir, sample_posterior=False)
+    first = next(iter(mean))
+    assert first["key"] == raw["key"]
+    torch.testing.assert_close(first["latents"], spec.normalize(raw["mean"].float()))  # scaled exactly once
+    assert spec.scaling_factor and not torch.allclose(first["latents"], raw["mean"].float())
+    unscaled = next(iter(LatentShardDataset(encoded_dir, sample_posterior=False, normalize=False)))
+    torch.testing.assert_close(unscaled["latents"], raw["mean"].float())
+
+    sampled = LatentShardDataset(encoded_dir, dtype=torch.bfloat16)
+    epoch0, again = next(iter(sampled))["latents"], next(iter(sampled))["latents"]
+    sampled.set_epoch(1)
+    epoch1 = next(iter(sampled))["latents"]
+    assert epoch0.dtype == torch.bfloat16
+    assert torch.equal(epoch0, again)  # reproducible within an epoch
+    assert not torch.equal(epoch0, epoch1)  # fresh noise each epoch
+    assert not torch.allclose(epoch0.float(), first["latents"], atol=1e-3)
+
+
+def _rest_after_resume(make, k: int, workers: int) -> tuple[list, list]:
+    """Uninterrupted run vs (k items, save, rebuild, load, rest): both as (key, latents) lists."""
+    full = [(b["key"], b["latents"]) for b in StatefulLoader(make(), num_workers=workers)]
+    loader = StatefulLoader(make(), num_workers=workers)
+    head = []
+    for item in loader:
+        head.append((item["key"], item["latents"]))
+        if len(head) == k:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))  # a checkpoint round trip
+    resumed = StatefulLoader(make(), num_workers=workers)
+    resumed.load_state_dict(state)
+    rest = [(b["key"], b["latents"]) for b in resumed]
+    return full, head + rest
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_does_not_replay(encoded_dir: Path, workers: int) -> None:
+    def make() -> LatentShardDataset:
+        dataset = LatentShardDataset(encoded_dir, batch_size=2, shuffle=True, shuffle_buffer=3, seed=7)
+        dataset.set_epoch(3)
+        return dataset
+
+    full, resumed = _rest_after_resume(make, k=1 if workers == 0 else 2, workers=workers)
+    assert [k for k, _ in resumed] == [k for k, _ in full]
+    for (_, a), (_, b) in zip(full, resumed, strict=True):
+        assert torch.equal(a, b)  # same posterior noise too
+
+
+def test_resume_of_dataset_iterated_directly(encoded_dir: Path) -> None:
+    make = lambda: LatentShardDataset(encoded_dir, shuffle=True, seed=1)  # noqa: E731
+    full = keys_of(make())
+    dataset, head = make(), []
+    for item in dataset:
+        head.append(item["key"])
+        if len(head) == 3:
+            break
+    again = make()
+    again.load_state_dict(dataset.state_dict())
+    assert head + keys_of(again) == full
+    assert len(keys_of(again)) == 8  # the skip applies to one pass only
+    with pytest.raises(ValueError, match="seed"):
+        LatentShardDataset(encoded_dir, shuffle=True, seed=2).load_state_dict(dataset.state_dict())
+
+
+def test_resampled_is_endless_and_resumable(encoded_dir: Path) -> None:
+    make = lambda: LatentShardDataset(encoded_dir, batch_size=2, resampled=True, seed=3)  # noqa: E731
+    stream = iter(make())
+    first = [next(stream)["key"] for _ in range(10)]  # 20 samples from 8: it never ends
+    assert set(sum(first, [])) <= set(all_keys(encoded_dir))
+    dataset = make()
+    it = iter(dataset)
+    head = [next(it)["key"] for _ in range(4)]
+    again = make()
+    again.load_state_dict(dataset.state_dict())
+    it2 = iter(again)
+    assert head + [next(it2)["key"] for _ in range(6)] == first
+
+
+def test_count_and_checksum_mismatch(encoded_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "out"
+    shutil.copytree(encoded_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][1]["samples"] = 3
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match=r"000001\.tar: 2 samples, the manifest lists 3"):
+        list(LatentShardDataset(copy))
+    manifest["shards"][1]["samples"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shard = copy / manifest["shards"][2]["path"]
+    data = bytearray(shard.read_bytes())
+    data[data.index(b'"clip_index"') + 1] = ord("C")  # one byte of JSON metadata: still a valid tar
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match="sha256"):
+        list(LatentShardDataset(copy))
+    assert len(list(LatentShardDataset(copy, check_sha256=False))) == 8
+
+
+def test_for_transformer_accepts_fitting_model(encoded_dir: Path) -> None:
+    from latentcache.demo import tiny_transformer
+
+    model = tiny_transformer(5, 8, 12)
+    dataset = LatentShardDataset.for_transformer(model, encoded_dir, batch_size=2, layout="BTCHW")
+    batch = next(iter(dataset))
+    with torch.no_grad():
+        out = model(hidden_states=batch["latents"], encoder_hidden_states=torch.zeros(2, 8, 32),
+                    timestep=torch.tensor([10, 500])).sample
+    assert out.shape == batch["latents"].shape
+
+
+def test_for_transformer_refuses_naming_numbers(encoded_dir: Path) -> None:
+    from latentcache.demo import tiny_transformer
+
+    with pytest.raises(LatentMismatchError, match=r"in_channels=32 is twice the VAE's 16.*image-to-video"):
+        LatentShardDataset.for_transformer(tiny_transformer(5, 8, 12, in_channels=32), encoded_dir)
+    assert LatentShardDataset.for_transformer(tiny_transformer(5, 8, 12, in_channels=32), encoded_dir,
+                                              image_to_video=True).spec.channels == 16
+    with pytest.raises(LatentMismatchError, match=r"in_channels=4, the latents have 16 channels"):
+        LatentShardDataset.for_transformer({"in_channels": 4}, encoded_dir)
+    learned = {"in_channels": 16, "patch_size": 2, "sample_frames": 49, "sample_height": 60, "sample_width": 90,
+               "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": True}
+    with pytest.raises(LatentMismatchError) as info:
+        LatentShardDataset.for_transformer(learned, encoded_dir)
+    for number in ("latent frames 5 vs the config's 13", "latent height 8 vs the config's 60",
+                   "latent width 12 vs the config's 90", "encode at 49x480x720"):
+        assert number in str(info.value)
+    spec = LatentShardDataset(encoded_dir).spec
+    odd = transformer_problems({"in_channels": 16, "patch_size": 3, "patch_size_t": 2}, spec, ["17x64x96"])
+    assert any("latent height 8 is not a multiple of patch_size 3" in p for p in odd)
+    assert any("5 latent frames is not a multiple of patch_size_t 2" in p for p in odd)
+    rotary = dict(learned, use_learned_positional_embeddings=False)
+    assert transformer_problems(rotary, spec, ["17x64x96"]) == []
+
+
+def test_video_folder_is_not_latents(video_dir: Path) -> None:
+    with pytest.raises(LatentMismatchError, match="latent_input=False"):
+        LatentShardDataset(video_dir)

@@ -1,0 +1,320 @@
+"""Restartable at any moment: real 2-process runs killed with SIGKILL at chosen moments, then restarted, must end
+byte-identical to an uninterrupted run. Also: a finished directory is not encoded again, other settings are refused,
+and faults inside a run (out of memory, NaN latents, a bad video) become failure records, never bad shards."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, TINY_VAE, tiny_settings, tree_bytes
+
+from latentcache.cli import main
+from latentcache.errors import ConfigError
+from latentcache.pipeline import fallback_tilings, finalize, load_or_make_plan, run
+from latentcache.plan import discover_inputs
+from latentcache.shards import decode_sample, iter_tar, read_manifest, sidecar_path
+from latentcache.vae import VideoVAE, load_vae
+
+RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
+                       r"earlier run\), (\d+) shard\(s\) already done")
+
+# Runs jobs/encode.py with the shard writer slowed down (a pause after each tar member and before each sidecar), so
+# the kill can land inside a write. The bytes written are the same; only the timing changes.
+SLOW_WRITER = """
+import runpy, sys, time
+import latentcache.shards as shards
+
+add, write_json = shards._add, shards.write_json_atomic
+
+def slow_add(tar, name, data):
+    add(tar, name, data)
+    time.sleep(0.4)
+
+def slow_json(path, obj):
+    if path.name.endswith(".tar.json"):
+        time.sleep(0.8)
+    write_json(path, obj)
+
+shards._add, shards.write_json_atomic = slow_add, slow_json
+sys.argv[0] = {entry!r}
+runpy.run_path({entry!r}, run_name="__main__")
+"""
+
+
+def _tar_tmp(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.tar.*.tmp") if ".tar.json." not in p.name]
+
+
+def _tars_without_sidecar(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.tar") if not sidecar_path(p).exists()]
+
+
+def _sidecars(out: Path) -> list[Path]:
+    return list(out.rglob("*.tar.json"))
+
+
+# moment -> (kill when this holds, what must still hold after the kill). Each is a different half-done state.
+MOMENTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], bool]]] = {
+    # Planned, nothing encoded yet.
+    "after_plan": (lambda out: (out / "plan.json").exists(), lambda out: not (out / "manifest.json").exists()),
+    # Inside a tar write: a partial temporary exists.
+    "mid_tar": (lambda out: bool(_tar_tmp(out)), lambda out: bool(_tar_tmp(out))),
+    # The tar was renamed into place but its sidecar not yet written.
+    "before_sidecar": (lambda out: bool(_tars_without_sidecar(out)), lambda out: bool(_tars_without_sidecar(out))),
+    # Some shards complete, others not.
+    "some_done": (lambda out: len(_sidecars(out)) >= 2, lambda out: 2 <= len(_sidecars(out)) < SMALL_VIDEOS),
+}
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and every descendant. torchrun starts its workers in new sessions, so a process-group kill misses them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_hard(proc) -> None:
+    """SIGKILL the launcher and all its workers at once, as a node dying would, and wait until they are gone."""
+    tree = _process_tree(proc.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in tree):
+        assert time.monotonic() < deadline, "killed processes did not go away"
+        time.sleep(0.05)
+
+
+def _restart_stats(log: str) -> dict[str, int]:
+    rows = [tuple(map(int, m)) for m in RANK_LINE.findall(log)]
+    assert len(rows) == 2, log
+    return {"written": sum(r[2] for r in rows), "redone": sum(r[3] for r in rows),
+            "skipped": sum(r[4] for r in rows)}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_videos: Path, encoded_reference: Path,
+                                                         launch_encode, tmp_path: Path) -> None:
+    when, still = MOMENTS[moment]
+    out = tmp_path / "out"
+    wrapper = tmp_path / "slow_encode.py"
+    wrapper.write_text(SLOW_WRITER.format(entry=str(REPO_ROOT / "jobs" / "encode.py")))
+    proc = launch_encode(small_videos, out, tmp_path / "killed.log", script=wrapper)
+    deadline = time.monotonic() + 180
+    while not (out.exists() and when(out)):
+        assert proc.poll() is None, f"finished before the {moment} moment:\n{(tmp_path / 'killed.log').read_text()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    kill_hard(proc)
+    assert still(out), f"the kill missed the {moment} state"
+    done_before = len(_sidecars(out))
+
+    log = tmp_path / "restart.log"
+    assert launch_encode(small_videos, out, log).wait(timeout=240) == 0, log.read_text()
+    stats = _restart_stats(log.read_text())
+    print(f"\n{moment}: {done_before} shard(s) done at the kill; restart wrote {stats['written']} "
+          f"({stats['redone']} left half-written), skipped {stats['skipped']}")
+    assert stats["skipped"] == done_before
+    assert stats["written"] + stats["skipped"] == SMALL_VIDEOS
+    if moment in ("mid_tar", "before_sidecar"):
+        assert stats["redone"] >= 1
+    assert not list(out.rglob("*.tmp"))
+    # Nothing lost, nothing twice, not a byte different (manifest included: it carries no timestamp).
+    assert tree_bytes(out) == tree_bytes(encoded_reference)
+
+
+def _cli_args(videos: Path, out: Path, **changes: str) -> list[str]:
+    args = list(ENCODE_SMALL)
+    for flag, value in changes.items():
+        flag = "--" + flag.replace("_", "-")
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return ["encode", str(videos), "--out", str(out), "--device", "cpu", *args]
+
+
+def test_finished_directory_is_not_encoded_again(small_videos: Path, encoded_reference: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(encoded_reference, out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a finished directory was encoded again")
+
+    monkeypatch.setattr(VideoVAE, "encode", no_encoding)
+    assert main(_cli_args(small_videos, out)) == 3  # 3: the broken input is still a failure
+    printed = capsys.readouterr().out
+    assert f"all {SMALL_VIDEOS} shard(s) are already done; nothing to encode" in printed
+    assert "0 clips in 0 shard(s) written" in printed
+    assert tree_bytes(out) == tree_bytes(encoded_reference)
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+
+
+def test_other_settings_are_refused_and_overwrite_starts_again(small_videos: Path, encoded_reference: Path,
+                                                               tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(encoded_reference, out)
+    assert main(_cli_args(small_videos, out, frames="9")) == 2
+    err = capsys.readouterr().err
+    assert "was made with other settings or another VAE" in err and "clip.frames: 17 then, 9 now" in err
+    assert "--overwrite" in err
+    assert main(_cli_args(small_videos, out, dtype="bf16")) == 2
+    assert "vae.dtype: 'float32' then, 'bfloat16' now" in capsys.readouterr().err
+    assert tree_bytes(out) == tree_bytes(encoded_reference)  # a refused run touches nothing
+
+    assert main([*_cli_args(small_videos, out, frames="9"), "--overwrite"]) == 3
+    manifest = read_manifest(out)
+    assert manifest["settings"]["clip"]["frames"] == 9
+    assert manifest["counts"]["samples"] == SMALL_VIDEOS
+    assert not (out / "shards" / "17x64x96").exists()  # the old latents are gone, not mixed in
+
+
+def test_new_inputs_are_refused_but_a_missing_one_keeps_the_plan(small_videos: Path, tmp_path: Path,
+                                                                 tiny_vae: VideoVAE) -> None:
+    settings = tiny_settings(samples_per_shard=1)
+    two = discover_inputs([small_videos / "v0.mp4", small_videos / "v1.mp4"])
+    plan = load_or_make_plan(tmp_path, two, settings, tiny_vae)
+    three = discover_inputs([small_videos / "v0.mp4", small_videos / "v1.mp4", small_videos / "v2.mp4"])
+    with pytest.raises(ConfigError, match=r"1 input\(s\) are not in it, e\.g\. .*v2\.mp4"):
+        load_or_make_plan(tmp_path, three, settings, tiny_vae)
+    assert load_or_make_plan(tmp_path, two[:1], settings, tiny_vae).to_json() == plan.to_json()
+
+
+# ---------------------------------------------------------------------------------------------- faults in a run
+
+
+def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, **overrides) -> dict:
+    settings = tiny_settings(**overrides)
+    plan = load_or_make_plan(out, discover_inputs(videos), settings, vae)
+    run(out, plan, vae, settings)
+    return finalize(out)
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    samples = {}
+    for tar in sorted(out.rglob("*.tar")):
+        for raw in iter_tar(tar):
+            sample = decode_sample(raw, str(tar))
+            samples[sample["key"]] = sample
+    return samples
+
+
+def _failures(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def test_fallback_tilings_are_valid_and_shrink() -> None:
+    tilings = fallback_tilings(64, 96, 8)
+    assert [(t.tile_height, t.tile_width) for t in tilings] == [(32, 48), (16, 24), (16, 16)]
+    assert [(t.tile_height, t.tile_width) for t in fallback_tilings(480, 720, 8)][:2] == [(240, 360), (120, 176)]
+    assert fallback_tilings(16, 16, 8) == []
+
+
+def test_out_of_memory_is_retried_with_smaller_tiles(small_videos: Path, tmp_path: Path) -> None:
+    """The untiled encode and the first tiling 'run out of memory'; the second, real tiled encode is written."""
+    vae = load_vae(TINY_VAE, "cpu")
+    real_encode, tried = vae.model.encode, []
+
+    def encode_within_memory(x, *args, **kwargs):
+        m = vae.model
+        tile = (m.tile_sample_min_height, m.tile_sample_min_width) if m.use_tiling else None
+        tried.append(tile)
+        if tile is None or tile[1] > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real_encode(x, *args, **kwargs)
+
+    vae.model.encode = encode_within_memory
+    manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4"], vae)
+    assert tried == [None, (32, 48), (16, 24)]
+    assert manifest["counts"]["samples"] == 1 and _failures(tmp_path) == []
+    (sample,) = _samples(tmp_path).values()
+    assert sample["meta"]["tiling_fallback"] == {"tile_height": 16, "tile_width": 24, "overlap": 0.0,
+                                                 "reason": "out of memory"}
+    assert sample["mean"].shape == (16, 5, 8, 12) and torch.isfinite(sample["mean"]).all()
+    # The configured (untiled) encode is back for the next clip.
+    assert vae.tiling is None and not vae.model.use_tiling
+
+
+def test_a_clip_that_never_fits_is_a_failure_and_the_rank_goes_on(small_videos: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    vae = load_vae(TINY_VAE, "cpu")
+    real_encode, calls = vae.encode, []
+
+    def encode(frames, *, sources=None):
+        calls.append(list(sources))
+        if any(s.endswith("v0.mp4") for s in sources):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real_encode(frames, sources=sources)
+
+    monkeypatch.setattr(vae, "encode", encode)
+    videos = [small_videos / f"v{i}.mp4" for i in range(3)]
+    manifest = _encode_dir(tmp_path, videos, vae, batch_size=2, samples_per_shard=3)
+    (failure,) = _failures(tmp_path)
+    assert failure["path"].endswith("v0.mp4") and failure["stage"] == "encode"
+    assert failure["error"] == "OutOfMemoryError"
+    # The batch [v0, v1] failed, then v0 alone untiled and at each of its 3 tile sizes; v1 and v2 were written.
+    assert sum(any(s.endswith("v0.mp4") for s in c) for c in calls) == 1 + 1 + 3
+    assert manifest["counts"] == {"samples": 2, "shards": 1, "failures": 1, "planned_clips": 3}
+    assert len(_samples(tmp_path)) == 2
+
+
+def _nan_encoder(vae: VideoVAE, only: torch.dtype | None = None):
+    def hook(module, inputs, output):
+        hidden, cache = output
+        if only is None or hidden.dtype == only:
+            return torch.full_like(hidden, math.nan), cache
+        return None
+
+    return vae.model.encoder.register_forward_hook(hook)
+
+
+def test_nan_in_half_precision_is_re_encoded_in_fp32(small_videos: Path, tmp_path: Path) -> None:
+    vae = load_vae(dataclasses.replace(TINY_VAE, dtype="bf16"), "cpu")
+    _nan_encoder(vae, only=torch.bfloat16)
+    manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4"], vae)
+    assert manifest["counts"]["samples"] == 1
+    (sample,) = _samples(tmp_path).values()
+    assert sample["mean"].dtype == torch.bfloat16 and torch.isfinite(sample["mean"].float()).all()
+    assert vae.model.dtype == torch.bfloat16  # back in its own dtype after the fp32 retry
+
+
+def test_nan_latents_are_never_written(small_videos: Path, tmp_path: Path) -> None:
+    vae = load_vae(TINY_VAE, "cpu")
+    _nan_encoder(vae)
+    manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4", small_videos / "v1.mp4"], vae, samples_per_shard=2)
+    assert manifest["counts"] == {"samples": 0, "shards": 1, "failures": 2, "planned_clips": 2}
+    assert _samples(tmp_path) == {}
+    assert {f["stage"] for f in _failures(tmp_path)} == {"encode"}
+    assert all("NaN/Inf" in f["message"] for f in _failures(tmp_path))

@@ -1,0 +1,139 @@
+"""Shards from strangers: crafted tars are refused with the shard and member named, and nothing runs or is written.
+
+Each test replaces one shard of a real encoded dataset with a crafted one, then reads it the three ways
+latentcache reads shards: LatentShardDataset, `latentcache verify`, and shards.iter_tar.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from latentcache import LatentShardDataset, ShardFormatError
+from latentcache.cli import main
+from latentcache.shards import iter_tar, read_manifest
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof, if the file appears, that a reader unpickled a member."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "this ran"))
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type, info.linkname = kind, link
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _real_members(shard: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+@pytest.fixture()
+def victim(encoded_dir: Path, tmp_path: Path) -> tuple[Path, Path, list[tuple[str, bytes]]]:
+    """A copy of the dataset, the path of its first shard, and that shard's real members."""
+    copy = tmp_path / "data"
+    shutil.copytree(encoded_dir, copy)
+    shard = copy / read_manifest(copy)["shards"][0]["path"]
+    return copy, shard, _real_members(shard)
+
+
+def _write(shard: Path, members: list[tuple], *, cut: int | None = None) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            _member(tar, *member)
+    data = buffer.getvalue()
+    shard.write_bytes(data[:cut] if cut is not None else data)
+
+
+def _all_readers_refuse(root: Path, shard: Path, pattern: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ShardFormatError, match=pattern) as info:
+        list(LatentShardDataset(root))
+    assert str(shard) in str(info.value)
+    with pytest.raises(ShardFormatError, match=pattern):
+        list(iter_tar(shard))
+    assert main(["verify", str(root)]) == 3
+    out = capsys.readouterr().out
+    assert "PROBLEM" in out and str(shard) in out
+
+
+def test_pickle_member_is_refused_unread(victim, tmp_path: Path, capsys) -> None:
+    root, shard, members = victim
+    marker = tmp_path / "pwned"
+    key = members[0][0].split(".")[0]
+    _write(shard, [*members[:2], (f"{key}.pyd", pickle.dumps(_Payload(marker))), *members[2:]])
+    _all_readers_refuse(root, shard, rf"member '{key}\.pyd' has extension \.pyd", capsys)
+    assert not marker.exists()
+    # webdataset's own decoder would have unpickled it: proof the payload is live.
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped.json", "/tmp/latentcache_absolute_member.json", "a/../../up.json"])
+def test_escaping_member_names_are_refused(victim, name: str, capsys) -> None:
+    root, shard, members = victim
+    _write(shard, [(name, b"{}"), *members])
+    _all_readers_refuse(root, shard, "absolute or parent-relative", capsys)
+    assert not (root / "escaped.json").exists() and not (shard.parent.parent / "escaped.json").exists()
+    assert not Path("/tmp/latentcache_absolute_member.json").exists()
+
+
+def test_links_are_refused(victim, capsys) -> None:
+    root, shard, members = victim
+    key = members[0][0].split(".")[0]
+    _write(shard, [(f"{key}.json", b"", tarfile.SYMTYPE, "/etc/passwd"), *members[1:]])
+    _all_readers_refuse(root, shard, "is a link", capsys)
+
+
+def test_safetensors_header_claiming_too_much_is_refused(victim, capsys) -> None:
+    root, shard, members = victim
+    name, data = next((n, d) for n, d in members if n.endswith(".latents.safetensors"))
+    lying = (len(data) * 10).to_bytes(8, "little") + data[8:]
+    _write(shard, [(n, lying if n == name else d) for n, d in members])
+    with pytest.raises(ShardFormatError, match=r"safetensors header claims \d+ bytes, the member holds") as info:
+        list(LatentShardDataset(root))
+    assert str(shard) in str(info.value) and name in str(info.value)
+    assert main(["verify", str(root)]) == 3
+    assert "safetensors header claims" in capsys.readouterr().out
+
+
+def test_tensor_offsets_beyond_the_member_are_refused(victim) -> None:
+    root, shard, members = victim
+    name = next(n for n, _ in members if n.endswith(".latents.safetensors"))
+    # A well-formed header whose tensors claim 61440 bytes; the member holds 100.
+    header = json.dumps({"mean": {"dtype": "F32", "shape": [16, 5, 8, 12], "data_offsets": [0, 30720]},
+                         "logvar": {"dtype": "F32", "shape": [16, 5, 8, 12], "data_offsets": [30720, 61440]}})
+    forged = len(header).to_bytes(8, "little") + header.encode() + bytes(100)
+    _write(shard, [(n, forged if n == name else d) for n, d in members])
+    with pytest.raises(ShardFormatError, match=r"tensor 'mean' claims bytes 0\.\.30720, the member holds 100") as info:
+        list(LatentShardDataset(root))
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["inside a member", "at a member boundary"])
+def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
+    root, shard, members = victim
+    data = shard.read_bytes()
+    if where == "inside a member":
+        cut = 512 + (len(members[0][1]) + 511) // 512 * 512 + 512 + 100  # 100 bytes into the second member
+        pattern = "truncated or corrupt tar while reading member"
+    else:
+        # Header + data of the first two members, padded to 512: a tar that just stops, no end-of-archive blocks.
+        cut = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members[:2])
+        pattern = "without its end-of-archive blocks"
+    shard.write_bytes(data[:cut])
+    _all_readers_refuse(root, shard, pattern, capsys)

@@ -1,0 +1,179 @@
+"""`latentcache verify`, `info` and `check-config` on real encoded shards, clean and damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from latentcache.cli import main
+from latentcache.shards import EncodedClip, decode_sample, iter_tar, read_manifest, sha256_file, write_shard
+from latentcache.trainer_config import config_problems, load_trainer_config
+from latentcache.verify import verify
+
+EXAMPLE_CONFIG = Path(__file__).parent.parent / "examples" / "configs" / "cogvideox_tiny_sat.yaml"
+
+
+@pytest.fixture()
+def damaged(encoded_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(encoded_dir, copy)
+    return copy
+
+
+def _rewrite_shard(root: Path, index: int, change) -> None:
+    """Rewrite shard `index` with `change(EncodedClip)` applied to each sample, and record it in the manifest the
+    way the writer would (so only the content is wrong, not the checksum)."""
+    manifest = read_manifest(root)
+    entry = manifest["shards"][index]
+    path = root / entry["path"]
+    clips = []
+    for raw in iter_tar(path):
+        s = decode_sample(raw, str(path))
+        clips.append(change(EncodedClip(s["key"], s["mean"], s["logvar"], s["meta"], s["caption"])))
+    write_shard(path, clips)
+    entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_clean_dataset_verifies(encoded_dir: Path, capsys) -> None:
+    report = verify(encoded_dir)
+    assert report.ok, report.problems
+    assert report.samples == 8 and report.shards == 4 and report.buckets == {"17x64x96": 8}
+    means, stds = report.stats.mean_std()
+    assert len(means) == len(stds) == 16 and all(s > 0 for s in stds)
+    assert main(["verify", str(encoded_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "8 samples in 4 shard(s)" in out and "s/GB" in out and out.rstrip().endswith("OK")
+
+
+def test_checksum_missing_shard_and_count(damaged: Path, capsys) -> None:
+    manifest = read_manifest(damaged)
+    first = damaged / manifest["shards"][0]["path"]
+    data = bytearray(first.read_bytes())
+    data[data.index(b'"clip_index"') + 1] = ord("C")
+    first.write_bytes(bytes(data))
+    (damaged / manifest["shards"][1]["path"]).unlink()
+    manifest["shards"][2]["samples"] = 5
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(damaged)
+    text = "\n".join(report.problems)
+    assert "000000.tar: sha256" in text
+    assert "000001.tar: cannot read" in text
+    assert "000002.tar: 2 samples, the manifest lists 5" in text
+    assert "counts.samples is 8, its shards list 11" in text
+    assert main(["verify", str(damaged)]) == 3
+    assert "FAILED: 4 problem(s)" in capsys.readouterr().out
+
+
+def test_non_finite_wrong_shape_and_duplicate_keys(damaged: Path) -> None:
+    def poison(clip: EncodedClip) -> EncodedClip:
+        clip.mean = clip.mean.clone()
+        clip.mean[0, 0, 0, 0] = float("nan")
+        return clip
+
+    _rewrite_shard(damaged, 0, poison)
+    _rewrite_shard(damaged, 1, lambda c: EncodedClip(c.key, c.mean[:3], c.logvar[:3], c.meta))  # "pixels"
+    first_keys = [raw["__key__"] for raw in iter_tar(damaged / read_manifest(damaged)["shards"][0]["path"])]
+    renamed = iter([first_keys[0]])
+    _rewrite_shard(damaged, 2, lambda c: EncodedClip(next(renamed, c.key), c.mean, c.logvar, c.meta))
+    problems = "\n".join(verify(damaged).problems)
+    assert "mean has 1 NaN/Inf value(s)" in problems
+    assert "latents are [3, 5, 8, 12] (3 channels: pixels, not latents), bucket 17x64x96" in problems
+    assert f"key {first_keys[0]} also appears in" in problems
+
+
+def test_scaling_factor_warning(damaged: Path) -> None:
+    manifest = read_manifest(damaged)
+    manifest["latent_spec"]["scaling_factor"] = 40.0
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(damaged)
+    assert report.ok
+    assert any("std" in w and "scaling factor 40.0" in w for w in report.warnings)
+
+
+def test_stray_shard_warns(damaged: Path) -> None:
+    shutil.copy(damaged / "shards" / "17x64x96" / "000000.tar", damaged / "shards" / "17x64x96" / "000077.tar")
+    report = verify(damaged)
+    assert report.ok and any("000077.tar" in w for w in report.warnings)
+
+
+def test_info_table(two_bucket_dir: Path, capsys) -> None:
+    assert main(["info", str(two_bucket_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "10 in 5 shard(s)" in out
+    assert "bucket 17x64x96  8 samples, latents [16, 5, 8, 12]" in out
+    assert "bucket 17x64x64  2 samples, latents [16, 5, 8, 8]" in out
+    assert "AutoencoderKLCogVideoX from tiny-random-cogvideox (random weights" in out
+    assert "per sample" in out
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    tree = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    for dotted, value in changes.items():
+        node = tree
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    path = tmp_path / "trainer.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_check_config_example_fits(encoded_dir: Path, capsys) -> None:
+    assert main(["check-config", str(EXAMPLE_CONFIG), "--data", str(encoded_dir)]) == 0
+    assert "fits" in capsys.readouterr().out
+
+
+def test_check_config_latent_input_false(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    path = _config(tmp_path, model__latent_input=False)
+    assert main(["check-config", str(path), "--data", str(encoded_dir)]) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PROBLEM")]
+    assert len(lines) == 1
+    assert "model.latent_input: False" in lines[0] and "3-channel RGB" in lines[0]
+    assert "Fix: set model.latent_input: true" in lines[0]
+    unset = _config(tmp_path, model__latent_input=None)
+    assert "SAT defaults to False" in config_problems(load_trainer_config(unset), read_manifest(encoded_dir))[0]
+
+
+def test_check_config_one_line_per_mismatch(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    net = "model__network_config__params__"
+    path = _config(tmp_path, **{f"{net}in_channels": 32, f"{net}num_frames": 49, f"{net}latent_height": 60,
+                                f"{net}latent_width": 90, "model__scale_factor": 0.7, "data__params__fps": 16,
+                                "data__params__video_size": [480, 720]})
+    assert main(["check-config", str(path), "--data", str(encoded_dir)]) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PROBLEM")]
+    expected = ["in_channels: 32 is twice the latents' 16 channels: an image-to-video model",
+                "num_frames: 49 frames (13 latent frames), the shards hold 17-frame clips (5 latent frames)",
+                "latent_height: 60, the shards' latents are 8", "latent_width: 90, the shards' latents are 12",
+                "video_size: [480, 720], the shards were encoded at 64x96",
+                "scale_factor: 0.7, the shards' VAE scaling factor is 1.15258",
+                "fps: 16, the shards were sampled at 8 fps"]
+    assert len(lines) == len(expected)
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, text
+    assert all("Fix:" in line for line in lines)
+
+
+def test_verify_with_trainer_config(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    path = _config(tmp_path, model__latent_input=False, model__network_config__params__in_channels=4)
+    assert main(["verify", str(encoded_dir), "--trainer-config", str(path)]) == 3
+    out = capsys.readouterr().out
+    assert "latent_input" in out and "in_channels: 4" in out and "FAILED: 2 problem(s)" in out
+
+
+def test_pixel_shards_are_named(damaged: Path) -> None:
+    """A dataset whose shards hold 3-channel 'latents' (pixels) fails verify, with the hint."""
+    for i in range(4):
+        _rewrite_shard(damaged, i, lambda c: EncodedClip(c.key, torch.zeros(3, 5, 8, 12), torch.zeros(3, 5, 8, 12),
+                                                         c.meta))
+    report = verify(damaged)
+    assert len(report.problems) == 8 and all("pixels, not latents" in p for p in report.problems)
