@@ -13,6 +13,7 @@ latentcache (PyAV in process, frame threads) and of `ffmpeg -ss START -i FILE -v
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,8 @@ def ffmpeg_exe() -> str:
     try:
         import imageio_ffmpeg
     except ImportError:
-        raise SystemExit("bench/decode.py needs the ffmpeg binary of imageio-ffmpeg: pip install -e '.[bench]'") from None
+        raise SystemExit("bench/decode.py compares with the ffmpeg binary of imageio-ffmpeg, which is not installed: "
+                         "pip install -e '.[bench]'") from None
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -49,10 +51,19 @@ def ffmpeg_clip(exe: str, path: Path, start: float, clip: ClipSettings) -> np.nd
     return np.frombuffer(raw, np.uint8).reshape(clip.frames, clip.height, clip.width, 3)
 
 
-def timed(fn, starts: list[float]) -> tuple[float, list]:
-    began = time.perf_counter()
-    out = [fn(s) for s in starts]
-    return time.perf_counter() - began, out
+def interleaved(path: Path, exe: str, starts: list[float], clip: ClipSettings) -> tuple[list[float], list[float], list]:
+    """Seconds per clip for latentcache and for the CLI, alternating clip by clip so that the load of a shared
+    machine falls on both alike."""
+    ours, theirs, pairs = [], [], []
+    for start in starts:
+        began = time.perf_counter()
+        decoded = decode_clip(path, start, clip)
+        ours.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        raw = ffmpeg_clip(exe, path, start, clip)
+        theirs.append(time.perf_counter() - began)
+        pairs.append((decoded, raw))
+    return ours, theirs, pairs
 
 
 def main() -> None:
@@ -84,29 +95,24 @@ def main() -> None:
         early = sorted(rng.uniform(0, 60, args.clips).round(3).tolist())
         late = sorted(rng.uniform(info.duration - 60 - span, info.duration - span - 0.5, args.clips).round(3).tolist())
         print(f"{info.duration:.0f}s {info.codec} {info.width}x{info.height} at {info.fps:g} fps; clips of "
-              f"{clip.frames} frames at {clip.fps:g} fps, {clip.height}x{clip.width} crop; {args.clips} per timing")
+              f"{clip.frames} frames at {clip.fps:g} fps, {clip.height}x{clip.width} crop; {args.clips} per timing; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
         decode_clip(path, early[0], clip)  # warm up (page cache, codec init)
-        t_early, clips = timed(lambda s: decode_clip(path, s, clip), early)
-        t_late, _ = timed(lambda s: decode_clip(path, s, clip), late)
-        decoded = np.mean([c.meta["frames_decoded"] for c in clips])
-        print(f"latentcache: early (first minute) {1000 * t_early / args.clips:.1f} ms/clip, late (last minute) "
-              f"{1000 * t_late / args.clips:.1f} ms/clip; late/early = {t_late / t_early:.2f} "
-              f"({decoded:.0f} source frames decoded per clip)")
-
         ffmpeg_clip(exe, path, early[0], clip)
-        f_early, ff_clips = timed(lambda s: ffmpeg_clip(exe, path, s, clip), early)
-        f_late, _ = timed(lambda s: ffmpeg_clip(exe, path, s, clip), late)
-        print(f"ffmpeg CLI:  early {1000 * f_early / args.clips:.1f} ms/clip, late {1000 * f_late / args.clips:.1f} "
-              f"ms/clip; late/early = {f_late / f_early:.2f}")
-
-        ours = 2 * args.clips / (t_early + t_late)
-        theirs = 2 * args.clips / (f_early + f_late)
-        diff = np.mean([np.abs(a.frames.astype(int) - b.astype(int)).mean() for a, b in zip(clips, ff_clips,
-                                                                                          strict=True)])
+        ours_early, cli_early, pairs = interleaved(path, exe, early, clip)
+        ours_late, cli_late, late_pairs = interleaved(path, exe, late, clip)
+        for name, e, la in (("latentcache", ours_early, ours_late), ("ffmpeg CLI ", cli_early, cli_late)):
+            print(f"{name}: early (first minute) {1000 * np.mean(e):.1f} ms/clip, late (last minute) "
+                  f"{1000 * np.mean(la):.1f} ms/clip; late/early = {np.mean(la) / np.mean(e):.2f}")
+        work = [np.mean([c.meta["frames_decoded"] for c, _ in p]) for p in (pairs, late_pairs)]
+        print(f"latentcache decoded {work[0]:.0f} source frames per early clip, {work[1]:.0f} per late clip (from the "
+              "keyframe before the clip to its end, never from the start of the file)")
+        ours = 1 / np.mean(ours_early + ours_late)
+        theirs = 1 / np.mean(cli_early + cli_late)
+        diff = np.mean([np.abs(c.frames.astype(int) - raw.astype(int)).mean() for c, raw in pairs])
         print(f"clips/s: latentcache {ours:.1f}, ffmpeg CLI {theirs:.1f}; latentcache/ffmpeg = {ours / theirs:.2f}x "
               f"(same clips: mean abs pixel difference {diff:.1f}/255)")
-
 
 if __name__ == "__main__":
     main()

@@ -105,7 +105,7 @@ def train(data: str | os.PathLike, *, steps: int = 300, batch_size: int = 4, lr:
         state = torch.load(resume, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["data"])
+        loader.load_state_dict(state["data"][_rank()])  # each rank continues its own shards
         start = int(state["step"])
     # No text encoder in this example: an unconditional model (a real run feeds the cached prompt_embeds).
     text = torch.zeros(batch_size, TEXT_TOKENS, TEXT_DIM, device=device)
@@ -137,9 +137,23 @@ def train(data: str | os.PathLike, *, steps: int = 300, batch_size: int = 4, lr:
             log.info("step %d loss %.4f", step, sum(result.losses[-log_every:]) / len(result.losses[-log_every:]))
     result.eval_after = fixed_eval(model.eval(), scheduler, eval_batches, text)
     if checkpoint is not None:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": loader.state_dict(),
-                    "step": step}, checkpoint)
+        save_checkpoint(checkpoint, model, optimizer, loader, step)
     return result
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def save_checkpoint(path: Path, model, optimizer, loader: StatefulLoader, step: int) -> None:
+    """Rank 0 writes model, optimizer and every rank's data position (each rank reads its own shards)."""
+    data = [loader.state_dict()]
+    if torch.distributed.is_initialized():
+        data = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(data, loader.state_dict())
+    if _rank() == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": data, "step": step},
+                   path)
 
 
 def _device() -> torch.device:
@@ -165,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result = train(args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, prediction=args.prediction,
                    num_workers=args.workers, checkpoint=args.checkpoint, resume=args.resume)
-    print(f"fixed-noise eval loss: {result.eval_before:.4f} before, {result.eval_after:.4f} after "
-          f"{len(result.losses)} steps; checkpoint {args.checkpoint}")
+    if _rank() == 0:
+        print(f"fixed-noise eval loss: {result.eval_before:.4f} before, {result.eval_after:.4f} after "
+              f"{len(result.losses)} steps; checkpoint {args.checkpoint}")
     if distributed:
         torch.distributed.destroy_process_group()
     return 0

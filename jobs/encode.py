@@ -20,7 +20,7 @@ rendezvous, so they may start, fail and be requeued independently (see jobs/slur
     sbatch --dependency=afterany:<jobid> jobs/slurm/finalize.sbatch /shared/latents   # if the last task died
 
 CPU, 2 processes (what the tests run; `accelerate launch --cpu` alone starts one process, multi-CPU wants mpirun):
-    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 jobs/encode.py videos/ --out /tmp/latents \
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 jobs/encode.py videos/ --out /tmp/latents \\
         --vae tiny-random-cogvideox --frames 17 --fps 8 --height 64 --width 96
 
 Each process takes the shards i with i % world_size == its global rank. In a SLURM array the global rank is
@@ -28,8 +28,10 @@ Each process takes the shards i with i % world_size == its global rank. In a SLU
 SLURM_ARRAY_TASK_COUNT * processes per task. After a crash, a kill or a preemption, run the same command again:
 finished shards are skipped, half-written ones are redone, and the result is byte-identical to an uninterrupted run.
 
-Exit status: 0 when the work is done, including when some inputs failed (they are in the summary and
-OUT/failures.jsonl; under torchrun any other status tears the job down); 2 for a configuration error; 1 for a bug.
+Exit status of each process: 0 when the work is done, including when some inputs failed (they are in the summary
+and OUT/failures.jsonl; under torchrun any other status tears the job down) unless --strict; 2 for a configuration
+error such as other settings than OUT was made with; 1 for a bug. `accelerate launch` itself exits 1 when any
+process does not exit 0.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 
 import torch
 from accelerate import PartialState
 
 from latentcache import cli
 from latentcache.errors import ConfigError
+
+BARRIER_TIMEOUT = timedelta(days=7)
 
 
 def global_slice(process_index: int, num_processes: int, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -98,14 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.configure_logging(args.verbose)
     # Without cpu=True accelerate leaves processes on a GPU-less machine unconnected (each one thinks it is alone).
+    # A rank that finishes early waits at the final barrier for the slowest one, which can be hours behind: the
+    # default collective timeout (minutes) would kill the whole job there.
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-                         or not torch.cuda.is_available())
+                         or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     limit_cpu_threads(state)
     try:
         code = cli.guarded(lambda: encode(args, state))
         # torchrun treats any non-zero exit as a crash (a traceback, the other ranks killed) and SLURM marks the task
         # failed; a few unreadable inputs among many are a normal outcome, reported in the summary and failures.jsonl.
-        return cli.EXIT_OK if code == cli.EXIT_SOME_FAILED else code
+        return cli.EXIT_OK if code == cli.EXIT_SOME_FAILED and not args.strict else code
     finally:
         if state.use_distributed:
             state.destroy_process_group()

@@ -142,11 +142,12 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     barrier()
     if not is_main:
         plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"))
-    pending = pipeline.pending_shards(out, plan)
-    if not pending and is_main:
+    # Only the main process looks at every shard: on a shared filesystem, N ranks each stat-ing every sidecar is
+    # N times the metadata load for nothing.
+    if is_main and not pipeline.pending_shards(out, plan.shards):
         print(f"{out}: all {len(plan.shards)} shard(s) are already done; nothing to encode")
     mine = shards_for_rank(plan, rank, world_size)
-    pending_ids = {s.shard_id for s in pending}
+    pending_ids = {s.shard_id for s in pipeline.pending_shards(out, mine)}
     total = sum(len(s.keys) for s in mine)
     label = f"rank {rank}" if world_size > 1 else "encode"
     # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
@@ -160,15 +161,15 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
           f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
           f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
-    totals = reduce_sum([summary.clips_written, len(summary.failures), summary.shards_written,
+    totals = reduce_sum([1, summary.clips_written, len(summary.failures), summary.shards_written,
                          summary.shards_redone, summary.seconds])
     barrier()
     if not is_main:
         return EXIT_OK
-    print_job_summary(totals, world_size, time.perf_counter() - started)
+    print_job_summary(totals, time.perf_counter() - started)
     if not finalize_at_end:
         return EXIT_OK
-    left = pipeline.pending_shards(out, plan)
+    left = pipeline.pending_shards(out, plan.shards)
     if left:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
         print(f"{out}: {len(left)} shard(s) are still being written by other tasks; the last task to finish writes "
@@ -177,12 +178,14 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     return report_finalize(out)
 
 
-def print_job_summary(totals: list[float], world_size: int, wall_seconds: float) -> None:
+def print_job_summary(totals: list[float], wall_seconds: float) -> None:
     """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
-    clips, failures, shards, redone, device_seconds = totals
+    processes, clips, failures, shards, redone, busy_seconds = totals
+    # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
     print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
-          f"interruption) by {world_size} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
-          f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, {device_seconds / 3600:.4f} device-hours")
+          f"interruption) by {int(processes)} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
+          f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
+          f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:
@@ -266,11 +269,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from latentcache.shards import read_manifest
     from latentcache.trainer_config import config_problems, load_trainer_config
 
-    problems = config_problems(load_trainer_config(args.config), read_manifest(args.data))
+    config = load_trainer_config(*args.config)
+    problems = config_problems(config, read_manifest(args.data))
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    print(f"{args.config}: fits {args.data}" if not problems else
-          f"{args.config}: {len(problems)} problem(s) with {args.data}")
+    print(f"{config.path}: fits {args.data}" if not problems else
+          f"{config.path}: {len(problems)} problem(s) with {args.data}")
     return EXIT_USAGE if problems else EXIT_OK
 
 
@@ -278,7 +282,8 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     """verify, info, preview, check-config: the trainer side of a dataset."""
     p = sub.add_parser("verify", help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
     p.add_argument("dir", type=Path)
-    p.add_argument("--trainer-config", type=Path, default=None, help="also check a SAT-style training YAML")
+    p.add_argument("--trainer-config", type=Path, nargs="+", default=None,
+                   help="also check a SAT-style training YAML (several are merged in order, like SAT's --base)")
     p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_verify)
@@ -297,7 +302,7 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_preview)
     p = sub.add_parser("check-config", help="does a CogVideo SAT-style training YAML fit these latents?")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, nargs="+", help="YAML file(s), merged in order like SAT's --base a b")
     p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_check_config)

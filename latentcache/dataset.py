@@ -246,7 +246,12 @@ def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: 
             f"in_channels={in_channels} is twice the VAE's {spec.channels} latent channels: an image-to-video "
             "model, whose input is the noisy video latents concatenated with the image latents along channels. "
             "Pass image_to_video=True and concatenate the (first-frame) image latents in the training step.")
-    elif in_channels != expected:
+    elif in_channels == 2 * spec.channels + 4 and not image_to_video:
+        problems.append(
+            f"in_channels={in_channels} is the VAE's {spec.channels} latent channels twice plus 4: a Wan-style "
+            "image-to-video model (noisy latents, a 4-channel frame mask and the image latents, concatenated). Pass "
+            "image_to_video=True and build the mask and image latents in the training step.")
+    elif in_channels != expected and not (image_to_video and in_channels == 2 * spec.channels + 4):
         problems.append(f"in_channels={in_channels}, the latents have {spec.channels} channels"
                         f"{' (x2 for image-to-video)' if image_to_video else ''}: encode with the VAE this "
                         "transformer was trained with")
@@ -259,15 +264,25 @@ def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: 
     return problems
 
 
+def _patch_sizes(get: Any) -> tuple[int | None, int, int]:
+    """(time, height, width) patch sizes: CogVideoX/Hunyuan/LTX give patch_size (+ patch_size_t), Wan a tuple."""
+    patch = get("patch_size") or 1
+    if isinstance(patch, list | tuple):
+        t, h, w = patch if len(patch) == 3 else (None, *patch)
+        return (int(t) if t else None), int(h), int(w)
+    pt = get("patch_size_t")
+    return (int(pt) if pt else None), int(patch), int(patch)
+
+
 def _bucket_problems(get: Any, spec: LatentSpec, bucket: str) -> list[str]:
     _, t, h, w = bucket_latent_shape(spec, bucket)
     problems = []
-    p, pt = int(get("patch_size", 1) or 1), get("patch_size_t")
-    for name, size in (("height", h), ("width", w)):
+    pt, ph, pw = _patch_sizes(get)
+    for name, size, p in (("height", h, ph), ("width", w, pw)):
         if size % p:
             problems.append(f"bucket {bucket}: latent {name} {size} is not a multiple of patch_size {p}; encode at a "
                             f"{name} that is a multiple of {p * spec.spatial_compression} pixels")
-    if pt and t % int(pt):
+    if pt and t % pt:
         problems.append(f"bucket {bucket}: {t} latent frames is not a multiple of patch_size_t {pt}; pad the latents "
                         "to a multiple in the training step (as CogVideoX 1.5 pipelines do) or encode other frames")
     frames, sh, sw = get("sample_frames"), get("sample_height"), get("sample_width")
@@ -341,6 +356,10 @@ class LatentShardDataset(IterableDataset):
                 "the model's in_channels."
             )
         self.expected_channels = self.spec.channels
+        # spec.normalize is affine per channel; its gain and offset, taken from it once, apply it in place.
+        probe = torch.zeros(self.spec.channels, 1, 1, 1)
+        self._offset = self.spec.normalize(probe)
+        self._gain = self.spec.normalize(probe + 1.0) - self._offset
         self.sample_posterior, self.normalize = sample_posterior, normalize
         self.batch_size, self.layout, self.dtype, self.drop_last = batch_size, layout, dtype, drop_last
         self.seed, self.shuffle, self.shuffle_buffer, self.resampled = seed, shuffle, shuffle_buffer, resampled
@@ -387,13 +406,15 @@ class LatentShardDataset(IterableDataset):
         """Where this pass stands: JSON-able, for the trainer's checkpoint. With DataLoader workers, take it from
         `StatefulLoader` (the workers' copies of the dataset count, not this one)."""
         return {"epoch": self.epoch, "seed": self.seed, "slots": self._slots, "shards": self._fingerprint(),
-                "batch_size": self.batch_size, "shuffle": self.shuffle, "resampled": self.resampled,
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
+                "drop_last": self.drop_last, "resampled": self.resampled,
                 "consumed": {str(k): v for k, v in sorted(self._consumed.items())}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a pass where `state` left it: the next iteration skips what was delivered before."""
         mine = self.state_dict()
-        for name in ("seed", "shards", "batch_size", "shuffle", "resampled"):
+        # Anything that changes the order of items would make the skip count point at other samples.
+        for name in ("seed", "shards", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "resampled"):
             if state.get(name) != mine[name]:
                 raise ValueError(f"resume state has {name}={state.get(name)!r}, this dataset {mine[name]!r}: "
                                  "build the dataset with the settings and shards of the saved run")
@@ -481,13 +502,17 @@ class LatentShardDataset(IterableDataset):
                     "`latentcache encode` first." if mean.shape[0] == 3 else "")
             raise LatentMismatchError(f"{sample['url']}: sample {sample['key']} has {mean.shape[0]} channels, "
                                       f"the manifest says {self.expected_channels}.{hint}")
-        z = mean.float()
+        # In-place arithmetic on tensors this sample owns (decoded just now): a 49x480x720 clip's latents are 4.5 MB
+        # in float32, and every temporary costs a pass over them.
         if self.sample_posterior and logvar is not None:
             # Fresh noise every epoch, yet reproducible (and the same after a resume): seeded by (seed, epoch, key).
             gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, sample["key"]) >> 1)
-            z = z + torch.exp(0.5 * logvar.float()) * torch.randn(z.shape, generator=gen)
+            std = logvar.float().mul_(0.5).exp_()
+            z = torch.randn(mean.shape, generator=gen).mul_(std).add_(mean)
+        else:
+            z = mean.float()
         if self.normalize:
-            z = self.spec.normalize(z)
+            z = z.mul_(self._gain).add_(self._offset)
         return z.to(self.dtype)
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,9 @@ _MAX_BAD_PACKETS = 32
 # gif) a hole is the file's own variable frame rate (a held frame) and the frame is repeated as the file says.
 _LOSSY_TIMING_FORMATS = {"mpegts", "mpegtsraw", "mpeg", "mpegvideo", "h264", "hevc", "flv", "rtp", "rtsp"}
 _SEEK_START = "decoding started between keyframes"
+# Make the decoder report bitstream errors instead of concealing them: H.264 otherwise turns a damaged frame into a
+# plausible-looking smear with no flag on the frame. (VP9, AV1 and HEVC conceal without telling either way.)
+_DECODER_OPTIONS = {"err_detect": "aggressive+explode"}
 
 
 # Causes attached to InputError (`raise InputError(...) from NotAVideo()`): their names are the `error` column of
@@ -109,11 +112,18 @@ def _video_stream(container: av.container.InputContainer, path: str, stage: str)
     fmt = container.format.name
     if fmt == _STILL_IMAGE_FORMATS[0] or fmt.endswith(_STILL_IMAGE_FORMATS[1]):
         raise InputError(path, stage, f"a still image ({fmt} format), not a video") from NotAVideo()
-    # The first *video* stream: many files put audio first.
-    for stream in container.streams.video:
+    # The first *video* stream: many files put audio first. Cover art in music files is a "video" stream of one
+    # picture, marked as attached.
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    for stream in videos:
         if stream.codec_context is not None and stream.codec_context.width > 0:
             return stream
-    kinds = ", ".join(s.type for s in container.streams) or "none"
+    if videos:
+        codec = videos[0].codec_context.name if videos[0].codec_context is not None else "unknown"
+        raise InputError(path, stage, f"the video stream's codec ({codec}) cannot be decoded by this PyAV/FFmpeg "
+                         "build, or its frame size is missing") from NotAVideo()
+    kinds = ", ".join(s.type + (" (cover art)" if s.disposition & av.stream.Disposition.attached_pic else "")
+                      for s in container.streams) or "none"
     raise InputError(path, stage, f"no video stream (streams found: {kinds})") from NotAVideo()
 
 
@@ -338,10 +348,16 @@ class _Decoded:
 
 
 def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, t0: float,
-                    integrity: _Integrity, path: str) -> Iterator[_Decoded]:
-    """Decode packet by packet, so that one bad packet is recorded and decoded around instead of ending the clip."""
+                    integrity: _Integrity, path: str, preroll_until: float | None = None) -> Iterator[_Decoded]:
+    """Decode packet by packet, so that one bad packet is recorded and decoded around instead of ending the clip.
+
+    Packets shown before `preroll_until` are only decoded as far as later frames need them: the decoder skips
+    non-reference frames (most B-frames) there, which no frame of the clip can depend on.
+    """
     decoded, bad_in_row = 0, 0
     packets = container.demux(stream)
+    # Set on every pass: a pass that ended in preroll (a missed seek) must not leave frames skipped for the next.
+    stream.codec_context.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
     while True:
         try:
             packet = next(packets)
@@ -353,6 +369,9 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
             log.debug("%s: demuxing stopped after %d frames: %s", path, decoded, e)
             return
         packet_t = float(packet.pts * packet.time_base) - t0 if packet.pts is not None else None
+        if preroll_until is not None and (packet_t is None or packet_t >= preroll_until):
+            stream.codec_context.skip_frame = "DEFAULT"
+            preroll_until = None
         if packet.is_corrupt:
             integrity.damage(packet_t, "a packet is flagged corrupt by the demuxer")
         try:
@@ -423,6 +442,7 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
     with _open(path, "decode") as container:
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
+        stream.codec_context.options = dict(_DECODER_OPTIONS)
         period = _frame_period(stream)
         detect_holes = bool(set(container.format.name.split(",")) & _LOSSY_TIMING_FORMATS)
         run = _Run(container, stream, path, start, clip, period, detect_holes)
@@ -457,7 +477,10 @@ class _Run:
         self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)
         prev: _Decoded | None = None
         try:
-            for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path):
+            # Skipping frames would open holes in the timestamps, which stream containers read as lost packets.
+            # A second of margin covers B-frame reordering around the clip start.
+            preroll_until = self.start - 1.0 if seek and not self.detect_holes else None
+            for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path, preroll_until):
                 self.frames_decoded += 1
                 if prev is None and d.t > builder.targets[0] + 1.5 * self.period:
                     if seek:

@@ -213,7 +213,8 @@ def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
     except Exception as e:
         if not _is_oom(e):
             raise
-        last: BaseException = e
+        # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
+        last: BaseException = e.with_traceback(None)
     configured = vae.tiling
     try:
         for tiling in fallback_tilings(frames.shape[2], frames.shape[3], vae.spec.spatial_compression, configured):
@@ -227,7 +228,7 @@ def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
             except Exception as e:
                 if not _is_oom(e):
                     raise
-                last = e
+                last = e.with_traceback(None)
     finally:
         vae.configure(configured, None)
         _release_memory(vae)
@@ -249,9 +250,9 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
             if not (isinstance(e, InputError) or _is_oom(e)):
                 raise
             log.warning("batch of %d failed (%s); encoding its clips one by one", len(batch), e)
-            _release_memory(vae)
         else:
             return [(p, c, (mean[i], logvar[i], None)) for i, (p, c) in enumerate(batch)]
+        _release_memory(vae)  # out of the except block, once the failed call's frames are gone
     results: list[tuple[PlannedClip, Clip, Encoded | InputError]] = []
     for p, c in batch:
         try:
@@ -338,9 +339,9 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
     return summary
 
 
-def pending_shards(out: Path, plan: Plan) -> list[PlannedShard]:
-    """Planned shards without a valid sidecar, across all ranks: empty once the whole job is done."""
-    return [s for s in plan.shards if read_done(out / s.relpath) is None]
+def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:
+    """Those of `shards` without a valid sidecar (all of `plan.shards`: empty once the whole job is done)."""
+    return [s for s in shards if read_done(out / s.relpath) is None]
 
 
 def finalize(out: Path) -> dict[str, Any]:

@@ -355,7 +355,8 @@ def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
     current: dict[str, Any] | None = None
     name = "(first header)"
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
+        # 1 MiB reads instead of tarfile's 10 KiB records: 100x fewer Python-level calls for multi-MB latents.
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20) as tar:
             for member in tar:
                 name = member.name
                 if member.isdir():

@@ -133,30 +133,44 @@ def _write_silence(container: av.container.OutputContainer, audio, seconds: floa
         container.mux(packet)
 
 
-def write_audio(path: str | Path, *, seconds: float = 2.0) -> Path:
-    """An audio-only file (AAC in MP4): a real container with no video stream in it."""
+def write_audio(path: str | Path, *, seconds: float = 2.0, cover: bool = False) -> Path:
+    """An audio-only file: AAC in MP4, or with `cover` an MP3 with cover art, whose picture demuxes as a one-frame
+    "video" stream (marked as an attached picture)."""
     path = Path(path)
-    with av.open(str(path), "w", format="mp4") as container:
-        audio = container.add_stream("aac", rate=16000)
+    with av.open(str(path), "w", format="mp3" if cover else "mp4") as container:
+        audio = container.add_stream("libmp3lame" if cover else "aac", rate=16000)
         audio.layout = "mono"
+        if cover:
+            picture = container.add_stream("mjpeg")
+            picture.width, picture.height, picture.pix_fmt = 64, 64, "yuvj420p"
+            picture.disposition = av.stream.Disposition.attached_pic
+            rgb = next(moving_frames(1, 64, 64))
+            for packet in [*picture.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")), *picture.encode()]:
+                packet.pts = packet.dts = 0
+                container.mux(packet)
         _write_silence(container, audio, seconds)
     return path
 
 
-def corrupt_stream(src: str | Path, dst: str | Path, *, at: float, ts_packets: int = 4, seed: int = 0) -> Path:
-    """Copy an MPEG-TS file, overwriting the payload of `ts_packets` 188-byte transport packets with random bytes,
-    starting where the video frame shown at `at` seconds is stored: what a lossy broadcast or a bad download does.
-    The transport headers are kept, so the demuxer does not notice; only the decoded pictures can tell.
+def corrupt_frame(src: str | Path, dst: str | Path, *, at: float, seed: int = 0) -> Path:
+    """Copy a video, overwriting with random bytes the compressed frame shown at `at` seconds: what a bad download
+    or a lossy broadcast does. The container structure is kept (MPEG-TS transport headers, the mp4/mkv index), so
+    the demuxer does not notice; only the decoded pictures can tell.
     """
     with av.open(str(src)) as container:
         stream = container.streams.video[0]
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        positions = [(abs(float(p.pts * p.time_base) - t0 - at), p.pos) for p in container.demux(stream)
-                     if p.pts is not None and p.pos is not None and p.pos >= 0]
-    pos = min(positions)[1]
+        is_ts = container.format.name == "mpegts"
+        packets = [(abs(float(p.pts * p.time_base) - t0 - at), p.pos, p.size) for p in container.demux(stream)
+                   if p.pts is not None and p.pos is not None and p.pos >= 0]
+    _, pos, size = min(packets)
     data = bytearray(Path(src).read_bytes())
     rng = np.random.default_rng(seed)
-    for offset in range(pos, min(pos + 188 * ts_packets, len(data) - 188), 188):
-        data[offset + 4 : offset + 188] = rng.bytes(184)
+    if is_ts:
+        # The payloads of four 188-byte transport packets, their 4-byte headers intact.
+        for offset in range(pos, min(pos + 188 * 4, len(data) - 188), 188):
+            data[offset + 4 : offset + 188] = rng.bytes(184)
+    else:
+        data[pos + size // 4 : pos + 3 * size // 4] = rng.bytes(3 * size // 4 - size // 4)
     Path(dst).write_bytes(bytes(data))
     return Path(dst)

@@ -78,19 +78,34 @@ FIELDS: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
-def load_trainer_config(path: str | os.PathLike) -> TrainerConfig:
-    """Read the keys that decide what the DiT is fed; several YAML files (model + sft) may be merged by the caller."""
-    import yaml
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """SAT's `--base a.yaml b.yaml`: later files override earlier ones, mapping by mapping."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-    text = Path(path).read_text(encoding="utf-8")
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml  # PyYAML: a dependency of accelerate, so always installed with latentcache
+
     try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({e})") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top, found {type(tree).__name__}")
+    return tree
+
+
+def load_trainer_config(*paths: str | os.PathLike) -> TrainerConfig:
+    """Read the keys that decide what the DiT is fed, from one YAML or several merged in order (model + sft)."""
+    tree: dict[str, Any] = {}
+    for path in paths:
+        tree = _merge(tree, _read_yaml(path))
     entries = _walk(tree)
-    config = TrainerConfig(path=str(path))
+    path = " + ".join(str(p) for p in paths)
+    config = TrainerConfig(path=path)
     for name, (keys, prefer) in FIELDS.items():
         where, value = _lookup(entries, keys, prefer)
         if value is not None:

@@ -31,32 +31,46 @@ MAX_LISTED = 20
 
 @dataclass(slots=True)
 class ChannelStats:
-    """Running per-channel sums in float64, so millions of samples add up without drift."""
+    """Per-channel statistics of the raw latents, summed in float64 so millions of samples add up without drift.
+
+    Normalisation is affine per channel, so the statistics of the normalised latents follow from these at the end
+    (`normalized`): no normalised copy of any sample is ever made.
+    """
 
     count: int = 0
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
 
-    def add(self, z: torch.Tensor) -> None:
-        flat = z.double().flatten(1)
-        s, q = flat.sum(1), flat.square().sum(1)
+    def add(self, channel_mean: torch.Tensor, channel_var: torch.Tensor, n: int) -> None:
+        s = channel_mean.double() * n
+        q = (channel_var.double() + channel_mean.double().square()) * n
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
-        self.count += flat.shape[1]
+        self.count += n
 
     def mean_std(self) -> tuple[list[float], list[float]]:
-        if not self.count or self.total is None or self.squares is None:
-            return [], []
-        mean = self.total / self.count
-        var = (self.squares / self.count - mean.square()).clamp_min(0)
-        return mean.tolist(), var.sqrt().tolist()
+        """Per-channel mean and std of the raw (stored, unnormalised) posterior means."""
+        stats = self.raw_mean_std()
+        return ([], []) if stats is None else (stats[0].tolist(), stats[1].tolist())
 
-    def overall_std(self) -> float:
+    def raw_mean_std(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.count or self.total is None or self.squares is None:
-            return float("nan")
-        n = self.count * len(self.total)
-        mean = float(self.total.sum()) / n
-        return max(float(self.squares.sum()) / n - mean * mean, 0.0) ** 0.5
+            return None
+        mean = self.total / self.count
+        return mean, (self.squares / self.count - mean.square()).clamp_min(0).sqrt()
+
+    def normalized(self, spec: LatentSpec) -> tuple[list[float], list[float], float]:
+        """Per-channel mean and std, and the overall std, of the latents as `spec.normalize` hands them over."""
+        stats = self.raw_mean_std()
+        if stats is None:
+            return [], [], float("nan")
+        mean, std = stats
+        shaped = mean.view(-1, 1, 1, 1)
+        norm_mean = spec.normalize(shaped).flatten()
+        gain = (spec.normalize(shaped + 1.0) - spec.normalize(shaped)).flatten().abs()
+        norm_std = std * gain
+        overall = float((norm_std.square() + norm_mean.square()).mean() - norm_mean.mean().square()) ** 0.5
+        return norm_mean.tolist(), norm_std.tolist(), overall
 
 
 @dataclass(slots=True)
@@ -70,6 +84,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     stats: ChannelStats = field(default_factory=ChannelStats)
     buckets: dict[str, int] = field(default_factory=dict)
+    spec: LatentSpec | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,11 +97,11 @@ class VerifyReport:
                f"{self.seconds:.2f}s{rate}"]
         for bucket, n in sorted(self.buckets.items()):
             out.append(f"  bucket {bucket}: {n} samples")
-        means, stds = self.stats.mean_std()
-        if stds:
+        if self.spec is not None and self.stats.count:
+            means, stds, overall = self.stats.normalized(self.spec)
             out.append(f"  scaled latents (posterior mean, normalised once as the trainer sees them): std "
-                       f"{self.stats.overall_std():.3f}; per channel mean {_fmt(means)}")
-            out.append(f"  per channel std {_fmt(stds)}")
+                       f"{overall:.3f}; per channel mean {_fmt(means)}")
+            out.append(f"  per channel std {_fmt(stds, signed=False)}")
         out += [f"WARNING: {w}" for w in self.warnings]
         out += [f"PROBLEM: {p}" for p in self.problems[:MAX_LISTED]]
         if len(self.problems) > MAX_LISTED:
@@ -95,8 +110,8 @@ class VerifyReport:
         return out
 
 
-def _fmt(values: list[float]) -> str:
-    return "[" + " ".join(f"{v:+.2f}" for v in values) + "]"
+def _fmt(values: list[float], signed: bool = True) -> str:
+    return "[" + " ".join(f"{v:+.2f}" if signed else f"{v:.2f}" for v in values) + "]"
 
 
 def _size(n: float) -> str:
@@ -138,23 +153,31 @@ class _Checker:
         bucket = sample["meta"].get("bucket")
         if bucket is not None and bucket != shard.bucket:
             self.report.problems.append(f"{where}: {key} says bucket {bucket}, its shard is in bucket {shard.bucket}")
-        for name, tensor in (("mean", mean), ("logvar", logvar)):
-            if tensor is not None and not torch.isfinite(tensor).all():
+        # One float32 copy and one reduction per tensor: a NaN or Inf anywhere makes the reduction non-finite, so
+        # the slow element-wise isfinite runs only to count the bad values of a tensor already known to hold some.
+        z = mean.float().flatten(1)
+        var, channel_mean = torch.var_mean(z, dim=1, correction=0)
+        sums = {"mean": channel_mean.sum() + var.sum()}
+        if logvar is not None:
+            sums["logvar"] = logvar.float().sum()
+        for name, total in sums.items():
+            if not torch.isfinite(total):
+                tensor = mean if name == "mean" else logvar
                 bad = int((~torch.isfinite(tensor)).sum())
                 self.report.problems.append(f"{where}: {key} {name} has {bad} NaN/Inf value(s); re-encode it "
                                             "(in fp32: --dtype fp32)")
                 return
-        self.report.stats.add(self.spec.normalize(mean.float()))
+        self.report.stats.add(channel_mean, var, z.shape[1])
         self.report.buckets[shard.bucket] = self.report.buckets.get(shard.bucket, 0) + 1
 
 
-def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | None = None,
+def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list | None = None,
            check_sha256: bool = True) -> VerifyReport:
     """Read every shard of the dataset once and report what does not match the manifest."""
     started = time.perf_counter()
     manifest, mroot, shards = resolve_source(root)
     spec = LatentSpec.from_dict(manifest["latent_spec"])
-    report = VerifyReport(root=str(root))
+    report = VerifyReport(root=str(root), spec=spec)
     checker = _Checker(spec, report)
     for shard in shards:
         report.shards += 1
@@ -173,7 +196,8 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | None 
     if trainer_config is not None:
         from latentcache.trainer_config import config_problems, load_trainer_config
 
-        report.problems += config_problems(load_trainer_config(trainer_config), manifest)
+        paths = trainer_config if isinstance(trainer_config, list | tuple) else [trainer_config]
+        report.problems += config_problems(load_trainer_config(*paths), manifest)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -199,12 +223,16 @@ def _check_totals(manifest: dict[str, Any], root: Path, report: VerifyReport) ->
 
 
 def _check_stats(spec: LatentSpec, report: VerifyReport) -> None:
-    std = report.stats.overall_std()
-    low, high = STD_RANGE
-    if not report.stats.count or low <= std <= high:
+    if not report.stats.count:
         return
-    raw_std = std / spec._scale() if spec.latents_std is None else float("nan")
-    suggestion = f" (1/raw std = {1 / raw_std:.4g})" if raw_std == raw_std and raw_std > 0 else ""
+    _, _, std = report.stats.normalized(spec)
+    low, high = STD_RANGE
+    if low <= std <= high:
+        return
+    suggestion = ""
+    if spec.latents_std is None and spec.scaling_factor and not spec.invert_scale_latents:
+        # With a scalar factor, the factor that would give std 1 is the current one divided by the std seen.
+        suggestion = f" (a factor of {spec.scaling_factor / std:.4g} would give std 1)"
     report.warnings.append(
         f"scaled latents have std {std:.3f}, expected about 1: the scaling factor {spec.scaling_factor} in the "
         f"manifest may be wrong for this VAE{suggestion}, or the stored latents were already scaled (the trainer "

@@ -167,7 +167,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import numpy as np
     from PIL import Image
 
-    from latentcache.synthetic import corrupt_stream, write_audio
+    from latentcache.synthetic import corrupt_frame, write_audio
 
     d = tmp_path_factory.mktemp("bad")
     files = {"good": write_video(d / "good", codec="h264", num_frames=72)}
@@ -184,10 +184,13 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["text"] = d / "text.mp4"
     files["text"].write_text("<html>404 not found</html>\n" * 20, encoding="utf-8")
     files["audio"] = write_audio(d / "audio.mp4")
+    files["cover_art"] = write_audio(d / "song.mp3", cover=True)  # its cover picture demuxes as a "video" stream
     files["png"] = d / "image.mp4"
     Image.new("RGB", (64, 48)).save(files["png"], format="PNG")
     # 5 s, a keyframe every second, damaged at 2.2 s: the clip over the damage must go, the others must survive.
     ts = write_video(tmp_path_factory.mktemp("src") / "whole", codec="mpegts", num_frames=120, gop=24)
-    files["corrupt_ts"] = corrupt_stream(ts, d / "corrupt.ts", at=2.2)
+    files["corrupt_ts"] = corrupt_frame(ts, d / "corrupt.ts", at=2.2)
+    mp4 = write_video(tmp_path_factory.mktemp("src") / "whole", codec="h264", num_frames=120, gop=24)
+    files["corrupt_mp4"] = corrupt_frame(mp4, d / "corrupt.mp4", at=2.2)
     return files
 

@@ -26,6 +26,7 @@ NOT_PROBED = {
     "random": (None, ""),  # random bytes may look like some format or none: any probe failure will do
     "text": ("InvalidDataError", "not a readable video container"),
     "audio": ("NotAVideo", "no video stream (streams found: audio)"),
+    "cover_art": ("NotAVideo", "no video stream (streams found: audio, video (cover art))"),
     "png": ("NotAVideo", "a still image (png_pipe format), not a video"),
 }
 
@@ -87,12 +88,24 @@ def test_corrupt_transport_stream_drops_the_damaged_clip_and_decodes_around_it(b
     assert_intact(decode_clip(path, 3.0, clip))
 
 
-def test_the_same_corruption_through_every_clip_gives_no_garbage(bad_inputs):
-    """Slide over the whole damaged file: every clip is either right or dropped, none is silently wrong."""
+def test_corrupt_frame_inside_an_mp4_drops_the_clip(bad_inputs):
+    """The mp4 index is intact, so only the H.264 decoder can tell: it must say so, not conceal a smear."""
+    path = bad_inputs["corrupt_mp4"]
+    clip = dataclasses.replace(TINY_CLIP, frames=9)
+    with pytest.raises(InputError, match="a packet does not decode") as err:
+        decode_clip(path, 1.8, clip)
+    assert type(err.value.__cause__).__name__ == "CorruptVideo"
+    assert_intact(decode_clip(path, 0.5, clip))
+    assert_intact(decode_clip(path, 3.0, clip))
+
+
+@pytest.mark.parametrize("kind", ["corrupt_ts", "corrupt_mp4"])
+def test_sliding_over_a_damaged_file_gives_no_garbage(bad_inputs, kind):
+    """Every clip is either right or dropped, none is silently wrong."""
     kept, dropped = 0, 0
     for start in np.arange(0.0, 3.9, 0.25):
         try:
-            assert_intact(decode_clip(bad_inputs["corrupt_ts"], float(start), dataclasses.replace(TINY_CLIP, frames=9)))
+            assert_intact(decode_clip(bad_inputs[kind], float(start), dataclasses.replace(TINY_CLIP, frames=9)))
             kept += 1
         except InputError as e:
             assert type(e.__cause__).__name__ == "CorruptVideo", e.reason
@@ -122,20 +135,22 @@ def test_a_run_over_every_bad_input_records_each_and_writes_the_rest(bad_inputs,
         "truncated.mp4": ("probe", "InvalidDataError"),
         "text.mp4": ("probe", "InvalidDataError"),
         "audio.mp4": ("probe", "NotAVideo"),
+        "song.mp3": ("probe", "NotAVideo"),
         "image.mp4": ("probe", "NotAVideo"),
         "truncated.webm": ("decode", "TruncatedVideo"),
         "corrupt.ts": ("decode", "CorruptVideo"),  # its second clip; the first is written
+        "corrupt.mp4": ("decode", "CorruptVideo"),  # the same
     }
     assert failures["random.mp4"]["stage"] == "probe"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["samples"] == 2  # good.mp4 and corrupt.ts's undamaged first clip
+    assert manifest["counts"]["samples"] == 3  # good.mp4 and the undamaged first clips of the corrupt files
     # Every failure is also a log line naming the file.
     logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     for name in failures:
         assert name in logged
-    assert "videos: 9 input(s), 2 with clips written" in printed
-    assert "failed: 8" in printed
-    assert "probe/NotAVideo: 2" in printed and "decode/CorruptVideo: 1" in printed
+    assert "videos: 11 input(s), 3 with clips written" in printed
+    assert "failed: 10" in printed
+    assert "probe/NotAVideo: 3" in printed and "decode/CorruptVideo: 2" in printed
 
 
 def test_strict_stops_at_the_first_failure(bad_inputs, tmp_path, capsys):

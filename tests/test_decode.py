@@ -121,6 +121,14 @@ def test_portrait_fit_keeps_the_whole_frame(tmp_path):
     assert all(b > a for a, b in zip(xs, xs[1:], strict=False))
 
 
+def test_portrait_in_a_portrait_bucket(tmp_path):
+    path = write_video(tmp_path / "portrait", codec="vp9", num_frames=48, height=128, width=96)
+    clip = decode_clip(path, 0.0, ClipSettings(frames=9, fps=8, height=96, width=64))  # a 96x64 (HxW) bucket
+    assert clip.frames.shape == (9, 96, 64, 3) and clip.meta["box"] == [4, 0, 64, 96]  # 72x96, 4 px off each side
+    assert marker_corner(clip.frames[0]) == "tl"
+    assert_real_ordered_content(clip, num_frames=48, height=128, width=96)
+
+
 def test_tiny_source_is_upscaled_and_recorded(tmp_path):
     path = write_video(tmp_path / "tiny", codec="h264", num_frames=48, height=32, width=48)
     clip = decode_clip(path, 0.0, dataclasses.replace(TINY_CLIP, frames=9))
@@ -234,3 +242,13 @@ def test_mpegts_without_index_falls_back_to_decoding_from_the_start(codec_videos
     clip = decode_clip(codec_videos["mpegts"], 2.0, dataclasses.replace(TINY_CLIP, frames=5))
     assert clip.meta["frame_times"][0] == pytest.approx(2.0, abs=1e-3)
     assert_real_ordered_content(clip)
+
+
+def test_preroll_skips_b_frames_but_never_a_frame_of_the_clip(tmp_path):
+    # One keyframe at 0 s: a clip at 7 s decodes from the start, but needs no B-frame shown before 6 s.
+    path = write_video(tmp_path / "bframes", codec="h264_bframes", num_frames=240)
+    clip = decode_clip(path, 7.0, dataclasses.replace(TINY_CLIP, frames=9))
+    assert clip.meta["frames_decoded"] < 7 * 24 + 8 * 3  # fewer than every frame up to the clip's end
+    times = clip.meta["frame_times"]
+    assert times == [round((168 + 3 * i) / 24, 6) for i in range(9)]  # exactly the frames on screen at 7 + i/8 s
+    assert_real_ordered_content(clip, num_frames=240)

@@ -65,6 +65,15 @@ def test_sample_metadata_has_nothing_that_varies_between_runs(encoded_reference:
         assert socket.gethostname() not in str(meta)
 
 
+def test_one_plain_process_writes_the_same_bytes(small_videos: Path, encoded_reference: Path, tmp_path: Path) -> None:
+    """`latentcache encode` in this process (world size 1, other thread count) == the 2-process run, byte for byte."""
+    from latentcache.cli import main
+
+    out = tmp_path / "out"
+    assert main(["encode", str(small_videos), "--out", str(out), "--device", "cpu", *ENCODE_SMALL]) == 3
+    assert tree_bytes(out) == tree_bytes(encoded_reference)
+
+
 def test_array_mapping_covers_every_shard_once() -> None:
     entry = _entry_module()
     plan_shards = [PlannedShard(i, "b", [f"k{i}"]) for i in range(13)]

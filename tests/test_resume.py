@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from latentcache.cli import main
 from latentcache.errors import ConfigError
 from latentcache.pipeline import fallback_tilings, finalize, load_or_make_plan, run
 from latentcache.plan import discover_inputs
-from latentcache.shards import decode_sample, iter_tar, read_manifest, sidecar_path
+from latentcache.shards import decode_sample, iter_tar, read_manifest, remove_stale_temporaries, sidecar_path
 from latentcache.vae import VideoVAE, load_vae
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
@@ -65,17 +67,26 @@ def _sidecars(out: Path) -> list[Path]:
     return list(out.rglob("*.tar.json"))
 
 
+def _between_shards(out: Path) -> bool:
+    return not _tar_tmp(out) and not _tars_without_sidecar(out)
+
+
 # moment -> (kill when this holds, what must still hold after the kill). Each is a different half-done state.
 MOMENTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], bool]]] = {
     # Planned, nothing encoded yet.
-    "after_plan": (lambda out: (out / "plan.json").exists(), lambda out: not (out / "manifest.json").exists()),
-    # Inside a tar write: a partial temporary exists.
-    "mid_tar": (lambda out: bool(_tar_tmp(out)), lambda out: bool(_tar_tmp(out))),
-    # The tar was renamed into place but its sidecar not yet written.
-    "before_sidecar": (lambda out: bool(_tars_without_sidecar(out)), lambda out: bool(_tars_without_sidecar(out))),
-    # Some shards complete, others not.
-    "some_done": (lambda out: len(_sidecars(out)) >= 2, lambda out: 2 <= len(_sidecars(out)) < SMALL_VIDEOS),
+    "after_plan": (lambda out: (out / "plan.json").exists(), lambda out: not _sidecars(out)),
+    # Inside a tar write, with another shard already done.
+    "mid_tar": (lambda out: bool(_tar_tmp(out)) and len(_sidecars(out)) >= 1,
+                lambda out: bool(_tar_tmp(out)) and len(_sidecars(out)) >= 1),
+    # A tar renamed into place but its sidecar not yet written, two shards done.
+    "before_sidecar": (lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2,
+                       lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2),
+    # Between shards: three complete, nothing half-written, the rest not started.
+    "between_shards": (lambda out: len(_sidecars(out)) >= 3 and _between_shards(out),
+                       lambda out: 3 <= len(_sidecars(out)) < SMALL_VIDEOS and _between_shards(out)),
 }
+# A resubmission may get fewer or more GPUs: the plan, not the world size, fixes what each shard holds.
+RESTART_PROCESSES = {"between_shards": 3}
 
 
 def _process_tree(root: int) -> list[int]:
@@ -102,12 +113,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def kill_hard(proc) -> None:
     """SIGKILL the launcher and all its workers at once, as a node dying would, and wait until they are gone."""
     tree = _process_tree(proc.pid)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _signal(tree, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
     while not all(_gone(pid) for pid in tree):
@@ -115,9 +130,9 @@ def kill_hard(proc) -> None:
         time.sleep(0.05)
 
 
-def _restart_stats(log: str) -> dict[str, int]:
+def _restart_stats(log: str, processes: int) -> dict[str, int]:
     rows = [tuple(map(int, m)) for m in RANK_LINE.findall(log)]
-    assert len(rows) == 2, log
+    assert len(rows) == processes, log
     return {"written": sum(r[2] for r in rows), "redone": sum(r[3] for r in rows),
             "skipped": sum(r[4] for r in rows)}
 
@@ -131,19 +146,24 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_vide
     wrapper.write_text(SLOW_WRITER.format(entry=str(REPO_ROOT / "jobs" / "encode.py")))
     proc = launch_encode(small_videos, out, tmp_path / "killed.log", script=wrapper)
     deadline = time.monotonic() + 180
+    tree, rescan = [], 0.0
     while not (out.exists() and when(out)):
         assert proc.poll() is None, f"finished before the {moment} moment:\n{(tmp_path / 'killed.log').read_text()}"
         assert time.monotonic() < deadline
+        if time.monotonic() > rescan:  # kept fresh, so the moment can be frozen without a /proc scan in between
+            tree, rescan = _process_tree(proc.pid), time.monotonic() + 0.3
         time.sleep(0.01)
+    _signal(tree, signal.SIGSTOP)  # pin the moment (microseconds), then kill -9 everything
     kill_hard(proc)
     assert still(out), f"the kill missed the {moment} state"
     done_before = len(_sidecars(out))
 
     log = tmp_path / "restart.log"
-    assert launch_encode(small_videos, out, log).wait(timeout=240) == 0, log.read_text()
-    stats = _restart_stats(log.read_text())
-    print(f"\n{moment}: {done_before} shard(s) done at the kill; restart wrote {stats['written']} "
-          f"({stats['redone']} left half-written), skipped {stats['skipped']}")
+    processes = RESTART_PROCESSES.get(moment, 2)
+    assert launch_encode(small_videos, out, log, nproc=processes).wait(timeout=240) == 0, log.read_text()
+    stats = _restart_stats(log.read_text(), processes)
+    print(f"\n{moment}: {done_before} shard(s) done at the kill; restart ({processes} processes) wrote "
+          f"{stats['written']} ({stats['redone']} left half-written), skipped {stats['skipped']}")
     assert stats["skipped"] == done_before
     assert stats["written"] + stats["skipped"] == SMALL_VIDEOS
     if moment in ("mid_tar", "before_sidecar"):
@@ -151,6 +171,25 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_vide
     assert not list(out.rglob("*.tmp"))
     # Nothing lost, nothing twice, not a byte different (manifest included: it carries no timestamp).
     assert tree_bytes(out) == tree_bytes(encoded_reference)
+
+
+def test_stale_temporaries_go_live_ones_stay(tmp_path: Path) -> None:
+    """Finalize sweeps temporaries of dead writers (this host) or old ones (other hosts), never a live writer's."""
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {"dead": f"plan.json.{host}.{dead.pid}.tmp", "live": f"manifest.json.{host}.{os.getpid()}.tmp",
+             "other_host_new": "shards/b/000001.tar.elsewhere.7.tmp",
+             "other_host_old": "failures.jsonl.elsewhere.8.tmp"}
+    for name in names.values():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("partial")
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path / names["other_host_old"], (old, old))
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted([names["dead"],
+                                                                                  names["other_host_old"]])
+    assert (tmp_path / names["live"]).exists() and (tmp_path / names["other_host_new"]).exists()
 
 
 def _cli_args(videos: Path, out: Path, **changes: str) -> list[str]:

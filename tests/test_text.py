@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,6 +118,12 @@ def test_each_distinct_caption_is_encoded_once(t5_pipeline):
 def test_the_default_length_is_the_pipelines(t5_pipeline):
     assert load_text_encoder(TextSettings(source=str(t5_pipeline)), "cogvideox").max_length == 226
     assert load_text_encoder(TextSettings(source=str(t5_pipeline)), "ltx").max_length == 128
+
+
+def test_without_transformers_the_error_names_the_extra(t5_pipeline, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` sees when it is absent
+    with pytest.raises(ImportError, match=r"pip install 'latentcache\[text\]'"):
+        load_text_encoder(TextSettings(source=str(t5_pipeline)), "cogvideox")
 
 
 def test_hunyuanvideo_and_bad_sources_are_refused_with_the_fix(tmp_path):

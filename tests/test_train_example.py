@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "train_tiny_cogvideox.py"
 def example():
     spec = importlib.util.spec_from_file_location("train_tiny_cogvideox", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def test_loss_falls_well_below_its_start(example, encoded_dir: Path) -> None:

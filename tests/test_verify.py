@@ -44,8 +44,15 @@ def test_clean_dataset_verifies(encoded_dir: Path, capsys) -> None:
     report = verify(encoded_dir)
     assert report.ok, report.problems
     assert report.samples == 8 and report.shards == 4 and report.buckets == {"17x64x96": 8}
-    means, stds = report.stats.mean_std()
+    means, stds, overall = report.stats.normalized(report.spec)
     assert len(means) == len(stds) == 16 and all(s > 0 for s in stds)
+    # The statistics derived from raw sums equal those of the normalised latents computed directly.
+    manifest = read_manifest(encoded_dir)
+    z = torch.cat([report.spec.normalize(decode_sample(raw, "")["mean"].float()).flatten(1)
+                   for s in manifest["shards"] for raw in iter_tar(encoded_dir / s["path"])], dim=1)
+    torch.testing.assert_close(torch.tensor(stds), z.std(dim=1, correction=0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(means), z.mean(dim=1), rtol=1e-4, atol=1e-5)
+    assert abs(overall - float(z.std(correction=0))) < 1e-4
     assert main(["verify", str(encoded_dir)]) == 0
     out = capsys.readouterr().out
     assert "8 samples in 4 shard(s)" in out and "s/GB" in out and out.rstrip().endswith("OK")
@@ -161,6 +168,17 @@ def test_check_config_one_line_per_mismatch(encoded_dir: Path, tmp_path: Path, c
     for text in expected:
         assert sum(text in line for line in lines) == 1, text
     assert all("Fix:" in line for line in lines)
+
+
+def test_check_config_merges_files_like_sat_base(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    tree = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    model, sft = tmp_path / "model.yaml", tmp_path / "sft.yaml"
+    model.write_text(yaml.safe_dump({"model": tree["model"]}))
+    sft.write_text(yaml.safe_dump({"data": tree["data"], "model": {"latent_input": False}}))
+    assert main(["check-config", str(model), "--data", str(encoded_dir)]) == 0
+    assert main(["check-config", str(model), str(sft), "--data", str(encoded_dir)]) == 2  # the later file wins
+    out = capsys.readouterr().out
+    assert out.count("PROBLEM") == 1 and "model.latent_input: False" in out
 
 
 def test_verify_with_trainer_config(encoded_dir: Path, tmp_path: Path, capsys) -> None:
