@@ -12,20 +12,30 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from latentcache.decode import Clip, decode_clip
 from latentcache.errors import InputError
-from latentcache.plan import PlannedClip
+from latentcache.plan import PlannedClip, clip_settings_for
 from latentcache.settings import ClipSettings
 
 log = logging.getLogger(__name__)
 
 
-def default_workers(world_size_on_node: int = 1) -> int:
+def default_workers(world_size_on_node: int | None = None) -> int:
     """Leave a core for the process that drives the accelerator; share the rest between local ranks."""
+    if world_size_on_node is None:
+        world_size_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
+
+
+def decode_planned(planned: PlannedClip, clip: ClipSettings) -> Clip | InputError:
+    """Decode one planned clip at its own bucket's frames and size; a bad input is returned, not raised."""
+    try:
+        return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key)
+    except InputError as e:
+        return e
 
 
 class _DecodeDataset(Dataset):
@@ -37,12 +47,11 @@ class _DecodeDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[int, Clip | InputError]:
-        planned = self.clips[index]
-        try:
-            # Each worker decodes with one thread: the parallelism is across workers.
-            return index, decode_clip(planned.source, planned.start, self.clip, key=planned.key)
-        except InputError as e:
-            return index, e
+        result = decode_planned(self.clips[index], self.clip)
+        if isinstance(result, Clip) and get_worker_info() is not None:
+            # A tensor crosses the worker queue through shared memory; a numpy array would be pickled and copied.
+            result.frames = torch.from_numpy(result.frames)
+        return index, result
 
 
 def _keep(items: list) -> list:
@@ -78,6 +87,8 @@ class ClipStream:
             multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
         )
         for index, result in loader:
+            if isinstance(result, Clip) and isinstance(result.frames, torch.Tensor):
+                result.frames = result.frames.numpy()
             yield self.clips[index], result
 
 

@@ -12,7 +12,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentcache.decode import Clip, decode_clip
+from latentcache.decode import Clip
 from latentcache.errors import ConfigError, InputError, ShardFormatError
+from latentcache.loader import ClipStream, default_workers
 from latentcache.plan import (
     InputVideo,
     Plan,
     PlannedClip,
     PlannedShard,
-    clip_settings_for,
     failure_record,
     make_plan,
     shards_for_rank,
@@ -44,7 +43,7 @@ from latentcache.shards import (
     write_text_atomic,
 )
 from latentcache.text import TextEncoder
-from latentcache.vae import VideoVAE, tile_problem
+from latentcache.vae import DTYPES, VideoVAE, tile_problem
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +152,6 @@ def _differences(old: Plan, new: Plan) -> str:
     return "; ".join(diffs[:6]) or "the input clips differ"
 
 
-def _decode(clip: PlannedClip, settings: EncodeSettings) -> Clip | InputError:
-    try:
-        # Each clip is decoded at its own bucket's frames and size (aspect and frame buckets).
-        return decode_clip(clip.source, clip.start, clip_settings_for(clip.bucket, settings.clip), key=clip.key)
-    except InputError as e:
-        return e
-
-
-def _decoded(clips: list[PlannedClip], settings: EncodeSettings, pool: ThreadPoolExecutor
-             ) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
-    """Decode ahead in a thread (PyAV releases the GIL) so the VAE does not wait for the next clip."""
-    futures = [pool.submit(_decode, c, settings) for c in clips[:2]]
-    for i, planned in enumerate(clips):
-        if i + 2 < len(clips):
-            futures.append(pool.submit(_decode, clips[i + 2], settings))
-        yield planned, futures[i].result()
-
-
 def fallback_tilings(height: int, width: int, spatial: int,
                      configured: TilingSettings | None = None) -> list[TilingSettings]:
     """Ever smaller valid tilings for a clip that ran out of memory: halve the tile (from the configured one, or from
@@ -274,11 +255,22 @@ def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings 
     return meta
 
 
+def _stored(mean: torch.Tensor, logvar: torch.Tensor, settings: EncodeSettings
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What goes into the shard: `--store mean` drops the log-variance, `--store-dtype` casts."""
+    dtype = None if settings.store_dtype == "encode" else DTYPES[settings.store_dtype]
+    if dtype is not None:
+        mean, logvar = mean.to(dtype), logvar.to(dtype)
+        if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+            raise InputError("", "write", f"latents overflow --store-dtype {settings.store_dtype}; "
+                             "store them in fp32 or bf16")
+    return mean, (logvar if settings.store == "posterior" else None)
+
+
 def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: EncodeSettings,
-                 pool: ThreadPoolExecutor, on_clip: Callable[[int], None], texts: TextEncoder | None = None
-                 ) -> tuple[list[EncodedClip], list[dict]]:
-    by_key = plan.clip_map()
-    planned = [by_key[k] for k in shard.keys]
+                 decoded: Iterator[tuple[PlannedClip, Clip | InputError]], on_clip: Callable[[int], None],
+                 texts: TextEncoder | None = None) -> tuple[list[EncodedClip], list[dict]]:
+    """Encode the shard's clips, taking them from `decoded` (a stream over this rank's pending clips, in order)."""
     encoded: list[EncodedClip] = []
     failures: list[dict[str, Any]] = []
     batch: list[tuple[PlannedClip, Clip]] = []
@@ -295,13 +287,21 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
                 fail(p, result)
             else:
                 mean, logvar, tiling = result
+                try:
+                    mean, logvar = _stored(mean, logvar, settings)
+                except InputError as e:
+                    fail(p, InputError(p.source, e.stage, e.reason))
+                    continue
                 # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
                 text = texts.embed(p.caption) if texts is not None else None
                 encoded.append(EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text))
         on_clip(len(batch))
         batch.clear()
 
-    for p, result in _decoded(planned, settings, pool):
+    for expected_key in shard.keys:
+        p, result = next(decoded)
+        if p.key != expected_key:
+            raise RuntimeError(f"decode stream out of order: got {p.key}, expected {expected_key}")
         if isinstance(result, InputError):
             fail(p, result)
             on_clip(1)
@@ -318,23 +318,29 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
     """Produce every shard this rank owns that is not already done; `on_clip` counts clips actually worked on."""
     summary = RunSummary()
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for shard in shards_for_rank(plan, rank, world_size):
-            path = out / shard.relpath
-            if read_done(path) is not None:
-                summary.shards_skipped += 1
-                summary.clips_skipped += len(shard.keys)
-                continue
-            # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
-            if remove_temporaries(path) or path.exists():
-                summary.shards_redone += 1
-                log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
-            encoded, failures = encode_shard(shard, plan, vae, settings, pool, on_clip, texts)
-            write_shard(path, encoded, extra={"shard_id": shard.shard_id, "bucket": shard.bucket,
-                                              "failures": failures})
-            summary.shards_written += 1
-            summary.clips_written += len(encoded)
-            summary.failures.extend(failures)
+    todo: list[PlannedShard] = []
+    for shard in shards_for_rank(plan, rank, world_size):
+        path = out / shard.relpath
+        if read_done(path) is not None:
+            summary.shards_skipped += 1
+            summary.clips_skipped += len(shard.keys)
+            continue
+        # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
+        if remove_temporaries(path) or path.exists():
+            summary.shards_redone += 1
+            log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
+        todo.append(shard)
+    by_key = plan.clip_map()
+    workers = default_workers() if settings.workers is None else settings.workers
+    # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
+    decoded = iter(ClipStream([by_key[k] for s in todo for k in s.keys], settings.clip, workers=workers))
+    for shard in todo:
+        encoded, failures = encode_shard(shard, plan, vae, settings, decoded, on_clip, texts)
+        write_shard(out / shard.relpath, encoded, extra={"shard_id": shard.shard_id, "bucket": shard.bucket,
+                                                         "failures": failures})
+        summary.shards_written += 1
+        summary.clips_written += len(encoded)
+        summary.failures.extend(failures)
     summary.seconds = time.perf_counter() - started
     return summary
 

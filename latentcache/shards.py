@@ -51,10 +51,12 @@ class EncodedClip:
 
 
 def sample_members(clip: EncodedClip) -> list[tuple[str, bytes]]:
+    tensors = {"mean": clip.mean.contiguous()}
+    if clip.logvar is not None:
+        tensors["logvar"] = clip.logvar.contiguous()
     members = [
         (f"{clip.key}.json", json.dumps(clip.meta, sort_keys=True, ensure_ascii=False).encode()),
-        (f"{clip.key}.{LATENTS}", save_safetensors({"mean": clip.mean.contiguous(),
-                                                   "logvar": clip.logvar.contiguous()})),
+        (f"{clip.key}.{LATENTS}", save_safetensors(tensors)),
     ]
     if clip.caption is not None:
         members.append((f"{clip.key}.txt", clip.caption.encode("utf-8")))
