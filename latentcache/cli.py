@@ -7,6 +7,7 @@ Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configurat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -36,7 +37,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="spatial tiling in pixels, e.g. 240,360,0.25 (validated against the VAE)")
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
     g.add_argument("--device", default="auto")
-    g.add_argument("--batch-size", type=int, default=1, help="clips per VAE call")
+    g.add_argument("--batch-size", type=_batch_size, default=1,
+                   help="clips per VAE call, or 'auto': as many as fit in free GPU memory (default 1)")
     g.add_argument("--workers", type=int, default=None,
                    help="decode worker processes (default: from the CPU count; 0 decodes in the main process)")
     g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
@@ -72,6 +74,16 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _batch_size(text: str) -> int:
+    """'auto' is 0 in the settings: resolved from free accelerator memory once the VAE is loaded."""
+    if text == "auto":
+        return 0
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or 'auto', got {value}")
+    return value
+
+
 def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
     from latentcache.vae import family_for_source, family_of
 
@@ -86,7 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
     source = args.vae or family.default_source
     # A pipeline repo keeps its VAE in a subfolder; load_vae falls back to the root for a VAE-only repo or dir.
     subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
-    for name in ("frames", "batch_size", "samples_per_shard"):
+    for name in ("frames", "samples_per_shard"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.fps <= 0:
@@ -129,6 +141,10 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     settings = settings_from_args(args)
     out: Path = args.out
     vae = load_vae(settings.vae, device or settings.device)
+    vae.tune(compile_encoder=settings.compile)
+    if settings.batch_size == 0:
+        clip = settings.clip
+        settings = dataclasses.replace(settings, batch_size=vae.auto_batch_size(clip.frames, clip.height, clip.width))
     texts = None
     if settings.text is not None:
         from latentcache.text import load_text_encoder
