@@ -53,4 +53,4 @@ def test_batched_encode_matches_one_clip_at_a_time_to_float_precision(video_dir,
     one, batched = _tensors(a), _tensors(b)
     assert one.keys() == batched.keys()
     for key in one:
-        assert torch.allclose(one[key]["mean"], batched[key]["mean"], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(one[key]["mean"], batched[key]["mean"], atol=1e-4, rtol=1e-3)
