@@ -192,7 +192,7 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
         else:
             report.bytes += _shard_bytes(shard)
     _check_totals(manifest, mroot, report)
-    _check_stats(spec, report)
+    _check_stats(spec, report, bool(manifest.get("vae", {}).get("random_weights")))
     if trainer_config is not None:
         from latentcache.trainer_config import config_problems, load_trainer_config
 
@@ -222,7 +222,7 @@ def _check_totals(manifest: dict[str, Any], root: Path, report: VerifyReport) ->
                                "from another run? The dataset ignores them")
 
 
-def _check_stats(spec: LatentSpec, report: VerifyReport) -> None:
+def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = False) -> None:
     if not report.stats.count:
         return
     _, _, std = report.stats.normalized(spec)
@@ -236,7 +236,7 @@ def _check_stats(spec: LatentSpec, report: VerifyReport) -> None:
     report.warnings.append(
         f"scaled latents have std {std:.3f}, expected about 1: the scaling factor {spec.scaling_factor} in the "
         f"manifest may be wrong for this VAE{suggestion}, or the stored latents were already scaled (the trainer "
-        "would then scale them twice). Random-weight VAEs (tiny-random-*) give arbitrary statistics")
+        f"would then scale them twice){'; expected here: the VAE has random weights' if random_weights else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------- info

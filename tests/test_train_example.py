@@ -8,18 +8,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_tiny_cogvideox.py"
 
 
 @pytest.fixture(scope="module")
 def example():
+    # One intra-op thread: on a shared 2-core runner, two OpenMP threads per op wait on each other for seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     spec = importlib.util.spec_from_file_location("train_tiny_cogvideox", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+    torch.set_num_threads(threads)
 
 
 def test_loss_falls_well_below_its_start(example, encoded_dir: Path) -> None:
