@@ -32,7 +32,7 @@ from latentcache.vae import VideoVAE, load_vae
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
                        r"earlier run\), (\d+) shard\(s\) already done")
 
-# Runs jobs/encode.py with the shard writer slowed down (a pause after each tar member and before each sidecar), so
+# Runs jobs/encode.py with the shard writer slowed down (a pause after each tar member, around each sidecar), so
 # the kill can land inside a write. The bytes written are the same; only the timing changes.
 SLOW_WRITER = """
 import runpy, sys, time
@@ -48,6 +48,10 @@ def slow_json(path, obj):
     if path.name.endswith(".tar.json"):
         time.sleep(0.8)
     write_json(path, obj)
+    if path.name.endswith(".tar.json"):
+        # Decode workers have the next shard's clips ready at once: hold the between-shards state long enough
+        # for both ranks to be in it together.
+        time.sleep(0.8)
 
 shards._add, shards.write_json_atomic = slow_add, slow_json
 sys.argv[0] = {entry!r}
@@ -82,7 +86,7 @@ MOMENTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], bool]]] = {
     "before_sidecar": (lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2,
                        lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2),
     # Between shards: three complete, nothing half-written, the rest not started.
-    "between_shards": (lambda out: len(_sidecars(out)) >= 3 and _between_shards(out),
+    "between_shards": (lambda out: 3 <= len(_sidecars(out)) < SMALL_VIDEOS and _between_shards(out),
                        lambda out: 3 <= len(_sidecars(out)) < SMALL_VIDEOS and _between_shards(out)),
 }
 # A resubmission may get fewer or more GPUs: the plan, not the world size, fixes what each shard holds.
