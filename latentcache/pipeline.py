@@ -188,31 +188,28 @@ def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
     whether a clip is tiled depends on that clip alone, never on which clips a process happened to encode before.
     Raises InputError (stage "encode") when even the smallest tiles do not fit.
     """
-    try:
-        mean, logvar = vae.encode(frames, sources=sources)
-        return mean, logvar, None
-    except Exception as e:
-        if not _is_oom(e):
-            raise
-        # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
-        last: BaseException = e.with_traceback(None)
     configured = vae.tiling
+    smaller = fallback_tilings(frames.shape[2], frames.shape[3], vae.spec.spatial_compression, configured)
+    last: BaseException | None = None
     try:
-        for tiling in fallback_tilings(frames.shape[2], frames.shape[3], vae.spec.spatial_compression, configured):
-            _release_memory(vae)
-            log.warning("%s: out of memory; retrying with %dx%d tiles, overlap %g", ", ".join(sources),
-                        tiling.tile_height, tiling.tile_width, tiling.overlap)
-            vae.configure(tiling, None)
+        for tiling in [None, *smaller]:  # None: as configured
+            if tiling is not None:
+                _release_memory(vae)
+                log.warning("%s: out of memory; retrying with %dx%d tiles, overlap %g", ", ".join(sources),
+                            tiling.tile_height, tiling.tile_width, tiling.overlap)
+                vae.configure(tiling, None)
             try:
                 mean, logvar = vae.encode(frames, sources=sources)
                 return mean, logvar, tiling
             except Exception as e:
                 if not _is_oom(e):
                     raise
+                # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
                 last = e.with_traceback(None)
     finally:
-        vae.configure(configured, None)
-        _release_memory(vae)
+        if last is not None:
+            vae.configure(configured, None)
+            _release_memory(vae)
     raise InputError(", ".join(sources), "encode", f"out of memory even with the smallest tiles ({last}); use a "
                      "bigger GPU, fewer --frames or a smaller --height/--width") from last
 

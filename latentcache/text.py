@@ -20,7 +20,7 @@ import torch
 
 from latentcache.errors import ConfigError
 from latentcache.settings import TextSettings
-from latentcache.vae import DTYPES, resolve_device
+from latentcache.vae import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,6 @@ class TextEncoder:
                 for e, m in zip(embeds, mask, strict=True)]
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"text encoder dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
-
-
 def _load_part(cls: Any, source: str, subfolder: str, revision: str | None, **kwargs: Any) -> Any:
     """Load from a pipeline's subfolder, else from the root (a directory or repo holding just this part)."""
     if Path(source).is_dir():
@@ -148,7 +139,8 @@ def load_text_encoder(settings: TextSettings, family: str, device: torch.device 
     recipe = recipe_for(family)
     transformers = _import_transformers()
     dev = resolve_device(str(device))
-    dtype = _resolve_dtype(settings.dtype, dev)
+    # T5 and UMT5 were trained in bf16 and overflow in fp16.
+    dtype = resolve_dtype(settings.dtype, dev, gpu_default=torch.bfloat16, flag="text encoder dtype")
     encoder_cls = getattr(transformers, recipe.encoder_class)
     try:
         tokenizer = _load_part(transformers.AutoTokenizer, settings.source, "tokenizer", settings.revision)

@@ -263,14 +263,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, *, gpu_default: torch.dtype = torch.float16,
+                  flag: str = "--dtype") -> torch.dtype:
     if dtype == "auto":
         # fp16 is what users of these VAEs run on GPUs; CPUs are slow and inexact in half precision.
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return gpu_default if device.type == "cuda" else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
+        raise ConfigError(f"{flag} {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
 
 
 def tile_problem(tiling: TilingSettings, spatial: int, style: str = "overlap") -> str | None:
