@@ -92,7 +92,9 @@ def main() -> None:
         pt_files = sorted((Path(tmp) / "pt").glob("*.pt"))
         pt = timed("pt", args.samples, lambda: (torch.load(p) for p in pt_files))
         results = {"raw tar bytes": raw, "per-clip .pt (torch.load)": pt}
-        for label, kwargs in [("LatentShardDataset mean", {"sample_posterior": False}),
+        no_sha = {"sample_posterior": False, "check_sha256": False}
+        for label, kwargs in [("LatentShardDataset mean, no sha256", no_sha),
+                              ("LatentShardDataset mean", {"sample_posterior": False}),
                               ("LatentShardDataset posterior sample", {}),
                               ("LatentShardDataset batch 8", {"batch_size": 8})]:
             dataset = LatentShardDataset(root, **kwargs)

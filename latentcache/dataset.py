@@ -188,7 +188,7 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True) -> Iterator[dict[s
     stats = TarStats()
     stream = open_url(shard.url)
     try:
-        for raw in iter_tar(stream, shard.url, stats):
+        for raw in iter_tar(stream, shard.url, stats, sha256=check_sha256 and bool(shard.sha256)):
             raw["__url__"] = shard.url
             yield raw
     finally:
