@@ -34,7 +34,7 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16 on GPU, fp32 on CPU")
     g.add_argument("--tiling", default=None, metavar="H,W,OVERLAP",
-                   help="spatial tiling in pixels, e.g. 240,360,0.25 (validated against the VAE)")
+                   help="spatial tiling in pixels, e.g. 256,384,0.25 (validated against the VAE)")
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
     g.add_argument("--device", default="auto")
     g.add_argument("--batch-size", type=_batch_size, default=1,
@@ -94,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
             h, w, overlap = args.tiling.split(",")
             tiling = TilingSettings(tile_height=int(h), tile_width=int(w), overlap=float(overlap))
         except ValueError:
-            raise ConfigError(f"--tiling {args.tiling!r}: expected H,W,OVERLAP such as 240,360,0.25") from None
+            raise ConfigError(f"--tiling {args.tiling!r}: expected H,W,OVERLAP such as 256,384,0.25") from None
     source = args.vae or family.default_source
     # A pipeline repo keeps its VAE in a subfolder; load_vae falls back to the root for a VAE-only repo or dir.
     subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
