@@ -119,17 +119,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--source-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=None,
+                        metavar="HxW", help="size of the generated source videos (decode cost grows with it)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="threads for the VAE on CPU; 1 leaves the other cores to decoding, as a GPU would")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     if args.full:
         clip = ClipSettings(frames=49, fps=8.0, height=480, width=720)
         vae = full_size_vae(device, dtype)
-        n, src = args.clips or 8, (540, 960)
+        n, src = args.clips or 8, args.source_size or (540, 960)
     else:
         clip = ClipSettings(frames=17, fps=8.0, height=64, width=96)
         vae = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype=args.dtype), str(device))
-        n, src = args.clips or 24, (192, 256)
+        n, src = args.clips or 24, args.source_size or (192, 256)
     batch = args.batch_size or (1 if args.full else 4)
     settings = EncodeSettings(clip=clip, vae=VAESettings(source=vae.identity.source, subfolder=None),
                               samples_per_shard=64, batch_size=batch, workers=args.workers)

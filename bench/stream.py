@@ -65,7 +65,7 @@ def timed(label: str, n_expected: int, iterate) -> float:
 
 
 def raw_tar_reader(urls: list[str]):
-    return wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples())
 
 
 def main() -> None:
