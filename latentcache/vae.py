@@ -86,6 +86,15 @@ class LatentSpec:
                 kwargs[k] = tuple(kwargs[k])
         return LatentSpec(**kwargs)
 
+    def describe_normalization(self) -> str:
+        """How `normalize` maps raw latents to model space, in words, for reports."""
+        scale = "" if self.scaling_factor in (None, 1.0) else (
+            f" / {self.scaling_factor:g}" if self.invert_scale_latents else f" * {self.scaling_factor:g}")
+        if self.latents_mean is not None and self.latents_std is not None:
+            return f"per-channel (z - mean) / std{scale} ({len(self.latents_mean)} channels)"
+        shift = f"(z - {self.shift_factor:g})" if self.shift_factor else "z"
+        return f"{shift}{scale}" if scale else f"{shift} (no scaling)"
+
     def _scale(self) -> float:
         scale = self.scaling_factor if self.scaling_factor is not None else 1.0
         return 1.0 / scale if self.invert_scale_latents else scale

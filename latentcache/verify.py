@@ -234,9 +234,10 @@ def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = 
         # With a scalar factor, the factor that would give std 1 is the current one divided by the std seen.
         suggestion = f" (a factor of {spec.scaling_factor / std:.4g} would give std 1)"
     report.warnings.append(
-        f"scaled latents have std {std:.3f}, expected about 1: the scaling factor {spec.scaling_factor} in the "
-        f"manifest may be wrong for this VAE{suggestion}, or the stored latents were already scaled (the trainer "
-        f"would then scale them twice){'; expected here: the VAE has random weights' if random_weights else ''}")
+        f"scaled latents have std {std:.3f}, expected about 1: the normalisation in the manifest "
+        f"({spec.describe_normalization()}) may be wrong for this VAE{suggestion}, or the stored latents were "
+        "already scaled (the trainer would then scale them twice)"
+        + ("; expected here: the VAE has random weights" if random_weights else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -256,7 +257,7 @@ def info_lines(root: str | os.PathLike) -> list[str]:
         ("VAE", f"{vae.get('class_name')} from {vae.get('source')}"
                 f"{' (random weights: demo only)' if vae.get('random_weights') else ''}, {manifest.get('dtype')}"),
         ("latents", f"{spec.channels} channels, /{spec.temporal_compression} time, /{spec.spatial_compression} "
-                    f"space, scaling {spec.scaling_factor}, shift {spec.shift_factor}"),
+                    f"space, normalised as {spec.describe_normalization()}"),
         ("clips", f"{clip.get('frames')} frames at {clip.get('fps')} fps, {clip.get('resize')}"),
         ("size on disk", f"{_size(total)}, {_size(total / samples) if samples else '-'} per sample"),
         ("failures", str(manifest.get("counts", {}).get("failures", 0))),
