@@ -48,7 +48,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--fps", type=float, default=defaults.fps)
     c.add_argument("--height", type=int, default=defaults.height)
     c.add_argument("--width", type=int, default=defaults.width)
-    c.add_argument("--clips", default=defaults.strategy, help="first | uniform:K | sliding:SECONDS | all")
+    c.add_argument("--clips", default=defaults.strategy,
+                   help="first | uniform:K | random:K (seeded by --seed) | sliding:SECONDS | all")
+    c.add_argument("--seed", type=int, default=defaults.seed, help="seed of random:K clip starts")
     c.add_argument("--resize", default=defaults.resize, choices=["crop", "fit"])
     c.add_argument("--short", default=defaults.short, choices=["skip", "pad"],
                    help="videos shorter than one clip (after --frame-buckets): skip (reported) or pad by repeating "
@@ -105,7 +107,7 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
         raise ConfigError(f"--fps must be positive, got {args.fps}")
     return EncodeSettings(
         clip=ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width,
-                          strategy=args.clips, resize=args.resize, short=args.short,
+                          strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
                           buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets)),
         vae=VAESettings(source=source, family=family.name, subfolder=subfolder, revision=args.revision,
                         dtype=args.dtype, tiling=tiling, frame_chunk=args.frame_chunk),

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +183,7 @@ def clip_key(relpath: str, index: int) -> str:
     return f"{digest}_{index:04d}"
 
 
-STRATEGIES = "first, uniform:K, sliding:SECONDS, all"
+STRATEGIES = "first, uniform:K, sliding:SECONDS, all, random:K"
 
 
 def parse_strategy(strategy: str) -> tuple[str, float]:
@@ -191,7 +192,7 @@ def parse_strategy(strategy: str) -> tuple[str, float]:
     try:
         if kind in ("first", "all") and not sep:
             return kind, 0.0
-        if kind == "uniform" and int(arg) >= 1 and float(arg) == int(arg):
+        if kind in ("uniform", "random") and int(arg) >= 1 and float(arg) == int(arg):
             return kind, float(int(arg))
         if kind == "sliding" and float(arg) > 0:
             return kind, float(arg)
@@ -201,11 +202,12 @@ def parse_strategy(strategy: str) -> tuple[str, float]:
                       "e.g. uniform:4 or sliding:2.5")
 
 
-def clip_starts(duration: float, clip: ClipSettings) -> list[float]:
+def clip_starts(duration: float, clip: ClipSettings, salt: str = "") -> list[float]:
     """Start times (seconds) of the clips taken from a video of `duration` seconds; [] when no clip fits.
 
     A clip fits when its last target time falls strictly inside the video (a frame is on screen there).
-    Deterministic: the same duration and settings give the same starts on every machine.
+    Deterministic: the same duration and settings give the same starts on every machine; `random:K` draws from a
+    generator seeded by `clip.seed` and `salt` (the video's relative path), so each video gets its own draw.
     """
     kind, arg = parse_strategy(clip.strategy)
     span = (clip.frames - 1) / clip.fps
@@ -220,6 +222,10 @@ def clip_starts(duration: float, clip: ClipSettings) -> list[float]:
             return [round(room / 2, 6)]
         # Spread from 0 to just before `room` (0.999: the last start must stay strictly inside).
         return [round(room * i / (k - 1) * 0.999, 6) for i in range(k)]
+    if kind == "random":
+        digest = hashlib.sha256(f"{clip.seed}:{salt}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        return sorted(round(rng.random() * room * 0.999, 6) for _ in range(int(arg)))
     # "all": back to back without overlap, one target period apart; "sliding": every `arg` seconds.
     stride = arg if kind == "sliding" else span + 1.0 / clip.fps
     n = int(room / stride) + 1
@@ -287,7 +293,7 @@ def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
                                       f"compression {s}; nearest valid: {lower} or {lower + s}")
 
 
-def plan_video(info: VideoInfo, clip: ClipSettings) -> tuple[str, list[float]]:
+def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str, list[float]]:
     """The bucket and clip starts for one probed video. Raises InputError (skipped) when no clip fits.
 
     A video too short for `clip.frames` falls back to the largest frame bucket that fits, then to the short policy:
@@ -297,7 +303,7 @@ def plan_video(info: VideoInfo, clip: ClipSettings) -> tuple[str, list[float]]:
     height, width = nearest_size(info.width, info.height, clip)
     fallbacks = sorted((f for f in clip.frame_buckets if f < clip.frames), reverse=True)
     for frames in (clip.frames, *fallbacks):
-        starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames))
+        starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames), salt)
         if starts:
             return f"{frames}x{height}x{width}", starts
     smallest = min((clip.frames, *fallbacks))
@@ -331,7 +337,7 @@ def make_plan(
         try:
             if isinstance(result, InputError):
                 raise result
-            bucket, starts = plan_video(result, clip)
+            bucket, starts = plan_video(result, clip, video.relpath)
         except InputError as e:
             if settings.strict and not e.skipped:
                 raise

@@ -275,3 +275,12 @@ def test_cli_buckets_write_one_bucket_per_shard_at_that_size(tmp_path, capsys):
         assert [(m["bucket"], m["frames"], m["height"], m["width"]) for m in metas] == [
             (shard["bucket"], frames, height, width)]
         assert len(metas[0]["frame_times"]) == frames
+
+
+def test_random_clips_are_seeded_per_video_and_reproducible():
+    clip = dataclasses.replace(TINY_CLIP, strategy="random:3", seed=7)
+    a = clip_starts(20.0, clip, "videos/a.mp4")
+    assert len(a) == 3 and a == sorted(a) and all(0 <= s < 20.0 - 2.0 for s in a)
+    assert clip_starts(20.0, clip, "videos/a.mp4") == a  # same seed and video: same starts, on any machine
+    assert clip_starts(20.0, clip, "videos/b.mp4") != a  # each video its own draw
+    assert clip_starts(20.0, dataclasses.replace(clip, seed=8), "videos/a.mp4") != a
