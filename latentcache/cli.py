@@ -42,6 +42,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None,
                    help="decode worker processes (default: from the CPU count; 0 decodes in the main process)")
     g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
+    g.add_argument("--nvdec", action="store_true",
+                   help="decode on the GPU's NVDEC (h264_cuvid, hevc_cuvid, ...) where available, else on the CPU")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
     c.add_argument("--frames", type=int, default=defaults.frames)
@@ -118,6 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
         store_dtype=args.store_dtype,
         workers=args.workers,
         compile=args.compile,
+        nvdec=args.nvdec,
         device=args.device,
         batch_size=args.batch_size,
         strict=args.strict,

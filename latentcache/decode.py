@@ -348,7 +348,8 @@ class _Decoded:
 
 
 def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, t0: float,
-                    integrity: _Integrity, path: str, preroll_until: float | None = None) -> Iterator[_Decoded]:
+                    integrity: _Integrity, path: str, preroll_until: float | None = None,
+                    codec: av.CodecContext | None = None) -> Iterator[_Decoded]:
     """Decode packet by packet, so that one bad packet is recorded and decoded around instead of ending the clip.
 
     Packets shown before `preroll_until` are only decoded as far as later frames need them: the decoder skips
@@ -356,8 +357,9 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
     """
     decoded, bad_in_row = 0, 0
     packets = container.demux(stream)
+    ctx = codec if codec is not None else stream.codec_context
     # Set on every pass: a pass that ended in preroll (a missed seek) must not leave frames skipped for the next.
-    stream.codec_context.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
+    ctx.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
     while True:
         try:
             packet = next(packets)
@@ -370,12 +372,12 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
             return
         packet_t = float(packet.pts * packet.time_base) - t0 if packet.pts is not None else None
         if preroll_until is not None and (packet_t is None or packet_t >= preroll_until):
-            stream.codec_context.skip_frame = "DEFAULT"
+            ctx.skip_frame = "DEFAULT"
             preroll_until = None
         if packet.is_corrupt:
             integrity.damage(packet_t, "a packet is flagged corrupt by the demuxer")
         try:
-            frames = packet.decode()
+            frames = packet.decode() if codec is None else codec.decode(packet)
             bad_in_row = 0
         except av.FFmpegError as e:
             bad_in_row += 1
@@ -385,6 +387,8 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
                                  f"good frames ({_why(e)})") from e
             continue
         for frame in frames:
+            if codec is not None and frame.pts is not None:
+                frame.time_base = stream.time_base  # a standalone decoder does not know the stream's time base
             t = (float(frame.time) - t0) if frame.time is not None else decoded * integrity.period
             decoded += 1
             yield integrity.check(t, frame)
@@ -429,13 +433,42 @@ class _ClipBuilder:
             self.take(prev)
 
 
-def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "") -> Clip:
+def nvdec_context(stream: av.video.stream.VideoStream, path: str) -> av.CodecContext | None:
+    """An NVDEC (`<codec>_cuvid`) decoder for this stream, or None (with a log line) to decode on the CPU."""
+    name = f"{stream.codec_context.name}_cuvid"
+    if name not in av.codecs_available:
+        _log_once(f"no NVDEC decoder {name} in this ffmpeg build; decoding {stream.codec_context.name} on the CPU")
+        return None
+    try:
+        ctx = av.CodecContext.create(name, "r")
+        ctx.extradata = stream.codec_context.extradata
+        ctx.open()
+    except (av.FFmpegError, OSError) as e:
+        _log_once(f"NVDEC {name} is unavailable here ({_why(e)}); decoding on the CPU")
+        return None
+    log.debug("%s: decoding with %s", path, name)
+    return ctx
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
+
+
+def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "",
+                nvdec: bool = False) -> Clip:
     """Decode `clip.frames` frames starting `start` seconds after the stream start, at `clip.fps`.
 
     Seeks to the keyframe before `start` and decodes forward, so a clip late in a long file costs the same as an
     early one; containers without a usable index (MPEG-TS) fall back to decoding from the start. Only the frames
     taken are converted, and at most two source frames are alive at once.
-    Raises InputError (stage "decode") for unreadable, corrupt, truncated or too-short videos.
+    With `nvdec=True`, h264/hevc/vp9/av1... are decoded by the GPU's NVDEC where this ffmpeg has it and a GPU is
+    there, else on the CPU (logged once). Raises InputError (stage "decode") for unreadable, corrupt, truncated or
+    too-short videos.
     """
     path = str(path)
     size = _file_size(path, "decode")
@@ -445,12 +478,15 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
         stream.codec_context.options = dict(_DECODER_OPTIONS)
         period = _frame_period(stream)
         detect_holes = bool(set(container.format.name.split(",")) & _LOSSY_TIMING_FORMATS)
-        run = _Run(container, stream, path, start, clip, period, detect_holes)
+        codec = nvdec_context(stream, path) if nvdec else None
+        run = _Run(container, stream, path, start, clip, period, detect_holes, codec)
         try:
             builder, last = run.decode(seek=start > 0)
         except _SeekMissed:
             log.debug("%s: seek to %.3fs missed the clip, decoding from the start", path, start)
             container.seek(0)
+            if codec is not None:
+                codec.flush_buffers()
             builder, last = run.decode(seek=False)
         padded = _finish(builder, last, run.integrity, _announced_duration(container, stream))
     meta = _meta(builder, path, size, period, padded) | {"frames_decoded": run.frames_decoded}
@@ -461,8 +497,9 @@ class _Run:
     """One pass of decoding forward, from a seek point or from the start of the file."""
 
     def __init__(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str,
-                 start: float, clip: ClipSettings, period: float, detect_holes: bool) -> None:
-        self.container, self.stream, self.path = container, stream, path
+                 start: float, clip: ClipSettings, period: float, detect_holes: bool,
+                 codec: av.CodecContext | None = None) -> None:
+        self.container, self.stream, self.path, self.codec = container, stream, path, codec
         self.start, self.clip, self.period, self.detect_holes = start, clip, period, detect_holes
         self.integrity = _Integrity(period, detect_holes=detect_holes, after_seek=False)
         self.frames_decoded = 0  # over every pass: what the clip cost, to show that seeking works
@@ -473,6 +510,8 @@ class _Run:
         if seek:
             # backward=True lands on the keyframe at or before the clip start where the container has an index.
             self.container.seek(int((t0 + self.start) / self.stream.time_base), stream=self.stream, backward=True)
+            if self.codec is not None:
+                self.codec.flush_buffers()  # seek flushes the stream's own decoder only
         builder = _ClipBuilder(self.path, self.start, self.clip, self.period)
         self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)
         prev: _Decoded | None = None
@@ -480,7 +519,8 @@ class _Run:
             # Skipping frames would open holes in the timestamps, which stream containers read as lost packets.
             # A second of margin covers B-frame reordering around the clip start.
             preroll_until = self.start - 1.0 if seek and not self.detect_holes else None
-            for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path, preroll_until):
+            for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path, preroll_until,
+                                     self.codec):
                 self.frames_decoded += 1
                 if prev is None and d.t > builder.targets[0] + 1.5 * self.period:
                     if seek:

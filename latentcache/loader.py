@@ -30,24 +30,26 @@ def default_workers(world_size_on_node: int | None = None) -> int:
     return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
 
 
-def decode_planned(planned: PlannedClip, clip: ClipSettings) -> Clip | InputError:
+def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False) -> Clip | InputError:
     """Decode one planned clip at its own bucket's frames and size; a bad input is returned, not raised."""
     try:
-        return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key)
+        return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key,
+                           nvdec=nvdec)
     except InputError as e:
         return e
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, clips: list[PlannedClip], clip: ClipSettings) -> None:
+    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, nvdec: bool) -> None:
         self.clips = clips
         self.clip = clip
+        self.nvdec = nvdec
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[int, Clip | InputError]:
-        result = decode_planned(self.clips[index], self.clip)
+        result = decode_planned(self.clips[index], self.clip, self.nvdec)
         if isinstance(result, Clip) and get_worker_info() is not None:
             # A tensor crosses the worker queue through shared memory; a numpy array would be pickled and copied.
             result.frames = torch.from_numpy(result.frames)
@@ -61,16 +63,18 @@ def _keep(items: list) -> list:
 class ClipStream:
     """Ordered, prefetched decoding of a list of planned clips."""
 
-    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int = 2) -> None:
+    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int = 2,
+                 nvdec: bool = False) -> None:
         self.clips = clips
         self.clip = clip
         self.workers = workers
         self.prefetch = prefetch
+        self.nvdec = nvdec
 
     def __iter__(self) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
         if not self.clips:
             return
-        dataset = _DecodeDataset(self.clips, self.clip)
+        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec)
         if self.workers == 0:
             for i in range(len(dataset)):
                 _, result = dataset[i]

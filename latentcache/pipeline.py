@@ -330,7 +330,8 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
     by_key = plan.clip_map()
     workers = default_workers() if settings.workers is None else settings.workers
     # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
-    decoded = iter(ClipStream([by_key[k] for s in todo for k in s.keys], settings.clip, workers=workers))
+    decoded = iter(ClipStream([by_key[k] for s in todo for k in s.keys], settings.clip, workers=workers,
+                              nvdec=settings.nvdec))
     for shard in todo:
         encoded, failures = encode_shard(shard, plan, vae, settings, decoded, on_clip, texts)
         write_shard(out / shard.relpath, encoded, extra={"shard_id": shard.shard_id, "bucket": shard.bucket,

@@ -60,7 +60,7 @@ class VAESettings:
     frame_chunk: int | None = None
 
 
-RUNTIME_ONLY = ("device", "batch_size", "workers", "compile", "strict")
+RUNTIME_ONLY = ("device", "batch_size", "workers", "compile", "nvdec", "strict")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -92,6 +92,7 @@ class EncodeSettings:
     batch_size: int = 1
     workers: int | None = None  # decode worker processes; None: from the CPU count
     compile: bool = False
+    nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
     strict: bool = False
 
     def to_dict(self) -> dict[str, Any]:

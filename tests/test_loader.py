@@ -33,3 +33,23 @@ def test_workers_match_main_process_decoding_in_order(video_dir, tmp_path):
 def test_default_workers_leave_a_core_for_the_accelerator():
     assert 0 <= default_workers() <= 8
     assert default_workers(world_size_on_node=64) == 0
+
+
+def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path, caplog, monkeypatch):
+    """Without a GPU the cuvid decoders cannot open: the clip is decoded on the CPU, said once in the log."""
+    import logging
+
+    from latentcache import decode
+
+    monkeypatch.setattr(decode, "_LOGGED", set())  # said once per process: start this test with a clean slate
+    planned = _planned(video_dir, tmp_path)
+    with caplog.at_level(logging.INFO, logger="latentcache.decode"):
+        on_gpu = list(ClipStream(planned, TINY_CLIP, workers=0, nvdec=True))
+    cpu = list(ClipStream(planned, TINY_CLIP, workers=0))
+    for (_, a), (_, b) in zip(cpu, on_gpu, strict=True):
+        if isinstance(a, InputError):
+            assert isinstance(b, InputError)
+        else:
+            assert np.array_equal(a.frames, b.frames)
+    if not __import__("torch").cuda.is_available():
+        assert "decoding on the CPU" in caplog.text
