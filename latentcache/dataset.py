@@ -337,6 +337,7 @@ class LatentShardDataset(IterableDataset):
         shuffle: bool = False,
         shuffle_buffer: int = 64,
         resampled: bool = False,
+        epoch_items: int | None = None,
         drop_last: bool = False,
         check_sha256: bool = True,
         rank: int | None = None,
@@ -364,6 +365,11 @@ class LatentShardDataset(IterableDataset):
         self.batch_size, self.layout, self.dtype, self.drop_last = batch_size, layout, dtype, drop_last
         self.seed, self.shuffle, self.shuffle_buffer, self.resampled = seed, shuffle, shuffle_buffer, resampled
         self.check_sha256 = check_sha256
+        if epoch_items is not None and epoch_items < 1:
+            raise ValueError(f"epoch_items {epoch_items} must be at least 1 (or None for the whole data)")
+        # Items (samples, or batches) each rank x worker slot yields per epoch: with resampled=True, every DDP rank
+        # then takes the same number of steps, and no rank waits forever in a collective at the end of an epoch.
+        self.epoch_items = epoch_items
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         # Resume state: items already delivered per global worker id, and how many to skip on the next pass.
@@ -407,14 +413,15 @@ class LatentShardDataset(IterableDataset):
         `StatefulLoader` (the workers' copies of the dataset count, not this one)."""
         return {"epoch": self.epoch, "seed": self.seed, "slots": self._slots, "shards": self._fingerprint(),
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
-                "drop_last": self.drop_last, "resampled": self.resampled,
+                "drop_last": self.drop_last, "resampled": self.resampled, "epoch_items": self.epoch_items,
                 "consumed": {str(k): v for k, v in sorted(self._consumed.items())}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a pass where `state` left it: the next iteration skips what was delivered before."""
         mine = self.state_dict()
         # Anything that changes the order of items would make the skip count point at other samples.
-        for name in ("seed", "shards", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "resampled"):
+        for name in ("seed", "shards", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "resampled",
+                     "epoch_items"):
             if state.get(name) != mine[name]:
                 raise ValueError(f"resume state has {name}={state.get(name)!r}, this dataset {mine[name]!r}: "
                                  "build the dataset with the settings and shards of the saved run")
@@ -544,6 +551,8 @@ class LatentShardDataset(IterableDataset):
         skip = self._skip.pop(gid, 0)
         groups = self._groups(self._shuffled(self._worker_raw(gid, total), gid))
         for index, group in enumerate(groups):
+            if self.epoch_items is not None and index >= self.epoch_items:
+                return
             if index < skip:
                 continue  # delivered before the restart: not decoded, not yielded again
             samples = [self._decode(raw) for raw in group]

@@ -253,3 +253,19 @@ def test_for_transformer_refuses_naming_numbers(encoded_dir: Path) -> None:
 def test_video_folder_is_not_latents(video_dir: Path) -> None:
     with pytest.raises(LatentMismatchError, match="latent_input=False"):
         LatentShardDataset(video_dir)
+
+
+def test_epoch_items_gives_every_rank_the_same_number_of_steps(encoded_dir: Path) -> None:
+    """3 ranks over 4 shards are uneven (one rank reads two shards); resampled + epoch_items evens the steps."""
+    steps = []
+    for rank in range(3):
+        dataset = LatentShardDataset(encoded_dir, rank=rank, world_size=3, batch_size=2, resampled=True,
+                                     epoch_items=5, seed=1)
+        epoch0 = [batch["key"] for batch in dataset]
+        dataset.set_epoch(1)
+        epoch1 = [batch["key"] for batch in dataset]
+        assert len(epoch0) == len(epoch1) == 5 and epoch0 != epoch1
+        steps.append(len(epoch0))
+    assert steps == [5, 5, 5]
+    with pytest.raises(ValueError, match="epoch_items"):
+        LatentShardDataset(encoded_dir, epoch_items=0)
