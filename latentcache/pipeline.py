@@ -37,7 +37,6 @@ from latentcache.shards import (
     read_done,
     remove_stale_temporaries,
     remove_temporaries,
-    sha256_file,
     write_manifest,
     write_shard,
     write_text_atomic,
@@ -409,15 +408,3 @@ def _check_shard_record(out: Path, shard: PlannedShard, record: dict[str, Any]) 
             f"{out / shard.relpath}: its sidecar accounts for {len(accounted)} clip(s), the plan gives it "
             f"{len(shard.keys)} (unexpected or repeated: {extra[:3]}, absent: {absent[:3]}); it was written under "
             "another plan or by another tool. Delete the shard and its .json sidecar and run the encode again.")
-
-
-def check_shard_checksums(out: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems found re-hashing every shard listed in the manifest (empty when all match)."""
-    problems = []
-    for s in manifest["shards"]:
-        path = out / s["path"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != s["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-    return problems

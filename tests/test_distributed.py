@@ -15,9 +15,9 @@ import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
 from latentcache.errors import ConfigError
-from latentcache.pipeline import check_shard_checksums
 from latentcache.plan import Plan, PlannedShard, shards_for_rank
 from latentcache.shards import decode_sample, iter_tar, read_manifest
+from latentcache.verify import verify
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written")
 
@@ -43,7 +43,7 @@ def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) ->
     manifest = read_manifest(encoded_reference)
     assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
                                   "planned_clips": SMALL_VIDEOS}
-    assert check_shard_checksums(encoded_reference, manifest) == []
+    assert verify(encoded_reference).problems == []
     keys = []
     for shard in manifest["shards"]:
         for raw in iter_tar(encoded_reference / shard["path"]):

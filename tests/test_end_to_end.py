@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
 from latentcache.cli import main
-from latentcache.pipeline import check_shard_checksums
 from latentcache.shards import iter_tar, read_manifest
+from latentcache.verify import verify
 
 TINY_ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
 
@@ -36,7 +36,7 @@ def test_manifest_describes_every_shard(encoded):
     assert manifest["latent_spec"]["frame_rule"] == "4k+1"
     assert manifest["vae"]["random_weights"] is True
     assert manifest["buckets"] == {"17x64x96": 4}
-    assert check_shard_checksums(encoded, manifest) == []
+    assert verify(encoded).problems == []
     for shard in manifest["shards"]:
         assert (encoded / shard["path"]).stat().st_size == shard["bytes"]
     assert not list(encoded.rglob("*.tmp"))
