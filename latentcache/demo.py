@@ -54,18 +54,21 @@ def run_demo(out: Path) -> int:
     started = time.perf_counter()
     code = encode_job(args)
     print(f"encode: {len(videos)} clips in {time.perf_counter() - started:.1f}s (exit code {code})")
-    dataset = LatentShardDataset(latents_dir, expected_channels=16, batch_size=2, layout="BTCHW")
-    batch = next(iter(dataset))
-    latents = batch["latents"]
-    print(f"LatentShardDataset batch: latents {tuple(latents.shape)} {latents.dtype} (B, T, C, H, W), "
-          f"keys {batch['key']}, captions {batch['caption']}")
-    _, t, c, h, w = latents.shape
+    first = next(iter(LatentShardDataset(latents_dir, expected_channels=16, batch_size=2, layout="BTCHW")))
+    _, t, c, h, w = first["latents"].shape
+    print(f"LatentShardDataset batch: latents {tuple(first['latents'].shape)} {first['latents'].dtype} "
+          "(B, T, C, H, W)")
     model = tiny_transformer(t, h, w, in_channels=c)
+    # for_transformer checks channels, frames and sizes against the model's config before any step is taken.
     dataset = LatentShardDataset.for_transformer(model, latents_dir, batch_size=2, layout="BTCHW")
     with torch.no_grad():
-        pred = model(hidden_states=latents, encoder_hidden_states=torch.zeros(latents.shape[0], 8, 32),
-                     timestep=torch.tensor([500] * latents.shape[0])).sample
-    print(f"CogVideoXTransformer3DModel(in_channels={model.config.in_channels}) forward: {tuple(pred.shape)}, "
-          f"finite={bool(torch.isfinite(pred).all())}")
+        for batch in dataset:
+            latents = batch["latents"]
+            pred = model(hidden_states=latents, encoder_hidden_states=torch.zeros(latents.shape[0], 8, 32),
+                         timestep=torch.tensor([500] * latents.shape[0])).sample
+            captions = ", ".join(repr(c) for c in batch["caption"])
+            print(f"  CogVideoXTransformer3DModel(in_channels={model.config.in_channels}) forward on "
+                  f"{batch['key']}: {tuple(pred.shape)}, finite={bool(torch.isfinite(pred).all())}; "
+                  f"captions {captions}")
     print(f"demo done: shards and manifest in {latents_dir}")
     return code
