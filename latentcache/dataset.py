@@ -154,6 +154,16 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path) -> list
     return refs
 
 
+def _inside(path: str, root: Path) -> str:
+    """A shard path from a manifest, refused unless it stays inside the dataset directory (manifests may come from
+    strangers: `/dev/zero` or `../../etc` must never be opened)."""
+    posix = str(path).replace("\\", "/")
+    if not posix or posix.startswith("/") or ".." in posix.split("/") or (len(posix) > 1 and posix[1] == ":"):
+        raise ShardFormatError(f"{root / 'manifest.json'}: shard path {path!r} is absolute or leaves the dataset "
+                               "directory; latentcache writes paths such as shards/17x64x96/000000.tar")
+    return posix
+
+
 def resolve_source(source: Any, manifest: str | os.PathLike | None = None
                    ) -> tuple[dict[str, Any], Path, list[ShardRef]]:
     """A dataset directory, or shard urls (paths, globs, brace lists, file://, anything webdataset opens)
@@ -165,7 +175,7 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
             if message:
                 raise LatentMismatchError(message)
         data, mroot = _read_manifest_arg(manifest or root)
-        urls = [str(root / s["path"]) for s in data["shards"]]
+        urls = [str(root / _inside(s["path"], root)) for s in data["shards"]]
         return data, mroot, _match_shards(urls, data, mroot)
     urls = expand_urls(source)
     data, mroot = _read_manifest_arg(manifest) if manifest is not None else _read_manifest_arg(
@@ -392,11 +402,13 @@ class LatentShardDataset(IterableDataset):
 
     @property
     def num_samples(self) -> int:
-        """Samples in the selected shards, all ranks together."""
-        return sum(s.samples for s in self.shards)
+        """Samples in the selected shards, all ranks together.
 
-    def __len__(self) -> int:
-        return self.num_samples
+        There is deliberately no `__len__`: how many items one rank yields depends on batching by bucket, the split
+        between ranks and DataLoader workers, and `epoch_items`; a wrong `len(loader)` would silently mis-size a
+        learning-rate schedule. Step-based training sets `resampled=True, epoch_items=N` and knows N.
+        """
+        return sum(s.samples for s in self.shards)
 
     def set_epoch(self, epoch: int) -> None:
         """A new pass: new shard order, new buffer shuffle, new posterior noise; forgets any resume position."""
@@ -549,6 +561,8 @@ class LatentShardDataset(IterableDataset):
                              "resume with the same world size and num_workers")
         self._slots = total
         skip = self._skip.pop(gid, 0)
+        # A new pass: what was delivered is what this pass skips, never counts left over from the previous pass.
+        self._consumed = {gid: skip} if skip else {}
         groups = self._groups(self._shuffled(self._worker_raw(gid, total), gid))
         for index, group in enumerate(groups):
             if self.epoch_items is not None and index >= self.epoch_items:
@@ -571,6 +585,11 @@ class StatefulLoader:
     """
 
     def __init__(self, dataset: LatentShardDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            # Persistent workers keep their first copy of the dataset: set_epoch and load_state_dict never reach
+            # them, so every epoch would repeat the first one's order and noise.
+            raise ValueError("StatefulLoader does not support persistent_workers=True: workers must see set_epoch "
+                             "and load_state_dict")
         self.dataset = dataset
         self.num_workers = num_workers
         # The dataset batches by bucket itself, so the DataLoader must not batch again.
@@ -583,6 +602,7 @@ class StatefulLoader:
             raise ValueError(f"resume state was saved with {dataset._slots} rank x worker slots, this run has "
                              f"{slots}: resume with the same world size and num_workers")
         dataset._slots = slots
+        dataset._consumed = dict(dataset._skip)  # a new pass starts from the resume position, or from nothing
         iterator = iter(self.loader)
         if self.num_workers:
             dataset._skip = {}  # the workers took their copy of the resume position; later passes start afresh

@@ -17,6 +17,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import av
@@ -347,6 +348,14 @@ class _Decoded:
     hole_from: float | None = None  # frames are missing from here up to this frame (stream containers only)
 
 
+def _since_start(pts: int, time_base: Fraction, stream: av.video.stream.VideoStream, t0: float) -> float:
+    """Seconds since the stream start, computed in exact ticks: 8.05 - 7.3 in floats is 0.7500000000000009, which
+    would make a frame shown exactly at a target time miss it."""
+    if stream.start_time is not None and time_base == stream.time_base:
+        return float((pts - stream.start_time) * time_base)
+    return float(pts * time_base) - t0
+
+
 def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, t0: float,
                     integrity: _Integrity, path: str, preroll_until: float | None = None,
                     codec: av.CodecContext | None = None) -> Iterator[_Decoded]:
@@ -370,7 +379,7 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
             integrity.damage(None, f"the container breaks off ({_why(e)})")
             log.debug("%s: demuxing stopped after %d frames: %s", path, decoded, e)
             return
-        packet_t = float(packet.pts * packet.time_base) - t0 if packet.pts is not None else None
+        packet_t = _since_start(packet.pts, packet.time_base, stream, t0) if packet.pts is not None else None
         if preroll_until is not None and (packet_t is None or packet_t >= preroll_until):
             ctx.skip_frame = "DEFAULT"
             preroll_until = None
@@ -389,7 +398,8 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
         for frame in frames:
             if codec is not None and frame.pts is not None:
                 frame.time_base = stream.time_base  # a standalone decoder does not know the stream's time base
-            t = (float(frame.time) - t0) if frame.time is not None else decoded * integrity.period
+            t = (_since_start(frame.pts, frame.time_base, stream, t0) if frame.pts is not None and frame.time_base
+                 else decoded * integrity.period)
             decoded += 1
             yield integrity.check(t, frame)
 
@@ -424,7 +434,8 @@ class _ClipBuilder:
 
     def fill_until(self, prev: _Decoded, until: float, hole_from: float | None = None) -> None:
         """Take `prev` for every target before `until` (the next frame's time, or where `prev` stops showing)."""
-        while not self.done and self.next_target() < until:
+        # A microsecond of slack: a frame whose time equals a target (up to rounding) is the one shown there.
+        while not self.done and self.next_target() < until - 1e-6:
             if hole_from is not None and self.next_target() >= hole_from:
                 # Taking `prev` here would repeat it in place of frames that were lost.
                 raise InputError(self.path, "decode", f"frames missing inside the clip: none between {prev.t:.3f}s "

@@ -231,13 +231,16 @@ def check_member_name(name: str) -> None:
 
 
 def split_member(name: str) -> tuple[str, str]:
-    """'dir/abc_0001.latents.safetensors' -> ('abc_0001', 'latents.safetensors'), refusing unsafe names."""
+    """'dir/abc_0001.latents.safetensors' -> ('dir/abc_0001', 'latents.safetensors'), refusing unsafe names.
+
+    The key keeps its directory, as webdataset's does, so `a/k.json` and `b/k.txt` are two samples, not one.
+    """
     check_member_name(name)
-    base = name.rsplit("/", 1)[-1]
+    folder, _, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     if not dot:
         raise ShardFormatError(f"member {name!r} has no extension")
-    return key, ext
+    return f"{folder}/{key}" if folder else key, ext
 
 
 SAFETENSORS_MAX_HEADER = 100 << 20
@@ -265,11 +268,21 @@ def safetensors_header(data: bytes, where: str) -> dict[str, Any]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = (info.get("data_offsets") or [0, 0]) if isinstance(info, dict) else (-1, -1)
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= room):
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)):
+            raise ShardFormatError(f"{where}: tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]")
+        if not (isinstance(shape, list) and all(_is_int(v) and v >= 0 for v in shape)):
+            raise ShardFormatError(f"{where}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
+        begin, end = offsets
+        if not 0 <= begin <= end <= room:
             raise ShardFormatError(f"{where}: tensor {name!r} claims bytes {begin}..{end}, the member holds "
                                    f"{room} bytes of tensor data; truncated or crafted")
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
@@ -299,6 +312,12 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: sample {key!r} does not decode: {type(e).__name__}: {e}") from e
     if set(tensors) != {"mean", "logvar"} and set(tensors) != {"mean"}:
         raise ShardFormatError(f"{where}: sample {key!r} holds tensors {sorted(tensors)}, expected mean and logvar")
+    if "logvar" in tensors and tensors["logvar"].shape != tensors["mean"].shape:
+        raise ShardFormatError(f"{where}: sample {key!r} has logvar {tuple(tensors['logvar'].shape)} but mean "
+                               f"{tuple(tensors['mean'].shape)}")
+    if not isinstance(out["meta"], dict):
+        raise ShardFormatError(f"{where}: sample {key!r} has a {type(out['meta']).__name__} as its JSON, expected "
+                               "an object")
     out["mean"], out["logvar"] = tensors["mean"], tensors.get("logvar")
     return out
 
@@ -328,18 +347,34 @@ class _HashingReader:
         self.count += len(data)
         return data
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+    def drain(self, limit: int) -> bool:
+        """Read (and hash) what follows the tar's end-of-archive blocks; False if more than `limit` bytes follow
+        (a crafted url such as /dev/zero never ends)."""
+        left = limit
+        while left > 0:
+            block = self.read(min(1 << 20, left))
+            if not block:
+                return True
+            left -= len(block)
+        return not self.read(1)
+
+
+# What one member may hold, checked from its header before a byte of it is read: a stranger's tar claiming a
+# 100 GB caption must not fill memory. Latents of a 4K 121-frame LTX clip are well under 1 GiB.
+MAX_MEMBER_BYTES = {"json": 16 << 20, "txt": 16 << 20, LATENTS: 4 << 30, TEXT_EMBEDS: 1 << 30}
+# Padding after the end-of-archive blocks (tar's blocking factor) is a few KiB; anything past this is refused.
+MAX_TRAILING_BYTES = 1 << 20
 
 
 def _member_problem(member: tarfile.TarInfo, ext: str) -> str | None:
-    if not member.isfile():
-        kind = "link" if member.issym() or member.islnk() else "special file"
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or member.issparse():
+        kind = "link" if member.issym() or member.islnk() else "sparse or special file"
         return f"is a {kind}; latentcache shards hold only regular files"
     if ext not in KNOWN_MEMBERS:
         return (f"has extension .{ext}; latentcache shards hold only {', '.join(sorted(KNOWN_MEMBERS))}. Refusing "
                 "to read it (a .pyd/.pth/.pickle member could run code when unpickled)")
+    if member.size > MAX_MEMBER_BYTES[ext]:
+        return f"claims {member.size} bytes, more than a .{ext} member may hold ({MAX_MEMBER_BYTES[ext]})"
     return None
 
 
@@ -381,7 +416,9 @@ def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
                     raise ShardFormatError(f"{where}: member {name!r} appears twice in sample {key!r}")
                 current[ext] = tar.extractfile(member).read()
             end = tar.offset
-        reader.drain()
+        if not reader.drain(MAX_TRAILING_BYTES):
+            raise ShardFormatError(f"{where}: more than {MAX_TRAILING_BYTES} bytes follow the end of the tar; "
+                                   "not a shard latentcache wrote")
     except tarfile.TarError as e:
         raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {name!r} ({e}); copy the "
                                "shard again or re-encode it") from e

@@ -88,16 +88,17 @@ class LatentSpec:
 
     def describe_normalization(self) -> str:
         """How `normalize` maps raw latents to model space, in words, for reports."""
-        scale = "" if self.scaling_factor in (None, 1.0) else (
-            f" / {self.scaling_factor:g}" if self.invert_scale_latents else f" * {self.scaling_factor:g}")
+        scale = "" if self.scaling_factor in (None, 1.0) else f" * {self.scaling_factor:g}"
         if self.latents_mean is not None and self.latents_std is not None:
             return f"per-channel (z - mean) / std{scale} ({len(self.latents_mean)} channels)"
         shift = f"(z - {self.shift_factor:g})" if self.shift_factor else "z"
         return f"{shift}{scale}" if scale else f"{shift} (no scaling)"
 
     def _scale(self) -> float:
-        scale = self.scaling_factor if self.scaling_factor is not None else 1.0
-        return 1.0 / scale if self.invert_scale_latents else scale
+        # Video latents are always multiplied by the scaling factor (every CogVideoX pipeline decodes
+        # `latents / scaling_factor`). `invert_scale_latents` (CogVideoX 1.5) only changes how the image-to-video
+        # pipeline scales the *conditioning image* latents, so it is recorded but not applied here.
+        return self.scaling_factor if self.scaling_factor is not None else 1.0
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents [..., C, T, H, W] -> what the transformer trains on. Apply exactly once."""

@@ -230,7 +230,7 @@ def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = 
     if low <= std <= high:
         return
     suggestion = ""
-    if spec.latents_std is None and spec.scaling_factor and not spec.invert_scale_latents:
+    if spec.latents_std is None and spec.scaling_factor:
         # With a scalar factor, the factor that would give std 1 is the current one divided by the std seen.
         suggestion = f" (a factor of {spec.scaling_factor / std:.4g} would give std 1)"
     report.warnings.append(
