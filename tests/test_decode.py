@@ -252,3 +252,10 @@ def test_preroll_skips_b_frames_but_never_a_frame_of_the_clip(tmp_path):
     times = clip.meta["frame_times"]
     assert times == [round((168 + 3 * i) / 24, 6) for i in range(9)]  # exactly the frames on screen at 7 + i/8 s
     assert_real_ordered_content(clip, num_frames=240)
+
+
+def test_a_frame_exactly_at_a_target_is_taken_when_the_stream_starts_late(tmp_path):
+    """Stream start 7.3 s: in floats 7.7 - 7.3 = 0.40000000000000036, which used to take the previous frame."""
+    path = write_video(tmp_path / "late.mkv", codec="h264", num_frames=75, pts=[7300 + 40 * i for i in range(75)])
+    clip = decode_clip(path, 0.4, ClipSettings(frames=9, fps=5.0, height=64, width=96))
+    assert clip.meta["frame_times"] == [round(0.4 + 0.2 * i, 6) for i in range(9)]
