@@ -186,7 +186,12 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 def _duration_by_demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     """Last packet end time, for containers that do not store a duration (some gifs, raw streams)."""
-    container.seek(0)
+    # A fresh demuxer rather than a seek back: raw elementary streams (.h264, .hevc) cannot seek.
+    with av.open(container.name, metadata_errors="ignore") as fresh:
+        return _last_packet_end(fresh, fresh.streams[stream.index])
+
+
+def _last_packet_end(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     start, end = None, 0.0
     try:
         for packet in container.demux(stream):
@@ -495,7 +500,11 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
             builder, last = run.decode(seek=start > 0)
         except _SeekMissed:
             log.debug("%s: seek to %.3fs missed the clip, decoding from the start", path, start)
-            container.seek(0)
+            try:
+                container.seek(0)
+            except (av.FFmpegError, OSError) as e:
+                raise InputError(path, "decode", f"the clip at {start:.3f}s cannot be reached: a seek missed it and "
+                                 f"the stream cannot seek back to its start ({_why(e)})") from e
             if codec is not None:
                 codec.flush_buffers()
             builder, last = run.decode(seek=False)
@@ -519,9 +528,15 @@ class _Run:
         """Takes the clip's frames; raises _SeekMissed when the seek landed somewhere the clip cannot start."""
         t0 = _stream_start(self.stream)
         if seek:
-            # backward=True lands on the keyframe at or before the clip start where the container has an index.
-            self.container.seek(int((t0 + self.start) / self.stream.time_base), stream=self.stream, backward=True)
-            if self.codec is not None:
+            try:
+                # backward=True lands on the keyframe at or before the clip start where the container has an index.
+                self.container.seek(int((t0 + self.start) / self.stream.time_base), stream=self.stream,
+                                    backward=True)
+            except (av.FFmpegError, OSError) as e:
+                # Raw elementary streams cannot seek: decode from where the freshly opened file stands, its start.
+                log.debug("%s: cannot seek (%s); decoding from the start", self.path, _why(e))
+                seek = False
+            if seek and self.codec is not None:
                 self.codec.flush_buffers()  # seek flushes the stream's own decoder only
         builder = _ClipBuilder(self.path, self.start, self.clip, self.period)
         self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)

@@ -91,7 +91,7 @@ def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSetti
         if existing.fingerprint != wanted.fingerprint and not overwrite:
             raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
-        if existing.fingerprint == wanted.fingerprint and (not overwrite or _same_inputs(existing, inputs)):
+        if existing.fingerprint == wanted.fingerprint and not overwrite:
             _check_inputs(out, existing, inputs)
             return existing
         if write:
@@ -105,10 +105,6 @@ def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSetti
 
 def _planned_paths(plan: Plan) -> set[str]:
     return {c.source for c in plan.clips} | {r["path"] for r in plan.rejected}
-
-
-def _same_inputs(plan: Plan, inputs: list[InputVideo]) -> bool:
-    return {v.path for v in inputs} == _planned_paths(plan)
 
 
 def _check_inputs(out: Path, plan: Plan, inputs: list[InputVideo]) -> None:

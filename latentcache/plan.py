@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -101,14 +102,16 @@ def _list_rows(list_file: Path) -> list[dict[str, Any]]:
     # utf-8-sig: spreadsheets save CSVs with a byte-order mark, which would otherwise become part of "path".
     text = list_file.read_text(encoding="utf-8-sig")
     if list_file.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # The csv module's own line handling: a quoted caption may hold newlines, and str.splitlines would also
+        # cut at U+2028, NEL or form feeds inside captions.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); found "
                               f"columns: {', '.join(reader.fieldnames or []) or 'none'}")
         return list(reader)
     if list_file.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # JSON may hold U+2028 raw; only \n ends a line
             if not line.strip():
                 continue
             try:
@@ -120,7 +123,7 @@ def _list_rows(list_file: Path) -> list[dict[str, Any]]:
                 raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with 'path'")
             rows.append(row)
         return rows
-    return [{"path": line.strip()} for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [{"path": line.strip()} for line in text.split("\n") if line.strip() and not line.startswith("#")]
 
 
 def _from_list(list_file: Path) -> list[InputVideo]:
@@ -135,10 +138,13 @@ def _from_list(list_file: Path) -> list[InputVideo]:
         raw = row.get("path")
         if not isinstance(raw, str) or not raw.strip():
             raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
-        p = (base / Path(raw.strip()).expanduser()).resolve()
+        # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
+        # wherever it is mounted.
+        p = Path(os.path.normpath(base / Path(raw.strip()).expanduser()))
         caption = row.get("caption")
         caption = str(caption).strip() if caption not in (None, "") else None
-        out.append(InputVideo(str(p), Path(os.path.relpath(p, base)).as_posix(), caption or _read_caption(p)))
+        out.append(InputVideo(str(p.absolute()), Path(os.path.relpath(p, base)).as_posix(),
+                              caption or _read_caption(p)))
     return out
 
 

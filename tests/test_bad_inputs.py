@@ -190,3 +190,17 @@ def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, c
     assert (failures["b.mp4"]["stage"], failures["b.mp4"]["error"]) == ("decode", "InvalidDataError")
     assert json.loads((out / "manifest.json").read_text())["counts"]["samples"] == 1
     assert "failures by kind: decode/FileNotFoundError: 1, decode/InvalidDataError: 1" in capsys.readouterr().out
+
+
+def test_a_raw_elementary_stream_is_a_record_not_a_crash(tmp_path):
+    """A .h264 file has no container: it cannot seek, and its duration must be found by demuxing afresh."""
+    (tmp_path / "in").mkdir()
+    write_video(tmp_path / "in" / "good", codec="h264", num_frames=72)
+    write_video(tmp_path / "in" / "raw.h264", codec="h264", num_frames=72)
+    code = main(["encode", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae", "tiny-random-cogvideox",
+                 "--frames", "17", "--fps", "8", "--height", "64", "--width", "96", "--workers", "0"])
+    assert code in (EXIT_OK, EXIT_SOME_FAILED)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    # Either the raw stream was encoded, or it has its record; the good video is always there.
+    assert manifest["counts"]["samples"] + len(records) == 2 and manifest["counts"]["samples"] >= 1

@@ -284,3 +284,23 @@ def test_random_clips_are_seeded_per_video_and_reproducible():
     assert clip_starts(20.0, clip, "videos/a.mp4") == a  # same seed and video: same starts, on any machine
     assert clip_starts(20.0, clip, "videos/b.mp4") != a  # each video its own draw
     assert clip_starts(20.0, dataclasses.replace(clip, seed=8), "videos/a.mp4") != a
+
+
+def test_list_captions_keep_their_own_line_breaks(tmp_path):
+    write_video(tmp_path / "a", codec="h264", num_frames=8)
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "one\u2028two"}, ensure_ascii=False)
+                                         + "\n", encoding="utf-8")
+    (tmp_path / "list.csv").write_text('path,caption\na.mp4,"line one\nline two"\n', encoding="utf-8")
+    assert [v.caption for v in discover_inputs([tmp_path / "list.jsonl"])] == ["one\u2028two"]
+    assert [v.caption for v in discover_inputs([tmp_path / "list.csv"])] == ["line one\nline two"]
+
+
+def test_list_keys_do_not_depend_on_symlinks(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    write_video(real / "a", codec="h264", num_frames=8)
+    (real / "list.txt").write_text("a.mp4\n", encoding="utf-8")
+    (tmp_path / "link").symlink_to(real)
+    via_real = discover_inputs([real / "list.txt"])
+    via_link = discover_inputs([tmp_path / "link" / "list.txt"])
+    assert [v.relpath for v in via_real] == [v.relpath for v in via_link] == ["a.mp4"]
