@@ -240,7 +240,7 @@ def bucket_latent_shape(spec: LatentSpec, bucket: str) -> tuple[int, int, int, i
 
 
 def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: Iterable[str], *,
-                         image_to_video: bool = False) -> list[str]:
+                         image_to_video: bool = False, pad_frames: bool = False) -> list[str]:
     """Why latents of these buckets cannot go into this diffusers transformer (CogVideoX-style config); [] if fine.
 
     Reads in_channels, patch_size(_t), temporal_compression_ratio, sample_frames/height/width and the kind of
@@ -250,27 +250,32 @@ def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: 
     get = _config_get(transformer_or_config)
     problems: list[str] = []
     in_channels = int(get("in_channels"))
-    expected = 2 * spec.channels if image_to_video else spec.channels
-    if in_channels == 2 * spec.channels and not image_to_video:
+    c = spec.channels
+    # Image-to-video inputs: the noisy latents plus conditioning concatenated along channels. CogVideoX I2V: 2C;
+    # HunyuanVideo I2V: 2C+1 (a mask channel); Wan 2.1 I2V: 2C+4 (a 4-channel frame mask); LTX-Video and Wan 2.2
+    # TI2V condition in the token sequence or the first latent frame instead, and take C.
+    twice = f"twice the VAE's {c} latent channels"
+    i2v_layouts = {2 * c: twice, 2 * c + 1: f"{twice} plus a mask channel",
+                   2 * c + 4: f"{twice} plus 4 (a frame mask)"}
+    if image_to_video:
+        if in_channels != c and in_channels not in i2v_layouts:
+            problems.append(f"in_channels={in_channels} fits no image-to-video layout of {c}-channel latents "
+                            f"({c}, {', '.join(str(n) for n in i2v_layouts)}): encode with the VAE this "
+                            "transformer was trained with")
+    elif in_channels in i2v_layouts:
         problems.append(
-            f"in_channels={in_channels} is twice the VAE's {spec.channels} latent channels: an image-to-video "
-            "model, whose input is the noisy video latents concatenated with the image latents along channels. "
-            "Pass image_to_video=True and concatenate the (first-frame) image latents in the training step.")
-    elif in_channels == 2 * spec.channels + 4 and not image_to_video:
-        problems.append(
-            f"in_channels={in_channels} is the VAE's {spec.channels} latent channels twice plus 4: a Wan-style "
-            "image-to-video model (noisy latents, a 4-channel frame mask and the image latents, concatenated). Pass "
-            "image_to_video=True and build the mask and image latents in the training step.")
-    elif in_channels != expected and not (image_to_video and in_channels == 2 * spec.channels + 4):
-        problems.append(f"in_channels={in_channels}, the latents have {spec.channels} channels"
-                        f"{' (x2 for image-to-video)' if image_to_video else ''}: encode with the VAE this "
+            f"in_channels={in_channels} is {i2v_layouts[in_channels]}: an image-to-video model, whose input "
+            "is the noisy video latents concatenated with the image latents (and a mask) along channels. Pass "
+            "image_to_video=True and build the conditioning in the training step.")
+    elif in_channels != c:
+        problems.append(f"in_channels={in_channels}, the latents have {c} channels: encode with the VAE this "
                         "transformer was trained with")
     compression = get("temporal_compression_ratio")
     if compression is not None and int(compression) != spec.temporal_compression:
         problems.append(f"temporal_compression_ratio={compression}, the VAE compresses time by "
                         f"{spec.temporal_compression}")
     for bucket in sorted(set(buckets)):
-        problems.extend(_bucket_problems(get, spec, bucket))
+        problems.extend(_bucket_problems(get, spec, bucket, pad_frames))
     return problems
 
 
@@ -284,7 +289,7 @@ def _patch_sizes(get: Any) -> tuple[int | None, int, int]:
     return (int(pt) if pt else None), int(patch), int(patch)
 
 
-def _bucket_problems(get: Any, spec: LatentSpec, bucket: str) -> list[str]:
+def _bucket_problems(get: Any, spec: LatentSpec, bucket: str, pad_frames: bool = False) -> list[str]:
     _, t, h, w = bucket_latent_shape(spec, bucket)
     problems = []
     pt, ph, pw = _patch_sizes(get)
@@ -292,9 +297,10 @@ def _bucket_problems(get: Any, spec: LatentSpec, bucket: str) -> list[str]:
         if size % p:
             problems.append(f"bucket {bucket}: latent {name} {size} is not a multiple of patch_size {p}; encode at a "
                             f"{name} that is a multiple of {p * spec.spatial_compression} pixels")
-    if pt and t % pt:
+    if pt and t % pt and not pad_frames:
         problems.append(f"bucket {bucket}: {t} latent frames is not a multiple of patch_size_t {pt}; pad the latents "
-                        "to a multiple in the training step (as CogVideoX 1.5 pipelines do) or encode other frames")
+                        "to a multiple in the training step (as CogVideoX 1.5 pipelines do) and pass pad_frames=True, "
+                        "or encode other frames")
     frames, sh, sw = get("sample_frames"), get("sample_height"), get("sample_width")
     if frames is None or sh is None or sw is None:
         return problems
@@ -389,12 +395,14 @@ class LatentShardDataset(IterableDataset):
 
     @classmethod
     def for_transformer(cls, transformer_or_config: Any, source: str | os.PathLike | Iterable[str], *,
-                        image_to_video: bool = False, **kwargs: Any) -> LatentShardDataset:
+                        image_to_video: bool = False, pad_frames: bool = False, **kwargs: Any
+                        ) -> LatentShardDataset:
         """Read the transformer's config (in_channels, patch sizes, sample sizes, positional embedding) and refuse
         shards that do not fit it, naming each number."""
         dataset = cls(source, **kwargs)
         buckets = {s.bucket for s in dataset.shards}
-        problems = transformer_problems(transformer_or_config, dataset.spec, buckets, image_to_video=image_to_video)
+        problems = transformer_problems(transformer_or_config, dataset.spec, buckets, image_to_video=image_to_video,
+                                        pad_frames=pad_frames)
         if problems:
             raise LatentMismatchError(f"{dataset.root}: these latents do not fit the transformer:\n  - "
                                       + "\n  - ".join(problems))

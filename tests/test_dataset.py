@@ -269,3 +269,13 @@ def test_epoch_items_gives_every_rank_the_same_number_of_steps(encoded_dir: Path
     assert steps == [5, 5, 5]
     with pytest.raises(ValueError, match="epoch_items"):
         LatentShardDataset(encoded_dir, epoch_items=0)
+
+
+def test_pad_frames_accepts_odd_latent_frames_for_patch_size_t(encoded_dir: Path) -> None:
+    """CogVideoX 1.5 (patch_size_t 2) trains on 81 frames = 21 latent frames, padding in the step: allowed on request."""
+    spec = LatentShardDataset(encoded_dir).spec
+    config = {"in_channels": 16, "patch_size": 2, "patch_size_t": 2}
+    assert transformer_problems(config, spec, ["17x64x96"])
+    assert transformer_problems(config, spec, ["17x64x96"], pad_frames=True) == []
+    for in_channels in (16, 32, 33, 36):  # LTX/Wan 2.2 TI2V, CogVideoX I2V, HunyuanVideo I2V, Wan 2.1 I2V
+        assert transformer_problems({"in_channels": in_channels}, spec, [], image_to_video=True) == []
