@@ -85,18 +85,22 @@ class TextEncoder:
     def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor] | None]:
         """One dict per caption (None where there is no caption), encoding only captions not seen recently."""
         todo = list(dict.fromkeys(c for c in captions if c is not None and c not in self._cache))
-        if todo:
-            for caption, tensors in zip(todo, self._encode(todo), strict=True):
-                self._cache[caption] = tensors
-                if len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
+        fresh = dict(zip(todo, self._encode(todo), strict=True)) if todo else {}
         out = []
         for caption in captions:
             if caption is None:
                 out.append(None)
                 continue
-            self._cache.move_to_end(caption)
-            out.append(self._cache[caption])
+            tensors = fresh.get(caption)
+            if tensors is None:
+                tensors = self._cache[caption]
+                self._cache.move_to_end(caption)
+            out.append(tensors)
+        # Evict only once the answer is built: a batch may hold more new captions than the cache.
+        for caption, tensors in fresh.items():
+            self._cache[caption] = tensors
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return out
 
     def embed(self, caption: str | None) -> dict[str, torch.Tensor] | None:

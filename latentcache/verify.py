@@ -189,8 +189,13 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
             report.problems.append(str(e))
         except OSError as e:
             report.problems.append(f"{shard.url}: cannot read ({e}); is the dataset complete?")
+        except Exception as e:  # a stranger's shard can break any parser: report it, keep verifying the rest
+            report.problems.append(f"{shard.url}: does not read as a latentcache shard ({type(e).__name__}: {e})")
         else:
             report.bytes += _shard_bytes(shard)
+        if check_sha256 and not shard.sha256:
+            report.problems.append(f"{shard.url}: the manifest has no sha256 for it, so its content cannot be "
+                                   "checked; run `latentcache finalize` to rebuild the manifest from the sidecars")
     _check_totals(manifest, mroot, report)
     _check_stats(spec, report, bool(manifest.get("vae", {}).get("random_weights")))
     if trainer_config is not None:

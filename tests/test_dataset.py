@@ -272,7 +272,7 @@ def test_epoch_items_gives_every_rank_the_same_number_of_steps(encoded_dir: Path
 
 
 def test_pad_frames_accepts_odd_latent_frames_for_patch_size_t(encoded_dir: Path) -> None:
-    """CogVideoX 1.5 (patch_size_t 2) trains on 81 frames = 21 latent frames, padding in the step: allowed on request."""
+    """CogVideoX 1.5 (patch_size_t 2) trains on 81 frames = 21 latent frames, padded in the step: on request."""
     spec = LatentShardDataset(encoded_dir).spec
     config = {"in_channels": 16, "patch_size": 2, "patch_size_t": 2}
     assert transformer_problems(config, spec, ["17x64x96"])

@@ -115,6 +115,17 @@ def test_each_distinct_caption_is_encoded_once(t5_pipeline):
     assert encoder.encoded_prompts == 2
 
 
+def test_more_new_captions_than_the_cache_holds(t5_pipeline, monkeypatch):
+    from latentcache import text
+
+    monkeypatch.setattr(text, "CACHE_SIZE", 2)
+    encoder = load_text_encoder(TextSettings(source=str(t5_pipeline) + "/", max_length=MAX_LENGTH), "cogvideox")
+    captions = [f"caption {i}" for i in range(5)]
+    out = encoder.embed_many(captions)
+    assert len(out) == 5 and all(o is not None for o in out)
+    assert len(encoder.embed_many(["caption 0", "caption 4", "a new one"])) == 3  # evicted, kept, new
+
+
 def test_the_default_length_is_the_pipelines(t5_pipeline):
     assert load_text_encoder(TextSettings(source=str(t5_pipeline)), "cogvideox").max_length == 226
     assert load_text_encoder(TextSettings(source=str(t5_pipeline)), "ltx").max_length == 128
