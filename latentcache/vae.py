@@ -445,7 +445,13 @@ class VideoVAE:
             finally:
                 self.model.to(self.dtype)
             if torch.isfinite(params).all():
-                params = params.to(self.dtype)
+                cast = params.to(self.dtype)
+                if not torch.isfinite(cast).all():
+                    # The intermediate activations were the trouble, but the latents themselves exceed the dtype too.
+                    raise InputError(", ".join(sources) if sources else "batch", "encode",
+                                     f"the latents are finite in fp32 (largest {params.abs().max().item():.3g}) but "
+                                     f"exceed {self.dtype}: encode with --dtype bf16 or fp32")
+                params = cast
         what = ", ".join(sources) if sources else "batch"
         if not torch.isfinite(params).all():
             raise InputError(what, "encode", f"the VAE produced NaN/Inf latents even in fp32 (dtype {self.dtype})")
