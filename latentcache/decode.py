@@ -137,6 +137,16 @@ def _frame_period(stream: av.video.stream.VideoStream) -> float:
     return 1.0 / float(rate) if rate else 1.0 / 25.0
 
 
+def _sample_aspect(stream: av.video.stream.VideoStream) -> Fraction:
+    """Pixel aspect ratio (anamorphic DVD/broadcast/HDV sources store non-square pixels); 1 when unknown."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def _displayed_width(width: int, sar: Fraction) -> int:
+    return max(1, round(width * sar))
+
+
 def _rotation(frame: av.VideoFrame) -> int:
     """Display-matrix rotation snapped to 0/90/180/270, counter-clockwise (np.rot90's direction)."""
     return int(round(frame.rotation / 90.0)) * 90 % 360
@@ -165,7 +175,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         if first is None:
             raise InputError(path, "probe", "the video stream holds no decodable frame") from CorruptVideo()
         rotation = _rotation(first)
-        width, height = first.width, first.height
+        width, height = _displayed_width(first.width, _sample_aspect(stream)), first.height
         if rotation in (90, 270):
             width, height = height, width
         if duration is None or duration <= 0:
@@ -254,8 +264,9 @@ def target_times(start: float, clip: ClipSettings) -> list[float]:
 class _Converter:
     """Converts each picked frame once (a frame shown at two target times is converted once)."""
 
-    def __init__(self, clip: ClipSettings) -> None:
+    def __init__(self, clip: ClipSettings, sar: Fraction = Fraction(1)) -> None:
         self.clip = clip
+        self.sar = sar
         self.geometry: Geometry | None = None
         self.rotation = 0
         self.source_size = (0, 0)
@@ -270,7 +281,9 @@ class _Converter:
         if self.geometry is None:
             self.rotation = _rotation(frame)
             swap = self.rotation in (90, 270)
-            self.source_size = (frame.height, frame.width) if swap else (frame.width, frame.height)
+            # Geometry works on the picture as displayed: non-square pixels stretched, then rotated.
+            shown_w = _displayed_width(frame.width, self.sar)
+            self.source_size = (frame.height, shown_w) if swap else (shown_w, frame.height)
             self.geometry = Geometry.plan(*self.source_size, self.clip.width, self.clip.height, self.clip.resize)
         geo = self.geometry
         # swscale works on the stored (unrotated) frame, so ask it for the rotated-back size.
@@ -412,7 +425,8 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
 class _ClipBuilder:
     """Takes, for each target time, the frame on screen at that time (the last one with pts <= target)."""
 
-    def __init__(self, path: str, start: float, clip: ClipSettings, period: float) -> None:
+    def __init__(self, path: str, start: float, clip: ClipSettings, period: float,
+                 sar: Fraction = Fraction(1)) -> None:
         self.path = path
         self.start = start
         self.clip = clip
@@ -420,7 +434,7 @@ class _ClipBuilder:
         self.targets = target_times(start, clip)
         self.frames = np.empty((clip.frames, clip.height, clip.width, 3), np.uint8)
         self.times: list[float] = []
-        self.convert = _Converter(clip)
+        self.convert = _Converter(clip, sar)
 
     @property
     def done(self) -> bool:
@@ -538,7 +552,7 @@ class _Run:
                 seek = False
             if seek and self.codec is not None:
                 self.codec.flush_buffers()  # seek flushes the stream's own decoder only
-        builder = _ClipBuilder(self.path, self.start, self.clip, self.period)
+        builder = _ClipBuilder(self.path, self.start, self.clip, self.period, _sample_aspect(self.stream))
         self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)
         prev: _Decoded | None = None
         try:

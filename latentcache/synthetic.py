@@ -80,11 +80,13 @@ def write_video(
     pts: list[int] | None = None,
     audio_first: bool = False,
     gop: int | None = None,
+    pixel_aspect: Fraction | None = None,
 ) -> Path:
     """Encode `num_frames` moving frames into `path` with a real codec; returns the path written.
 
     `pts`, when given, is one presentation time per frame in milliseconds, for irregular (VFR) timing.
     `rotation` is stored as display-matrix metadata (counter-clockwise degrees), as phones do.
+    `pixel_aspect` stores non-square pixels (anamorphic DVD/broadcast sources): shown `width * pixel_aspect` wide.
     `gop` is the keyframe interval in frames (the encoder's default when None).
     """
     # SVT-AV1 prints a banner to stderr unless told to log errors only.
@@ -106,6 +108,8 @@ def write_video(
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
             stream.set_display_rotation(rotation)
+        if pixel_aspect is not None:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
         for i, rgb in enumerate(moving_frames(num_frames, height, width)):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if pts is not None:

@@ -259,3 +259,14 @@ def test_a_frame_exactly_at_a_target_is_taken_when_the_stream_starts_late(tmp_pa
     path = write_video(tmp_path / "late.mkv", codec="h264", num_frames=75, pts=[7300 + 40 * i for i in range(75)])
     clip = decode_clip(path, 0.4, ClipSettings(frames=9, fps=5.0, height=64, width=96))
     assert clip.meta["frame_times"] == [round(0.4 + 0.2 * i, 6) for i in range(9)]
+
+
+def test_anamorphic_pixels_are_sized_as_displayed(tmp_path):
+    """128x96 stored with 2:1 pixels is a 256x96 picture: buckets and crops must see that, not the stored size."""
+    from fractions import Fraction
+
+    path = write_video(tmp_path / "wide", codec="h264", num_frames=48, pixel_aspect=Fraction(2, 1))
+    info = probe(path)
+    assert (info.width, info.height) == (256, 96)
+    clip = decode_clip(path, 0.0, ClipSettings(frames=9, fps=8.0, height=64, width=96))
+    assert clip.meta["scaled_size"] == [171, 64] and clip.frames.shape == (9, 64, 96, 3)
