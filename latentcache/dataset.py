@@ -419,9 +419,15 @@ class LatentShardDataset(IterableDataset):
         return sum(s.samples for s in self.shards)
 
     def set_epoch(self, epoch: int) -> None:
-        """A new pass: new shard order, new buffer shuffle, new posterior noise; forgets any resume position."""
+        """A new pass: new shard order, new buffer shuffle, new posterior noise.
+
+        A resume position loaded for this same epoch is kept, so the usual `load_state_dict(...)` then
+        `for epoch in range(start, n): set_epoch(epoch)` continues mid-epoch instead of replaying it.
+        """
+        if epoch != self.epoch:
+            self._skip = {}
         self.epoch = epoch
-        self._consumed, self._skip = {}, {}
+        self._consumed = dict(self._skip)
 
     # -------------------------------------------------------------------------------------------- resume
 

@@ -175,6 +175,7 @@ def test_resume_of_dataset_iterated_directly(encoded_dir: Path) -> None:
             break
     again = make()
     again.load_state_dict(dataset.state_dict())
+    again.set_epoch(0)  # what a training loop does first: the same epoch keeps the resume position
     assert head + keys_of(again) == full
     assert len(keys_of(again)) == 8  # the skip applies to one pass only
     with pytest.raises(ValueError, match="seed"):
