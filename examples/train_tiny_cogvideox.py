@@ -120,9 +120,8 @@ def train(data: str | os.PathLike, *, steps: int = 300, batch_size: int = 4, lr:
     model.train()
     gen = torch.Generator().manual_seed(seed + start)
     step = start
-    for batch in loader:
-        if step >= steps:
-            break
+    # Stop right after the last step, before the loader hands out (and counts as delivered) one batch more.
+    for batch in (loader if step < steps else ()):
         latents = batch["latents"].to(device, non_blocking=True)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
@@ -135,6 +134,8 @@ def train(data: str | os.PathLike, *, steps: int = 300, batch_size: int = 4, lr:
         step += 1
         if log_every and step % log_every == 0:
             log.info("step %d loss %.4f", step, sum(result.losses[-log_every:]) / len(result.losses[-log_every:]))
+        if step >= steps:
+            break
     result.eval_after = fixed_eval(model.eval(), scheduler, eval_batches, text)
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, optimizer, loader, step)
