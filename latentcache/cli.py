@@ -157,10 +157,20 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
         texts = load_text_encoder(settings.text, settings.vae.family, vae.device)
     if vae.identity.random_weights and is_main:
         print(f"NOTE: {settings.vae.source} has random weights: these latents are for demos and tests only.")
+    planning_error: LatentcacheError | None = None
     if is_main:
-        inputs = discover_inputs(args.inputs)
-        plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite)
-    barrier()
+        try:
+            inputs = discover_inputs(args.inputs)
+            plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite)
+        except LatentcacheError as e:
+            planning_error = e
+    # A collective rather than a bare barrier: every rank learns whether the plan exists, so a refused plan (other
+    # settings, bad inputs) stops them all at once instead of leaving them to wait or to read a stale plan.json.
+    [planning_failed] = reduce_sum([1.0 if planning_error is not None else 0.0])
+    if planning_error is not None:
+        raise planning_error
+    if planning_failed:
+        return EXIT_USAGE  # the main process prints why
     if not is_main:
         plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"))
     # Only the main process looks at every shard: on a shared filesystem, N ranks each stat-ing every sidecar is

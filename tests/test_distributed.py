@@ -128,3 +128,22 @@ def test_slurm_array_of_three_tasks_times_two_processes(small_videos: Path, enco
     assert written == {rank: (1, 1) for rank in range(6)}
     assert sum("manifest at" in log for log in logs) >= 1
     assert tree_bytes(out) == tree_bytes(encoded_reference)
+
+
+def test_a_refused_plan_stops_every_process(small_videos: Path, encoded_reference: Path, launch_encode,
+                                            tmp_path: Path) -> None:
+    """Other settings than OUT was made with, under 2 processes: the run stops with the refusal, and neither rank
+    encodes from the stale plan.json."""
+    import shutil
+    import time
+
+    out = tmp_path / "out"
+    shutil.copytree(encoded_reference, out)
+    before = tree_bytes(out)
+    log = tmp_path / "refused.log"
+    started = time.monotonic()
+    proc = launch_encode(small_videos, out, log, "--frames", "9")
+    assert proc.wait(timeout=120) != 0
+    text = log.read_text()
+    assert "made with other settings" in text and time.monotonic() - started < 120
+    assert tree_bytes(out) == before  # nothing written by either rank
