@@ -237,7 +237,10 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
 
 
 def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings | None) -> dict[str, Any]:
-    meta = {**clip.meta, "key": p.key, "source": p.relpath, "clip_index": p.index, "bucket": p.bucket,
+    # frames_decoded measures the decode's cost (it differs between CPU and NVDEC decoding), not the sample: it stays
+    # out of the shard so any decoder writes the same bytes.
+    kept = {k: v for k, v in clip.meta.items() if k != "frames_decoded"}
+    meta = {**kept, "key": p.key, "source": p.relpath, "clip_index": p.index, "bucket": p.bucket,
             "caption_source": "given" if p.caption is not None else None,
             "vae": plan.vae["identity"], "dtype": plan.vae["dtype"]}
     if tiling is not None:
