@@ -480,8 +480,13 @@ class LatentShardDataset(IterableDataset):
         """This worker's raw samples: whole shards when there are enough, every total-th sample otherwise."""
         if self.resampled:
             rng = random.Random(_seed(self.seed, self.epoch, "resample", gid))
+            draw = 0
             while self.shards:
-                yield from self._read(rng.choice(self.shards))
+                for raw in self._read(rng.choice(self.shards)):
+                    # A sample drawn twice in one epoch gets fresh posterior noise each time, still reproducible.
+                    raw["__draw__"] = f"{gid}:{draw}"
+                    draw += 1
+                    yield raw
         shards = self._epoch_shards()
         if len(shards) >= total:
             for shard in shards[gid::total]:
@@ -539,7 +544,7 @@ class LatentShardDataset(IterableDataset):
         # in float32, and every temporary costs a pass over them.
         if self.sample_posterior and logvar is not None:
             # Fresh noise every epoch, yet reproducible (and the same after a resume): seeded by (seed, epoch, key).
-            gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, sample["key"]) >> 1)
+            gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, sample["key"], *sample["draw"]) >> 1)
             std = logvar.float().mul_(0.5).exp_()
             z = torch.randn(mean.shape, generator=gen).mul_(std).add_(mean)
         else:
@@ -550,6 +555,7 @@ class LatentShardDataset(IterableDataset):
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         sample = decode_sample(raw, raw.get("__url__", "?"))
+        sample["draw"] = (raw["__draw__"],) if "__draw__" in raw else ()
         latents = self._latents(sample)
         if self.layout == "BTCHW":
             latents = latents.permute(1, 0, 2, 3)

@@ -280,3 +280,17 @@ def test_pad_frames_accepts_odd_latent_frames_for_patch_size_t(encoded_dir: Path
     assert transformer_problems(config, spec, ["17x64x96"], pad_frames=True) == []
     for in_channels in (16, 32, 33, 36):  # LTX/Wan 2.2 TI2V, CogVideoX I2V, HunyuanVideo I2V, Wan 2.1 I2V
         assert transformer_problems({"in_channels": in_channels}, spec, [], image_to_video=True) == []
+
+
+def test_resampled_draws_fresh_noise_for_a_repeated_sample(encoded_dir: Path) -> None:
+    dataset = LatentShardDataset(encoded_dir, resampled=True, epoch_items=24, seed=2)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for item in dataset:
+        seen.setdefault(item["key"], []).append(item["latents"])
+    repeated = [v for v in seen.values() if len(v) > 1]
+    assert repeated  # 24 draws from 8 samples
+    assert all(not torch.equal(v[0], v[1]) for v in repeated)
+    again = {}
+    for item in LatentShardDataset(encoded_dir, resampled=True, epoch_items=24, seed=2):
+        again.setdefault(item["key"], []).append(item["latents"])
+    assert all(torch.equal(a, b) for k in seen for a, b in zip(seen[k], again[k], strict=True))  # reproducible
