@@ -373,10 +373,8 @@ class LatentShardDataset(IterableDataset):
                 "the model's in_channels."
             )
         self.expected_channels = self.spec.channels
-        # spec.normalize is affine per channel; its gain and offset, taken from it once, apply it in place.
-        probe = torch.zeros(self.spec.channels, 1, 1, 1)
-        self._offset = self.spec.normalize(probe)
-        self._gain = self.spec.normalize(probe + 1.0) - self._offset
+        # Normalisation is affine per channel: applied in place with the spec's own gain and offset.
+        self._gain, self._offset = self.spec.affine()
         self.sample_posterior, self.normalize = sample_posterior, normalize
         self.batch_size, self.layout, self.dtype, self.drop_last = batch_size, layout, dtype, drop_last
         self.seed, self.shuffle, self.shuffle_buffer, self.resampled = seed, shuffle, shuffle_buffer, resampled

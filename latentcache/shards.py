@@ -192,14 +192,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
     """No timestamp: the manifest is a function of the shards, so a resumed run's is byte-identical to a clean one's."""
     path = out / "manifest.json"

@@ -100,23 +100,27 @@ class LatentSpec:
         # pipeline scales the *conditioning image* latents, so it is recorded but not applied here.
         return self.scaling_factor if self.scaling_factor is not None else 1.0
 
+    def affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gain, offset), each [C, 1, 1, 1]: model-space latents are `z * gain + offset`, per channel."""
+        scale = self._scale()
+        if self.latents_mean is not None and self.latents_std is not None:
+            mean = torch.tensor(self.latents_mean, dtype=torch.float64)
+            gain = scale / torch.tensor(self.latents_std, dtype=torch.float64)
+            offset = -mean * gain
+        else:
+            gain = torch.full((self.channels,), scale, dtype=torch.float64)
+            offset = torch.full((self.channels,), -(self.shift_factor or 0.0) * scale, dtype=torch.float64)
+        return gain.to(dtype).view(-1, 1, 1, 1), offset.to(dtype).view(-1, 1, 1, 1)
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents [..., C, T, H, W] -> what the transformer trains on. Apply exactly once."""
-        if self.latents_mean is not None and self.latents_std is not None:
-            shape = (-1, 1, 1, 1)
-            mean = torch.tensor(self.latents_mean, dtype=z.dtype).view(shape)
-            std = torch.tensor(self.latents_std, dtype=z.dtype).view(shape)
-            return (z - mean) * self._scale() / std
-        return (z - (self.shift_factor or 0.0)) * self._scale()
+        gain, offset = self.affine(z.dtype)
+        return z * gain + offset
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """The inverse of `normalize`, for decoding model-space latents back to video."""
-        if self.latents_mean is not None and self.latents_std is not None:
-            shape = (-1, 1, 1, 1)
-            mean = torch.tensor(self.latents_mean, dtype=z.dtype).view(shape)
-            std = torch.tensor(self.latents_std, dtype=z.dtype).view(shape)
-            return z * std / self._scale() + mean
-        return z / self._scale() + (self.shift_factor or 0.0)
+        gain, offset = self.affine(z.dtype)
+        return (z - offset) / gain
 
 
 @dataclass(slots=True, frozen=True)

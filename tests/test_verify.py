@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from latentcache.cli import main
-from latentcache.shards import EncodedClip, decode_sample, iter_tar, read_manifest, sha256_file, write_shard
+from latentcache.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
 from latentcache.trainer_config import config_problems, load_trainer_config
 from latentcache.verify import verify
 
@@ -36,7 +37,7 @@ def _rewrite_shard(root: Path, index: int, change) -> None:
         s = decode_sample(raw, str(path))
         clips.append(change(EncodedClip(s["key"], s["mean"], s["logvar"], s["meta"], s["caption"])))
     write_shard(path, clips)
-    entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+    entry["sha256"], entry["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
