@@ -11,9 +11,11 @@ that would use a tainted frame, or repeat a frame across a hole, is dropped with
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -321,22 +323,60 @@ class _Integrity:
         # Recent frame intervals: the stream's real period, even where the header's frame rate is wrong (interlaced
         # material often announces the field rate).
         self.intervals: deque[float] = deque(maxlen=9)
+        # Times of the packets sent to the decoder whose frames have not come out yet, sorted.
+        self.pending: list[float] = []
 
     @property
     def typical(self) -> float:
         return float(np.median(self.intervals)) if len(self.intervals) >= 3 else self.period
 
     def damage(self, t: float | None, reason: str) -> None:
+        """Damage found at `t` (a packet's time, None when unknown): every frame the decoder returns from now on is
+        suspect until a keyframe shown after the damage."""
         if t is None:
             t = self.last_t if self.last_t is not None else 0.0
+        # Frame threading reports a packet's error a few packets late, and a B-frame shown before a damaged P-frame
+        # predicts from it: so the taint starts right after the last frame returned, not at the reporting packet.
+        start = min(t, self.last_t + 1e-6) if self.last_t is not None else float("-inf")
         if self.reason is None:
-            self.reason, self.tainted_from = reason, t
+            self.reason, self.tainted_from = reason, start
+        else:
+            self.tainted_from = min(self.tainted_from, start)
         self.clean_after = max(self.clean_after, t)
+
+    def sent(self, t: float | None) -> None:
+        """A packet shown at `t` went to the decoder (not skipped): a frame shown at `t` must come out."""
+        if t is not None and (self.last_t is None or t > self.last_t + 1e-6):
+            bisect.insort(self.pending, t)
+
+    def _lost_before(self, t: float) -> float | None:
+        """The time of a packet sent but never returned as a frame, shown before `t`; None when there is none."""
+        lost = None
+        while self.pending and self.pending[0] < t - 1e-6:
+            p = self.pending.pop(0)
+            if self.last_t is not None and p > self.last_t + 1e-6 and lost is None:
+                lost = p
+        while self.pending and self.pending[0] <= t + 1e-6:
+            self.pending.pop(0)  # this frame's own packet
+        return lost
+
+    def finished(self) -> None:
+        """The stream ended: packets after the last frame that never came out are frames the decoder dropped."""
+        if self.last_t is not None and self.pending and self.pending[-1] > self.last_t + 1e-6:
+            self.damage(self.last_t, f"the decoder returned no frame for the packet at {self.pending[-1]:.3f}s "
+                        "(it dropped a damaged frame)")
 
     def check(self, t: float, frame: av.VideoFrame) -> _Decoded:
         """Updates the state with a decoded frame and says whether it is intact and whether frames are missing
         right before it."""
         hole_from = None
+        lost = self._lost_before(t)
+        if lost is not None and self.last_t is not None and t - self.last_t > 1.5 * self.typical:
+            # A packet the container holds between two frames, and no frame for it: the decoder dropped a damaged
+            # frame (dav1d and libvpx do so without an error). A gap with no packet in it is the file's own timing.
+            hole_from = self.last_t + self.typical
+            self.damage(self.last_t, f"the decoder returned no frame for the packet at {lost:.3f}s "
+                        "(it dropped a damaged frame)")
         if self.detect_holes and self.last_t is not None and t > self.last_t:
             interval, typical = t - self.last_t, self.typical
             if interval > 1.5 * typical:
@@ -387,10 +427,12 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
     ctx = codec if codec is not None else stream.codec_context
     # Set on every pass: a pass that ended in preroll (a missed seek) must not leave frames skipped for the next.
     ctx.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
+    crc = _MatroskaCRC(container.name) if container.format.name.startswith("matroska") else None
     while True:
         try:
             packet = next(packets)
         except StopIteration:
+            integrity.finished()
             return
         except av.FFmpegError as e:
             # The demuxer cannot go on (truncated or garbled container): what was decoded so far still counts.
@@ -403,6 +445,10 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
             preroll_until = None
         if packet.is_corrupt:
             integrity.damage(packet_t, "a packet is flagged corrupt by the demuxer")
+        elif crc is not None and packet.pos is not None and not crc.intact(packet.pos):
+            integrity.damage(packet_t, "the Matroska cluster holding a packet fails its CRC-32")
+        if packet.size and ctx.skip_frame == "DEFAULT" and not packet.is_discard:
+            integrity.sent(packet_t)
         try:
             frames = packet.decode() if codec is None else codec.decode(packet)
             bad_in_row = 0
@@ -420,6 +466,171 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
                  else decoded * integrity.period)
             decoded += 1
             yield integrity.check(t, frame)
+
+
+# Codecs whose FFmpeg decoder conceals damage and reports nothing, and the differently built decode that is compared
+# with the first one. Both are exact on an intact stream; on a damaged one they part ways:
+# - hevc: slice threads decode each CTU row from its WPP entry point (the offset the slice header gives), the frame-
+#   threaded decoder carries on from wherever the previous row's arithmetic decoder stopped. Damage that desyncs a
+#   row shows as a difference. (Streams without entry points, or damage in the last row, are not caught.)
+# - vp9: libvpx notices when a tile's arithmetic decoder reads past the tile's end and drops the frame (FFmpeg's
+#   own decoder reads on silently); both are bit-exact on every frame they do decode.
+_SECOND_OPINION = {"hevc": "slice-threads", "vp9": "libvpx-vp9"}
+
+
+def _second_decoder(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Any:
+    """The other decoder of `_SECOND_OPINION`: a codec context with a `decode(packet)` method."""
+    kind = _SECOND_OPINION[stream.codec_context.name]
+    if kind == "slice-threads":
+        stream.thread_type = "SLICE"
+        stream.codec_context.thread_count = max(2, min(os.cpu_count() or 2, 8))
+        return stream.codec_context
+    ctx = av.CodecContext.create(kind, "r")
+    ctx.extradata = stream.codec_context.extradata
+    ctx.thread_count = min(os.cpu_count() or 1, 4)
+    ctx.open()
+    return ctx
+
+
+def _check_second_opinion(path: str, index: int, builder: _ClipBuilder) -> None:
+    """Decode the clip again with `_SECOND_OPINION`'s decoder and compare the frames taken; CorruptVideo if any differs
+    or does not decode."""
+    wanted = sorted(set(builder.times))
+    start = builder.start
+    for seek in (start > 0, False):
+        with _open(path, "decode") as container:
+            stream = container.streams[index]
+            t0 = _stream_start(stream)
+            if seek:
+                try:
+                    container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True)
+                except (av.FFmpegError, OSError):
+                    continue
+            ctx = _second_decoder(container, stream)
+            found = _frames_at(container, stream, ctx, t0, wanted, builder)
+        if found is not None:
+            break
+    else:
+        found = 0
+    if found < len(wanted):
+        raise InputError(path, "decode", f"corrupt video inside the clip {start:.3f}-{builder.targets[-1]:.3f}s: "
+                         f"{_SECOND_OPINION[stream.codec_context.name]} decode differs from the first decode "
+                         f"(only {found} of {len(wanted)} frames agree): the stream is damaged; clip dropped") \
+            from CorruptVideo()
+
+
+def _frames_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream, ctx: Any, t0: float,
+               wanted: list[float], builder: _ClipBuilder) -> int | None:
+    """How many of the frames shown at `wanted` decode to what `builder` holds; None when the decode started after
+    the first of them (a seek that missed)."""
+    convert = _Converter(builder.clip, builder.convert.sar)
+    # A standalone decoder's frames lack the stream's display matrix: take the first decode's geometry as it is.
+    convert.geometry, convert.rotation = builder.convert.geometry, builder.convert.rotation
+    agree, first = 0, True
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = ctx.decode(packet) if ctx is not stream.codec_context else packet.decode()
+            except av.FFmpegError:
+                continue  # the frame is missing from what follows: counted as a disagreement
+            for frame in frames:
+                if frame.pts is None:
+                    continue
+                t = round(_since_start(frame.pts, frame.time_base or stream.time_base, stream, t0), 6)
+                if first and t > wanted[0] + 1e-6:
+                    return None
+                first = False
+                if t in wanted:
+                    i = builder.times.index(t)
+                    agree += bool(np.array_equal(convert(frame), builder.frames[i]))
+                if t >= wanted[-1] - 1e-6:
+                    return agree
+    except av.FFmpegError:
+        pass
+    return agree
+
+
+class _MatroskaCRC:
+    """Checks the CRC-32 that Matroska muxers (FFmpeg's mkv muxer by default) put at the head of each cluster.
+
+    FFmpeg's demuxer does not check cluster CRCs, and VP9/AV1 decoders decode damaged data without a word, so this
+    is the one check that sees damage inside their frames. Only the clusters holding the clip's packets are read.
+    """
+
+    _SEGMENT, _CLUSTER, _CRC32 = 0x18538067, 0x1F43B675, 0xBF
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.clusters: list[tuple[int, int]] = []  # (start, end) of each cluster's data, in file order
+        self.verdicts: dict[int, bool] = {}
+        self.next_pos: int | None = None  # where the next level-1 element starts; None: no more to read
+        try:
+            with open(path, "rb") as f:
+                pos = 0
+                for _ in range(2):  # the EBML header, then the Segment, whose children are read lazily
+                    element, size, data = self._element(f, pos)
+                    if element == self._SEGMENT:
+                        self.next_pos = data
+                        break
+                    if size is None:
+                        break
+                    pos = data + size
+        except OSError as e:
+            log.debug("%s: no Matroska CRC check (%s)", path, _why(e))
+
+    @staticmethod
+    def _vint(f, pos: int, strip: bool) -> tuple[int | None, int]:
+        f.seek(pos)
+        first = f.read(1)
+        if not first or first[0] == 0:
+            raise OSError("not an EBML element")
+        length = 9 - first[0].bit_length()
+        raw = first + f.read(length - 1)
+        value = int.from_bytes(raw, "big")
+        if strip:
+            value &= (1 << (7 * length)) - 1
+            if value == (1 << (7 * length)) - 1:
+                return None, pos + length  # unknown size (a live stream)
+        return value, pos + length
+
+    def _element(self, f, pos: int) -> tuple[int | None, int | None, int]:
+        element, pos = self._vint(f, pos, strip=False)
+        size, pos = self._vint(f, pos, strip=True)
+        return element, size, pos
+
+    def _read_until(self, f, pos: int) -> None:
+        while self.next_pos is not None and (not self.clusters or self.clusters[-1][1] <= pos):
+            element, size, data = self._element(f, self.next_pos)
+            if size is None:
+                self.next_pos = None  # unknown-size elements: nothing to check from here on
+                return
+            if element == self._CLUSTER:
+                self.clusters.append((data, data + size))
+            self.next_pos = data + size
+
+    def intact(self, pos: int) -> bool:
+        """False when the cluster holding byte `pos` carries a CRC-32 that does not match its data."""
+        try:
+            with open(self.path, "rb") as f:
+                self._read_until(f, pos)
+                i = bisect.bisect_right(self.clusters, (pos, float("inf"))) - 1
+                if i < 0 or not self.clusters[i][0] <= pos < self.clusters[i][1]:
+                    return True
+                if i not in self.verdicts:
+                    self.verdicts[i] = self._check(f, *self.clusters[i])
+                return self.verdicts[i]
+        except (OSError, ValueError) as e:
+            log.debug("%s: Matroska CRC check stopped (%s)", self.path, e)
+            self.next_pos = None
+            return True
+
+    def _check(self, f, start: int, end: int) -> bool:
+        element, size, data = self._element(f, start)
+        if element != self._CRC32 or size != 4:
+            return True  # this muxer wrote no CRC
+        f.seek(data)
+        stored = int.from_bytes(f.read(4), "little")
+        return zlib.crc32(f.read(end - data - 4)) == stored
 
 
 class _ClipBuilder:
@@ -523,6 +734,8 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
                 codec.flush_buffers()
             builder, last = run.decode(seek=False)
         padded = _finish(builder, last, run.integrity, _announced_duration(container, stream))
+        if stream.codec_context.name in _SECOND_OPINION and builder.times:
+            _check_second_opinion(path, stream.index, builder)
     meta = _meta(builder, path, size, period, padded) | {"frames_decoded": run.frames_decoded}
     return Clip(key=key, frames=builder.frames, meta=meta)
 
