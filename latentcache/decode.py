@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Demuxers that read one still image: a PNG or JPEG renamed .mp4 opens as a one-frame "video" through these.
 _STILL_IMAGE_FORMATS = ("image2", "_pipe")
+# No coded frame with its container framing is smaller than this (an H.264 skip frame is a few bytes, plus its
+# length prefix and index entry): a file that claims more frames than its size allows has broken timestamps.
+_MIN_FRAME_BYTES = 8
 # Consecutive packets that fail to decode before the file is given up on (one bad packet is decoded around).
 _MAX_BAD_PACKETS = 32
 # Stream containers, where a hole in the timestamps means lost packets. In indexed containers (mp4, mkv, webm, avi,
@@ -70,6 +73,9 @@ class VideoInfo:
     rotation: int  # counter-clockwise degrees from the display matrix, one of 0/90/180/270
     codec: str
     size_bytes: int
+    # Frames in the stream where the container counts them (mp4, mov) or probe had to count them (a raw stream, or
+    # timestamps that claim more frames than the file's bytes can hold); 0 when unknown.
+    frames: int = 0
 
 
 @dataclass(slots=True)
@@ -180,10 +186,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         width, height = _displayed_width(first.width, _sample_aspect(stream)), first.height
         if rotation in (90, 270):
             width, height = height, width
-        if duration is None or duration <= 0:
-            duration = _duration_by_demux(container, stream)
         if fps <= 0:
             fps = 25.0
+        frames = max(stream.frames or 0, 0)
+        if duration is None or duration <= 0 or (not frames and duration * fps * _MIN_FRAME_BYTES > size):
+            # No duration (raw .h264/.hevc, some gifs), or a duration the file is far too small to fill: demux the
+            # packets (no decoding) to learn how many frames there really are and where they end.
+            counted, end = _count_by_demux(container, stream)
+            frames = frames or counted
+            if duration is None or duration <= 0:
+                duration = end if end > 0 else counted / fps
         return VideoInfo(
             path=path,
             duration=duration,
@@ -193,20 +205,25 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             rotation=rotation,
             codec=stream.codec_context.name,
             size_bytes=size,
+            frames=frames,
         )
 
 
-def _duration_by_demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    """Last packet end time, for containers that do not store a duration (some gifs, raw streams)."""
+def _count_by_demux(container: av.container.InputContainer,
+                    stream: av.video.stream.VideoStream) -> tuple[int, float]:
+    """(packets, last packet end time) of the video stream; the time is 0 when no packet has a timestamp (raw
+    elementary streams)."""
     # A fresh demuxer rather than a seek back: raw elementary streams (.h264, .hevc) cannot seek.
     with av.open(container.name, metadata_errors="ignore") as fresh:
         return _last_packet_end(fresh, fresh.streams[stream.index])
 
 
-def _last_packet_end(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    start, end = None, 0.0
+def _last_packet_end(container: av.container.InputContainer,
+                     stream: av.video.stream.VideoStream) -> tuple[int, float]:
+    start, end, count = None, 0.0, 0
     try:
         for packet in container.demux(stream):
+            count += bool(packet.size)
             if packet.pts is None:
                 continue
             t = float(packet.pts * packet.time_base)
@@ -214,7 +231,7 @@ def _last_packet_end(container: av.container.InputContainer, stream: av.video.st
             end = max(end, t + float((packet.duration or 0) * packet.time_base))
     except av.FFmpegError as e:
         log.debug("%s: demuxing stopped at %.3fs (%s)", container.name, end, e)
-    return end - (start or 0.0)
+    return count, end - (start or 0.0)
 
 
 @dataclass(slots=True, frozen=True)

@@ -235,6 +235,10 @@ def clip_starts(duration: float, clip: ClipSettings, salt: str = "") -> list[flo
     # "all": back to back without overlap, one target period apart; "sliding": every `arg` seconds.
     stride = arg if kind == "sliding" else span + 1.0 / clip.fps
     n = int(room / stride) + 1
+    if n > _MAX_CLIPS_PER_VIDEO:
+        # Broken timestamps (a few KB claiming years) would otherwise plan millions of clips and exhaust memory.
+        raise ValueError(f"{n} clips of {span:.2f}s in {duration:.0f}s: more than {_MAX_CLIPS_PER_VIDEO} from one "
+                         "video; its duration is not believable")
     return [round(i * stride, 6) for i in range(n) if i * stride < room - 1e-9]
 
 
@@ -299,6 +303,28 @@ def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
                                       f"compression {s}; nearest valid: {lower} or {lower + s}")
 
 
+# One video never gives more clips than this (2 s clips back to back over 23 days): a bound that holds even where
+# the frame count is unknown.
+_MAX_CLIPS_PER_VIDEO = 1_000_000
+# A stream whose frames are shown longer than this on average has broken timestamps (a bad remux, 32-bit wrap):
+# no camera, screen recorder or slideshow export holds each frame for two minutes.
+_MAX_FRAME_PERIOD = 120.0
+
+
+def _distinct_starts(starts: list[float], period: float) -> list[float]:
+    """The starts that begin on different source frames: two clips starting on the same frame take the same frames
+    (uniform:3 on a 2-frame video would plan the same clip twice). `period` 0: unknown, keep all."""
+    if period <= 0:
+        return starts
+    kept, seen = [], set()
+    for s in starts:
+        frame = int(s / period + 1e-6)
+        if frame not in seen:
+            seen.add(frame)
+            kept.append(s)
+    return kept
+
+
 def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str, list[float]]:
     """The bucket and clip starts for one probed video. Raises InputError (skipped) when no clip fits.
 
@@ -307,11 +333,21 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
     the clip's `padded_frames`), "skip" reports it.
     """
     height, width = nearest_size(info.width, info.height, clip)
+    # Where the stream's frames are counted, the average time each is shown; else the stream's frame period.
+    period = info.duration / info.frames if info.frames else 1.0 / info.fps if info.fps > 0 else 0.0
+    if period > _MAX_FRAME_PERIOD:
+        raise InputError(info.path, "plan",
+                         f"broken timestamps: the stream claims {info.duration:.0f}s for {info.frames} frames (one "
+                         f"every {period:.0f}s), which would plan clips of one frame repeated; remux it with fresh "
+                         "timestamps (ffmpeg -i IN -c copy -fflags +genpts OUT) or drop it")
     fallbacks = sorted((f for f in clip.frame_buckets if f < clip.frames), reverse=True)
     for frames in (clip.frames, *fallbacks):
-        starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames), salt)
+        try:
+            starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames), salt)
+        except ValueError as e:
+            raise InputError(info.path, "plan", f"broken timestamps: {e}") from None
         if starts:
-            return f"{frames}x{height}x{width}", starts
+            return f"{frames}x{height}x{width}", _distinct_starts(starts, period)
     smallest = min((clip.frames, *fallbacks))
     if clip.short == "pad":
         return f"{smallest}x{height}x{width}", [0.0]
