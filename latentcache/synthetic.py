@@ -21,6 +21,7 @@ CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     # ultrafast turns B-frames off; real cameras and encoders use them (decode order != presentation order).
     "h264_bframes": (".mp4", "yuv420p", {"preset": "ultrafast", "x264-params": "bframes=3:b-adapt=0"}),
     "h264_444": (".mp4", "yuv444p", {"preset": "ultrafast"}),
+    "hevc": (".mp4", "yuv420p", {"preset": "ultrafast", "x265-params": "log-level=error"}),
     "hevc10": (".mp4", "yuv420p10le", {"preset": "ultrafast", "x265-params": "log-level=error"}),
     "vp9": (".webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8"}),
     "av1": (".mkv", "yuv420p", {"preset": "12"}),
@@ -34,6 +35,7 @@ _ENCODER = {
     "h264": "libx264",
     "h264_bframes": "libx264",
     "h264_444": "libx264",
+    "hevc": "libx265",
     "hevc10": "libx265",
     "vp9": "libvpx-vp9",
     "av1": "libsvtav1",
@@ -176,5 +178,24 @@ def corrupt_frame(src: str | Path, dst: str | Path, *, at: float, seed: int = 0)
             data[offset + 4 : offset + 188] = rng.bytes(184)
     else:
         data[pos + size // 4 : pos + 3 * size // 4] = rng.bytes(3 * size // 4 - size // 4)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
+def damage_packet(src: str | Path, dst: str | Path, index: int, *, fraction: float = 0.05, seed: int = 0) -> Path:
+    """Copy a video, overwriting with random bytes `fraction` of the payload of its `index`-th video packet (in file
+    order): a contiguous run inside the packet, away from its first and last quarter, so the container and the
+    packet's own framing (NAL length, tile sizes, frame header) stay intact and only the coded picture is damaged.
+    Deterministic for a given file, index and seed.
+    """
+    with av.open(str(src)) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pos, p.size) for p in container.demux(stream) if p.size]
+    pos, size = packets[index]
+    n = max(1, int(size * fraction))
+    rng = np.random.default_rng([seed, index])
+    offset = pos + int(rng.integers(size // 4, max(size // 4 + 1, 3 * size // 4 - n)))
+    data = bytearray(Path(src).read_bytes())
+    data[offset : offset + n] = rng.bytes(n)
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
