@@ -500,11 +500,11 @@ def _second_decoder(container: av.container.InputContainer, stream: av.video.str
     kind = _SECOND_OPINION[stream.codec_context.name]
     if kind == "slice-threads":
         stream.thread_type = "SLICE"
-        stream.codec_context.thread_count = max(2, min(os.cpu_count() or 2, 8))
+        stream.codec_context.thread_count = 2  # WPP needs two threads or more; more cost their start-up
         return stream.codec_context
     ctx = av.CodecContext.create(kind, "r")
     ctx.extradata = stream.codec_context.extradata
-    ctx.thread_count = min(os.cpu_count() or 1, 4)
+    ctx.thread_count = 1
     ctx.open()
     return ctx
 
