@@ -160,7 +160,7 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     planning_error: LatentcacheError | None = None
     if is_main:
         try:
-            inputs = discover_inputs(args.inputs)
+            inputs = discover_inputs(args.inputs, exclude=[out])
             plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite)
         except LatentcacheError as e:
             planning_error = e
@@ -172,7 +172,7 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     if planning_failed:
         return EXIT_USAGE  # the main process prints why
     if not is_main:
-        plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"))
+        plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"), out / pipeline.PLAN_FILE)
     # Only the main process looks at every shard: on a shared filesystem, N ranks each stat-ing every sidecar is
     # N times the metadata load for nothing.
     if is_main and not pipeline.pending_shards(out, plan.shards):

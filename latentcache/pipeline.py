@@ -7,9 +7,9 @@ later `failures.jsonl`) plus a log line, and the run goes on; anything else is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from latentcache.decode import Clip
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.loader import ClipStream, default_workers
 from latentcache.plan import (
+    OUTPUT_MARKER,
     InputVideo,
     Plan,
     PlannedClip,
@@ -33,10 +34,12 @@ from latentcache.plan import (
 )
 from latentcache.settings import EncodeSettings, TilingSettings
 from latentcache.shards import (
+    FORMAT_VERSION,
     EncodedClip,
     read_done,
     remove_stale_temporaries,
     remove_temporaries,
+    sidecar_path,
     write_manifest,
     write_shard,
     write_text_atomic,
@@ -82,10 +85,12 @@ def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSetti
     A restart does not probe the inputs again; it only compares their paths with the plan's.
     """
     vae.spec.check_clip(settings.clip)
+    if write:
+        claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
     path = out / PLAN_FILE
     record = vae_record(vae)
     if path.is_file():
-        existing = Plan.from_json(path.read_text(encoding="utf-8"))
+        existing = Plan.from_json(path.read_text(encoding="utf-8"), path)
         # An empty plan costs nothing and carries the fingerprint exactly as make_plan computes it.
         wanted = make_plan([], settings, record)
         if existing.fingerprint != wanted.fingerprint and not overwrite:
@@ -95,12 +100,48 @@ def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSetti
             _check_inputs(out, existing, inputs)
             return existing
         if write:
-            clear_outputs(out)
+            clear_outputs(out, existing)
     fresh = make_plan(inputs, settings, record)
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, fresh.to_json())
+        _writing(path, write_text_atomic, path, fresh.to_json())
     return fresh
+
+
+def claim_output(out: Path) -> None:
+    """Make sure OUT is latentcache's, marking it so, and writable; refuse a directory of someone else's files.
+
+    Ours: it holds OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
+    marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
+    shards/ that the run, or --overwrite, would replace.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
+    marker = out / OUTPUT_MARKER
+    # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
+    others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
+    if others and not marker.is_file():
+        plan = out / PLAN_FILE
+        try:
+            Plan.from_json(plan.read_text(encoding="utf-8"), plan)
+        except (OSError, UnicodeDecodeError, ConfigError):
+            raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
+                              f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
+                              "directory") from None
+    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
+    _writing(out, out.mkdir, parents=True, exist_ok=True)
+    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+
+
+def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run `write(*args, **kwargs)`; an OSError (read-only, full disk, --out under a file) becomes a message
+    naming `path`."""
+    try:
+        write(*args, **kwargs)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            remove_temporaries(path)  # free the space a half-written temporary holds
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}. Fix it (free space, permissions, another "
+                          "--out) and run the same command again: finished shards are kept") from e
 
 
 def _planned_paths(plan: Plan) -> set[str]:
@@ -120,15 +161,21 @@ def _check_inputs(out: Path, plan: Plan, inputs: list[InputVideo]) -> None:
                     gone[0])
 
 
-def clear_outputs(out: Path) -> None:
-    """What `--overwrite` removes: the shards, sidecars, manifest, failures and plan latentcache wrote, nothing else."""
+def clear_outputs(out: Path, plan: Plan) -> None:
+    """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
+    temporaries), manifest, failures and plan; never another file, even under shards/ (only emptied folders go)."""
     log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
-    for name in (*OUTPUTS, PLAN_FILE):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    for shard in plan.shards:
+        path = out / shard.relpath
+        remove_temporaries(path)
+        path.unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
+    for name in (*OUTPUTS[1:], PLAN_FILE):
+        remove_temporaries(out / name)
+        (out / name).unlink(missing_ok=True)
+    for folder in sorted({(out / s.relpath).parent for s in plan.shards}) + [out / OUTPUTS[0]]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _differences(old: Plan, new: Plan) -> str:
@@ -332,8 +379,10 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
                               nvdec=settings.nvdec))
     for shard in todo:
         encoded, failures = encode_shard(shard, plan, vae, settings, decoded, on_clip, texts)
-        write_shard(out / shard.relpath, encoded, extra={"shard_id": shard.shard_id, "bucket": shard.bucket,
-                                                         "failures": failures})
+        path = out / shard.relpath
+        # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
+        _writing(path, write_shard, path, encoded,
+                 extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures})
         summary.shards_written += 1
         summary.clips_written += len(encoded)
         summary.failures.extend(failures)
@@ -351,7 +400,7 @@ def finalize(out: Path) -> dict[str, Any]:
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
-    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))
+    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"), plan_path)
     remove_stale_temporaries(out)
     shards, failures, seen = [], list(plan.rejected), {}
     missing = []
@@ -376,7 +425,8 @@ def finalize(out: Path) -> dict[str, Any]:
     if lost:
         raise ShardFormatError(f"{out}: {len(lost)} planned clip(s) are neither written nor recorded as failed, "
                                f"e.g. {lost[0]}")
-    write_text_atomic(out / "failures.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in failures))
+    failures_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in failures)
+    _writing(out / "failures.jsonl", write_text_atomic, out / "failures.jsonl", failures_text)
     buckets: dict[str, int] = {}
     for s in shards:
         buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + s["samples"]
@@ -391,7 +441,7 @@ def finalize(out: Path) -> dict[str, Any]:
         "buckets": buckets,
         "shards": shards,
     }
-    write_manifest(out, manifest)
+    _writing(out / "manifest.json", write_manifest, out, manifest)
     return manifest
 
 

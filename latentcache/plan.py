@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = {".txt", ".csv", ".jsonl"}
 # Files that are obviously not videos are not even probed (captions, lists, images next to videos).
+# Written first into every output directory latentcache makes: marks it as ours (safe to resume, to clear with
+# --overwrite) and keeps it out of input discovery.
+OUTPUT_MARKER = ".latentcache"
 NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".webp"}
 
 
@@ -79,16 +83,77 @@ class Plan:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> Plan:
-        d = json.loads(text)
+    def from_json(text: str, where: str | os.PathLike = "plan.json") -> Plan:
+        """Parse plan.json, refusing anything latentcache does not write (ConfigError naming `where` and the field).
+
+        Shard paths are built from a plan's buckets and ids, so a plan that could come from a stranger ("../../x" as
+        a bucket) must never reach the writer or `--overwrite` unchecked.
+        """
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not JSON ({e.msg}, line {e.lineno}); not a latentcache plan") from None
+        _expect(isinstance(d, dict), where, "the top level", "an object")
+        _expect(isinstance(d.get("fingerprint"), str), where, "fingerprint", "a string")
+        for name in ("settings", "vae"):
+            _expect(isinstance(d.get(name), dict), where, name, "an object")
+        for name in ("clips", "shards"):
+            _expect(isinstance(d.get(name), list), where, name, "a list")
+        rejected = d.get("rejected", [])
+        _expect(isinstance(rejected, list) and all(isinstance(r, dict) for r in rejected), where, "rejected",
+                "a list of objects")
         return Plan(
             fingerprint=d["fingerprint"],
             settings=d["settings"],
             vae=d["vae"],
-            clips=[PlannedClip(**c) for c in d["clips"]],
-            shards=[PlannedShard(**s) for s in d["shards"]],
-            rejected=d.get("rejected", []),
+            clips=[_planned_clip(c, where, f"clips[{i}]") for i, c in enumerate(d["clips"])],
+            shards=[_planned_shard(s, where, f"shards[{i}]") for i, s in enumerate(d["shards"])],
+            rejected=rejected,
         )
+
+
+# What plan.clip_key and make_plan write: keys are dot- and slash-free (webdataset splits keys on dots, and keys
+# become member names), buckets FRAMESxHEIGHTxWIDTH (a bucket is a folder name under shards/).
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+BUCKET = re.compile(r"[0-9]{1,6}x[0-9]{1,6}x[0-9]{1,6}")
+
+
+def _expect(ok: bool, where: str | os.PathLike, field_name: str, wanted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {field_name} is not {wanted}; this plan was not written by latentcache (or was "
+                          "edited): use a new --out directory, or delete the plan")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _planned_clip(c: Any, where: str | os.PathLike, at: str) -> PlannedClip:
+    _expect(isinstance(c, dict) and set(c) == {f.name for f in dataclasses.fields(PlannedClip)}, where, at,
+            "an object with exactly " + ", ".join(f.name for f in dataclasses.fields(PlannedClip)))
+    _expect(isinstance(c["key"], str) and SAFE_KEY.fullmatch(c["key"]) is not None, where, f"{at}.key",
+            "a key of letters, digits, '_' and '-' (such as 3f2a..._0000)")
+    _expect(isinstance(c["bucket"], str) and BUCKET.fullmatch(c["bucket"]) is not None, where, f"{at}.bucket",
+            "FRAMESxHEIGHTxWIDTH such as 17x64x96")
+    for name in ("source", "relpath"):
+        _expect(isinstance(c[name], str) and c[name] != "", where, f"{at}.{name}", "a path")
+    _expect(_is_int(c["index"]) and c["index"] >= 0, where, f"{at}.index", "a whole number >= 0")
+    _expect(isinstance(c["start"], int | float) and not isinstance(c["start"], bool) and math.isfinite(c["start"])
+            and c["start"] >= 0, where, f"{at}.start", "a time in seconds >= 0")
+    _expect(c["caption"] is None or isinstance(c["caption"], str), where, f"{at}.caption", "a string or null")
+    return PlannedClip(**c)
+
+
+def _planned_shard(s: Any, where: str | os.PathLike, at: str) -> PlannedShard:
+    _expect(isinstance(s, dict) and set(s) == {"shard_id", "bucket", "keys"}, where, at,
+            "an object with exactly shard_id, bucket, keys")
+    _expect(_is_int(s["shard_id"]) and 0 <= s["shard_id"] < 10**6, where, f"{at}.shard_id",
+            "a whole number from 0 to 999999")
+    _expect(isinstance(s["bucket"], str) and BUCKET.fullmatch(s["bucket"]) is not None, where, f"{at}.bucket",
+            "FRAMESxHEIGHTxWIDTH such as 17x64x96")
+    _expect(isinstance(s["keys"], list) and all(isinstance(k, str) and SAFE_KEY.fullmatch(k) for k in s["keys"]),
+            where, f"{at}.keys", "a list of keys of letters, digits, '_' and '-'")
+    return PlannedShard(**s)
 
 
 def _read_caption(video: Path) -> str | None:
@@ -130,10 +195,12 @@ def _from_list(list_file: Path) -> list[InputVideo]:
     """A text file with one path per line, or a CSV/JSONL with a `path` and optional `caption` column.
 
     Relative paths are relative to the list's folder. A listed file that does not exist is not an error here: it
-    becomes a failure record when it is probed, so one stale line does not stop a million-video run.
+    becomes a failure record when it is probed, so one stale line does not stop a million-video run. A path listed
+    twice is kept once, from its first row; a repeat with another caption is reported, never silently chosen.
     """
     base = list_file.parent
     out = []
+    first: dict[str, tuple[int, str | None]] = {}
     for n, row in enumerate(_list_rows(list_file), 1):
         raw = row.get("path")
         if not isinstance(raw, str) or not raw.strip():
@@ -143,16 +210,29 @@ def _from_list(list_file: Path) -> list[InputVideo]:
         p = Path(os.path.normpath(base / Path(raw.strip()).expanduser()))
         caption = row.get("caption")
         caption = str(caption).strip() if caption not in (None, "") else None
-        out.append(InputVideo(str(p.absolute()), Path(os.path.relpath(p, base)).as_posix(),
-                              caption or _read_caption(p)))
+        caption = caption or _read_caption(p)
+        if str(p) in first:
+            m, kept = first[str(p)]
+            if kept != caption:
+                log.warning("%s: rows %d and %d both list %s with different captions (%r, then %r); keeping row %d's",
+                            list_file, m, n, raw.strip(), kept, caption, m)
+            continue
+        first[str(p)] = (n, caption)
+        out.append(InputVideo(str(p.absolute()), Path(os.path.relpath(p, base)).as_posix(), caption))
     return out
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under `root`, sorted, without hidden files and folders (.git, .cache, editors' temporaries)."""
-    for f in sorted(root.rglob("*")):
-        rel = f.relative_to(root).parts
-        if any(part.startswith(".") for part in rel) or not f.is_file():
+def _walk(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[Path]:
+    """Files under `root`, sorted, without hidden files and folders (.git, .cache, editors' temporaries) and without
+    latentcache output directories (holding OUTPUT_MARKER, or in `exclude`): an --out inside the input directory
+    must not have its own shards discovered as new inputs on the rerun."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_output(here / d, exclude)]
+        found.extend(here / f for f in files if not f.startswith("."))
+    for f in sorted(found):
+        if not f.is_file():
             continue
         if f.suffix.lower() in NOT_VIDEO_SUFFIXES:
             # Caption sidecars, lists, thumbnails: never videos. Anything else is probed, whatever its extension.
@@ -161,15 +241,35 @@ def _walk(root: Path) -> Iterator[Path]:
         yield f
 
 
-def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
-    """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path."""
+def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
+    if (folder / OUTPUT_MARKER).is_file() or folder.resolve() in exclude:
+        log.info("%s is a latentcache output directory: not searched for inputs", folder)
+        return True
+    return False
+
+
+def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()
+                    ) -> list[InputVideo]:
+    """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path.
+
+    `exclude`: output directories (`--out`) never searched for inputs, with any directory holding OUTPUT_MARKER.
+    """
+    skip = frozenset(Path(e).resolve() for e in exclude)
     found: list[InputVideo] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found.extend(InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f)) for f in _walk(p))
+            videos = [InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f))
+                      for f in _walk(p, skip)]
+            if not videos:
+                raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
+                                  "lists, images and latentcache output directories are not inputs)")
+            found.extend(videos)
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            found.extend(_from_list(p))
+            listed = _from_list(p)
+            if not listed:
+                raise ConfigError(f"input list {str(p)!r} names no videos")
+            found.extend(listed)
         elif p.is_file():
             found.append(InputVideo(str(p.resolve()), p.name, _read_caption(p)))
         else:
@@ -180,6 +280,9 @@ def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
         if other.path != v.path:
             raise ConfigError(f"two inputs share the relative path {v.relpath!r} ({other.path} and {v.path}); "
                               "keys would collide: pass their common parent directory instead")
+        if other is not v and other.caption != v.caption:
+            log.warning("%s is given twice with different captions (%r, then %r); keeping the first", v.path,
+                        other.caption, v.caption)
     return sorted(by_rel.values(), key=lambda v: v.relpath)
 
 

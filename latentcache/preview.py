@@ -113,6 +113,7 @@ def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
     from latentcache.vae import load_vae
 
     identity, spec = manifest["vae"], manifest["latent_spec"]
+    _refuse_pickled_weights(identity)
     settings = VAESettings(source=identity["source"], family=spec["family"], subfolder=identity.get("subfolder"),
                            revision=identity.get("revision"), dtype="fp32")
     vae = load_vae(settings, device)
@@ -121,6 +122,25 @@ def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
                     "preview may not show what was encoded", identity["source"], vae.identity.config_hash,
                     identity.get("config_hash"))
     return vae
+
+
+# The weight files diffusers loads without unpickling (plain or sharded); a manifest may come from a stranger, and
+# `.bin`/`.pt` weights are loaded with torch.load, which can run code.
+SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def _refuse_pickled_weights(identity: dict[str, Any]) -> None:
+    """A local VAE directory named by the manifest must hold safetensors weights: otherwise diffusers would fall back
+    to torch.load on its .bin file."""
+    source, subfolder = Path(str(identity.get("source"))), identity.get("subfolder")
+    if not source.is_dir():
+        return  # tiny-random-* (built in) or a hub id
+    folder = source / subfolder if subfolder and (source / subfolder).is_dir() else source
+    if not any((folder / name).is_file() for name in SAFE_WEIGHTS):
+        found = sorted(f.name for f in folder.iterdir() if f.is_file())
+        raise ConfigError(f"{folder}: no {SAFE_WEIGHTS[0]} (found: {', '.join(found) or 'nothing'}); preview loads "
+                          "safetensors weights only, never pickled .bin/.pt files (loading them can run code). "
+                          "Convert the weights with save_pretrained(..., safe_serialization=True)")
 
 
 def _pad_to(frames: np.ndarray, height: int, width: int) -> np.ndarray:

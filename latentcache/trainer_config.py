@@ -86,16 +86,59 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A trainer config has hundreds of keys; these bounds refuse YAML bombs (a recursive alias, "billion laughs") in
+# milliseconds instead of looping or expanding until memory runs out.
+YAML_MAX_BYTES = 4 << 20
+YAML_MAX_NODES = 100_000
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml  # PyYAML: a dependency of accelerate, so always installed with latentcache
 
     try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        size = Path(path).stat().st_size
+        if size > YAML_MAX_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a trainer config is far smaller (at most {YAML_MAX_BYTES})")
+        loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
+        try:
+            # Compose the node graph first (aliases stay shared nodes, cheap), check it, and only then build objects.
+            node = loader.get_single_node()
+            if node is not None:
+                _check_yaml_graph(node, path, set(), [0])
+            tree = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read it as YAML ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a trainer config") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top, found {type(tree).__name__}")
     return tree
+
+
+def _check_yaml_graph(node: Any, path: str | os.PathLike, above: set[int], count: list[int]) -> None:
+    """Refuse a node that contains itself through an alias, and more than YAML_MAX_NODES nodes once every alias is
+    expanded (which is what walking the config would do)."""
+    import yaml
+
+    count[0] += 1
+    if count[0] > YAML_MAX_NODES:
+        raise ConfigError(f"{path}: more than {YAML_MAX_NODES} YAML nodes once its aliases are expanded (an alias "
+                          "bomb?); a trainer config is far smaller")
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        return
+    if id(node) in above:
+        raise ConfigError(f"{path}: line {node.start_mark.line + 1}: a YAML alias refers to a node that contains it "
+                          "(a recursive alias); a trainer config cannot be infinite")
+    above.add(id(node))
+    for child in children:
+        _check_yaml_graph(child, path, above, count)
+    above.discard(id(node))
 
 
 def load_trainer_config(*paths: str | os.PathLike) -> TrainerConfig:

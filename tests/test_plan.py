@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tarfile
 
 import pytest
@@ -13,6 +14,7 @@ from latentcache.cli import main
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.plan import (
+    Plan,
     check_buckets,
     clip_settings_for,
     clip_starts,
@@ -304,3 +306,51 @@ def test_list_keys_do_not_depend_on_symlinks(tmp_path):
     via_real = discover_inputs([real / "list.txt"])
     via_link = discover_inputs([tmp_path / "link" / "list.txt"])
     assert [v.relpath for v in via_real] == [v.relpath for v in via_link] == ["a.mp4"]
+
+
+def test_empty_input_directory_is_a_usage_error(tmp_path) -> None:
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / "caption.txt").write_text("not a video")
+    with pytest.raises(ConfigError, match="input directory .*empty.* holds no files to encode"):
+        discover_inputs([tmp_path / "empty"])
+
+
+def test_duplicate_list_row_with_another_caption_is_reported(tmp_path, caplog) -> None:
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,caption\na.mp4,a cat\nb.mp4,a dog\na.mp4,a horse\n")
+    found = discover_inputs([lst])
+    assert [(v.relpath, v.caption) for v in found] == [("a.mp4", "a cat"), ("b.mp4", "a dog")]
+    assert "rows 1 and 3 both list a.mp4 with different captions ('a cat', then 'a horse'); keeping row 1's" in \
+        caplog.text
+
+
+def test_output_directories_are_not_inputs(tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    write_video(tmp_path / "in" / "v", codec="h264", num_frames=8, height=32, width=32, fps=8)
+    for name in ("marked", "given"):
+        (tmp_path / "in" / name / "shards").mkdir(parents=True)
+        (tmp_path / "in" / name / "shards" / "000000.tar").write_bytes(b"x")
+    (tmp_path / "in" / "marked" / ".latentcache").write_text('{"format_version": 1}')
+    found = discover_inputs([tmp_path / "in"], exclude=[tmp_path / "in" / "given"])
+    assert [v.relpath for v in found] == ["v.mp4"]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("bucket", "../../ESCAPED", "shards[0].bucket"),
+    ("shard_id", "0", "shards[0].shard_id"),
+    ("shard_id", True, "shards[0].shard_id"),
+    ("keys", ["../x"], "shards[0].keys"),
+    ("keys", ["a.b"], "shards[0].keys"),
+])
+def test_malformed_plans_are_refused_naming_the_field(tmp_path, field, value, named) -> None:
+    videos = tmp_path / "in"
+    videos.mkdir()
+    write_video(videos / "v", codec="h264", num_frames=24, height=32, width=32, fps=8)
+    plan = json.loads(make_plan(discover_inputs([videos]), tiny_settings(), VAE).to_json())
+    plan["shards"][0][field] = value
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'plan.json'}: {named} is not")):
+        Plan.from_json(json.dumps(plan), tmp_path / "plan.json")
+    plan["shards"] = []
+    plan["clips"][0]["key"] = "a/b"
+    with pytest.raises(ConfigError, match=re.escape("clips[0].key is not")):
+        Plan.from_json(json.dumps(plan), tmp_path / "plan.json")

@@ -78,3 +78,22 @@ def test_preview_uses_the_manifest_vae(encoded_dir: Path, tmp_path: Path, count:
         assert (a == b).all()
     result = preview(encoded_dir, tmp_path / "many.mp4", random_count=count)
     assert len(result.keys) == count and len(set(result.keys)) == count and all(result.with_source)
+
+
+def test_preview_refuses_pickled_vae_weights(encoded_dir: Path, tmp_path: Path, tiny_vae) -> None:
+    """A manifest naming a VAE directory with only .bin weights: refused, never torch.load-ed (issue 12.10)."""
+    from latentcache.errors import ConfigError
+    from latentcache.preview import load_manifest_vae
+
+    manifest = read_manifest(encoded_dir)
+    pickled, safe = tmp_path / "pickled", tmp_path / "safe"
+    tiny_vae.model.save_pretrained(pickled, safe_serialization=False)
+    tiny_vae.model.save_pretrained(safe)
+    for folder in (pickled, safe):
+        manifest["vae"] = {**manifest["vae"], "source": str(folder), "subfolder": None}
+        if folder is pickled:
+            with pytest.raises(ConfigError, match=r"no diffusion_pytorch_model.safetensors \(found: config.json, "
+                                                  r"diffusion_pytorch_model.bin\); preview loads safetensors"):
+                load_manifest_vae(manifest)
+        else:
+            assert load_manifest_vae(manifest).identity.config_hash == manifest["vae"]["config_hash"]

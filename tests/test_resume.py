@@ -361,3 +361,95 @@ def test_nan_latents_are_never_written(small_videos: Path, tmp_path: Path) -> No
     assert _samples(tmp_path) == {}
     assert {f["stage"] for f in _failures(tmp_path)} == {"encode"}
     assert all("NaN/Inf" in f["message"] for f in _failures(tmp_path))
+
+
+# ---------------------------------------------------------------- the output directory is latentcache's (issue 12)
+
+
+def test_out_holding_a_users_files_is_refused(small_videos: Path, tmp_path: Path, capsys) -> None:
+    """A non-empty --out latentcache did not make: nothing in it is replaced, nothing is probed."""
+    out = tmp_path / "mine"
+    (out / "shards").mkdir(parents=True)
+    mine = {"manifest.json": '{"my": "manifest"}', "failures.jsonl": "my notes\n", "shards/keep.txt": "mine"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert main(_cli_args(small_videos, out)) == 2
+    assert "is not empty and was not made by latentcache" in capsys.readouterr().err
+    assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*") if p.is_file()} == mine
+
+
+def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    assert main(_cli_args(videos, out)) == 0
+    assert json.loads((out / ".latentcache").read_text()) == {"format_version": 1}
+    # A user's files dropped into latentcache's directory, even next to the shards.
+    (out / "notes.txt").write_text("mine")
+    (out / "shards" / "17x64x96" / "keep.txt").write_text("mine")
+    (out / "shards" / "readme").write_text("mine")
+    assert main([*_cli_args(videos, out, frames="9"), "--overwrite"]) == 0
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == [".latentcache", "failures.jsonl", "manifest.json", "notes.txt", "plan.json",
+                    "shards/17x64x96/keep.txt", "shards/9x64x96/000000.tar", "shards/9x64x96/000000.tar.json",
+                    "shards/readme"]
+
+
+def test_an_output_made_before_the_marker_still_resumes(small_videos: Path, encoded_reference: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(encoded_reference, out)
+    (out / ".latentcache").unlink()
+    assert main(_cli_args(small_videos, out)) == 3  # the broken input is a failure
+    assert "shard(s) are already done" in capsys.readouterr().out
+    assert tree_bytes(out) == tree_bytes(encoded_reference)  # the marker is back, byte-identical
+
+
+def test_out_inside_the_input_directory_reruns(small_videos: Path, tmp_path: Path, capsys) -> None:
+    """Its own shards are not discovered as new inputs on the rerun (issue 12.7)."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    out = videos / "latents"
+    assert main(_cli_args(videos, out)) == 0
+    first = tree_bytes(out)
+    capsys.readouterr()
+    assert main(_cli_args(videos, out)) == 0
+    assert "all 1 shard(s) are already done" in capsys.readouterr().out
+    assert tree_bytes(out) == first
+
+
+def test_out_that_is_a_file_is_refused_before_probing(small_videos: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("a file")
+    started = time.perf_counter()
+    assert main(_cli_args(small_videos, out)) == 2
+    assert f"--out {out} is a file" in capsys.readouterr().err
+    assert main(_cli_args(small_videos, out / "sub")) == 2  # under a file: cannot even be made
+    assert f"cannot write {out / 'sub'}" in capsys.readouterr().err
+    assert out.read_text() == "a file" and time.perf_counter() - started < 30
+
+
+def test_full_disk_names_the_file_and_the_rerun_resumes(small_videos: Path, tmp_path: Path, capsys) -> None:
+    """A real full filesystem (a 64 KiB tmpfs): the plan fits, the first shard does not."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        assert main(_cli_args(videos, out)) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {out / 'shards/17x64x96/000000.tar'}: No space left on device" in err
+        assert not list(out.rglob("*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        assert main(_cli_args(videos, out)) == 0
+        reference = tmp_path / "reference"
+        assert main(_cli_args(videos, reference)) == 0
+        assert tree_bytes(out) == tree_bytes(reference)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

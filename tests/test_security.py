@@ -6,11 +6,15 @@ latentcache reads shards: LatentShardDataset, `latentcache verify`, and shards.i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
+import re
 import shutil
+import signal
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,60 @@ def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
         pattern = "without its end-of-archive blocks"
     shard.write_bytes(data[:cut])
     _all_readers_refuse(root, shard, pattern, capsys)
+
+
+# ---------------------------------------------------------------- crafted plans and YAML files (issue 12)
+
+
+def test_a_crafted_plan_cannot_write_outside_out(small_videos: Path, encoded_reference: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    """A shard bucket of ../../ESCAPED would make encode write OUT/../ESCAPED/000000.tar: refused, nothing written."""
+    from conftest import ENCODE_SMALL
+
+    out = tmp_path / "out"
+    shutil.copytree(encoded_reference, out)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["shards"][0]["bucket"] = "../../ESCAPED"
+    (out / "plan.json").write_text(json.dumps(plan))
+    args = ["encode", str(small_videos), "--out", str(out), "--device", "cpu", *ENCODE_SMALL]
+    assert main(args) == 2
+    assert f"{out / 'plan.json'}: shards[0].bucket is not FRAMESxHEIGHTxWIDTH" in capsys.readouterr().err
+    assert main(["finalize", str(out)]) == 2
+    assert "shards[0].bucket" in capsys.readouterr().err
+    assert not (tmp_path / "ESCAPED").exists()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Old code looped forever on these files: fail the test instead of hanging it."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("model:\n  a: &a {b: *a}\n", "a recursive alias"),
+    ("x: &x [*x]\n", "a recursive alias"),
+    (BILLION_LAUGHS, "more than 100000 YAML nodes"),
+])
+def test_check_config_refuses_yaml_bombs_at_once(tmp_path: Path, text: str, why: str) -> None:
+    from latentcache.errors import ConfigError
+    from latentcache.trainer_config import load_trainer_config
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with _deadline(5), pytest.raises(ConfigError, match=re.escape(why)):
+        load_trainer_config(path)
+    assert time.perf_counter() - started < 1.0
