@@ -563,10 +563,12 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
     else:
         model, subfolder = _from_pretrained(cls, family, settings)
         revision = settings.revision
+    # Before the cast to the encode dtype: LTX-Video's latents_mean/latents_std are buffers that `.to(dtype)` would
+    # round (bf16 keeps 8 bits), and the manifest's normalisation must not depend on --dtype.
+    spec = family.spec_from_model(model)
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
         model = model.to(dev, dtype).eval().requires_grad_(False)
-    spec = family.spec_from_model(model)
     identity = VAEIdentity(
         class_name=family.class_name,
         source=settings.source,
