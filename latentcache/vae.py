@@ -199,7 +199,8 @@ def _ltx_spec(model: Any) -> LatentSpec:
         temporal_compression=int(model.temporal_compression_ratio),
         spatial_compression=int(model.spatial_compression_ratio),
         scaling_factor=float(config.scaling_factor),
-        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers.
+        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers, read
+        # by load_vae before the model is cast to the encode dtype (so in the weights' own precision).
         latents_mean=tuple(float(v) for v in model.latents_mean.float().cpu()),
         latents_std=tuple(float(v) for v in model.latents_std.float().cpu()),
     )

@@ -95,14 +95,16 @@ def test_the_dit_gets_raw_latents_times_scale_factor_once(encoded_dir: Path) -> 
     dit = torch.cat([engine.shared_step(b) for b in batches])
     # [B, T, C, H, W]: 5 latent frames of 16 channels, 8x12 for 17x64x96 clips.
     assert dit.shape == (8, 5, 16, 8, 12)
-    raw = torch.stack([i["latents"] for i in LatentShardDataset(encoded_dir, normalize=False, sample_posterior=False,
-                                                                  layout="BTCHW")])
+    items = list(LatentShardDataset(encoded_dir, normalize=False, sample_posterior=False, layout="BTCHW"))
+    raw = torch.stack([i["latents"] for i in items])
     torch.testing.assert_close(dit, raw * SCALE)
     # Scaled once: exactly what LatentShardDataset gives a diffusers trainer (z * scaling_factor).
     ready = torch.stack([i["latents"] for i in LatentShardDataset(encoded_dir, sample_posterior=False,
                                                                     layout="BTCHW")])
     torch.testing.assert_close(dit, ready)
-    assert batches[0]["txt"] == ["", ""] or any(isinstance(t, str) for t in batches[0]["txt"])
+    # SFTDataset's other keys: the caption ("" without one), pixel frames and fps, collated by SAT's loader.
+    assert [t for b in batches for t in b["txt"]] == [i["caption"] or "" for i in items]
+    assert "a red square crosses the frame" in batches[0]["txt"] + batches[1]["txt"]
     assert batches[0]["num_frames"].tolist() == [17, 17] and batches[0]["fps"].tolist() == [8.0, 8.0]
 
 
