@@ -93,7 +93,7 @@ class SATLatentDataset(Dataset):
                  max_num_frames: int | None = None, fps: float | None = None, bucket: str | None = None,
                  sample_posterior: bool = True, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 64,
                  check_sha256: bool = True, rank: int | None = None, world_size: int | None = None,
-                 batch_size: int = 1, num_workers: int = 0, args: Any = None, **sat_params: Any) -> None:
+                 batch_size: int = 1, args: Any = None, **sat_params: Any) -> None:
         unknown = sorted(set(sat_params) - set(SAT_PIXEL_PARAMS))
         if unknown:
             raise ConfigError(f"SATLatentDataset: unknown data.params {', '.join(unknown)}; it takes video_size, "
@@ -113,7 +113,7 @@ class SATLatentDataset(Dataset):
                                   normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                                   check_sha256=check_sha256, rank=rank, world_size=world_size)
         self.root, self.manifest = root, manifest
-        self.batch_size, self.num_workers, self.args = batch_size, num_workers, args
+        self.batch_size, self.args = batch_size, args
         self._items: Iterator[dict[str, Any]] | None = None
 
     @classmethod
@@ -121,12 +121,13 @@ class SATLatentDataset(Dataset):
         """What SAT's train_video.py calls, through `partial(data_class.create_dataset_function, **data.params)`.
 
         Reads SAT's `args`: the data-parallel rank and size (ranks of one model-parallel group share data), the
-        per-rank batch size and workers (for resume), and `args.base`, the training YAMLs, which are checked against
-        the shards exactly as `latentcache check-config` does: a mismatch stops the run before the first step.
+        per-rank batch size, iteration and gradient accumulation (for `--resume-dataloader`), and `args.base`, the
+        training YAMLs, which are checked against the shards exactly as `latentcache check-config` does: a mismatch
+        stops the run before the first step.
         """
         rank, world = _data_parallel()
         dataset = cls(path, rank=rank, world_size=world, batch_size=int(getattr(args, "batch_size", 1) or 1),
-                      num_workers=int(getattr(args, "num_workers", 0) or 0), args=args, **params)
+                      args=args, **params)
         base = getattr(args, "base", None)
         if base:
             from latentcache.trainer_config import config_problems, load_trainer_config
