@@ -68,9 +68,10 @@ def _pixels_message(root: Path) -> str | None:
     if not pixels:
         return None
     return (
-        f"{root} holds {len(pixels)} video/image file(s) (e.g. {pixels[0].name}) and no latent shards: the trainer "
-        "would be given 3-channel RGB pixels where the transformer expects VAE latents (the latent_input=False "
-        f"mistake). Run `latentcache encode {root} --out LATENTS_DIR` first and point the dataset at LATENTS_DIR."
+        f"{root} holds {len(pixels)} video/image file(s) (e.g. {pixels[0].name}) and no latent shards: the "
+        "transformer expects VAE latents, and a trainer that skips its own VAE (CogVideo SAT with latent_input: "
+        "true) would feed it these as 3-channel RGB pixels. Run "
+        f"`latentcache encode {root} --out LATENTS_DIR` first and point the dataset at LATENTS_DIR."
     )
 
 
@@ -534,8 +535,8 @@ class LatentShardDataset(IterableDataset):
             raise LatentMismatchError(f"{sample['url']}: sample {sample['key']} has shape {tuple(mean.shape)}, "
                                       "expected [C, T, H, W]")
         if mean.shape[0] != self.expected_channels:
-            hint = (" These are 3-channel pixels, not latents (the latent_input=False mistake): run "
-                    "`latentcache encode` first." if mean.shape[0] == 3 else "")
+            hint = (" These are 3-channel pixels, not latents (what SAT with latent_input: true feeds its DiT from "
+                    "a pixel dataset): run `latentcache encode` first." if mean.shape[0] == 3 else "")
             raise LatentMismatchError(f"{sample['url']}: sample {sample['key']} has {mean.shape[0]} channels, "
                                       f"the manifest says {self.expected_channels}.{hint}")
         # In-place arithmetic on tensors this sample owns (decoded just now): a 49x480x720 clip's latents are 4.5 MB

@@ -25,6 +25,7 @@ from latentcache.vae import resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 128  # distinct captions kept; CogVideoX's 226x4096 bf16 embedding is 1.8 MB
+EMPTY_PROMPT = ""  # what a clip without a caption is embedded as: the pipelines' unconditional prompt
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,28 +83,31 @@ class TextEncoder:
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.encoded_prompts = 0  # forward passes' worth of prompts, for tests and logs
 
-    def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor] | None]:
-        """One dict per caption (None where there is no caption), encoding only captions not seen recently."""
-        todo = list(dict.fromkeys(c for c in captions if c is not None and c not in self._cache))
+    def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor]]:
+        """One dict per caption, encoding only captions not seen recently.
+
+        A clip without a caption gets the embedding of the empty prompt "", exactly what the pipelines compute for
+        `prompt=""` (the same tokenizer call and encoder pass): every clip of a run has `prompt_embeds`, so a batch
+        never loses them because one of its clips had no caption.
+        """
+        prompts = [EMPTY_PROMPT if c is None else c for c in captions]
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         fresh = dict(zip(todo, self._encode(todo), strict=True)) if todo else {}
         out = []
-        for caption in captions:
-            if caption is None:
-                out.append(None)
-                continue
-            tensors = fresh.get(caption)
+        for prompt in prompts:
+            tensors = fresh.get(prompt)
             if tensors is None:
-                tensors = self._cache[caption]
-                self._cache.move_to_end(caption)
+                tensors = self._cache[prompt]
+                self._cache.move_to_end(prompt)
             out.append(tensors)
         # Evict only once the answer is built: a batch may hold more new captions than the cache.
-        for caption, tensors in fresh.items():
-            self._cache[caption] = tensors
+        for prompt, tensors in fresh.items():
+            self._cache[prompt] = tensors
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return out
 
-    def embed(self, caption: str | None) -> dict[str, torch.Tensor] | None:
+    def embed(self, caption: str | None) -> dict[str, torch.Tensor]:
         return self.embed_many([caption])[0]
 
     @torch.inference_mode()

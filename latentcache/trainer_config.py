@@ -1,8 +1,12 @@
 """`latentcache check-config`: does a CogVideo SAT-style training YAML fit these latent shards?
 
-The bug this exists for: SAT's `model.latent_input` (default False) makes the trainer treat every batch as RGB
-video and encode it with its own VAE (`first_stage_config`); given latent shards, the DiT is fed the wrong thing.
-Channel, frame, size, fps and scaling-factor mismatches are as silent, so each is reported with its fix.
+What SAT does with `batch["mp4"]` (CogVideo sat/diffusion_video.py): `latent_input = model_config.get("latent_input",
+False)`. With False (the default) `encode_first_stage` runs SAT's own VAE (`first_stage_config`) on the batch, then
+multiplies by `scale_factor`: the data must be RGB video, and latents there fail on the encoder's first (3-channel)
+convolution. With True it skips the VAE and returns `x * self.scale_factor  # already encoded`: the data must be raw,
+unscaled latents (`latentcache.sat.SATLatentDataset`); a pixel dataset such as SAT's SFTDataset then feeds the DiT
+3-channel RGB, and latents already normalised (LatentShardDataset's default) are scaled twice. Channel, frame, size,
+fps and scaling-factor mismatches are as silent, so each is reported with its consequence and fix.
 
 Keys are looked up by name, in `network_config` first for model keys and in `data` for data keys, and never inside
 `first_stage_config` (the VAE's own `in_channels: 3`) or `conditioner_config`.
@@ -41,6 +45,8 @@ class TrainerConfig:
     z_channels: int | None = None
     video_size: tuple[int, int] | None = None
     fps: float | None = None
+    data_target: str | None = None  # data.target: the dataset class SAT builds batches with
+    data_normalized: bool = False  # data.params.normalize of a LatentShardDataset target (its default: True)
     where: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,6 +164,12 @@ def load_trainer_config(*paths: str | os.PathLike) -> TrainerConfig:
     z = [(p, v) for p, k, v in entries if k == "z_channels" and ".first_stage_config." in f".{p}."]
     if z:
         config.z_channels, config.where["z_channels"] = int(z[0][1]), z[0][0]
+    data = tree.get("data")
+    if isinstance(data, dict) and data.get("target"):
+        config.data_target, config.where["data_target"] = str(data["target"]), "data.target"
+        params = data.get("params") if isinstance(data.get("params"), dict) else {}
+        config.data_normalized = (config.data_target.rsplit(".", 1)[-1] == "LatentShardDataset"
+                                  and _coerce("latent_input", params.get("normalize", True), path, "normalize"))
     return config
 
 
@@ -184,14 +196,7 @@ def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str
     # Buckets (FxHxW in pixels) say what the shards hold, also when one encode wrote several sizes.
     buckets = sorted(manifest.get("buckets") or {s["bucket"] for s in manifest["shards"]})
     w = config.where
-    problems = []
-    if not config.latent_input:
-        said = (f"{w['latent_input']}: {config.latent_input}" if "latent_input" in w
-                else "model.latent_input is not set (SAT defaults to False)")
-        problems.append(
-            f"{said}, so the trainer treats each batch as RGB video and encodes it with its own VAE "
-            f"(first_stage_config): the DiT would get 3-channel RGB (or re-encoded latents), but these shards "
-            f"already hold {spec.channels}-channel latents. Fix: set model.latent_input: true")
+    problems = _input_problems(config, spec)
     if config.in_channels is not None and config.in_channels != spec.channels:
         if config.in_channels == 2 * spec.channels:
             problems.append(
@@ -250,12 +255,60 @@ def _size_problems(config: TrainerConfig, spec: LatentSpec, height: int, width: 
     return problems
 
 
+# SAT's own datasets (CogVideo sat/data_video.py): they decode videos into RGB pixels in [-1, 1].
+PIXEL_DATASETS = ("SFTDataset", "VideoDataset")
+RAW_LATENT_DATASET = "latentcache.sat.SATLatentDataset"
+
+
+def _data_kind(config: TrainerConfig) -> str | None:
+    """"pixels", "raw" or "normalized" latents, from data.target; None for a dataset this does not know."""
+    name = (config.data_target or "").rsplit(".", 1)[-1]
+    if name in PIXEL_DATASETS:
+        return "pixels"
+    if name == "SATLatentDataset" or (name == "LatentShardDataset" and not config.data_normalized):
+        return "raw"
+    return "normalized" if name == "LatentShardDataset" else None
+
+
+def _input_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
+    """latent_input against what the data class yields, each with what SAT would do (sat/diffusion_video.py)."""
+    w, kind = config.where, _data_kind(config)
+    target = f"data.target: {config.data_target}"
+    use = (f"Fix: set data.target: {RAW_LATENT_DATASET} (raw latents from these shards) and model.latent_input: "
+           "true")
+    if not config.latent_input:
+        said = (f"{w['latent_input']}: {config.latent_input}" if "latent_input" in w
+                else "model.latent_input is not set (SAT defaults to False)")
+        if kind == "pixels":
+            return [f"{said} with {target}, which decodes videos: SAT encodes them with its own VAE and never "
+                    f"reads these {spec.channels}-channel latent shards. {use}"]
+        return [f"{said}, so SAT's encode_first_stage runs its own VAE encoder (first_stage_config) on batch['mp4']: "
+                f"its first convolution takes 3 RGB channels and gets {spec.channels}-channel latents, a conv error "
+                "at the first step. Fix: set model.latent_input: true (SAT then skips its VAE and multiplies the "
+                "latents by scale_factor)"]
+    if kind == "pixels":
+        return [f"{w['latent_input']}: {config.latent_input} with {target}, which yields RGB video: SAT skips its "
+                "VAE ('already encoded') and the DiT gets 3-channel RGB pixels times scale_factor where it expects "
+                f"{spec.channels}-channel latents. {use}"]
+    return []
+
+
 def _scale_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
-    if config.scale_factor is None or spec.scaling_factor is None:
+    """SAT multiplies batch['mp4'] by scale_factor (default 1.0) whether it encoded it or not."""
+    s = spec.scaling_factor
+    if s is None:
         return []
-    if math.isclose(config.scale_factor, spec.scaling_factor, rel_tol=1e-4):
-        return []
-    return [f"{config.where['scale_factor']}: {config.scale_factor:g}, the shards' VAE scaling factor is "
-            f"{spec.scaling_factor:g} (LatentShardDataset applies it once; SAT with latent_input: true applies "
-            f"none). Fix: set scale_factor: {spec.scaling_factor:g}, or encode with the VAE this model was trained "
-            "with"]
+    problems = []
+    factor = config.scale_factor if config.scale_factor is not None else 1.0
+    said = (f"{config.where['scale_factor']}: {factor:g}" if config.scale_factor is not None
+            else "model.scale_factor is not set (SAT defaults to 1.0)")
+    if not math.isclose(factor, s, rel_tol=1e-4):
+        problems.append(f"{said}, the shards' VAE scaling factor is {s:g}: SAT multiplies the raw latents by "
+                        f"scale_factor, so the DiT would get z x {factor:g} where it was trained on z x {s:g}. Fix: "
+                        f"set scale_factor: {s:g}, or encode with the VAE this model was trained with")
+    if _data_kind(config) == "normalized":
+        problems.append(f"data.target: {config.data_target} yields latents already multiplied by the scaling factor "
+                        f"(normalize: true), and SAT multiplies them by scale_factor again: the DiT would get z x "
+                        f"{factor * s:.4g} where it expects z x {s:g}. Fix: set data.target: {RAW_LATENT_DATASET} "
+                        "(raw latents, scaled once by SAT), or data.params.normalize: false")
+    return problems

@@ -199,7 +199,8 @@ def _ltx_spec(model: Any) -> LatentSpec:
         temporal_compression=int(model.temporal_compression_ratio),
         spatial_compression=int(model.spatial_compression_ratio),
         scaling_factor=float(config.scaling_factor),
-        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers.
+        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers, read
+        # by load_vae before the model is cast to the encode dtype (so in the weights' own precision).
         latents_mean=tuple(float(v) for v in model.latents_mean.float().cpu()),
         latents_std=tuple(float(v) for v in model.latents_std.float().cpu()),
     )
@@ -563,10 +564,12 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
     else:
         model, subfolder = _from_pretrained(cls, family, settings)
         revision = settings.revision
+    # Before the cast to the encode dtype: LTX-Video's latents_mean/latents_std are buffers that `.to(dtype)` would
+    # round (bf16 keeps 8 bits), and the manifest's normalisation must not depend on --dtype.
+    spec = family.spec_from_model(model)
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
         model = model.to(dev, dtype).eval().requires_grad_(False)
-    spec = family.spec_from_model(model)
     identity = VAEIdentity(
         class_name=family.class_name,
         source=settings.source,

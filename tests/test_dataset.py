@@ -252,7 +252,7 @@ def test_for_transformer_refuses_naming_numbers(encoded_dir: Path) -> None:
 
 
 def test_video_folder_is_not_latents(video_dir: Path) -> None:
-    with pytest.raises(LatentMismatchError, match="latent_input=False"):
+    with pytest.raises(LatentMismatchError, match="latent_input: true"):
         LatentShardDataset(video_dir)
 
 

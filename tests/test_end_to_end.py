@@ -101,7 +101,7 @@ def test_wrong_channel_count_is_refused(encoded):
 
 
 def test_a_folder_of_videos_is_refused_as_pixels(video_dir):
-    with pytest.raises(LatentMismatchError, match="latent_input=False.*latentcache encode"):
+    with pytest.raises(LatentMismatchError, match="3-channel RGB pixels.*latentcache encode"):
         LatentShardDataset(video_dir)
 
 

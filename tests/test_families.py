@@ -306,6 +306,23 @@ def test_local_pipeline_dir_loads_through_from_pretrained_and_refuses_the_wrong_
         load_vae(VAESettings(source=str(tmp_path / "pipe"), family="cogvideox", subfolder="vae"), "cpu")
 
 
+def test_ltx_statistics_are_read_in_fp32_whatever_the_encode_dtype(tmp_path):
+    """LTX-Video keeps latents_mean/latents_std as buffers in its weights: the manifest's normalisation is read before
+    the VAE is cast to the encode dtype, so --dtype bf16 does not round it (bf16 keeps 8 bits: up to 0.39%)."""
+    tiny = load_vae(VAESettings(source="tiny-random-ltx", family="ltx", subfolder=None), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(128, generator=gen) * 0.3, torch.rand(128, generator=gen) + 0.5
+    tiny.model.latents_mean.copy_(mean)
+    tiny.model.latents_std.copy_(std)
+    tiny.model.save_pretrained(tmp_path / "ltx")
+    assert not torch.equal(std.bfloat16().float(), std)  # values bf16 would change
+    for dtype in ("fp32", "bf16"):
+        vae = load_vae(VAESettings(source=str(tmp_path / "ltx"), family="ltx", subfolder=None, dtype=dtype), "cpu")
+        assert vae.model.latents_std.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        assert vae.spec.latents_mean == tuple(float(v) for v in mean)
+        assert vae.spec.latents_std == tuple(float(v) for v in std)
+
+
 # ------------------------------------------------------------------------ verify and preview
 
 

@@ -110,9 +110,20 @@ def test_each_distinct_caption_is_encoded_once(t5_pipeline):
     encoder = load_text_encoder(TextSettings(source=str(t5_pipeline) + "/", max_length=MAX_LENGTH), "cogvideox")
     red, blue = CAPTIONS["red"], CAPTIONS["blue"]
     out = encoder.embed_many([red, None, red, blue])
-    assert out[1] is None and out[0] is out[2] and not torch.equal(out[0]["prompt_embeds"], out[3]["prompt_embeds"])
-    encoder.embed_many([blue, red])
-    assert encoder.encoded_prompts == 2
+    assert out[0] is out[2] and not torch.equal(out[0]["prompt_embeds"], out[3]["prompt_embeds"])
+    encoder.embed_many([blue, red, None, ""])
+    assert encoder.encoded_prompts == 3  # red, blue and the empty prompt
+
+
+def test_a_clip_without_caption_gets_the_pipelines_empty_prompt_embedding(t5_pipeline, umt5_pipeline):
+    for family, pipeline, root in (("cogvideox", diffusers.CogVideoXPipeline, t5_pipeline),
+                                   ("wan", diffusers.WanPipeline, umt5_pipeline)):
+        encoder = load_text_encoder(TextSettings(source=str(root), max_length=MAX_LENGTH), family)
+        got = encoder.embed(None)
+        expected = pipeline._get_t5_prompt_embeds(_as_pipeline(encoder), "", max_sequence_length=MAX_LENGTH,
+                                                  dtype=torch.float32)
+        torch.testing.assert_close(got["prompt_embeds"], expected[0])
+        assert got["attention_mask"].sum() == 1  # "</s>" alone
 
 
 def test_more_new_captions_than_the_cache_holds(t5_pipeline, monkeypatch):
@@ -208,25 +219,26 @@ def test_encode_caches_prompt_embeddings_once_per_caption(captioned_videos, t5_p
     out = tmp_path / "out"
     assert main(["encode", str(listing), "--out", str(out), "--text-encoder", str(t5_pipeline),
                  "--text-max-length", str(MAX_LENGTH), "--samples-per-shard", "2", *CLIP]) == 0
-    assert sorted(encoded) == sorted(CAPTIONS.values())  # 3 captioned clips, 2 distinct captions
+    # 3 captioned clips with 2 distinct captions, and the empty prompt for the clip without one.
+    assert sorted(encoded) == sorted([*CAPTIONS.values(), ""])
 
     reference = load_text_encoder(TextSettings(source=str(t5_pipeline), max_length=MAX_LENGTH), "cogvideox")
     samples = _members(out)
     assert len(samples) == 4
     for members in samples.values():
         caption = members["txt"].decode() if "txt" in members else None
-        assert ("text.safetensors" in members) == (caption is not None)
-        if caption:
-            cached = load_safetensors(members["text.safetensors"])
-            assert set(cached) == {"prompt_embeds", "attention_mask"}
-            torch.testing.assert_close(cached["prompt_embeds"], reference.embed(caption)["prompt_embeds"])
+        cached = load_safetensors(members["text.safetensors"])
+        assert set(cached) == {"prompt_embeds", "attention_mask"}
+        torch.testing.assert_close(cached["prompt_embeds"], reference.embed(caption)["prompt_embeds"])
 
     items = {item["caption"]: item for item in LatentShardDataset(out)}
-    assert "prompt_embeds" not in items[None]
+    assert items[None]["prompt_attention_mask"].sum() == 1  # the empty prompt: "</s>" alone
     red = items[CAPTIONS["red"]]
     assert red["prompt_embeds"].shape == (MAX_LENGTH, 16) and red["prompt_attention_mask"].sum() == 7
-    batches = [b for b in LatentShardDataset(out, batch_size=2) if "prompt_embeds" in b]
-    assert batches and all(b["prompt_embeds"].shape == (len(b["key"]), MAX_LENGTH, 16) for b in batches)
+    # The caption-less clip shares a batch with a captioned one, and the batch keeps prompt_embeds.
+    batches = list(LatentShardDataset(out, batch_size=2))
+    assert any(None in b["caption"] and any(b["caption"]) for b in batches)
+    assert all(b["prompt_embeds"].shape == (len(b["key"]), MAX_LENGTH, 16) for b in batches)
     settings = json.loads((out / "manifest.json").read_text())["settings"]
     assert settings["text"] == {"source": str(t5_pipeline), "revision": None, "max_length": MAX_LENGTH,
                                 "dtype": "auto"}

@@ -146,7 +146,7 @@ def test_check_config_latent_input_false(encoded_dir: Path, tmp_path: Path, caps
     assert main(["check-config", str(path), "--data", str(encoded_dir)]) == 2
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PROBLEM")]
     assert len(lines) == 1
-    assert "model.latent_input: False" in lines[0] and "3-channel RGB" in lines[0]
+    assert "model.latent_input: False" in lines[0] and "conv error" in lines[0]
     assert "Fix: set model.latent_input: true" in lines[0]
     unset = _config(tmp_path, model__latent_input=None)
     assert "SAT defaults to False" in config_problems(load_trainer_config(unset), read_manifest(encoded_dir))[0]
