@@ -38,22 +38,10 @@ SLOW_WRITER = """
 import runpy, sys, time
 import latentcache.shards as shards
 
-add, write_json = shards._add, shards.write_json_atomic
-
-def slow_add(tar, name, data):
-    add(tar, name, data)
-    time.sleep(0.4)
-
-def slow_json(path, obj):
-    if path.name.endswith(".tar.json"):
-        time.sleep(0.8)
-    write_json(path, obj)
-    if path.name.endswith(".tar.json"):
-        # Decode workers have the next shard's clips ready at once: hold the between-shards state long enough
-        # for both ranks to be in it together.
-        time.sleep(0.8)
-
-shards._add, shards.write_json_atomic = slow_add, slow_json
+# Decode workers have the next shard's clips ready at once: after a sidecar, hold the between-shards state long
+# enough for both ranks to be in it together.
+PAUSE = {{"member": 0.4, "sidecar": 0.8, "sidecar-written": 0.8}}
+shards.WRITE_HOOKS.append(lambda event, path: time.sleep(PAUSE[event]))
 sys.argv[0] = {entry!r}
 runpy.run_path({entry!r}, run_name="__main__")
 """
