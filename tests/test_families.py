@@ -253,6 +253,7 @@ def test_wan_and_hunyuan_take_4k_plus_1(family):
 @pytest.mark.parametrize(("family", "tile", "overlap"), [
     ("wan", 32, 0.25), ("hunyuanvideo", 32, 0.5), ("ltx", 64, 0.5),
 ])
+@pytest.mark.slow
 def test_stride_tiling_gives_exact_shapes(family, tile, overlap):
     vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
     frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)

@@ -256,6 +256,7 @@ def test_cli_bad_clip_strategy_and_bucket_are_usage_errors(video_dir, tmp_path, 
     assert "--frame-buckets 7" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_buckets_write_one_bucket_per_shard_at_that_size(tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
