@@ -52,6 +52,29 @@ def test_invalid_tile_settings_are_refused_with_the_exact_alternatives(tiny_vae)
         tiny_vae.configure(TilingSettings(tile_height=36, tile_width=36, overlap=0.25), None)
 
 
+@pytest.mark.parametrize(("tile", "overlap", "style", "exact"), [
+    # overlap style (CogVideoX): the pixel step must equal the latents kept per tile times 8
+    (32, 0.25, "overlap", True), (48, 1 / 3, "overlap", True), (64, 0.25, "overlap", True), (40, 0.2, "overlap", True),
+    (32, 0.2, "overlap", False), (48, 0.25, "overlap", False), (64, 0.3, "overlap", False),
+    # stride style (Wan, HunyuanVideo, LTX-Video): the stride must be a multiple of the spatial compression
+    (32, 0.5, "stride", True), (64, 0.25, "stride", True), (32, 0.2, "stride", False), (40, 0.5, "stride", False),
+])
+def test_tile_problem_without_an_encode(tile, overlap, style, exact):
+    """The arithmetic alone; the slow tier encodes with the accepted tiles and checks the shapes."""
+    problem = tile_problem(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), 8, style)
+    assert (problem is None) == exact, problem
+
+
+def test_auto_batch_size_is_a_deterministic_power_of_two_that_shrinks_with_the_clip(tiny_vae):
+    small = tiny_vae.auto_batch_size(17, 64, 96)
+    assert small == tiny_vae.auto_batch_size(17, 64, 96)  # a restart must batch the same way
+    assert small & (small - 1) == 0 and 1 <= small <= 8  # CPU: at most CPU_BATCH_LIMIT
+    big = tiny_vae.auto_batch_size(49, 480, 720)
+    assert 1 <= big <= small
+    huge = tiny_vae.auto_batch_size(129, 1440, 2560)
+    assert huge == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tile,overlap", [(32, 0.25), (48, 1 / 3), (64, 0.25), (40, 0.2)])
 def test_validated_tiles_give_exact_shapes(tiny_vae, clip_frames, tile, overlap):
