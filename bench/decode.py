@@ -66,7 +66,7 @@ def interleaved(path: Path, exe: str, starts: list[float], clip: ClipSettings) -
     return ours, theirs, pairs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--video", type=Path, default=None, help="use this file instead of generating one")
     p.add_argument("--minutes", type=float, default=10.0)
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=320)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     exe = ffmpeg_exe()
     clip = ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,8 +92,11 @@ def main() -> None:
         info = probe(path)
         span = (clip.frames - 1) / clip.fps
         rng = np.random.default_rng(0)
-        early = sorted(rng.uniform(0, 60, args.clips).round(3).tolist())
-        late = sorted(rng.uniform(info.duration - 60 - span, info.duration - span - 0.5, args.clips).round(3).tolist())
+        # The first and the last minute (or each half of a shorter file) that a whole clip fits in.
+        last_start = info.duration - span - 0.5
+        window = min(60.0, last_start / 2)
+        early = sorted(rng.uniform(0, window, args.clips).round(3).tolist())
+        late = sorted(rng.uniform(last_start - window, last_start, args.clips).round(3).tolist())
         print(f"{info.duration:.0f}s {info.codec} {info.width}x{info.height} at {info.fps:g} fps; clips of "
               f"{clip.frames} frames at {clip.fps:g} fps, {clip.height}x{clip.width} crop; {args.clips} per timing; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
@@ -113,6 +116,8 @@ def main() -> None:
         diff = np.mean([np.abs(c.frames.astype(int) - raw.astype(int)).mean() for c, raw in pairs])
         print(f"clips/s: latentcache {ours:.1f}, ffmpeg CLI {theirs:.1f}; latentcache/ffmpeg = {ours / theirs:.2f}x "
               f"(same clips: mean abs pixel difference {diff:.1f}/255)")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,9 @@ decode in worker processes ahead of the VAE, batched encode in the chosen dtype,
 
     python bench/encode.py                      # CPU: tiny random CogVideoX VAE, 17x64x96 clips
     python bench/encode.py --full --clips 16    # GPU: full-size AutoencoderKLCogVideoX (random weights), 49x480x720
+    python bench/encode.py --full --tiny        # the --full code path with the tiny config (runs on a CPU: CI)
+    python bench/encode.py --whole-process      # `latentcache encode` at default flags vs a naive script, whole
+                                                # processes timed from the outside (start-up included)
 
 Prints clips/s of each, their ratio, bytes per clip, and on a GPU peak memory with and without tiling and the
 achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter).
@@ -13,7 +16,9 @@ achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 from latentcache import pipeline  # noqa: E402
 from latentcache.decode import decode_clip  # noqa: E402
@@ -44,18 +50,22 @@ def make_videos(folder: Path, n: int, height: int, width: int, seconds: float) -
                     height=height, width=width, fps=fps)
 
 
-def full_size_vae(device: torch.device, dtype: torch.dtype) -> VideoVAE:
-    """The default AutoencoderKLCogVideoX config (215M parameters) with random weights: real cost, no download."""
+def full_size_vae(device: torch.device, dtype: torch.dtype, *, tiny: bool = False) -> VideoVAE:
+    """The default AutoencoderKLCogVideoX config (215M parameters) with random weights: real cost, no download.
+
+    `tiny` builds the family's tiny config instead, through the same code, so CI runs this path without a GPU.
+    """
     from diffusers import AutoencoderKLCogVideoX
 
     family = FAMILIES["cogvideox"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoencoderKLCogVideoX()
+        model = AutoencoderKLCogVideoX(**(family.tiny_config if tiny else {}))
     model = model.to(device, dtype).eval().requires_grad_(False)
-    identity = VAEIdentity(class_name=family.class_name, source="random-full-size", subfolder=None, revision=None,
+    source = "random-tiny" if tiny else "random-full-size"
+    identity = VAEIdentity(class_name=family.class_name, source=source, subfolder=None, revision=None,
                            config_hash="bench", random_weights=True)
-    return VideoVAE(model, family.spec_from_config(model.config), identity, device, dtype)
+    return VideoVAE(model, family.spec_from_model(model), identity, device, dtype)
 
 
 def naive_loop(paths: list[str], clip: ClipSettings, vae: VideoVAE, out: Path) -> tuple[float, int]:
@@ -104,39 +114,60 @@ def flops_per_clip(vae: VideoVAE, clip: ClipSettings) -> float:
 
 
 def peak_memory(vae: VideoVAE, clip: ClipSettings, tiling: TilingSettings | None) -> float:
+    """GiB at the peak of encoding one clip; NaN on a CPU, where the (tiled) encode still runs."""
+    cuda = vae.device.type == "cuda"
     vae.configure(tiling, None)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     vae.encode(torch.zeros(1, clip.frames, clip.height, clip.width, 3, dtype=torch.uint8))
-    torch.cuda.synchronize()
     vae.configure(None, None)
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="full-size CogVideoX VAE at 49x480x720 (GPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --full: the tiny config at 17x64x96, the same code path (a smoke run on a CPU)")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time `latentcache encode` at default flags against a naive script, each a process")
+    parser.add_argument("--videos", type=int, default=4, help="--whole-process: source videos")
+    parser.add_argument("--clips-per-video", type=int, default=4, help="--whole-process: clips taken from each")
+    parser.add_argument("--repeat", type=int, default=2, help="--whole-process: timed rounds (the best counts)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", default=None, help="clips per VAE call, or auto (default: 4; --full: auto)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--source-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=None,
                         metavar="HxW", help="size of the generated source videos (decode cost grows with it)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="threads for the VAE on CPU; 1 leaves the other cores to decoding, as a GPU would")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny and not args.full:
+        parser.error("--tiny goes with --full")
+    if args.whole_process:
+        return whole_process(args)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
-    if args.full:
+    if args.full and not args.tiny:
         clip = ClipSettings(frames=49, fps=8.0, height=480, width=720)
         vae = full_size_vae(device, dtype)
         n, src = args.clips or 8, args.source_size or (540, 960)
+    elif args.full:
+        clip = ClipSettings(frames=17, fps=8.0, height=64, width=96)
+        vae = full_size_vae(device, dtype, tiny=True)
+        n, src = args.clips or 2, args.source_size or (96, 128)
     else:
         clip = ClipSettings(frames=17, fps=8.0, height=64, width=96)
         vae = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype=args.dtype), str(device))
         n, src = args.clips or 24, args.source_size or (192, 256)
-    batch = args.batch_size or (1 if args.full else 4)
+    batch = args.batch_size or ("auto" if args.full else "4")
+    batch = vae.auto_batch_size(clip.frames, clip.height, clip.width) if batch == "auto" else int(batch)
     settings = EncodeSettings(clip=clip, vae=VAESettings(source=vae.identity.source, subfolder=None),
                               samples_per_shard=64, batch_size=batch, workers=args.workers)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name()
@@ -161,15 +192,88 @@ def main() -> None:
         print(f"latentcache ({name}, decode workers, batch {batch}):      {n / ours_s:8.2f} clips/s  "
               f"{ours_bytes / n / 1e6:.3f} MB/clip")
         print(f"ratio latentcache / naive: {naive_s / ours_s:.2f}x")
-        if device.type == "cuda":
+        if args.full:
             flops = flops_per_clip(vae, clip)
             achieved = flops * n / ours_s / 1e12
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
             util = f" = {100 * achieved / peak:.0f}% of {peak:.0f} peak" if peak else ""
-            print(f"VAE: {flops / 1e12:.1f} TFLOP per clip; achieved {achieved:.1f} TFLOP/s{util}")
-            tile = TilingSettings(tile_height=256, tile_width=384, overlap=0.25)  # exact: see vae.tile_problem
-            print(f"peak GPU memory per clip: untiled {peak_memory(vae, clip, None):.1f} GiB, "
-                  f"tiled {tile.tile_height}x{tile.tile_width} {peak_memory(vae, clip, tile):.1f} GiB")
+            print(f"VAE: {flops / 1e12:.4f} TFLOP per clip; achieved {achieved:.4f} TFLOP/s{util}")
+            # Exact tiles (see vae.tile_problem): 256x384 for 480x720, 32x48 for the tiny 64x96 clips.
+            tile = (TilingSettings(tile_height=32, tile_width=48, overlap=0.5) if args.tiny else
+                    TilingSettings(tile_height=256, tile_width=384, overlap=0.25))
+            untiled, tiled = peak_memory(vae, clip, None), peak_memory(vae, clip, tile)
+            print(f"peak {'GPU' if device.type == 'cuda' else 'CPU (not measured)'} memory per clip: untiled "
+                  f"{untiled:.1f} GiB, tiled {tile.tile_height}x{tile.tile_width} {tiled:.1f} GiB")
+    return 0
+
+
+# The loop peers' preparation scripts run, as its own process: decode a clip, encode it alone in fp32, save a .pt.
+NAIVE_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import torch
+from latentcache.decode import decode_clip
+from latentcache.settings import ClipSettings, VAESettings
+from latentcache.vae import load_vae
+
+job = json.loads(Path(sys.argv[1]).read_text())
+clip = ClipSettings(**job["clip"])
+vae = load_vae(VAESettings(source=job["vae"], subfolder=None, dtype="fp32"), "auto")
+out = Path(sys.argv[2])
+out.mkdir(parents=True)
+for i, (path, start) in enumerate(job["clips"]):
+    frames = decode_clip(path, start, clip).frames
+    mean, logvar = vae.encode(frames[None])
+    torch.save({"mean": mean[0], "logvar": logvar[0]}, out / f"{i:06d}.pt")
+"""
+
+
+def whole_process(args: argparse.Namespace) -> int:
+    """`latentcache encode` with default performance flags (batch size, workers, dtype) against the naive script,
+    each timed as a whole process: imports, model build, planning, worker start-up and the manifest included."""
+    clip = ClipSettings(frames=17, fps=8.0, height=64, width=96)
+    vae = "tiny-random-cogvideox"
+    src = args.source_size or (360, 640)
+    k = args.clips_per_video
+    flags = ["--vae", vae, "--frames", str(clip.frames), "--fps", f"{clip.fps:g}", "--height", str(clip.height),
+             "--width", str(clip.width), "--clips", f"uniform:{k}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Holdout-like: a few seconds each, mixed codecs, at a common source size.
+        make_videos(tmp / "videos", args.videos, *src, seconds=k * (clip.frames - 1) / clip.fps + 1.0)
+        script = tmp / "naive.py"
+        script.write_text(NAIVE_SCRIPT, encoding="utf-8")
+        ours, naive = [], []
+        for round_ in range(args.repeat):
+            out = tmp / f"ours{round_}"
+            cmd = [sys.executable, "-m", "latentcache.cli", "encode", str(tmp / "videos"), "--out", str(out), *flags]
+            ours.append(_timed_process(cmd, env))
+            plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+            job = tmp / "naive_job.json"
+            job.write_text(json.dumps({"clip": {"frames": clip.frames, "fps": clip.fps, "height": clip.height,
+                                                "width": clip.width},
+                                       "vae": vae, "clips": [[c["source"], c["start"]] for c in plan["clips"]]}))
+            naive.append(_timed_process([sys.executable, str(script), str(job), str(tmp / f"naive{round_}")], env))
+        n = len(plan["clips"])
+        print(f"{_cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name()}; {args.videos} "
+              f"videos {src[0]}x{src[1]}, {n} clips of {clip.bucket}, {vae}; best of {args.repeat}")
+        print(f"naive script (decode, fp32 encode, torch.save per clip): {min(naive):6.2f} s  ({n / min(naive):.2f} "
+              "clips/s)")
+        print(f"latentcache encode, default flags:                        {min(ours):6.2f} s  ({n / min(ours):.2f} "
+              "clips/s)")
+        print(f"ratio latentcache / naive, whole process: {min(naive) / min(ours):.2f}x")
+        print("latentcache command: latentcache encode VIDEOS --out OUT " + " ".join(flags))
+    return 0
+
+
+def _timed_process(cmd: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return seconds
 
 
 def _cpu_name() -> str:
@@ -183,4 +287,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

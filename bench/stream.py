@@ -68,12 +68,12 @@ def raw_tar_reader(urls: list[str]):
     return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--per-shard", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "latents"
         make_dataset(root, args.samples, args.per_shard, store_logvar=True)
@@ -103,7 +103,8 @@ def main() -> None:
             results[label] = rate
         for label, rate in results.items():
             print(f"{label:38s} {rate:9.1f} samples/s   {rate / raw:5.2f}x raw")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

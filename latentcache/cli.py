@@ -37,8 +37,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="spatial tiling in pixels, e.g. 256,384,0.25 (validated against the VAE)")
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
     g.add_argument("--device", default="auto")
-    g.add_argument("--batch-size", type=_batch_size, default=1,
-                   help="clips per VAE call, or 'auto': as many as fit in free GPU memory (default 1)")
+    g.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="clips per VAE call, or 'auto' (default): from the clip size and the GPU's memory (on a CPU, "
+                   "its RAM), the same on every run on the same machine")
     g.add_argument("--workers", type=int, default=None,
                    help="decode worker processes (default: from the CPU count; 0 decodes in the main process)")
     g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
@@ -78,11 +79,14 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def _batch_size(text: str) -> int:
-    """'auto' is 0 in the settings: resolved from free accelerator memory once the VAE is loaded."""
+def _batch_size(text: str) -> int | None:
+    """'auto' is None in the settings: resolved from the clip size and the device once the VAE is loaded."""
     if text == "auto":
-        return 0
-    value = int(text)
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 or 'auto', got {value}")
     return value
@@ -91,7 +95,8 @@ def _batch_size(text: str) -> int:
 def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
     from latentcache.vae import family_for_source, family_of
 
-    family = family_of(family_for_source(args.vae, args.family))
+    family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
+                                         revision=args.revision))
     tiling = None
     if args.tiling:
         try:
@@ -147,7 +152,7 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     out: Path = args.out
     vae = load_vae(settings.vae, device or settings.device)
     vae.tune(compile_encoder=settings.compile)
-    if settings.batch_size == 0:
+    if settings.batch_size is None:
         clip = settings.clip
         settings = dataclasses.replace(settings, batch_size=vae.auto_batch_size(clip.frames, clip.height, clip.width))
     texts = None

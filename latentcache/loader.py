@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -26,8 +27,34 @@ def default_workers(world_size_on_node: int | None = None) -> int:
     """Leave a core for the process that drives the accelerator; share the rest between local ranks."""
     if world_size_on_node is None:
         world_size_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, usable_cores() // max(world_size_on_node, 1) - 1))
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota (`docker --cpus`, a
+    Kubernetes limit), which the affinity does not show: a 2-CPU container on a 64-core host would otherwise
+    start dozens of workers that fight over 2 CPUs."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, else v1 cfs quota/period), or None when unlimited or unknown."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(float(quota) / float(period), 1.0)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False) -> Clip | InputError:

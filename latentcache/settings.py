@@ -89,7 +89,7 @@ class EncodeSettings:
     store_dtype: str = "encode"
     # Runtime knobs: they change how fast the work goes, never what is written.
     device: str = "auto"
-    batch_size: int = 1
+    batch_size: int | None = 1  # clips per VAE call; None: auto (`VideoVAE.auto_batch_size`), resolved by the CLI
     workers: int | None = None  # decode worker processes; None: from the CPU count
     compile: bool = False
     nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU

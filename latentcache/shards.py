@@ -18,7 +18,7 @@ import os
 import socket
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,6 +65,17 @@ def sample_members(clip: EncodedClip) -> list[tuple[str, bytes]]:
     return members
 
 
+# Observers of shard writing, called with (event, path): ("member", shard) after each tar member, ("sidecar",
+# sidecar) just before a sidecar is written and ("sidecar-written", sidecar) just after. Empty by default; a tool
+# that watches or paces writing appends to it (the kill-mid-write tests slow writing down with it).
+WRITE_HOOKS: list[Callable[[str, Path], None]] = []
+
+
+def _notify(event: str, path: Path) -> None:
+    for hook in WRITE_HOOKS:
+        hook(event, path)
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -102,6 +113,7 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
             for clip in clips:
                 for name, data in sample_members(clip):
                     _add(tar, name, data)
+                    _notify("member", path)
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)
@@ -115,7 +127,9 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
         "sha256": digest.hexdigest(),
         **(extra or {}),
     }
+    _notify("sidecar", sidecar_path(path))
     write_json_atomic(sidecar_path(path), record)
+    _notify("sidecar-written", sidecar_path(path))
     return record
 
 

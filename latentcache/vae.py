@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,18 +417,29 @@ class VideoVAE:
 
     @torch.inference_mode()
     def auto_batch_size(self, frames: int, height: int, width: int, *, limit: int = 16) -> int:
-        """Clips per VAE call that fit in free accelerator memory (measured on one clip, 20% headroom)."""
-        if self.device.type != "cuda":
-            return 1
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        self.encode(torch.zeros(1, frames, height, width, 3, dtype=torch.uint8))
-        per_clip = max(torch.cuda.max_memory_allocated() - before, 1)
-        free, _ = torch.cuda.mem_get_info()
-        batch = max(1, min(limit, int(0.8 * free / per_clip)))
-        log.info("batch size %d: one %dx%dx%d clip peaks at %.1f GiB, %.1f GiB free", batch, frames, height, width,
-                 per_clip / 2**30, free / 2**30)
+        """Clips per VAE call for this clip size on this device: the same number every time on the same machine.
+
+        Byte-identical restarts need the same batch size (batched convolutions round differently in the last bits),
+        so nothing that changes between runs (free memory, load) enters. On a GPU: one clip's measured peak against
+        80% of the device's total memory, less what is already allocated (the weights). On a CPU: an estimate of one
+        clip's activations at full resolution against a quarter of the RAM, at most `CPU_BATCH_LIMIT`: batching
+        saves the per-call overhead, which matters for small clips, while big clips gain little and cost memory.
+        Rounded down to a power of two, so a near-tie cannot flip between runs.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            self.encode(torch.zeros(1, frames, height, width, 3, dtype=torch.uint8))
+            per_clip = max(torch.cuda.max_memory_allocated() - before, 1)
+            budget = 0.8 * torch.cuda.get_device_properties(self.device).total_memory - before
+        else:
+            limit = min(limit, CPU_BATCH_LIMIT)
+            per_clip = _cpu_bytes_per_clip(self.model, frames, height, width, self.dtype)
+            budget = _ram_bytes() / 4
+        batch = _power_of_two_at_most(max(1, min(limit, int(budget / per_clip))))
+        log.info("batch size %d (auto) on %s: one %dx%dx%d clip takes ~%.2f GiB of %.1f GiB", batch, self.device.type,
+                 frames, height, width, per_clip / 2**30, budget / 2**30)
         return batch
 
     @torch.inference_mode()
@@ -490,13 +502,87 @@ class VideoVAE:
         return video.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def family_for_source(source: str | None, family: str | None = None) -> str:
-    """The family to use when --family is not given: the one a built-in tiny VAE names, else CogVideoX."""
-    if family:
-        return family
+# On a CPU, clips per VAE call never exceed this: past it the per-call overhead is already paid off.
+CPU_BATCH_LIMIT = 8
+# Live fp32-sized tensors of one clip at the encoder's first width (input, conv, norm, activation, residual...).
+_ACTIVATION_COPIES = 6
+
+
+def _cpu_bytes_per_clip(model: Any, frames: int, height: int, width: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of one clip: the encoder's first convolution's width at full resolution."""
+    conv = next((m for m in model.encoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    channels = conv.out_channels if conv is not None else 128
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return frames * height * width * max(channels, 3) * itemsize * _ACTIVATION_COPIES
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30  # no sysconf (Windows): assume a small machine
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def family_for_source(source: str | None, family: str | None = None, *, subfolder: str | None = "vae",
+                      revision: str | None = None) -> str:
+    """The VAE family, detected from the VAE's own config; `family` (--family) overrides, checked against it.
+
+    A built-in `tiny-random-<family>` names its family. Otherwise the config's `_class_name` says it: a local
+    directory's config.json (or its `subfolder`'s, for a pipeline directory), or a hub repo's config already in the
+    Hugging Face cache (nothing is downloaded here). With no config to read, `family`, else CogVideoX; the loader
+    then checks the class it finds.
+    """
     if source and source.startswith(TINY_RANDOM_SUFFIX) and source[len(TINY_RANDOM_SUFFIX):] in FAMILIES:
-        return source[len(TINY_RANDOM_SUFFIX):]
-    return "cogvideox"
+        return family or source[len(TINY_RANDOM_SUFFIX):]
+    found = _config_class_name(source, subfolder, revision) if source else None
+    if found is None:
+        return family or "cogvideox"
+    config_path, class_name = found
+    detected = next((f.name for f in FAMILIES.values() if f.class_name == class_name), None)
+    if detected is None:
+        raise ConfigError(f"--vae {source}: {config_path} is a {class_name}, not one of "
+                          f"the supported VAEs ({', '.join(f.class_name for f in FAMILIES.values())})")
+    if family and family != detected:
+        raise ConfigError(f"--family {family}, but --vae {source} is {class_name} ({config_path}), a {detected} VAE; "
+                          f"drop --family (it is detected) or pass --family {detected}")
+    return detected
+
+
+def _config_class_name(source: str, subfolder: str | None, revision: str | None) -> tuple[str, str] | None:
+    """(where, `_class_name`) of the VAE config for `source`, or None when there is none to read offline."""
+    import json
+
+    candidates: list[Path] = []
+    if Path(source).is_dir():
+        root = Path(source)
+        candidates = [root / subfolder / "config.json"] if subfolder else []
+        candidates.append(root / "config.json")
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        for name in ([f"{subfolder}/config.json"] if subfolder else []) + ["config.json"]:
+            try:
+                cached = try_to_load_from_cache(source, name, revision=revision)
+            except ValueError:  # not a valid repo id: the loader says what is wrong with it
+                return None
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--vae {source}: cannot read {path}: {e}") from e
+        if isinstance(config, dict) and "_class_name" in config:
+            return str(path), config["_class_name"]
+    return None
 
 
 def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tuple[Any, str | None]:

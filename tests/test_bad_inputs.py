@@ -123,6 +123,7 @@ def read_failures(out) -> dict[str, dict]:
     return by_name
 
 
+@pytest.mark.slow
 def test_a_run_over_every_bad_input_records_each_and_writes_the_rest(bad_inputs, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
@@ -172,6 +173,7 @@ def test_only_skips_exit_zero_and_are_reported_by_reason(tmp_path, capsys):
     assert "skipped: 1; failed: 0" in printed and "skipped by reason: too short: 1" in printed
 
 
+@pytest.mark.slow
 def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, capsys):
     d = tmp_path / "in"
     d.mkdir()

@@ -34,6 +34,7 @@ def rank_lines(log: str) -> dict[int, tuple[int, int]]:
     return {int(r): (int(c), int(s)) for r, c, s in RANK_LINE.findall(log)}
 
 
+@pytest.mark.slow
 def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) -> None:
     log = (encoded_reference.parent / "log.txt").read_text()
     # Six one-clip shards, round robin over two ranks: three each, none twice.
@@ -54,6 +55,7 @@ def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) ->
     assert not list(encoded_reference.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_sample_metadata_has_nothing_that_varies_between_runs(encoded_reference: Path) -> None:
     """Byte-identical shards need metadata free of times, temp paths and hosts; sources are root-relative."""
     text = b"".join(p.read_bytes() for p in sorted(encoded_reference.rglob("*.tar")))
@@ -65,6 +67,7 @@ def test_sample_metadata_has_nothing_that_varies_between_runs(encoded_reference:
         assert socket.gethostname() not in str(meta)
 
 
+@pytest.mark.slow
 def test_one_plain_process_writes_the_same_bytes(small_videos: Path, encoded_reference: Path, tmp_path: Path) -> None:
     """`latentcache encode` in this process (world size 1, other thread count) == the 2-process run, byte for byte."""
     from latentcache.cli import main
@@ -100,6 +103,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_slurm_array_of_three_tasks_times_two_processes(small_videos: Path, encoded_reference: Path,
                                                         tmp_path: Path) -> None:
     """jobs/slurm/encode.sbatch run as three concurrent array tasks: they race to make the plan, each of the six
@@ -130,6 +134,7 @@ def test_slurm_array_of_three_tasks_times_two_processes(small_videos: Path, enco
     assert tree_bytes(out) == tree_bytes(encoded_reference)
 
 
+@pytest.mark.slow
 def test_a_refused_plan_stops_every_process(small_videos: Path, encoded_reference: Path, launch_encode,
                                             tmp_path: Path) -> None:
     """Other settings than OUT was made with, under 2 processes: the run stops with the refusal, and neither rank

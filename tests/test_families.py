@@ -253,6 +253,7 @@ def test_wan_and_hunyuan_take_4k_plus_1(family):
 @pytest.mark.parametrize(("family", "tile", "overlap"), [
     ("wan", 32, 0.25), ("hunyuanvideo", 32, 0.5), ("ltx", 64, 0.5),
 ])
+@pytest.mark.slow
 def test_stride_tiling_gives_exact_shapes(family, tile, overlap):
     vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
     frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)
@@ -321,6 +322,41 @@ def test_ltx_statistics_are_read_in_fp32_whatever_the_encode_dtype(tmp_path):
         assert vae.model.latents_std.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
         assert vae.spec.latents_mean == tuple(float(v) for v in mean)
         assert vae.spec.latents_std == tuple(float(v) for v in std)
+
+
+def test_family_is_detected_from_the_vae_config_and_family_is_checked_against_it(tmp_path, video_dir):
+    """`--vae WAN_DIR` needs no --family: the config's _class_name says Wan (a VAE dir, a pipeline dir's vae/)."""
+    tiny = load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu")
+    tiny.model.save_pretrained(tmp_path / "wan_vae")
+    tiny.model.save_pretrained(tmp_path / "pipe" / "vae")
+    assert family_for_source(str(tmp_path / "wan_vae")) == "wan"
+    assert family_for_source(str(tmp_path / "pipe")) == "wan"
+    assert family_for_source(str(tmp_path / "pipe"), "wan") == "wan"
+    with pytest.raises(ConfigError, match=r"--family cogvideox, but --vae .*pipe is AutoencoderKLWan .* --family wan"):
+        family_for_source(str(tmp_path / "pipe"), "cogvideox")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    with pytest.raises(ConfigError, match="is a WanTransformer3DModel, not one of the supported VAEs"):
+        family_for_source(str(tmp_path / "transformer"))
+    out = tmp_path / "out"
+    assert main(["encode", str(video_dir / "sub"), "--out", str(out), "--vae", str(tmp_path / "wan_vae"),
+                 "--device", "cpu", *CLIP]) == 0
+    assert json.loads((out / "manifest.json").read_text())["latent_spec"]["family"] == "wan"
+
+
+def test_family_is_detected_from_a_hub_config_in_the_cache(tmp_path, monkeypatch):
+    """A hub id whose config is in the Hugging Face cache (laid out as the hub client writes it); nothing is
+    downloaded."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--Org--Wan-pipe" / "snapshots" / ("0" * 40)
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
+    (tmp_path / "models--Org--Wan-pipe" / "refs").mkdir()
+    (tmp_path / "models--Org--Wan-pipe" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # the cache HF_HUB_CACHE would point at
+    assert family_for_source("Org/Wan-pipe") == "wan"
+    assert family_for_source("Org/Not-cached") == "cogvideox"  # unknown here: the loader checks what it finds
 
 
 # ------------------------------------------------------------------------ verify and preview

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
@@ -35,6 +36,7 @@ def test_store_mean_in_fp16_halves_and_halves_again(video_dir, tmp_path):
     assert torch.equal(sample["latents"], mean_only[sample["key"]]["mean"].float())
 
 
+@pytest.mark.slow
 def test_decode_workers_write_the_same_bytes_as_the_main_process(video_dir, tmp_path):
     a, b = tmp_path / "serial", tmp_path / "workers"
     assert main(["encode", str(video_dir), "--out", str(a), "--workers", "0", "--samples-per-shard", "2",

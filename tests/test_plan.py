@@ -21,6 +21,7 @@ from latentcache.plan import (
     discover_inputs,
     make_plan,
     nearest_size,
+    parse_bucket,
     parse_strategy,
     plan_video,
 )
@@ -258,6 +259,23 @@ def test_cli_bad_clip_strategy_and_bucket_are_usage_errors(video_dir, tmp_path, 
     assert "--frame-buckets 7" in capsys.readouterr().err
 
 
+def test_bucket_flags_are_parsed_without_an_encode(tmp_path):
+    from latentcache.cli import build_parser, settings_from_args
+
+    def clip(*flags: str):
+        args = build_parser().parse_args(["encode", "v.mp4", "--out", str(tmp_path), *CLI, "--frames", "17", *flags])
+        return settings_from_args(args).clip
+
+    parsed = clip("--buckets", " 64x96, 96X64 ,,", "--frame-buckets", "9,5,9")
+    assert parsed.buckets == ("64x96", "96x64") and parsed.frame_buckets == (9, 5)
+    assert clip().buckets == () and clip().frame_buckets == ()
+    with pytest.raises(ConfigError, match="--frame-buckets '9,x'"):
+        clip("--frame-buckets", "9,x")
+    assert parse_bucket("17x64x96") == (17, 64, 96)
+    assert clip_settings_for("9x96x64", parsed).bucket == "9x96x64"
+
+
+@pytest.mark.slow
 def test_cli_buckets_write_one_bucket_per_shard_at_that_size(tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()

@@ -23,6 +23,7 @@ def _read_mp4(path: Path) -> tuple[str, np.ndarray]:
         return stream.codec_context.name, frames
 
 
+@pytest.mark.slow
 def test_preview_side_by_side(encoded_dir: Path, tmp_path: Path, tiny_vae, capsys) -> None:
     manifest = read_manifest(encoded_dir)
     shard = encoded_dir / manifest["shards"][1]["path"]
@@ -41,6 +42,7 @@ def test_preview_side_by_side(encoded_dir: Path, tmp_path: Path, tiny_vae, capsy
     assert (left[:, :4, :4] > 200).all()
 
 
+@pytest.mark.slow
 def test_preview_random_samples_and_missing_source(video_dir: Path, tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -65,6 +67,7 @@ def test_preview_unknown_key(encoded_dir: Path, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [3])
 def test_preview_uses_the_manifest_vae(encoded_dir: Path, tmp_path: Path, count: int) -> None:
     """The VAE is rebuilt from the manifest's identity (tiny-random: same seeded weights as at encode time)."""

@@ -38,22 +38,10 @@ SLOW_WRITER = """
 import runpy, sys, time
 import latentcache.shards as shards
 
-add, write_json = shards._add, shards.write_json_atomic
-
-def slow_add(tar, name, data):
-    add(tar, name, data)
-    time.sleep(0.4)
-
-def slow_json(path, obj):
-    if path.name.endswith(".tar.json"):
-        time.sleep(0.8)
-    write_json(path, obj)
-    if path.name.endswith(".tar.json"):
-        # Decode workers have the next shard's clips ready at once: hold the between-shards state long enough
-        # for both ranks to be in it together.
-        time.sleep(0.8)
-
-shards._add, shards.write_json_atomic = slow_add, slow_json
+# Decode workers have the next shard's clips ready at once: after a sidecar, hold the between-shards state long
+# enough for both ranks to be in it together.
+PAUSE = {{"member": 0.4, "sidecar": 0.8, "sidecar-written": 0.8}}
+shards.WRITE_HOOKS.append(lambda event, path: time.sleep(PAUSE[event]))
 sys.argv[0] = {entry!r}
 runpy.run_path({entry!r}, run_name="__main__")
 """
@@ -141,6 +129,7 @@ def _restart_stats(log: str, processes: int) -> dict[str, int]:
             "skipped": sum(r[4] for r in rows)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_videos: Path, encoded_reference: Path,
                                                          launch_encode, tmp_path: Path) -> None:
@@ -225,6 +214,7 @@ def test_finished_directory_is_not_encoded_again(small_videos: Path, encoded_ref
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_and_overwrite_starts_again(small_videos: Path, encoded_reference: Path,
                                                                tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
@@ -285,6 +275,7 @@ def test_fallback_tilings_are_valid_and_shrink() -> None:
     assert fallback_tilings(16, 16, 8) == []
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_retried_with_smaller_tiles(small_videos: Path, tmp_path: Path) -> None:
     """The untiled encode and the first tiling 'run out of memory'; the second, real tiled encode is written."""
     vae = load_vae(TINY_VAE, "cpu")
@@ -310,6 +301,7 @@ def test_out_of_memory_is_retried_with_smaller_tiles(small_videos: Path, tmp_pat
     assert vae.tiling is None and not vae.model.use_tiling
 
 
+@pytest.mark.slow
 def test_a_clip_that_never_fits_is_a_failure_and_the_rank_goes_on(small_videos: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     vae = load_vae(TINY_VAE, "cpu")
@@ -343,6 +335,7 @@ def _nan_encoder(vae: VideoVAE, only: torch.dtype | None = None):
     return vae.model.encoder.register_forward_hook(hook)
 
 
+@pytest.mark.slow
 def test_nan_in_half_precision_is_re_encoded_in_fp32(small_videos: Path, tmp_path: Path) -> None:
     vae = load_vae(dataclasses.replace(TINY_VAE, dtype="bf16"), "cpu")
     _nan_encoder(vae, only=torch.bfloat16)

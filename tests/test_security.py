@@ -75,6 +75,7 @@ def _all_readers_refuse(root: Path, shard: Path, pattern: str, capsys: pytest.Ca
     assert "PROBLEM" in out and str(shard) in out
 
 
+@pytest.mark.slow
 def test_pickle_member_is_refused_unread(victim, tmp_path: Path, capsys) -> None:
     root, shard, members = victim
     marker = tmp_path / "pwned"

@@ -34,6 +34,7 @@ def test_latent_shape_and_dtype_for_two_codecs(tiny_vae, video_dir, name):
     assert torch.isfinite(mean).all() and mean.std() > 0
 
 
+@pytest.mark.slow
 def test_49_frame_clip_has_13_latent_frames(tiny_vae, video_dir):
     clip = ClipSettings(frames=49, fps=24.0, height=64, width=96)
     frames = decode_clip(video_dir / "a_h264.mp4", 0.0, clip).frames
@@ -51,6 +52,30 @@ def test_invalid_tile_settings_are_refused_with_the_exact_alternatives(tiny_vae)
         tiny_vae.configure(TilingSettings(tile_height=36, tile_width=36, overlap=0.25), None)
 
 
+@pytest.mark.parametrize(("tile", "overlap", "style", "exact"), [
+    # overlap style (CogVideoX): the pixel step must equal the latents kept per tile times 8
+    (32, 0.25, "overlap", True), (48, 1 / 3, "overlap", True), (64, 0.25, "overlap", True), (40, 0.2, "overlap", True),
+    (32, 0.2, "overlap", False), (48, 0.25, "overlap", False), (64, 0.3, "overlap", False),
+    # stride style (Wan, HunyuanVideo, LTX-Video): the stride must be a multiple of the spatial compression
+    (32, 0.5, "stride", True), (64, 0.25, "stride", True), (32, 0.2, "stride", False), (40, 0.5, "stride", False),
+])
+def test_tile_problem_without_an_encode(tile, overlap, style, exact):
+    """The arithmetic alone; the slow tier encodes with the accepted tiles and checks the shapes."""
+    problem = tile_problem(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), 8, style)
+    assert (problem is None) == exact, problem
+
+
+def test_auto_batch_size_is_a_deterministic_power_of_two_that_shrinks_with_the_clip(tiny_vae):
+    small = tiny_vae.auto_batch_size(17, 64, 96)
+    assert small == tiny_vae.auto_batch_size(17, 64, 96)  # a restart must batch the same way
+    assert small & (small - 1) == 0 and 1 <= small <= 8  # CPU: at most CPU_BATCH_LIMIT
+    big = tiny_vae.auto_batch_size(49, 480, 720)
+    assert 1 <= big <= small
+    huge = tiny_vae.auto_batch_size(129, 1440, 2560)
+    assert huge == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tile,overlap", [(32, 0.25), (48, 1 / 3), (64, 0.25), (40, 0.2)])
 def test_validated_tiles_give_exact_shapes(tiny_vae, clip_frames, tile, overlap):
     assert tile_problem(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), 8) is None
@@ -59,6 +84,7 @@ def test_validated_tiles_give_exact_shapes(tiny_vae, clip_frames, tile, overlap)
     assert mean.shape == (1, 16, 5, 8, 12)
 
 
+@pytest.mark.slow
 def test_tiled_encode_matches_untiled_within_tolerance(tiny_vae, video_dir):
     """Tolerance: cosine similarity >= 0.5 on the tiny *random* VAE.
 
@@ -80,6 +106,7 @@ def test_tiled_encode_matches_untiled_within_tolerance(tiny_vae, video_dir):
     assert torch.equal(same, full)
 
 
+@pytest.mark.slow
 def test_temporal_chunking_keeps_the_shape(tiny_vae, video_dir):
     clip = ClipSettings(frames=33, fps=12.0, height=64, width=96)
     frames = decode_clip(video_dir / "a_h264.mp4", 0.0, clip).frames[None]

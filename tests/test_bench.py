@@ -1,0 +1,83 @@
+"""Every benchmark runs end to end on tiny inputs, so none of them can rot unnoticed (bench/ is not imported
+anywhere else). The figures they print are not checked, only that each measured something and said so."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import REPO_ROOT
+
+
+def bench(name: str) -> ModuleType:
+    """bench/NAME.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ratio(text: str, label: str) -> float:
+    match = re.search(re.escape(label) + r"[^\n]*?([0-9.]+)x", text)
+    assert match, f"no {label!r} ratio in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_encode_bench_compares_the_pipeline_with_the_naive_loop(capsys):
+    assert bench("encode").main(["--clips", "2", "--batch-size", "2", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert ratio(out, "ratio latentcache / naive") > 0
+    assert "batch 2" in out
+
+
+@pytest.mark.slow
+def test_encode_bench_full_path_runs_with_the_tiny_config(capsys):
+    """`--full` is the GPU benchmark; `--tiny` takes the same path (random AutoencoderKLCogVideoX built from a
+    config, FLOP count, tiled encode) with the tiny config, so a CPU runs it."""
+    assert bench("encode").main(["--full", "--tiny", "--clips", "2", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "VAE: random-tiny" in out and re.search(r"batch \d+;", out)  # auto, resolved on this machine
+    assert ratio(out, "ratio latentcache / naive") > 0
+    assert re.search(r"VAE: [0-9.]+ TFLOP per clip", out)
+    assert "tiled 32x48" in out
+
+
+@pytest.mark.slow
+def test_encode_bench_whole_process_times_the_cli_against_a_naive_script(capsys):
+    assert bench("encode").main(["--whole-process", "--videos", "1", "--clips-per-video", "1", "--repeat", "1",
+                                 "--source-size", "96x128"]) == 0
+    out = capsys.readouterr().out
+    assert ratio(out, "ratio latentcache / naive, whole process") > 0
+    assert "1 clips of 17x64x96" in out
+
+
+def test_full_tiny_needs_full():
+    with pytest.raises(SystemExit):
+        bench("encode").main(["--tiny"])
+
+
+def test_stream_bench(capsys):
+    assert bench("stream").main(["--samples", "4", "--per-shard", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("per-clip .pt", "LatentShardDataset mean, no sha256", "LatentShardDataset batch 8"):
+        assert ratio(out, label) > 0
+
+
+def test_verify_bench(tmp_path: Path, capsys):
+    assert bench("verify").main(["--samples", "2", "--per-shard", "1", "--repeat", "1", "--out",
+                                 str(tmp_path / "v")]) == 0
+    assert re.search(r"run 1: 2 samples, .* s/GB .* ok=True", capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_decode_bench(capsys):
+    pytest.importorskip("imageio_ffmpeg", reason="bench/decode.py compares with imageio-ffmpeg's ffmpeg (.[bench])")
+    assert bench("decode").main(["--minutes", "0.25", "--clips", "2", "--frames", "9", "--height", "64",
+                                 "--width", "96", "--gop", "48"]) == 0
+    out = capsys.readouterr().out
+    assert ratio(out, "latentcache/ffmpeg =") > 0
+    assert re.search(r"late/early = [0-9.]+", out)
