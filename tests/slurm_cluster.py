@@ -13,6 +13,7 @@ stale jobs) and starts fresh ones; munged is reused when one already answers, el
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -165,10 +166,29 @@ PartitionName=test Nodes={name} Default=YES MaxTime=INFINITE State=UP
     return conf
 
 
+def _stepds(state: Path) -> list[int]:
+    """slurmstepd processes of this cluster's jobs (slurmd hands them its SLURM_CONF)."""
+    mine = f"SLURM_CONF={state / 'slurm.conf'}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "slurmstepd" \
+                    and mine in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def down(state: Path = STATE_DIR) -> None:
     """Stop every daemon a previous `up` started (a reused munged was not started by it: no pid file here)."""
-    for daemon in DAEMONS:
+    for daemon in ("slurmctld", "slurmd"):
         _stop_pid_file(state / f"{daemon}.pid")
+    # A job step whose slurmctld went away retries its completion message for ever: nothing else ends it.
+    for pid in _stepds(state):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _stop_pid_file(state / "munged.pid")
 
 
 def up(state: Path = STATE_DIR, timeout: float = 60) -> dict[str, str]:
