@@ -216,3 +216,20 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
 
 def _owned(out: Path, task: int):
     return shards_for_rank(Plan.from_json((out / "plan.json").read_text()), task, TASKS)
+
+
+def test_encode_sbatch_on_a_node_without_a_gpu_driver_runs_one_process(tmp_path: Path) -> None:
+    """No NPROC_PER_NODE, no GPUs from SLURM, and nvidia-smi failing (a CPU node built from a CUDA image): one CPU
+    process, not a silent exit of the script under `set -o pipefail`. No cluster needed: the script runs as bash."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\""
+                   " >&2\nexit 9\n")
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", LATENTCACHE_VENV=sys.prefix, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", "jobs/slurm/encode.sbatch", "--help"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 process(es)" in done.stdout and "--out" in done.stdout, done.stdout
