@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
 from latentcache.plan import Plan, shards_for_rank
 from latentcache.shards import decode_sample, iter_tar, read_manifest, sidecar_path
 
 pytestmark = pytest.mark.slow
-
-sys.path.insert(0, str(Path(__file__).parent))
-import slurm_cluster  # noqa: E402
 
 TASKS = 4
 CANCELLED = 1  # the array index cancelled mid-run: it owns two shards (1 and 5 of 6), so a cancel can split them
@@ -134,6 +132,11 @@ def log_of(logs: Path, name: str, job: str, index: str = "4294967294") -> str:
     return wanted[0].read_text()
 
 
+def _owned(out: Path, task: int):
+    """The shards array task `task` of TASKS owns under OUT's plan."""
+    return shards_for_rank(Plan.from_json((out / "plan.json").read_text()), task, TASKS)
+
+
 def keys_once(out: Path) -> list[str]:
     manifest = read_manifest(out)
     keys = [decode_sample(raw, s["path"])["key"] for s in manifest["shards"] for raw in iter_tar(out / s["path"])]
@@ -212,10 +215,6 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
     # The interrupted, resubmitted and finalized run: every file byte-identical to the uninterrupted one.
     assert not list(resumed_out.rglob("*.tmp"))
     assert tree_bytes(resumed_out) == tree_bytes(serial_out)
-
-
-def _owned(out: Path, task: int):
-    return shards_for_rank(Plan.from_json((out / "plan.json").read_text()), task, TASKS)
 
 
 def test_encode_sbatch_on_a_node_without_a_gpu_driver_runs_one_process(tmp_path: Path) -> None:
