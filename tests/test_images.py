@@ -159,3 +159,13 @@ def test_images_and_videos_in_one_run_and_one_dataset(mixed_dir, tmp_path):
     # The setting is part of the fingerprint: the same folder without --images is another cache.
     code = main(["encode", str(mixed_dir), "--out", str(out), *TINY])
     assert code == 2
+
+
+def test_an_image_that_does_not_decode_is_a_failure_naming_it(tmp_path):
+    # Animated WebP opens as webp_pipe, but FFmpeg's WebP decoder takes still pictures only.
+    frames = [Image.fromarray(np.full((32, 48, 3), 40 * i, np.uint8)) for i in range(3)]
+    path = tmp_path / "anim.webp"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(InputError, match="the image does not decode") as err:
+        decode_clip(path, 0.0, ClipSettings(frames=1, height=32, width=48, images=True))
+    assert err.value.path == str(path) and err.value.stage == "decode"
