@@ -169,3 +169,11 @@ def test_an_image_that_does_not_decode_is_a_failure_naming_it(tmp_path):
     with pytest.raises(InputError, match="the image does not decode") as err:
         decode_clip(path, 0.0, ClipSettings(frames=1, height=32, width=48, images=True))
     assert err.value.path == str(path) and err.value.stage == "decode"
+
+
+def test_images_off_keeps_the_fingerprint_of_caches_made_before_the_setting():
+    from conftest import tiny_settings
+
+    off, on = tiny_settings(), tiny_settings(clip=dataclasses.replace(TINY_CLIP, images=True))
+    assert "images" not in off.output_affecting()["clip"]  # as plan.json files written before --images existed
+    assert on.output_affecting()["clip"]["images"] is True and on.fingerprint() != off.fingerprint()
