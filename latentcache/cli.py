@@ -63,6 +63,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "(replaces --height/--width); shards hold one bucket each")
     c.add_argument("--frame-buckets", default="", metavar="N,...",
                    help="shorter frame counts for videos too short for --frames, e.g. 33,17 (largest that fits)")
+    c.add_argument("--images", action="store_true",
+                   help="take still images (jpg, png, webp) too, as 1-frame samples in their own 1xHxW bucket")
     p.add_argument("--samples-per-shard", type=int, default=EncodeSettings().samples_per_shard)
     t = p.add_argument_group("captions")
     t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
@@ -115,7 +117,8 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
     return EncodeSettings(
         clip=ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width,
                           strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
-                          buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets)),
+                          buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets),
+                          images=getattr(args, "images", False)),
         vae=VAESettings(source=source, family=family.name, subfolder=subfolder, revision=args.revision,
                         dtype=args.dtype, tiling=tiling, frame_chunk=args.frame_chunk),
         samples_per_shard=args.samples_per_shard,
@@ -165,7 +168,7 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     planning_error: LatentcacheError | None = None
     if is_main:
         try:
-            inputs = discover_inputs(args.inputs, exclude=[out])
+            inputs = discover_inputs(args.inputs, exclude=[out], images=settings.clip.images)
             plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite)
         except LatentcacheError as e:
             planning_error = e

@@ -26,6 +26,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from latentcache import image
 from latentcache.errors import InputError
 from latentcache.settings import ClipSettings
 
@@ -76,6 +77,8 @@ class VideoInfo:
     # Frames in the stream where the container counts them (mp4, mov) or probe had to count them (a raw stream, or
     # timestamps that claim more frames than the file's bytes can hold); 0 when unknown.
     frames: int = 0
+    # "image": a still image taken as a 1-frame input (--images); "video" otherwise.
+    source_kind: str = "video"
 
 
 @dataclass(slots=True)
@@ -160,14 +163,17 @@ def _rotation(frame: av.VideoFrame) -> int:
     return int(round(frame.rotation / 90.0)) * 90 % 360
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
+def probe(path: str | os.PathLike, *, images: bool = False) -> VideoInfo:
     """Read container metadata (one frame is decoded only to learn the rotation). Raises InputError.
 
-    Whether a file is a video is decided here, by opening it, never by its extension.
+    Whether a file is a video is decided here, by opening it, never by its extension. A still image is refused as
+    not a video, unless `images` (--images) takes it as a 1-frame input.
     """
     path = str(path)
     size = _file_size(path, "probe")
     with _open(path, "probe") as container:
+        if images and _is_still_image(container):
+            return probe_image(container, path, size)
         stream = _video_stream(container, path, "probe")
         duration = None
         if stream.duration is not None:
@@ -731,6 +737,8 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
     path = str(path)
     size = _file_size(path, "decode")
     with _open(path, "decode") as container:
+        if clip.images and _is_still_image(container):
+            return decode_image(container, path, size, clip, key=key)
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
         stream.codec_context.options = dict(_DECODER_OPTIONS)
@@ -889,3 +897,97 @@ def _meta(builder: _ClipBuilder, path: str, size: int, period: float, padded: in
         # rate, a held VFR frame), recorded so that a repeat is never silent.
         "repeated_frames": sum(a == b for a, b in itertools.pairwise(builder.times)),
     }
+
+
+# ------------------------------------------------------------------ still images (--images)
+
+
+def _is_still_image(container: av.container.InputContainer) -> bool:
+    """Opened by a demuxer of single pictures (image2, png_pipe, jpeg_pipe, webp_pipe, ...): what the file is, by its
+    content, whatever its extension."""
+    fmt = container.format.name
+    return fmt == _STILL_IMAGE_FORMATS[0] or fmt.endswith(_STILL_IMAGE_FORMATS[1])
+
+
+def _image_frame(container: av.container.InputContainer, path: str, stage: str
+                 ) -> tuple[av.video.stream.VideoStream, av.VideoFrame]:
+    stream = next((s for s in container.streams.video if s.codec_context is not None), None)
+    if stream is None:
+        raise InputError(path, stage, "an image container without a picture") from NotAVideo()
+    try:
+        frame = next(container.decode(stream), None)
+    except av.FFmpegError as e:
+        raise InputError(path, stage, f"the image does not decode ({_why(e)}): truncated or damaged?") from e
+    if frame is None:
+        raise InputError(path, stage, "the image holds no decodable picture") from CorruptVideo()
+    return stream, frame
+
+
+def _image_orientation(path: str, frame: av.VideoFrame) -> tuple[int, bool, int | None]:
+    """(quarter turns counter-clockwise, mirrored, the EXIF tag or None): the file's EXIF orientation where it has
+    one (PyAV cannot tell a mirror from a rotation, see latentcache.image), else the rotation PyAV reports."""
+    tag = image.exif_orientation(path)
+    if tag is not None:
+        turns, mirror = image.ORIENTATIONS[tag]
+        return turns, mirror, tag
+    return _rotation(frame) // 90, False, None
+
+
+def _image_source_size(stream: av.video.stream.VideoStream, frame: av.VideoFrame, turns: int) -> tuple[int, int]:
+    """(width, height) as displayed: non-square pixels stretched, then turned."""
+    shown_w = _displayed_width(frame.width, _sample_aspect(stream))
+    return (frame.height, shown_w) if turns % 2 else (shown_w, frame.height)
+
+
+def probe_image(container: av.container.InputContainer, path: str, size: int) -> VideoInfo:
+    """A still image as a 1-frame input: its displayed size (EXIF orientation applied), no duration."""
+    stream, frame = _image_frame(container, path, "probe")
+    turns, _, _ = _image_orientation(path, frame)
+    width, height = _image_source_size(stream, frame, turns)
+    return VideoInfo(path=path, duration=0.0, fps=0.0, width=width, height=height, rotation=turns * 90,
+                     codec=stream.codec_context.name, size_bytes=size, frames=1, source_kind="image")
+
+
+def decode_image(container: av.container.InputContainer, path: str, size: int, clip: ClipSettings, *,
+                 key: str = "") -> Clip:
+    """A still image -> a 1-frame Clip [1, H, W, 3], resized and cropped (or fitted) like a video's frames.
+
+    Always one frame, whatever `clip.frames` says: an image is planned into its own `1xHxW` bucket. The meta has the
+    video clip's fields (a clip at 0 s with one frame) plus `source_kind: "image"` and the EXIF orientation."""
+    stream, frame = _image_frame(container, path, "decode")
+    turns, mirror, tag = _image_orientation(path, frame)
+    src_w, src_h = _image_source_size(stream, frame, turns)
+    geo = Geometry.plan(src_w, src_h, clip.width, clip.height, clip.resize)
+    # swscale works on the stored picture, so ask it for the size that turns into the scaled displayed one.
+    out_w, out_h = (geo.scaled_h, geo.scaled_w) if turns % 2 else (geo.scaled_w, geo.scaled_h)
+    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24",
+                         interpolation="BICUBIC" if geo.upscaled else "AREA").to_ndarray()
+    frames = geo.apply(image.orient(rgb, turns, mirror), clip.width, clip.height)[None]
+    if geo.upscaled:
+        log.info("%s: %dx%d is smaller than %dx%d, upscaled", path, src_w, src_h, clip.width, clip.height)
+    meta = {
+        "source": path,
+        "source_kind": "image",
+        "source_size_bytes": size,
+        "source_width": src_w,
+        "source_height": src_h,
+        "source_fps": None,
+        "clip_start": 0.0,
+        "clip_end": 0.0,
+        "frame_times": [0.0],
+        "fps": clip.fps,
+        "frames": 1,
+        "height": clip.height,
+        "width": clip.width,
+        "rotation_applied": turns * 90,
+        "mirrored": mirror,
+        "exif_orientation": tag,
+        "resize": clip.resize,
+        "scaled_size": [geo.scaled_w, geo.scaled_h],
+        "box": list(geo.box),
+        "upscaled": geo.upscaled,
+        "padded_frames": 0,
+        "repeated_frames": 0,
+        "frames_decoded": 1,
+    }
+    return Clip(key=key, frames=np.ascontiguousarray(frames), meta=meta)

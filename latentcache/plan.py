@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from typing import Any
 
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
+from latentcache.image import IMAGE_SUFFIXES
 from latentcache.settings import ClipSettings, EncodeSettings, hash_json
 
 log = logging.getLogger(__name__)
@@ -222,10 +224,10 @@ def _from_list(list_file: Path) -> list[InputVideo]:
     return out
 
 
-def _walk(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[Path]:
+def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = False) -> Iterator[Path]:
     """Files under `root`, sorted, without hidden files and folders (.git, .cache, editors' temporaries) and without
     latentcache output directories (holding OUTPUT_MARKER, or in `exclude`): an --out inside the input directory
-    must not have its own shards discovered as new inputs on the rerun."""
+    must not have its own shards discovered as new inputs on the rerun. Image files only with `images` (--images)."""
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
@@ -234,7 +236,7 @@ def _walk(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[Path]:
     for f in sorted(found):
         if not f.is_file():
             continue
-        if f.suffix.lower() in NOT_VIDEO_SUFFIXES:
+        if f.suffix.lower() in NOT_VIDEO_SUFFIXES and not (images and f.suffix.lower() in IMAGE_SUFFIXES):
             # Caption sidecars, lists, thumbnails: never videos. Anything else is probed, whatever its extension.
             log.debug("not a video by its extension, not probed: %s", f)
             continue
@@ -248,11 +250,12 @@ def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
     return False
 
 
-def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()
-                    ) -> list[InputVideo]:
+def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
+                    images: bool = False) -> list[InputVideo]:
     """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path.
 
     `exclude`: output directories (`--out`) never searched for inputs, with any directory holding OUTPUT_MARKER.
+    `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
     """
     skip = frozenset(Path(e).resolve() for e in exclude)
     found: list[InputVideo] = []
@@ -260,10 +263,10 @@ def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | 
         p = Path(raw)
         if p.is_dir():
             videos = [InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f))
-                      for f in _walk(p, skip)]
+                      for f in _walk(p, skip, images)]
             if not videos:
                 raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
-                                  "lists, images and latentcache output directories are not inputs)")
+                                  "lists, images without --images and latentcache output directories are not inputs)")
             found.extend(videos)
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             listed = _from_list(p)
@@ -436,6 +439,9 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
     the clip's `padded_frames`), "skip" reports it.
     """
     height, width = nearest_size(info.width, info.height, clip)
+    if info.source_kind == "image":
+        # A still image (--images) is one 1-frame clip, in its own frame bucket beside the videos' aspect bucket.
+        return f"1x{height}x{width}", [0.0]
     # Where the stream's frames are counted, the average time each is shown; else the stream's frame period.
     period = info.duration / info.frames if info.frames else 1.0 / info.fps if info.fps > 0 else 0.0
     if period > _MAX_FRAME_PERIOD:
@@ -465,7 +471,7 @@ def make_plan(
     settings: EncodeSettings,
     vae_identity: dict[str, Any],
     *,
-    probe_fn: Callable[[str], VideoInfo] = probe,
+    probe_fn: Callable[[str], VideoInfo] | None = None,
     workers: int = 8,
 ) -> Plan:
     """Probe every input (in parallel, container metadata only) and lay its clips out in shards, one bucket each.
@@ -474,6 +480,7 @@ def make_plan(
     """
     clip = settings.clip
     check_buckets(clip, vae_identity.get("spec"))
+    probe_fn = probe_fn or functools.partial(probe, images=clip.images)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probed = list(pool.map(lambda v: _try_probe(v, probe_fn), inputs))
     clips: list[PlannedClip] = []

@@ -31,6 +31,9 @@ class ClipSettings:
     buckets: tuple[str, ...] = ()
     # Shorter frame counts a video too short for `frames` falls back to (the largest that fits), e.g. (33, 17).
     frame_buckets: tuple[int, ...] = ()
+    # Still images (jpg, png, webp) as 1-frame samples in their own `1xHxW` bucket (--images); off: refused as not
+    # videos, and image files in input folders are not even probed.
+    images: bool = False
 
     @property
     def bucket(self) -> str:
@@ -102,6 +105,9 @@ class EncodeSettings:
         d = self.to_dict()
         for runtime_only in RUNTIME_ONLY:
             d.pop(runtime_only)
+        if not d["clip"]["images"]:
+            # Absent means off: caches made before --images existed keep their fingerprint and can be resumed.
+            del d["clip"]["images"]
         return d
 
     def fingerprint(self) -> str:
