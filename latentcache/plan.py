@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -28,9 +27,10 @@ from latentcache.settings import ClipSettings, EncodeSettings, hash_json
 
 log = logging.getLogger(__name__)
 
-LIST_SUFFIXES = {".txt", ".csv", ".jsonl"}
+LIST_SUFFIXES = {".txt", ".csv", ".jsonl", ".parquet"}
 # Files that are obviously not videos are not even probed (captions, lists, images next to videos).
-NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".webp"}
+NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".webp",
+                     ".parquet"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,9 +56,14 @@ class PlannedShard:
     shard_id: int
     bucket: str
     keys: list[str]
+    # Set for the shards of a chunk plan (see chunks.py): shard_id is then the shard's index within its chunk.
+    part: int | None = None
+    chunk: int | None = None
 
     @property
     def relpath(self) -> str:
+        if self.chunk is not None:
+            return f"shards/{self.bucket}/p{self.part:04d}-c{self.chunk:06d}-{self.shard_id:06d}.tar"
         return f"shards/{self.bucket}/{self.shard_id:06d}.tar"
 
 
@@ -98,20 +103,28 @@ def _read_caption(video: Path) -> str | None:
     return None
 
 
-def _list_rows(list_file: Path) -> list[dict[str, Any]]:
+def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
+    """The list's rows, streamed: a list of millions of videos is never held whole."""
+    suffix = list_file.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(list_file)
+        return
     # utf-8-sig: spreadsheets save CSVs with a byte-order mark, which would otherwise become part of "path".
-    text = list_file.read_text(encoding="utf-8-sig")
-    if list_file.suffix == ".csv":
-        # The csv module's own line handling: a quoted caption may hold newlines, and str.splitlines would also
-        # cut at U+2028, NEL or form feeds inside captions.
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); found "
-                              f"columns: {', '.join(reader.fieldnames or []) or 'none'}")
-        return list(reader)
-    if list_file.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.split("\n"), 1):  # JSON may hold U+2028 raw; only \n ends a line
+    # newline="": lines end only at \n, \r or \r\n, never at U+2028, NEL or form feeds inside captions.
+    with open(list_file, encoding="utf-8-sig", newline="") as f:
+        if suffix == ".csv":
+            # The csv module's own line handling: a quoted caption may hold newlines.
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); "
+                                  f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
+            yield from reader
+            return
+        for n, line in enumerate(f, 1):
+            if suffix != ".jsonl":
+                if line.strip() and not line.startswith("#"):
+                    yield {"path": line.strip()}
+                continue
             if not line.strip():
                 continue
             try:
@@ -121,31 +134,45 @@ def _list_rows(list_file: Path) -> list[dict[str, Any]]:
                                   'such as {"path": "a.mp4", "caption": "..."}') from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with 'path'")
-            rows.append(row)
-        return rows
-    return [{"path": line.strip()} for line in text.split("\n") if line.strip() and not line.startswith("#")]
+            yield row
 
 
-def _from_list(list_file: Path) -> list[InputVideo]:
-    """A text file with one path per line, or a CSV/JSONL with a `path` and optional `caption` column.
+def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
+    """A Parquet list with a `path` column and optionally `caption`, read a record batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{list_file}: Parquet lists need pyarrow: pip install 'latentcache[parquet]'") from None
+    table = pq.ParquetFile(list_file)
+    names = table.schema_arrow.names
+    if "path" not in names:
+        raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (and optionally 'caption'); found "
+                          f"columns: {', '.join(names) or 'none'}")
+    columns = ["path", "caption"] if "caption" in names else ["path"]
+    for batch in table.iter_batches(batch_size=65536, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _from_list(list_file: Path) -> Iterator[InputVideo]:
+    """A text file with one path per line, or a CSV/JSONL/Parquet list with a `path` and optional `caption` column.
 
     Relative paths are relative to the list's folder. A listed file that does not exist is not an error here: it
     becomes a failure record when it is probed, so one stale line does not stop a million-video run.
     """
-    base = list_file.parent
-    out = []
+    # Plain string operations, not Path objects: this runs once per input, millions of times.
+    base = os.path.abspath(list_file.parent)
+    prefix = base.rstrip(os.sep) + os.sep
     for n, row in enumerate(_list_rows(list_file), 1):
         raw = row.get("path")
         if not isinstance(raw, str) or not raw.strip():
             raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
         # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
         # wherever it is mounted.
-        p = Path(os.path.normpath(base / Path(raw.strip()).expanduser()))
+        p = os.path.normpath(os.path.join(base, os.path.expanduser(raw.strip())))
+        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
         caption = row.get("caption")
         caption = str(caption).strip() if caption not in (None, "") else None
-        out.append(InputVideo(str(p.absolute()), Path(os.path.relpath(p, base)).as_posix(),
-                              caption or _read_caption(p)))
-    return out
+        yield InputVideo(p, rel.replace(os.sep, "/"), caption or _read_caption(Path(p)))
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -161,25 +188,34 @@ def _walk(root: Path) -> Iterator[Path]:
         yield f
 
 
-def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
-    """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path."""
-    found: list[InputVideo] = []
+def iter_inputs(paths: Iterable[str | os.PathLike]) -> Iterator[InputVideo]:
+    """Files, directories (recursive) and list files -> input videos, streamed in the order given (not deduplicated)."""
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found.extend(InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f)) for f in _walk(p))
+            yield from (InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f)) for f in _walk(p))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            found.extend(_from_list(p))
+            yield from _from_list(p)
         elif p.is_file():
-            found.append(InputVideo(str(p.resolve()), p.name, _read_caption(p)))
+            yield InputVideo(str(p.resolve()), p.name, _read_caption(p))
         else:
             raise ConfigError(f"input {str(p)!r} does not exist")
+
+
+def duplicate_error(relpath: str, first: str, second: str) -> ConfigError:
+    return ConfigError(f"two inputs share the relative path {relpath!r} ({first} and {second}); keys would collide: "
+                       "pass their common parent directory instead")
+
+
+def discover_inputs(paths: Iterable[str | os.PathLike]) -> list[InputVideo]:
+    """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path.
+
+    Holds every input in memory: for millions of inputs, `chunks.InputTable` takes `iter_inputs` instead."""
     by_rel: dict[str, InputVideo] = {}
-    for v in found:
+    for v in iter_inputs(paths):
         other = by_rel.setdefault(v.relpath, v)
         if other.path != v.path:
-            raise ConfigError(f"two inputs share the relative path {v.relpath!r} ({other.path} and {v.path}); "
-                              "keys would collide: pass their common parent directory instead")
+            raise duplicate_error(v.relpath, other.path, v.path)
     return sorted(by_rel.values(), key=lambda v: v.relpath)
 
 
