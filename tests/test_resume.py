@@ -263,7 +263,8 @@ def test_new_inputs_are_a_new_part_and_a_missing_one_is_refused(small_videos: Pa
 
 def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, **overrides) -> dict:
     settings = tiny_settings(**overrides)
-    plan = load_or_make_plan(out, discover_inputs(videos), settings, vae)
+    # One chunk: these tests are about batches and shards of several clips.
+    plan = load_or_make_plan(out, discover_inputs(videos), settings, vae, chunk_size=1000)
     run(out, plan, vae, settings)
     return finalize(out)
 
