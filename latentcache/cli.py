@@ -66,6 +66,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--images", action="store_true",
                    help="take still images (jpg, png, webp) too, as 1-frame samples in their own 1xHxW bucket")
     p.add_argument("--samples-per-shard", type=int, default=EncodeSettings().samples_per_shard)
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="inputs per planning chunk: each rank probes only its chunks, and each chunk's clips make its "
+                   "own shards (default: inputs/256, at most 1000; fixed once planned, new inputs use the value "
+                   "given when they are added)")
     t = p.add_argument_group("captions")
     t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
                    help="cache prompt embeddings of each caption with this pipeline's text encoder (e.g. the "
@@ -146,9 +150,12 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     """
     from tqdm import tqdm
 
-    from latentcache import pipeline
-    from latentcache.plan import Plan, discover_inputs, shards_for_rank
+    from latentcache import chunks, pipeline
+    from latentcache.plan import iter_inputs
     from latentcache.vae import load_vae
+
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
 
     started = time.perf_counter()
     settings = settings_from_args(args)
@@ -168,8 +175,10 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     planning_error: LatentcacheError | None = None
     if is_main:
         try:
-            inputs = discover_inputs(args.inputs, exclude=[out], images=settings.clip.images)
-            plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite)
+            # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
+            inputs = iter_inputs(args.inputs, exclude=[out], images=settings.clip.images)
+            plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite,
+                                              chunk_size=args.chunk_size)
         except LatentcacheError as e:
             planning_error = e
     # A collective rather than a bare barrier: every rank learns whether the plan exists, so a refused plan (other
@@ -180,22 +189,23 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     if planning_failed:
         return EXIT_USAGE  # the main process prints why
     if not is_main:
-        plan = Plan.from_json((out / pipeline.PLAN_FILE).read_text(encoding="utf-8"), out / pipeline.PLAN_FILE)
-    # Only the main process looks at every shard: on a shared filesystem, N ranks each stat-ing every sidecar is
-    # N times the metadata load for nothing.
-    if is_main and not pipeline.pending_shards(out, plan.shards):
-        print(f"{out}: all {len(plan.shards)} shard(s) are already done; nothing to encode")
-    mine = shards_for_rank(plan, rank, world_size)
-    pending_ids = {s.shard_id for s in pipeline.pending_shards(out, mine)}
-    total = sum(len(s.keys) for s in mine)
+        plan = chunks.read_job_plan(out)
+    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run).
+    chunk_plans = pipeline.plan_chunks(out, plan, settings, rank=rank, world_size=world_size)
+    mine = [s for chunk in chunk_plans for s in chunk.shards]
+    pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
     label = f"rank {rank}" if world_size > 1 else "encode"
+    if not pending:
+        print(f"{out}: all {len(mine)} shard(s) {'of ' + label + ' ' if world_size > 1 else ''}are already done; "
+              "nothing to encode")
+    total = sum(len(s.keys) for s in mine)
     # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
     # Without a terminal (SLURM logs) a bar line every 30 s is a heartbeat, not noise.
-    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.shard_id not in pending_ids), unit="clip",
+    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.relpath not in pending), unit="clip",
               desc=label, position=progress_position, dynamic_ncols=True, leave=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, settings, rank=rank, world_size=world_size, on_clip=bar.update,
-                               texts=texts)
+                               texts=texts, chunk_plans=chunk_plans)
     print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
           f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
           f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
@@ -208,11 +218,11 @@ def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, 
     print_job_summary(totals, time.perf_counter() - started)
     if not finalize_at_end:
         return EXIT_OK
-    left = pipeline.pending_shards(out, plan.shards)
-    if left:
+    left, unplanned = pipeline.pending_in_job(out, plan)
+    if left or unplanned:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
-        print(f"{out}: {len(left)} shard(s) are still being written by other tasks; the last task to finish writes "
-              f"the manifest (or run `latentcache finalize {out}` once all are done)")
+        print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
+              f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
         return EXIT_OK
     return report_finalize(out)
 
@@ -240,16 +250,10 @@ def _frame_bucket_list(text: str) -> tuple[int, ...]:
 
 def report_finalize(out: Path) -> int:
     """Finalize and print the run's outcome. Skips (a policy, e.g. too short) are reported but are not failures."""
-    import json
+    from latentcache.pipeline import finalize_with_outcome
 
-    from latentcache.pipeline import PLAN_FILE, finalize
-    from latentcache.plan import outcome_counts
-
-    manifest = finalize(out)
+    manifest, outcome = finalize_with_outcome(out)
     counts = manifest["counts"]
-    records = [json.loads(line) for line in (out / "failures.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    plan = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
-    outcome = outcome_counts(plan, records)
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
     skipped, failed = sum(outcome["skips"].values()), sum(outcome["failures"].values())
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "

@@ -11,7 +11,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentcache.decode import Clip
+from latentcache import chunks
+from latentcache.chunks import JobPlan
+from latentcache.decode import Clip, VideoInfo
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.loader import ClipStream, default_workers
-from latentcache.plan import (
-    OUTPUT_MARKER,
-    InputVideo,
-    Plan,
-    PlannedClip,
-    PlannedShard,
-    failure_record,
-    make_plan,
-    shards_for_rank,
-)
-from latentcache.settings import EncodeSettings, TilingSettings
+from latentcache.plan import OUTPUT_MARKER, InputVideo, Plan, PlannedClip, PlannedShard, check_buckets, failure_record
+from latentcache.settings import EncodeSettings, TilingSettings, hash_json
 from latentcache.shards import (
     FORMAT_VERSION,
     EncodedClip,
@@ -51,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 # Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
-OUTPUTS = ("shards", "manifest.json", "failures.jsonl")
+OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
 # Tile overlaps tried on an out-of-memory retry, most blending first; 0 is always exact (see vae.tile_problem).
 FALLBACK_OVERLAPS = (0.25, 0.5, 1 / 3, 0.125, 0.0)
 
@@ -76,35 +70,36 @@ def vae_record(vae: VideoVAE) -> dict[str, Any]:
     return {"identity": vae.identity.to_dict(), "spec": vae.spec.to_dict(), "dtype": str(vae.dtype).split(".")[-1]}
 
 
-def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
-                      overwrite: bool = False, write: bool = True) -> Plan:
-    """Reuse OUT/plan.json when it was made with the same settings, VAE and inputs; refuse to mix otherwise.
+def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
+                      overwrite: bool = False, write: bool = True,
+                      chunk_size: int | None = None) -> JobPlan:
+    """The top-level plan: OUT/plan.json reused, extended by the inputs it lacks (a new part), or made. No video is
+    opened here: each chunk is probed later by the rank that owns it (`plan_chunks`).
 
     Safe for processes that cannot wait for each other (SLURM array tasks): each makes the same plan from the same
-    inputs and renames it into place from its own temporary name, so whichever rename lands last, the bytes agree.
-    A restart does not probe the inputs again; it only compares their paths with the plan's.
+    inputs and renames each file into place from its own temporary name, so whichever rename lands last, the bytes
+    agree. Other settings or another VAE are refused, and so are earlier inputs that are not given again.
     """
     vae.spec.check_clip(settings.clip)
     if write:
         claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
     path = out / PLAN_FILE
     record = vae_record(vae)
+    # No video is probed here, but settings that cannot work are refused before any file is written.
+    check_buckets(settings.clip, record.get("spec"))
+    wanted = JobPlan(hash_json({"settings": settings.output_affecting(), "vae": record}), settings.output_affecting(),
+                     record, [])
     if path.is_file():
-        existing = Plan.from_json(path.read_text(encoding="utf-8"), path)
-        # An empty plan costs nothing and carries the fingerprint exactly as make_plan computes it.
-        wanted = make_plan([], settings, record)
+        existing = chunks.read_job_plan(out)
         if existing.fingerprint != wanted.fingerprint and not overwrite:
             raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
         if existing.fingerprint == wanted.fingerprint and not overwrite:
-            _check_inputs(out, existing, inputs)
-            return existing
+            return _append(out, existing, chunks.InputTable(inputs), chunk_size, write)
         if write:
             clear_outputs(out, existing)
-    fresh = make_plan(inputs, settings, record)
-    if write:
-        _writing(path, write_text_atomic, path, fresh.to_json())
-    return fresh
+    return _append(out, wanted, chunks.InputTable(inputs), chunk_size, write)
+
 
 
 def claim_output(out: Path) -> None:
@@ -120,10 +115,9 @@ def claim_output(out: Path) -> None:
     # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
     others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
     if others and not marker.is_file():
-        plan = out / PLAN_FILE
         try:
-            Plan.from_json(plan.read_text(encoding="utf-8"), plan)
-        except (OSError, UnicodeDecodeError, ConfigError):
+            chunks.read_job_plan(out)
+        except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
             raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
                               f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
                               "directory") from None
@@ -144,41 +138,62 @@ def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -
                           "--out) and run the same command again: finished shards are kept") from e
 
 
-def _planned_paths(plan: Plan) -> set[str]:
-    return {c.source for c in plan.clips} | {r["path"] for r in plan.rejected}
+def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None, write: bool) -> JobPlan:
+    """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
+    new = chunks.new_inputs(out, plan, table)
+    if not len(new):
+        return plan
+    if plan.parts:
+        log.info("%d new input(s): planned as part %d, the %d earlier part(s) stay as they are", len(new),
+                 len(plan.parts), len(plan.parts))
+    size = chunk_size or chunks.auto_chunk_size(len(new))  # a function of the new inputs alone: every task agrees
+    part = chunks.make_part(out, len(plan.parts), table, new, size, write=write)
+    grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
+    if write:
+        # plan.json last: it names the part, whose files are in place by now.
+        _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
+    return grown
 
 
-def _check_inputs(out: Path, plan: Plan, inputs: list[InputVideo]) -> None:
-    """New inputs would silently be left out of a resumed run: refuse. Vanished ones just become failures."""
-    planned = _planned_paths(plan)
-    given = {v.path for v in inputs}
-    added, gone = sorted(given - planned), sorted(planned - given)
-    if added:
-        raise ConfigError(f"{out}/{PLAN_FILE} was made from other inputs: {len(added)} input(s) are not in it, "
-                          f"e.g. {added[0]}. Use a new --out directory for them, or --overwrite to plan again.")
-    if gone:
-        log.warning("%d planned input(s) were not given this time (e.g. %s); they stay in the plan", len(gone),
-                    gone[0])
+def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+                probe_fn: Callable[[str], VideoInfo] | None = None) -> list[Plan]:
+    """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs."""
+    return [chunks.load_or_make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn)
+            for ref in chunks.chunks_for_rank(plan, rank, world_size)]
 
 
-def clear_outputs(out: Path, plan: Plan) -> None:
+def clear_outputs(out: Path, plan: JobPlan) -> None:
     """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
-    temporaries), manifest, failures and plan; never another file, even under shards/ (only emptied folders go)."""
+    temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
+    emptied folders go)."""
     log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
-    for shard in plan.shards:
-        path = out / shard.relpath
-        remove_temporaries(path)
-        path.unlink(missing_ok=True)
-        sidecar_path(path).unlink(missing_ok=True)
-    for name in (*OUTPUTS[1:], PLAN_FILE):
+    folders: set[Path] = set()
+    for ref in plan.chunk_refs():
+        chunk_file = out / ref.plan_name
+        if chunk_file.is_file():
+            for shard in chunks.read_chunk_plan(out, plan, ref).shards:
+                path = out / shard.relpath
+                remove_temporaries(path)
+                path.unlink(missing_ok=True)
+                sidecar_path(path).unlink(missing_ok=True)
+                folders.add(path.parent)
+        remove_temporaries(chunk_file)
+        chunk_file.unlink(missing_ok=True)
+        folders.add(chunk_file.parent)
+    for part in plan.parts:
+        for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
+            remove_temporaries(out / name)
+            (out / name).unlink(missing_ok=True)
+            folders.add((out / name).parent)
+    for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
         remove_temporaries(out / name)
         (out / name).unlink(missing_ok=True)
-    for folder in sorted({(out / s.relpath).parent for s in plan.shards}) + [out / OUTPUTS[0]]:
+    for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
 
-def _differences(old: Plan, new: Plan) -> str:
+def _differences(old: JobPlan, new: JobPlan) -> str:
     diffs = []
 
     def walk(a: Any, b: Any, where: str) -> None:
@@ -355,30 +370,39 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
     return encoded, failures
 
 
-def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
-        on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None) -> RunSummary:
-    """Produce every shard this rank owns that is not already done; `on_clip` counts clips actually worked on."""
+def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+        on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
+        chunk_plans: list[Plan] | None = None) -> RunSummary:
+    """Produce every shard of this rank's chunks that is not already done; `on_clip` counts clips actually worked on.
+
+    `chunk_plans`: this rank's chunk plans when the caller has them already (`plan_chunks`), else they are made here.
+    """
     summary = RunSummary()
     started = time.perf_counter()
-    todo: list[PlannedShard] = []
-    for shard in shards_for_rank(plan, rank, world_size):
-        path = out / shard.relpath
-        if read_done(path) is not None:
-            summary.shards_skipped += 1
-            summary.clips_skipped += len(shard.keys)
-            continue
-        # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
-        if remove_temporaries(path) or path.exists():
-            summary.shards_redone += 1
-            log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
-        todo.append(shard)
-    by_key = plan.clip_map()
+    if chunk_plans is None:
+        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size)
+    todo: list[tuple[PlannedShard, Plan]] = []
+    by_key: dict[str, PlannedClip] = {}
+    for chunk in chunk_plans:
+        for shard in chunk.shards:
+            path = out / shard.relpath
+            if read_done(path) is not None:
+                summary.shards_skipped += 1
+                summary.clips_skipped += len(shard.keys)
+                continue
+            # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
+            if remove_temporaries(path) or path.exists():
+                summary.shards_redone += 1
+                log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
+            todo.append((shard, chunk))
+        if todo and todo[-1][1] is chunk:
+            by_key.update(chunk.clip_map())
     workers = default_workers() if settings.workers is None else settings.workers
     # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
-    decoded = iter(ClipStream([by_key[k] for s in todo for k in s.keys], settings.clip, workers=workers,
+    decoded = iter(ClipStream([by_key[k] for s, _ in todo for k in s.keys], settings.clip, workers=workers,
                               nvdec=settings.nvdec))
-    for shard in todo:
-        encoded, failures = encode_shard(shard, plan, vae, settings, decoded, on_clip, texts)
+    for shard, chunk in todo:
+        encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts)
         path = out / shard.relpath
         # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
         _writing(path, write_shard, path, encoded,
@@ -391,40 +415,69 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
 
 
 def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:
-    """Those of `shards` without a valid sidecar (all of `plan.shards`: empty once the whole job is done)."""
+    """Those of `shards` without a valid sidecar."""
     return [s for s in shards if read_done(out / s.relpath) is None]
+
+
+def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
+    """(shards not finished, chunks not planned yet) over the whole job: (0, 0) once it is done.
+
+    Reads one chunk plan at a time, so it needs the memory of one chunk, not of the dataset."""
+    shards, unplanned = 0, 0
+    for ref in plan.chunk_refs():
+        if not (out / ref.plan_name).is_file():
+            unplanned += 1
+            continue
+        shards += len(pending_shards(out, chunks.read_chunk_plan(out, plan, ref).shards))
+    return shards, unplanned
 
 
 def finalize(out: Path) -> dict[str, Any]:
     """Merge the sidecars into manifest.json and failures.jsonl, checking that every planned clip is there once."""
+    return finalize_with_outcome(out)[0]
+
+
+def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`finalize`, plus what the run did (see `plan.outcome_counts`): counted chunk by chunk, not from a whole plan."""
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
-    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"), plan_path)
+    plan = chunks.read_job_plan(out)
     remove_stale_temporaries(out)
-    shards, failures, seen = [], list(plan.rejected), {}
-    missing = []
-    for shard in plan.shards:
-        record = read_done(out / shard.relpath)
-        if record is None:
-            missing.append(shard.relpath)
+    shards: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    missing: list[str] = []
+    samples = planned_clips = with_clips = 0
+    for ref in plan.chunk_refs():
+        if not (out / ref.plan_name).is_file():
+            missing.append(ref.plan_name)
             continue
-        _check_shard_record(out, shard, record)
-        for key in record["keys"]:
-            if key in seen:
-                raise ShardFormatError(f"{out}: clip {key} is in both {seen[key]} and {shard.relpath}")
-            seen[key] = shard.relpath
-        failures.extend(record.get("failures", []))
-        shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
-                       "bytes": record["bytes"], "sha256": record["sha256"]})
+        chunk = chunks.read_chunk_plan(out, plan, ref)
+        failures.extend(chunk.rejected)
+        chunk_failures: list[dict[str, Any]] = []
+        seen: set[str] = set()  # keys are unique across chunks by construction (distinct relative paths)
+        for shard in chunk.shards:
+            record = read_done(out / shard.relpath)
+            if record is None:
+                missing.append(shard.relpath)
+                continue
+            _check_shard_record(out, shard, record)
+            seen.update(record["keys"])
+            chunk_failures.extend(record.get("failures", []))
+            shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
+                           "bytes": record["bytes"], "sha256": record["sha256"]})
+        failures.extend(chunk_failures)
+        failed_keys = {f["key"] for f in chunk_failures if "key" in f}
+        lost = [c.key for c in chunk.clips if c.key not in seen and c.key not in failed_keys]
+        if lost and not missing:
+            raise ShardFormatError(f"{out}: {len(lost)} planned clip(s) are neither written nor recorded as failed, "
+                                   f"e.g. {lost[0]}")
+        samples += len(seen)
+        planned_clips += len(chunk.clips)
+        with_clips += len({c.source for c in chunk.clips if c.key in seen})
     if missing:
-        raise ShardFormatError(f"{out}: {len(missing)} planned shard(s) are not finished, e.g. {missing[0]}; "
-                               "run the same `latentcache encode` again to complete them")
-    failed_keys = {f["key"] for f in failures if "key" in f}
-    lost = [c.key for c in plan.clips if c.key not in seen and c.key not in failed_keys]
-    if lost:
-        raise ShardFormatError(f"{out}: {len(lost)} planned clip(s) are neither written nor recorded as failed, "
-                               f"e.g. {lost[0]}")
+        raise ShardFormatError(f"{out}: {len(missing)} planned chunk(s) or shard(s) are not finished, e.g. "
+                               f"{missing[0]}; run the same `latentcache encode` again to complete them")
     failures_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in failures)
     _writing(out / "failures.jsonl", write_text_atomic, out / "failures.jsonl", failures_text)
     buckets: dict[str, int] = {}
@@ -436,13 +489,25 @@ def finalize(out: Path) -> dict[str, Any]:
         "dtype": plan.vae["dtype"],
         "settings": plan.settings,
         "fingerprint": plan.fingerprint,
-        "counts": {"samples": len(seen), "shards": len(shards), "failures": len(failures),
-                   "planned_clips": len(plan.clips)},
+        "counts": {"samples": samples, "shards": len(shards), "failures": len(failures),
+                   "planned_clips": planned_clips},
         "buckets": buckets,
         "shards": shards,
     }
     _writing(out / "manifest.json", write_manifest, out, manifest)
-    return manifest
+    return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, **reasons(failures)}
+
+
+def reasons(records: list[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """Skips grouped by the reason's first words ("too short"), failures by stage and error type."""
+    skips: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for r in records:
+        if r.get("error") == "skipped":
+            skips[r["message"].split(":")[0]] += 1
+        else:
+            failures[f"{r.get('stage')}/{r.get('error')}"] += 1
+    return {"skips": skips, "failures": failures}
 
 
 def _check_shard_record(out: Path, shard: PlannedShard, record: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -31,12 +30,13 @@ from latentcache.settings import ClipSettings, EncodeSettings, hash_json
 
 log = logging.getLogger(__name__)
 
-LIST_SUFFIXES = {".txt", ".csv", ".jsonl"}
+LIST_SUFFIXES = {".txt", ".csv", ".jsonl", ".parquet"}
 # Files that are obviously not videos are not even probed (captions, lists, images next to videos).
 # Written first into every output directory latentcache makes: marks it as ours (safe to resume, to clear with
 # --overwrite) and keeps it out of input discovery.
 OUTPUT_MARKER = ".latentcache"
-NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".webp"}
+NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".webp",
+                      ".parquet"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,9 +62,14 @@ class PlannedShard:
     shard_id: int
     bucket: str
     keys: list[str]
+    # Set for the shards of a chunk plan (see chunks.py): shard_id is then the shard's index within its chunk.
+    part: int | None = None
+    chunk: int | None = None
 
     @property
     def relpath(self) -> str:
+        if self.chunk is not None:
+            return f"shards/{self.bucket}/p{self.part:04d}-c{self.chunk:06d}-{self.shard_id:06d}.tar"
         return f"shards/{self.bucket}/{self.shard_id:06d}.tar"
 
 
@@ -147,8 +152,11 @@ def _planned_clip(c: Any, where: str | os.PathLike, at: str) -> PlannedClip:
 
 
 def _planned_shard(s: Any, where: str | os.PathLike, at: str) -> PlannedShard:
-    _expect(isinstance(s, dict) and set(s) == {"shard_id", "bucket", "keys"}, where, at,
-            "an object with exactly shard_id, bucket, keys")
+    _expect(isinstance(s, dict) and set(s) == {f.name for f in dataclasses.fields(PlannedShard)}, where, at,
+            "an object with exactly " + ", ".join(f.name for f in dataclasses.fields(PlannedShard)))
+    for name in ("part", "chunk"):
+        _expect(s[name] is None or (_is_int(s[name]) and 0 <= s[name] < 10**6), where, f"{at}.{name}",
+                "null or a whole number from 0 to 999999")
     _expect(_is_int(s["shard_id"]) and 0 <= s["shard_id"] < 10**6, where, f"{at}.shard_id",
             "a whole number from 0 to 999999")
     _expect(isinstance(s["bucket"], str) and BUCKET.fullmatch(s["bucket"]) is not None, where, f"{at}.bucket",
@@ -165,20 +173,28 @@ def _read_caption(video: Path) -> str | None:
     return None
 
 
-def _list_rows(list_file: Path) -> list[dict[str, Any]]:
+def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
+    """The list's rows, streamed: a list of millions of videos is never held whole."""
+    suffix = list_file.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(list_file)
+        return
     # utf-8-sig: spreadsheets save CSVs with a byte-order mark, which would otherwise become part of "path".
-    text = list_file.read_text(encoding="utf-8-sig")
-    if list_file.suffix == ".csv":
-        # The csv module's own line handling: a quoted caption may hold newlines, and str.splitlines would also
-        # cut at U+2028, NEL or form feeds inside captions.
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); found "
-                              f"columns: {', '.join(reader.fieldnames or []) or 'none'}")
-        return list(reader)
-    if list_file.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.split("\n"), 1):  # JSON may hold U+2028 raw; only \n ends a line
+    # newline="": lines end only at \n, \r or \r\n, never at U+2028, NEL or form feeds inside captions.
+    with open(list_file, encoding="utf-8-sig", newline="") as f:
+        if suffix == ".csv":
+            # The csv module's own line handling: a quoted caption may hold newlines.
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); "
+                                  f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
+            yield from reader
+            return
+        for n, line in enumerate(f, 1):
+            if suffix != ".jsonl":
+                if line.strip() and not line.startswith("#"):
+                    yield {"path": line.strip()}
+                continue
             if not line.strip():
                 continue
             try:
@@ -188,40 +204,46 @@ def _list_rows(list_file: Path) -> list[dict[str, Any]]:
                                   'such as {"path": "a.mp4", "caption": "..."}') from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with 'path'")
-            rows.append(row)
-        return rows
-    return [{"path": line.strip()} for line in text.split("\n") if line.strip() and not line.startswith("#")]
+            yield row
 
 
-def _from_list(list_file: Path) -> list[InputVideo]:
-    """A text file with one path per line, or a CSV/JSONL with a `path` and optional `caption` column.
+def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
+    """A Parquet list with a `path` column and optionally `caption`, read a record batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{list_file}: Parquet lists need pyarrow: pip install 'latentcache[parquet]'") from None
+    table = pq.ParquetFile(list_file)
+    names = table.schema_arrow.names
+    if "path" not in names:
+        raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (and optionally 'caption'); found "
+                          f"columns: {', '.join(names) or 'none'}")
+    columns = ["path", "caption"] if "caption" in names else ["path"]
+    for batch in table.iter_batches(batch_size=65536, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _from_list(list_file: Path) -> Iterator[InputVideo]:
+    """A text file with one path per line, or a CSV/JSONL/Parquet list with a `path` and optional `caption` column.
 
     Relative paths are relative to the list's folder. A listed file that does not exist is not an error here: it
     becomes a failure record when it is probed, so one stale line does not stop a million-video run. A path listed
     twice is kept once, from its first row; a repeat with another caption is reported, never silently chosen.
     """
-    base = list_file.parent
-    out = []
-    first: dict[str, tuple[int, str | None]] = {}
+    # Plain string operations, not Path objects: this runs once per input, millions of times.
+    base = os.path.abspath(list_file.parent)
+    prefix = base.rstrip(os.sep) + os.sep
     for n, row in enumerate(_list_rows(list_file), 1):
         raw = row.get("path")
         if not isinstance(raw, str) or not raw.strip():
             raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
         # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
         # wherever it is mounted.
-        p = Path(os.path.normpath(base / Path(raw.strip()).expanduser()))
+        p = os.path.normpath(os.path.join(base, os.path.expanduser(raw.strip())))
+        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
         caption = row.get("caption")
         caption = str(caption).strip() if caption not in (None, "") else None
-        caption = caption or _read_caption(p)
-        if str(p) in first:
-            m, kept = first[str(p)]
-            if kept != caption:
-                log.warning("%s: rows %d and %d both list %s with different captions (%r, then %r); keeping row %d's",
-                            list_file, m, n, raw.strip(), kept, caption, m)
-            continue
-        first[str(p)] = (n, caption)
-        out.append(InputVideo(str(p.absolute()), Path(os.path.relpath(p, base)).as_posix(), caption))
-    return out
+        yield InputVideo(p, rel.replace(os.sep, "/"), caption or _read_caption(Path(p)))
 
 
 def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = False) -> Iterator[Path]:
@@ -250,42 +272,60 @@ def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
     return False
 
 
+def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
+                images: bool = False) -> Iterator[InputVideo]:
+    """Files, directories (recursive) and list files -> input videos, streamed in the order given (not deduplicated).
+
+    `exclude`: output directories (`--out`) never searched for inputs, with any directory holding OUTPUT_MARKER.
+    `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
+    A directory or list that gives no input at all is a ConfigError naming it.
+    """
+    skip = frozenset(Path(e).resolve() for e in exclude)
+    for raw in paths:
+        p = Path(raw)
+        given = 0
+        if p.is_dir():
+            for f in _walk(p, skip, images):
+                given += 1
+                yield InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f))
+            if not given:
+                raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
+                                  "lists, images without --images and latentcache output directories are not inputs)")
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+            for v in _from_list(p):
+                given += 1
+                yield v
+            if not given:
+                raise ConfigError(f"input list {str(p)!r} names no videos")
+        elif p.is_file():
+            yield InputVideo(str(p.resolve()), p.name, _read_caption(p))
+        else:
+            raise ConfigError(f"input {str(p)!r} does not exist")
+
+
+def duplicate_error(relpath: str, first: str, second: str) -> ConfigError:
+    return ConfigError(f"two inputs share the relative path {relpath!r} ({first} and {second}); keys would collide: "
+                       "pass their common parent directory instead")
+
+
+def warn_duplicate(path: str, kept: str | None, dropped: str | None) -> None:
+    """The same file given twice is one input, the first; a second caption for it is reported, never chosen silently."""
+    if kept != dropped:
+        log.warning("%s is given twice with different captions (%r, then %r); keeping the first", path, kept, dropped)
+
+
 def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
                     images: bool = False) -> list[InputVideo]:
     """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path.
 
-    `exclude`: output directories (`--out`) never searched for inputs, with any directory holding OUTPUT_MARKER.
-    `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
-    """
-    skip = frozenset(Path(e).resolve() for e in exclude)
-    found: list[InputVideo] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            videos = [InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f))
-                      for f in _walk(p, skip, images)]
-            if not videos:
-                raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
-                                  "lists, images without --images and latentcache output directories are not inputs)")
-            found.extend(videos)
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            listed = _from_list(p)
-            if not listed:
-                raise ConfigError(f"input list {str(p)!r} names no videos")
-            found.extend(listed)
-        elif p.is_file():
-            found.append(InputVideo(str(p.resolve()), p.name, _read_caption(p)))
-        else:
-            raise ConfigError(f"input {str(p)!r} does not exist")
+    Holds every input in memory: for millions of inputs, `chunks.InputTable` takes `iter_inputs` instead."""
     by_rel: dict[str, InputVideo] = {}
-    for v in found:
+    for v in iter_inputs(paths, exclude, images=images):
         other = by_rel.setdefault(v.relpath, v)
         if other.path != v.path:
-            raise ConfigError(f"two inputs share the relative path {v.relpath!r} ({other.path} and {v.path}); "
-                              "keys would collide: pass their common parent directory instead")
-        if other is not v and other.caption != v.caption:
-            log.warning("%s is given twice with different captions (%r, then %r); keeping the first", v.path,
-                        other.caption, v.caption)
+            raise duplicate_error(v.relpath, other.path, v.path)
+        if other is not v:
+            warn_duplicate(v.path, other.caption, v.caption)
     return sorted(by_rel.values(), key=lambda v: v.relpath)
 
 

@@ -182,10 +182,11 @@ def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, c
     out = tmp_path / "out"
     settings = tiny_settings(samples_per_shard=8)
     plan = pipeline.load_or_make_plan(out, discover_inputs([d]), settings, tiny_vae)
-    assert len(plan.clips) == 3
+    chunk_plans = pipeline.plan_chunks(out, plan, settings)  # probed here
+    assert sum(len(c.clips) for c in chunk_plans) == 3
     (d / "a.mp4").unlink()  # deleted during the run
     (d / "b.mp4").write_text("replaced by an error page", encoding="utf-8")  # rewritten during the run
-    pipeline.run(out, plan, tiny_vae, settings)
+    pipeline.run(out, plan, tiny_vae, settings, chunk_plans=chunk_plans)
     assert report_finalize(out) == EXIT_SOME_FAILED
     failures = read_failures(out)
     assert (failures["a.mp4"]["stage"], failures["a.mp4"]["error"]) == ("decode", "FileNotFoundError")

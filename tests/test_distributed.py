@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
+from latentcache.chunks import read_chunk_plan, read_job_plan
 from latentcache.errors import ConfigError
 from latentcache.plan import Plan, PlannedShard, shards_for_rank
 from latentcache.shards import decode_sample, iter_tar, read_manifest
@@ -40,7 +41,8 @@ def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) ->
     # Six one-clip shards, round robin over two ranks: three each, none twice.
     assert rank_lines(log) == {0: (3, 3), 1: (3, 3)}, log
     assert "[job] 6 clips encoded into 6 shard(s)" in log
-    plan = Plan.from_json((encoded_reference / "plan.json").read_text())
+    plan = read_job_plan(encoded_reference)
+    clips = [c for ref in plan.chunk_refs() for c in read_chunk_plan(encoded_reference, plan, ref).clips]
     manifest = read_manifest(encoded_reference)
     assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
                                   "planned_clips": SMALL_VIDEOS}
@@ -51,7 +53,7 @@ def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) ->
             sample = decode_sample(raw, shard["path"])
             assert sample["mean"].shape == (16, 5, 8, 12)
             keys.append(sample["key"])
-    assert sorted(keys) == sorted(c.key for c in plan.clips)
+    assert sorted(keys) == sorted(c.key for c in clips)
     assert not list(encoded_reference.rglob("*.tmp"))
 
 

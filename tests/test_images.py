@@ -134,7 +134,8 @@ def test_images_and_videos_in_one_run_and_one_dataset(mixed_dir, tmp_path):
     assert main(["encode", str(mixed_dir), "--out", str(out), "--images", *TINY]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["settings"]["clip"]["images"] is True
-    buckets = {c["relpath"]: c["bucket"] for c in plan["clips"]}
+    chunk_clips = [c for f in sorted((out / "chunks").rglob("*.json")) for c in json.loads(f.read_text())["clips"]]
+    buckets = {c["relpath"]: c["bucket"] for c in chunk_clips}
     assert buckets == {"clip_a.mp4": "17x64x96", "clip_b.webm": "17x64x96", "kite.png": "1x64x96",
                        "wide.webp": "1x64x96", "portrait.jpg": "1x96x64"}
     seen: dict[str, tuple[str, int]] = {}

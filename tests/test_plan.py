@@ -10,6 +10,7 @@ import tarfile
 import pytest
 from conftest import TINY_CLIP, tiny_settings
 
+from latentcache.chunks import InputTable
 from latentcache.cli import main
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
@@ -19,6 +20,7 @@ from latentcache.plan import (
     clip_settings_for,
     clip_starts,
     discover_inputs,
+    iter_inputs,
     make_plan,
     nearest_size,
     parse_bucket,
@@ -338,8 +340,14 @@ def test_duplicate_list_row_with_another_caption_is_reported(tmp_path, caplog) -
     lst.write_text("path,caption\na.mp4,a cat\nb.mp4,a dog\na.mp4,a horse\n")
     found = discover_inputs([lst])
     assert [(v.relpath, v.caption) for v in found] == [("a.mp4", "a cat"), ("b.mp4", "a dog")]
-    assert "rows 1 and 3 both list a.mp4 with different captions ('a cat', then 'a horse'); keeping row 1's" in \
-        caplog.text
+    said = "a.mp4 is given twice with different captions ('a cat', then 'a horse'); keeping the first"
+    assert said in caplog.text
+    # The streamed table the encode job plans from says the same, and keeps the first row's caption.
+    caplog.clear()
+    table = InputTable(iter_inputs([lst]))
+    assert len(table) == 2 and said in caplog.text
+    rows = [json.loads(table.line(i)) for i in range(len(table))]
+    assert sorted((r["relpath"], r["caption"]) for r in rows) == [("a.mp4", "a cat"), ("b.mp4", "a dog")]
 
 
 def test_output_directories_are_not_inputs(tmp_path) -> None:

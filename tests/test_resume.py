@@ -234,15 +234,18 @@ def test_other_settings_are_refused_and_overwrite_starts_again(small_videos: Pat
     assert not (out / "shards" / "17x64x96").exists()  # the old latents are gone, not mixed in
 
 
-def test_new_inputs_are_refused_but_a_missing_one_keeps_the_plan(small_videos: Path, tmp_path: Path,
+def test_new_inputs_are_a_new_part_and_a_missing_one_is_refused(small_videos: Path, tmp_path: Path,
                                                                  tiny_vae: VideoVAE) -> None:
     settings = tiny_settings(samples_per_shard=1)
     two = discover_inputs([small_videos / "v0.mp4", small_videos / "v1.mp4"])
     plan = load_or_make_plan(tmp_path, two, settings, tiny_vae)
+    assert [p.count for p in plan.parts] == [2]
+    assert load_or_make_plan(tmp_path, two, settings, tiny_vae).to_json() == plan.to_json()  # nothing new
     three = discover_inputs([small_videos / "v0.mp4", small_videos / "v1.mp4", small_videos / "v2.mp4"])
-    with pytest.raises(ConfigError, match=r"1 input\(s\) are not in it, e\.g\. .*v2\.mp4"):
-        load_or_make_plan(tmp_path, three, settings, tiny_vae)
-    assert load_or_make_plan(tmp_path, two[:1], settings, tiny_vae).to_json() == plan.to_json()
+    grown = load_or_make_plan(tmp_path, three, settings, tiny_vae)
+    assert [p.count for p in grown.parts] == [2, 1] and grown.parts[0] == plan.parts[0]
+    with pytest.raises(ConfigError, match=r"1 planned input\(s\) are missing, e\.g\. v1\.mp4"):
+        load_or_make_plan(tmp_path, [three[0], three[2]], settings, tiny_vae)
 
 
 # ---------------------------------------------------------------------------------------------- faults in a run
@@ -250,7 +253,8 @@ def test_new_inputs_are_refused_but_a_missing_one_keeps_the_plan(small_videos: P
 
 def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, **overrides) -> dict:
     settings = tiny_settings(**overrides)
-    plan = load_or_make_plan(out, discover_inputs(videos), settings, vae)
+    # One chunk: these tests are about batches and shards of several clips.
+    plan = load_or_make_plan(out, discover_inputs(videos), settings, vae, chunk_size=1000)
     run(out, plan, vae, settings)
     return finalize(out)
 

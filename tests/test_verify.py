@@ -70,9 +70,10 @@ def test_checksum_missing_shard_and_count(damaged: Path, capsys) -> None:
     (damaged / "manifest.json").write_text(json.dumps(manifest))
     report = verify(damaged)
     text = "\n".join(report.problems)
-    assert "000000.tar: sha256" in text
-    assert "000001.tar: cannot read" in text
-    assert "000002.tar: 2 samples, the manifest lists 5" in text
+    names = [s["path"] for s in manifest["shards"]]
+    assert f"{names[0]}: sha256" in text
+    assert f"{names[1]}: cannot read" in text
+    assert f"{names[2]}: 2 samples, the manifest lists 5" in text
     assert "counts.samples is 8, its shards list 11" in text
     assert main(["verify", str(damaged)]) == 3
     assert "FAILED: 4 problem(s)" in capsys.readouterr().out
@@ -105,7 +106,7 @@ def test_scaling_factor_warning(damaged: Path) -> None:
 
 
 def test_stray_shard_warns(damaged: Path) -> None:
-    shutil.copy(damaged / "shards" / "17x64x96" / "000000.tar", damaged / "shards" / "17x64x96" / "000077.tar")
+    shutil.copy(damaged / read_manifest(damaged)["shards"][0]["path"], damaged / "shards" / "17x64x96" / "000077.tar")
     report = verify(damaged)
     assert report.ok and any("000077.tar" in w for w in report.warnings)
 
