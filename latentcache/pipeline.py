@@ -31,6 +31,7 @@ from latentcache.plan import (
     make_plan,
     shards_for_rank,
 )
+from latentcache.provenance import merge_software, software_record, vae_change
 from latentcache.settings import EncodeSettings, TilingSettings
 from latentcache.shards import (
     EncodedClip,
@@ -86,6 +87,9 @@ def load_or_make_plan(out: Path, inputs: list[InputVideo], settings: EncodeSetti
     record = vae_record(vae)
     if path.is_file():
         existing = Plan.from_json(path.read_text(encoding="utf-8"))
+        changed = vae_change(existing.vae.get("identity"), record["identity"], str(path))
+        if changed and not overwrite:
+            raise ConfigError(f"{out}: {changed}")
         # An empty plan costs nothing and carries the fingerprint exactly as make_plan computes it.
         wanted = make_plan([], settings, record)
         if existing.fingerprint != wanted.fingerprint and not overwrite:
@@ -313,6 +317,12 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
     """Produce every shard this rank owns that is not already done; `on_clip` counts clips actually worked on."""
     summary = RunSummary()
     started = time.perf_counter()
+    # Every process checks its own VAE against the plan: a node whose local copy of the weights differs refuses.
+    changed = vae_change(plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
+    if changed:
+        raise ConfigError(f"{out}: {changed}")
+    # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
+    software = software_record(vae.device, text_encoder=texts is not None)
     todo: list[PlannedShard] = []
     for shard in shards_for_rank(plan, rank, world_size):
         path = out / shard.relpath
@@ -333,7 +343,7 @@ def run(out: Path, plan: Plan, vae: VideoVAE, settings: EncodeSettings, *, rank:
     for shard in todo:
         encoded, failures = encode_shard(shard, plan, vae, settings, decoded, on_clip, texts)
         write_shard(out / shard.relpath, encoded, extra={"shard_id": shard.shard_id, "bucket": shard.bucket,
-                                                         "failures": failures})
+                                                         "failures": failures, "software": software})
         summary.shards_written += 1
         summary.clips_written += len(encoded)
         summary.failures.extend(failures)
@@ -353,7 +363,7 @@ def finalize(out: Path) -> dict[str, Any]:
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
     plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))
     remove_stale_temporaries(out)
-    shards, failures, seen = [], list(plan.rejected), {}
+    shards, failures, seen, software = [], list(plan.rejected), {}, []
     missing = []
     for shard in plan.shards:
         record = read_done(out / shard.relpath)
@@ -366,6 +376,7 @@ def finalize(out: Path) -> dict[str, Any]:
                 raise ShardFormatError(f"{out}: clip {key} is in both {seen[key]} and {shard.relpath}")
             seen[key] = shard.relpath
         failures.extend(record.get("failures", []))
+        software.append(record.get("software"))
         shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
                        "bytes": record["bytes"], "sha256": record["sha256"]})
     if missing:
@@ -390,6 +401,8 @@ def finalize(out: Path) -> dict[str, Any]:
                    "planned_clips": len(plan.clips)},
         "buckets": buckets,
         "shards": shards,
+        # Each distinct software record of the processes that wrote the shards, with their shard counts.
+        "software": merge_software(software),
     }
     write_manifest(out, manifest)
     return manifest

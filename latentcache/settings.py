@@ -102,6 +102,10 @@ class EncodeSettings:
         d = self.to_dict()
         for runtime_only in RUNTIME_ONLY:
             d.pop(runtime_only)
+        # The revision asked for only says where to look; the VAE identity records the commit it resolved to and the
+        # weights' sha256, which is what the latents depend on. So `--revision COMMIT` can finish a run started
+        # without one, on the same commit.
+        d["vae"].pop("revision")
         return d
 
     def fingerprint(self) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from latentcache.errors import ConfigError, InputError
+from latentcache.provenance import weights_provenance
 from latentcache.settings import ClipSettings, TilingSettings, VAESettings, hash_json
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,10 @@ class VAEIdentity:
     revision: str | None
     config_hash: str
     random_weights: bool
+    # Provenance (latentcache.provenance): the hub commit the source resolved to (None for a local directory), and
+    # the sha256 of every weights file loaded (None for built-in random weights). Part of the plan's fingerprint.
+    commit: str | None = None
+    weights: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -553,7 +558,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(**family.tiny_config)
-        subfolder = revision = None
+        subfolder = revision = provenance = None
         log.warning("using %s: random weights, for demos and tests only; its latents mean nothing", settings.source)
     elif settings.source.startswith(TINY_RANDOM_SUFFIX):
         other = settings.source[len(TINY_RANDOM_SUFFIX):]
@@ -563,6 +568,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
     else:
         model, subfolder = _from_pretrained(cls, family, settings)
         revision = settings.revision
+        provenance = weights_provenance(settings.source, subfolder, revision)
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
         model = model.to(dev, dtype).eval().requires_grad_(False)
@@ -576,6 +582,8 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         # path) and would make every rank and every restart look like another VAE.
         config_hash=hash_json({k: v for k, v in dict(model.config).items() if not k.startswith("_")}),
         random_weights=random_weights,
+        commit=provenance.commit if provenance else None,
+        weights=provenance.weights if provenance else None,
     )
     vae = VideoVAE(model, spec, identity, dev, dtype)
     vae.configure(settings.tiling, settings.frame_chunk)
