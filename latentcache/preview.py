@@ -114,12 +114,16 @@ def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
 
     identity, spec = manifest["vae"], manifest["latent_spec"]
     settings = VAESettings(source=identity["source"], family=spec["family"], subfolder=identity.get("subfolder"),
-                           revision=identity.get("revision"), dtype="fp32")
+                           revision=identity.get("commit") or identity.get("revision"), dtype="fp32")
     vae = load_vae(settings, device)
     if vae.identity.config_hash != identity.get("config_hash"):
         log.warning("the VAE at %s has config hash %s, the manifest recorded %s: it changed since encoding, so the "
                     "preview may not show what was encoded", identity["source"], vae.identity.config_hash,
                     identity.get("config_hash"))
+    if "weights" in identity and vae.identity.weights != identity["weights"]:
+        log.warning("the VAE at %s has weights %s, the manifest recorded %s: they changed since encoding, so the "
+                    "preview may not show what was encoded", identity["source"], vae.identity.weights,
+                    identity["weights"])
     return vae
 
 
