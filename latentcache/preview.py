@@ -114,7 +114,7 @@ def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
 
     identity, spec = manifest["vae"], manifest["latent_spec"]
     settings = VAESettings(source=identity["source"], family=spec["family"], subfolder=identity.get("subfolder"),
-                           revision=identity.get("commit") or identity.get("revision"), dtype="fp32")
+                           revision=identity.get("revision"), dtype="fp32")
     vae = load_vae(settings, device)
     if vae.identity.config_hash != identity.get("config_hash"):
         log.warning("the VAE at %s has config hash %s, the manifest recorded %s: it changed since encoding, so the "

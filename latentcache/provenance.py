@@ -1,9 +1,9 @@
 """Provenance: which weights made these latents, and which software wrote each shard.
 
-A latent cache is valid only for the weights that made it. `weights_provenance` records, for the VAE just loaded,
+A latent cache is valid only for the weights that made it. `weights_provenance` finds, for the VAE just loaded,
 the hub commit it resolved to (a hub id) and the sha256 of every weights file diffusers loaded (any source). Both go
-into the VAE identity, hence into the plan's fingerprint: a resume or rerun with other weights is refused by
-`vae_change`, naming the old and new hashes.
+into the VAE identity (`revision` and `weights`), hence into the plan's fingerprint: a resume or rerun with other
+weights is refused by `vae_change`, naming the old and new hashes.
 
 `software_record` says what computed a shard (library versions, CUDA/cuDNN, the device). Byte identity between runs
 is only promised within one such record, so it is kept out of the tar members: it goes into each shard's sidecar and
@@ -120,8 +120,8 @@ def weights_provenance(source: str, subfolder: str | None, revision: str | None)
 
 
 def vae_change(old: dict[str, Any] | None, new: dict[str, Any], where: str) -> str | None:
-    """Why latents of VAE identity `new` must not join those of `old` (both `VAEIdentity.to_dict()`), naming the old
-    and new weights hashes and commits; None when the weights, commit and config agree."""
+    """Why latents of VAE identity `new` must not join those of `old` (both `VAEIdentity.to_dict()`, whose `revision`
+    is the resolved hub commit), naming the old and new weights hashes and commits; None when they all agree."""
     old = old or {}
     redo = ("Its shards hold latents of the old weights. To re-encode on purpose with the new ones, pass --overwrite "
             "(or use a new --out)")
@@ -131,16 +131,16 @@ def vae_change(old: dict[str, Any] | None, new: dict[str, Any], where: str) -> s
     changes = []
     if old.get("weights") != new.get("weights"):
         changes.append(_weights_diff(old.get("weights"), new.get("weights")))
-    if old.get("commit") != new.get("commit"):
-        changes.append(f"hub commit {old.get('commit')} then, {new.get('commit')} now")
+    if old.get("revision") != new.get("revision"):
+        changes.append(f"hub commit {old.get('revision')} then, {new.get('revision')} now")
     if old.get("config_hash") != new.get("config_hash"):
         changes.append(f"config hash {old.get('config_hash')} then, {new.get('config_hash')} now")
     if old.get("source") != new.get("source"):
         changes.append(f"source {old.get('source')} then, {new.get('source')} now")
     if not changes:
         return None
-    pin = (f"; to finish it with the commit it was started with, pass --revision {old['commit']}"
-           if old.get("commit") and old.get("commit") != new.get("commit") else "")
+    pin = (f"; to finish it with the commit it was started with, pass --revision {old['revision']}"
+           if old.get("revision") and old.get("revision") != new.get("revision") else "")
     return f"the VAE differs from the one {where} was made with: {'; '.join(changes)}. {redo}{pin}."
 
 
@@ -236,11 +236,12 @@ def software_differences(software: list[dict[str, Any]]) -> str | None:
     for name in fields:
         by_value: dict[str, int] = {}
         for s in recorded:
-            value = str(s.get(name))
+            value = str(s.get(name)) if s.get(name) is not None else "none"
             by_value[value] = by_value.get(value, 0) + s.get("shards", 0)
         if len(by_value) > 1:
-            parts.append(f"{name} " + " / ".join(f"{v} ({n} shard{'s' if n != 1 else ''})"
-                                                 for v, n in sorted(by_value.items())))
+            # Most shards first: the odd ones out come last.
+            ranked = sorted(by_value.items(), key=lambda item: (-item[1], item[0]))
+            parts.append(f"{name} " + " / ".join(f"{v} ({n} shard{'s' if n != 1 else ''})" for v, n in ranked))
     return "; ".join(parts) or None
 
 
@@ -272,5 +273,5 @@ def describe_vae(identity: dict[str, Any]) -> str:
         return "random weights (seeded), no file"
     if "weights" not in identity:
         return "not recorded (written by an older latentcache)"
-    commit = f"hub commit {identity['commit']}, " if identity.get("commit") else ""
+    commit = f"hub commit {identity['revision']}, " if identity.get("revision") else ""
     return commit + _describe_weights(identity.get("weights"))

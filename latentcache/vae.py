@@ -341,9 +341,8 @@ class VAEIdentity:
     revision: str | None
     config_hash: str
     random_weights: bool
-    # Provenance (latentcache.provenance): the hub commit the source resolved to (None for a local directory), and
-    # the sha256 of every weights file loaded (None for built-in random weights). Part of the plan's fingerprint.
-    commit: str | None = None
+    # The sha256 of every weights file loaded (latentcache.provenance; None for built-in random weights). With the
+    # rest of the identity it is part of the plan's fingerprint, so other weights are refused.
     weights: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -567,8 +566,10 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
                           f"{', '.join(TINY_RANDOM_SUFFIX + f for f in FAMILIES)}{hint}")
     else:
         model, subfolder = _from_pretrained(cls, family, settings)
-        revision = settings.revision
-        provenance = weights_provenance(settings.source, subfolder, revision)
+        provenance = weights_provenance(settings.source, subfolder, settings.revision)
+        # What was loaded, not what was asked for: the hub commit the revision (default: main) resolved to; None
+        # for a local directory, where diffusers ignores --revision.
+        revision = provenance.commit
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
         model = model.to(dev, dtype).eval().requires_grad_(False)
@@ -582,7 +583,6 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         # path) and would make every rank and every restart look like another VAE.
         config_hash=hash_json({k: v for k, v in dict(model.config).items() if not k.startswith("_")}),
         random_weights=random_weights,
-        commit=provenance.commit if provenance else None,
         weights=provenance.weights if provenance else None,
     )
     vae = VideoVAE(model, spec, identity, dev, dtype)
