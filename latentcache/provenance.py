@@ -116,6 +116,7 @@ def weights_provenance(source: str, subfolder: str | None, revision: str | None)
         hashed += size
     if hashed:
         log.info("hashed %d weights file(s) of %s: %.2f GB", len(weights), folder, hashed / 1e9)
+    log.info("VAE %s: %s%s", source, f"hub commit {commit}, " if commit else "", _describe_weights(weights))
     return WeightsProvenance(commit, weights, folder, hashed)
 
 

@@ -238,7 +238,8 @@ def _check_software(manifest: dict[str, Any], report: VerifyReport) -> None:
     differences = software_differences(software)
     if differences:
         report.warnings.append(
-            f"the shards were written by {len(software)} different software or device records ({differences}): "
+            f"the shards were written by {sum(not s.get('unrecorded') for s in software)} different software or "
+            f"device records ({differences}): "
             "latents agree byte for byte only within one (kernels round differently), so shards of one output may "
             "differ slightly in the last bits; re-encode them on one setup if that matters")
 
