@@ -30,7 +30,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", default=None, help="VAE family: cogvideox, wan, hunyuanvideo or ltx "
                    "(default: the one a tiny-random-<family> --vae names, else cogvideox)")
     g.add_argument("--subfolder", default=None, help="subfolder of a pipeline repo holding the VAE (default: vae)")
-    g.add_argument("--revision", default=None)
+    g.add_argument("--revision", default=None,
+                   help="hub commit (or branch/tag) of --vae to load; the commit it resolves to and the sha256 of the "
+                   "weights are recorded either way, and a rerun with other weights is refused")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16 on GPU, fp32 on CPU")
     g.add_argument("--tiling", default=None, metavar="H,W,OVERLAP",

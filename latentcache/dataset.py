@@ -12,6 +12,7 @@ applied exactly once, at decode; `normalize=False` hands back the raw VAE poster
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import logging
@@ -406,6 +407,12 @@ class LatentShardDataset(IterableDataset):
             raise LatentMismatchError(f"{dataset.root}: these latents do not fit the transformer:\n  - "
                                       + "\n  - ".join(problems))
         return dataset
+
+    @property
+    def vae_identity(self) -> dict[str, Any]:
+        """Which VAE made these latents, from the manifest: class, source, hub commit, sha256 of each weights file,
+        config hash. Log it next to checkpoints: a model trained on these latents decodes with that VAE only."""
+        return copy.deepcopy(self.manifest.get("vae") or {})
 
     @property
     def num_samples(self) -> int:

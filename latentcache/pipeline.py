@@ -26,6 +26,7 @@ from latentcache.decode import Clip, VideoInfo
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.loader import ClipStream, default_workers
 from latentcache.plan import OUTPUT_MARKER, InputVideo, Plan, PlannedClip, PlannedShard, check_buckets, failure_record
+from latentcache.provenance import merge_software, software_record, vae_change
 from latentcache.settings import EncodeSettings, TilingSettings, hash_json
 from latentcache.shards import (
     FORMAT_VERSION,
@@ -91,6 +92,9 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
                      record, [])
     if path.is_file():
         existing = chunks.read_job_plan(out)
+        changed = vae_change(existing.vae.get("identity"), record["identity"], str(path))
+        if changed and not overwrite:
+            raise ConfigError(f"{out}: {changed}")
         if existing.fingerprint != wanted.fingerprint and not overwrite:
             raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
@@ -379,6 +383,12 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     """
     summary = RunSummary()
     started = time.perf_counter()
+    # Every process checks its own VAE against the plan: a node whose local copy of the weights differs refuses.
+    changed = vae_change(plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
+    if changed:
+        raise ConfigError(f"{out}: {changed}")
+    # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
+    software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
         chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size)
     todo: list[tuple[PlannedShard, Plan]] = []
@@ -406,7 +416,8 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         path = out / shard.relpath
         # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
         _writing(path, write_shard, path, encoded,
-                 extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures})
+                 extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures,
+                        "software": software})
         summary.shards_written += 1
         summary.clips_written += len(encoded)
         summary.failures.extend(failures)
@@ -446,6 +457,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     remove_stale_temporaries(out)
     shards: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    software: list[Any] = []
     missing: list[str] = []
     samples = planned_clips = with_clips = 0
     for ref in plan.chunk_refs():
@@ -464,6 +476,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             _check_shard_record(out, shard, record)
             seen.update(record["keys"])
             chunk_failures.extend(record.get("failures", []))
+            software.append(record.get("software"))
             shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
                            "bytes": record["bytes"], "sha256": record["sha256"]})
         failures.extend(chunk_failures)
@@ -493,6 +506,8 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                    "planned_clips": planned_clips},
         "buckets": buckets,
         "shards": shards,
+        # Each distinct software record of the processes that wrote the shards, with their shard counts.
+        "software": merge_software(software),
     }
     _writing(out / "manifest.json", write_manifest, out, manifest)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, **reasons(failures)}

@@ -121,6 +121,10 @@ def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
         log.warning("the VAE at %s has config hash %s, the manifest recorded %s: it changed since encoding, so the "
                     "preview may not show what was encoded", identity["source"], vae.identity.config_hash,
                     identity.get("config_hash"))
+    if "weights" in identity and vae.identity.weights != identity["weights"]:
+        log.warning("the VAE at %s has weights %s, the manifest recorded %s: they changed since encoding, so the "
+                    "preview may not show what was encoded", identity["source"], vae.identity.weights,
+                    identity["weights"])
     return vae
 
 

@@ -108,6 +108,10 @@ class EncodeSettings:
         if not d["clip"]["images"]:
             # Absent means off: caches made before --images existed keep their fingerprint and can be resumed.
             del d["clip"]["images"]
+        # The revision asked for only says where to look; the VAE identity records the commit it resolved to and the
+        # weights' sha256, which is what the latents depend on. So `--revision COMMIT` can finish a run started
+        # without one, on the same commit.
+        d["vae"].pop("revision")
         return d
 
     def fingerprint(self) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from latentcache.errors import ConfigError, InputError
+from latentcache.provenance import weights_provenance
 from latentcache.settings import ClipSettings, TilingSettings, VAESettings, hash_json
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,9 @@ class VAEIdentity:
     revision: str | None
     config_hash: str
     random_weights: bool
+    # The sha256 of every weights file loaded (latentcache.provenance; None for built-in random weights). With the
+    # rest of the identity it is part of the plan's fingerprint, so other weights are refused.
+    weights: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -640,7 +644,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(**family.tiny_config)
-        subfolder = revision = None
+        subfolder = revision = provenance = None
         log.warning("using %s: random weights, for demos and tests only; its latents mean nothing", settings.source)
     elif settings.source.startswith(TINY_RANDOM_SUFFIX):
         other = settings.source[len(TINY_RANDOM_SUFFIX):]
@@ -649,7 +653,10 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
                           f"{', '.join(TINY_RANDOM_SUFFIX + f for f in FAMILIES)}{hint}")
     else:
         model, subfolder = _from_pretrained(cls, family, settings)
-        revision = settings.revision
+        provenance = weights_provenance(settings.source, subfolder, settings.revision)
+        # What was loaded, not what was asked for: the hub commit the revision (default: main) resolved to; None
+        # for a local directory, where diffusers ignores --revision.
+        revision = provenance.commit
     # Before the cast to the encode dtype: LTX-Video's latents_mean/latents_std are buffers that `.to(dtype)` would
     # round (bf16 keeps 8 bits), and the manifest's normalisation must not depend on --dtype.
     spec = family.spec_from_model(model)
@@ -665,6 +672,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         # path) and would make every rank and every restart look like another VAE.
         config_hash=hash_json({k: v for k, v in dict(model.config).items() if not k.startswith("_")}),
         random_weights=random_weights,
+        weights=provenance.weights if provenance else None,
     )
     vae = VideoVAE(model, spec, identity, dev, dtype)
     vae.configure(settings.tiling, settings.frame_chunk)

@@ -19,6 +19,7 @@ import torch
 
 from latentcache.dataset import ShardRef, bucket_latent_shape, read_shard, resolve_source
 from latentcache.errors import LatentcacheError
+from latentcache.provenance import describe_software, describe_vae, software_differences
 from latentcache.shards import decode_sample
 from latentcache.vae import LatentSpec
 
@@ -85,6 +86,8 @@ class VerifyReport:
     stats: ChannelStats = field(default_factory=ChannelStats)
     buckets: dict[str, int] = field(default_factory=dict)
     spec: LatentSpec | None = None
+    # The manifest's software records ("torch ... on cuda: ..."), one line each.
+    software: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +100,7 @@ class VerifyReport:
                f"{self.seconds:.2f}s{rate}"]
         for bucket, n in sorted(self.buckets.items()):
             out.append(f"  bucket {bucket}: {n} samples")
+        out += [f"  written by {line}" for line in self.software]
         if self.spec is not None and self.stats.count:
             means, stds, overall = self.stats.normalized(self.spec)
             out.append(f"  scaled latents (posterior mean, normalised once as the trainer sees them): std "
@@ -178,6 +182,7 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
     manifest, mroot, shards = resolve_source(root)
     spec = LatentSpec.from_dict(manifest["latent_spec"])
     report = VerifyReport(root=str(root), spec=spec)
+    _check_software(manifest, report)
     checker = _Checker(spec, report)
     for shard in shards:
         report.shards += 1
@@ -227,6 +232,18 @@ def _check_totals(manifest: dict[str, Any], root: Path, report: VerifyReport) ->
                                "from another run? The dataset ignores them")
 
 
+def _check_software(manifest: dict[str, Any], report: VerifyReport) -> None:
+    software = manifest.get("software") or []
+    report.software = [describe_software(s) for s in software]
+    differences = software_differences(software)
+    if differences:
+        report.warnings.append(
+            f"the shards were written by {sum(not s.get('unrecorded') for s in software)} different software or "
+            f"device records ({differences}): "
+            "latents agree byte for byte only within one (kernels round differently), so shards of one output may "
+            "differ slightly in the last bits; re-encode them on one setup if that matters")
+
+
 def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = False) -> None:
     if not report.stats.count:
         return
@@ -261,12 +278,14 @@ def info_lines(root: str | os.PathLike) -> list[str]:
         ("samples", f"{samples} in {len(manifest['shards'])} shard(s)"),
         ("VAE", f"{vae.get('class_name')} from {vae.get('source')}"
                 f"{' (random weights: demo only)' if vae.get('random_weights') else ''}, {manifest.get('dtype')}"),
+        ("VAE weights", describe_vae(vae)),
         ("latents", f"{spec.channels} channels, /{spec.temporal_compression} time, /{spec.spatial_compression} "
                     f"space, normalised as {spec.describe_normalization()}"),
         ("clips", f"{clip.get('frames')} frames at {clip.get('fps')} fps, {clip.get('resize')}"),
         ("size on disk", f"{_size(total)}, {_size(total / samples) if samples else '-'} per sample"),
         ("failures", str(manifest.get("counts", {}).get("failures", 0))),
     ]
+    rows += [("written by", describe_software(s)) for s in manifest.get("software") or []]
     buckets = manifest.get("buckets") or {}
     for bucket, n in sorted(buckets.items()):
         rows.append((f"bucket {bucket}", f"{n} samples, latents {list(bucket_latent_shape(spec, bucket))}"))
