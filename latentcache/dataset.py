@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import logging
 import os
 import random
@@ -25,8 +26,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from latentcache.checks import latent_problems, parse_bucket
 from latentcache.errors import LatentMismatchError, ShardFormatError
-from latentcache.shards import LATENTS, TarStats, decode_sample, iter_tar, read_manifest, safetensors_header
+from latentcache.shards import (
+    LATENTS,
+    TarStats,
+    decode_sample,
+    iter_tar,
+    open_regular,
+    read_manifest,
+    safetensors_header,
+)
 from latentcache.vae import LatentSpec
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,8 @@ PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v"
 LAYOUTS = ("BCTHW", "BTCHW")
 # How far above a shard a manifest is looked for: OUT/shards/BUCKET/x.tar -> OUT/manifest.json is two levels.
 MANIFEST_SEARCH_DEPTH = 3
+# The most a shard without a size in its ShardRef may take into memory (manifests always give the size).
+MAX_SHARD_BYTES = 16 << 30
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,6 +59,7 @@ class ShardRef:
     bucket: str
     samples: int
     sha256: str | None
+    bytes: int | None = None  # the manifest's size: the most a read of this shard takes into memory
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -150,7 +163,8 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path) -> list
         if entry is None:
             raise ShardFormatError(f"{url} is not listed in {root / 'manifest.json'} ({len(by_path)} shards, e.g. "
                                    f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
-        refs.append(ShardRef(url, entry["path"], entry["bucket"], int(entry["samples"]), entry.get("sha256")))
+        refs.append(ShardRef(url, entry["path"], entry["bucket"], int(entry["samples"]), entry.get("sha256"),
+                             int(entry["bytes"])))
     return refs
 
 
@@ -184,32 +198,62 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
 
 
 def open_url(url: str) -> Any:
-    """A binary stream for a shard url: local files directly, the rest through webdataset's gopen."""
+    """A binary stream for a shard url: local regular files directly (a FIFO or device is refused, never waited
+    on), the rest through webdataset's gopen."""
     local = _local_path(url)
     if local is not None:
-        return open(local, "rb")  # noqa: SIM115 (the caller closes it)
+        return open_regular(local, url)
     import webdataset as wds
 
     return wds.gopen(url, "rb")
 
 
+def read_bytes(shard: ShardRef) -> bytes:
+    """The whole shard, read once; refused, before anything is read, when larger than the manifest says."""
+    limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
+    with open_url(shard.url) as stream:
+        size = os.fstat(stream.fileno()).st_size if _local_path(shard.url) is not None else None
+        if size is not None and size > limit:
+            raise ShardFormatError(f"{shard.url}: {size} bytes, the manifest lists {limit}; the shard was replaced "
+                                   "or appended to. Run `latentcache verify` and re-encode it")
+        chunks, total = [], 0
+        while total <= limit:  # one byte past the limit says the stream is longer than the manifest's size
+            chunk = stream.read(min(64 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > limit:
+        raise ShardFormatError(f"{shard.url}: more than the {limit} bytes the manifest lists; the shard was "
+                               "replaced or appended to. Run `latentcache verify` and re-encode it")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def read_shard(shard: ShardRef, *, check_sha256: bool = True) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard; when it has been read to the end, its sample count (and sha256) must match."""
+    """Raw samples of one shard, none of them before the whole shard has passed: its size, sha256, tar structure
+    and sample count against the manifest.
+
+    The shard is read into memory once (bounded by the manifest's `bytes`), hashed, then parsed from those same
+    bytes: a changed, cut or miscounted shard delivers nothing, and no byte is read twice from disk.
+    """
+    data = read_bytes(shard)
+    if check_sha256 and shard.sha256:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard.sha256:
+            raise ShardFormatError(f"{shard.url}: sha256 {digest[:16]}..., the manifest lists {shard.sha256[:16]}..."
+                                   "; the shard changed after it was written. Re-encode it, or pass "
+                                   "check_sha256=False if you changed it on purpose")
     stats = TarStats()
-    stream = open_url(shard.url)
-    try:
-        for raw in iter_tar(stream, shard.url, stats, sha256=check_sha256 and bool(shard.sha256)):
-            raw["__url__"] = shard.url
-            yield raw
-    finally:
-        stream.close()
+    samples = list(iter_tar(io.BytesIO(data), shard.url, stats, sha256=False))
+    del data  # the samples hold copies of their members; the shard's bytes can go before they are handed out
     if stats.samples != shard.samples:
         raise ShardFormatError(f"{shard.url}: {stats.samples} samples, the manifest lists {shard.samples}; the shard "
                                "was replaced or cut short. Run `latentcache verify` and re-encode it")
-    if check_sha256 and shard.sha256 and stats.sha256 != shard.sha256:
-        raise ShardFormatError(f"{shard.url}: sha256 {stats.sha256[:16]}..., the manifest lists "
-                               f"{shard.sha256[:16]}...; the shard changed after it was written. Re-encode it, or "
-                               "pass check_sha256=False if you changed it on purpose")
+    samples.reverse()
+    while samples:  # popped, so a sample handed out is not kept alive here
+        raw = samples.pop()
+        raw["__url__"], raw["__bucket__"] = shard.url, shard.bucket
+        yield raw
 
 
 def raw_shape(raw: dict[str, Any]) -> tuple[int, ...]:
@@ -235,8 +279,10 @@ def _config_get(transformer_or_config: Any) -> Any:
 
 def bucket_latent_shape(spec: LatentSpec, bucket: str) -> tuple[int, int, int, int]:
     """'49x480x720' (frames x height x width in pixels) -> latent (C, T, H, W)."""
-    frames, height, width = (int(v) for v in bucket.split("x"))
-    return spec.latent_shape(frames, height, width)
+    parsed = parse_bucket(bucket)
+    if parsed is None:
+        raise ShardFormatError(f"bucket {bucket!r} is not FRAMESxHEIGHTxWIDTH such as 49x480x720")
+    return spec.latent_shape(*parsed)
 
 
 def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: Iterable[str], *,
@@ -538,6 +584,12 @@ class LatentShardDataset(IterableDataset):
                     "`latentcache encode` first." if mean.shape[0] == 3 else "")
             raise LatentMismatchError(f"{sample['url']}: sample {sample['key']} has {mean.shape[0]} channels, "
                                       f"the manifest says {self.expected_channels}.{hint}")
+        # The check `latentcache verify` applies: dtype, the bucket's shape, finite, and finite once sampled and
+        # normalised in float32. A sample that fails it never reaches the trainer.
+        problems = latent_problems(mean, logvar, self.spec, sample["bucket"],
+                                   f"{sample['url']}: sample {sample['key']}")
+        if problems:
+            raise ShardFormatError(f"{problems[0]}. Run `latentcache verify` on the dataset and re-encode the shard")
         # In-place arithmetic on tensors this sample owns (decoded just now): a 49x480x720 clip's latents are 4.5 MB
         # in float32, and every temporary costs a pass over them.
         if self.sample_posterior and logvar is not None:
@@ -554,6 +606,7 @@ class LatentShardDataset(IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         sample = decode_sample(raw, raw.get("__url__", "?"))
         sample["draw"] = (raw["__draw__"],) if "__draw__" in raw else ()
+        sample["bucket"] = raw.get("__bucket__")
         latents = self._latents(sample)
         if self.layout == "BTCHW":
             latents = latents.permute(1, 0, 2, 3)

@@ -6,6 +6,7 @@ latentcache reads shards: LatentShardDataset, `latentcache verify`, and shards.i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -57,7 +58,18 @@ def _write(shard: Path, members: list[tuple], *, cut: int | None = None) -> None
         for member in members:
             _member(tar, *member)
     data = buffer.getvalue()
-    shard.write_bytes(data[:cut] if cut is not None else data)
+    _replace(shard, data[:cut] if cut is not None else data)
+
+
+def _replace(shard: Path, data: bytes) -> None:
+    """Put `data` in place of the shard and list its size and sha256 in the manifest, as a stranger's dataset
+    would: the crafted content itself must be refused, not merely a checksum mismatch."""
+    shard.write_bytes(data)
+    root = shard.parents[2]
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if root / s["path"] == shard)
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _all_readers_refuse(root: Path, shard: Path, pattern: str, capsys: pytest.CaptureFixture) -> None:
@@ -135,5 +147,5 @@ def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
         # Header + data of the first two members, padded to 512: a tar that just stops, no end-of-archive blocks.
         cut = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members[:2])
         pattern = "without its end-of-archive blocks"
-    shard.write_bytes(data[:cut])
+    _replace(shard, data[:cut])
     _all_readers_refuse(root, shard, pattern, capsys)
