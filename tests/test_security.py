@@ -6,12 +6,15 @@ latentcache reads shards: LatentShardDataset, `latentcache verify`, and shards.i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,67 @@ def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
         pattern = "without its end-of-archive blocks"
     _replace(shard, data[:cut])
     _all_readers_refuse(root, shard, pattern, capsys)
+
+
+def _returns_within(seconds: float, job, fifo: Path) -> tuple[bool, BaseException | None]:
+    """Run `job` in a thread; (finished in time, what it raised). A reader stuck opening `fifo` is released by
+    opening it for writing, so even a failing test leaves no thread behind."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            job()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    finished = not thread.is_alive()
+    while thread.is_alive():
+        with contextlib.suppress(OSError):  # no reader waiting at this instant: try again
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(0.1)
+    return finished, outcome[0] if outcome else None
+
+
+def test_fifo_in_place_of_a_shard_is_refused_not_waited_on(victim, capsys) -> None:
+    root, shard, _ = victim
+    shard.unlink()
+    os.mkfifo(shard)
+    for job in (lambda: list(LatentShardDataset(root)), lambda: list(iter_tar(shard))):
+        finished, error = _returns_within(20, job, shard)
+        assert finished, "the reader blocked on a FIFO"
+        assert isinstance(error, ShardFormatError) and f"{shard}: is a FIFO" in str(error)
+    finished, _ = _returns_within(60, lambda: main(["verify", str(root)]), shard)
+    assert finished
+    out = capsys.readouterr().out
+    assert f"PROBLEM: {shard}: is a FIFO; latentcache reads only regular files" in out and "FAILED" in out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_huge_long_name_is_refused_from_its_header(victim, fmt: int, capsys) -> None:
+    """A 4 MB member name (GNU long-name or pax header) is refused before it is read, and never echoed whole."""
+    root, shard, members = victim
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in [("k" * (4 << 20) + ".pyd", b"x"), *members]:
+            _member(tar, name, data)
+    _replace(shard, buffer.getvalue())
+    for read in (lambda: list(LatentShardDataset(root)), lambda: list(iter_tar(shard))):
+        with pytest.raises(ShardFormatError, match="header claims 4194") as info:
+            read()
+        assert str(shard) in str(info.value) and len(str(info.value)) < 1000
+    assert main(["verify", str(root)]) == 3
+    out = capsys.readouterr().out
+    assert "header claims 4194" in out and len(out) < 5000
+
+
+def test_long_names_in_messages_are_cut(victim) -> None:
+    """Names under the header bound (here 3000 characters) still appear cut short in messages."""
+    root, shard, members = victim
+    _write(shard, [("k" * 3000 + ".pyd", b"x"), *members])
+    with pytest.raises(ShardFormatError, match=r"member 'kkk.*\.\.\. \(3006 characters\) has extension \.pyd") as info:
+        list(LatentShardDataset(root))
+    assert len(str(info.value)) < 1000
