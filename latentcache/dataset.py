@@ -216,17 +216,24 @@ def read_bytes(shard: ShardRef) -> bytes:
         if size is not None and size > limit:
             raise ShardFormatError(f"{shard.url}: {size} bytes, the manifest lists {limit}; the shard was replaced "
                                    "or appended to. Run `latentcache verify` and re-encode it")
-        chunks, total = [], 0
-        while total <= limit:  # one byte past the limit says the stream is longer than the manifest's size
-            chunk = stream.read(min(64 << 20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    if total > limit:
+        # A byte past the manifest's size says the stream is longer than the shard the manifest lists. A local file
+        # is read in one call straight into one buffer of its size; a remote stream in chunks.
+        data = stream.read(min(limit, size) + 1) if size is not None else _read_chunks(stream, limit + 1)
+    if len(data) > limit:
         raise ShardFormatError(f"{shard.url}: more than the {limit} bytes the manifest lists; the shard was "
                                "replaced or appended to. Run `latentcache verify` and re-encode it")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return data
+
+
+def _read_chunks(stream: Any, most: int) -> bytes:
+    chunks, total = [], 0
+    while total < most:
+        chunk = stream.read(min(64 << 20, most - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def read_shard(shard: ShardRef, *, check_sha256: bool = True) -> Iterator[dict[str, Any]]:
