@@ -89,7 +89,7 @@ class StreamedDataset(LatentShardDataset):
         super().__init__(*args, **kwargs)
         self.latent_check = latent_check
 
-    def _read(self, shard: ShardRef):
+    def _read(self, shard: ShardRef, buffer=None):
         return streamed_read_shard(shard, check_sha256=self.check_sha256)
 
     def _latents(self, sample):
@@ -130,6 +130,7 @@ def main() -> None:
             raw = timed("raw", args.samples, raw_iterate)
         pt_files = sorted((Path(tmp) / "pt").glob("*.pt"))
         shards = LatentShardDataset(root).shards
+        reused = bytearray()
         no_sha = {"sample_posterior": False, "check_sha256": False}
         mean = {"sample_posterior": False}
         old = {"latent_check": False}
@@ -138,9 +139,11 @@ def main() -> None:
             ("shard bytes: streamed, sha256 after (old)",
              lambda: (r for s in shards for r in streamed_read_shard(s)), 1),
             ("shard bytes: in memory, sha256 first", lambda: (r for s in shards for r in read_shard(s)), 1),
+            ("  same, one buffer reused", lambda: (r for s in shards for r in read_shard(s, buffer=reused)), 1),
         ]
         for label, cls, kwargs in [
                 ("LatentShardDataset mean, no sha256", LatentShardDataset, no_sha),
+                ("  same, old read", StreamedDataset, no_sha),
                 ("  same, old read, no latent check", StreamedDataset, {**no_sha, **old}),
                 ("LatentShardDataset mean", LatentShardDataset, mean),
                 ("  same, old read", StreamedDataset, mean),

@@ -165,10 +165,11 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
     spec = LatentSpec.from_dict(manifest["latent_spec"])
     report = VerifyReport(root=str(root), spec=spec)
     checker = _Checker(spec, report)
+    buffer = bytearray()  # one shard buffer for the whole pass, instead of fresh pages for every shard
     for shard in shards:
         report.shards += 1
         try:
-            for raw in read_shard(shard, check_sha256=check_sha256):
+            for raw in read_shard(shard, check_sha256=check_sha256, buffer=buffer):
                 report.samples += 1
                 checker.sample(raw, shard)
         except LatentcacheError as e:
