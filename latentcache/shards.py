@@ -15,7 +15,9 @@ import io
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -214,15 +216,110 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of the dataset in `root`, refused with the file and the reason unless it is one latentcache
+    wrote: an object with format_version 1, a usable latent spec, and a list of well-formed shard entries."""
     path = root / "manifest.json"
-    if not path.is_file():
+    if not path.exists():
         raise ShardFormatError(f"{root}: no manifest.json (is this a latentcache output directory, and did "
                                "`latentcache encode` finish? `latentcache finalize DIR` writes it from the shards)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        with open_regular(path, str(path)) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: not a JSON manifest ({e}); rebuild it with `latentcache finalize "
+                               "DIR`") from e
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path}: holds a JSON {type(manifest).__name__}, expected an object with "
+                               "format_version, latent_spec and shards")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {manifest.get('format_version')!r}, this latentcache "
                                f"reads version {FORMAT_VERSION}")
+    problems = manifest_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShardFormatError(f"{path}: {'; '.join(problems[:3])}{more}. Not a manifest latentcache wrote: "
+                               "rebuild it with `latentcache finalize DIR`")
     return manifest
+
+
+# A manifest lists one small record per shard: 256 MiB holds over a million shards.
+MAX_MANIFEST_BYTES = 256 << 20
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What in a parsed manifest the readers could not use (wrong types, unknown bucket names...); [] if fine."""
+    from latentcache.checks import parse_bucket, spec_problems
+
+    if "latent_spec" not in manifest:
+        return ["no latent_spec"]
+    problems = spec_problems(manifest["latent_spec"])
+    for name in ("vae", "counts", "settings", "buckets"):
+        if manifest.get(name) is not None and not isinstance(manifest[name], dict):
+            problems.append(f"{name} is a {type(manifest[name]).__name__}, expected an object")
+    problems += [f"buckets has {_shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+                 for b in (manifest.get("buckets") or {}) if parse_bucket(b) is None][:1]
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return [*problems, f"shards is {_shown(shards)}, expected a list of shard records"]
+    seen: set[str] = set()
+    for i, entry in enumerate(shards):
+        problem = _shard_entry_problem(entry)
+        if problem is None and entry["path"] in seen:
+            problem = f"path {_shown(entry['path'])} is listed twice"
+        if problem is not None:
+            problems.append(f"shards[{i}] {problem}")
+            break  # one bad entry says enough; a million-line report does not help
+        seen.add(entry["path"])
+    return problems
+
+
+def _shard_entry_problem(entry: Any) -> str | None:
+    from latentcache.checks import parse_bucket
+
+    if not isinstance(entry, dict):
+        return f"is {_shown(entry)}, expected an object with path, bucket, samples, bytes, sha256"
+    if not (isinstance(entry.get("path"), str) and entry["path"]):
+        return f"has path {_shown(entry.get('path'))}, expected a relative path such as shards/17x64x96/000000.tar"
+    if parse_bucket(entry.get("bucket")) is None:
+        return f"has bucket {_shown(entry.get('bucket'))}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+    for name in ("samples", "bytes"):
+        if not (_is_int(entry.get(name)) and entry[name] >= 0):
+            return f"has {name} {_shown(entry.get(name))}, expected a count"
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and SHA256_HEX.match(sha)):
+        return f"has sha256 {_shown(sha)}, expected 64 lowercase hex digits"
+    return None
+
+
+def open_regular(path: str | os.PathLike, where: str) -> BinaryIO:
+    """Open a regular file for reading, refusing anything else (a FIFO would block forever, /dev/zero never ends).
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the type is then checked on
+    the opened descriptor, so a file swapped between a check and the open cannot slip through.
+    """
+    # A missing or unreadable file stays an OSError (naming the path): the caller says what is incomplete.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise ShardFormatError(f"{where}: is {kind}; latentcache reads only regular files")
+    return os.fdopen(fd, "rb")
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """repr(value) cut to `limit` characters: a crafted 50 MB name must not become a 50 MB error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -232,7 +329,7 @@ def check_member_name(name: str) -> None:
     """Refuse absolute (`/x`, `C:x`) and parent-relative (`../x`) member names: whoever extracts them escapes."""
     posix = name.replace("\\", "/")
     if posix.startswith("/") or ".." in posix.split("/") or (len(posix) > 1 and posix[1] == ":"):
-        raise ShardFormatError(f"member {name!r} has an absolute or parent-relative path; latentcache writes "
+        raise ShardFormatError(f"member {_shown(name)} has an absolute or parent-relative path; latentcache writes "
                                "plain KEY.EXT names")
 
 
@@ -245,7 +342,7 @@ def split_member(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     if not dot:
-        raise ShardFormatError(f"member {name!r} has no extension")
+        raise ShardFormatError(f"member {_shown(name)} has no extension")
     return f"{folder}/{key}" if folder else key, ext
 
 
@@ -277,12 +374,14 @@ def safetensors_header(data: bytes, where: str) -> dict[str, Any]:
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         shape = info.get("shape") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)):
-            raise ShardFormatError(f"{where}: tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]")
+            raise ShardFormatError(f"{where}: tensor {_shown(name)} has data_offsets {_shown(offsets)}, expected "
+                                   "[begin, end]")
         if not (isinstance(shape, list) and all(_is_int(v) and v >= 0 for v in shape)):
-            raise ShardFormatError(f"{where}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
+            raise ShardFormatError(f"{where}: tensor {_shown(name)} has shape {_shown(shape)}, expected a list of "
+                                   "sizes")
         begin, end = offsets
         if not 0 <= begin <= end <= room:
-            raise ShardFormatError(f"{where}: tensor {name!r} claims bytes {begin}..{end}, the member holds "
+            raise ShardFormatError(f"{where}: tensor {_shown(name)} claims bytes {begin}..{end}, the member holds "
                                    f"{room} bytes of tensor data; truncated or crafted")
     return header
 
@@ -295,16 +394,16 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     """A raw webdataset sample (bytes per extension) -> tensors and JSON. Unknown members are refused, unread."""
     key = sample.get("__key__", "?")
     if key.startswith("/") or ".." in key.split("/"):
-        raise ShardFormatError(f"{where}: member name {key!r} is absolute or parent-relative; refusing the shard")
+        raise ShardFormatError(f"{where}: member name {_shown(key)} is absolute or parent-relative; refusing the shard")
     unknown = [k for k in sample if not k.startswith("__") and k not in KNOWN_MEMBERS]
     if unknown:
         raise ShardFormatError(
-            f"{where}: sample {key!r} has member(s) {', '.join(sorted(unknown))}; latentcache shards hold only "
-            f"{', '.join(sorted(KNOWN_MEMBERS))}. Refusing to decode them (a .pyd/.pth/.pickle member could run "
-            "code when unpickled). Re-encode the data with `latentcache encode`."
+            f"{where}: sample {_shown(key)} has member(s) {_shown(', '.join(sorted(unknown)))[1:-1]}; latentcache "
+            f"shards hold only {', '.join(sorted(KNOWN_MEMBERS))}. Refusing to decode them (a .pyd/.pth/.pickle "
+            "member could run code when unpickled). Re-encode the data with `latentcache encode`."
         )
     if LATENTS not in sample:
-        raise ShardFormatError(f"{where}: sample {key!r} has no {LATENTS} member")
+        raise ShardFormatError(f"{where}: sample {_shown(key)} has no {LATENTS} member")
     out: dict[str, Any] = {"key": key, "url": where}
     for member in (LATENTS, TEXT_EMBEDS):
         if member in sample:
@@ -315,15 +414,16 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
         out["caption"] = sample["txt"].decode("utf-8") if "txt" in sample else None
         out["text"] = load_safetensors(sample[TEXT_EMBEDS]) if TEXT_EMBEDS in sample else None
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ShardFormatError(f"{where}: sample {key!r} does not decode: {type(e).__name__}: {e}") from e
+        raise ShardFormatError(f"{where}: sample {_shown(key)} does not decode: {type(e).__name__}: {e}") from e
     if set(tensors) != {"mean", "logvar"} and set(tensors) != {"mean"}:
-        raise ShardFormatError(f"{where}: sample {key!r} holds tensors {sorted(tensors)}, expected mean and logvar")
+        raise ShardFormatError(f"{where}: sample {_shown(key)} holds tensors {_shown(sorted(tensors))}, expected "
+                               "mean and logvar")
     if "logvar" in tensors and tensors["logvar"].shape != tensors["mean"].shape:
-        raise ShardFormatError(f"{where}: sample {key!r} has logvar {tuple(tensors['logvar'].shape)} but mean "
+        raise ShardFormatError(f"{where}: sample {_shown(key)} has logvar {tuple(tensors['logvar'].shape)} but mean "
                                f"{tuple(tensors['mean'].shape)}")
     if not isinstance(out["meta"], dict):
-        raise ShardFormatError(f"{where}: sample {key!r} has a {type(out['meta']).__name__} as its JSON, expected "
-                               "an object")
+        raise ShardFormatError(f"{where}: sample {_shown(key)} has a {type(out['meta']).__name__} as its JSON, "
+                               "expected an object")
     out["mean"], out["logvar"] = tensors["mean"], tensors.get("logvar")
     return out
 
@@ -365,11 +465,52 @@ class _HashingReader:
         return not self.read(1)
 
 
+class _MemoryReader:
+    """A seekable read-only stream over bytes in memory (io.BytesIO copies anything but `bytes`): tarfile's
+    random-access mode then reads 512-byte headers and copies each member out once, nothing else."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.view) if size is None or size < 0 else min(self.pos + size, len(self.view))
+        out = self.view[self.pos:end].tobytes()
+        self.pos = max(self.pos, end)
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else len(self.view) + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 # What one member may hold, checked from its header before a byte of it is read: a stranger's tar claiming a
 # 100 GB caption must not fill memory. Latents of a 4K 121-frame LTX clip are well under 1 GiB.
 MAX_MEMBER_BYTES = {"json": 16 << 20, "txt": 16 << 20, LATENTS: 4 << 30, TEXT_EMBEDS: 1 << 30}
 # Padding after the end-of-archive blocks (tar's blocking factor) is a few KiB; anything past this is refused.
 MAX_TRAILING_BYTES = 1 << 20
+
+
+# GNU long-name and pax extended headers are read whole by tarfile before any member check can run: bound them. A
+# latentcache member name is a key plus an extension, well under 4 KiB.
+MAX_LONG_NAME_BYTES = 4 << 10
+MAX_PAX_HEADER_BYTES = 64 << 10
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, refusing an oversized long-name or pax header before its bytes are read."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and self.size > MAX_LONG_NAME_BYTES:
+            raise ShardFormatError(f"a GNU long-name header claims {self.size} bytes, more than a member name may "
+                                   f"hold ({MAX_LONG_NAME_BYTES}); not a shard latentcache wrote")
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and \
+                self.size > MAX_PAX_HEADER_BYTES:
+            raise ShardFormatError(f"a pax extended header claims {self.size} bytes, more than "
+                                   f"{MAX_PAX_HEADER_BYTES}; not a shard latentcache wrote")
+        return super()._proc_member(tarfile_)
 
 
 def _member_problem(member: tarfile.TarInfo, ext: str) -> str | None:
@@ -384,25 +525,37 @@ def _member_problem(member: tarfile.TarInfo, ext: str) -> str | None:
     return None
 
 
-def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
-             stats: TarStats | None = None, *, sha256: bool = True) -> Iterator[dict[str, Any]]:
+def iter_tar(source: str | os.PathLike | BinaryIO | bytes | memoryview, where: str | None = None,
+             stats: TarStats | None = None, *, sha256: bool = True, members: bool = True
+             ) -> Iterator[dict[str, Any]]:
     """Group the members of one tar stream into raw samples ({'__key__': key, ext: bytes}), refusing unsafe ones.
 
     Reads sequentially (a pipe or an HTTP stream works) and never extracts to disk. A member is refused from its
     header, before its bytes are read, when its name is absolute or climbs out (`..`), when it is not a regular
     file, or when its extension is not one latentcache writes. A tar cut short, even at a member boundary (no
     end-of-archive blocks), is an error. `stats` receives the byte count, sha256 (unless `sha256=False`) and sample
-    count.
+    count. `members=False` checks and counts without reading any member's bytes (each is given as None).
+
+    `source` may also be a whole tar in memory (bytes or a memoryview): then only headers are read to walk it, and
+    each member is copied out once (or not at all with `members=False`), with the same checks.
     """
-    where = where or str(source)
+    memory = isinstance(source, bytes | bytearray | memoryview)
+    where = where or ("(tar in memory)" if memory else str(source))
     stats = stats if stats is not None else TarStats()
-    own = not hasattr(source, "read")
-    reader = _HashingReader(open(source, "rb") if own else source, hashing=sha256)  # noqa: SIM115 (closed below)
+    own = not memory and not hasattr(source, "read")
+    if memory:
+        view = memoryview(source)
+        raw: Any = _MemoryReader(view)
+    else:
+        raw = open_regular(source, where) if own else source
+    reader = _HashingReader(raw, hashing=sha256 and not memory)
     current: dict[str, Any] | None = None
     name = "(first header)"
     try:
-        # 1 MiB reads instead of tarfile's 10 KiB records: 100x fewer Python-level calls for multi-MB latents.
-        with tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20) as tar:
+        # In memory: random access, headers only. A stream: 1 MiB reads instead of tarfile's 10 KiB records, 100x
+        # fewer Python-level calls for multi-MB latents.
+        how = {"fileobj": raw, "mode": "r:"} if memory else {"fileobj": reader, "mode": "r|", "bufsize": 1 << 20}
+        with tarfile.open(**how, tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 name = member.name
                 if member.isdir():
@@ -411,7 +564,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
                 key, ext = split_member(name)
                 problem = _member_problem(member, ext)
                 if problem:
-                    raise ShardFormatError(f"{where}: member {name!r} {problem}")
+                    raise ShardFormatError(f"{where}: member {_shown(name)} {problem}")
                 if current is not None and current["__key__"] != key:
                     stats.samples += 1
                     yield current
@@ -419,14 +572,21 @@ def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
                 if current is None:
                     current = {"__key__": key}
                 if ext in current:
-                    raise ShardFormatError(f"{where}: member {name!r} appears twice in sample {key!r}")
-                current[ext] = tar.extractfile(member).read()
+                    raise ShardFormatError(f"{where}: member {_shown(name)} appears twice in sample {_shown(key)}")
+                if memory and member.offset_data + member.size > len(view):
+                    raise tarfile.ReadError("unexpected end of data")
+                current[ext] = tar.extractfile(member).read() if members else None
             end = tar.offset
-        if not reader.drain(MAX_TRAILING_BYTES):
+        if memory:
+            reader.count = len(view)
+            if reader.count - end > MAX_TRAILING_BYTES + 2 * tarfile.BLOCKSIZE:
+                raise ShardFormatError(f"{where}: more than {MAX_TRAILING_BYTES} bytes follow the end of the tar; "
+                                       "not a shard latentcache wrote")
+        elif not reader.drain(MAX_TRAILING_BYTES):
             raise ShardFormatError(f"{where}: more than {MAX_TRAILING_BYTES} bytes follow the end of the tar; "
                                    "not a shard latentcache wrote")
     except tarfile.TarError as e:
-        raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {name!r} ({e}); copy the "
+        raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {_shown(name)} ({e}); copy the "
                                "shard again or re-encode it") from e
     except ShardFormatError as e:
         message = str(e)
@@ -435,7 +595,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO, where: str | None = None,
         if own:
             reader.raw.close()
     if reader.count - end < 2 * tarfile.BLOCKSIZE:
-        raise ShardFormatError(f"{where}: the tar ends after member {name!r} without its end-of-archive blocks "
+        raise ShardFormatError(f"{where}: the tar ends after member {_shown(name)} without its end-of-archive blocks "
                                f"({reader.count} bytes): the shard was cut short; copy it again or re-encode it")
     stats.bytes = reader.count
     stats.sha256 = reader.digest.hexdigest() if reader.digest is not None else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import torch
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
 from latentcache.dataset import StatefulLoader, transformer_problems
-from latentcache.shards import decode_sample, iter_tar, read_manifest
+from latentcache.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
 from latentcache.vae import LatentSpec
 
 
@@ -62,10 +65,15 @@ def test_rank_from_environment(encoded_dir: Path, monkeypatch: pytest.MonkeyPatc
 def test_sources_glob_brace_file_url_and_manifest(encoded_dir: Path, tmp_path: Path) -> None:
     bucket_dir = encoded_dir / "shards" / "17x64x96"
     expected = all_keys(encoded_dir)
+    names = [Path(s["path"]).stem for s in read_manifest(encoded_dir)["shards"]]
+    assert len(names) >= 3
+    keys_in = {name: [raw["__key__"] for raw in iter_tar(bucket_dir / f"{name}.tar")] for name in names}
     assert keys_of(LatentShardDataset(str(bucket_dir / "*.tar"))) == expected
-    assert keys_of(LatentShardDataset(str(bucket_dir / "{000000..000003}.tar"))) == expected
-    assert keys_of(LatentShardDataset(f"file://{bucket_dir}/{{000001..000002}}.tar")) == expected[2:6]
-    assert keys_of(LatentShardDataset([str(bucket_dir / "000003.tar")])) == expected[6:]
+    assert keys_of(LatentShardDataset(str(bucket_dir / f"{{{','.join(names)}}}.tar"))) == expected
+    middle = names[1:-1]
+    assert keys_of(LatentShardDataset(f"file://{bucket_dir}/{{{','.join(middle)}}}.tar")) == \
+        [k for name in middle for k in keys_in[name]]
+    assert keys_of(LatentShardDataset([str(bucket_dir / f"{names[-1]}.tar")])) == keys_in[names[-1]]
     # Shards copied away from their manifest: found by manifest= only.
     elsewhere = tmp_path / "copy"
     shutil.copytree(bucket_dir, elsewhere)
@@ -80,7 +88,7 @@ def test_sources_glob_brace_file_url_and_manifest(encoded_dir: Path, tmp_path: P
 def test_shard_not_in_manifest_is_refused(encoded_dir: Path, tmp_path: Path) -> None:
     stranger = tmp_path / "shards" / "17x64x96" / "000099.tar"
     stranger.parent.mkdir(parents=True)
-    shutil.copy(encoded_dir / "shards" / "17x64x96" / "000000.tar", stranger)
+    shutil.copy(encoded_dir / read_manifest(encoded_dir)["shards"][0]["path"], stranger)
     with pytest.raises(ShardFormatError, match="not listed"):
         LatentShardDataset(str(stranger), manifest=encoded_dir)
 
@@ -294,3 +302,134 @@ def test_resampled_draws_fresh_noise_for_a_repeated_sample(encoded_dir: Path) ->
     for item in LatentShardDataset(encoded_dir, resampled=True, epoch_items=24, seed=2):
         again.setdefault(item["key"], []).append(item["latents"])
     assert all(torch.equal(a, b) for k in seen for a, b in zip(seen[k], again[k], strict=True))  # reproducible
+
+
+# ------------------------------------------------------------------ a shard is checked whole before it is handed out
+
+
+def _copy(encoded_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(encoded_dir, copy)
+    return copy
+
+
+def _rewrite(root: Path, index: int, change, *, record: bool) -> Path:
+    """Rewrite shard `index` with `change(EncodedClip)` applied to each sample (a valid tar, as the writer makes
+    it); with `record`, list its new size and sha256 in the manifest, else leave the manifest as it was."""
+    manifest = read_manifest(root)
+    entry = manifest["shards"][index]
+    path = root / entry["path"]
+    clips = [change(EncodedClip(s["key"], s["mean"], s["logvar"], s["meta"], s["caption"]))
+             for s in (decode_sample(raw, str(path)) for raw in iter_tar(path))]
+    write_shard(path, clips)
+    if record:
+        entry["sha256"], entry["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _delivered(dataset: LatentShardDataset, error: str) -> list[dict]:
+    """Items the dataset hands out before it raises `error`."""
+    items = []
+    with pytest.raises(ShardFormatError, match=error):
+        for item in dataset:
+            items.append(item)
+    return items
+
+
+def _poison(clip: EncodedClip) -> EncodedClip:
+    clip.mean = clip.mean.clone()
+    clip.mean[0, 0, 0, 0] = float("nan")
+    return clip
+
+
+def test_changed_shard_delivers_no_sample(encoded_dir: Path, tmp_path: Path) -> None:
+    """The first shard is rewritten with a NaN in each sample and its sha256 no longer matches: nothing of it (no
+    NaN) reaches the trainer; the checksum error comes first."""
+    root = _copy(encoded_dir, tmp_path)
+    _rewrite(root, 0, _poison, record=False)
+    assert _delivered(LatentShardDataset(root), r"000000\.tar: sha256 .* the manifest lists") == []
+    assert _delivered(LatentShardDataset(root, batch_size=2), "sha256") == []
+
+
+def test_miscounted_shard_delivers_no_sample(encoded_dir: Path, tmp_path: Path) -> None:
+    root = _copy(encoded_dir, tmp_path)
+    manifest = read_manifest(root)
+    manifest["shards"][0]["samples"] = 3
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert _delivered(LatentShardDataset(root), r"000000\.tar: 2 samples, the manifest lists 3") == []
+
+
+def test_truncated_shard_delivers_no_sample(encoded_dir: Path, tmp_path: Path) -> None:
+    """Cut after its first sample's members (a tar that just stops): even unhashed, the good first sample stays in."""
+    root = _copy(encoded_dir, tmp_path)
+    shard = root / read_manifest(root)["shards"][0]["path"]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    first_key = members[0].name.split(".")[0]
+    second = next(m for m in members if m.name.split(".")[0] != first_key)
+    shard.write_bytes(shard.read_bytes()[: second.offset])
+    assert _delivered(LatentShardDataset(root, check_sha256=False), "without its end-of-archive blocks") == []
+    assert _delivered(LatentShardDataset(root), "sha256") == []
+
+
+def test_shard_larger_than_the_manifest_says_is_refused_unread(encoded_dir: Path, tmp_path: Path) -> None:
+    root = _copy(encoded_dir, tmp_path)
+    entry = read_manifest(root)["shards"][1]
+    with open(root / entry["path"], "ab") as f:
+        f.write(bytes(1 << 20))
+    pattern = rf"000001\.tar: {entry['bytes'] + (1 << 20)} bytes, the manifest lists {entry['bytes']}"
+    items = _delivered(LatentShardDataset(root, check_sha256=False), pattern)
+    assert len(items) == 2  # shard 0 only
+
+
+# ---------------------------------------------------------------- samples that verify refuses, the dataset refuses
+
+
+BAD_SAMPLES = {
+    # name: (change applied to each clip, what the error says)
+    "shape not the bucket's": (lambda c: EncodedClip(c.key, c.mean[:, :1, :2, :2], c.logvar[:, :1, :2, :2], c.meta),
+                               r"latents are \[16, 1, 2, 2\], bucket 17x64x96 and the manifest's VAE give "
+                               r"\[16, 5, 8, 12\]"),
+    "bool tensors": (lambda c: EncodedClip(c.key, c.mean > 0, c.logvar > 0, c.meta), "mean is torch.bool"),
+    "int64 tensors": (lambda c: EncodedClip(c.key, c.mean.long(), c.logvar.long(), c.meta), "mean is torch.int64"),
+    "logvar 1000": (lambda c: EncodedClip(c.key, c.mean, torch.full_like(c.logvar, 1000.0), c.meta),
+                    r"logvar spans 1000\.\.1000, outside \[-30, 20\]"),
+    "mean 3e38": (lambda c: EncodedClip(c.key, c.mean.float().index_fill(0, torch.tensor([1]), 3e38), c.logvar,
+                                        c.meta), r"mean reaches 3e\+38: sampled and normalised .* overflows float32"),
+    "NaN mean": (_poison, r"mean has 1 NaN/Inf value\(s\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_dataset_refuses_what_verify_refuses(encoded_dir: Path, tmp_path: Path, case: str, capsys) -> None:
+    """One check, two callers: the same samples fail `latentcache verify` (exit 3) and never leave the dataset,
+    whatever its settings, with the same message."""
+    from latentcache.cli import main
+
+    change, message = BAD_SAMPLES[case]
+    root = _copy(encoded_dir, tmp_path)
+    shard = _rewrite(root, 0, change, record=True)  # a consistent manifest: only the content is wrong
+    for kwargs in ({}, {"sample_posterior": False}, {"normalize": False, "sample_posterior": False}):
+        items = _delivered(LatentShardDataset(root, **kwargs), message)
+        assert items == []
+    with pytest.raises(ShardFormatError) as info:
+        list(LatentShardDataset(root))
+    assert str(shard) in str(info.value)
+    assert main(["verify", str(root)]) == 3
+    out = capsys.readouterr().out
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert all(str(shard) in p for p in problems) and sum(bool(re.search(message, p)) for p in problems) == 2
+    # The dataset's message is verify's, word for word.
+    assert str(info.value).split(". Run `latentcache verify`")[0].split(": sample ", 1)[1] in problems[0]
+
+
+def test_extreme_but_fitting_values_stream_finite(encoded_dir: Path, tmp_path: Path) -> None:
+    """The bounds are not too tight: logvar at diffusers' clamp ends and a large mean still stream, finite."""
+    root = _copy(encoded_dir, tmp_path)
+    hi = lambda c: EncodedClip(c.key, c.mean.float().clamp(-1, 1) * 1e30, torch.full_like(c.logvar, 20.0),  # noqa: E731
+                               c.meta)
+    _rewrite(root, 0, hi, record=True)
+    _rewrite(root, 1, lambda c: EncodedClip(c.key, c.mean, torch.full_like(c.logvar, -30.0), c.meta), record=True)
+    items = list(LatentShardDataset(root))
+    assert len(items) == 8 and all(torch.isfinite(i["latents"]).all() for i in items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -132,6 +133,10 @@ def test_pickle_member_is_refused_without_running_it(encoded, tmp_path):
     marker = tmp_path / "pwned"
     _copy_with_extra_member(shard, shard.with_suffix(".new"), f"{key}.pyd", pickle.dumps(_Exploit(marker)))
     shard.with_suffix(".new").replace(shard)
+    # A stranger's dataset lists its crafted shard's size and sha256: the member itself must be refused.
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=r"pyd.*Refusing"):
         list(LatentShardDataset(crafted))
     assert not marker.exists()

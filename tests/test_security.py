@@ -7,13 +7,16 @@ latentcache reads shards: LatentShardDataset, `latentcache verify`, and shards.i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import shutil
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,7 +64,18 @@ def _write(shard: Path, members: list[tuple], *, cut: int | None = None) -> None
         for member in members:
             _member(tar, *member)
     data = buffer.getvalue()
-    shard.write_bytes(data[:cut] if cut is not None else data)
+    _replace(shard, data[:cut] if cut is not None else data)
+
+
+def _replace(shard: Path, data: bytes) -> None:
+    """Put `data` in place of the shard and list its size and sha256 in the manifest, as a stranger's dataset
+    would: the crafted content itself must be refused, not merely a checksum mismatch."""
+    shard.write_bytes(data)
+    root = shard.parents[2]
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if root / s["path"] == shard)
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _all_readers_refuse(root: Path, shard: Path, pattern: str, capsys: pytest.CaptureFixture) -> None:
@@ -140,7 +154,7 @@ def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
         # Header + data of the first two members, padded to 512: a tar that just stops, no end-of-archive blocks.
         cut = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members[:2])
         pattern = "without its end-of-archive blocks"
-    shard.write_bytes(data[:cut])
+    _replace(shard, data[:cut])
     _all_readers_refuse(root, shard, pattern, capsys)
 
 
@@ -149,20 +163,26 @@ def test_truncated_tar_is_refused(victim, where: str, capsys) -> None:
 
 def test_a_crafted_plan_cannot_write_outside_out(small_videos: Path, encoded_reference: Path, tmp_path: Path,
                                                  capsys) -> None:
-    """A shard bucket of ../../ESCAPED would make encode write OUT/../ESCAPED/000000.tar: refused, nothing written."""
+    """A shard bucket of ../../ESCAPED in a chunk plan would make encode write OUT/../ESCAPED/...: refused, nothing
+    written, by encode and finalize alike."""
     from conftest import ENCODE_SMALL
 
     out = tmp_path / "out"
     shutil.copytree(encoded_reference, out)
-    plan = json.loads((out / "plan.json").read_text())
-    plan["shards"][0]["bucket"] = "../../ESCAPED"
-    (out / "plan.json").write_text(json.dumps(plan))
+    chunk_file = sorted((out / "chunks").rglob("*.json"))[0]
+    chunk = json.loads(chunk_file.read_text())
+    chunk["shards"][0]["bucket"] = "../../ESCAPED"
+    for c in chunk["clips"]:
+        c["bucket"] = "../../ESCAPED"
+    chunk_file.write_text(json.dumps(chunk))
+    for sidecar in (out / "shards").rglob("*.tar.json"):
+        sidecar.unlink()  # so that encode would write the shards again
     args = ["encode", str(small_videos), "--out", str(out), "--device", "cpu", *ENCODE_SMALL]
     assert main(args) == 2
-    assert f"{out / 'plan.json'}: shards[0].bucket is not FRAMESxHEIGHTxWIDTH" in capsys.readouterr().err
+    assert f"{chunk_file}: not a chunk plan of this directory" in capsys.readouterr().err
     assert main(["finalize", str(out)]) == 2
-    assert "shards[0].bucket" in capsys.readouterr().err
-    assert not (tmp_path / "ESCAPED").exists()
+    assert "not a chunk plan of this directory" in capsys.readouterr().err
+    assert not (tmp_path / "ESCAPED").exists() and not list(tmp_path.rglob("ESCAPED"))
 
 
 @contextlib.contextmanager
@@ -199,3 +219,65 @@ def test_check_config_refuses_yaml_bombs_at_once(tmp_path: Path, text: str, why:
     with _deadline(5), pytest.raises(ConfigError, match=re.escape(why)):
         load_trainer_config(path)
     assert time.perf_counter() - started < 1.0
+def _returns_within(seconds: float, job, fifo: Path) -> tuple[bool, BaseException | None]:
+    """Run `job` in a thread; (finished in time, what it raised). A reader stuck opening `fifo` is released by
+    opening it for writing, so even a failing test leaves no thread behind."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            job()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    finished = not thread.is_alive()
+    while thread.is_alive():
+        with contextlib.suppress(OSError):  # no reader waiting at this instant: try again
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(0.1)
+    return finished, outcome[0] if outcome else None
+
+
+def test_fifo_in_place_of_a_shard_is_refused_not_waited_on(victim, capsys) -> None:
+    root, shard, _ = victim
+    shard.unlink()
+    os.mkfifo(shard)
+    for job in (lambda: list(LatentShardDataset(root)), lambda: list(iter_tar(shard))):
+        finished, error = _returns_within(20, job, shard)
+        assert finished, "the reader blocked on a FIFO"
+        assert isinstance(error, ShardFormatError) and f"{shard}: is a FIFO" in str(error)
+    finished, _ = _returns_within(60, lambda: main(["verify", str(root)]), shard)
+    assert finished
+    out = capsys.readouterr().out
+    assert f"PROBLEM: {shard}: is a FIFO; latentcache reads only regular files" in out and "FAILED" in out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_huge_long_name_is_refused_from_its_header(victim, fmt: int, capsys) -> None:
+    """A 4 MB member name (GNU long-name or pax header) is refused before it is read, and never echoed whole."""
+    root, shard, members = victim
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in [("k" * (4 << 20) + ".pyd", b"x"), *members]:
+            _member(tar, name, data)
+    _replace(shard, buffer.getvalue())
+    for read in (lambda: list(LatentShardDataset(root)), lambda: list(iter_tar(shard))):
+        with pytest.raises(ShardFormatError, match="header claims 4194") as info:
+            read()
+        assert str(shard) in str(info.value) and len(str(info.value)) < 1000
+    assert main(["verify", str(root)]) == 3
+    out = capsys.readouterr().out
+    assert "header claims 4194" in out and len(out) < 5000
+
+
+def test_long_names_in_messages_are_cut(victim) -> None:
+    """Names under the header bound (here 3000 characters) still appear cut short in messages."""
+    root, shard, members = victim
+    _write(shard, [("k" * 3000 + ".pyd", b"x"), *members])
+    with pytest.raises(ShardFormatError, match=r"member 'kkk.*\.\.\. \(3006 characters\) has extension \.pyd") as info:
+        list(LatentShardDataset(root))
+    assert len(str(info.value)) < 1000

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -197,3 +199,63 @@ def test_pixel_shards_are_named(damaged: Path) -> None:
                                                          c.meta))
     report = verify(damaged)
     assert len(report.problems) == 8 and all("pixels, not latents" in p for p in report.problems)
+
+
+def _manifest_with(root: Path, change) -> Path:
+    """Rewrite root/manifest.json as `change(parsed manifest)` returns it: an object to dump, or raw text."""
+    path = root / "manifest.json"
+    new = change(json.loads(path.read_text()))
+    path.write_text(new if isinstance(new, str) else json.dumps(new))
+    return path
+
+
+def _set(tree: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node[p] if not isinstance(node, list) else node[int(p)]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return tree
+
+
+BAD_MANIFESTS = {
+    # name: (change, what the message says)
+    "not JSON": (lambda m: json.dumps(m)[:-40], "not a JSON manifest"),
+    "a list": (lambda m: [m], "holds a JSON list, expected an object"),
+    "no latent_spec": (lambda m: {k: v for k, v in m.items() if k != "latent_spec"}, "no latent_spec"),
+    "shards a string": (lambda m: _set(m, "shards", "shards/17x64x96/000000.tar"), "shards is 'shards/17x64x96"),
+    "bucket evil": (lambda m: _set(m, "shards.0.bucket", "evil"), r"shards\[0\] has bucket 'evil', expected"),
+    "buckets evil": (lambda m: _set(m, "buckets", {"evil": 8}), "buckets has 'evil'"),
+    "samples a string": (lambda m: _set(m, "shards.1.samples", "2"), r"shards\[1\] has samples '2', expected a count"),
+    "scaling_factor NaN": (lambda m: _set(m, "latent_spec.scaling_factor", float("nan")),
+                           "latent_spec.scaling_factor is nan, expected a finite number"),
+    "latents_std zero": (lambda m: _set(_set(m, "latent_spec.latents_mean", [0.0] * 16), "latent_spec.latents_std",
+                                        [0.0] * 16), "non-finite gains or offsets"),
+    "channels a string": (lambda m: _set(m, "latent_spec.channels", "16"), "latent_spec.channels is '16'"),
+    "vae a string": (lambda m: _set(m, "vae", "AutoencoderKLCogVideoX"), "vae is a str, expected an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_malformed_manifest_is_a_clear_error(damaged: Path, case: str, capsys) -> None:
+    """No traceback (exit 1): `verify` and `info` exit 2 naming the file and the fault; the dataset refuses."""
+    from latentcache import LatentShardDataset, ShardFormatError
+
+    change, message = BAD_MANIFESTS[case]
+    path = _manifest_with(damaged, change)
+    for command in ("verify", "info"):
+        assert main([command, str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and re.search(message, err) and "Traceback" not in err
+    with pytest.raises(ShardFormatError, match=message):
+        LatentShardDataset(damaged)
+
+
+def test_manifest_that_is_a_fifo_is_refused(damaged: Path, capsys) -> None:
+    (damaged / "manifest.json").unlink()
+    os.mkfifo(damaged / "manifest.json")
+    assert main(["verify", str(damaged)]) == 2
+    assert "manifest.json: is a FIFO; latentcache reads only regular files" in capsys.readouterr().err
