@@ -321,6 +321,24 @@ def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- chunk plans
 
 
+def find_input(out: Path, key: str) -> InputVideo | None:
+    """The input a clip key came from (its absolute path now), by a binary search of each part's sorted key digests and
+    one chunk read: O(log inputs), not a scan of the dataset. None when no part holds it."""
+    if not re.fullmatch(r"[0-9a-f]{16}_[0-9]{4}", key):
+        return None
+    digest = np.uint64(int(key[:16], 16))
+    plan = read_job_plan(out)
+    refs = plan.chunk_refs()
+    for part in plan.parts:
+        digests = np.load(out / keys_name(part.index), allow_pickle=False)
+        i = int(np.searchsorted(digests, digest))
+        if i < len(digests) and digests[i] == digest:
+            chunk = i // part.chunk_size
+            ref = next(r for r in refs if r.part == part.index and r.chunk == chunk)
+            return read_chunk_inputs(out, ref)[i - chunk * part.chunk_size]
+    return None
+
+
 def read_chunk_inputs(out: Path, ref: ChunkRef) -> list[InputVideo]:
     """The chunk's lines only: one seek into its part's inputs file, checked against plan.json's sha256."""
     path = out / inputs_name(ref.part)

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from latentcache.chunks import find_input
 from latentcache.dataset import ShardRef, read_shard, resolve_source
-from latentcache.errors import ConfigError, InputError
+from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.settings import ClipSettings, VAESettings
 from latentcache.shards import decode_sample
 
@@ -79,12 +80,16 @@ def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:
 
 
 def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
-    """Where the sample's video is now: plan.json has the absolute path; meta has the path under the input root."""
-    plan = root / "plan.json"
-    if plan.is_file():
-        for clip in json.loads(plan.read_text(encoding="utf-8")).get("clips", []):
-            if clip.get("key") == key and Path(clip["source"]).is_file():
-                return clip["source"]
+    """Where the sample's video is now: the output's inputs files have the absolute path (found by the key's digest);
+    meta has the path under the input root."""
+    if (root / "plan.json").is_file():
+        try:
+            found = find_input(root, key)
+        except (OSError, ValueError, ConfigError, ShardFormatError) as e:
+            log.info("%s: cannot look the source up in %s (%s)", key, root, e)
+            found = None
+        if found is not None and Path(found.path).is_file():
+            return found.path
     source = meta.get("source")
     return source if source and Path(source).is_file() else None
 

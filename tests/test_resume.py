@@ -388,9 +388,10 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
     (out / "shards" / "readme").write_text("mine")
     assert main([*_cli_args(videos, out, frames="9"), "--overwrite"]) == 0
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert left == [".latentcache", "failures.jsonl", "manifest.json", "notes.txt", "plan.json",
-                    "shards/17x64x96/keep.txt", "shards/9x64x96/000000.tar", "shards/9x64x96/000000.tar.json",
-                    "shards/readme"]
+    assert left == [".latentcache", "chunks/p0000/c000000.json", "failures.jsonl", "inputs/part-0000.jsonl",
+                    "inputs/part-0000.keys.npy", "manifest.json", "notes.txt", "plan.json",
+                    "shards/17x64x96/keep.txt", "shards/9x64x96/p0000-c000000-000000.tar",
+                    "shards/9x64x96/p0000-c000000-000000.tar.json", "shards/readme"]
 
 
 def test_an_output_made_before_the_marker_still_resumes(small_videos: Path, encoded_reference: Path, tmp_path: Path,
@@ -441,7 +442,7 @@ def test_full_disk_names_the_file_and_the_rerun_resumes(small_videos: Path, tmp_
         out = disk / "out"
         assert main(_cli_args(videos, out)) == 2
         err = capsys.readouterr().err
-        assert f"cannot write {out / 'shards/17x64x96/000000.tar'}: No space left on device" in err
+        assert f"cannot write {out / 'shards/17x64x96/p0000-c000000-000000.tar'}: No space left on device" in err
         assert not list(out.rglob("*.tmp"))
         subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
         assert main(_cli_args(videos, out)) == 0
