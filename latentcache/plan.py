@@ -610,12 +610,12 @@ def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | 
     Holds every input in memory: for millions of inputs, `chunks.InputTable` takes `iter_inputs` instead."""
     by_rel: dict[str, InputVideo] = {}
     for v in iter_inputs(paths, exclude, images=images):
-        other = by_rel.setdefault(v.relpath, v)
+        other = by_rel.setdefault(input_id(v), v)
         if other.path != v.path:
             raise duplicate_error(v.relpath, other.path, v.path)
         if other is not v:
             warn_duplicate(v.path, other.caption, v.caption)
-    return sorted(by_rel.values(), key=lambda v: v.relpath)
+    return sorted(by_rel.values(), key=input_id)
 
 
 def clip_key(relpath: str, index: int) -> str:
