@@ -94,8 +94,12 @@ class Clip:
 def _file_size(path: str, stage: str) -> int:
     try:
         size = sources.source_size(path)
+    except sources.MemberNotFound as e:
+        raise InputError(path, stage, f"{e} (the tar was replaced since it was listed?)") from e
     except FileNotFoundError as e:
         raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
+    except sources.UnsafeMember as e:
+        raise InputError(path, stage, str(e)) from e
     except OSError as e:
         raise InputError(path, stage, f"cannot read the file ({_why(e)})") from e
     if size == 0:
