@@ -3,7 +3,8 @@
 ```
 OUT/plan.json                      settings, VAE, fingerprint and the parts: for each, its inputs file's count and
                                    sha256, its chunk size, and each chunk's byte range and sha256 in that file
-OUT/inputs/part-0000.jsonl         one input a line ({"caption", "path", "relpath"}), in key order
+OUT/inputs/part-0000.jsonl         one input a line ({"caption", "path", "relpath"}, plus "spans", "extra" and
+                                   "origin" for list rows that have them), in key order
 OUT/inputs/part-0000.keys.npy      the part's sorted 8-byte key digests: duplicate and append checks, never strings
 OUT/chunks/p0000/c000123.json      chunk 123's clips, bucket-pure shards and rejected inputs
 OUT/shards/<bucket>/p0000-c000123-000000.tar
@@ -44,6 +45,7 @@ from latentcache.plan import (
     PlannedShard,
     clip_key,
     duplicate_error,
+    input_id,
     make_plan,
     warn_duplicate,
 )
@@ -96,10 +98,9 @@ class InputTable:
     def __init__(self, inputs: Iterable[InputVideo]) -> None:
         buf, ends, digests = bytearray(), array("q"), array("Q")
         for v in inputs:
-            buf += json.dumps({"caption": v.caption, "path": v.path, "relpath": v.relpath},
-                              ensure_ascii=False, sort_keys=True).encode() + b"\n"
+            buf += json.dumps(input_line(v), ensure_ascii=False, sort_keys=True).encode() + b"\n"
             ends.append(len(buf))
-            digests.append(key_digest(v.relpath))
+            digests.append(key_digest(input_id(v)))
         self._buf = buf
         self._ends = np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, np.int64)
         raw = np.frombuffer(digests, dtype=np.uint64) if len(digests) else np.zeros(0, np.uint64)
@@ -108,7 +109,8 @@ class InputTable:
         keep = np.ones(len(order), dtype=bool)
         for i in np.nonzero(ordered[1:] == ordered[:-1])[0] + 1:
             first, second = json.loads(self._raw_line(order[i - 1])), json.loads(self._raw_line(order[i]))
-            if first["relpath"] != second["relpath"] or first["path"] != second["path"]:
+            if (first["relpath"] != second["relpath"] or first["path"] != second["path"]
+                    or first.get("spans") != second.get("spans")):
                 raise duplicate_error(second["relpath"], first["path"], second["path"])
             warn_duplicate(second["path"], first["caption"], second["caption"])
             keep[i] = False  # the same file given twice: one input, the first
@@ -125,6 +127,28 @@ class InputTable:
     def line(self, position: int) -> bytes:
         """The input at `position` in digest order, as its inputs-file line."""
         return self._raw_line(int(self._order[position]))
+
+
+def input_line(v: InputVideo) -> dict[str, Any]:
+    """An input as its inputs-file line. `spans`, `extra` and `origin` appear only when set, so a plain input's line
+    is what it was before they existed (and older inputs files read back unchanged)."""
+    line: dict[str, Any] = {"caption": list(v.caption) if isinstance(v.caption, tuple) else v.caption,
+                            "path": v.path, "relpath": v.relpath}
+    if v.spans is not None:
+        line["spans"] = [[start, end] for start, end in v.spans]
+    if v.extra:
+        line["extra"] = v.extra
+    if v.origin:
+        line["origin"] = v.origin
+    return line
+
+
+def input_from_line(row: dict[str, Any]) -> InputVideo:
+    caption = row["caption"]
+    spans = row.get("spans")
+    return InputVideo(row["path"], row["relpath"], tuple(caption) if isinstance(caption, list) else caption,
+                      None if spans is None else tuple((float(s), None if e is None else float(e)) for s, e in spans),
+                      row.get("extra"), row.get("origin"))
 
 
 # ----------------------------------------------------------------------------------------- the top-level plan
@@ -312,9 +336,9 @@ def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
     for part in plan.parts:
         with open(out / inputs_name(part.index), "rb") as f:
             for line in f:
-                relpath = json.loads(line)["relpath"]
-                if key_digest(relpath) in digests:
-                    found.append(relpath)
+                ident = input_id(input_from_line(json.loads(line)))
+                if key_digest(ident) in digests:
+                    found.append(ident)
     return sorted(found)
 
 
@@ -350,8 +374,7 @@ def read_chunk_inputs(out: Path, ref: ChunkRef) -> list[InputVideo]:
                           "plan.json's sha256; the inputs file was changed after planning: use a new --out directory")
     inputs = []
     for line in data.splitlines():
-        row = json.loads(line)
-        inputs.append(InputVideo(row["path"], row["relpath"], row["caption"]))
+        inputs.append(input_from_line(json.loads(line)))
     if len(inputs) != ref.count:
         raise ConfigError(f"{path}: chunk {ref.chunk} holds {len(inputs)} inputs, plan.json says {ref.count}")
     return inputs

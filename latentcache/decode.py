@@ -12,6 +12,7 @@ that would use a tainted frame, or repeat a frame across a hole, is dropped with
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from latentcache import image
+from latentcache import image, sources
 from latentcache.errors import InputError
 from latentcache.settings import ClipSettings
 
@@ -92,9 +93,13 @@ class Clip:
 
 def _file_size(path: str, stage: str) -> int:
     try:
-        size = os.path.getsize(path)
+        size = sources.source_size(path)
+    except sources.MemberNotFound as e:
+        raise InputError(path, stage, f"{e} (the tar was replaced since it was listed?)") from e
     except FileNotFoundError as e:
         raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
+    except sources.UnsafeMember as e:
+        raise InputError(path, stage, str(e)) from e
     except OSError as e:
         raise InputError(path, stage, f"cannot read the file ({_why(e)})") from e
     if size == 0:
@@ -108,16 +113,33 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
 
 
-def _open(path: str, stage: str) -> av.container.InputContainer:
-    try:
-        return av.open(path, metadata_errors="ignore")
-    except FileNotFoundError as e:
-        raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
-    except PermissionError as e:
-        raise InputError(path, stage, "permission denied") from e
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise InputError(path, stage, f"not a readable video container ({_why(e)}); expected a "
-                         "video file such as mp4/mkv/webm/mov: is it truncated, or not a video?") from e
+@contextlib.contextmanager
+def _open(path: str, stage: str) -> Iterator[av.container.InputContainer]:
+    """The container, opened by name where FFmpeg can read the file itself, else from `sources.open_source` (a tar
+    member); the file object is closed with the container (PyAV leaves a caller's file open)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            source = path if sources.is_local(path) else stack.enter_context(sources.open_source(path))
+            container = stack.enter_context(av.open(source, metadata_errors="ignore"))
+        except Exception as e:
+            error = _open_error(e, path, stage)
+            if error is e:
+                raise
+            raise error from e
+        yield container
+
+
+def _open_error(e: Exception, path: str, stage: str) -> Exception:
+    if isinstance(e, FileNotFoundError):
+        return InputError(path, stage, "file not found (moved or deleted during the run?)")
+    if isinstance(e, PermissionError):
+        return InputError(path, stage, "permission denied")
+    if isinstance(e, sources.UnsafeMember):
+        return InputError(path, stage, str(e))
+    if isinstance(e, av.FFmpegError | OSError | UnicodeDecodeError):
+        return InputError(path, stage, f"not a readable video container ({_why(e)}); expected a "
+                          "video file such as mp4/mkv/webm/mov: is it truncated, or not a video?")
+    return e
 
 
 def _video_stream(container: av.container.InputContainer, path: str, stage: str) -> av.video.stream.VideoStream:
@@ -198,7 +220,7 @@ def probe(path: str | os.PathLike, *, images: bool = False) -> VideoInfo:
         if duration is None or duration <= 0 or (not frames and duration * fps * _MIN_FRAME_BYTES > size):
             # No duration (raw .h264/.hevc, some gifs), or a duration the file is far too small to fill: demux the
             # packets (no decoding) to learn how many frames there really are and where they end.
-            counted, end = _count_by_demux(container, stream)
+            counted, end = _count_by_demux(path, stream)
             frames = frames or counted
             if duration is None or duration <= 0:
                 duration = end if end > 0 else counted / fps
@@ -215,12 +237,11 @@ def probe(path: str | os.PathLike, *, images: bool = False) -> VideoInfo:
         )
 
 
-def _count_by_demux(container: av.container.InputContainer,
-                    stream: av.video.stream.VideoStream) -> tuple[int, float]:
+def _count_by_demux(path: str, stream: av.video.stream.VideoStream) -> tuple[int, float]:
     """(packets, last packet end time) of the video stream; the time is 0 when no packet has a timestamp (raw
     elementary streams)."""
     # A fresh demuxer rather than a seek back: raw elementary streams (.h264, .hevc) cannot seek.
-    with av.open(container.name, metadata_errors="ignore") as fresh:
+    with _open(path, "probe") as fresh:
         return _last_packet_end(fresh, fresh.streams[stream.index])
 
 
@@ -450,7 +471,7 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
     ctx = codec if codec is not None else stream.codec_context
     # Set on every pass: a pass that ended in preroll (a missed seek) must not leave frames skipped for the next.
     ctx.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
-    crc = _MatroskaCRC(container.name) if container.format.name.startswith("matroska") else None
+    crc = _MatroskaCRC(path) if container.format.name.startswith("matroska") else None
     while True:
         try:
             packet = next(packets)
@@ -588,7 +609,7 @@ class _MatroskaCRC:
         self.verdicts: dict[int, bool] = {}
         self.next_pos: int | None = None  # where the next level-1 element starts; None: no more to read
         try:
-            with open(path, "rb") as f:
+            with sources.open_source(path) as f:
                 pos = 0
                 for _ in range(2):  # the EBML header, then the Segment, whose children are read lazily
                     element, size, data = self._element(f, pos)
@@ -634,7 +655,7 @@ class _MatroskaCRC:
     def intact(self, pos: int) -> bool:
         """False when the cluster holding byte `pos` carries a CRC-32 that does not match its data."""
         try:
-            with open(self.path, "rb") as f:
+            with sources.open_source(self.path) as f:
                 self._read_until(f, pos)
                 i = bisect.bisect_right(self.clusters, (pos, float("inf"))) - 1
                 if i < 0 or not self.clusters[i][0] <= pos < self.clusters[i][1]:

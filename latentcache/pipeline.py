@@ -309,6 +309,12 @@ def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings 
     meta = {**kept, "key": p.key, "source": p.relpath, "clip_index": p.index, "bucket": p.bucket,
             "caption_source": "given" if p.caption is not None else None,
             "vae": plan.vae["identity"], "dtype": plan.vae["dtype"]}
+    if p.span is not None:
+        # The key is made from the input's id (its path plus a digest of its spans); the source stays the path.
+        meta["source"] = p.relpath.rpartition("#")[0]
+        meta["span"], meta["span_index"] = p.span, p.span_index
+    if p.extra:
+        meta["row"] = p.extra  # the list row's other columns (a tar sample's json fields): scores, ids, licenses
     if tiling is not None:
         # This clip needed smaller tiles than the run's settings (out of memory): its latents differ slightly.
         meta["tiling_fallback"] = {"tile_height": tiling.tile_height, "tile_width": tiling.tile_width,

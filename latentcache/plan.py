@@ -6,9 +6,11 @@ process takes (`shards_for_rank`); any process can produce any shard, and produc
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -16,6 +18,7 @@ import math
 import os
 import random
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentcache import sources
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.image import IMAGE_SUFFIXES
@@ -41,20 +45,50 @@ NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", 
 
 @dataclass(slots=True, frozen=True)
 class InputVideo:
-    path: str  # absolute
+    path: str  # absolute, or a tar member as `sources` names it ("/d/00003.tar::000031.mp4")
     relpath: str  # relative to the input root it was found under: the stable part of every key
-    caption: str | None = None
+    # One caption, or one per span (Panda-70M's tables caption each span).
+    caption: str | tuple[str | None, ...] | None = None
+    # Clip bounds from a list: (start, end) seconds, end None = to the video's end. Clips are taken inside each span
+    # and never cross one. None: the whole video.
+    spans: tuple[tuple[float, float | None], ...] | None = None
+    # The row's other columns (a tar sample's json fields), carried into each sample's JSON as "row".
+    extra: dict[str, Any] | None = None
+    # "videos.csv row 12": where a span problem is reported (rows with spans only).
+    origin: str | None = None
+
+
+def input_id(video: InputVideo) -> str:
+    """What an input's keys are made from: its relative path, plus a digest of its spans when a list gives them.
+
+    Two rows naming one video with different spans are two inputs with distinct keys; the same row twice is one.
+    The digest is of the span values, never of the row's position, so reordering or extending a list keeps keys."""
+    if video.spans is None:
+        return video.relpath
+    return f"{video.relpath}#{spans_digest(video.spans)}"
+
+
+def spans_digest(spans: Iterable[Iterable[float | None]]) -> str:
+    canonical = json.dumps([[_canonical_time(t) for t in span] for span in spans], separators=(",", ":"))
+    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+
+
+def _canonical_time(t: float | None) -> float | None:
+    return None if t is None else round(float(t), 6)
 
 
 @dataclass(slots=True)
 class PlannedClip:
     key: str
     source: str
-    relpath: str
-    index: int
+    relpath: str  # the input's id (`input_id`): its relative path, plus "#<spans digest>" for a row with spans
+    index: int  # counted over all of the input's spans
     start: float
     bucket: str
     caption: str | None = None
+    span: list[float] | None = None  # [start, end] seconds of the span the clip lies in
+    span_index: int | None = None
+    extra: dict[str, Any] | None = None  # the row's other columns
 
 
 @dataclass(slots=True)
@@ -135,8 +169,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Fields plans written before spans existed lack.
+_OPTIONAL_CLIP_FIELDS = {"span", "span_index", "extra"}
+
+
 def _planned_clip(c: Any, where: str | os.PathLike, at: str) -> PlannedClip:
-    _expect(isinstance(c, dict) and set(c) == {f.name for f in dataclasses.fields(PlannedClip)}, where, at,
+    names = {f.name for f in dataclasses.fields(PlannedClip)}
+    _expect(isinstance(c, dict) and names - _OPTIONAL_CLIP_FIELDS <= set(c) <= names, where, at,
             "an object with exactly " + ", ".join(f.name for f in dataclasses.fields(PlannedClip)))
     _expect(isinstance(c["key"], str) and SAFE_KEY.fullmatch(c["key"]) is not None, where, f"{at}.key",
             "a key of letters, digits, '_' and '-' (such as 3f2a..._0000)")
@@ -185,8 +224,9 @@ def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
         if suffix == ".csv":
             # The csv module's own line handling: a quoted caption may hold newlines.
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (and optionally 'caption'); "
+            if reader.fieldnames is None or not {"path", "url"} & set(reader.fieldnames):
+                raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (or 'url'; optionally "
+                                  "'caption', 'start'/'end' or 'timestamp'); "
                                   f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
             yield from reader
             return
@@ -215,35 +255,149 @@ def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
         raise ConfigError(f"{list_file}: Parquet lists need pyarrow: pip install 'latentcache[parquet]'") from None
     table = pq.ParquetFile(list_file)
     names = table.schema_arrow.names
-    if "path" not in names:
-        raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (and optionally 'caption'); found "
-                          f"columns: {', '.join(names) or 'none'}")
-    columns = ["path", "caption"] if "caption" in names else ["path"]
-    for batch in table.iter_batches(batch_size=65536, columns=columns):
+    if not {"path", "url"} & set(names):
+        raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (or 'url'; optionally 'caption', "
+                          f"'start'/'end' or 'timestamp'); found columns: {', '.join(names) or 'none'}")
+    # Every column: the ones latentcache does not read are carried into the samples' JSON.
+    for batch in table.iter_batches(batch_size=4096):
         yield from batch.to_pylist()
 
 
+# Columns a list row is read from; any other column is carried into the samples' JSON as "row".
+SPAN_COLUMNS = ("timestamp", "spans")
+READ_COLUMNS = {"path", "url", "caption", "start", "end", *SPAN_COLUMNS}
+TIME_FORMS = ("seconds (12.5)", "H:MM:SS.mmm ('0:01:02.500')", "MM:SS.mmm")
+_CLOCK = re.compile(r"(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d*)?)")
+
+
 def _from_list(list_file: Path) -> Iterator[InputVideo]:
-    """A text file with one path per line, or a CSV/JSONL/Parquet list with a `path` and optional `caption` column.
+    """A text file with one path per line, or a CSV/JSONL/Parquet list with a `path` (or `url`) column, an optional
+    `caption`, optional clip bounds (`start`/`end`, or a list of [start, end] spans in `timestamp` or `spans`) and
+    any other columns (carried into the samples' JSON).
 
     Relative paths are relative to the list's folder. A listed file that does not exist is not an error here: it
-    becomes a failure record when it is probed, so one stale line does not stop a million-video run. A path listed
-    twice is kept once, from its first row; a repeat with another caption is reported, never silently chosen.
+    becomes a failure record when it is probed, so one stale line does not stop a million-video run; so does a span
+    that cannot fit (end before start, past the video's end). A cell that is not a time at all is a ConfigError
+    naming the row. A row listed twice is kept once, from its first copy; a repeat with another caption is
+    reported, never silently chosen.
     """
     # Plain string operations, not Path objects: this runs once per input, millions of times.
     base = os.path.abspath(list_file.parent)
     prefix = base.rstrip(os.sep) + os.sep
     for n, row in enumerate(_list_rows(list_file), 1):
-        raw = row.get("path")
+        raw = row.get("path") or row.get("url")
         if not isinstance(raw, str) or not raw.strip():
-            raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
-        # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
-        # wherever it is mounted.
-        p = os.path.normpath(os.path.join(base, os.path.expanduser(raw.strip())))
-        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
-        caption = row.get("caption")
-        caption = str(caption).strip() if caption not in (None, "") else None
-        yield InputVideo(p, rel.replace(os.sep, "/"), caption or _read_caption(Path(p)))
+            raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {str(row)[:300]}); every row needs the "
+                              "video's path")
+        raw = raw.strip()
+        if "://" in raw:
+            # An object store or web address: opened by `sources`, keyed by what follows the scheme.
+            p, rel = raw, raw.split("://", 1)[1]
+        else:
+            # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
+            # wherever it is mounted.
+            p = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
+            rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
+            rel = rel.replace(os.sep, "/").replace(sources.TAR_SEP, "/")  # a tar member: keyed like a folder's file
+        where = f"{list_file.name} row {n}"
+        spans = _row_spans(row, where)
+        caption = _row_caption(row.get("caption"), spans is not None)
+        if caption is None:
+            caption = _read_caption(Path(p)) if sources.is_local(p) else None
+        extra = {str(k): _jsonable(v) for k, v in row.items() if k is not None and k not in READ_COLUMNS}
+        if "url" in row and row.get("path"):
+            extra["url"] = _jsonable(row["url"])
+        yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None)
+
+
+def _row_caption(value: Any, per_span: bool) -> str | tuple[str | None, ...] | None:
+    """A caption cell: a string, or with spans a list of one caption per span (a list, or its JSON/Python text
+    as Panda-70M's CSVs hold it)."""
+    if value is None or value == "":
+        return None
+    if per_span and isinstance(value, str) and value.lstrip().startswith("["):
+        parsed = _literal(value)
+        if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+            value = parsed
+    if per_span and isinstance(value, list | tuple):
+        return tuple(str(c).strip() or None if c is not None else None for c in value)
+    return str(value).strip() or None
+
+
+def _literal(text: str) -> Any:
+    """JSON, else a Python literal ("[['0:00:00.000', '0:00:05.005']]"); None when it is neither."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+
+
+def _row_spans(row: dict[str, Any], where: str) -> tuple[tuple[float, float | None], ...] | None:
+    """The row's clip bounds: `timestamp`/`spans` (a list of [start, end]), or `start` and/or `end`; None: none."""
+    for column in SPAN_COLUMNS:
+        value = row.get(column)
+        if value is None or value == "":
+            continue
+        if isinstance(value, str):
+            parsed = _literal(value)
+            if parsed is None:
+                raise ConfigError(f"{where}: {column} {value[:200]!r} is not a list of [start, end] spans (JSON or "
+                                  "Python text such as [['0:00:00.000', '0:00:05.005'], [5.0, 9.5]])")
+            value = parsed
+        if isinstance(value, list | tuple) and len(value) == 2 and not any(isinstance(t, list | tuple | dict)
+                                                                            for t in value):
+            value = [value]  # one [start, end] pair
+        if not isinstance(value, list | tuple) or not all(isinstance(s, list | tuple) and len(s) == 2
+                                                           for s in value):
+            raise ConfigError(f"{where}: {column} {str(value)[:200]} is not a list of [start, end] spans")
+        return tuple((_seconds(s, where, column), _seconds(e, where, column, optional=True)) for s, e in value)
+    start, end = row.get("start"), row.get("end")
+    if start in (None, "") and end in (None, ""):
+        return None
+    return ((_seconds(start, where, "start", optional=True) or 0.0, _seconds(end, where, "end", optional=True)),)
+
+
+def _seconds(value: Any, where: str, column: str, *, optional: bool = False) -> float | None:
+    """A time cell -> seconds: a number, or text as seconds, H:MM:SS.mmm or MM:SS.mmm. ConfigError otherwise."""
+    if value is None or value == "":
+        if optional:
+            return None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        t = float(value)
+        if math.isfinite(t):
+            return t
+    elif isinstance(value, str):
+        text = value.strip()
+        clock = _CLOCK.fullmatch(text)
+        try:
+            if clock:
+                hours, minutes, secs = clock.groups()
+                return int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
+            t = float(text)
+            if math.isfinite(t):
+                return t
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: {column} {value!r} is not a time; expected {', '.join(TIME_FORMS)}")
+
+
+def _jsonable(value: Any) -> Any:
+    """A cell as JSON can hold it: containers kept, anything else (dates, decimals, bytes) as its text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = False) -> Iterator[Path]:
@@ -274,33 +428,168 @@ def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
 
 def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
                 images: bool = False) -> Iterator[InputVideo]:
-    """Files, directories (recursive) and list files -> input videos, streamed in the order given (not deduplicated).
+    """Files, directories (recursive), list files, webdataset tars of videos and glob/brace patterns of any of them
+    (`shards/{00000..00009}.tar`) -> input videos, streamed in the order given (not deduplicated).
 
     `exclude`: output directories (`--out`) never searched for inputs, with any directory holding OUTPUT_MARKER.
     `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
-    A directory or list that gives no input at all is a ConfigError naming it.
+    A directory, list, tar or pattern that gives no input at all is a ConfigError naming it.
     """
     skip = frozenset(Path(e).resolve() for e in exclude)
     for raw in paths:
         p = Path(raw)
+        if not p.exists() and _is_pattern(str(raw)):
+            root, matches = _expand(str(raw))
+            found = [(m, m.relative_to(root).as_posix()) for m in matches]
+        else:
+            found = [(p, None)]
         given = 0
-        if p.is_dir():
-            for f in _walk(p, skip, images):
-                given += 1
-                yield InputVideo(str(f.resolve()), f.relative_to(p).as_posix(), _read_caption(f))
-            if not given:
-                raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
-                                  "lists, images without --images and latentcache output directories are not inputs)")
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-            for v in _from_list(p):
+        for path, rel in found:
+            for v in _inputs_at(path, rel, skip, images):
                 given += 1
                 yield v
-            if not given:
+        if not given:
+            if p.is_dir():
+                raise ConfigError(f"input directory {str(p)!r} holds no files to encode (hidden files, captions, "
+                                  "lists, images without --images and latentcache output directories are not inputs)")
+            if p.suffix.lower() in LIST_SUFFIXES:
                 raise ConfigError(f"input list {str(p)!r} names no videos")
-        elif p.is_file():
-            yield InputVideo(str(p.resolve()), p.name, _read_caption(p))
+            raise ConfigError(f"input {str(raw)!r} gives no video to encode (a tar needs video members such as "
+                              "KEY.mp4; captions, json and latents are not videos)")
+
+
+def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) -> Iterator[InputVideo]:
+    """The inputs of one given (or pattern-matched) path; `rel`: its path relative to the pattern's root, which
+    prefixes the relative paths of what it holds (None: given by itself)."""
+    if p.is_dir():
+        prefix = f"{rel}/" if rel else ""
+        for f in _walk(p, skip, images):
+            name = prefix + f.relative_to(p).as_posix()
+            if f.suffix.lower() == ".tar":
+                yield from _tar_inputs(f, name)
+            else:
+                yield InputVideo(str(f.resolve()), name, _read_caption(f))
+    elif p.is_file() and p.suffix.lower() == ".tar":
+        yield from _tar_inputs(p, rel or p.name)
+    elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+        yield from _from_list(p)
+    elif p.is_file():
+        yield InputVideo(str(p.resolve()), rel or p.name, _read_caption(p))
+    else:
+        raise ConfigError(f"input {str(p)!r} does not exist")
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[") or ("{" in text and "}" in text)
+
+
+def _expand(pattern: str) -> tuple[Path, list[Path]]:
+    """A brace list (`{00000..00009}`, `{a,b}`) and/or glob -> (the folder before its first wildcard, the paths).
+
+    Every name a brace list spells must exist, and every glob must match: a missing shard is a mistake to report,
+    not a smaller dataset to encode silently."""
+    from braceexpand import braceexpand  # installed with webdataset
+
+    matches: list[Path] = []
+    for name in braceexpand(pattern):
+        if any(c in name for c in "*?["):
+            hits = sorted(glob.glob(name))
+            if not hits:
+                raise ConfigError(f"input pattern {pattern!r}: {name!r} matches no file")
+            matches.extend(Path(h) for h in hits)
+        elif Path(name).exists():
+            matches.append(Path(name))
         else:
-            raise ConfigError(f"input {str(p)!r} does not exist")
+            raise ConfigError(f"input pattern {pattern!r}: {name!r} does not exist")
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if _is_pattern(part) or "{" in part:
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path("."), matches
+
+
+# Tar members never taken as videos, besides NOT_VIDEO_SUFFIXES: what webdataset shards of other data hold.
+NOT_VIDEO_MEMBERS = {".safetensors", ".npy", ".npz", ".pt", ".pth", ".pyd", ".pickle", ".pkl", ".cls", ".mp3",
+                     ".wav", ".flac", ".m4a"}
+
+
+def _tar_inputs(tar: Path, rel: str) -> Iterator[InputVideo]:
+    """The videos of a webdataset tar (video2dataset's `key.mp4` + `key.txt` + `key.json`), read in place.
+
+    Each video member is the input `TAR::member` (see `sources`), keyed by `rel/member` as if the tar were a folder.
+    Its caption is `key.txt`, else the `caption` of `key.json`, whose other plain fields (url, key, status...) are
+    carried as the row. Only headers and the small caption members are read here. Members that are links, devices
+    or climb out of the tar are listed all the same and refused when probed: a failure record names each one.
+    """
+    if tar.name.lower().endswith((".tar.gz", ".tgz")):
+        raise ConfigError(f"{tar}: compressed tars cannot be read in place; unpack it (gunzip) first")
+    path = str(tar.resolve())
+    try:
+        with tarfile.open(path, mode="r:") as t:
+            members, broken = [], None
+            try:
+                members.extend(t)
+            except tarfile.ReadError as e:
+                broken = e
+            if broken is not None:
+                log.warning("%s: the tar breaks off after %d members (%s); the members before the break are inputs",
+                        path, len(members), broken)
+            by_name = {m.name: m for m in members}
+            for m in members:
+                if m.isdir() or Path(m.name).name.startswith("."):
+                    continue
+                suffix = Path(m.name).suffix.lower()
+                if suffix in NOT_VIDEO_SUFFIXES or suffix in NOT_VIDEO_MEMBERS:
+                    continue
+                key = _member_key(m.name)
+                caption, extra = _tar_caption(t, by_name, key, path)
+                yield InputVideo(sources.tar_member_path(path, m.name), f"{rel}/{m.name}", caption, extra=extra)
+    except tarfile.ReadError as e:
+        raise ConfigError(f"{tar} is not a readable tar ({e}); webdataset shards of videos are plain .tar files") \
+            from None
+
+
+def _member_key(name: str) -> str:
+    """webdataset's sample key: the name up to the first dot of its base name ('a/000031.mp4' -> 'a/000031')."""
+    folder, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
+def _tar_caption(t: tarfile.TarFile, by_name: dict[str, tarfile.TarInfo], key: str, where: str
+                 ) -> tuple[str | None, dict[str, Any] | None]:
+    """(caption, the json's other plain fields) of sample `key`: from key.txt, else key.json's `caption`."""
+
+    def read(ext: str) -> bytes | None:
+        m = by_name.get(f"{key}.{ext}")
+        if m is None or sources.member_problem(m) or m.size > _MAX_SIDECAR_BYTES:
+            return None
+        f = t.extractfile(m)
+        return f.read() if f is not None else None
+
+    caption, extra = None, None
+    text = read("txt")
+    if text is not None:
+        caption = text.decode("utf-8", errors="replace").strip() or None
+    raw = read("json")
+    if raw is not None:
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: %s.json is not JSON; its fields are not carried", where, key)
+            record = None
+        if isinstance(record, dict):
+            if caption is None and isinstance(record.get("caption"), str):
+                caption = record["caption"].strip() or None
+            # Plain fields only: video2dataset's json can hold whole metadata dumps (subtitles, formats), which would
+            # be copied into every input line and every clip's JSON.
+            extra = {k: v for k, v in record.items() if k != "caption" and (v is None or isinstance(
+                v, bool | int | float | str))} or None
+    return caption, extra
+
+
+_MAX_SIDECAR_BYTES = 1 << 20
 
 
 def duplicate_error(relpath: str, first: str, second: str) -> ConfigError:
@@ -321,12 +610,12 @@ def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | 
     Holds every input in memory: for millions of inputs, `chunks.InputTable` takes `iter_inputs` instead."""
     by_rel: dict[str, InputVideo] = {}
     for v in iter_inputs(paths, exclude, images=images):
-        other = by_rel.setdefault(v.relpath, v)
+        other = by_rel.setdefault(input_id(v), v)
         if other.path != v.path:
             raise duplicate_error(v.relpath, other.path, v.path)
         if other is not v:
             warn_duplicate(v.path, other.caption, v.caption)
-    return sorted(by_rel.values(), key=lambda v: v.relpath)
+    return sorted(by_rel.values(), key=input_id)
 
 
 def clip_key(relpath: str, index: int) -> str:
@@ -506,6 +795,75 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
                      f"than {need:.2f}s (use --short pad, fewer --frames or --frame-buckets)", skipped=True)
 
 
+# Span times are taken as exact to the millisecond (Panda-70M writes H:MM:SS.mmm): clips keep this far inside a
+# span, so a scene cut rounded to the millisecond never puts the other shot's frame into a clip.
+_SPAN_GUARD = 0.001
+
+
+def _span_bounds(span: tuple[float, float | None], info: VideoInfo) -> list[float]:
+    """[start, end] of a span, its open end (None) closed at the video's end."""
+    start, end = span
+    return [round(start, 6), round(min(info.duration, end) if end is not None else info.duration, 6)]
+
+
+def plan_spans(info: VideoInfo, clip: ClipSettings, video: InputVideo) -> list[tuple[str, float, int]]:
+    """(bucket, start, span index) of each clip of a row with spans: the clip strategy applied inside each span.
+
+    A clip never crosses its span's end (a scene cut in Panda-70M's tables). A span that does not fit the video (end
+    before start, past the video's end) fails the whole row: its times do not belong to this file. A span too short
+    for a clip is skipped; a row none of whose spans holds a clip is one "too short" skip. `--short pad` pads only
+    a span that runs to the video's end: anywhere else the frames after it belong to another shot.
+    """
+    spans = video.spans or ()
+    row = f" ({video.origin})" if video.origin else ""
+    if info.source_kind == "image":
+        raise InputError(video.path, "plan", f"bad span: a still image has no time to take spans from{row}")
+    if not spans:
+        raise InputError(video.path, "plan", f"bad span: the row lists no spans{row}")
+    if isinstance(video.caption, tuple) and len(video.caption) != len(spans):
+        raise InputError(video.path, "plan", f"bad span: {len(video.caption)} captions for {len(spans)} spans{row}")
+    period = info.duration / info.frames if info.frames else 1.0 / info.fps if info.fps > 0 else 0.0
+    for k, (start, end) in enumerate(spans):
+        shown = f"span {k} [{start:.3f}, {'end' if end is None else f'{end:.3f}'}]"
+        if start < 0 or (end is not None and end <= start):
+            raise InputError(video.path, "plan", f"bad span: {shown} ends before it starts{row}")
+        # A frame's worth of slack: tables round times, and a video's last frame is shown until its end.
+        if (end if end is not None else start) > info.duration + period + _SPAN_GUARD:
+            raise InputError(video.path, "plan", f"bad span: {shown} ends past the video's end ({info.duration:.3f}s): "
+                             f"the timestamps do not fit this file{row}")
+    placed: list[tuple[str, float, int]] = []
+    frames_seen: set[int] = set()
+    short = 0
+    for k, span in enumerate(spans):
+        low, high = _span_bounds(span, info)
+        to_the_end = high >= info.duration - period
+        low, high = low + _SPAN_GUARD, high - (0.0 if to_the_end else _SPAN_GUARD)
+        length = max(high - low, 0.0)
+        frames = round(info.frames * length / info.duration) if info.frames and info.duration > 0 else 0
+        inside = dataclasses.replace(info, duration=length, frames=frames)
+        try:
+            bucket, starts = plan_video(inside, clip if to_the_end else dataclasses.replace(clip, short="skip"),
+                                        f"{input_id(video)}#{k}")
+        except InputError as e:
+            if not e.skipped:
+                raise
+            short += 1
+            continue
+        for t in starts:
+            # No two clips on the same source frame, even where the table's spans overlap.
+            frame = int((low + t) / period + 1e-6) if period > 0 else len(frames_seen)
+            if frame not in frames_seen:
+                frames_seen.add(frame)
+                placed.append((bucket, round(low + t, 6), k))
+    if not placed:
+        need = (min((clip.frames, *clip.frame_buckets)) - 1) / clip.fps
+        raise InputError(video.path, "plan", f"too short: none of its {len(spans)} span(s) is longer than a clip "
+                         f"({need:.2f}s){row}", skipped=True)
+    if short:
+        log.info("%s: %d of %d spans are too short for a clip%s", video.path, short, len(spans), row)
+    return placed
+
+
 def make_plan(
     inputs: list[InputVideo],
     settings: EncodeSettings,
@@ -526,19 +884,27 @@ def make_plan(
     clips: list[PlannedClip] = []
     rejected: list[dict[str, Any]] = []
     for video, result in zip(inputs, probed, strict=True):
+        ident = input_id(video)
         try:
             if isinstance(result, InputError):
                 raise result
-            bucket, starts = plan_video(result, clip, video.relpath)
+            if video.spans is None:
+                bucket, starts = plan_video(result, clip, video.relpath)
+                placed: list[tuple[str, float, int | None]] = [(bucket, s, None) for s in starts]
+            else:
+                placed = plan_spans(result, clip, video)
         except InputError as e:
             if settings.strict and not e.skipped:
                 raise
-            rejected.append(failure_record(e))
+            # A row's problem names the row (list file and row number), beside the video's path.
+            rejected.append(failure_record(e) | ({"row": video.origin} if video.origin else {}))
             log.log(logging.INFO if e.skipped else logging.WARNING, "%s: %s", e.path, e.reason)
             continue
-        for i, start in enumerate(starts):
-            clips.append(PlannedClip(clip_key(video.relpath, i), video.path, video.relpath, i, start,
-                                     bucket, video.caption))
+        for i, (bucket, start, k) in enumerate(placed):
+            caption = video.caption[k] if isinstance(video.caption, tuple) and k is not None else video.caption
+            span = None if k is None else _span_bounds(video.spans[k], result)  # type: ignore[index]
+            clips.append(PlannedClip(clip_key(ident, i), video.path, ident, i, start, bucket,
+                                     caption if isinstance(caption, str) else None, span, k, video.extra))
     shards: list[PlannedShard] = []
     by_bucket: dict[str, list[str]] = {}
     for c in clips:
