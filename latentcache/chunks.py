@@ -63,7 +63,7 @@ MIN_CHUNKS = 256
 def auto_chunk_size(inputs: int) -> int:
     """The default chunk size: DEFAULT_CHUNK_SIZE, smaller for fewer than 256,000 inputs so every rank has work."""
     return max(1, min(DEFAULT_CHUNK_SIZE, inputs // MIN_CHUNKS))
-KEY = re.compile(r"[0-9a-f]{16}_[0-9]{4}")
+KEY = re.compile(r"[0-9a-f]{16}_[0-9]{4,6}")  # clip_key: index 0..999999 (plan caps clips per video)
 BUCKET = re.compile(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}x[1-9][0-9]{0,5}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -348,7 +348,7 @@ def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
 def find_input(out: Path, key: str) -> InputVideo | None:
     """The input a clip key came from (its absolute path now), by a binary search of each part's sorted key digests and
     one chunk read: O(log inputs), not a scan of the dataset. None when no part holds it."""
-    if not re.fullmatch(r"[0-9a-f]{16}_[0-9]{4}", key):
+    if not KEY.fullmatch(key):
         return None
     digest = np.uint64(int(key[:16], 16))
     plan = read_job_plan(out)

@@ -186,3 +186,25 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "top-level plan" in result.stdout and "one task's share" in result.stdout
     assert "dataset open" in result.stdout
+
+
+def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Path, tmp_path: Path,
+                                                                 tiny_vae) -> None:
+    """Keys count clips as {index:04d}, which grows to 5-6 digits past 9,999 (a long video with --clips all): the
+    chunk plan that holds them must read back, and the keys of the first 10,000 clips stay as they always were."""
+    import dataclasses
+
+    out = tmp_path / "out"
+    settings = tiny_settings(samples_per_shard=4096)
+    settings = dataclasses.replace(settings, clip=dataclasses.replace(settings.clip, strategy="all"))
+    video = small_videos / "v0.mp4"
+    real = latentcache.decode.probe(video)
+    long_info = dataclasses.replace(real, duration=10_500 * (settings.clip.frames + 1) / settings.clip.fps,
+                                    frames=0)
+    plan = pipeline.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)
+    (chunk,) = pipeline.plan_chunks(out, plan, settings, probe_fn=lambda path: long_info)
+    assert len(chunk.clips) > 10_000
+    (ref,) = plan.chunk_refs()
+    again = read_chunk_plan(out, plan, ref)
+    assert [c.key for c in again.clips] == [c.key for c in chunk.clips]
+    assert again.clips[9_999].key.endswith("_9999") and again.clips[10_000].key.endswith("_10000")
