@@ -455,7 +455,7 @@ def finalize(out: Path) -> dict[str, Any]:
 
 
 def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`finalize`, plus what the run did (see `plan.outcome_counts`): counted chunk by chunk, not from a whole plan."""
+    """`finalize`, plus what the run did (videos, skips and failures by reason), counted chunk by chunk."""
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")

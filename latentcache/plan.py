@@ -1,7 +1,7 @@
 """The work, as data: inputs -> probed videos -> clips -> shards.
 
 The plan is a pure function of the inputs and the settings. Ranks, accelerate and SLURM only decide which shard ids a
-process takes (`shards_for_rank`); any process can produce any shard, and produces the same bytes.
+process takes (`chunks.chunks_for_rank`); any process can produce any shard, and produces the same bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import random
 import re
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -266,6 +265,7 @@ def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
 # Columns a list row is read from; any other column is carried into the samples' JSON as "row".
 SPAN_COLUMNS = ("timestamp", "spans")
 READ_COLUMNS = {"path", "url", "caption", "start", "end", *SPAN_COLUMNS}
+_BOUND_COLUMNS = ("start", "end", *SPAN_COLUMNS)
 TIME_FORMS = ("seconds (12.5)", "H:MM:SS.mmm ('0:01:02.500')", "MM:SS.mmm")
 _CLOCK = re.compile(r"(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d*)?)")
 
@@ -300,13 +300,16 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
             rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
             rel = rel.replace(os.sep, "/").replace(sources.TAR_SEP, "/")  # a tar member: keyed like a folder's file
         where = f"{list_file.name} row {n}"
-        spans = _row_spans(row, where)
+        # Rows of a plain path + caption list (the common case at millions of rows) skip the span and extra work.
+        plain = READ_COLUMNS.issuperset(row) and not any(row.get(c) not in (None, "") for c in _BOUND_COLUMNS)
+        spans = None if plain else _row_spans(row, where)
         caption = _row_caption(row.get("caption"), spans is not None)
         if caption is None:
             caption = _read_caption(Path(p)) if sources.is_local(p) else None
-        extra = {str(k): _jsonable(v) for k, v in row.items() if k is not None and k not in READ_COLUMNS}
+        extra = None if plain else {str(k): _jsonable(v) for k, v in row.items()
+                                    if k is not None and k not in READ_COLUMNS}
         if "url" in row and row.get("path"):
-            extra["url"] = _jsonable(row["url"])
+            extra = {**(extra or {}), "url": _jsonable(row["url"])}
         yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None)
 
 
@@ -931,27 +934,3 @@ def failure_record(error: InputError) -> dict[str, Any]:
         "error": error.error_type,
         "message": error.reason,
     }
-
-
-def outcome_counts(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a finished run did, from plan.json and failures.jsonl: videos, and skips and failures by reason.
-
-    Skips are grouped by the reason's first words ("too short"), failures by stage and error type
-    ("probe/InvalidDataError", "decode/CorruptVideo")."""
-    failed_keys = {r["key"] for r in records if "key" in r}
-    sources = {c["source"] for c in plan["clips"]}
-    with_clips = {c["source"] for c in plan["clips"] if c["key"] not in failed_keys}
-    skips: Counter[str] = Counter()
-    failures: Counter[str] = Counter()
-    for r in records:
-        if r.get("error") == "skipped":
-            skips[r["message"].split(":")[0]] += 1
-        else:
-            failures[f"{r.get('stage')}/{r.get('error')}"] += 1
-    return {"videos": len(sources | {r["path"] for r in plan.get("rejected", [])}),
-            "videos_with_clips": len(with_clips), "skips": skips, "failures": failures}
-
-
-def shards_for_rank(plan: Plan, rank: int, world_size: int) -> list[PlannedShard]:
-    """Round-robin: shard i belongs to rank i % world_size. No coordination needed."""
-    return [s for s in plan.shards if s.shard_id % world_size == rank]

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
-from latentcache.chunks import read_chunk_plan, read_job_plan
+from latentcache.chunks import JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.errors import ConfigError
-from latentcache.plan import Plan, PlannedShard, shards_for_rank
 from latentcache.shards import decode_sample, iter_tar, read_manifest
 from latentcache.verify import verify
 
@@ -81,8 +80,7 @@ def test_one_plain_process_writes_the_same_bytes(small_videos: Path, encoded_ref
 
 def test_array_mapping_covers_every_shard_once() -> None:
     entry = _entry_module()
-    plan_shards = [PlannedShard(i, "b", [f"k{i}"]) for i in range(13)]
-    plan = Plan("f", {}, {}, [], plan_shards)
+    plan = JobPlan("f", {}, {}, [Part(0, 13, "0" * 64, 1, [(i, 1, "0" * 64) for i in range(13)])])  # 13 chunks
     taken: list[int] = []
     ranks = []
     for task in range(3):
@@ -91,7 +89,7 @@ def test_array_mapping_covers_every_shard_once() -> None:
             rank, world = entry.global_slice(process, 2, env)
             assert world == 6
             ranks.append(rank)
-            taken += [s.shard_id for s in shards_for_rank(plan, rank, world)]
+            taken += [ref.index for ref in chunks_for_rank(plan, rank, world)]
     assert sorted(ranks) == list(range(6))
     assert sorted(taken) == list(range(13))
     assert entry.global_slice(1, 4, {}) == (1, 4)  # plain accelerate: its own ranks

@@ -16,7 +16,7 @@ import pytest
 import slurm_cluster
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
-from latentcache.plan import Plan, shards_for_rank
+from latentcache.chunks import chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.shards import decode_sample, iter_tar, read_manifest, sidecar_path
 
 pytestmark = pytest.mark.slow
@@ -134,7 +134,13 @@ def log_of(logs: Path, name: str, job: str, index: str = "4294967294") -> str:
 
 def _owned(out: Path, task: int):
     """The shards array task `task` of TASKS owns under OUT's plan."""
-    return shards_for_rank(Plan.from_json((out / "plan.json").read_text()), task, TASKS)
+    plan = read_job_plan(out)
+    return [s for ref in chunks_for_rank(plan, task, TASKS) for s in read_chunk_plan(out, plan, ref).shards]
+
+
+def _planned_clips(out: Path) -> list:
+    plan = read_job_plan(out)
+    return [c for ref in plan.chunk_refs() for c in read_chunk_plan(out, plan, ref).clips]
 
 
 def keys_once(out: Path) -> list[str]:
@@ -201,16 +207,15 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
 
     # Run A: every task ran, each wrote exactly its slice, every clip once.
     assert wait_ended(env, serial) == {str(t): "COMPLETED" for t in range(TASKS)}
-    plan = Plan.from_json((serial_out / "plan.json").read_text())
     for task in range(TASKS):
-        mine = shards_for_rank(plan, task, TASKS)
+        mine = _owned(serial_out, task)
         clips = sum(len(s.keys) for s in mine)
         lines = RANK_LINE.findall(log_of(logs, "latentcache-encode", serial, str(task)))
         assert lines == [(str(task), str(clips), str(len(mine)))], lines
     manifest = read_manifest(serial_out)
     assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
                                   "planned_clips": SMALL_VIDEOS}
-    assert sorted(keys_once(serial_out)) == sorted(c.key for c in plan.clips)
+    assert sorted(keys_once(serial_out)) == sorted(c.key for c in _planned_clips(serial_out))
 
     # The interrupted, resubmitted and finalized run: every file byte-identical to the uninterrupted one.
     assert not list(resumed_out.rglob("*.tmp"))
