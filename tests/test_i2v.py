@@ -226,3 +226,27 @@ def test_image_latents_live_in_the_latents_member(cog_out):
     raw = _raw_sample(cog_out)
     assert set(raw) - {"__key__"} == {"json", "latents.safetensors"}
     assert set(load_safetensors(raw["latents.safetensors"])) == {"mean", "logvar", "image_mean", "image_logvar"}
+
+
+def test_verify_passes_image_latents(cog_out, wan_out):
+    from latentcache.verify import verify
+
+    for out in (cog_out, wan_out):
+        report = verify(out)
+        assert report.ok and report.samples == 1, report.lines()
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_batched_image_conditions_match_one_clip_at_a_time(family, i2v_video):
+    """Clips are encoded in batches (`--batch-size`); their conditions too, each the same as encoded alone."""
+    import numpy as np
+
+    vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None, dtype="fp32"), "cpu")
+    clip = decode_clip(i2v_video / "walk.mp4", 0.0, CLIP).frames
+    frames = np.stack([clip, clip[::-1].copy()])  # two clips with different first frames
+    mean, logvar = vae.encode_image_condition(frames)
+    for i in range(2):
+        one_mean, one_logvar = vae.encode_image_condition(frames[i:i + 1])
+        assert torch.allclose(mean[i], one_mean[0], atol=1e-5, rtol=1e-4)
+        assert (logvar is None) == (one_logvar is None) == (family == "wan")
+    assert not torch.allclose(mean[0], mean[1])
