@@ -102,6 +102,24 @@ def test_cogvideox_image_latents_are_what_the_i2v_pipeline_prepares(cog_out, i2v
     assert torch.equal(_only(cog_out, sample_posterior=False)["image_latents"], expected.permute(1, 0, 2, 3))
 
 
+def test_cogvideox15_divides_the_image_latents_by_the_scaling_factor(cog_out, i2v_video, monkeypatch, tmp_path):
+    """CogVideoX 1.5 VAEs set invert_scale_latents: its I2V pipeline divides the image latents by scaling_factor."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(cog_out, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["latent_spec"]["invert_scale_latents"] = True
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    vae = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype="fp32"), "cpu")
+    vae.model.register_to_config(invert_scale_latents=True)
+    sample = _only(out, sample_posterior=False, layout="BTCHW")
+    _argmax(monkeypatch, cog_i2v)
+    expected = _cog_prepare(vae, _first_frame(i2v_video, sample), torch.Generator().manual_seed(0))
+    assert torch.equal(sample["image_latents"], expected)
+    assert not torch.equal(expected, _only(cog_out, sample_posterior=False, layout="BTCHW")["image_latents"])
+
+
 def test_cogvideox_stores_the_posterior_the_pipeline_samples(cog_out, i2v_video):
     """The pipeline samples the first frame's posterior (retrieve_latents' default): with the pipeline's own noise,
     the stored image_mean and image_logvar give exactly its image latents; the dataset samples fresh noise."""
