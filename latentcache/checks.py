@@ -120,3 +120,51 @@ def latent_problems(mean: torch.Tensor, logvar: torch.Tensor | None, spec: Laten
         return [f"{label} mean reaches {reach:.3g}: sampled and normalised ({spec.describe_normalization()}) it "
                 f"overflows float32 (max {FLOAT32_MAX:.3g})"]
     return []
+
+
+# Image latents are checked without the manifest's spec (in `shards.decode_sample`, which verify and the dataset
+# both call), so their overflow bound assumes a normalisation gain of at most this: real ones are O(1).
+IMAGE_GAIN_BOUND = 2.0**16
+
+
+def image_latent_problems(image_mean: torch.Tensor, image_logvar: torch.Tensor | None, mean: torch.Tensor,
+                          label: str) -> list[str]:
+    """Why a sample's stored image-to-video conditioning (`--image-latents`) cannot be used; [] if it can.
+
+    `image_mean` must be [C, 1, H, W] (CogVideoX: the first frame alone) or [C, T, H, W] (Wan: the first frame and
+    zero frames encoded as one clip), with C, T, H, W those of the sample's `mean`; `image_logvar`, when stored, the
+    same shape. Both finite, logvar within [LOGVAR_MIN, LOGVAR_MAX], and mean + NOISE_BOUND * std small enough that
+    a normalisation gain up to IMAGE_GAIN_BOUND stays inside float32.
+    """
+    tensors = {"image_mean": image_mean} if image_logvar is None else {"image_mean": image_mean,
+                                                                         "image_logvar": image_logvar}
+    bad = [f"{label} {name} is {t.dtype}, expected float16, bfloat16 or float32" for name, t in tensors.items()
+           if t.dtype not in LATENT_DTYPES]
+    if bad:
+        return bad
+    c, t, h, w = mean.shape if mean.ndim == 4 else (None,) * 4
+    allowed = [[c, 1, h, w], [c, t, h, w]]
+    for name, x in tensors.items():
+        if list(x.shape) not in allowed:
+            return [f"{label} {name} is {list(x.shape)}, expected {allowed[0]} or {allowed[1]} (the latents are "
+                    f"{list(mean.shape)})"]
+    if image_logvar is not None and image_logvar.shape != image_mean.shape:
+        return [f"{label} image_logvar is {list(image_logvar.shape)} but image_mean {list(image_mean.shape)}"]
+    ranges = {}
+    for name, x in tensors.items():
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            count = int((~torch.isfinite(x)).sum())
+            return [f"{label} {name} has {count} NaN/Inf value(s); re-encode it (in fp32: --dtype fp32)"]
+        ranges[name] = low, high
+    reach = max(-ranges["image_mean"][0], ranges["image_mean"][1])
+    if "image_logvar" in ranges:
+        low, high = ranges["image_logvar"]
+        if low < LOGVAR_MIN or high > LOGVAR_MAX:
+            return [f"{label} image_logvar spans {low:g}..{high:g}, outside [{LOGVAR_MIN:g}, {LOGVAR_MAX:g}]: not a "
+                    "VAE's posterior"]
+        reach += NOISE_BOUND * math.exp(0.5 * high)
+    if reach * IMAGE_GAIN_BOUND > FLOAT32_MAX:
+        return [f"{label} image_mean reaches {reach:.3g}: not a VAE's latents (normalised, it could overflow "
+                "float32)"]
+    return []

@@ -82,6 +82,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="posterior: mean + logvar (re-sampled each epoch); mean: half the bytes")
     p.add_argument("--store-dtype", default="encode", choices=["encode", "fp16", "bf16", "fp32"],
                    help="dtype of the stored latents (default: the encode dtype)")
+    p.add_argument("--image-latents", action="store_true",
+                   help="also store each clip's first frame encoded as the image-to-video pipeline conditions on it "
+                   "(CogVideoX, Wan); the dataset yields it as image_latents")
     p.add_argument("--strict", action="store_true", help="stop at the first failed input")
     p.add_argument("--overwrite", action="store_true", help="start OUT again even if it was made with other settings")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -98,6 +101,16 @@ def _batch_size(text: str) -> int | None:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 or 'auto', got {value}")
     return value
+
+
+def _image_latents(args: argparse.Namespace, family: str) -> bool:
+    """--image-latents, refused before any work for a family whose I2V conditioning is not cached."""
+    from latentcache.vae import image_condition_of
+
+    if getattr(args, "image_latents", False):
+        image_condition_of(family)
+        return True
+    return False
 
 
 def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
@@ -132,6 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
               if getattr(args, "text_encoder", None) else None),
         store=args.store,
         store_dtype=args.store_dtype,
+        image_latents=_image_latents(args, family.name),
         workers=args.workers,
         compile=args.compile,
         nvdec=args.nvdec,

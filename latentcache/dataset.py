@@ -37,7 +37,7 @@ from latentcache.shards import (
     read_manifest,
     safetensors_header,
 )
-from latentcache.vae import LatentSpec
+from latentcache.vae import LatentSpec, image_condition_channels, image_condition_of
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ def bucket_latent_shape(spec: LatentSpec, bucket: str) -> tuple[int, int, int, i
 
 
 def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: Iterable[str], *,
-                         image_to_video: bool = False, pad_frames: bool = False) -> list[str]:
+                         image_to_video: bool = False, pad_frames: bool = False,
+                         image_channels: int | None = None) -> list[str]:
     """Why latents of these buckets cannot go into this diffusers transformer (CogVideoX-style config); [] if fine.
 
     Reads in_channels, patch_size(_t), temporal_compression_ratio, sample_frames/height/width and the kind of
@@ -339,7 +340,14 @@ def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: 
     twice = f"twice the VAE's {c} latent channels"
     i2v_layouts = {2 * c: twice, 2 * c + 1: f"{twice} plus a mask channel",
                    2 * c + 4: f"{twice} plus 4 (a frame mask)"}
-    if image_to_video:
+    if image_to_video and image_channels is not None:
+        # The dataset yields `image_latents` (--image-latents): the pipeline's input is exactly latents + those.
+        if in_channels != c + image_channels:
+            problems.append(f"in_channels={in_channels}, but the latents ({c} channels) concatenated with the "
+                            f"cached image_latents ({image_channels} channels, the {spec.family} I2V pipeline's "
+                            f"conditioning) give {c + image_channels}: use the {spec.family} image-to-video "
+                            "transformer these were made for, or re-encode with its VAE")
+    elif image_to_video:
         if in_channels != c and in_channels not in i2v_layouts:
             problems.append(f"in_channels={in_channels} fits no image-to-video layout of {c}-channel latents "
                             f"({c}, {', '.join(str(n) for n in i2v_layouts)}): encode with the VAE this "
@@ -481,8 +489,11 @@ class LatentShardDataset(IterableDataset):
         shards that do not fit it, naming each number."""
         dataset = cls(source, **kwargs)
         buckets = {s.bucket for s in dataset.shards}
+        # With --image-latents the concatenated channel count is known exactly: 2C (CogVideoX), 2C + 4 (Wan).
+        cached = (dataset.manifest.get("settings") or {}).get("image_latents")
         problems = transformer_problems(transformer_or_config, dataset.spec, buckets, image_to_video=image_to_video,
-                                        pad_frames=pad_frames)
+                                        pad_frames=pad_frames,
+                                        image_channels=image_condition_channels(dataset.spec) if cached else None)
         if problems:
             raise LatentMismatchError(f"{dataset.root}: these latents do not fit the transformer:\n  - "
                                       + "\n  - ".join(problems))
@@ -654,14 +665,56 @@ class LatentShardDataset(IterableDataset):
         if self.layout == "BTCHW":
             latents = latents.permute(1, 0, 2, 3)
         out = {"latents": latents, "key": sample["key"], "meta": sample["meta"], "caption": sample["caption"]}
+        if sample.get("image_mean") is not None:
+            image = self._image_latents(sample)
+            out["image_latents"] = image.permute(1, 0, 2, 3) if self.layout == "BTCHW" else image
         if sample["text"] is not None:
             out["prompt_embeds"] = sample["text"].get("prompt_embeds")
             out["prompt_attention_mask"] = sample["text"].get("attention_mask")
         return out
 
+    def _image_latents(self, sample: dict[str, Any]) -> torch.Tensor:
+        """`--image-latents` -> the I2V pipeline's conditioning for this clip, [C', T, H, W], to concatenate to the
+        (noisy) video latents along channels, exactly as the family's pipeline builds it in `prepare_latents`:
+
+        CogVideoX: the first frame's latent (sampled from its posterior like `retrieve_latents`, or its mean with
+        sample_posterior=False) times `scaling_factor` (divided by it for `invert_scale_latents`, CogVideoX 1.5),
+        followed by T-1 zero frames: C channels. Wan: `cat([mask, (z - latents_mean) / latents_std])`, z the mode
+        of the first frame plus zero frames encoded as one clip, mask `temporal_compression` channels that are 1 on
+        the first latent frame and 0 after: C + 4 channels. `normalize=False` leaves z unscaled.
+        """
+        mean, logvar = sample["image_mean"], sample["image_logvar"]
+        c, t, h, w = sample["mean"].shape
+        mode = image_condition_of(self.spec.family)
+        if mean.shape[1] != (1 if mode == "image" else t):
+            raise LatentMismatchError(f"{sample['url']}: sample {sample['key']} has image_mean {list(mean.shape)}, "
+                                      f"the {self.spec.family} image-to-video conditioning is "
+                                      f"{[c, 1 if mode == 'image' else t, h, w]}; re-encode with --image-latents")
+        if self.sample_posterior and logvar is not None:
+            gen = torch.Generator().manual_seed(
+                _seed(self.seed, self.epoch, sample["key"], "image", *sample["draw"]) >> 1)
+            z = torch.randn(mean.shape, generator=gen).mul_(logvar.float().mul(0.5).exp_()).add_(mean)
+        else:
+            z = mean.float()
+        if mode == "image":
+            if self.normalize:
+                # The pipeline's own arithmetic (a Python float times the latents), so the result is bit-identical.
+                scale = self.spec.scaling_factor if self.spec.scaling_factor is not None else 1.0
+                z = 1 / scale * z if self.spec.invert_scale_latents else scale * z
+            return torch.cat([z, z.new_zeros(c, t - 1, h, w)], dim=1).to(self.dtype)
+        if self.normalize and self.spec.latents_mean is not None and self.spec.latents_std is not None:
+            # As WanImageToVideoPipeline: (z - latents_mean) * (1 / latents_std), float32 per-channel tensors.
+            z = (z - torch.tensor(self.spec.latents_mean).view(-1, 1, 1, 1)) * (
+                1.0 / torch.tensor(self.spec.latents_std).view(-1, 1, 1, 1))
+        mask = z.new_zeros(self.spec.temporal_compression, t, h, w)
+        mask[:, 0] = 1.0
+        return torch.cat([mask, z], dim=0).to(self.dtype)
+
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = {"latents": torch.stack([s["latents"] for s in samples]), "key": [s["key"] for s in samples],
                  "meta": [s["meta"] for s in samples], "caption": [s["caption"] for s in samples]}
+        if all("image_latents" in s for s in samples):
+            batch["image_latents"] = torch.stack([s["image_latents"] for s in samples])
         if all(s.get("prompt_embeds") is not None for s in samples):
             batch["prompt_embeds"] = torch.stack([s["prompt_embeds"] for s in samples])
             if all(s.get("prompt_attention_mask") is not None for s in samples):

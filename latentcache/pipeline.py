@@ -322,16 +322,48 @@ def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings 
     return meta
 
 
-def _stored(mean: torch.Tensor, logvar: torch.Tensor, settings: EncodeSettings
+def _stored(mean: torch.Tensor, logvar: torch.Tensor | None, settings: EncodeSettings
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What goes into the shard: `--store mean` drops the log-variance, `--store-dtype` casts."""
     dtype = None if settings.store_dtype == "encode" else DTYPES[settings.store_dtype]
     if dtype is not None:
-        mean, logvar = mean.to(dtype), logvar.to(dtype)
-        if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+        mean, logvar = mean.to(dtype), (None if logvar is None else logvar.to(dtype))
+        if not (torch.isfinite(mean).all() and (logvar is None or torch.isfinite(logvar).all())):
             raise InputError("", "write", f"latents overflow --store-dtype {settings.store_dtype}; "
                              "store them in fp32 or bf16")
     return mean, (logvar if settings.store == "posterior" else None)
+
+
+ImageCondition = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
+                      ) -> list[ImageCondition | InputError]:
+    """`--image-latents`: each clip's first frame encoded as its family's I2V pipeline does, in one call, or clip
+    by clip when that fails (memory, non-finite latents), so one clip's failure stays its own."""
+    if len(clips) > 1:
+        try:
+            mean, logvar = vae.encode_image_condition(np.stack([c.frames for _, c in clips]),
+                                                      sources=[p.source for p, _ in clips])
+            return [(mean[i], None if logvar is None else logvar[i]) for i in range(len(clips))]
+        except Exception as e:
+            if not (isinstance(e, InputError) or _is_oom(e)):
+                raise
+            log.warning("image conditions of a batch of %d failed (%s); encoding them one by one", len(clips), e)
+        _release_memory(vae)
+    results: list[ImageCondition | InputError] = []
+    for p, c in clips:
+        try:
+            mean, logvar = vae.encode_image_condition(c.frames[None], sources=[p.source])
+            results.append((mean[0], None if logvar is None else logvar[0]))
+        except InputError as e:
+            results.append(e)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            _release_memory(vae)
+            results.append(InputError(p.source, "encode", f"out of memory encoding the image condition ({e})"))
+    return results
 
 
 def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: EncodeSettings,
@@ -349,19 +381,29 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
             raise error
 
     def flush() -> None:
-        for p, c, result in _encode_batch(vae, batch):
+        results = _encode_batch(vae, batch)
+        # --image-latents: the I2V conditioning of the clips that encoded, batched the same way.
+        done = [(p, c) for p, c, result in results if not isinstance(result, InputError)]
+        conditions = iter(_image_conditions(vae, done) if settings.image_latents and done else [])
+        for p, c, result in results:
             if isinstance(result, InputError):
                 fail(p, result)
             else:
                 mean, logvar, tiling = result
+                image = next(conditions, None)
+                if isinstance(image, InputError):
+                    fail(p, image)
+                    continue
                 try:
                     mean, logvar = _stored(mean, logvar, settings)
+                    image = _stored(*image, settings) if image is not None else (None, None)
                 except InputError as e:
                     fail(p, InputError(p.source, e.stage, e.reason))
                     continue
                 # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
                 text = texts.embed(p.caption) if texts is not None else None
-                encoded.append(EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text))
+                encoded.append(EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text,
+                                           *image))
         on_clip(len(batch))
         batch.clear()
 

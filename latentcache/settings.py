@@ -90,6 +90,9 @@ class EncodeSettings:
     store: str = "posterior"
     # dtype of the stored tensors: "encode" keeps the VAE's dtype, or fp16/bf16/fp32.
     store_dtype: str = "encode"
+    # Also store each clip's first frame encoded as the family's image-to-video pipeline conditions on it
+    # (`image_mean`, and `image_logvar` for CogVideoX) (--image-latents).
+    image_latents: bool = False
     # Runtime knobs: they change how fast the work goes, never what is written.
     device: str = "auto"
     batch_size: int | None = 1  # clips per VAE call; None: auto (`VideoVAE.auto_batch_size`), resolved by the CLI
@@ -108,6 +111,8 @@ class EncodeSettings:
         if not d["clip"]["images"]:
             # Absent means off: caches made before --images existed keep their fingerprint and can be resumed.
             del d["clip"]["images"]
+        if not d["image_latents"]:
+            del d["image_latents"]  # likewise: caches made before --image-latents keep their fingerprint
         # The revision asked for only says where to look; the VAE identity records the commit it resolved to and the
         # weights' sha256, which is what the latents depend on. So `--revision COMMIT` can finish a run started
         # without one, on the same commit.

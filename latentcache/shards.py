@@ -50,12 +50,23 @@ class EncodedClip:
     meta: dict[str, Any]
     caption: str | None = None
     text: dict[str, torch.Tensor] | None = None
+    # --image-latents: the first frame's raw posterior as the family's I2V pipeline encodes it (`VideoVAE.
+    # encode_image_condition`): [C, 1, H, W] for CogVideoX, [C, T, H, W] for Wan (no log-variance: it uses the mode).
+    image_mean: torch.Tensor | None = None
+    image_logvar: torch.Tensor | None = None
+
+
+# Tensors a sample's latents member may hold, beyond `mean` (and `logvar`): the image-to-video conditioning.
+IMAGE_TENSORS = ("image_mean", "image_logvar")
 
 
 def sample_members(clip: EncodedClip) -> list[tuple[str, bytes]]:
     tensors = {"mean": clip.mean.contiguous()}
     if clip.logvar is not None:
         tensors["logvar"] = clip.logvar.contiguous()
+    for name in IMAGE_TENSORS:
+        if getattr(clip, name) is not None:
+            tensors[name] = getattr(clip, name).contiguous()
     members = [
         (f"{clip.key}.json", json.dumps(clip.meta, sort_keys=True, ensure_ascii=False).encode()),
         (f"{clip.key}.{LATENTS}", save_safetensors(tensors)),
@@ -415,9 +426,11 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
         out["text"] = load_safetensors(sample[TEXT_EMBEDS]) if TEXT_EMBEDS in sample else None
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ShardFormatError(f"{where}: sample {_shown(key)} does not decode: {type(e).__name__}: {e}") from e
-    if set(tensors) != {"mean", "logvar"} and set(tensors) != {"mean"}:
+    video = set(tensors) - set(IMAGE_TENSORS)
+    image = set(tensors) & set(IMAGE_TENSORS)
+    if (video != {"mean", "logvar"} and video != {"mean"}) or (image and "image_mean" not in image):
         raise ShardFormatError(f"{where}: sample {_shown(key)} holds tensors {_shown(sorted(tensors))}, expected "
-                               "mean and logvar")
+                               "mean and logvar (and image_mean, image_logvar with --image-latents)")
     if "logvar" in tensors and tensors["logvar"].shape != tensors["mean"].shape:
         raise ShardFormatError(f"{where}: sample {_shown(key)} has logvar {tuple(tensors['logvar'].shape)} but mean "
                                f"{tuple(tensors['mean'].shape)}")
@@ -425,6 +438,14 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: sample {_shown(key)} has a {type(out['meta']).__name__} as its JSON, "
                                "expected an object")
     out["mean"], out["logvar"] = tensors["mean"], tensors.get("logvar")
+    out["image_mean"], out["image_logvar"] = tensors.get("image_mean"), tensors.get("image_logvar")
+    if image:
+        from latentcache.checks import image_latent_problems
+
+        problems = image_latent_problems(out["image_mean"], out["image_logvar"], out["mean"],
+                                         f"{where}: sample {_shown(key)}")
+        if problems:
+            raise ShardFormatError(f"{problems[0]}. Re-encode the shard")
     return out
 
 

@@ -142,6 +142,10 @@ class VAEFamily:
     frame_chunk_attr: str | None = None
     # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
     transformer_class: str | None = None
+    # How the family's image-to-video pipeline encodes its conditioning image (`--image-latents`): "image" (the first
+    # frame alone as a 1-frame video, CogVideoXImageToVideoPipeline), "video" (the first frame followed by zero
+    # frames, encoded as a whole clip, WanImageToVideoPipeline), or None (not supported).
+    image_condition: str | None = None
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -230,6 +234,7 @@ FAMILIES: dict[str, VAEFamily] = {
         tiling_style="overlap",
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
+        image_condition="image",
     ),
     "wan": VAEFamily(
         name="wan",
@@ -241,6 +246,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          temperal_downsample=[False, True, True]),
         spec_from_model=_wan_spec,
         transformer_class="WanTransformer3DModel",
+        image_condition="video",
     ),
     "hunyuanvideo": VAEFamily(
         name="hunyuanvideo",
@@ -272,6 +278,23 @@ def family_of(name: str) -> VAEFamily:
         return FAMILIES[name]
     except KeyError:
         raise ConfigError(f"unknown VAE family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def image_condition_of(family: str) -> str:
+    """The family's `image_condition` ("image" or "video"); ConfigError when its I2V conditioning is not cached."""
+    mode = family_of(family).image_condition
+    if mode is None:
+        supported = ", ".join(f.name for f in FAMILIES.values() if f.image_condition)
+        raise ConfigError(f"--image-latents: the {family} family's image-to-video conditioning is not cached by "
+                          f"latentcache (supported: {supported}); drop --image-latents")
+    return mode
+
+
+def image_condition_channels(spec: LatentSpec) -> int:
+    """Channels of the conditioning a dataset yields as `image_latents`, concatenated to the video latents along
+    channels by the I2V pipeline: C (CogVideoX), or a mask of `temporal_compression` channels plus C (Wan)."""
+    mode = image_condition_of(spec.family)
+    return spec.channels + (spec.temporal_compression if mode == "video" else 0)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -447,22 +470,40 @@ class VideoVAE:
         return batch
 
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_condition(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 clips [B, T, H, W, 3] -> the raw posterior of their first frame, encoded the way the family's
+        image-to-video pipeline encodes its conditioning image (`--image-latents`).
+
+        CogVideoX (`CogVideoXImageToVideoPipeline.prepare_latents`): the first frame alone as a 1-frame video ->
+        (mean, logvar), each [B, C, 1, H', W']; the pipeline samples this posterior (`retrieve_latents`).
+        Wan (`WanImageToVideoPipeline.prepare_latents`): the first frame followed by T-1 zero frames (0 in the VAE's
+        [-1, 1] input range), encoded as one clip -> (mean, None), mean [B, C, T', H', W']; the pipeline takes the
+        mode (`sample_mode="argmax"`), so no log-variance is returned. Scaling, padding and the mask are the
+        dataset's job (`LatentShardDataset` yields `image_latents`), since they depend on nothing encoded.
+        """
+        mode = image_condition_of(self.spec.family)
+        mean, logvar = self.encode(frames, sources=sources, condition=mode)
+        return mean, (logvar if mode == "image" else None)
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None,
+               condition: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames [B, T, H, W, 3] -> (mean, logvar), each [B, C, T', H', W'] on the CPU in the VAE's dtype.
 
         A batch with NaN/Inf is re-encoded in fp32; if it is still not finite the clips are refused, never written.
-        Raises InputError (stage "encode") naming the sources.
+        Raises InputError (stage "encode") naming the sources. `condition` ("image" or "video", see
+        `encode_image_condition`) encodes the image-to-video conditioning of the frames instead of the frames.
         """
         x = torch.as_tensor(frames)
         b, t, h, w, _ = x.shape
-        expected = (b, *self.spec.latent_shape(t, h, w))
-        params = self._encode(x, self.dtype)
+        expected = (b, *self.spec.latent_shape(1 if condition == "image" else t, h, w))
+        params = self._encode(x, self.dtype, condition)
         if not torch.isfinite(params).all() and self.dtype != torch.float32:
             log.warning("non-finite latents in %s for %s; re-encoding in fp32", self.dtype, sources or "a batch")
             self.model.to(torch.float32)
             try:
-                params = self._encode(x, torch.float32)
+                params = self._encode(x, torch.float32, condition)
             finally:
                 self.model.to(self.dtype)
             if torch.isfinite(params).all():
@@ -484,12 +525,20 @@ class VideoVAE:
                              "(tile or chunk settings do not divide the clip evenly)")
         return mean.contiguous().cpu(), logvar.contiguous().cpu()
 
-    def _encode(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, dtype: torch.dtype, condition: str | None = None) -> torch.Tensor:
+        frames = x.shape[1]
+        if condition is not None:
+            x = x[:, :1]  # only the first frame enters the conditioning; the rest is zeros or absent
         non_blocking = self.device.type == "cuda"
         if non_blocking:
             x = x.pin_memory()
         # uint8 crosses the bus (4x fewer bytes than fp32), then [B,T,H,W,3] -> [B,3,T,H,W] in [-1, 1] on device.
         x = x.to(self.device, non_blocking=non_blocking).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+        if condition == "video":
+            # WanImageToVideoPipeline: cat([image, zeros(num_frames - 1)]) in the VAE's input range, where 0 is mid
+            # grey (not representable in uint8, hence built here).
+            b, c, _, h, w = x.shape
+            x = torch.cat([x, x.new_zeros(b, c, frames - 1, h, w)], dim=2)
         posterior = self.model.encode(x).latent_dist
         return posterior.parameters
 
