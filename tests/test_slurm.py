@@ -135,7 +135,9 @@ def log_of(logs: Path, name: str, job: str, index: str = "4294967294") -> str:
 def _owned(out: Path, task: int):
     """The shards array task `task` of TASKS owns under OUT's plan."""
     plan = read_job_plan(out)
-    return [s for ref in chunks_for_rank(plan, task, TASKS) for s in read_chunk_plan(out, plan, ref).shards]
+    # A task plans its chunks when it starts: before that, it owns no planned shard yet.
+    return [s for ref in chunks_for_rank(plan, task, TASKS) if (out / ref.plan_name).is_file()
+            for s in read_chunk_plan(out, plan, ref).shards]
 
 
 def _planned_clips(out: Path) -> list:
