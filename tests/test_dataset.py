@@ -210,7 +210,8 @@ def test_count_and_checksum_mismatch(encoded_dir: Path, tmp_path: Path) -> None:
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["shards"][1]["samples"] = 3
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ShardFormatError, match=r"000001\.tar: 2 samples, the manifest lists 3"):
+    name = re.escape(Path(manifest["shards"][1]["path"]).name)
+    with pytest.raises(ShardFormatError, match=rf"/{name}: 2 samples, the manifest lists 3"):
         list(LatentShardDataset(copy))
     manifest["shards"][1]["samples"] = 2
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -378,7 +379,8 @@ def test_shard_larger_than_the_manifest_says_is_refused_unread(encoded_dir: Path
     entry = read_manifest(root)["shards"][1]
     with open(root / entry["path"], "ab") as f:
         f.write(bytes(1 << 20))
-    pattern = rf"000001\.tar: {entry['bytes'] + (1 << 20)} bytes, the manifest lists {entry['bytes']}"
+    name = re.escape(Path(entry["path"]).name)
+    pattern = rf"/{name}: {entry['bytes'] + (1 << 20)} bytes, the manifest lists {entry['bytes']}"
     items = _delivered(LatentShardDataset(root, check_sha256=False), pattern)
     assert len(items) == 2  # shard 0 only
 
