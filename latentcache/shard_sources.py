@@ -141,7 +141,9 @@ def _inside(path: str, root: Path) -> str:
     """A shard path from a manifest, refused unless it stays inside the dataset directory (manifests may come from
     strangers: `/dev/zero` or `../../etc` must never be opened)."""
     posix = str(path).replace("\\", "/")
-    if not posix or posix.startswith("/") or ".." in posix.split("/") or (len(posix) > 1 and posix[1] == ":"):
+    # `".." in posix` first: the split runs only for the rare name holding two dots (a per-shard cost otherwise).
+    if (not posix or posix[0] == "/" or (len(posix) > 1 and posix[1] == ":")
+            or (".." in posix and ".." in posix.split("/"))):
         raise ShardFormatError(f"{root / 'manifest.json'}: shard path {path!r} is absolute or leaves the dataset "
                                "directory; latentcache writes paths such as shards/17x64x96/000000.tar")
     return posix
@@ -172,8 +174,10 @@ def _directory_shards(manifest: dict[str, Any], root: Path) -> list[ShardRef]:
     """The shards of an output directory, straight from its manifest: string work only, no Path or stat per shard
     (a 10M-sample output lists ~156k shards, and opening it must take seconds, not minutes)."""
     prefix = str(root).rstrip("/") + "/" if str(root) not in ("", ".") else ""
-    return [ShardRef(prefix + _inside(s["path"], root), s["path"], s["bucket"], int(s["samples"]), s.get("sha256"),
-                     int(s["bytes"])) for s in manifest["shards"]]
+    make, inside = ShardRef, _inside  # locals: this loop runs once per shard
+    # read_manifest checked every entry (samples and bytes are ints, buckets well formed).
+    return [make(prefix + inside(s["path"], root), s["path"], s["bucket"], s["samples"], s.get("sha256"), s["bytes"])
+            for s in manifest["shards"]]
 
 
 def resolve_sources(source: Any, manifest: str | os.PathLike | None = None
