@@ -40,6 +40,15 @@ def test_every_sample_once_with_two_workers(encoded_dir: Path) -> None:
     assert Counter(got) == Counter(expected)
 
 
+def test_items_carry_no_bookkeeping_keys(encoded_dir: Path) -> None:
+    """What a trainer receives holds its data only: the loader's (slot, index) tags never reach it."""
+    wanted = {"latents", "key", "meta", "caption"}
+    for items in (StatefulLoader(LatentShardDataset(encoded_dir, batch_size=2), num_workers=2),
+                  StatefulLoader(LatentShardDataset(encoded_dir)), LatentShardDataset(encoded_dir)):
+        for item in items:
+            assert set(item) == wanted
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_two_ranks_split_without_overlap(encoded_dir: Path, workers: int) -> None:
     """2 ranks x 0/2/3 workers over 4 shards: shard-level split (2, 4 slots) or sample-level fallback (6 slots)."""
