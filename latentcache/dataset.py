@@ -77,15 +77,18 @@ class ResumeState:
     epoch: int = 0
     slots: int | None = None
     consumed: dict[int, int] = field(default_factory=dict)
+    # The DataLoader worker (of this rank) the next item would have come from: workers take turns, so a resumed
+    # loader's first worker must serve that slot for the items to come in the uninterrupted run's order.
+    next_worker: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "slots": self.slots,
+        return {"epoch": self.epoch, "slots": self.slots, "next_worker": self.next_worker,
                 "consumed": {str(k): v for k, v in sorted(self.consumed.items())}}
 
     @staticmethod
     def from_dict(state: dict[str, Any]) -> ResumeState:
         return ResumeState(int(state["epoch"]), state.get("slots"),
-                           {int(k): int(v) for k, v in state["consumed"].items()})
+                           {int(k): int(v) for k, v in state["consumed"].items()}, int(state.get("next_worker", 0)))
 
     def check_slots(self, slots: int) -> None:
         if self.consumed and self.slots not in (None, slots):
@@ -186,6 +189,7 @@ class LatentShardDataset(IterableDataset):
         # delivered. A StatefulLoader keeps its own.
         self._start: ResumeState | None = None
         self._position = ResumeState()
+        self._shards_hash: str | None = None
 
     @classmethod
     def for_transformer(cls, transformer_or_config: Any, source: str | os.PathLike | Iterable[str], *,
@@ -229,7 +233,11 @@ class LatentShardDataset(IterableDataset):
     # -------------------------------------------------------------------------------------------- resume
 
     def _fingerprint(self) -> str:
-        return hashlib.sha1("\n".join(f"{s.path}:{s.sha256}" for s in self.shards).encode()).hexdigest()[:16]
+        # Computed once: torchdata's StatefulDataLoader asks a worker's dataset for its state after every item.
+        if self._shards_hash is None:
+            self._shards_hash = hashlib.sha1("\n".join(f"{s.path}:{s.sha256}" for s in self.shards).encode()
+                                             ).hexdigest()[:16]
+        return self._shards_hash
 
     def order_settings(self) -> dict[str, Any]:
         """The settings that decide the order of items; a resume position is valid only under the same ones."""
@@ -415,9 +423,12 @@ class _Tagged(IterableDataset):
         super().__init__()
         self.dataset = dataset
         self.skip: dict[int, int] = {}  # the resume position, read when iteration starts (in each worker)
+        self.rotation = 0  # worker w serves the rank's slot (w + rotation) % workers
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
-        slot = self.dataset.current_slot()
+        here = self.dataset.current_slot()
+        first = here.index - here.index % here.workers
+        slot = Slot(first + (here.index - first + self.rotation) % here.workers, here.count, here.workers)
         return self._items(slot, self.skip.get(slot.index, 0))  # the skip taken now, not at the first next()
 
     def _items(self, slot: Slot, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -456,12 +467,16 @@ class StatefulLoader:
             resume = None  # a position of another epoch: this pass starts afresh
         if resume is not None:
             resume.check_slots(slots)
-        state = self.state = ResumeState(epoch, slots, dict(resume.consumed) if resume else {})
-        self._tagged.skip = dict(state.consumed)
+        state = self.state = ResumeState(epoch, slots, dict(resume.consumed) if resume else {},
+                                         resume.next_worker if resume else 0)
+        workers = max(1, self.num_workers)
+        self._tagged.skip, self._tagged.rotation = dict(state.consumed), state.next_worker
         iterator = iter(self.loader)
-        self._tagged.skip = {}  # the workers (or the in-process iterator) took their copy; later passes start afresh
+        # The workers (or the in-process iterator) took their copy; later passes start afresh.
+        self._tagged.skip, self._tagged.rotation = {}, 0
         for slot, index, item in iterator:
             state.consumed[int(slot)] = int(index) + 1
+            state.next_worker = (int(slot) + 1) % workers
             yield item
 
     def state_dict(self) -> dict[str, Any]:
@@ -471,4 +486,4 @@ class StatefulLoader:
         position = self.dataset.check_state(state)
         self.dataset.epoch = position.epoch
         self._resume = position
-        self.state = ResumeState(position.epoch, position.slots, dict(position.consumed))
+        self.state = ResumeState(position.epoch, position.slots, dict(position.consumed), position.next_worker)

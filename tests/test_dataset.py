@@ -182,6 +182,17 @@ def test_resume_mid_epoch_does_not_replay(encoded_dir: Path, workers: int) -> No
         assert torch.equal(a, b)  # same posterior noise too
 
 
+def test_resume_after_an_odd_batch_keeps_the_workers_turns(encoded_dir: Path) -> None:
+    """Stopped after 3 batches of 2 workers (worker 0 gave two, worker 1 one): the resumed loader's first batch is
+    worker 1's, as in the uninterrupted run, not worker 0's (DataLoader starts every iterator at worker 0)."""
+    def make() -> LatentShardDataset:
+        return LatentShardDataset(encoded_dir, shuffle=True, shuffle_buffer=3, seed=7)
+
+    full, resumed = _rest_after_resume(make, k=3, workers=2)
+    assert [k for k, _ in resumed] == [k for k, _ in full]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(full, resumed, strict=True))
+
+
 def test_resume_of_dataset_iterated_directly(encoded_dir: Path) -> None:
     make = lambda: LatentShardDataset(encoded_dir, shuffle=True, seed=1)  # noqa: E731
     full = keys_of(make())
