@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from latentcache.chunks import find_input
-from latentcache.dataset import ShardRef, read_shard, resolve_source
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.settings import ClipSettings, VAESettings
+from latentcache.shard_sources import ShardRef, read_shard, resolve_source
 from latentcache.shards import decode_sample
 
 log = logging.getLogger(__name__)

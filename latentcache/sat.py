@@ -41,43 +41,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from latentcache.dataset import LatentShardDataset, _rank_and_world, resolve_source
+from latentcache.dataset import LatentShardDataset
 from latentcache.errors import ConfigError, LatentMismatchError
+from latentcache.partition import Slot
+from latentcache.shard_sources import resolve_source
 
 log = logging.getLogger(__name__)
 
 # What SAT's own video datasets take in `data.params`; accepted so a stock sft.yaml needs only a new `target`.
 SAT_PIXEL_PARAMS = ("skip_frms_num",)
-
-
-class _SlotStream(LatentShardDataset):
-    """LatentShardDataset whose worker slot is chosen by the SAT dataset instead of torch's worker id.
-
-    torch's DataLoader hands batch j of an iterator to worker j % num_workers, and a resumed SAT run starts a new
-    iterator at its checkpoint's batch k. Giving worker w the slot (k + w) % num_workers keeps each slot on the same
-    global batches (those congruent to it) across any number of restarts, so a slot's position is a pure function of k.
-    """
-
-    slot: tuple[int, int] = (0, 1)  # (worker slot, workers per rank), set before iterating
-
-    def _slot(self) -> tuple[int, int, int]:
-        rank, world = _rank_and_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
-        slot, workers = self.slot
-        return rank * workers + slot, world * workers, workers
-
-    def pass_items(self) -> int | None:
-        """Samples this slot yields in the current epoch, from the manifest's counts alone (None: endless)."""
-        gid, total, _ = self._slot()
-        if self.resampled:
-            return self.epoch_items
-        shards = self._epoch_shards()
-        if len(shards) >= total:  # the same split as LatentShardDataset._worker_raw
-            n = sum(s.samples for s in shards[gid::total])
-        else:
-            n = len(range(gid, sum(s.samples for s in shards), total))
-        return n if self.epoch_items is None else min(n, self.epoch_items)
 
 
 class SATLatentDataset(Dataset):
@@ -109,9 +81,9 @@ class SATLatentDataset(Dataset):
         self.fps = float(clip_fps if clip_fps is not None else fps or 0)
         shards = [str(root / r.path) for r in refs if r.bucket == self.bucket]
         # Raw latents: SAT multiplies by its own scale_factor; normalising here would scale them twice.
-        self.stream = _SlotStream(shards, manifest=root / "manifest.json", sample_posterior=sample_posterior,
-                                  normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                                  check_sha256=check_sha256, rank=rank, world_size=world_size)
+        self.stream = LatentShardDataset(shards, manifest=root / "manifest.json", sample_posterior=sample_posterior,
+                                        normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                                        check_sha256=check_sha256, rank=rank, world_size=world_size)
         self.root, self.manifest = root, manifest
         self.batch_size, self.args = batch_size, args
         self._items: Iterator[dict[str, Any]] | None = None
@@ -161,18 +133,34 @@ class SATLatentDataset(Dataset):
             return 0
         return int(getattr(args, "iteration", 0) or 0) * int(getattr(args, "gradient_accumulation_steps", 1) or 1)
 
+    def _slot(self, worker_slot: int, workers: int) -> Slot:
+        """This rank's slot for worker slot `worker_slot` (not torch's worker id: see `_stream`)."""
+        here = self.stream.current_slot()
+        rank, world = here.index // here.workers, here.count // here.workers
+        return Slot.of(rank, world, worker_slot, workers)
+
+    def _pass_items(self, slot: Slot) -> int | None:
+        """Samples `slot` yields in the current epoch, from the manifest's counts alone (None: endless)."""
+        n = self.stream.slot_samples(slot)
+        limit = self.stream.epoch_items
+        return limit if n is None else n if limit is None else min(n, limit)
+
     def _stream(self) -> Iterator[dict[str, Any]]:
+        # torch's DataLoader hands batch j of an iterator to worker j % num_workers, and a resumed SAT run starts a
+        # new iterator at its checkpoint's batch k. Giving worker w the slot (k + w) % num_workers keeps each slot
+        # on the same global batches (those congruent to it) across any number of restarts, so a slot's position
+        # is a pure function of k.
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         done = self.resume_batches()
-        slot = (done + worker) % workers
-        self.stream.slot = (slot, workers)
+        worker_slot = (done + worker) % workers
+        slot = self._slot(worker_slot, workers)
         # Global batches slot s served so far: those below `done` congruent to s modulo the worker count.
-        skip = len(range(slot, done, workers)) * self.batch_size
+        skip = len(range(worker_slot, done, workers)) * self.batch_size
         epoch = 0
         while True:
             self.stream.set_epoch(epoch)
-            n = self.stream.pass_items()
+            n = self._pass_items(slot)
             if n is not None and skip >= n:
                 if n == 0:
                     raise LatentMismatchError(
@@ -182,18 +170,16 @@ class SATLatentDataset(Dataset):
                 skip -= n
                 epoch += 1
                 continue
-            gid, total, _ = self.stream._slot()
             if skip:
-                self.stream.load_state_dict({**self.stream.state_dict(), "epoch": epoch, "slots": total,
-                                             "consumed": {str(gid): skip}})
-                log.info("resuming SAT data at batch %d: slot %d skips %d samples of epoch %d", done, gid, skip, epoch)
+                log.info("resuming SAT data at batch %d: slot %d skips %d samples of epoch %d", done, slot.index,
+                         skip, epoch)
             delivered = 0
-            for item in self.stream:
+            for _, item in self.stream.iter_slot(slot, skip):
                 delivered += 1
                 yield item
             if not delivered and not skip:
-                raise LatentMismatchError(f"{self.root}: rank x worker slot {gid} of {total} got no sample of bucket "
-                                          f"{self.bucket}; use fewer DataLoader workers or more data")
+                raise LatentMismatchError(f"{self.root}: rank x worker slot {slot.index} of {slot.count} got no sample "
+                                          f"of bucket {self.bucket}; use fewer DataLoader workers or more data")
             skip = 0
             epoch += 1
 

@@ -10,6 +10,7 @@ only way latentcache reads a sample, and it decodes exactly those members.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -291,14 +292,20 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _shard_entry_problem(entry: Any) -> str | None:
+@functools.lru_cache(maxsize=4096)
+def _bucket_name_ok(bucket: str) -> bool:
+    """Cached: a manifest of 156k shards names a few dozen buckets, and the regex need not run per shard."""
     from latentcache.checks import parse_bucket
 
+    return parse_bucket(bucket) is not None
+
+
+def _shard_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"is {_shown(entry)}, expected an object with path, bucket, samples, bytes, sha256"
     if not (isinstance(entry.get("path"), str) and entry["path"]):
         return f"has path {_shown(entry.get('path'))}, expected a relative path such as shards/17x64x96/000000.tar"
-    if parse_bucket(entry.get("bucket")) is None:
+    if not (isinstance(entry.get("bucket"), str) and _bucket_name_ok(entry["bucket"])):
         return f"has bucket {_shown(entry.get('bucket'))}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
     for name in ("samples", "bytes"):
         if not (_is_int(entry.get(name)) and entry[name] >= 0):

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from latentcache.checks import latent_problems
-from latentcache.dataset import ShardRef, bucket_latent_shape, read_shard, resolve_source
 from latentcache.errors import LatentcacheError
+from latentcache.guard import bucket_latent_shape
 from latentcache.provenance import describe_software, describe_vae, software_differences
+from latentcache.shard_sources import ShardRef, read_shard, resolve_source
 from latentcache.shards import decode_sample
 from latentcache.vae import LatentSpec
 

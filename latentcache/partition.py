@@ -1,0 +1,93 @@
+"""Which shards and samples each rank x DataLoader-worker slot reads: pure functions of counts, seeds and ids.
+
+No I/O and no torch state: the dataset, SAT's map-style wrapper and the tests all call the same functions, so what
+one slot reads, and how many samples that is, is known from the manifest's counts alone.
+
+The rule: shards are permuted per (seed, epoch) when shuffling, then dealt out round-robin, whole, when there are at
+least as many shards as slots; with fewer shards than slots every slot reads every shard and keeps every
+`count`-th sample instead. Either way, every sample goes to exactly one slot per epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+def seed_of(*parts: Any) -> int:
+    """A 64-bit seed from any parts; the same on every machine and Python (unlike hash())."""
+    return int.from_bytes(hashlib.sha1(":".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+@dataclass(slots=True, frozen=True)
+class Slot:
+    """One reader among all ranks x DataLoader workers."""
+
+    index: int  # global id: rank * workers + worker
+    count: int  # ranks x workers
+    workers: int = 1  # DataLoader workers per rank
+
+    @staticmethod
+    def of(rank: int, world: int, worker: int = 0, workers: int = 1) -> Slot:
+        if not (0 <= rank < world and 0 <= worker < workers):
+            raise ValueError(f"rank {rank} of {world}, worker {worker} of {workers}: out of range")
+        return Slot(rank * workers + worker, world * workers, workers)
+
+
+@dataclass(slots=True, frozen=True)
+class Share:
+    """What one slot reads in one epoch: these shards (indices into the shard list), in this order, keeping the
+    samples whose running number n (over these shards) has n % stride == offset."""
+
+    shards: tuple[int, ...]
+    stride: int = 1
+    offset: int = 0
+
+    def keeps(self, n: int) -> bool:
+        return n % self.stride == self.offset
+
+
+def shard_order(shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's order of shard indices: a permutation seeded by (seed, epoch) when shuffling, else 0..n-1."""
+    order = list(range(shards))
+    if shuffle:
+        random.Random(seed_of(seed, epoch, "shards")).shuffle(order)
+    return order
+
+
+def share_of(order: Sequence[int], slot: Slot) -> Share:
+    """Whole shards, round-robin, when there are enough for every slot; every slot.count-th sample otherwise."""
+    if len(order) >= slot.count:
+        return Share(tuple(order[slot.index::slot.count]))
+    return Share(tuple(order), slot.count, slot.index)
+
+
+def share_samples(share: Share, samples: Sequence[int]) -> int:
+    """How many samples a share yields, from the per-shard counts (`samples[i]` for shard i) alone."""
+    total = sum(samples[i] for i in share.shards)
+    return total if share.stride == 1 else len(range(share.offset, total, share.stride))
+
+
+def check_weights(weights: Sequence[float], sources: int) -> None:
+    if len(weights) != sources:
+        raise ValueError(f"{len(weights)} weights for {sources} sources")
+    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights {list(weights)} must be non-negative numbers with a positive sum")
+
+
+def mix_sources(weights: Sequence[float], draws: int | None, *, seed: int, epoch: int, slot: int) -> Iterator[int]:
+    """The source each of `draws` samples (None: endless) comes from, for weighted mixing: source i with
+    probability weights[i] / sum(weights), the same sequence for the same (seed, epoch, slot) on every machine.
+
+    The dataset draws as many samples as the slot's shares of all sources hold together, so a weighted epoch is as
+    long as an unweighted one; a source drawn more often than it holds samples starts over (`stages.mixed`)."""
+    check_weights(weights, len(weights))
+    rng = random.Random(seed_of(seed, epoch, "mix", slot))
+    cumulative = list(itertools.accumulate(weights))
+    for _ in itertools.count() if draws is None else range(draws):
+        yield bisect.bisect(cumulative, rng.random() * cumulative[-1], 0, len(cumulative) - 1)
