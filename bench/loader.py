@@ -66,7 +66,7 @@ def run(make_loader, make_dataset, stop: int | None, state: dict | None = None) 
     return items, saved
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--per-shard", type=int, default=16)
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--stop", type=int, default=7, help="batches before the simulated crash")
     parser.add_argument("--repeat", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_dataset(root, args.samples, args.per_shard)
@@ -101,7 +101,8 @@ def main() -> None:
                   f"{'bit-equal' if same_values else 'DIFFER'} ({len(resumed)} vs {len(full)} batches, "
                   f"{replayed:+d}); {best:7.0f} samples/s ({args.workers} workers, {args.samples} samples); "
                   f"state {len(json.dumps(state))} bytes")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

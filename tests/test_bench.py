@@ -81,3 +81,12 @@ def test_decode_bench(capsys):
     out = capsys.readouterr().out
     assert ratio(out, "latentcache/ffmpeg =") > 0
     assert re.search(r"late/early = [0-9.]+", out)
+
+
+def test_loader_bench_resumes_exactly_with_both_loaders(capsys):
+    """bench/loader.py: our StatefulLoader and torchdata's StatefulDataLoader, stopped and resumed (with workers)."""
+    pytest.importorskip("torchdata")
+    assert bench("loader").main(["--samples", "32", "--per-shard", "8", "--workers", "2", "--batch-size", "2",
+                                 "--stop", "3", "--repeat", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "resume after 3 batches" in line]
+    assert len(lines) == 2 and all("keys exact, latents bit-equal" in line for line in lines), lines
