@@ -323,17 +323,24 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_USAGE if problems else EXIT_OK
 
 
+def path_or_url(text: str) -> Path | str:
+    """A local path, or an object-storage url (s3://bucket/prefix) kept as text: Path() would fold its '//'."""
+    from latentcache.store import is_url
+
+    return text if is_url(text) else Path(text)
+
+
 def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     """verify, info, preview, check-config: the trainer side of a dataset."""
     p = sub.add_parser("verify", help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=path_or_url)
     p.add_argument("--trainer-config", type=Path, nargs="+", default=None,
                    help="also check a SAT-style training YAML (several are merged in order, like SAT's --base)")
     p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("info", help="a short table of a dataset, from its manifest")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=path_or_url)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("preview", help="decode latents back to video with the manifest's VAE (mp4, beside sources)")

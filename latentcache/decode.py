@@ -12,6 +12,7 @@ that would use a tainted frame, or repeat a frame across a hole, is dropped with
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from latentcache import image
+from latentcache import image, store
 from latentcache.errors import InputError
 from latentcache.settings import ClipSettings
 
@@ -92,7 +93,7 @@ class Clip:
 
 def _file_size(path: str, stage: str) -> int:
     try:
-        size = os.path.getsize(path)
+        size = store.url_size(path) if store.is_url(path) else os.path.getsize(path)
     except FileNotFoundError as e:
         raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
     except OSError as e:
@@ -110,7 +111,8 @@ def _why(e: BaseException) -> str:
 
 def _open(path: str, stage: str) -> av.container.InputContainer:
     try:
-        return av.open(path, metadata_errors="ignore")
+        # An object-storage url (s3://...) is read through a seekable file object: range requests, no download.
+        return av.open(store.open_url(path) if store.is_url(path) else path, metadata_errors="ignore")
     except FileNotFoundError as e:
         raise InputError(path, stage, "file not found (moved or deleted during the run?)") from e
     except PermissionError as e:
@@ -220,7 +222,8 @@ def _count_by_demux(container: av.container.InputContainer,
     """(packets, last packet end time) of the video stream; the time is 0 when no packet has a timestamp (raw
     elementary streams)."""
     # A fresh demuxer rather than a seek back: raw elementary streams (.h264, .hevc) cannot seek.
-    with av.open(container.name, metadata_errors="ignore") as fresh:
+    name = container.name
+    with av.open(store.open_url(name) if store.is_url(name) else name, metadata_errors="ignore") as fresh:
         return _last_packet_end(fresh, fresh.streams[stream.index])
 
 
@@ -587,8 +590,9 @@ class _MatroskaCRC:
         self.clusters: list[tuple[int, int]] = []  # (start, end) of each cluster's data, in file order
         self.verdicts: dict[int, bool] = {}
         self.next_pos: int | None = None  # where the next level-1 element starts; None: no more to read
+        self._remote: Any = None  # one file object for an object-storage url: no new HEAD request per packet
         try:
-            with open(path, "rb") as f:
+            with self._handle() as f:
                 pos = 0
                 for _ in range(2):  # the EBML header, then the Segment, whose children are read lazily
                     element, size, data = self._element(f, pos)
@@ -600,6 +604,13 @@ class _MatroskaCRC:
                     pos = data + size
         except OSError as e:
             log.debug("%s: no Matroska CRC check (%s)", path, _why(e))
+
+    def _handle(self) -> Any:
+        if store.is_url(self.path):
+            if self._remote is None:
+                self._remote = store.open_url(self.path)
+            return contextlib.nullcontext(self._remote)
+        return open(self.path, "rb")
 
     @staticmethod
     def _vint(f, pos: int, strip: bool) -> tuple[int | None, int]:
@@ -634,7 +645,7 @@ class _MatroskaCRC:
     def intact(self, pos: int) -> bool:
         """False when the cluster holding byte `pos` carries a CRC-32 that does not match its data."""
         try:
-            with open(self.path, "rb") as f:
+            with self._handle() as f:
                 self._read_until(f, pos)
                 i = bisect.bisect_right(self.clusters, (pos, float("inf"))) - 1
                 if i < 0 or not self.clusters[i][0] <= pos < self.clusters[i][1]:

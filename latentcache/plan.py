@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentcache import store
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.image import IMAGE_SUFFIXES
@@ -239,9 +240,15 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
             raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {row!r}); every row needs the video's path")
         # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
         # wherever it is mounted.
+        caption = row.get("caption")
+        if store.is_url(raw.strip()):
+            # An object-storage url: the key comes from bucket and key ("bucket/videos/a.mp4"), the same wherever
+            # the list lies. No caption sidecar is looked up (a request per row); give captions in the list.
+            url = raw.strip()
+            yield InputVideo(url, url.split("://", 1)[1], str(caption).strip() if caption not in (None, "") else None)
+            continue
         p = os.path.normpath(os.path.join(base, os.path.expanduser(raw.strip())))
         rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
-        caption = row.get("caption")
         caption = str(caption).strip() if caption not in (None, "") else None
         yield InputVideo(p, rel.replace(os.sep, "/"), caption or _read_caption(Path(p)))
 
@@ -265,6 +272,43 @@ def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = Fal
         yield f
 
 
+def _from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]:
+    """Inputs under an object-storage prefix (`s3://bucket/videos/`), or one object; keys come from the path
+    relative to the prefix, as for a local directory, so the same videos give the same keys in S3 and on disk.
+    Hidden names, latentcache outputs (a folder holding OUTPUT_MARKER) and non-videos are skipped as in `_walk`;
+    `NAME.txt` next to a video is its caption."""
+    root = url.rstrip("/")
+    try:
+        found = store.list_files(root)
+    except FileNotFoundError:
+        found = []
+    if found == [root]:  # one object, not a prefix
+        yield InputVideo(root, root.rsplit("/", 1)[-1], None)
+        return
+    rels = [f[len(root) + 1:] for f in found]
+    outputs = {r.rsplit("/", 1)[0] for r in rels if r.rsplit("/", 1)[-1] == OUTPUT_MARKER}
+    outputs |= {e[len(root) + 1:] for e in exclude if e.startswith(root + "/")}
+    names = set(rels)
+    given = 0
+    for rel in rels:
+        parts = rel.split("/")
+        suffix = os.path.splitext(rel)[1].lower()
+        if any(p.startswith(".") for p in parts) or any("/".join(parts[:i]) in outputs for i in range(1, len(parts))):
+            continue
+        if suffix in NOT_VIDEO_SUFFIXES and not (images and suffix in IMAGE_SUFFIXES):
+            continue
+        caption_rel = os.path.splitext(rel)[0] + ".txt"
+        caption = None
+        if caption_rel in names:
+            caption = store.read_url(store.join(root, caption_rel)).decode("utf-8", errors="replace").strip() or None
+        given += 1
+        yield InputVideo(store.join(root, rel), rel, caption)
+    if not given:
+        raise ConfigError(f"input {url!r} holds no objects to encode (hidden files, captions, lists, images without "
+                          "--images and latentcache outputs are not inputs); is the bucket and prefix right, and are "
+                          "AWS credentials and AWS_ENDPOINT_URL set?")
+
+
 def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
     if (folder / OUTPUT_MARKER).is_file() or folder.resolve() in exclude:
         log.info("%s is a latentcache output directory: not searched for inputs", folder)
@@ -280,8 +324,11 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
     `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
     A directory or list that gives no input at all is a ConfigError naming it.
     """
-    skip = frozenset(Path(e).resolve() for e in exclude)
+    skip = frozenset(Path(e).resolve() for e in exclude if not store.is_url(e))
     for raw in paths:
+        if store.is_url(raw):
+            yield from _from_url(str(raw), {str(e).rstrip("/") for e in exclude if store.is_url(e)}, images)
+            continue
         p = Path(raw)
         given = 0
         if p.is_dir():

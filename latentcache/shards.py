@@ -215,18 +215,11 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of the dataset in `root`, refused with the file and the reason unless it is one latentcache
-    wrote: an object with format_version 1, a usable latent spec, and a list of well-formed shard entries."""
-    path = root / "manifest.json"
-    if not path.exists():
-        raise ShardFormatError(f"{root}: no manifest.json (is this a latentcache output directory, and did "
-                               "`latentcache encode` finish? `latentcache finalize DIR` writes it from the shards)")
-    try:
-        with open_regular(path, str(path)) as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    """The manifest of the dataset in `root` (a directory, or an object-storage url such as s3://bucket/latents),
+    refused with the file and the reason unless it is one latentcache wrote: an object with format_version 1, a
+    usable latent spec, and a list of well-formed shard entries."""
+    path, data = _manifest_bytes(root)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
     try:
@@ -246,6 +239,30 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise ShardFormatError(f"{path}: {'; '.join(problems[:3])}{more}. Not a manifest latentcache wrote: "
                                "rebuild it with `latentcache finalize DIR`")
     return manifest
+
+
+def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
+    """(where, up to MAX_MANIFEST_BYTES + 1 bytes of manifest.json) from a directory or an object-storage url."""
+    from latentcache import store
+
+    missing = (f"{root}: no manifest.json (is this a latentcache output directory, and did `latentcache encode` "
+               "finish? `latentcache finalize DIR` writes it from the shards)")
+    if store.is_url(root):
+        url = store.join(str(root), "manifest.json")
+        try:
+            return url, store.read_url(url, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise ShardFormatError(missing) from None
+        except OSError as e:
+            raise ShardFormatError(f"{url}: cannot read ({e})") from e
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise ShardFormatError(missing)
+    try:
+        with open_regular(path, str(path)) as f:
+            return path, f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 # A manifest lists one small record per shard: 256 MiB holds over a million shards.

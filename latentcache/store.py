@@ -1,0 +1,139 @@
+"""Object storage (`s3://bucket/prefix`, any fsspec url): reading inputs and shards, and writing an output there.
+
+Inputs are never downloaded whole: `open_url` hands PyAV (or a tar reader) a seekable file object whose reads are
+HTTP range requests, so a probe reads the container's header and a clip reads the packets it decodes. Whether a
+container needs more than that is up to its layout (see README, "Object storage").
+
+An output in object storage has no rename. It does not need one: a single PUT is atomic (an object exists whole or
+not at all), so every file is built in memory and PUT once, and "done" is still defined by the object written last
+(a shard's sidecar after its shard, the manifest after every sidecar).
+
+Credentials come from the standard chain (AWS_* environment variables, ~/.aws/config and credentials, instance
+roles; AWS_ENDPOINT_URL for a non-AWS endpoint): no url, plan or manifest ever carries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+# Schemes read through fsspec. http(s) and pipe: stay with webdataset's gopen, which streams them.
+OBJECT_SCHEMES = frozenset({"s3", "gs", "gcs", "az", "abfs", "memory"})
+# Range reads of this size: a probe costs one or two requests, a clip's packets a few, a shard one per 16 MiB.
+BLOCK_SIZE = 16 << 20
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for object-storage urls (s3://, gs://, memory://...); plain paths and file:// are local."""
+    text = os.fspath(path)
+    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for `url`, with a clear error when its package is missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(f"{url}: object storage needs fsspec and s3fs: pip install 'latentcache[s3]'") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise ImportError(f"{url}: {e}; for s3:// urls: pip install 'latentcache[s3]'") from None
+
+
+def _fs_open(url: str, block_size: int = BLOCK_SIZE) -> BinaryIO:
+    fs, path = filesystem(url)
+    # "readahead": sequential reads (a demuxer, a tar) are served from one block per request; a seek outside it
+    # (an mp4 moov atom at the end) costs one more range request, not a download.
+    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def open_url(url: str) -> BinaryIO:
+    """A seekable binary file object over the object at `url`, read with range requests. Its `name` is the url:
+    PyAV takes a container's name (and its format guess) from it."""
+    f = _fs_open(url)
+    f.name = url
+    return f
+
+
+def url_size(url: str) -> int:
+    """The object's size in bytes (one HEAD request). FileNotFoundError when there is none."""
+    fs, path = filesystem(url)
+    return int(fs.size(path))
+
+
+def read_url(url: str, limit: int | None = None) -> bytes:
+    """The whole object (at most limit + 1 bytes, so a caller can tell "more than limit"), in one GET."""
+    fs, path = filesystem(url)
+    if limit is None:
+        return fs.cat_file(path)
+    return fs.cat_file(path, start=0, end=limit + 1)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def list_files(url: str) -> list[str]:
+    """Every object under the prefix `url`, as full urls, sorted."""
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0]
+    fs.invalidate_cache(path)
+    return sorted(f"{protocol}://{p}" for p in fs.find(path))
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+class UrlStore:
+    """An output location in object storage, addressed by paths relative to its root url."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.path = filesystem(self.root)
+
+    def url(self, relpath: str) -> str:
+        return join(self.root, relpath)
+
+    def _key(self, relpath: str) -> str:
+        return f"{self.path}/{relpath.strip('/')}"
+
+    def write_atomic(self, relpath: str, data: bytes) -> None:
+        """One PUT: readers see no object or the whole one, never a part (S3 has no partial writes)."""
+        self.fs.pipe_file(self._key(relpath), bytes(data))
+
+    def read(self, relpath: str) -> bytes:
+        return self.fs.cat_file(self._key(relpath))
+
+    def read_range(self, relpath: str, start: int, size: int) -> bytes:
+        return self.fs.cat_file(self._key(relpath), start=start, end=start + size)
+
+    def size(self, relpath: str) -> int | None:
+        """The object's size, None when it does not exist (asked of the server, never of a listing cache)."""
+        key = self._key(relpath)
+        self.fs.invalidate_cache(key)
+        try:
+            return int(self.fs.info(key)["size"])
+        except FileNotFoundError:
+            return None
+
+    def exists(self, relpath: str) -> bool:
+        return self.size(relpath) is not None
+
+    def list(self, relpath: str = "") -> list[str]:
+        """Relative paths of every object under `relpath`, sorted."""
+        base = self._key(relpath) if relpath else self.path
+        self.fs.invalidate_cache(base)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        return sorted(p[len(self.path) + 1:] for p in found)
+
+    def remove(self, relpath: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._key(relpath))
