@@ -97,11 +97,15 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the whole shard atomically, then its sidecar. Returns the sidecar record."""
+    """Write the whole shard atomically, then its sidecar. Returns the sidecar record.
+
+    In object storage (`path` a store.UrlPath) the tar is built in memory and PUT once: no rename exists there and
+    none is needed, a PUT is atomic. The sidecar is PUT after it, so "done" means the same thing as on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    remote = _in_object_store(path)
+    tmp = _tmp_name(path) if not remote else None
     digest = hashlib.sha256()
-    with open(tmp, "wb") as raw:
+    with io.BytesIO() if remote else open(tmp, "wb") as raw:
 
         class _Hashing(io.RawIOBase):
             def writable(self) -> bool:
@@ -116,9 +120,13 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
                 for name, data in sample_members(clip):
                     _add(tar, name, data)
                     _notify("member", path)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+        if remote:
+            path.write_bytes(raw.getbuffer())
+        else:
+            raw.flush()
+            os.fsync(raw.fileno())
+    if not remote:
+        os.replace(tmp, path)
     # Only the rename makes the tar visible, and only the sidecar makes it count: a kill between the two leaves a
     # complete tar without a sidecar, which `read_done` treats as unfinished and the next run rewrites (same bytes).
     record = {
@@ -135,13 +143,24 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
     return record
 
 
+def _in_object_store(path: Any) -> bool:
+    """An output path in object storage (store.UrlPath): written with single PUTs, never temp + rename."""
+    from latentcache.store import UrlPath
+
+    return isinstance(path, UrlPath)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Deterministic JSON (sorted keys, no timestamps), written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half."""
+    """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half.
+    In object storage, one PUT, which gives the same guarantee."""
+    if _in_object_store(path):
+        path.write_text(text)
+        return
     tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -168,6 +187,8 @@ def remove_temporaries(shard: Path) -> list[Path]:
     Only the shard's owner calls this, right before writing it, so in a normal run no live writer is hurt. (Two
     overlapping runs into one directory could remove each other's file; the loser's rename then fails loudly.)
     """
+    if _in_object_store(shard):
+        return []  # writes there are single PUTs: no temporary is ever left behind
     # One pattern covers the tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`).
     removed = sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
     for tmp in removed:
@@ -180,6 +201,8 @@ def remove_temporaries(shard: Path) -> list[Path]:
 def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[Path]:
     """Temporaries anywhere under `root` whose writer is gone: a dead process on this host, or older than an hour
     (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when finalizing."""
+    if _in_object_store(root):
+        return []
     host = socket.gethostname()
     removed = []
     for tmp in sorted(root.rglob(f"*{TMP_SUFFIX}")):

@@ -15,8 +15,10 @@ roles; AWS_ENDPOINT_URL for a non-AWS endpoint): no url, plan or manifest ever c
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,8 @@ BLOCK_SIZE = 16 << 20
 
 def is_url(path: str | os.PathLike) -> bool:
     """True for object-storage urls (s3://, gs://, memory://...); plain paths and file:// are local."""
-    text = os.fspath(path)
-    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+    text = path if isinstance(path, str) else str(path)  # str(), not fspath(): UrlPath is not os.PathLike
+    return "://" in text and not text.startswith("file://")
 
 
 def filesystem(url: str) -> tuple[Any, str]:
@@ -137,3 +139,163 @@ class UrlStore:
     def remove(self, relpath: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._key(relpath))
+
+
+class UrlPath:
+    """The part of pathlib.Path the writer uses (`out / name`, is_file, read_text, stat, unlink...), over object
+    storage, so `--out s3://bucket/latents` runs the same pipeline code as a local directory.
+
+    It is deliberately not os.PathLike: a call to open() or os.replace() on it fails loudly instead of writing a
+    local file named "s3:/...". Writes go through `write_bytes`, one PUT each (see `shards.write_text_atomic`).
+    Directories do not exist in object storage: mkdir and rmdir do nothing, a "directory" exists while an object
+    lies under it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    # -------- names
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UrlPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: UrlPath) -> bool:
+        return self.url < other.url
+
+    def __truediv__(self, relpath: str | os.PathLike) -> UrlPath:
+        return UrlPath(join(self.url, os.fspath(relpath).replace(os.sep, "/")))
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return os.path.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> UrlPath:
+        return UrlPath(self.url.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> UrlPath:
+        return self.parent / name
+
+    def relative_to(self, other: UrlPath | str) -> PurePosixPath:
+        base = str(other).rstrip("/") + "/"
+        if not self.url.startswith(base):
+            raise ValueError(f"{self.url} is not under {other}")
+        return PurePosixPath(self.url[len(base):])
+
+    def resolve(self) -> UrlPath:
+        return self
+
+    # -------- the server
+    @property
+    def _fs(self) -> Any:
+        return filesystem(self.url)[0]
+
+    @property
+    def _key(self) -> str:
+        return filesystem(self.url)[1]
+
+    def _info(self) -> dict[str, Any] | None:
+        fs, key = filesystem(self.url)
+        fs.invalidate_cache(key)  # never answer from a listing made before another writer's PUT
+        try:
+            return fs.info(key)
+        except FileNotFoundError:
+            return None
+
+    def is_file(self) -> bool:
+        info = self._info()
+        return info is not None and info.get("type") == "file"
+
+    def is_dir(self) -> bool:
+        fs, key = filesystem(self.url)
+        fs.invalidate_cache(key)
+        try:
+            return bool(fs.ls(key, detail=False)) and not self.is_file()
+        except FileNotFoundError:
+            return False
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def stat(self) -> os.stat_result:
+        info = self._info()
+        if info is None:
+            raise FileNotFoundError(self.url)
+        modified = info.get("LastModified")
+        mtime = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime)
+        return os.stat_result((0o100644, 0, 0, 1, 0, 0, int(info["size"]), mtime, mtime, mtime))
+
+    def iterdir(self) -> list[UrlPath]:
+        fs, key = filesystem(self.url)
+        fs.invalidate_cache(key)
+        try:
+            names = fs.ls(key, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(self / n.rstrip("/").rsplit("/", 1)[-1] for n in names)
+
+    def rglob(self, pattern: str) -> list[UrlPath]:
+        fs, key = filesystem(self.url)
+        fs.invalidate_cache(key)
+        try:
+            found = fs.find(key)
+        except FileNotFoundError:
+            return []
+        return sorted(self / p[len(key) + 1:] for p in found if fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern))
+
+    def glob(self, pattern: str) -> list[UrlPath]:
+        return [p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern)]
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to make: object storage has no directories."""
+
+    def rmdir(self) -> None:
+        """Nothing to remove: a "directory" goes away with its last object."""
+
+    def open(self, mode: str = "rb") -> BinaryIO:
+        if mode != "rb":
+            raise ValueError(f"{self.url}: object storage is written whole with write_bytes, not opened as {mode!r}")
+        return open_url(self.url)
+
+    def read_bytes(self) -> bytes:
+        fs, key = filesystem(self.url)
+        return fs.cat_file(key)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_bytes(self, data: bytes) -> None:
+        """One PUT: the object appears whole or not at all (the S3 API has no partial writes, and no rename)."""
+        fs, key = filesystem(self.url)
+        fs.pipe_file(key, bytes(data))
+        fs.invalidate_cache(key)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(text.encode(encoding))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        fs, key = filesystem(self.url)
+        try:
+            fs.rm_file(key)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        fs.invalidate_cache(key)
+
+
+def as_path(text: str | os.PathLike) -> Any:
+    """An output location: UrlPath for an object-storage url, pathlib.Path otherwise."""
+    return UrlPath(str(text)) if is_url(text) else Path(text)

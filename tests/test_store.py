@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import pytest
 pytest.importorskip("s3fs", reason="object storage tests need s3fs: pip install 'latentcache[s3]'")
 moto_server = pytest.importorskip("moto.server", reason="object storage tests need moto[server] (test extra)")
 
-from tests.conftest import ENCODE_TINY  # noqa: E402
+from conftest import ENCODE_SMALL, ENCODE_TINY, SMALL_VIDEOS, tree_bytes  # noqa: E402
 
 
 def _free_port() -> int:
@@ -67,10 +71,6 @@ def upload(local: Path, url: str) -> None:
     for f in sorted(local.rglob("*")):
         if f.is_file():
             fs.pipe_file(f"{url.removeprefix('s3://')}/{f.relative_to(local).as_posix()}", f.read_bytes())
-
-
-def _samples(dataset) -> dict[str, tuple]:
-    return {s["key"]: (s["latents"].clone(), s["bucket"] if "bucket" in s else None) for s in dataset}
 
 
 def test_dataset_verify_and_info_read_from_s3(s3_endpoint: str, encoded_dir: Path) -> None:
@@ -154,3 +154,68 @@ def test_encode_reads_a_list_of_s3_urls(s3_endpoint: str, video_dir: Path, tmp_p
     assert len(samples) == len(rows) == 4
     assert {s["caption"] for s in samples} == {r["caption"] for r in rows}
     assert {s["meta"]["source"] for s in samples} == {r["path"].removeprefix("s3://") for r in rows}
+
+
+# The encode CLI with the shard writer slowed down around the sidecar PUT, so a kill can land between a shard's PUT
+# and its sidecar's (the state "written, not done"). The bytes written are the same; only the timing changes.
+SLOW_WRITER = """
+import sys, time
+import latentcache.shards as shards
+from latentcache.cli import main
+
+PAUSE = {"member": 0.05, "sidecar": 1.0, "sidecar-written": 0.2}
+shards.WRITE_HOOKS.append(lambda event, path: time.sleep(PAUSE[event]))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    root = url.removeprefix("s3://")
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in sorted(fs.find(root))}
+
+
+@pytest.mark.slow
+def test_kill_9_into_s3_then_resume_equals_an_uninterrupted_local_run(s3_endpoint: str, small_videos: Path,
+                                                                       tmp_path: Path) -> None:
+    """--out s3://...: a run killed with SIGKILL after a shard's PUT but before its sidecar's, then run again, leaves
+    exactly the objects (plan, inputs, chunk plans, shards, sidecars, manifest, failures) an uninterrupted local run
+    writes as files, byte for byte."""
+    from latentcache.cli import main
+
+    args = [*ENCODE_SMALL, "--device", "cpu", "--workers", "1"]
+    reference = tmp_path / "reference"
+    assert main(["encode", str(small_videos), "--out", str(reference), *args]) in (0, 3)  # broken.mp4 fails: 3
+    url = make_bucket("resume") + "/latents"
+    wrapper = tmp_path / "slow_encode.py"
+    wrapper.write_text(SLOW_WRITER)
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, str(wrapper), "encode", str(small_videos), "--out", url, *args],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def state() -> tuple[set[str], set[str]]:
+        names = set(_objects(url)) if proc.poll() is None else set()
+        tars = {n for n in names if n.endswith(".tar")}
+        return tars, {n[: -len(".json")] for n in names if n.endswith(".tar.json")}
+
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        tars, done = state()
+        if done and tars - done:  # one shard done, the next PUT but its sidecar not yet
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    objects = _objects(url)
+    unfinished = {n for n in objects if n.endswith(".tar") and n + ".json" not in objects}
+    assert unfinished and any(n.endswith(".tar.json") for n in objects) and "manifest.json" not in objects
+
+    assert main(["encode", str(small_videos), "--out", url, *args]) in (0, 3)
+    assert _objects(url) == tree_bytes(reference)
+    assert len([n for n in tree_bytes(reference) if n.endswith(".tar")]) == SMALL_VIDEOS
