@@ -81,3 +81,14 @@ def test_decode_bench(capsys):
     out = capsys.readouterr().out
     assert ratio(out, "latentcache/ffmpeg =") > 0
     assert re.search(r"late/early = [0-9.]+", out)
+
+
+@pytest.mark.slow
+def test_s3_bench(capsys):
+    pytest.importorskip("s3fs", reason="bench/s3.py needs s3fs and moto[server] (test extra)")
+    pytest.importorskip("moto.server", reason="bench/s3.py needs s3fs and moto[server] (test extra)")
+    assert bench("s3").main(["--videos", "2", "--video-frames", "24", "--frames", "9", "--height", "64", "--width",
+                             "96", "--workers", "0", "--samples", "4", "--per-shard", "2", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ratio(out, "decode 2 clips") > 0
+    assert ratio(out, "stream 4 samples") > 0
