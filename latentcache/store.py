@@ -47,10 +47,19 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ImportError(f"{url}: {e}; for s3:// urls: pip install 'latentcache[s3]'") from None
 
 
+# Sizes just asked for (decode asks the size, then opens): opening with a known size saves a HEAD request per
+# clip. Bounded; a stale entry only matters for an object replaced mid-run, whose reads then fail loudly.
+_SIZES: dict[str, int] = {}
+_MAX_SIZES = 4096
+
+
 def _fs_open(url: str, block_size: int = BLOCK_SIZE) -> BinaryIO:
     fs, path = filesystem(url)
+    size = _SIZES.get(url)
     # "readahead": sequential reads (a demuxer, a tar) are served from one block per request; a seek outside it
     # (an mp4 moov atom at the end) costs one more range request, not a download.
+    if size is not None:
+        return fs.open(path, "rb", block_size=block_size, cache_type="readahead", size=size)
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
 
@@ -65,7 +74,11 @@ def open_url(url: str) -> BinaryIO:
 def url_size(url: str) -> int:
     """The object's size in bytes (one HEAD request). FileNotFoundError when there is none."""
     fs, path = filesystem(url)
-    return int(fs.size(path))
+    size = int(fs.size(path))
+    if len(_SIZES) >= _MAX_SIZES:
+        _SIZES.clear()
+    _SIZES[url] = size
+    return size
 
 
 def read_url(url: str, limit: int | None = None) -> bytes:

@@ -219,3 +219,48 @@ def test_kill_9_into_s3_then_resume_equals_an_uninterrupted_local_run(s3_endpoin
     assert main(["encode", str(small_videos), "--out", url, *args]) in (0, 3)
     assert _objects(url) == tree_bytes(reference)
     assert len([n for n in tree_bytes(reference) if n.endswith(".tar")]) == SMALL_VIDEOS
+
+
+def test_a_late_clip_of_an_mp4_with_moov_at_the_end_is_read_with_range_requests(
+        s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV's mp4 muxer puts `moov` at the end (no faststart): probing needs the end, a late clip needs its
+    packets; neither downloads the object. Counted on the files PyAV reads through, with 64 KiB blocks."""
+    import s3fs
+
+    from latentcache import decode, store
+    from latentcache.settings import ClipSettings
+    from latentcache.synthetic import write_video
+
+    video = write_video(tmp_path / "long", codec="h264", num_frames=1440, height=240, width=320, fps=24, gop=48)
+    data = video.read_bytes()
+    assert _top_level_boxes(data).index("moov") > _top_level_boxes(data).index("mdat")
+    url = make_bucket("ranges") + "/long" + video.suffix
+    s3fs.S3FileSystem().pipe_file(url.removeprefix("s3://"), data)
+    opened = []
+    monkeypatch.setattr(store, "BLOCK_SIZE", 64 << 10)
+    real = store._fs_open
+    monkeypatch.setattr(store, "_fs_open", lambda u, block_size=64 << 10: opened.append(real(u, 64 << 10))
+                        or opened[-1])
+    info = decode.probe(url)
+    assert abs(info.duration - 60.0) < 0.1
+    probed = sum(f.cache.total_requested_bytes for f in opened)
+    opened.clear()
+    clip = decode.decode_clip(url, 57.0, ClipSettings(frames=9, fps=8.0, height=64, width=96))
+    assert clip.frames.shape[0] == 9
+    read = sum(f.cache.total_requested_bytes for f in opened)
+    assert probed < len(data) / 4 and read < len(data) / 4, (probed, read, len(data))
+    assert (clip.frames == decode.decode_clip(str(video), 57.0, ClipSettings(frames=9, fps=8.0, height=64,
+                                                                            width=96)).frames).all()
+
+
+def _top_level_boxes(data: bytes) -> list[str]:
+    boxes, pos = [], 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        boxes.append(data[pos + 4:pos + 8].decode("latin-1"))
+        if size == 1:
+            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+        if size < 8:
+            break
+        pos += size
+    return boxes
