@@ -4,7 +4,8 @@
     python bench/s3.py --videos 16 --samples 96 --workers 2
     AWS_ENDPOINT_URL=... python bench/s3.py --bucket my-bench-bucket   # a real endpoint, credentials from the env
 
-Two rows, each S3 against the same bytes read from local files (warm page cache), with the same workers:
+The server runs in its own process. Two rows, each S3 against the same bytes read from local files (warm page
+cache), with the same workers:
 - decode: `ClipStream` (the encode stage's prefetched decoding) over clips of h264 videos, by path vs by s3:// url.
   PyAV reads the url through a seekable file object (range requests, `store.open_url`); nothing is downloaded.
 - stream: `LatentShardDataset` over a dataset directory vs the same dataset uploaded to s3://. Remote shards are
@@ -18,6 +19,7 @@ import argparse
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,15 +34,24 @@ from latentcache.settings import ClipSettings  # noqa: E402
 from latentcache.synthetic import write_video  # noqa: E402
 
 
-def start_local_s3() -> object:
-    """moto's S3 server on 127.0.0.1 and a free port, with dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
+def start_local_s3() -> subprocess.Popen:
+    """moto's S3 server (`moto_server`) in its own process on 127.0.0.1 and a free port, as a real endpoint would be
+    (in a thread of this process it would take the GIL from the readers it serves), with dummy credentials."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start; pip install 'moto[server]'") from None
+            time.sleep(0.1)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     return server
@@ -83,12 +94,12 @@ def bench_decode(tmp: Path, bucket: str, args: argparse.Namespace) -> tuple[floa
     def clips(paths: list[str]) -> list[PlannedClip]:
         return [PlannedClip(clip_key(Path(p).name, 0), p, Path(p).name, 0, 0.0, bucket_name, None) for p in paths]
 
-    def run(paths: list[str]) -> None:
-        for _, result in ClipStream(clips(paths), clip, workers=args.workers):
+    def run(paths: list[str], workers: int) -> None:
+        for _, result in ClipStream(clips(paths), clip, workers=workers):
             assert not isinstance(result, Exception), result
 
-    local = _best(lambda: run([str(f) for f in files]), args.repeat)
-    remote = _best(lambda: run([f"{url}/{f.name}" for f in files]), args.repeat)
+    local = _best(lambda: run([str(f) for f in files], args.workers), args.repeat)
+    remote = _best(lambda: run([f"{url}/{f.name}" for f in files], args.s3_workers), args.repeat)
     return len(files) / local, len(files) / remote
 
 
@@ -119,23 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=240)
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--workers", type=int, default=2, help="decode workers, the same for local and S3")
+    p.add_argument("--s3-workers", type=int, default=None, help="decode workers reading from S3 (default: --workers); "
+                   "more than the cores hides request latency")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--per-shard", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args(argv)
+    args.s3_workers = args.workers if args.s3_workers is None else args.s3_workers
     server = start_local_s3() if args.bucket is None else None
     bucket = args.bucket or "latentcache-bench"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local, remote = bench_decode(Path(tmp), bucket, args)
-            print(f"decode {args.videos} clips of {args.frames}x{args.height}x{args.width}, {args.workers} workers: "
+            print(f"decode {args.videos} clips of {args.frames}x{args.height}x{args.width}, {args.workers} workers "
+                  f"({args.s3_workers} for S3): "
                   f"local {local:.2f} clips/s, S3 {remote:.2f} clips/s   S3/local {remote / local:.2f}x")
             local, remote = bench_stream(Path(tmp), bucket, args)
             print(f"stream {args.samples} samples in shards of {args.per_shard}: local {local:.1f} samples/s, "
                   f"S3 {remote:.1f} samples/s   S3/local {remote / local:.2f}x")
     finally:
         if server is not None:
-            server.stop()
+            server.terminate()
+            server.wait(timeout=30)
     return 0
 
 

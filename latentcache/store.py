@@ -47,20 +47,23 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ImportError(f"{url}: {e}; for s3:// urls: pip install 'latentcache[s3]'") from None
 
 
-# Sizes just asked for (decode asks the size, then opens): opening with a known size saves a HEAD request per
-# clip. Bounded; a stale entry only matters for an object replaced mid-run, whose reads then fail loudly.
-_SIZES: dict[str, int] = {}
-_MAX_SIZES = 4096
+# What a HEAD request just said (decode asks the size, then opens): opening with it saves the HEAD that s3fs makes
+# before its first range read. Bounded; a stale entry only matters for an object replaced mid-run (its ranged reads
+# then fail on the ETag, loudly).
+_INFOS: dict[str, dict[str, Any]] = {}
+_MAX_INFOS = 4096
 
 
 def _fs_open(url: str, block_size: int = BLOCK_SIZE) -> BinaryIO:
     fs, path = filesystem(url)
-    size = _SIZES.get(url)
+    info = _INFOS.get(url)
     # "readahead": sequential reads (a demuxer, a tar) are served from one block per request; a seek outside it
     # (an mp4 moov atom at the end) costs one more range request, not a download.
-    if size is not None:
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead", size=size)
-    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+    f = fs.open(path, "rb", block_size=block_size, cache_type="readahead",
+                **({"size": int(info["size"])} if info is not None else {}))
+    if info is not None and hasattr(type(f), "details"):
+        f.details = info
+    return f
 
 
 def open_url(url: str) -> BinaryIO:
@@ -74,11 +77,11 @@ def open_url(url: str) -> BinaryIO:
 def url_size(url: str) -> int:
     """The object's size in bytes (one HEAD request). FileNotFoundError when there is none."""
     fs, path = filesystem(url)
-    size = int(fs.size(path))
-    if len(_SIZES) >= _MAX_SIZES:
-        _SIZES.clear()
-    _SIZES[url] = size
-    return size
+    info = fs.info(path)
+    if len(_INFOS) >= _MAX_INFOS:
+        _INFOS.clear()
+    _INFOS[url] = info
+    return int(info["size"])
 
 
 def read_url(url: str, limit: int | None = None) -> bytes:
