@@ -54,6 +54,9 @@ def start_local_s3() -> subprocess.Popen:
             time.sleep(0.1)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # an earlier run's instance would still talk to its old endpoint
     return server
 
 

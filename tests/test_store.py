@@ -267,3 +267,16 @@ def _top_level_boxes(data: bytes) -> list[str]:
             break
         pos += size
     return boxes
+
+
+def test_a_large_object_is_read_in_concurrent_parts_and_bounded(s3_endpoint: str) -> None:
+    import s3fs
+
+    from latentcache import store
+
+    url = make_bucket("parts") + "/big.tar"
+    data = os.urandom(2 * store.PART_SIZE + 12345)
+    s3fs.S3FileSystem().pipe_file(url.removeprefix("s3://"), data)
+    assert store.read_url(url, len(data)) == data  # the manifest's size: parts, then the one byte past it is absent
+    assert store.read_url(url, len(data) - 10) == data[: len(data) - 9]  # smaller than it is: limit + 1 bytes
+    assert store.read_url(url, len(data) + 3 * store.PART_SIZE) == data  # larger: a part past the end, one GET
