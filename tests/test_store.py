@@ -122,6 +122,7 @@ def test_cli_verify_and_info_take_an_s3_url(s3_endpoint: str, encoded_dir: Path,
     assert "8 samples in 4 shard(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_encode_reads_inputs_from_s3(s3_endpoint: str, video_dir: Path, encoded_dir: Path, tmp_path: Path) -> None:
     """The same videos under s3://bucket/videos/ give byte-identical shards to the local folder: same keys (from
     the path relative to the prefix), same captions (NAME.txt beside the video), same decoded frames."""
@@ -137,6 +138,7 @@ def test_encode_reads_inputs_from_s3(s3_endpoint: str, video_dir: Path, encoded_
     assert [(s["path"], s["sha256"]) for s in remote["shards"]] == [(s["path"], s["sha256"]) for s in local["shards"]]
 
 
+@pytest.mark.slow
 def test_encode_reads_a_list_of_s3_urls(s3_endpoint: str, video_dir: Path, tmp_path: Path) -> None:
     from latentcache.cli import main
     from latentcache.dataset import LatentShardDataset
