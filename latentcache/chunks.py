@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from latentcache.plan import (
 )
 from latentcache.settings import EncodeSettings
 from latentcache.shards import _tmp_name, write_text_atomic
+from latentcache.store import UrlPath
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +275,11 @@ def chunks_for_rank(plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]
 
 
 def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:
-    """Like shards.write_text_atomic, for a file too big to build in memory first."""
+    """Like shards.write_text_atomic, for a file too big to build in memory first (in object storage it is built in
+    memory all the same: one PUT is the only atomic write there)."""
+    if isinstance(path, UrlPath):
+        path.write_bytes(b"".join(pieces))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
@@ -302,10 +308,9 @@ def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, c
     if write:
         _write_stream_atomic(out / inputs_name(index), lines())
         keys_path = out / keys_name(index)
-        tmp = _tmp_name(keys_path)
-        with open(tmp, "wb") as f:
-            np.save(f, table.digests[positions], allow_pickle=False)
-        os.replace(tmp, keys_path)
+        buffer = io.BytesIO()
+        np.save(buffer, table.digests[positions], allow_pickle=False)
+        _write_stream_atomic(keys_path, [buffer.getvalue()])
     else:
         for _ in lines():
             pass
@@ -315,7 +320,8 @@ def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, c
 def _part_digests(out: Path, part: Part) -> np.ndarray:
     path = out / keys_name(part.index)
     try:
-        digests = np.load(path, allow_pickle=False)
+        with path.open("rb") as f:
+            digests = np.load(io.BytesIO(f.read()), allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the part's key digests ({e}); the output directory is incomplete: "
                           "use a new --out directory") from None
@@ -339,7 +345,7 @@ def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
 def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
     found = []
     for part in plan.parts:
-        with open(out / inputs_name(part.index), "rb") as f:
+        with (out / inputs_name(part.index)).open("rb") as f:
             for line in f:
                 ident = input_id(input_from_line(json.loads(line)))
                 if key_digest(ident) in digests:
@@ -371,7 +377,7 @@ def find_input(out: Path, key: str) -> InputVideo | None:
 def read_chunk_inputs(out: Path, ref: ChunkRef) -> list[InputVideo]:
     """The chunk's lines only: one seek into its part's inputs file, checked against plan.json's sha256."""
     path = out / inputs_name(ref.part)
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         f.seek(ref.offset)
         data = f.read(ref.size)
     if hashlib.sha256(data).hexdigest() != ref.sha256:

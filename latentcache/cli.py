@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from latentcache.errors import ConfigError, InputError, LatentcacheError
 from latentcache.settings import ClipSettings, EncodeSettings, TextSettings, TilingSettings, VAESettings
@@ -23,7 +24,8 @@ log = logging.getLogger("latentcache")
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="video files, directories (recursive), or a .txt/.csv/.jsonl list")
-    p.add_argument("--out", required=True, type=Path, help="output directory (shards, manifest, failures)")
+    p.add_argument("--out", required=True, type=path_or_url_out,
+                   help="output directory (shards, manifest, failures), or an object-storage url (s3://bucket/prefix)")
     g = p.add_argument_group("VAE")
     g.add_argument("--vae", default=None, help="local dir, hub id, or tiny-random-<family> "
                    "(default: the family's hub id, e.g. THUDM/CogVideoX-2b)")
@@ -337,17 +339,31 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_USAGE if problems else EXIT_OK
 
 
+def path_or_url(text: str) -> Path | str:
+    """A local path, or an object-storage url (s3://bucket/prefix) kept as text: Path() would fold its '//'."""
+    from latentcache.store import is_url
+
+    return text if is_url(text) else Path(text)
+
+
+def path_or_url_out(text: str) -> Any:
+    """--out: a local Path, or a store.UrlPath that the pipeline writes through with single PUTs."""
+    from latentcache.store import as_path
+
+    return as_path(text)
+
+
 def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     """verify, info, preview, check-config: the trainer side of a dataset."""
     p = sub.add_parser("verify", help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=path_or_url)
     p.add_argument("--trainer-config", type=Path, nargs="+", default=None,
                    help="also check a SAT-style training YAML (several are merged in order, like SAT's --base)")
     p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("info", help="a short table of a dataset, from its manifest")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=path_or_url)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("preview", help="decode latents back to video with the manifest's VAE (mp4, beside sources)")
@@ -374,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encode_arguments(p)
     p.set_defaults(func=_cmd_encode)
     p = sub.add_parser("finalize", help="merge finished shards' sidecars into manifest.json")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=path_or_url_out)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_finalize)
     p = sub.add_parser("demo", help="generate videos, encode them with a tiny random VAE, feed a tiny transformer")

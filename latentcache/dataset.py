@@ -294,8 +294,8 @@ class LatentShardDataset(IterableDataset):
         buffer = bytearray()  # this pass's shard buffer, reused shard after shard (never shared between passes)
         multi = len(self.sources) > 1
 
-        def read(shard: ShardRef) -> Iterator[dict[str, Any]]:
-            for raw in read_shard(shard, check_sha256=self.check_sha256, buffer=buffer):
+        def read(shard: ShardRef, data: memoryview | None = None) -> Iterator[dict[str, Any]]:
+            for raw in read_shard(shard, check_sha256=self.check_sha256, buffer=buffer, data=data):
                 if multi:  # the same key in two outputs still gets its own posterior noise
                     raw["__draw__"] = f"s{shard.source}"
                 yield raw

@@ -27,7 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from latentcache import image, sources
+from latentcache import image, sources, store
 from latentcache.errors import InputError
 from latentcache.settings import ClipSettings
 
@@ -608,8 +608,9 @@ class _MatroskaCRC:
         self.clusters: list[tuple[int, int]] = []  # (start, end) of each cluster's data, in file order
         self.verdicts: dict[int, bool] = {}
         self.next_pos: int | None = None  # where the next level-1 element starts; None: no more to read
+        self._remote: Any = None  # one file object for an object-storage url: no new HEAD request per packet
         try:
-            with sources.open_source(path) as f:
+            with self._handle() as f:
                 pos = 0
                 for _ in range(2):  # the EBML header, then the Segment, whose children are read lazily
                     element, size, data = self._element(f, pos)
@@ -621,6 +622,13 @@ class _MatroskaCRC:
                     pos = data + size
         except OSError as e:
             log.debug("%s: no Matroska CRC check (%s)", path, _why(e))
+
+    def _handle(self) -> Any:
+        if store.is_url(self.path):
+            if self._remote is None:
+                self._remote = sources.open_source(self.path)
+            return contextlib.nullcontext(self._remote)
+        return sources.open_source(self.path)
 
     @staticmethod
     def _vint(f, pos: int, strip: bool) -> tuple[int | None, int]:
@@ -655,7 +663,7 @@ class _MatroskaCRC:
     def intact(self, pos: int) -> bool:
         """False when the cluster holding byte `pos` carries a CRC-32 that does not match its data."""
         try:
-            with sources.open_source(self.path) as f:
+            with self._handle() as f:
                 self._read_until(f, pos)
                 i = bisect.bisect_right(self.clusters, (pos, float("inf"))) - 1
                 if i < 0 or not self.clusters[i][0] <= pos < self.clusters[i][1]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentcache import sources
+from latentcache import sources, store
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.image import IMAGE_SUFFIXES
@@ -422,6 +422,43 @@ def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = Fal
         yield f
 
 
+def _from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]:
+    """Inputs under an object-storage prefix (`s3://bucket/videos/`), or one object; keys come from the path
+    relative to the prefix, as for a local directory, so the same videos give the same keys in S3 and on disk.
+    Hidden names, latentcache outputs (a folder holding OUTPUT_MARKER) and non-videos are skipped as in `_walk`;
+    `NAME.txt` next to a video is its caption."""
+    root = url.rstrip("/")
+    try:
+        found = store.list_files(root)
+    except FileNotFoundError:
+        found = []
+    if found == [root]:  # one object, not a prefix
+        yield InputVideo(root, root.rsplit("/", 1)[-1], None)
+        return
+    rels = [f[len(root) + 1:] for f in found]
+    outputs = {r.rsplit("/", 1)[0] for r in rels if r.rsplit("/", 1)[-1] == OUTPUT_MARKER}
+    outputs |= {e[len(root) + 1:] for e in exclude if e.startswith(root + "/")}
+    names = set(rels)
+    given = 0
+    for rel in rels:
+        parts = rel.split("/")
+        suffix = os.path.splitext(rel)[1].lower()
+        if any(p.startswith(".") for p in parts) or any("/".join(parts[:i]) in outputs for i in range(1, len(parts))):
+            continue
+        if suffix in NOT_VIDEO_SUFFIXES and not (images and suffix in IMAGE_SUFFIXES):
+            continue
+        caption_rel = os.path.splitext(rel)[0] + ".txt"
+        caption = None
+        if caption_rel in names:
+            caption = store.read_url(store.join(root, caption_rel)).decode("utf-8", errors="replace").strip() or None
+        given += 1
+        yield InputVideo(store.join(root, rel), rel, caption)
+    if not given:
+        raise ConfigError(f"input {url!r} holds no objects to encode (hidden files, captions, lists, images without "
+                          "--images and latentcache outputs are not inputs); is the bucket and prefix right, and are "
+                          "AWS credentials and AWS_ENDPOINT_URL set?")
+
+
 def _is_output(folder: Path, exclude: frozenset[Path]) -> bool:
     if (folder / OUTPUT_MARKER).is_file() or folder.resolve() in exclude:
         log.info("%s is a latentcache output directory: not searched for inputs", folder)
@@ -438,8 +475,11 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
     `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
     A directory, list, tar or pattern that gives no input at all is a ConfigError naming it.
     """
-    skip = frozenset(Path(e).resolve() for e in exclude)
+    skip = frozenset(Path(e).resolve() for e in exclude if not store.is_url(e))
     for raw in paths:
+        if store.is_url(raw):
+            yield from _from_url(str(raw), {str(e).rstrip("/") for e in exclude if store.is_url(e)}, images)
+            continue
         p = Path(raw)
         if not p.exists() and _is_pattern(str(raw)):
             root, matches = _expand(str(raw))

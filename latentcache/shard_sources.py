@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentcache import store
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.shards import LATENTS, TarStats, iter_tar, open_regular, read_manifest, safetensors_header
 
@@ -111,7 +112,7 @@ def _read_manifest_arg(manifest: str | os.PathLike) -> tuple[dict[str, Any], Pat
     return read_manifest(root), root
 
 
-def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path) -> list[ShardRef]:
+def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -> list[ShardRef]:
     """Pair each url with its manifest entry; a shard the manifest does not list is refused."""
     by_path = {s["path"]: s for s in manifest["shards"]}
     refs = []
@@ -130,29 +131,32 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path) -> list
             same = [s for p, s in by_path.items() if p.rsplit("/", 1)[-1] == name]
             entry = same[0] if len(same) == 1 else None
         if entry is None:
-            raise ShardFormatError(f"{url} is not listed in {root / 'manifest.json'} ({len(by_path)} shards, e.g. "
+            raise ShardFormatError(f"{url} is not listed in {root}/manifest.json ({len(by_path)} shards, e.g. "
                                    f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
         refs.append(ShardRef(url, entry["path"], entry["bucket"], int(entry["samples"]), entry.get("sha256"),
                              int(entry["bytes"])))
     return refs
 
 
-def _inside(path: str, root: Path) -> str:
+def _inside(path: str, root: Path | str) -> str:
     """A shard path from a manifest, refused unless it stays inside the dataset directory (manifests may come from
     strangers: `/dev/zero` or `../../etc` must never be opened)."""
     posix = str(path).replace("\\", "/")
     # `".." in posix` first: the split runs only for the rare name holding two dots (a per-shard cost otherwise).
     if (not posix or posix[0] == "/" or (len(posix) > 1 and posix[1] == ":")
             or (".." in posix and ".." in posix.split("/"))):
-        raise ShardFormatError(f"{root / 'manifest.json'}: shard path {path!r} is absolute or leaves the dataset "
+        raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is absolute or leaves the dataset "
                                "directory; latentcache writes paths such as shards/17x64x96/000000.tar")
     return posix
 
 
 def resolve_source(source: Any, manifest: str | os.PathLike | None = None
-                   ) -> tuple[dict[str, Any], Path, list[ShardRef]]:
+                   ) -> tuple[dict[str, Any], Path | str, list[ShardRef]]:
     """A dataset directory, or shard urls (paths, globs, brace lists, file://, anything webdataset opens)
-    -> (manifest, manifest directory, shards)."""
+    -> (manifest, manifest directory, shards). A dataset in object storage (`s3://bucket/latents`) gives its url."""
+    remote = _object_store_source(source, manifest)
+    if remote is not None:
+        return remote
     if isinstance(source, str | os.PathLike) and Path(source).is_dir():
         root = Path(source)
         if manifest is None and not (root / "manifest.json").is_file():
@@ -242,10 +246,12 @@ def source_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def open_url(url: str) -> Any:
     """A binary stream for a shard url: local regular files directly (a FIFO or device is refused, never waited
-    on), the rest through webdataset's gopen."""
+    on), object storage (s3://...) through fsspec, the rest through webdataset's gopen."""
     local = _local_path(url)
     if local is not None:
         return open_regular(local, url)
+    if _in_object_store(url):
+        return store.open_url(url)
     import webdataset as wds
 
     return wds.gopen(url, "rb")
@@ -258,6 +264,8 @@ def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
     shards then reuses one warm buffer instead of faulting in fresh pages for every shard (6x faster here).
     """
     limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
+    if _in_object_store(shard.url):
+        return _read_object(shard.url, limit)
     with open_url(shard.url) as stream:
         if _local_path(shard.url) is None:  # a remote stream: its size is known only once it ends
             data = _read_chunks(stream, limit + 1)
@@ -302,8 +310,8 @@ def _read_chunks(stream: Any, most: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None
-               ) -> Iterator[dict[str, Any]]:
+def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None,
+               data: memoryview | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard, none of them before the whole shard has passed: its size, sha256, tar structure
     and sample count against the manifest.
 
@@ -311,9 +319,9 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
     `read_bytes`) and hashed; its tar structure is then checked and its samples counted from those same bytes,
     headers only; only then are samples copied out, one at a time. A changed, cut or miscounted
     shard delivers nothing; no byte is read twice from disk, and memory holds the shard plus the samples in
-    flight, not a second copy of the shard.
+    flight, not a second copy of the shard. `data`: the shard's bytes when already fetched (`prefetched`).
     """
-    data = read_bytes(shard, buffer)
+    data = read_bytes(shard, buffer) if data is None else data
     try:
         if check_sha256 and shard.sha256:
             digest = hashlib.sha256(data).hexdigest()
@@ -332,6 +340,67 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
             yield raw
     finally:
         data.release()  # lets the buffer grow for the next shard
+
+
+# ------------------------------------------------------------- object storage (s3://...): one dispatch, see store.py
+
+
+def _in_object_store(url: str) -> bool:
+    return url.split("://", 1)[0] in store.OBJECT_SCHEMES if "://" in url else False
+
+
+def _read_object(url: str, limit: int) -> memoryview:
+    """The whole shard from object storage, refused when larger than the manifest says (no byte past limit + 1 is
+    fetched). The next shards' reads are started early by `prefetched`, so this wait overlaps decoding."""
+    data = store.read_url(url, limit)
+    if len(data) > limit:
+        raise ShardFormatError(f"{url}: more than the {limit} bytes the manifest lists; the shard was "
+                               "replaced or appended to. Run `latentcache verify` and re-encode it")
+    return memoryview(data)
+
+
+# Shards fetched ahead of the one being decoded, per reader: object storage answers in tens of ms and a shard takes
+# a while to download; two in flight keep a reader busy while costing two shards of memory.
+PREFETCH_SHARDS = 2
+
+
+def prefetched(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, memoryview | None]]:
+    """(shard, its bytes or None). Shards in object storage are downloaded PREFETCH_SHARDS ahead in threads, so a
+    remote reader decodes one shard while the next arrive; local shards are read where they are used (None)."""
+    if not any(_in_object_store(s.url) for s in shards):
+        yield from ((s, None) for s in shards)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(s: ShardRef) -> memoryview | None:
+        return read_bytes(s) if _in_object_store(s.url) else None
+
+    with ThreadPoolExecutor(PREFETCH_SHARDS, thread_name_prefix="latentcache-prefetch") as pool:
+        pending = [pool.submit(fetch, s) for s in shards[:PREFETCH_SHARDS]]
+        try:
+            for i, shard in enumerate(shards):
+                data = pending.pop(0).result()
+                if i + PREFETCH_SHARDS < len(shards):
+                    pending.append(pool.submit(fetch, shards[i + PREFETCH_SHARDS]))
+                yield shard, data
+        finally:
+            for future in pending:  # a reader that stops early (a break, a closed generator) fetches no more
+                future.cancel()
+
+
+def _object_store_source(source: Any, manifest: str | os.PathLike | None
+                         ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
+    """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
+    for anything else (local paths, shard urls, lists)."""
+    if not (isinstance(source, str) and _in_object_store(source)) or source.endswith(".tar"):
+        return None
+    if any(c in source for c in "{*?"):
+        return None
+    root = source.rstrip("/")
+    mroot = str(manifest).rstrip("/").removesuffix("/manifest.json") if manifest is not None else root
+    data = read_manifest(mroot)
+    urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
+    return data, mroot, _match_shards(urls, data, mroot)
 
 
 def raw_shape(raw: dict[str, Any]) -> tuple[int, ...]:

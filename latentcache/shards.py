@@ -109,11 +109,15 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the whole shard atomically, then its sidecar. Returns the sidecar record."""
+    """Write the whole shard atomically, then its sidecar. Returns the sidecar record.
+
+    In object storage (`path` a store.UrlPath) the tar is built in memory and PUT once: no rename exists there and
+    none is needed, a PUT is atomic. The sidecar is PUT after it, so "done" means the same thing as on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    remote = _in_object_store(path)
+    tmp = _tmp_name(path) if not remote else None
     digest = hashlib.sha256()
-    with open(tmp, "wb") as raw:
+    with io.BytesIO() if remote else open(tmp, "wb") as raw:
 
         class _Hashing(io.RawIOBase):
             def writable(self) -> bool:
@@ -128,9 +132,13 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
                 for name, data in sample_members(clip):
                     _add(tar, name, data)
                     _notify("member", path)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+        if remote:
+            path.write_bytes(raw.getbuffer())
+        else:
+            raw.flush()
+            os.fsync(raw.fileno())
+    if not remote:
+        os.replace(tmp, path)
     # Only the rename makes the tar visible, and only the sidecar makes it count: a kill between the two leaves a
     # complete tar without a sidecar, which `read_done` treats as unfinished and the next run rewrites (same bytes).
     record = {
@@ -147,13 +155,24 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
     return record
 
 
+def _in_object_store(path: Any) -> bool:
+    """An output path in object storage (store.UrlPath): written with single PUTs, never temp + rename."""
+    from latentcache.store import UrlPath
+
+    return isinstance(path, UrlPath)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Deterministic JSON (sorted keys, no timestamps), written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half."""
+    """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half.
+    In object storage, one PUT, which gives the same guarantee."""
+    if _in_object_store(path):
+        path.write_text(text)
+        return
     tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -180,6 +199,8 @@ def remove_temporaries(shard: Path) -> list[Path]:
     Only the shard's owner calls this, right before writing it, so in a normal run no live writer is hurt. (Two
     overlapping runs into one directory could remove each other's file; the loser's rename then fails loudly.)
     """
+    if _in_object_store(shard):
+        return []  # writes there are single PUTs: no temporary is ever left behind
     # One pattern covers the tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`).
     removed = sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
     for tmp in removed:
@@ -192,6 +213,8 @@ def remove_temporaries(shard: Path) -> list[Path]:
 def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[Path]:
     """Temporaries anywhere under `root` whose writer is gone: a dead process on this host, or older than an hour
     (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when finalizing."""
+    if _in_object_store(root):
+        return []
     host = socket.gethostname()
     removed = []
     for tmp in sorted(root.rglob(f"*{TMP_SUFFIX}")):
@@ -227,18 +250,11 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of the dataset in `root`, refused with the file and the reason unless it is one latentcache
-    wrote: an object with format_version 1, a usable latent spec, and a list of well-formed shard entries."""
-    path = root / "manifest.json"
-    if not path.exists():
-        raise ShardFormatError(f"{root}: no manifest.json (is this a latentcache output directory, and did "
-                               "`latentcache encode` finish? `latentcache finalize DIR` writes it from the shards)")
-    try:
-        with open_regular(path, str(path)) as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    """The manifest of the dataset in `root` (a directory, or an object-storage url such as s3://bucket/latents),
+    refused with the file and the reason unless it is one latentcache wrote: an object with format_version 1, a
+    usable latent spec, and a list of well-formed shard entries."""
+    path, data = _manifest_bytes(root)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
     try:
@@ -258,6 +274,30 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise ShardFormatError(f"{path}: {'; '.join(problems[:3])}{more}. Not a manifest latentcache wrote: "
                                "rebuild it with `latentcache finalize DIR`")
     return manifest
+
+
+def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
+    """(where, up to MAX_MANIFEST_BYTES + 1 bytes of manifest.json) from a directory or an object-storage url."""
+    from latentcache import store
+
+    missing = (f"{root}: no manifest.json (is this a latentcache output directory, and did `latentcache encode` "
+               "finish? `latentcache finalize DIR` writes it from the shards)")
+    if store.is_url(root):
+        url = store.join(str(root), "manifest.json")
+        try:
+            return url, store.read_url(url, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise ShardFormatError(missing) from None
+        except OSError as e:
+            raise ShardFormatError(f"{url}: cannot read ({e})") from e
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise ShardFormatError(missing)
+    try:
+        with open_regular(path, str(path)) as f:
+            return path, f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 # A manifest lists one small record per shard: 256 MiB holds over a million shards.

@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from latentcache import store
+
 # Separates a tar's path from a member's name: "shards/00003.tar::000031.mp4".
 TAR_SEP = "::"
 TAR_MARK = ".tar" + TAR_SEP
@@ -155,6 +157,8 @@ def open_source(path: str) -> BinaryIO:
         raw = open(tar, "rb")  # noqa: SIM115 (closed with the RangeFile)
         # Buffered: PyAV asks for its buffer size, the CRC check for a few bytes at a time.
         return io.BufferedReader(RangeFile(raw, entry.offset, entry.size, path), buffer_size=1 << 16)
+    if store.is_url(path):
+        return store.open_url(path)  # object storage: range requests through fsspec, no download
     return open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
@@ -162,4 +166,6 @@ def source_size(path: str) -> int:
     """The source's size in bytes. Raises OSError as open_source does."""
     if split_tar_path(path) is not None:
         return _member(path)[1].size
+    if store.is_url(path):
+        return store.url_size(path)
     return os.path.getsize(path)

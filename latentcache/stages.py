@@ -12,21 +12,23 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from latentcache.partition import Share
-from latentcache.shard_sources import ShardRef, raw_shape
+from latentcache.shard_sources import ShardRef, prefetched, raw_shape
 
 Raw = dict[str, Any]
-Reader = Callable[[ShardRef], Iterable[Raw]]
+Reader = Callable[..., Iterable[Raw]]  # read(shard) or read(shard, prefetched bytes)
 
 
 def read_share(shards: Sequence[ShardRef], share: Share, read: Reader) -> Iterator[Raw]:
-    """The raw samples of one slot's share: whole shards, or every share.stride-th sample of them."""
+    """The raw samples of one slot's share: whole shards, or every share.stride-th sample of them. Shards in object
+    storage are fetched a few ahead (`prefetched`), `read(shard, data)` then parses the fetched bytes."""
+    ordered = prefetched([shards[i] for i in share.shards])
     if share.stride == 1:
-        for i in share.shards:
-            yield from read(shards[i])
+        for shard, data in ordered:
+            yield from read(shard, data)
         return
     n = 0
-    for i in share.shards:
-        for raw in read(shards[i]):
+    for shard, data in ordered:
+        for raw in read(shard, data):
             if share.keeps(n):
                 yield raw
             n += 1

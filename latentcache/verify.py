@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from latentcache import store
 from latentcache.checks import latent_problems
 from latentcache.errors import LatentcacheError
 from latentcache.guard import bucket_latent_shape
@@ -201,20 +202,25 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
 
 
 def _shard_bytes(shard: ShardRef) -> int:
+    if store.is_url(shard.url):  # read whole and checked against the manifest's size already
+        return shard.bytes or 0
     try:
         return Path(shard.url).stat().st_size
     except OSError:
         return 0
 
 
-def _check_totals(manifest: dict[str, Any], root: Path, report: VerifyReport) -> None:
+def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyReport) -> None:
     counts = manifest.get("counts", {})
     if counts.get("samples") is not None and counts["samples"] != sum(s["samples"] for s in manifest["shards"]):
         report.problems.append(f"{root}/manifest.json: counts.samples is {counts['samples']}, its shards list "
                                f"{sum(s['samples'] for s in manifest['shards'])}")
     listed = {s["path"] for s in manifest["shards"]}
-    stray = sorted(p.relative_to(root).as_posix() for p in (root / "shards").rglob("*.tar")
-                   if p.relative_to(root).as_posix() not in listed) if (root / "shards").is_dir() else []
+    if store.is_url(root):
+        stray = [p for p in store.UrlStore(str(root)).list("shards") if p.endswith(".tar") and p not in listed]
+    else:
+        stray = sorted(p.relative_to(root).as_posix() for p in (root / "shards").rglob("*.tar")
+                       if p.relative_to(root).as_posix() not in listed) if (root / "shards").is_dir() else []
     if stray:
         report.warnings.append(f"{len(stray)} shard(s) on disk are not in the manifest (e.g. {stray[0]}): left over "
                                "from another run? The dataset ignores them")

@@ -90,3 +90,14 @@ def test_loader_bench_resumes_exactly_with_both_loaders(capsys):
                                  "--stop", "3", "--repeat", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "resume after 3 batches" in line]
     assert len(lines) == 2 and all("keys exact, latents bit-equal" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_s3_bench(capsys):
+    pytest.importorskip("s3fs", reason="bench/s3.py needs s3fs and moto[server] (test extra)")
+    pytest.importorskip("moto.server", reason="bench/s3.py needs s3fs and moto[server] (test extra)")
+    assert bench("s3").main(["--videos", "2", "--video-frames", "24", "--frames", "9", "--height", "64", "--width",
+                             "96", "--workers", "0", "--samples", "4", "--per-shard", "2", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ratio(out, "decode 2 clips") > 0
+    assert ratio(out, "stream 4 samples") > 0
