@@ -177,6 +177,8 @@ def main() -> None:
         return
     if args.smoke:
         args.inputs, args.chunk_size, args.tasks, args.stream_samples = [2000], 100, 4, 32
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         for n in args.inputs:
