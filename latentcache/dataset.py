@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from latentcache.checks import latent_problems, parse_bucket
+from latentcache.buckets import Bucket
+from latentcache.checks import latent_problems
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.shards import (
     LATENTS,
@@ -315,10 +316,11 @@ def _config_get(transformer_or_config: Any) -> Any:
 
 def bucket_latent_shape(spec: LatentSpec, bucket: str) -> tuple[int, int, int, int]:
     """'49x480x720' (frames x height x width in pixels) -> latent (C, T, H, W)."""
-    parsed = parse_bucket(bucket)
-    if parsed is None:
-        raise ShardFormatError(f"bucket {bucket!r} is not FRAMESxHEIGHTxWIDTH such as 49x480x720")
-    return spec.latent_shape(*parsed)
+    try:
+        parsed = Bucket.parse(bucket)
+    except ValueError as e:
+        raise ShardFormatError(str(e)) from None
+    return spec.latent_shape(parsed.frames, parsed.height, parsed.width)
 
 
 def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: Iterable[str], *,
