@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from latentcache import pipeline  # noqa: E402
 from latentcache.decode import decode_clip  # noqa: E402
 from latentcache.plan import discover_inputs  # noqa: E402
-from latentcache.settings import ClipSettings, EncodeSettings, TilingSettings, VAESettings  # noqa: E402
+from latentcache.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
 from latentcache.synthetic import write_video  # noqa: E402
 from latentcache.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
 
@@ -89,13 +89,14 @@ def replace_dtype(vae: VideoVAE, dtype: torch.dtype) -> VideoVAE:
     return vae
 
 
-def latentcache_run(inputs: list[str], settings: EncodeSettings, vae: VideoVAE, out: Path) -> tuple[float, int]:
+def latentcache_run(inputs: list[str], settings: EncodeSettings, runtime: RuntimeSettings, vae: VideoVAE,
+                    out: Path) -> tuple[float, int]:
     # Planning (probing) happens before the clock starts, as it did when the plan was one file: the figure is the
     # decode -> encode -> write loop.
     plan = pipeline.load_or_make_plan(out, discover_inputs(inputs), settings, vae)
     chunk_plans = pipeline.plan_chunks(out, plan, settings)
     started = time.perf_counter()
-    summary = pipeline.run(out, plan, vae, settings, chunk_plans=chunk_plans)
+    summary = pipeline.run(out, plan, vae, settings, runtime=runtime, chunk_plans=chunk_plans)
     _sync(vae.device)
     seconds = time.perf_counter() - started
     assert summary.clips_written == sum(len(c.clips) for c in chunk_plans), summary
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or ("auto" if args.full else "4")
     batch = vae.auto_batch_size(clip.frames, clip.height, clip.width) if batch == "auto" else int(batch)
     settings = EncodeSettings(clip=clip, vae=VAESettings(source=vae.identity.source, subfolder=None),
-                              samples_per_shard=64, batch_size=batch, workers=args.workers)
+                              samples_per_shard=64)
+    runtime = RuntimeSettings(batch_size=batch, workers=args.workers)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name()
     print(f"device: {device_name}; clips: {n} x {clip.bucket}; VAE: {vae.identity.source}; dtype {dtype}; "
           f"batch {batch}; torch threads {torch.get_num_threads()}")
@@ -182,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted(str(p) for p in (tmp / "videos").iterdir())
         # Warm-up (allocator, cudnn autotune, page cache) so neither side pays it.
         vae.encode(decode_clip(paths[0], 0.0, clip).frames[None])
-        ours_s, ours_bytes = latentcache_run([str(tmp / "videos")], settings, vae, tmp / "ours")
+        ours_s, ours_bytes = latentcache_run([str(tmp / "videos")], settings, runtime, vae, tmp / "ours")
         # The same pipeline, one clip per VAE call: what decode overlap alone buys.
-        overlap_s, _ = latentcache_run([str(tmp / "videos")], replace(settings, batch_size=1), vae, tmp / "overlap")
+        overlap_s, _ = latentcache_run([str(tmp / "videos")], settings, replace(runtime, batch_size=1), vae,
+                                       tmp / "overlap")
         naive_s, naive_bytes = naive_loop(paths, clip, vae, tmp / "naive")
         replace_dtype(vae, dtype)
         name = str(dtype).split(".")[-1]

@@ -70,7 +70,7 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
     from latentcache.vae import load_vae
 
     args = args_for(work, n, chunk_size)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args).encode
     vae = load_vae(settings.vae, "cpu")
     started = time.perf_counter()
     plan = pipeline.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size)
@@ -84,7 +84,7 @@ def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     from latentcache.cli import settings_from_args
 
     args = args_for(work, n, chunk_size)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args).encode
     started = time.perf_counter()
     plan = chunks.read_job_plan(args.out)
     read_seconds = time.perf_counter() - started

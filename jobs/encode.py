@@ -45,7 +45,7 @@ from datetime import timedelta
 import torch
 from accelerate import PartialState
 
-from latentcache import cli
+from latentcache import cli, job
 from latentcache.errors import ConfigError
 
 BARRIER_TIMEOUT = timedelta(days=7)
@@ -83,18 +83,12 @@ def sum_over_processes(state: PartialState) -> Callable[[list[float]], list[floa
     return reduce
 
 
-def encode(args: argparse.Namespace, state: PartialState) -> int:
-    rank, world_size = global_slice(state.process_index, state.num_processes)
-    return cli.encode_job(
-        args,
-        rank=rank,
-        world_size=world_size,
-        is_main=state.is_main_process,
-        barrier=state.wait_for_everyone,
-        device=str(state.device),
-        progress_position=state.local_process_index,
-        reduce_sum=sum_over_processes(state),
-    )
+def world_of(state: PartialState, env: Mapping[str, str] = os.environ) -> job.World:
+    """This process's place in the job: its global slice of the shards, and the collectives of its launch."""
+    rank, world_size = global_slice(state.process_index, state.num_processes, env)
+    return job.World(rank=rank, world_size=world_size, is_main=state.is_main_process,
+                     barrier=state.wait_for_everyone, reduce_sum=sum_over_processes(state), device=str(state.device),
+                     local_rank=state.local_process_index)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                          or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     limit_cpu_threads(state)
     try:
-        code = cli.guarded(lambda: encode(args, state))
+        code = cli.guarded(lambda: job.run(cli.settings_from_args(args), world_of(state)))
         # torchrun treats any non-zero exit as a crash (a traceback, the other ranks killed) and SLURM marks the task
         # failed; a few unreadable inputs among many are a normal outcome, reported in the summary and failures.jsonl.
         return cli.EXIT_OK if code == cli.EXIT_SOME_FAILED and not args.strict else code

@@ -7,11 +7,11 @@ verify must report. So both call `latent_problems` (per sample) and `spec_proble
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
 
+from latentcache.buckets import Bucket
 from latentcache.vae import LatentSpec
 
 # What the encoder may have stored: the dtypes `--dtype` offers.
@@ -22,13 +22,11 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # The largest |N(0, 1)| draw torch.randn can make is under 9 (Box-Muller on 53-bit uniforms gives at most ~8.6).
 NOISE_BOUND = 9.0
 FLOAT32_MAX = torch.finfo(torch.float32).max
-BUCKET = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 
 
-def parse_bucket(bucket: Any) -> tuple[int, int, int] | None:
-    """'49x480x720' -> (49, 480, 720) frames x height x width in pixels; None when it is not such a name."""
-    match = BUCKET.match(bucket) if isinstance(bucket, str) else None
-    return None if match is None else (int(match[1]), int(match[2]), int(match[3]))
+def parse_bucket(bucket: Any) -> Bucket | None:
+    """'49x480x720' -> Bucket(49, 480, 720), frames x height x width in pixels; None when it is not such a name."""
+    return Bucket.parse_or_none(bucket)
 
 
 def _finite_number(value: Any) -> bool:
@@ -85,8 +83,10 @@ def latent_problems(mean: torch.Tensor, logvar: torch.Tensor | None, spec: Laten
            if t.dtype not in LATENT_DTYPES]
     if bad:
         return bad
-    frames, height, width = parse_bucket(bucket) or (0, 0, 0)
-    expected = list(spec.latent_shape(frames, height, width))
+    parsed = parse_bucket(bucket)
+    # A name that is no bucket expects an empty shape, so any stored tensor is reported as the wrong shape.
+    sizes = (parsed.frames, parsed.height, parsed.width) if parsed else (0, 0, 0)
+    expected = list(spec.latent_shape(*sizes))
     for name, t in tensors.items():
         if list(t.shape) != expected:
             hint = " (3 channels: pixels, not latents)" if t.ndim == 4 and t.shape[0] == 3 else ""

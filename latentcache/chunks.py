@@ -15,8 +15,8 @@ Inputs are ordered by the digest their keys start with (`clip_key`), so the orde
 duplicates sit next to each other. A chunk plan is a pure function of its chunk's lines and the settings: whichever
 process probes the chunk writes the same bytes. Chunk `i` (counted over all parts) belongs to rank `i % world_size`.
 
-Every name joined into a path is built from integers, or checked (`BUCKET`, `KEY`) when it is read back: a plan file
-is data, and a crafted one must not write outside OUT.
+Every name joined into a path is built from integers, or checked (`Bucket.parse`, `KEY`) when it is read back: a
+plan file is data, and a crafted one must not write outside OUT.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from latentcache import decode
+from latentcache.buckets import Bucket
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.plan import (
     InputVideo,
@@ -66,7 +67,6 @@ def auto_chunk_size(inputs: int) -> int:
     """The default chunk size: DEFAULT_CHUNK_SIZE, smaller for fewer than 256,000 inputs so every rank has work."""
     return max(1, min(DEFAULT_CHUNK_SIZE, inputs // MIN_CHUNKS))
 KEY = re.compile(r"[0-9a-f]{16}_[0-9]{4,6}")  # clip_key: index 0..999999 (plan caps clips per video)
-BUCKET = re.compile(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}x[1-9][0-9]{0,5}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -290,8 +290,7 @@ def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, chunk_size: int, *,
-              write: bool = True) -> Part:
+def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, chunk_size: int) -> Part:
     """Write the inputs at `positions` (digest order) as part `index`: its inputs file, keys file, chunk ranges."""
     whole = hashlib.sha256()
     chunks: list[tuple[int, int, str]] = []
@@ -305,15 +304,11 @@ def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, c
             state["offset"] += len(piece)
             yield piece
 
-    if write:
-        _write_stream_atomic(out / inputs_name(index), lines())
-        keys_path = out / keys_name(index)
-        buffer = io.BytesIO()
-        np.save(buffer, table.digests[positions], allow_pickle=False)
-        _write_stream_atomic(keys_path, [buffer.getvalue()])
-    else:
-        for _ in lines():
-            pass
+    _write_stream_atomic(out / inputs_name(index), lines())
+    keys_path = out / keys_name(index)
+    buffer = io.BytesIO()
+    np.save(buffer, table.digests[positions], allow_pickle=False)
+    _write_stream_atomic(keys_path, [buffer.getvalue()])
     return Part(index, len(positions), whole.hexdigest(), chunk_size, chunks)
 
 
@@ -392,11 +387,12 @@ def read_chunk_inputs(out: Path, ref: ChunkRef) -> list[InputVideo]:
 
 
 def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
-                    probe_fn: Callable[[str], decode.VideoInfo] | None = None, workers: int = 8) -> Plan:
+                    probe_fn: Callable[[str], decode.VideoInfo] | None = None, workers: int = 8,
+                    strict: bool = False) -> Plan:
     """Probe the chunk's inputs and lay their clips out in bucket-pure shards named from the chunk's numbers."""
     inputs = read_chunk_inputs(out, ref)
     probe_fn = probe_fn or functools.partial(decode.probe, images=settings.clip.images)
-    chunk = make_plan(inputs, settings, plan.vae, probe_fn=probe_fn, workers=workers)
+    chunk = make_plan(inputs, settings, plan.vae, probe_fn=probe_fn, workers=workers, strict=strict)
     if chunk.fingerprint != plan.fingerprint:
         raise ConfigError(f"{out}: the settings now give fingerprint {chunk.fingerprint}, plan.json was made with "
                           f"{plan.fingerprint}; run with the settings the directory was made with")
@@ -413,12 +409,12 @@ def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: Plan) -> str:
 
 
 def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
-                            probe_fn: Callable[[str], decode.VideoInfo] | None = None) -> Plan:
+                            probe_fn: Callable[[str], decode.VideoInfo] | None = None, strict: bool = False) -> Plan:
     """The chunk's plan from OUT/chunks/, or made now and written atomically (the same bytes whoever makes it)."""
     path = out / ref.plan_name
     if path.is_file():
         return read_chunk_plan(out, plan, ref)
-    chunk = make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn)
+    chunk = make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, chunk_plan_json(plan, ref, chunk))
     return chunk
@@ -444,7 +440,7 @@ def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> Plan:
     for c in d["clips"]:
         clip = PlannedClip(**c)
         if not (isinstance(clip.relpath, str) and _is_int(clip.index) and clip.key == clip_key(clip.relpath, clip.index)
-                and BUCKET.fullmatch(str(clip.bucket)) and isinstance(clip.source, str)
+                and Bucket.parse_or_none(clip.bucket) is not None and isinstance(clip.source, str)
                 and isinstance(clip.start, (int, float)) and (clip.caption is None or isinstance(clip.caption, str))):
             raise ValueError(f"clip {str(c)[:200]} is malformed (key, bucket, index, source or start)")
         clips.append(clip)
@@ -454,7 +450,7 @@ def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> Plan:
     shards, placed = [], 0
     for i, s in enumerate(d["shards"]):
         keys = s["keys"]
-        if s["index"] != i or not BUCKET.fullmatch(str(s["bucket"])) or not isinstance(keys, list):
+        if s["index"] != i or Bucket.parse_or_none(s["bucket"]) is None or not isinstance(keys, list):
             raise ValueError(f"shard {i} is malformed (index, bucket or keys)")
         if not all(isinstance(k, str) and KEY.fullmatch(k) and buckets.get(k) == s["bucket"] for k in keys):
             raise ValueError(f"shard {i} holds keys that are not clips of its bucket {s['bucket']}")

@@ -1,24 +1,32 @@
 """`latentcache` command line: builds the settings once, owns printing, progress bars and exit codes.
 
 Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error,
-3 finished but some inputs failed (see OUT/failures.jsonl).
+3 finished but some inputs failed (see OUT/failures.jsonl). The encode job itself is job.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from latentcache.errors import ConfigError, InputError, LatentcacheError
-from latentcache.settings import ClipSettings, EncodeSettings, TextSettings, TilingSettings, VAESettings
+from latentcache.job import EXIT_CRASH, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
+from latentcache.settings import (
+    ClipSettings,
+    EncodeSettings,
+    JobSettings,
+    RuntimeSettings,
+    TextSettings,
+    TilingSettings,
+    VAESettings,
+)
 
-EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+__all__ = ["EXIT_CRASH", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "build_parser", "guarded", "main",
+           "report_finalize", "settings_from_args"]
 log = logging.getLogger("latentcache")
 
 
@@ -115,7 +123,8 @@ def _image_latents(args: argparse.Namespace, family: str) -> bool:
     return False
 
 
-def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
+def settings_from_args(args: argparse.Namespace) -> JobSettings:
+    """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
     from latentcache.vae import family_for_source, family_of
 
     family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
@@ -135,124 +144,25 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.fps <= 0:
         raise ConfigError(f"--fps must be positive, got {args.fps}")
-    return EncodeSettings(
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    encode = EncodeSettings(
         clip=ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width,
                           strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
                           buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets),
-                          images=getattr(args, "images", False)),
+                          images=args.images),
         vae=VAESettings(source=source, family=family.name, subfolder=subfolder, revision=args.revision,
                         dtype=args.dtype, tiling=tiling, frame_chunk=args.frame_chunk),
         samples_per_shard=args.samples_per_shard,
-        text=(TextSettings(source=args.text_encoder, max_length=args.text_max_length)
-              if getattr(args, "text_encoder", None) else None),
+        text=TextSettings(source=args.text_encoder, max_length=args.text_max_length) if args.text_encoder else None,
         store=args.store,
         store_dtype=args.store_dtype,
         image_latents=_image_latents(args, family.name),
-        workers=args.workers,
-        compile=args.compile,
-        nvdec=args.nvdec,
-        device=args.device,
-        batch_size=args.batch_size,
-        strict=args.strict,
     )
-
-
-def encode_job(args: argparse.Namespace, *, rank: int = 0, world_size: int = 1, is_main: bool = True,
-               barrier: Callable[[], None] = lambda: None, device: str | None = None, finalize_at_end: bool = True,
-               progress_position: int = 0,
-               reduce_sum: Callable[[list[float]], list[float]] = lambda values: values) -> int:
-    """The encode job, shared by `latentcache encode` and `jobs/encode.py` (accelerate, SLURM).
-
-    `barrier` waits for the processes launched together; `reduce_sum` adds a list of numbers over them (for the job
-    summary). Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier.
-    """
-    from tqdm import tqdm
-
-    from latentcache import chunks, pipeline
-    from latentcache.plan import iter_inputs
-    from latentcache.vae import load_vae
-
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
-
-    started = time.perf_counter()
-    settings = settings_from_args(args)
-    out: Path = args.out
-    vae = load_vae(settings.vae, device or settings.device)
-    vae.tune(compile_encoder=settings.compile)
-    if settings.batch_size is None:
-        clip = settings.clip
-        settings = dataclasses.replace(settings, batch_size=vae.auto_batch_size(clip.frames, clip.height, clip.width))
-    texts = None
-    if settings.text is not None:
-        from latentcache.text import load_text_encoder
-
-        texts = load_text_encoder(settings.text, settings.vae.family, vae.device)
-    if vae.identity.random_weights and is_main:
-        print(f"NOTE: {settings.vae.source} has random weights: these latents are for demos and tests only.")
-    planning_error: LatentcacheError | None = None
-    if is_main:
-        try:
-            # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
-            inputs = iter_inputs(args.inputs, exclude=[out], images=settings.clip.images)
-            plan = pipeline.load_or_make_plan(out, inputs, settings, vae, overwrite=args.overwrite,
-                                              chunk_size=args.chunk_size)
-        except LatentcacheError as e:
-            planning_error = e
-    # A collective rather than a bare barrier: every rank learns whether the plan exists, so a refused plan (other
-    # settings, bad inputs) stops them all at once instead of leaving them to wait or to read a stale plan.json.
-    [planning_failed] = reduce_sum([1.0 if planning_error is not None else 0.0])
-    if planning_error is not None:
-        raise planning_error
-    if planning_failed:
-        return EXIT_USAGE  # the main process prints why
-    if not is_main:
-        plan = chunks.read_job_plan(out)
-    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run).
-    chunk_plans = pipeline.plan_chunks(out, plan, settings, rank=rank, world_size=world_size)
-    mine = [s for chunk in chunk_plans for s in chunk.shards]
-    pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
-    label = f"rank {rank}" if world_size > 1 else "encode"
-    if not pending:
-        print(f"{out}: all {len(mine)} shard(s) {'of ' + label + ' ' if world_size > 1 else ''}are already done; "
-              "nothing to encode")
-    total = sum(len(s.keys) for s in mine)
-    # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
-    # Without a terminal (SLURM logs) a bar line every 30 s is a heartbeat, not noise.
-    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.relpath not in pending), unit="clip",
-              desc=label, position=progress_position, dynamic_ncols=True, leave=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
-        summary = pipeline.run(out, plan, vae, settings, rank=rank, world_size=world_size, on_clip=bar.update,
-                               texts=texts, chunk_plans=chunk_plans)
-    print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
-          f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
-          f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
-          f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
-    totals = reduce_sum([1, summary.clips_written, len(summary.failures), summary.shards_written,
-                         summary.shards_redone, summary.seconds])
-    barrier()
-    if not is_main:
-        return EXIT_OK
-    print_job_summary(totals, time.perf_counter() - started)
-    if not finalize_at_end:
-        return EXIT_OK
-    left, unplanned = pipeline.pending_in_job(out, plan)
-    if left or unplanned:
-        # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
-        print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
-              f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
-        return EXIT_OK
-    return report_finalize(out)
-
-
-def print_job_summary(totals: list[float], wall_seconds: float) -> None:
-    """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
-    processes, clips, failures, shards, redone, busy_seconds = totals
-    # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
-    print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
-          f"interruption) by {int(processes)} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
-          f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
-          f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
+    runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                              compile=args.compile, nvdec=args.nvdec, strict=args.strict)
+    return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
+                       overwrite=args.overwrite, chunk_size=args.chunk_size)
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:
@@ -266,25 +176,10 @@ def _frame_bucket_list(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--frame-buckets {text!r}: expected frame counts separated by commas, e.g. 33,17") from None
 
 
-def report_finalize(out: Path) -> int:
-    """Finalize and print the run's outcome. Skips (a policy, e.g. too short) are reported but are not failures."""
-    from latentcache.pipeline import finalize_with_outcome
-
-    manifest, outcome = finalize_with_outcome(out)
-    counts = manifest["counts"]
-    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
-    skipped, failed = sum(outcome["skips"].values()), sum(outcome["failures"].values())
-    print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
-          f"{counts['samples']} written of {counts['planned_clips']} planned; skipped: {skipped}; failed: {failed}")
-    for title, by_reason in (("skipped by reason", outcome["skips"]), ("failures by kind", outcome["failures"])):
-        if by_reason:
-            print(f"{title}: " + ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
-                  + f" (details in {out / 'failures.jsonl'})")
-    return EXIT_SOME_FAILED if outcome["failures"] else EXIT_OK
-
-
 def _cmd_encode(args: argparse.Namespace) -> int:
-    return encode_job(args)
+    from latentcache import job
+
+    return job.run(settings_from_args(args))
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from latentcache.settings import ClipSettings, EncodeSettings, JobSettings, RuntimeSettings, VAESettings
 from latentcache.synthetic import write_video
 
-DEMO_CLIP = ["--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
+DEMO_CLIP = ClipSettings(frames=17, fps=8.0, height=64, width=96)
 
 
 def make_demo_videos(folder: Path) -> list[Path]:
@@ -41,18 +42,27 @@ def tiny_transformer(latent_frames: int, latent_height: int, latent_width: int, 
         ).eval()
 
 
+def demo_settings(videos: Path, latents: Path) -> JobSettings:
+    """What the demo encodes with: the built-in tiny random CogVideoX VAE, 17x64x96 clips, two per shard."""
+    return JobSettings(
+        inputs=(str(videos),),
+        out=latents,
+        encode=EncodeSettings(clip=DEMO_CLIP, vae=VAESettings(source="tiny-random-cogvideox", family="cogvideox"),
+                              samples_per_shard=2),
+        # batch_size None: auto, as `latentcache encode` defaults to.
+        runtime=RuntimeSettings(batch_size=None),
+        overwrite=True,
+    )
+
+
 def run_demo(out: Path) -> int:
-    from latentcache import LatentShardDataset
-    from latentcache.cli import build_parser, encode_job
+    from latentcache import LatentShardDataset, job
 
     videos = make_demo_videos(out / "videos")
     print(f"wrote {len(videos)} videos to {out / 'videos'}: " + ", ".join(p.name for p in videos))
     latents_dir = out / "latents"
-    args = build_parser().parse_args(["encode", str(out / "videos"), "--out", str(latents_dir),
-                                      "--vae", "tiny-random-cogvideox", "--samples-per-shard", "2",
-                                      "--overwrite", *DEMO_CLIP])
     started = time.perf_counter()
-    code = encode_job(args)
+    code = job.run(demo_settings(out / "videos", latents_dir))
     print(f"encode: {len(videos)} clips in {time.perf_counter() - started:.1f}s (exit code {code})")
     first = next(iter(LatentShardDataset(latents_dir, expected_channels=16, batch_size=2, layout="BTCHW")))
     _, t, c, h, w = first["latents"].shape

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from latentcache.checks import parse_bucket
+from latentcache.buckets import Bucket
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.vae import LatentSpec
 
@@ -23,10 +23,11 @@ def _config_get(transformer_or_config: Any) -> Any:
 
 def bucket_latent_shape(spec: LatentSpec, bucket: str) -> tuple[int, int, int, int]:
     """'49x480x720' (frames x height x width in pixels) -> latent (C, T, H, W)."""
-    parsed = parse_bucket(bucket)
-    if parsed is None:
-        raise ShardFormatError(f"bucket {bucket!r} is not FRAMESxHEIGHTxWIDTH such as 49x480x720")
-    return spec.latent_shape(*parsed)
+    try:
+        parsed = Bucket.parse(bucket)
+    except ValueError as e:
+        raise ShardFormatError(str(e)) from None
+    return spec.latent_shape(parsed.frames, parsed.height, parsed.width)
 
 
 def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: Iterable[str], *,

@@ -27,7 +27,7 @@ from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.loader import ClipStream, default_workers
 from latentcache.plan import OUTPUT_MARKER, InputVideo, Plan, PlannedClip, PlannedShard, check_buckets, failure_record
 from latentcache.provenance import merge_software, software_record, vae_change
-from latentcache.settings import EncodeSettings, TilingSettings, hash_json
+from latentcache.settings import EncodeSettings, RuntimeSettings, TilingSettings, hash_json
 from latentcache.shards import (
     FORMAT_VERSION,
     EncodedClip,
@@ -72,8 +72,7 @@ def vae_record(vae: VideoVAE) -> dict[str, Any]:
 
 
 def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
-                      overwrite: bool = False, write: bool = True,
-                      chunk_size: int | None = None) -> JobPlan:
+                      overwrite: bool = False, chunk_size: int | None = None) -> JobPlan:
     """The top-level plan: OUT/plan.json reused, extended by the inputs it lacks (a new part), or made. No video is
     opened here: each chunk is probed later by the rank that owns it (`plan_chunks`).
 
@@ -82,8 +81,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     agree. Other settings or another VAE are refused, and so are earlier inputs that are not given again.
     """
     vae.spec.check_clip(settings.clip)
-    if write:
-        claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
+    claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
     path = out / PLAN_FILE
     record = vae_record(vae)
     # No video is probed here, but settings that cannot work are refused before any file is written.
@@ -99,10 +97,9 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
         if existing.fingerprint == wanted.fingerprint and not overwrite:
-            return _append(out, existing, chunks.InputTable(inputs), chunk_size, write)
-        if write:
-            clear_outputs(out, existing)
-    return _append(out, wanted, chunks.InputTable(inputs), chunk_size, write)
+            return _append(out, existing, chunks.InputTable(inputs), chunk_size)
+        clear_outputs(out, existing)
+    return _append(out, wanted, chunks.InputTable(inputs), chunk_size)
 
 
 
@@ -142,7 +139,7 @@ def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -
                           "--out) and run the same command again: finished shards are kept") from e
 
 
-def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None, write: bool) -> JobPlan:
+def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None) -> JobPlan:
     """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
     new = chunks.new_inputs(out, plan, table)
     if not len(new):
@@ -151,18 +148,18 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
         log.info("%d new input(s): planned as part %d, the %d earlier part(s) stay as they are", len(new),
                  len(plan.parts), len(plan.parts))
     size = chunk_size or chunks.auto_chunk_size(len(new))  # a function of the new inputs alone: every task agrees
-    part = chunks.make_part(out, len(plan.parts), table, new, size, write=write)
+    part = chunks.make_part(out, len(plan.parts), table, new, size)
     grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
-    if write:
-        # plan.json last: it names the part, whose files are in place by now.
-        _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
+    # plan.json last: it names the part, whose files are in place by now.
+    _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
     return grown
 
 
 def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
-                probe_fn: Callable[[str], VideoInfo] | None = None) -> list[Plan]:
-    """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs."""
-    return [chunks.load_or_make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn)
+                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False) -> list[Plan]:
+    """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
+    `strict`: the first input that cannot be probed raises (see `plan.make_plan`)."""
+    return [chunks.load_or_make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
             for ref in chunks.chunks_for_rank(plan, rank, world_size)]
 
 
@@ -368,8 +365,10 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
 
 def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: EncodeSettings,
                  decoded: Iterator[tuple[PlannedClip, Clip | InputError]], on_clip: Callable[[int], None],
-                 texts: TextEncoder | None = None) -> tuple[list[EncodedClip], list[dict]]:
-    """Encode the shard's clips, taking them from `decoded` (a stream over this rank's pending clips, in order)."""
+                 texts: TextEncoder | None = None, *, batch_size: int = 1,
+                 strict: bool = False) -> tuple[list[EncodedClip], list[dict]]:
+    """Encode the shard's clips, taking them from `decoded` (a stream over this rank's pending clips, in order),
+    `batch_size` clips per VAE call; `strict`: the first failed clip raises."""
     encoded: list[EncodedClip] = []
     failures: list[dict[str, Any]] = []
     batch: list[tuple[PlannedClip, Clip]] = []
@@ -377,7 +376,7 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
     def fail(p: PlannedClip, error: InputError) -> None:
         failures.append(failure_record(error) | {"key": p.key})
         log.warning("%s: %s", error.path, error.reason)
-        if settings.strict:
+        if strict:
             raise error
 
     def flush() -> None:
@@ -416,7 +415,7 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
             on_clip(1)
             continue
         batch.append((p, result))
-        if len(batch) >= settings.batch_size:
+        if len(batch) >= batch_size:
             flush()
     flush()
     return encoded, failures
@@ -424,11 +423,14 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
 
 def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
         on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
-        chunk_plans: list[Plan] | None = None) -> RunSummary:
+        chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None) -> RunSummary:
     """Produce every shard of this rank's chunks that is not already done; `on_clip` counts clips actually worked on.
 
     `chunk_plans`: this rank's chunk plans when the caller has them already (`plan_chunks`), else they are made here.
+    `runtime`: batch size (None: from the clip size and the device's memory), decode workers, NVDEC, strictness;
+    RuntimeSettings() when not given.
     """
+    runtime = runtime or RuntimeSettings()
     summary = RunSummary()
     started = time.perf_counter()
     # Every process checks its own VAE against the plan: a node whose local copy of the weights differs refuses.
@@ -438,7 +440,7 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
     software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
-        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size)
+        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
     todo: list[tuple[PlannedShard, Plan]] = []
     by_key: dict[str, PlannedClip] = {}
     for chunk in chunk_plans:
@@ -455,12 +457,14 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
             todo.append((shard, chunk))
         if todo and todo[-1][1] is chunk:
             by_key.update(chunk.clip_map())
-    workers = default_workers() if settings.workers is None else settings.workers
+    workers = default_workers() if runtime.workers is None else runtime.workers
+    batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
     # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
     decoded = iter(ClipStream([by_key[k] for s, _ in todo for k in s.keys], settings.clip, workers=workers,
-                              nvdec=settings.nvdec))
+                              nvdec=runtime.nvdec))
     for shard, chunk in todo:
-        encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts)
+        encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts,
+                                         batch_size=batch_size, strict=runtime.strict)
         path = out / shard.relpath
         # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
         _writing(path, write_shard, path, encoded,
@@ -471,6 +475,15 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         summary.failures.extend(failures)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def resolve_batch_size(batch_size: int | None, vae: VideoVAE, settings: EncodeSettings) -> int:
+    """Clips per VAE call: as given, or for None (auto) from the clip size and the device's memory, the same on every
+    run on the same machine."""
+    if batch_size is not None:
+        return batch_size
+    clip = settings.clip
+    return vae.auto_batch_size(clip.frames, clip.height, clip.width)
 
 
 def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:

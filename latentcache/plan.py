@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache import sources, store
+from latentcache.buckets import Bucket, frame_rule, nearest_frame_counts
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.image import IMAGE_SUFFIXES
@@ -155,7 +156,6 @@ class Plan:
 # What plan.clip_key and make_plan write: keys are dot- and slash-free (webdataset splits keys on dots, and keys
 # become member names), buckets FRAMESxHEIGHTxWIDTH (a bucket is a folder name under shards/).
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
-BUCKET = re.compile(r"[0-9]{1,6}x[0-9]{1,6}x[0-9]{1,6}")
 
 
 def _expect(ok: bool, where: str | os.PathLike, field_name: str, wanted: str) -> None:
@@ -178,7 +178,7 @@ def _planned_clip(c: Any, where: str | os.PathLike, at: str) -> PlannedClip:
             "an object with exactly " + ", ".join(f.name for f in dataclasses.fields(PlannedClip)))
     _expect(isinstance(c["key"], str) and SAFE_KEY.fullmatch(c["key"]) is not None, where, f"{at}.key",
             "a key of letters, digits, '_' and '-' (such as 3f2a..._0000)")
-    _expect(isinstance(c["bucket"], str) and BUCKET.fullmatch(c["bucket"]) is not None, where, f"{at}.bucket",
+    _expect(Bucket.parse_or_none(c["bucket"]) is not None, where, f"{at}.bucket",
             "FRAMESxHEIGHTxWIDTH such as 17x64x96")
     for name in ("source", "relpath"):
         _expect(isinstance(c[name], str) and c[name] != "", where, f"{at}.{name}", "a path")
@@ -197,7 +197,7 @@ def _planned_shard(s: Any, where: str | os.PathLike, at: str) -> PlannedShard:
                 "null or a whole number from 0 to 999999")
     _expect(_is_int(s["shard_id"]) and 0 <= s["shard_id"] < 10**6, where, f"{at}.shard_id",
             "a whole number from 0 to 999999")
-    _expect(isinstance(s["bucket"], str) and BUCKET.fullmatch(s["bucket"]) is not None, where, f"{at}.bucket",
+    _expect(Bucket.parse_or_none(s["bucket"]) is not None, where, f"{at}.bucket",
             "FRAMESxHEIGHTxWIDTH such as 17x64x96")
     _expect(isinstance(s["keys"], list) and all(isinstance(k, str) and SAFE_KEY.fullmatch(k) for k in s["keys"]),
             where, f"{at}.keys", "a list of keys of letters, digits, '_' and '-'")
@@ -720,16 +720,10 @@ def clip_starts(duration: float, clip: ClipSettings, salt: str = "") -> list[flo
     return [round(i * stride, 6) for i in range(n) if i * stride < room - 1e-9]
 
 
-def parse_bucket(bucket: str) -> tuple[int, int, int]:
-    """'17x64x96' -> (frames, height, width)."""
-    frames, height, width = (int(x) for x in bucket.split("x"))
-    return frames, height, width
-
-
 def clip_settings_for(bucket: str, clip: ClipSettings) -> ClipSettings:
     """The clip settings a planned clip is decoded with: its own bucket's frames and size, the rest shared."""
-    frames, height, width = parse_bucket(bucket)
-    return dataclasses.replace(clip, frames=frames, height=height, width=width)
+    b = Bucket.parse(bucket)
+    return dataclasses.replace(clip, frames=b.frames, height=b.height, width=b.width)
 
 
 def _aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
@@ -766,12 +760,11 @@ def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
     if not spec:
         return
     k, s = int(spec.get("temporal_compression", 1)), int(spec.get("spatial_compression", 1))
-    rule = spec.get("frame_rule", f"{k}k+1")
     for f in clip.frame_buckets:
-        if (f - 1) % k:
-            lower = max(1, (f - 1) // k * k + 1)
-            raise ConfigError(f"--frame-buckets {f} does not fit the VAE, which needs {rule} frames; nearest valid: "
-                              f"{lower} or {lower + k}")
+        nearest = nearest_frame_counts(f, k)
+        if nearest is not None:
+            raise ConfigError(f"--frame-buckets {f} does not fit the VAE, which needs {frame_rule(k)} frames; "
+                              f"nearest valid: {nearest[0]} or {nearest[1]}")
     if clip.buckets:
         for h, w in sizes:
             for name, v in (("height", h), ("width", w)):
@@ -813,7 +806,7 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
     height, width = nearest_size(info.width, info.height, clip)
     if info.source_kind == "image":
         # A still image (--images) is one 1-frame clip, in its own frame bucket beside the videos' aspect bucket.
-        return f"1x{height}x{width}", [0.0]
+        return str(Bucket(1, height, width)), [0.0]
     # Where the stream's frames are counted, the average time each is shown; else the stream's frame period.
     period = info.duration / info.frames if info.frames else 1.0 / info.fps if info.fps > 0 else 0.0
     if period > _MAX_FRAME_PERIOD:
@@ -828,10 +821,10 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
         except ValueError as e:
             raise InputError(info.path, "plan", f"broken timestamps: {e}") from None
         if starts:
-            return f"{frames}x{height}x{width}", _distinct_starts(starts, period)
+            return str(Bucket(frames, height, width)), _distinct_starts(starts, period)
     smallest = min((clip.frames, *fallbacks))
     if clip.short == "pad":
-        return f"{smallest}x{height}x{width}", [0.0]
+        return str(Bucket(smallest, height, width)), [0.0]
     need = (smallest - 1) / clip.fps
     raise InputError(info.path, "plan",
                      f"too short: {info.duration:.2f}s, a clip of {smallest} frames at {clip.fps:g} fps needs more "
@@ -914,10 +907,11 @@ def make_plan(
     *,
     probe_fn: Callable[[str], VideoInfo] | None = None,
     workers: int = 8,
+    strict: bool = False,
 ) -> Plan:
     """Probe every input (in parallel, container metadata only) and lay its clips out in shards, one bucket each.
 
-    With `settings.strict`, the first input that cannot be probed raises its InputError (skips are not failures).
+    With `strict`, the first input that cannot be probed raises its InputError (skips are not failures).
     """
     clip = settings.clip
     check_buckets(clip, vae_identity.get("spec"))
@@ -937,7 +931,7 @@ def make_plan(
             else:
                 placed = plan_spans(result, clip, video)
         except InputError as e:
-            if settings.strict and not e.skipped:
+            if strict and not e.skipped:
                 raise
             # A row's problem names the row (list file and row number), beside the video's path.
             rejected.append(failure_record(e) | ({"row": video.origin} if video.origin else {}))

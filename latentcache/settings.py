@@ -10,7 +10,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+# The string choices of the settings, as the command line offers them.
+ResizeMode = Literal["crop", "fit"]
+ShortPolicy = Literal["skip", "pad"]
+DtypeName = Literal["auto", "fp16", "bf16", "fp32"]
+StoreMode = Literal["posterior", "mean"]
+StoreDtype = Literal["encode", "fp16", "bf16", "fp32"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -22,9 +30,9 @@ class ClipSettings:
     # "first", "uniform:K", "sliding:STRIDE_S" or "all" (non-overlapping clips).
     strategy: str = "first"
     # "crop": scale to fill then center-crop; "fit": scale to fit then pad with black.
-    resize: str = "crop"
+    resize: ResizeMode = "crop"
     # What to do with a video shorter than one clip: "skip" (reported) or "pad" (repeat the last frame).
-    short: str = "skip"
+    short: ShortPolicy = "skip"
     seed: int = 0
     # Aspect buckets "HxW" (e.g. "480x720"): each video takes the one nearest its displayed aspect; empty: always
     # height x width.
@@ -57,13 +65,10 @@ class VAESettings:
     subfolder: str | None = "vae"
     revision: str | None = None
     # "auto": fp16 on a GPU, fp32 on CPU.
-    dtype: str = "auto"
+    dtype: DtypeName = "auto"
     tiling: TilingSettings | None = None
     # Frames fed to the encoder per step (CogVideoX: a multiple of 8; None keeps the VAE's own default).
     frame_chunk: int | None = None
-
-
-RUNTIME_ONLY = ("device", "batch_size", "workers", "compile", "nvdec", "strict")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -76,7 +81,7 @@ class TextSettings:
     # Tokens per prompt; None uses the family's pipeline default (CogVideoX 226, Wan 512, LTX-Video 128).
     max_length: int | None = None
     # "auto": bf16 on a GPU (T5 overflows in fp16), fp32 on CPU.
-    dtype: str = "auto"
+    dtype: DtypeName = "auto"
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -87,27 +92,20 @@ class EncodeSettings:
     # Prompt embeddings cached per sample; None writes captions only.
     text: TextSettings | None = None
     # "posterior" keeps mean and log-variance (a trainer can re-sample each epoch); "mean" halves the bytes.
-    store: str = "posterior"
+    store: StoreMode = "posterior"
     # dtype of the stored tensors: "encode" keeps the VAE's dtype, or fp16/bf16/fp32.
-    store_dtype: str = "encode"
+    store_dtype: StoreDtype = "encode"
     # Also store each clip's first frame encoded as the family's image-to-video pipeline conditions on it
     # (`image_mean`, and `image_logvar` for CogVideoX) (--image-latents).
     image_latents: bool = False
-    # Runtime knobs: they change how fast the work goes, never what is written.
-    device: str = "auto"
-    batch_size: int | None = 1  # clips per VAE call; None: auto (`VideoVAE.auto_batch_size`), resolved by the CLI
-    workers: int | None = None  # decode worker processes; None: from the CPU count
-    compile: bool = False
-    nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
-    strict: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def output_affecting(self) -> dict[str, Any]:
+        """Everything here changes what is written (runtime knobs are RuntimeSettings, outside the fingerprint); the
+        dict is what plan.json and the manifest record, and `fingerprint` hashes it."""
         d = self.to_dict()
-        for runtime_only in RUNTIME_ONLY:
-            d.pop(runtime_only)
         if not d["clip"]["images"]:
             # Absent means off: caches made before --images existed keep their fingerprint and can be resumed.
             del d["clip"]["images"]
@@ -121,6 +119,34 @@ class EncodeSettings:
 
     def fingerprint(self) -> str:
         return hash_json(self.output_affecting())
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RuntimeSettings:
+    """How fast the work goes, never what is written: outside the fingerprint, free to change between runs."""
+
+    device: str = "auto"
+    # Clips per VAE call; None: auto (`VideoVAE.auto_batch_size`, from the clip size and the device's memory),
+    # resolved by `pipeline.run` once the VAE is loaded.
+    batch_size: int | None = 1
+    workers: int | None = None  # decode worker processes; None: from the CPU count
+    compile: bool = False  # torch.compile the VAE encoder
+    nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
+    strict: bool = False  # stop at the first input that fails
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class JobSettings:
+    """Everything one encode job needs (`latentcache encode`, jobs/encode.py, the demo): the root of the tree."""
+
+    inputs: tuple[str, ...]  # video files, directories, or .txt/.csv/.jsonl/.parquet lists
+    out: Path
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    # Start OUT again even if it was made with other settings.
+    overwrite: bool = False
+    # Inputs per planning chunk; None: from the number of new inputs (`chunks.auto_chunk_size`).
+    chunk_size: int | None = None
 
 
 def hash_json(obj: Any) -> str:

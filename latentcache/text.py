@@ -1,9 +1,10 @@
 """Captions -> prompt embeddings, cached next to the latents as `<key>.text.safetensors`.
 
 Each family's diffusers pipeline encodes prompts its own way (tokenizer length, whether the attention mask reaches
-the encoder, Wan's zeroed padding); `RECIPES` copies those choices so a trainer that reads the cached
-`prompt_embeds` gets exactly what the pipeline's `encode_prompt` would give. Each distinct caption is encoded once
-(an LRU cache: clips of one video share a caption and sit next to each other in the plan).
+the encoder, Wan's zeroed padding); each family's `text_recipe` (in vae.FAMILIES) copies those choices so a
+trainer that reads the cached `prompt_embeds` gets exactly what the pipeline's `encode_prompt` would give. Each
+distinct caption is encoded once (an LRU cache: clips of one video share a caption and sit next to each other in
+the plan).
 
 `transformers` is the optional extra `text`: `pip install 'latentcache[text]'`.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from latentcache.errors import ConfigError
 from latentcache.settings import TextSettings
-from latentcache.vae import resolve_device, resolve_dtype
+from latentcache.vae import FAMILIES, TextRecipe, family_of, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -28,36 +28,15 @@ CACHE_SIZE = 128  # distinct captions kept; CogVideoX's 226x4096 bf16 embedding 
 EMPTY_PROMPT = ""  # what a clip without a caption is embedded as: the pipelines' unconditional prompt
 
 
-@dataclass(slots=True, frozen=True)
-class TextRecipe:
-    """How a family's pipeline turns a prompt into `prompt_embeds` (see its `_get_t5_prompt_embeds`)."""
-
-    encoder_class: str  # the transformers class of the pipeline's text_encoder
-    max_length: int  # the pipeline's default max_sequence_length
-    # WanPipeline passes the mask to the encoder, cuts each embedding to its prompt's length and pads with zeros;
-    # CogVideoX and LTX-Video run the encoder on the padded ids alone.
-    wan_style: bool = False
-
-
-RECIPES: dict[str, TextRecipe] = {
-    "cogvideox": TextRecipe("T5EncoderModel", 226),
-    "wan": TextRecipe("UMT5EncoderModel", 512, wan_style=True),
-    "ltx": TextRecipe("T5EncoderModel", 128),
-}
-
-
 def recipe_for(family: str) -> TextRecipe:
-    if family == "hunyuanvideo":
-        raise ConfigError(
-            "--text-encoder with --family hunyuanvideo: HunyuanVideo conditions on two encoders (a LLaVA-Llama with "
-            "a prompt template, plus CLIP's pooled output), which latentcache does not cache yet; drop "
-            "--text-encoder (captions are still stored) and encode prompts in the training loop"
-        )
-    try:
-        return RECIPES[family]
-    except KeyError:
-        raise ConfigError(f"--text-encoder: no text recipe for family {family!r}; "
-                          f"known: {', '.join(RECIPES)}") from None
+    """The family's text recipe (`VAEFamily.text_recipe`); a ConfigError saying why for a family without one."""
+    found = family_of(family)
+    if found.text_recipe is None:
+        known = ", ".join(f.name for f in FAMILIES.values() if f.text_recipe is not None)
+        raise ConfigError(f"--text-encoder with --family {family}: {found.text_unsupported} (text recipes: "
+                          f"{known}); drop --text-encoder (captions are still stored) and encode prompts in the "
+                          "training loop")
+    return found.text_recipe
 
 
 def _import_transformers() -> Any:

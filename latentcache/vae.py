@@ -13,11 +13,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from latentcache.buckets import frame_rule, nearest_frame_counts
 from latentcache.errors import ConfigError, InputError
 from latentcache.provenance import weights_provenance
 from latentcache.settings import ClipSettings, TilingSettings, VAESettings, hash_json
@@ -46,7 +47,7 @@ class LatentSpec:
 
     @property
     def frame_rule(self) -> str:
-        return f"{self.temporal_compression}k+1"
+        return frame_rule(self.temporal_compression)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (
@@ -58,12 +59,11 @@ class LatentSpec:
 
     def check_clip(self, clip: ClipSettings) -> None:
         """Refuse frame counts and sizes this VAE cannot encode exactly, offering the nearest valid values."""
-        k = self.temporal_compression
-        if clip.frames < 1 or (clip.frames - 1) % k:
-            lower = max(1, (clip.frames - 1) // k * k + 1)
+        nearest = nearest_frame_counts(clip.frames, self.temporal_compression)
+        if nearest is not None:
             raise ConfigError(
                 f"--frames {clip.frames} does not fit the {self.family} VAE, which needs {self.frame_rule} frames; "
-                f"nearest valid: {lower} or {lower + k}"
+                f"nearest valid: {nearest[0]} or {nearest[1]}"
             )
         s = self.spatial_compression
         for name, value in (("height", clip.height), ("width", clip.width)):
@@ -125,8 +125,71 @@ class LatentSpec:
         return (z - offset) / gain
 
 
+TilingStyle = Literal["overlap", "stride"]
+
+
+@dataclass(slots=True, frozen=True)
+class TilingAdapter:
+    """How diffusers tiles a family's encoder spatially, and how latentcache switches that on for a TilingSettings.
+
+    style "overlap" (CogVideoX): tile size and an overlap factor, blended tiles concatenated as they are; "stride"
+    (the others): tile size and a stride in pixels, the result cropped to size. `tile_problem` checks exactness
+    per style.
+    """
+
+    style: TilingStyle
+    enable: Callable[[Any, TilingSettings], None]
+
+
+def _enable_overlap_tiling(model: Any, tiling: TilingSettings) -> None:
+    model.enable_tiling(
+        tile_sample_min_height=tiling.tile_height,
+        tile_sample_min_width=tiling.tile_width,
+        tile_overlap_factor_height=tiling.overlap,
+        tile_overlap_factor_width=tiling.overlap,
+    )
+    # diffusers treats overlap 0 as "unset" (`or` default); force the value we validated.
+    model.tile_overlap_factor_height = model.tile_overlap_factor_width = tiling.overlap
+
+
+def _enable_stride_tiling(model: Any, tiling: TilingSettings, patch: int = 1) -> None:
+    sizes = {}
+    for axis, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
+        sizes[f"tile_sample_min_{axis}"] = tile // patch
+        sizes[f"tile_sample_stride_{axis}"] = int(tile * (1 - tiling.overlap)) // patch
+    model.enable_tiling(**sizes)
+
+
+def _enable_patched_stride_tiling(model: Any, tiling: TilingSettings) -> None:
+    # Wan 2.2 tiles after patchifying the input, so its tile sizes are in patchified pixels (Wan 2.1: patch 1).
+    _enable_stride_tiling(model, tiling, patch=model.config.get("patch_size") or 1)
+
+
+OVERLAP_TILING = TilingAdapter("overlap", _enable_overlap_tiling)
+STRIDE_TILING = TilingAdapter("stride", _enable_stride_tiling)
+PATCHED_STRIDE_TILING = TilingAdapter("stride", _enable_patched_stride_tiling)
+
+
+@dataclass(slots=True, frozen=True)
+class TextRecipe:
+    """How a family's pipeline turns a prompt into `prompt_embeds` (see its `_get_t5_prompt_embeds`); text.py
+    follows it to cache the same tensors."""
+
+    encoder_class: str  # the transformers class of the pipeline's text_encoder
+    max_length: int  # the pipeline's default max_sequence_length
+    # WanPipeline passes the mask to the encoder, cuts each embedding to its prompt's length and pads with zeros;
+    # CogVideoX and LTX-Video run the encoder on the padded ids alone.
+    wan_style: bool = False
+
+
 @dataclass(slots=True, frozen=True)
 class VAEFamily:
+    """Everything that differs between VAE families; adding a family adds one `FAMILIES` entry.
+
+    (Image-to-video channel layouts are a property of transformers, not VAEs: they stay with the transformer
+    checks.)
+    """
+
     name: str
     class_name: str
     default_source: str
@@ -135,9 +198,8 @@ class VAEFamily:
     # Builds the spec from a loaded model: its config, plus the weights where a family keeps its normalisation
     # there (LTX-Video registers latents_mean/latents_std as buffers, not config fields).
     spec_from_model: Callable[[Any], LatentSpec]
-    # How diffusers tiles this encoder spatially: "overlap" (CogVideoX: tile size and an overlap factor, blended
-    # tiles concatenated as they are) or "stride" (tile size and a stride in pixels, the result cropped to size).
-    tiling_style: str = "stride"
+    # How diffusers tiles this encoder spatially (see TilingAdapter).
+    tiling: TilingAdapter = STRIDE_TILING
     # The attribute that sets frames per encoder step, where the encoder has one (CogVideoX only).
     frame_chunk_attr: str | None = None
     # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
@@ -146,6 +208,9 @@ class VAEFamily:
     # frame alone as a 1-frame video, CogVideoXImageToVideoPipeline), "video" (the first frame followed by zero
     # frames, encoded as a whole clip, WanImageToVideoPipeline), or None (not supported).
     image_condition: str | None = None
+    # How the family's pipeline embeds prompts (`--text-encoder`); None with `text_unsupported` saying why.
+    text_recipe: TextRecipe | None = None
+    text_unsupported: str = "latentcache has no text recipe for it yet"
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -231,10 +296,11 @@ FAMILIES: dict[str, VAEFamily] = {
             sample_width=96,
         ),
         spec_from_model=_cogvideox_spec,
-        tiling_style="overlap",
+        tiling=OVERLAP_TILING,
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
         image_condition="image",
+        text_recipe=TextRecipe("T5EncoderModel", 226),
     ),
     "wan": VAEFamily(
         name="wan",
@@ -245,8 +311,10 @@ FAMILIES: dict[str, VAEFamily] = {
         tiny_config=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                          temperal_downsample=[False, True, True]),
         spec_from_model=_wan_spec,
+        tiling=PATCHED_STRIDE_TILING,
         transformer_class="WanTransformer3DModel",
         image_condition="video",
+        text_recipe=TextRecipe("UMT5EncoderModel", 512, wan_style=True),
     ),
     "hunyuanvideo": VAEFamily(
         name="hunyuanvideo",
@@ -257,6 +325,8 @@ FAMILIES: dict[str, VAEFamily] = {
                          latent_channels=16),
         spec_from_model=_hunyuan_spec,
         transformer_class="HunyuanVideoTransformer3DModel",
+        text_unsupported="HunyuanVideo conditions on two encoders (a LLaVA-Llama with a prompt template, plus "
+        "CLIP's pooled output), which latentcache does not cache yet",
     ),
     "ltx": VAEFamily(
         name="ltx",
@@ -269,6 +339,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          decoder_layers_per_block=(1, 1, 1, 1, 1)),
         spec_from_model=_ltx_spec,
         transformer_class="LTXVideoTransformer3DModel",
+        text_recipe=TextRecipe("T5EncoderModel", 128),
     ),
 }
 
@@ -314,7 +385,7 @@ def resolve_dtype(dtype: str, device: torch.device, *, gpu_default: torch.dtype 
         raise ConfigError(f"{flag} {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
 
 
-def tile_problem(tiling: TilingSettings, spatial: int, style: str = "overlap") -> str | None:
+def tile_problem(tiling: TilingSettings, spatial: int, style: TilingStyle = "overlap") -> str | None:
     """Why these tile settings would give latents of the wrong size, or None when they are exact.
 
     style "overlap" (CogVideoX): diffusers steps through the input by int(tile * (1 - overlap)) pixels but keeps
@@ -390,13 +461,10 @@ class VideoVAE:
     def configure(self, tiling: TilingSettings | None, frame_chunk: int | None) -> None:
         family = family_of(self.spec.family)
         if tiling is not None:
-            problem = tile_problem(tiling, self.spec.spatial_compression, family.tiling_style)
+            problem = tile_problem(tiling, self.spec.spatial_compression, family.tiling.style)
             if problem:
                 raise ConfigError(f"--tiling: {problem}")
-            if family.tiling_style == "overlap":
-                self._enable_overlap_tiling(tiling)
-            else:
-                self._enable_stride_tiling(tiling)
+            family.tiling.enable(self.model, tiling)
         else:
             self.model.disable_tiling()
         self.tiling = tiling
@@ -412,25 +480,6 @@ class VideoVAE:
                     f"(the {self.spec.family} encoder keeps a causal cache across chunks of that size)"
                 )
             setattr(self.model, family.frame_chunk_attr, frame_chunk)
-
-    def _enable_overlap_tiling(self, tiling: TilingSettings) -> None:
-        self.model.enable_tiling(
-            tile_sample_min_height=tiling.tile_height,
-            tile_sample_min_width=tiling.tile_width,
-            tile_overlap_factor_height=tiling.overlap,
-            tile_overlap_factor_width=tiling.overlap,
-        )
-        # diffusers treats overlap 0 as "unset" (`or` default); force the value we validated.
-        self.model.tile_overlap_factor_height = self.model.tile_overlap_factor_width = tiling.overlap
-
-    def _enable_stride_tiling(self, tiling: TilingSettings) -> None:
-        # Wan 2.2 tiles after patchifying the input, so its tile sizes are in patchified pixels.
-        patch = (self.model.config.get("patch_size") or 1) if self.spec.family == "wan" else 1
-        sizes = {}
-        for axis, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
-            sizes[f"tile_sample_min_{axis}"] = tile // patch
-            sizes[f"tile_sample_stride_{axis}"] = int(tile * (1 - tiling.overlap)) // patch
-        self.model.enable_tiling(**sizes)
 
     def tune(self, *, compile_encoder: bool = False) -> None:
         """GPU speed options users of these VAEs reach for; each leaves the latents' values as they are."""

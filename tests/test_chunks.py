@@ -14,9 +14,9 @@ import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
 import latentcache.decode
-from latentcache import chunks, pipeline
+from latentcache import chunks, job, pipeline
 from latentcache.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
-from latentcache.cli import EXIT_SOME_FAILED, build_parser, encode_job
+from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.plan import InputVideo, clip_key, discover_inputs, iter_inputs
 from latentcache.shards import read_manifest
@@ -84,6 +84,11 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(latentcache.decode, "probe", counting)
     return seen
+
+
+def encode_job(args, *, rank: int = 0, world_size: int = 1) -> int:
+    """The encode job of these arguments, as process `rank` of `world_size` (SLURM array tasks run one by one)."""
+    return job.run(settings_from_args(args), job.World(rank=rank, world_size=world_size))
 
 
 def _tar_digests(out: Path) -> list[str]:

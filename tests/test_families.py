@@ -275,6 +275,31 @@ def test_stride_tiling_refuses_a_stride_off_the_latent_grid():
     assert tile_problem(TilingSettings(tile_height=64, tile_width=64, overlap=0.5), 32, "stride") is None
 
 
+def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, tiny_vae):
+    """What differs between families (text recipe, tiling adapter) is read from the family's FAMILIES entry only."""
+    import dataclasses
+
+    from latentcache.text import recipe_for
+    from latentcache.vae import TextRecipe, TilingAdapter, VideoVAE
+
+    seen = []
+    custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom", text_recipe=TextRecipe("UMT5EncoderModel", 77),
+                                 tiling=TilingAdapter("stride", lambda model, tiling: seen.append(tiling)))
+    monkeypatch.setitem(FAMILIES, "custom", custom)
+    assert recipe_for("custom") == TextRecipe("UMT5EncoderModel", 77)
+    vae = VideoVAE(tiny_vae.model, dataclasses.replace(tiny_vae.spec, family="custom"), tiny_vae.identity,
+                   tiny_vae.device, tiny_vae.dtype)
+    tiling = TilingSettings(tile_height=32, tile_width=32, overlap=0.25)  # exact for a stride, not for an overlap
+    vae.configure(tiling, None)
+    assert seen == [tiling]
+    monkeypatch.setitem(FAMILIES, "custom", dataclasses.replace(custom, text_recipe=None))
+    with pytest.raises(ConfigError, match="--family custom: latentcache has no text recipe for it yet"):
+        recipe_for("custom")
+    assert [FAMILIES[f].tiling.style for f in FAMILY_NAMES] == ["overlap", "stride", "stride", "stride"]
+    assert [(f, FAMILIES[f].text_recipe.max_length) for f in FAMILY_NAMES if FAMILIES[f].text_recipe] == [
+        ("cogvideox", 226), ("ltx", 128), ("wan", 512)]
+
+
 @pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "ltx"])
 def test_frame_chunk_is_cogvideox_only(family):
     vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")

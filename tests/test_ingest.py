@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 from conftest import ENCODE_SMALL, TINY_CLIP
 
-from latentcache import sources
+from latentcache import job, sources
 from latentcache.chunks import InputTable, input_from_line, input_line
-from latentcache.cli import EXIT_SOME_FAILED, build_parser, encode_job
+from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.dataset import LatentShardDataset
 from latentcache.decode import decode_clip, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.plan import clip_key, discover_inputs, input_id, iter_inputs
 from latentcache.synthetic import damage_packet, write_video
+
+
+def encode_job(args) -> int:
+    """The encode job of these arguments, as one process."""
+    return job.run(settings_from_args(args))
 
 
 def _args(inputs: list[str], out: Path, *extra: str):

@@ -10,6 +10,7 @@ import tarfile
 import pytest
 from conftest import TINY_CLIP, tiny_settings
 
+from latentcache.buckets import Bucket
 from latentcache.chunks import InputTable
 from latentcache.cli import main
 from latentcache.decode import VideoInfo, probe
@@ -23,7 +24,6 @@ from latentcache.plan import (
     iter_inputs,
     make_plan,
     nearest_size,
-    parse_bucket,
     parse_strategy,
     plan_video,
 )
@@ -266,14 +266,14 @@ def test_bucket_flags_are_parsed_without_an_encode(tmp_path):
 
     def clip(*flags: str):
         args = build_parser().parse_args(["encode", "v.mp4", "--out", str(tmp_path), *CLI, "--frames", "17", *flags])
-        return settings_from_args(args).clip
+        return settings_from_args(args).encode.clip
 
     parsed = clip("--buckets", " 64x96, 96X64 ,,", "--frame-buckets", "9,5,9")
     assert parsed.buckets == ("64x96", "96x64") and parsed.frame_buckets == (9, 5)
     assert clip().buckets == () and clip().frame_buckets == ()
     with pytest.raises(ConfigError, match="--frame-buckets '9,x'"):
         clip("--frame-buckets", "9,x")
-    assert parse_bucket("17x64x96") == (17, 64, 96)
+    assert Bucket.parse("17x64x96") == Bucket(17, 64, 96) and str(Bucket(17, 64, 96)) == "17x64x96"
     assert clip_settings_for("9x96x64", parsed).bucket == "9x96x64"
 
 

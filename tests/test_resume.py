@@ -26,6 +26,7 @@ from latentcache.cli import main
 from latentcache.errors import ConfigError
 from latentcache.pipeline import fallback_tilings, finalize, load_or_make_plan, run
 from latentcache.plan import discover_inputs
+from latentcache.settings import RuntimeSettings
 from latentcache.shards import decode_sample, iter_tar, read_manifest, remove_stale_temporaries, sidecar_path
 from latentcache.vae import VideoVAE, load_vae
 
@@ -251,11 +252,11 @@ def test_new_inputs_are_a_new_part_and_a_missing_one_is_refused(small_videos: Pa
 # ---------------------------------------------------------------------------------------------- faults in a run
 
 
-def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, **overrides) -> dict:
+def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, batch_size: int = 1, **overrides) -> dict:
     settings = tiny_settings(**overrides)
     # One chunk: these tests are about batches and shards of several clips.
     plan = load_or_make_plan(out, discover_inputs(videos), settings, vae, chunk_size=1000)
-    run(out, plan, vae, settings)
+    run(out, plan, vae, settings, runtime=RuntimeSettings(batch_size=batch_size))
     return finalize(out)
 
 
