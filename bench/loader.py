@@ -24,26 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentcache import LatentShardDataset  # noqa: E402
 from latentcache.dataset import StatefulLoader  # noqa: E402
-from latentcache.shards import EncodedClip, write_manifest, write_shard  # noqa: E402
+from latentcache.synthetic import write_latent_dataset  # noqa: E402
 
 SHAPE = (16, 5, 60, 90)  # CogVideoX latents of a 17x480x720 clip
 
 
 def make_dataset(root: Path, samples: int, per_shard: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    shards = []
-    for shard_id, start in enumerate(range(0, samples, per_shard)):
-        clips = [EncodedClip(f"clip{i:06d}", torch.randn(SHAPE, generator=gen).half(),
-                             (torch.randn(SHAPE, generator=gen) - 4).half(), {"frames": 17})
-                 for i in range(start, min(start + per_shard, samples))]
-        path = root / "shards" / "17x480x720" / f"{shard_id:06d}.tar"
-        record = write_shard(path, clips)
-        shards.append({"path": str(path.relative_to(root)), "bucket": "17x480x720", "samples": record["samples"],
-                       "bytes": record["bytes"], "sha256": record["sha256"]})
-    write_manifest(root, {"latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4,
-                                          "spatial_compression": 8, "scaling_factor": 1.15258426},
-                          "vae": {"class_name": "AutoencoderKLCogVideoX"},
-                          "counts": {"samples": samples, "shards": len(shards)}, "shards": shards})
+    # Posteriors of a realistic spread (log-variance around -4), as a VAE writes them.
+    write_latent_dataset(root, samples, per_shard, SHAPE, logvar_shift=-4.0)
 
 
 def loaders(workers: int):

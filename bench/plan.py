@@ -119,29 +119,13 @@ def step_open(work: Path, n: int) -> dict:
 
 def step_stream(work: Path, samples: int) -> dict:
     """samples/s from full shards (64) and from tiny ones (2 samples, what a rare bucket leaves in a chunk)."""
-    import torch
-
     from latentcache import LatentShardDataset
-    from latentcache.shards import EncodedClip, write_manifest, write_shard
+    from latentcache.synthetic import write_latent_dataset
 
-    shape = (16, 5, 60, 90)  # a 17x480x720 clip's CogVideoX latent
     result = {}
     for per_shard in (64, 2):
         root = work / f"stream_{per_shard}"
-        gen = torch.Generator().manual_seed(0)
-        shards = []
-        for shard_id, start in enumerate(range(0, samples, per_shard)):
-            clips = [EncodedClip(f"{i:016x}_0000", torch.randn(shape, generator=gen).half(),
-                                 torch.randn(shape, generator=gen).half(), {"frames": 17})
-                     for i in range(start, min(start + per_shard, samples))]
-            path = root / "shards" / "17x480x720" / f"{shard_id:06d}.tar"
-            record = write_shard(path, clips)
-            shards.append({"path": str(path.relative_to(root)), "bucket": "17x480x720", "samples": record["samples"],
-                           "bytes": record["bytes"], "sha256": record["sha256"]})
-        write_manifest(root, {"latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4,
-                                              "spatial_compression": 8, "scaling_factor": 1.15258426},
-                              "vae": {"class_name": "AutoencoderKLCogVideoX"},
-                              "counts": {"samples": samples, "shards": len(shards)}, "shards": shards})
+        write_latent_dataset(root, samples, per_shard)
         for _ in range(2):  # the first pass warms the page cache
             started = time.perf_counter()
             count = sum(1 for _ in LatentShardDataset(root))

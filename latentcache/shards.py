@@ -225,7 +225,7 @@ def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[P
             age = time.time() - tmp.stat().st_mtime
         except FileNotFoundError:
             continue
-        if (local and not _alive(int(pid))) or age > max_age_s:
+        if (local and not process_alive(int(pid))) or age > max_age_s:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     if removed:
@@ -233,7 +233,8 @@ def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[P
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -199,3 +199,27 @@ def damage_packet(src: str | Path, dst: str | Path, index: int, *, fraction: flo
     data[offset : offset + n] = rng.bytes(n)
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[int, ...] = (16, 5, 60, 90),
+                         logvar_shift: float = 0.0) -> None:
+    """A finished output of random fp16 CogVideoX posteriors (`shape` is a 17x480x720 clip's latent by default) in
+    shards of `per_shard`, with its manifest: what the streaming benchmarks read, without encoding anything."""
+    import torch
+
+    from latentcache.shards import EncodedClip, write_manifest, write_shard
+
+    gen = torch.Generator().manual_seed(0)
+    shards = []
+    for shard_id, start in enumerate(range(0, samples, per_shard)):
+        clips = [EncodedClip(f"{i:016x}_0000", torch.randn(shape, generator=gen).half(),
+                             (torch.randn(shape, generator=gen) + logvar_shift).half(), {"frames": 17})
+                 for i in range(start, min(start + per_shard, samples))]
+        path = Path(root) / "shards" / "17x480x720" / f"{shard_id:06d}.tar"
+        record = write_shard(path, clips)
+        shards.append({"path": path.relative_to(root).as_posix(), "bucket": "17x480x720", "samples": record["samples"],
+                       "bytes": record["bytes"], "sha256": record["sha256"]})
+    write_manifest(Path(root), {"latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4,
+                                                "spatial_compression": 8, "scaling_factor": 1.15258426},
+                                "vae": {"class_name": "AutoencoderKLCogVideoX"},
+                                "counts": {"samples": samples, "shards": len(shards)}, "shards": shards})

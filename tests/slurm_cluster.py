@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from latentcache.shards import process_alive
+
 STATE_DIR = Path(os.environ.get("LATENTCACHE_SLURM_DIR", "/tmp/latentcache-slurm"))
 DAEMONS = ("slurmctld", "slurmd", "munged")
 MUNGE_SOCKET_DIR = Path("/run/munge")
@@ -42,16 +44,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop_pid_file(pid_file: Path, timeout: float = 10) -> None:
     """SIGTERM the daemon named by `pid_file` (if it is still that daemon), SIGKILL it if it lingers."""
     try:
@@ -66,9 +58,9 @@ def _stop_pid_file(pid_file: Path, timeout: float = 10) -> None:
         return  # the pid was reused by something else: not ours to kill
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _pid_alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
 

@@ -185,6 +185,7 @@ def test_key_digests_are_the_keys_prefix() -> None:
     assert np.uint64(digest) == digest
 
 
+@pytest.mark.slow
 def test_bench_plan_smoke(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "plan.py"), "--smoke", "--work",
                              str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
