@@ -194,3 +194,10 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["corrupt_mp4"] = corrupt_frame(mp4, d / "corrupt.mp4", at=2.2)
     return files
 
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs `encoded_reference` (a 2-process `accelerate launch` encode) is multi-process: slow tier."""
+    for item in items:
+        if "encoded_reference" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
