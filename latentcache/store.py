@@ -14,7 +14,6 @@ roles; AWS_ENDPOINT_URL for a non-AWS endpoint): no url, plan or manifest ever c
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import os
@@ -116,56 +115,6 @@ def list_files(url: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- output
-
-
-class UrlStore:
-    """An output location in object storage, addressed by paths relative to its root url."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
-        self.fs, self.path = filesystem(self.root)
-
-    def url(self, relpath: str) -> str:
-        return join(self.root, relpath)
-
-    def _key(self, relpath: str) -> str:
-        return f"{self.path}/{relpath.strip('/')}"
-
-    def write_atomic(self, relpath: str, data: bytes) -> None:
-        """One PUT: readers see no object or the whole one, never a part (S3 has no partial writes)."""
-        self.fs.pipe_file(self._key(relpath), bytes(data))
-
-    def read(self, relpath: str) -> bytes:
-        return self.fs.cat_file(self._key(relpath))
-
-    def read_range(self, relpath: str, start: int, size: int) -> bytes:
-        return self.fs.cat_file(self._key(relpath), start=start, end=start + size)
-
-    def size(self, relpath: str) -> int | None:
-        """The object's size, None when it does not exist (asked of the server, never of a listing cache)."""
-        key = self._key(relpath)
-        self.fs.invalidate_cache(key)
-        try:
-            return int(self.fs.info(key)["size"])
-        except FileNotFoundError:
-            return None
-
-    def exists(self, relpath: str) -> bool:
-        return self.size(relpath) is not None
-
-    def list(self, relpath: str = "") -> list[str]:
-        """Relative paths of every object under `relpath`, sorted."""
-        base = self._key(relpath) if relpath else self.path
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base)
-        except FileNotFoundError:
-            return []
-        return sorted(p[len(self.path) + 1:] for p in found)
-
-    def remove(self, relpath: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._key(relpath))
 
 
 class UrlPath:

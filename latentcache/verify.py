@@ -217,7 +217,9 @@ def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyRepo
                                f"{sum(s['samples'] for s in manifest['shards'])}")
     listed = {s["path"] for s in manifest["shards"]}
     if store.is_url(root):
-        stray = [p for p in store.UrlStore(str(root)).list("shards") if p.endswith(".tar") and p not in listed]
+        base = str(root).rstrip("/") + "/"
+        stray = [u[len(base):] for u in store.list_files(store.join(str(root), "shards"))
+                 if u.endswith(".tar") and u[len(base):] not in listed]
     else:
         stray = sorted(p.relative_to(root).as_posix() for p in (root / "shards").rglob("*.tar")
                        if p.relative_to(root).as_posix() not in listed) if (root / "shards").is_dir() else []

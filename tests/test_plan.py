@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tarfile
 
 import pytest
@@ -16,7 +15,6 @@ from latentcache.cli import main
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.plan import (
-    Plan,
     check_buckets,
     clip_settings_for,
     clip_starts,
@@ -359,24 +357,3 @@ def test_output_directories_are_not_inputs(tmp_path) -> None:
     (tmp_path / "in" / "marked" / ".latentcache").write_text('{"format_version": 1}')
     found = discover_inputs([tmp_path / "in"], exclude=[tmp_path / "in" / "given"])
     assert [v.relpath for v in found] == ["v.mp4"]
-
-
-@pytest.mark.parametrize(("field", "value", "named"), [
-    ("bucket", "../../ESCAPED", "shards[0].bucket"),
-    ("shard_id", "0", "shards[0].shard_id"),
-    ("shard_id", True, "shards[0].shard_id"),
-    ("keys", ["../x"], "shards[0].keys"),
-    ("keys", ["a.b"], "shards[0].keys"),
-])
-def test_malformed_plans_are_refused_naming_the_field(tmp_path, field, value, named) -> None:
-    videos = tmp_path / "in"
-    videos.mkdir()
-    write_video(videos / "v", codec="h264", num_frames=24, height=32, width=32, fps=8)
-    plan = json.loads(make_plan(discover_inputs([videos]), tiny_settings(), VAE).to_json())
-    plan["shards"][0][field] = value
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'plan.json'}: {named} is not")):
-        Plan.from_json(json.dumps(plan), tmp_path / "plan.json")
-    plan["shards"] = []
-    plan["clips"][0]["key"] = "a/b"
-    with pytest.raises(ConfigError, match=re.escape("clips[0].key is not")):
-        Plan.from_json(json.dumps(plan), tmp_path / "plan.json")
