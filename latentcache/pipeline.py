@@ -31,6 +31,7 @@ from latentcache.settings import EncodeSettings, RuntimeSettings, TilingSettings
 from latentcache.shards import (
     FORMAT_VERSION,
     EncodedClip,
+    pause_point,
     read_done,
     remove_stale_temporaries,
     remove_temporaries,
@@ -152,6 +153,7 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
     grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
     # plan.json last: it names the part, whose files are in place by now.
     _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
+    pause_point("planned")  # test-only kill moment (see shards.PAUSE_ENV); nothing when unset
     return grown
 
 

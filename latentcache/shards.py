@@ -88,6 +88,32 @@ WRITE_HOOKS: list[Callable[[str, Path], None]] = []
 def _notify(event: str, path: Path) -> None:
     for hook in WRITE_HOOKS:
         hook(event, path)
+    pause_point(event)
+
+
+# TEST-ONLY. LATENTCACHE_TEST_PAUSE_AT=<point>[#<n>]:<dir> makes a process, the n-th time (default 1) it reaches
+# `point` (a WRITE_HOOKS event: member, sidecar, sidecar-written; or "planned": plan.json just written), create
+# <dir>/<point>.<pid>.reached and then wait until <dir>/release exists. The kill tests never write "release": they
+# wait for "reached" and kill -9 a writer frozen in exactly that state, however loaded the machine (polling for a
+# state and then killing lets the moment pass first). Unset, the cost is one environment lookup per event.
+PAUSE_ENV = "LATENTCACHE_TEST_PAUSE_AT"
+_paused_at: dict[str, int] = {}
+
+
+def pause_point(point: str) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    wanted, _, folder = spec.partition(":")
+    name, _, nth = wanted.partition("#")
+    if name != point:
+        return
+    _paused_at[point] = _paused_at.get(point, 0) + 1
+    if _paused_at[point] != int(nth or 1):
+        return
+    (Path(folder) / f"{point}.{os.getpid()}.reached").touch()
+    while not (Path(folder) / "release").exists():
+        time.sleep(0.05)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -106,6 +132,44 @@ def _tmp_name(path: Path) -> Path:
     """A temporary name unique to this writer: two processes that ever write the same file (a requeued SLURM task
     overlapping its old self, two array tasks making the plan) never write into one inode; the rename decides."""
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+
+
+# What `_tmp_name` appends to a final name: `.<host>.<pid>.tmp` (a host name may hold dots, a pid is digits).
+_TMP_TAIL = r"\.(?P<host>.+)\.(?P<pid>[0-9]+)\.tmp"
+# The files latentcache writes through a temporary, by the folder of OUT they are written in: the final names of
+# pipeline.PLAN_FILE, the manifest, failures.jsonl and plan.OUTPUT_MARKER; chunks.inputs_name / keys_name;
+# chunks.chunk_plan_name; PlannedShard.relpath and its sidecar. Only temporaries of these names, in these folders,
+# are ever swept: any other file, even `OUT/shards/<bucket>/notes.tmp`, is a user's.
+_ROOT_FILES = re.compile(rf"(?:plan\.json|manifest\.json|failures\.jsonl|\.latentcache){_TMP_TAIL}")
+_INPUTS_FILES = re.compile(rf"part-[0-9]{{4,}}\.(?:jsonl|keys\.npy){_TMP_TAIL}")
+_CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
+_CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.json{_TMP_TAIL}")
+_SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
+
+
+def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
+    """Each temporary under OUT=`root` whose name latentcache builds, in a folder latentcache writes it in."""
+    from latentcache.checks import parse_bucket
+
+    def listed(folder: Path, names: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str]]]:
+        if not folder.is_dir():
+            return
+        for entry in sorted(folder.iterdir()):
+            match = names.fullmatch(entry.name)
+            if match and entry.is_file() and not entry.is_symlink():  # latentcache makes no links: one is a user's
+                yield entry, match
+
+    def subfolders(folder: Path, ok: Callable[[str], bool]) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(d for d in folder.iterdir() if ok(d.name) and d.is_dir())
+
+    yield from listed(root, _ROOT_FILES)
+    yield from listed(root / "inputs", _INPUTS_FILES)
+    for folder in subfolders(root / "chunks", _CHUNK_FOLDER.fullmatch):
+        yield from listed(folder, _CHUNK_FILES)
+    for folder in subfolders(root / "shards", lambda name: parse_bucket(name) is not None):
+        yield from listed(folder, _SHARD_FILES)
 
 
 def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -201,8 +265,11 @@ def remove_temporaries(shard: Path) -> list[Path]:
     """
     if _in_object_store(shard):
         return []  # writes there are single PUTs: no temporary is ever left behind
-    # One pattern covers the tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`).
-    removed = sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
+    # The tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`), and no other name: a user's
+    # `000017.tar.notes.tmp` is not one of ours.
+    ours = re.compile(rf"{re.escape(shard.name)}(?:\.json)?{_TMP_TAIL}")
+    removed = [p for p in sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
+               if ours.fullmatch(p.name) and not p.is_symlink()]
     for tmp in removed:
         tmp.unlink(missing_ok=True)
     if removed:
@@ -211,16 +278,18 @@ def remove_temporaries(shard: Path) -> list[Path]:
 
 
 def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[Path]:
-    """Temporaries anywhere under `root` whose writer is gone: a dead process on this host, or older than an hour
-    (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when finalizing."""
+    """latentcache's own temporaries in the output `root` whose writer is gone: a dead process on this host, or older
+    than an hour (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when
+    finalizing. Only names `_tmp_name` builds for files latentcache writes, in the folders it writes them in, are
+    candidates (see `_own_temporaries`): a user's `OUT/my_notes/draft.tmp` stays, however old."""
     if _in_object_store(root):
         return []
     host = socket.gethostname()
     removed = []
-    for tmp in sorted(root.rglob(f"*{TMP_SUFFIX}")):
-        stem = tmp.name[: -len(TMP_SUFFIX)]
-        before, _, pid = stem.rpartition(".")
-        local = pid.isdigit() and before.endswith(f".{host}")
+    for tmp, match in _own_temporaries(root):
+        # The host is matched from the end: `000017.tar.json.<host>.<pid>.tmp` may split either way, not this.
+        pid = match["pid"]
+        local = tmp.name.endswith(f".{host}.{pid}{TMP_SUFFIX}")
         try:
             age = time.time() - tmp.stat().st_mtime
         except FileNotFoundError:

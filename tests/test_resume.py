@@ -173,7 +173,7 @@ def test_stale_temporaries_go_live_ones_stay(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     names = {"dead": f"plan.json.{host}.{dead.pid}.tmp", "live": f"manifest.json.{host}.{os.getpid()}.tmp",
-             "other_host_new": "shards/b/000001.tar.elsewhere.7.tmp",
+             "other_host_new": "shards/17x64x96/000001.tar.elsewhere.7.tmp",
              "other_host_old": "failures.jsonl.elsewhere.8.tmp"}
     for name in names.values():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +184,48 @@ def test_stale_temporaries_go_live_ones_stay(tmp_path: Path) -> None:
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted([names["dead"],
                                                                                   names["other_host_old"]])
     assert (tmp_path / names["live"]).exists() and (tmp_path / names["other_host_new"]).exists()
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+# A user's files in latentcache's output, named like temporaries, in and out of the folders latentcache writes.
+USERS_TMP_FILES = ("my_notes/draft.tmp", "shards/17x64x96/notes.tmp", "draft.tmp", "inputs/part-0000.jsonl.old.tmp",
+                   "shards/17x64x96/p0000-c000000-000000.tar.notes.tmp", "shards/mine/000000.tar.host.1.tmp",
+                   "chunks/p0000/c000000.json.tmp", "plan.json.backup.tmp")
+
+
+def test_rerun_and_finalize_keep_a_users_tmp_files_and_sweep_latentcache_s(small_videos: Path,
+                                                                           tmp_path: Path) -> None:
+    """Issue 20.2: only temporaries latentcache names (`<its file>.<host>.<pid>.tmp`, in the folder it writes that
+    file in) are swept; a user's 2-hour-old `*.tmp` files anywhere in OUT survive a rerun and a finalize."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    out = tmp_path / "out"
+    assert main(_cli_args(videos, out)) == 0
+    written = tree_bytes(out)
+    # A killed writer's leftover for every file latentcache wrote: on another host (2 h old) and on this host (a
+    # dead pid, new): each is one of latentcache's temporaries.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours = []
+    for name in written:
+        ours += [out / f"{name}.elsewhere.example.4242.tmp", out / f"{name}.{socket.gethostname()}.{dead.pid}.tmp"]
+        ours[-2].write_bytes(b"partial")
+        _age(ours[-2], 2 * 3600)
+        ours[-1].write_bytes(b"partial")
+    for name in USERS_TMP_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"mine: {name}")
+        _age(out / name, 2 * 3600)
+    assert main(_cli_args(videos, out)) == 0
+    assert main(["finalize", str(out)]) == 0
+    assert [p for p in ours if p.exists()] == []
+    assert {n: (out / n).read_text() for n in USERS_TMP_FILES} == {n: f"mine: {n}" for n in USERS_TMP_FILES}
+    assert {k: v for k, v in tree_bytes(out).items() if k not in USERS_TMP_FILES} == written
 
 
 def _cli_args(videos: Path, out: Path, **changes: str) -> list[str]:
@@ -387,12 +429,15 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
     (out / "notes.txt").write_text("mine")
     (out / "shards" / "17x64x96" / "keep.txt").write_text("mine")
     (out / "shards" / "readme").write_text("mine")
+    for name in USERS_TMP_FILES:  # named like temporaries, next to the very files --overwrite removes
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
     assert main([*_cli_args(videos, out, frames="9"), "--overwrite"]) == 0
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert left == [".latentcache", "chunks/p0000/c000000.json", "failures.jsonl", "inputs/part-0000.jsonl",
-                    "inputs/part-0000.keys.npy", "manifest.json", "notes.txt", "plan.json",
-                    "shards/17x64x96/keep.txt", "shards/9x64x96/p0000-c000000-000000.tar",
-                    "shards/9x64x96/p0000-c000000-000000.tar.json", "shards/readme"]
+    assert left == sorted([".latentcache", "chunks/p0000/c000000.json", "failures.jsonl", "inputs/part-0000.jsonl",
+                           "inputs/part-0000.keys.npy", "manifest.json", "notes.txt", "plan.json",
+                           "shards/17x64x96/keep.txt", "shards/9x64x96/p0000-c000000-000000.tar",
+                           "shards/9x64x96/p0000-c000000-000000.tar.json", "shards/readme", *USERS_TMP_FILES])
 
 
 def test_an_output_made_before_the_marker_still_resumes(small_videos: Path, encoded_reference: Path, tmp_path: Path,
