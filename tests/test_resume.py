@@ -20,33 +20,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, TINY_VAE, tiny_settings, tree_bytes
+from conftest import ENCODE_SMALL, SMALL_VIDEOS, TINY_VAE, tiny_settings, tree_bytes
 
 from latentcache.cli import main
 from latentcache.errors import ConfigError
 from latentcache.pipeline import fallback_tilings, finalize, load_or_make_plan, run
 from latentcache.plan import discover_inputs
 from latentcache.settings import RuntimeSettings
-from latentcache.shards import decode_sample, iter_tar, read_manifest, remove_stale_temporaries, sidecar_path
+from latentcache.shards import (
+    PAUSE_ENV,
+    decode_sample,
+    iter_tar,
+    read_manifest,
+    remove_stale_temporaries,
+    sidecar_path,
+)
 from latentcache.vae import VideoVAE, load_vae
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
                        r"earlier run\), (\d+) shard\(s\) already done")
-
-# Runs jobs/encode.py with the shard writer slowed down (a pause after each tar member, around each sidecar), so
-# the kill can land inside a write. The bytes written are the same; only the timing changes.
-SLOW_WRITER = """
-import runpy, sys, time
-import latentcache.shards as shards
-
-# Decode workers have the next shard's clips ready at once: after a sidecar, hold the between-shards state long
-# enough for both ranks to be in it together.
-PAUSE = {{"member": 0.4, "sidecar": 0.8, "sidecar-written": 0.8}}
-shards.WRITE_HOOKS.append(lambda event, path: time.sleep(PAUSE[event]))
-sys.argv[0] = {entry!r}
-runpy.run_path({entry!r}, run_name="__main__")
-"""
-
 
 def _tar_tmp(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.tar.*.tmp") if ".tar.json." not in p.name]
@@ -64,18 +56,19 @@ def _between_shards(out: Path) -> bool:
     return not _tar_tmp(out) and not _tars_without_sidecar(out)
 
 
-# moment -> (kill when this holds, what must still hold after the kill). Each is a different half-done state.
-MOMENTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], bool]]] = {
-    # Planned, nothing encoded yet.
-    "after_plan": (lambda out: (out / "plan.json").exists(), lambda out: not _sidecars(out)),
-    # Inside a tar write, with another shard already done.
-    "mid_tar": (lambda out: bool(_tar_tmp(out)) and len(_sidecars(out)) >= 1,
-                lambda out: bool(_tar_tmp(out)) and len(_sidecars(out)) >= 1),
-    # A tar renamed into place but its sidecar not yet written, two shards done.
-    "before_sidecar": (lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2,
-                       lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2),
-    # Between shards: three complete, nothing half-written, the rest not started.
-    "between_shards": (lambda out: 3 <= len(_sidecars(out)) < SMALL_VIDEOS and _between_shards(out),
+# moment -> (where the writers freeze: a LATENTCACHE_TEST_PAUSE_AT point, how many processes must be frozen there
+# before the kill, what must hold once all are killed). Each is a different half-done state. A frozen writer waits
+# until it is killed, so the moment cannot pass however loaded the machine is (issue 20.8). Each of the 2 ranks
+# writes 3 one-clip shards (2 members each: json, latents).
+MOMENTS: dict[str, tuple[str, int, Callable[[Path], bool]]] = {
+    # Planned, nothing encoded yet (rank 0 made plan.json; rank 1 waits for it).
+    "after_plan": ("planned", 1, lambda out: (out / "plan.json").exists() and not _sidecars(out)),
+    # Inside a tar write (a rank's 3rd member: its 2nd tar), with another shard (its 1st) already done.
+    "mid_tar": ("member#3", 1, lambda out: bool(_tar_tmp(out)) and len(_sidecars(out)) >= 1),
+    # A tar renamed into place but its sidecar not yet written (a rank's 3rd shard), two shards done (its own).
+    "before_sidecar": ("sidecar#3", 1, lambda out: bool(_tars_without_sidecar(out)) and len(_sidecars(out)) >= 2),
+    # Between shards: both ranks just after their 2nd sidecar, four complete, nothing half-written.
+    "between_shards": ("sidecar-written#2", 2,
                        lambda out: 3 <= len(_sidecars(out)) < SMALL_VIDEOS and _between_shards(out)),
 }
 # A resubmission may get fewer or more GPUs: the plan, not the world size, fixes what each shard holds.
@@ -134,20 +127,17 @@ def _restart_stats(log: str, processes: int) -> dict[str, int]:
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_videos: Path, encoded_reference: Path,
                                                          launch_encode, tmp_path: Path) -> None:
-    when, still = MOMENTS[moment]
+    point, frozen, still = MOMENTS[moment]
     out = tmp_path / "out"
-    wrapper = tmp_path / "slow_encode.py"
-    wrapper.write_text(SLOW_WRITER.format(entry=str(REPO_ROOT / "jobs" / "encode.py")))
-    proc = launch_encode(small_videos, out, tmp_path / "killed.log", script=wrapper)
-    deadline = time.monotonic() + 180
-    tree, rescan = [], 0.0
-    while not (out.exists() and when(out)):
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc = launch_encode(small_videos, out, tmp_path / "killed.log", env={PAUSE_ENV: f"{point}:{pause}"})
+    deadline = time.monotonic() + 240
+    while len(list(pause.glob("*.reached"))) < frozen:
         assert proc.poll() is None, f"finished before the {moment} moment:\n{(tmp_path / 'killed.log').read_text()}"
-        assert time.monotonic() < deadline
-        if time.monotonic() > rescan:  # kept fresh, so the moment can be frozen without a /proc scan in between
-            tree, rescan = _process_tree(proc.pid), time.monotonic() + 0.3
-        time.sleep(0.01)
-    _signal(tree, signal.SIGSTOP)  # pin the moment (microseconds), then kill -9 everything
+        assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+        time.sleep(0.05)
+    _signal(_process_tree(proc.pid), signal.SIGSTOP)  # the others too, wherever they are; then kill -9 everything
     kill_hard(proc)
     assert still(out), f"the kill missed the {moment} state"
     done_before = len(_sidecars(out))

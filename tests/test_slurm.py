@@ -31,35 +31,15 @@ FINALIZE_OPTIONS = ["--cpus-per-task=1", "--time=5"]
 # A task takes ~10 s on an idle 2-core machine (imports, the tiny VAE); a loaded CI box is many times slower.
 WAIT_S = 400
 
-# Put on PYTHONPATH of the array task to cancel: after each shard's sidecar is written that task (and no other)
-# sleeps, so the cancel lands between its two shards every time. The bytes written are the same; only timing changes.
-PAUSE_AFTER_SIDECAR = """
-import importlib.abc, importlib.util, os, sys, time
-
-class _PauseAfterSidecars(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "latentcache.shards":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run_module = spec.loader.exec_module
-
-        def exec_module(module):
-            run_module(module)
-            write = module.write_json_atomic
-
-            def write_then_pause(p, obj):
-                write(p, obj)
-                if p.name.endswith(".tar.json"):
-                    time.sleep(float(os.environ["PAUSE_SECONDS"]))
-
-            module.write_json_atomic = write_then_pause
-
-        spec.loader.exec_module = exec_module
-        return spec
+# Put on PYTHONPATH of the array task to cancel: that task (and no other) freezes right after its first shard's
+# sidecar is written (LATENTCACHE_TEST_PAUSE_AT, see shards.PAUSE_ENV) and stays frozen until it is cancelled, so the
+# cancel lands between its two shards every time, however loaded the machine (a sleep could run out first: issue
+# 20.8). The bytes written are the same; only timing changes.
+PAUSE_AFTER_FIRST_SIDECAR = """
+import os
 
 if os.environ.get("SLURM_ARRAY_TASK_ID") == os.environ.get("PAUSE_ARRAY_TASK"):
-    sys.meta_path.insert(0, _PauseAfterSidecars())
+    os.environ["LATENTCACHE_TEST_PAUSE_AT"] = "sidecar-written#1:" + os.environ["PAUSE_DIR"]
 """
 
 
@@ -168,16 +148,16 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
     # pause after its first; finalize.sbatch waits for the whole array as a dependency.
     pause_dir = tmp_path / "pause"
     pause_dir.mkdir()
-    (pause_dir / "sitecustomize.py").write_text(PAUSE_AFTER_SIDECAR)
-    paused_env = _job_env(slurm, PYTHONPATH=str(pause_dir), PAUSE_ARRAY_TASK=str(CANCELLED), PAUSE_SECONDS="20")
+    (pause_dir / "sitecustomize.py").write_text(PAUSE_AFTER_FIRST_SIDECAR)
+    python_path = os.pathsep.join(p for p in (str(pause_dir), os.environ.get("PYTHONPATH")) if p)
+    paused_env = _job_env(slurm, PYTHONPATH=python_path, PAUSE_ARRAY_TASK=str(CANCELLED), PAUSE_DIR=str(pause_dir))
     array = sbatch(paused_env, logs, "encode.sbatch", *encode_args, "--out", str(resumed_out),
                    options=[f"--array=0-{TASKS - 1}", *CPU_ONLY])
     first_finalize = sbatch(env, logs, "finalize.sbatch", str(resumed_out),
                             options=[f"--dependency=afterany:{array}", *FINALIZE_OPTIONS])
 
     deadline = time.monotonic() + WAIT_S
-    while not (resumed_out / "plan.json").exists() or not any(
-            sidecar_path(resumed_out / s.relpath).exists() for s in _owned(resumed_out, CANCELLED)):
+    while not list(pause_dir.glob("*.reached")):
         assert time.monotonic() < deadline, f"task {CANCELLED} wrote no shard: {job_states(env, array)}"
         time.sleep(0.1)
     cancelled_task = f"{array}_{CANCELLED}"

@@ -23,6 +23,8 @@ moto_server = pytest.importorskip("moto.server", reason="object storage tests ne
 
 from conftest import ENCODE_SMALL, ENCODE_TINY, SMALL_VIDEOS, tree_bytes  # noqa: E402
 
+from latentcache.shards import PAUSE_ENV  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -158,17 +160,9 @@ def test_encode_reads_a_list_of_s3_urls(s3_endpoint: str, video_dir: Path, tmp_p
     assert {s["meta"]["source"] for s in samples} == {r["path"].removeprefix("s3://") for r in rows}
 
 
-# The encode CLI with the shard writer slowed down around the sidecar PUT, so a kill can land between a shard's PUT
-# and its sidecar's (the state "written, not done"). The bytes written are the same; only the timing changes.
-SLOW_WRITER = """
-import sys, time
-import latentcache.shards as shards
-from latentcache.cli import main
-
-PAUSE = {"member": 0.05, "sidecar": 1.0, "sidecar-written": 0.2}
-shards.WRITE_HOOKS.append(lambda event, path: time.sleep(PAUSE[event]))
-sys.exit(main(sys.argv[1:]))
-"""
+# The encode CLI with the shard writer frozen (LATENTCACHE_TEST_PAUSE_AT, see shards.PAUSE_ENV) just before the
+# 2nd shard's sidecar PUT: the state "written, not done" with one shard done, held until the kill (issue 20.8).
+ENCODE = "import sys; from latentcache.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def _objects(url: str) -> dict[str, bytes]:
@@ -178,17 +172,6 @@ def _objects(url: str) -> dict[str, bytes]:
     fs.invalidate_cache()
     root = url.removeprefix("s3://")
     return {p[len(root) + 1:]: fs.cat_file(p) for p in sorted(fs.find(root))}
-
-
-def _names(url: str) -> set[str]:
-    """The object names under `url`, listed only: while the encode runs, an object listed may be replaced before
-    it could be read (moto answers NoSuchKey in between), so the polling loop does not read them."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    fs.invalidate_cache()
-    root = url.removeprefix("s3://")
-    return {p[len(root) + 1:] for p in fs.find(root)}
 
 
 @pytest.mark.slow
@@ -203,31 +186,25 @@ def test_kill_9_into_s3_then_resume_equals_an_uninterrupted_local_run(s3_endpoin
     reference = tmp_path / "reference"
     assert main(["encode", str(small_videos), "--out", str(reference), *args]) in (0, 3)  # broken.mp4 fails: 3
     url = make_bucket("resume") + "/latents"
-    wrapper = tmp_path / "slow_encode.py"
-    wrapper.write_text(SLOW_WRITER)
+    pause = tmp_path / "pause"
+    pause.mkdir()
     log = tmp_path / "killed.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, str(wrapper), "encode", str(small_videos), "--out", url, *args],
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def state() -> tuple[set[str], set[str]]:
-        names = _names(url) if proc.poll() is None else set()
-        tars = {n for n in names if n.endswith(".tar")}
-        return tars, {n[: -len(".json")] for n in names if n.endswith(".tar.json")}
-
+        proc = subprocess.Popen([sys.executable, "-c", ENCODE, "encode", str(small_videos), "--out", url, *args],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, PAUSE_ENV: f"sidecar#2:{pause}"})
     deadline = time.monotonic() + 240
-    while True:
+    while not list(pause.glob("*.reached")):
         assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
         assert time.monotonic() < deadline, log.read_text()
-        tars, done = state()
-        if done and tars - done:  # one shard done, the next PUT but its sidecar not yet
-            break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     objects = _objects(url)
     unfinished = {n for n in objects if n.endswith(".tar") and n + ".json" not in objects}
-    assert unfinished and any(n.endswith(".tar.json") for n in objects) and "manifest.json" not in objects
+    # Exactly the frozen moment: the 2nd shard PUT, its sidecar not; the 1st done; no manifest.
+    assert len(unfinished) == 1 and len([n for n in objects if n.endswith(".tar.json")]) == 1, sorted(objects)
+    assert "manifest.json" not in objects
 
     assert main(["encode", str(small_videos), "--out", url, *args]) in (0, 3)
     assert _objects(url) == tree_bytes(reference)
