@@ -133,12 +133,14 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(moment: str, small_vide
     pause.mkdir()
     proc = launch_encode(small_videos, out, tmp_path / "killed.log", env={PAUSE_ENV: f"{point}:{pause}"})
     deadline = time.monotonic() + 240
-    while len(list(pause.glob("*.reached"))) < frozen:
-        assert proc.poll() is None, f"finished before the {moment} moment:\n{(tmp_path / 'killed.log').read_text()}"
-        assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-        time.sleep(0.05)
-    _signal(_process_tree(proc.pid), signal.SIGSTOP)  # the others too, wherever they are; then kill -9 everything
-    kill_hard(proc)
+    try:
+        while len(list(pause.glob("*.reached"))) < frozen:
+            assert proc.poll() is None, f"finished before the {moment} moment:\n{(tmp_path / 'killed.log').read_text()}"
+            assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.05)
+    finally:  # also when the wait failed: a frozen writer never ends by itself
+        _signal(_process_tree(proc.pid), signal.SIGSTOP)  # the others too, wherever they are; then kill -9 all
+        kill_hard(proc)
     assert still(out), f"the kill missed the {moment} state"
     done_before = len(_sidecars(out))
 

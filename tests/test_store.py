@@ -6,6 +6,7 @@ dummy ones from the environment, exactly as a user's would come from theirs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -194,12 +195,15 @@ def test_kill_9_into_s3_then_resume_equals_an_uninterrupted_local_run(s3_endpoin
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, PAUSE_ENV: f"sidecar#2:{pause}"})
     deadline = time.monotonic() + 240
-    while not list(pause.glob("*.reached")):
-        assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    try:
+        while not list(pause.glob("*.reached")):
+            assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:  # also when the wait failed: a frozen writer never ends by itself
+        with contextlib.suppress(ProcessLookupError):  # already ended (the wait failed)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     objects = _objects(url)
     unfinished = {n for n in objects if n.endswith(".tar") and n + ".json" not in objects}
     # Exactly the frozen moment: the 2nd shard PUT, its sidecar not; the 1st done; no manifest.
