@@ -294,3 +294,36 @@ def test_a_large_object_is_read_in_concurrent_parts_and_bounded(s3_endpoint: str
     assert store.read_url(url, len(data)) == data  # the manifest's size: parts, then the one byte past it is absent
     assert store.read_url(url, len(data) - 10) == data[: len(data) - 9]  # smaller than it is: limit + 1 bytes
     assert store.read_url(url, len(data) + 3 * store.PART_SIZE) == data  # larger: a part past the end, one GET
+
+
+def test_a_mirrored_image_in_s3_is_shown_as_the_same_file_on_disk(s3_endpoint: str, tmp_path: Path) -> None:
+    """--images from s3://: the EXIF orientation is read through the source opener, so orientation 2 (mirrored)
+    gives the local file's pixels, not a picture rotated 180 degrees; the encoded shards are byte-identical."""
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+    from latentcache.cli import main
+    from latentcache.decode import decode_clip
+    from latentcache.image import exif_orientation
+    from latentcache.settings import ClipSettings
+
+    local = tmp_path / "pics"
+    local.mkdir()
+    rgb = np.random.default_rng(2).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    rgb[:20, :24] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 2
+    Image.fromarray(rgb).save(local / "mirrored.png", exif=exif.tobytes())
+    url = make_bucket("pictures") + "/pics"
+    upload(local, url)
+    assert exif_orientation(f"{url}/mirrored.png") == 2
+    clip = ClipSettings(frames=1, fps=8.0, height=64, width=96, images=True)
+    here, there = decode_clip(local / "mirrored.png", 0.0, clip), decode_clip(f"{url}/mirrored.png", 0.0, clip)
+    np.testing.assert_array_equal(here.frames[0], rgb[:, ::-1])
+    np.testing.assert_array_equal(there.frames, here.frames)
+    outs = {}
+    for name, source in (("local", str(local)), ("s3", url + "/")):
+        outs[name] = tmp_path / name
+        assert main(["encode", source, "--out", str(outs[name]), "--images", *ENCODE_TINY]) == 0
+    shards = [json.loads((outs[n] / "manifest.json").read_text())["shards"] for n in ("local", "s3")]
+    assert [(s["path"], s["sha256"]) for s in shards[0]] == [(s["path"], s["sha256"]) for s in shards[1]]
