@@ -146,8 +146,12 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -
         if entry is None:
             raise ShardFormatError(f"{url} is not listed in {root}/manifest.json ({len(by_path)} shards, e.g. "
                                    f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
-        refs.append(ShardRef(url, entry["path"], entry["bucket"], int(entry["samples"]), entry.get("sha256"),
-                             int(entry["bytes"])))
+        path = _inside(entry["path"], root)
+        # The url names the file where the manifest puts it (SAT's shard lists, a glob over OUT/shards): opened by
+        # the own-reader rules of a manifest-named shard, links refused (see read_bytes).
+        own = local is not None and os.path.normpath(local) == os.path.normpath(os.path.join(str(root), path))
+        refs.append(ShardRef(url, path, entry["bucket"], int(entry["samples"]), entry.get("sha256"),
+                             int(entry["bytes"]), root=str(root) if own else None))
     return refs
 
 
@@ -159,9 +163,9 @@ _SHARD_PATH = re.compile(r"(?:[^/\\:\x00-\x1f\x7f]+/)*[^/\\:\x00-\x1f\x7f]+")
 def _inside(path: str, root: Path | str) -> str:
     """A shard path from a manifest, refused unless it is a plain relative name under the dataset's root: manifests
     may come from strangers, and `/dev/zero`, `../../etc`, `pipe:cmd` or `https://...` must never be opened."""
-    # fullmatch first: it is one C call per shard; the split runs only for the rare name holding a dot part.
+    # fullmatch: one C call per shard; the split runs only for the rare path with a part starting with a dot.
     if (not isinstance(path, str) or _SHARD_PATH.fullmatch(path) is None
-            or ("." in path and any(part in (".", "..") for part in path.split("/")))):
+            or ((path[0] == "." or "/." in path) and any(part in (".", "..") for part in path.split("/")))):
         raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is not a plain relative path inside the "
                                "dataset directory (absolute, `..`, empty parts, a url scheme, a backslash or a "
                                "control character); latentcache writes paths such as shards/17x64x96/000000.tar. "
