@@ -14,7 +14,6 @@ regular file reached without a symbolic link below the root, or the root's own o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import hashlib
 import os
@@ -290,15 +289,11 @@ def _own_opener_problem(shard: ShardRef) -> str | None:
     local = _local_path(shard.url)
     if local is None:  # cannot happen for a path _inside let through; refused all the same, never handed to gopen
         return "is not a local file or an object in the dataset's store"
-    if os.path.realpath(local) != os.path.join(_real_root(shard.root), shard.path):
+    # Resolved at each read (a few lstat calls next to reading megabytes): a relative root follows the current folder.
+    if os.path.realpath(local) != os.path.join(os.path.realpath(shard.root or "."), shard.path):
         return (f"is reached through a symbolic link (it resolves to {os.path.realpath(local)}); shards of an output "
                 "must be regular files inside it: copy the file instead of linking it")
     return None
-
-
-@functools.lru_cache(maxsize=64)
-def _real_root(root: str) -> str:
-    return os.path.realpath(root or ".")
 
 
 def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
