@@ -149,7 +149,10 @@ def _check_image_size(f: Any, path: str, stage: str) -> None:
         return  # not a header this reads: FFmpeg's own checks decide
     if found is None:
         return
-    kind, width, height = found
+    _check_pixels(path, stage, found[0], found[1], found[2])
+
+
+def _check_pixels(path: str, stage: str, kind: str, width: int, height: int) -> None:
     if width * height > image.MAX_IMAGE_PIXELS:
         raise InputError(path, stage, f"a {width}x{height} {kind} image: {width * height / 1e6:.0f} megapixels, "
                          f"over the {image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit for still images "
@@ -971,6 +974,9 @@ def _image_frame(container: av.container.InputContainer, path: str, stage: str
     stream = next((s for s in container.streams.video if s.codec_context is not None), None)
     if stream is None:
         raise InputError(path, stage, "an image container without a picture") from NotAVideo()
+    # Formats whose header image_size does not read (TIFF...): the size the demuxer found, before decoding.
+    _check_pixels(path, stage, stream.codec_context.name.upper(), stream.codec_context.width,
+                  stream.codec_context.height)
     try:
         frame = next(container.decode(stream), None)
     except av.FFmpegError as e:

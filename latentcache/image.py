@@ -75,9 +75,9 @@ def exif_orientation(path: str | os.PathLike) -> int | None:
 
 
 def image_size(f) -> tuple[str, int, int] | None:
-    """(kind, width, height) from a PNG, JPEG or WebP header, as stored (before any EXIF turn); None for anything else
-    or a header that does not say. Reads a few bytes from the start of `f` (JPEG: the segments before its frame
-    header); `f` is left at an undefined position."""
+    """(kind, width, height) from a PNG, JPEG, WebP, GIF or BMP header, as stored (before any EXIF turn); None for
+    anything else or a header that does not say. Reads a few bytes from the start of `f` (JPEG: the segments before
+    its frame header); `f` is left at an undefined position."""
     head = f.read(30)
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         width, height = struct.unpack(">II", head[16:24])
@@ -93,6 +93,12 @@ def image_size(f) -> tuple[str, int, int] | None:
             width, height = struct.unpack("<HH", head[26:30])
             return "WebP", width & 0x3FFF, height & 0x3FFF
         return None
+    if head[:6] in (b"GIF87a", b"GIF89a"):  # the logical screen every frame is drawn on
+        width, height = struct.unpack("<HH", head[6:10])
+        return "GIF", width, height
+    if head[:2] == b"BM" and len(head) >= 26:  # BITMAPINFOHEADER and later; a negative height is top-down
+        width, height = struct.unpack("<ii", head[18:26])
+        return "BMP", abs(width), abs(height)
     if head[:2] == b"\xff\xd8":
         f.seek(2)
         for _ in range(_MAX_SEGMENTS):

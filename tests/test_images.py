@@ -241,3 +241,19 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
     # At the limit's edge: 10000x10000 passes the check (here 10000x100 stays cheap to decode).
     ok = _huge_png(tmp_path / "wide.png", 10000, 100)
     assert probe(ok, images=True).width == 10000
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("PNG", {}), ("JPEG", {"quality": 90}), ("JPEG", {"progressive": True}),
+                                         ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}), ("GIF", {}),
+                                         ("BMP", {})])
+def test_image_size_reads_each_header_as_pillow_does(tmp_path, fmt, kwargs):
+    from latentcache.image import image_size
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    if fmt == "JPEG":  # behind an EXIF APP1 segment, as phones write them
+        save(path, picture(37, 53), orientation=6, format=fmt, **kwargs)
+    else:
+        Image.fromarray(picture(37, 53)).save(path, format=fmt, **kwargs)
+    with open(path, "rb") as f:
+        kind, width, height = image_size(f)
+    assert (kind.upper(), width, height) == (fmt, 53, 37)
