@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import os
+import struct
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -116,10 +117,22 @@ def _why(e: BaseException) -> str:
 @contextlib.contextmanager
 def _open(path: str, stage: str) -> Iterator[av.container.InputContainer]:
     """The container, opened by name where FFmpeg can read the file itself, else from `sources.open_source` (a tar
-    member); the file object is closed with the container (PyAV leaves a caller's file open)."""
+    member, an object); the file object is closed with the container (PyAV leaves a caller's file open).
+
+    A local path goes to FFmpeg as `file:PATH`: FFmpeg reads a bare name's `xxx:` prefix as a protocol (`pipe:`,
+    `concat:`, `subfile:`, `http:`...), and paths come from lists, plans and tars that may be a stranger's. A still
+    image's header is read first (through the same opener) and an image over image.MAX_IMAGE_PIXELS is refused
+    before anything decodes it."""
     with contextlib.ExitStack() as stack:
         try:
-            source = path if sources.is_local(path) else stack.enter_context(sources.open_source(path))
+            if sources.is_local(path):
+                with sources.open_source(path) as f:
+                    _check_image_size(f, path, stage)
+                source: Any = "file:" + path
+            else:
+                source = stack.enter_context(sources.open_source(path))
+                _check_image_size(source, path, stage)
+                source.seek(0)
             container = stack.enter_context(av.open(source, metadata_errors="ignore"))
         except Exception as e:
             error = _open_error(e, path, stage)
@@ -127,6 +140,24 @@ def _open(path: str, stage: str) -> Iterator[av.container.InputContainer]:
                 raise
             raise error from e
         yield container
+
+
+def _check_image_size(f: Any, path: str, stage: str) -> None:
+    try:
+        found = image.image_size(f)
+    except (OSError, struct.error):
+        return  # not a header this reads: FFmpeg's own checks decide
+    if found is None:
+        return
+    _check_pixels(path, stage, found[0], found[1], found[2])
+
+
+def _check_pixels(path: str, stage: str, kind: str, width: int, height: int) -> None:
+    if width * height > image.MAX_IMAGE_PIXELS:
+        raise InputError(path, stage, f"a {width}x{height} {kind} image: {width * height / 1e6:.0f} megapixels, "
+                         f"over the {image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit for still images "
+                         f"(decoding it would take {width * height * 3 / 1e9:.1f} GB or more); refused before "
+                         "decoding. Downscale it first")
 
 
 def _open_error(e: Exception, path: str, stage: str) -> Exception:
@@ -943,6 +974,9 @@ def _image_frame(container: av.container.InputContainer, path: str, stage: str
     stream = next((s for s in container.streams.video if s.codec_context is not None), None)
     if stream is None:
         raise InputError(path, stage, "an image container without a picture") from NotAVideo()
+    # Formats whose header image_size does not read (TIFF...): the size the demuxer found, before decoding.
+    _check_pixels(path, stage, stream.codec_context.name.upper(), stream.codec_context.width,
+                  stream.codec_context.height)
     try:
         frame = next(container.decode(stream), None)
     except av.FFmpegError as e:

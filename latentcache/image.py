@@ -7,6 +7,11 @@ EXIF orientation: FFmpeg exports it as a display matrix, but PyAV only reports t
 its side-data list fails on FFmpeg 8's EXIF entry), which cannot tell a mirrored picture (orientations 2, 4, 5, 7:
 front cameras) from a rotated one: orientation 2 reads as 180 degrees. So the orientation tag is read here, from the
 file's own EXIF block (JPEG APP1, PNG eXIf, WebP EXIF), and applied exactly; without a tag, PyAV's rotation is used.
+That block is read through `sources.open_source`, like every other read of an input's bytes, so an image in object
+storage or inside a tar is oriented exactly as the same file on disk.
+
+Decoded size: a picture's width and height are read from its header (`image_size`) before anything decodes it, and
+one over MAX_IMAGE_PIXELS is refused: a 16000x16000 PNG of 746 KB would otherwise take ~1 GB to decode.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import struct
 
 import numpy as np
+
+from latentcache import sources
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ _EXIF_TAG_ORIENTATION = 0x0112
 # Bounds for walking a file's segments or chunks: metadata lives near the start (or, in WebP, in a few chunks).
 _MAX_SEGMENTS = 256
 _MAX_EXIF_BYTES = 1 << 20
+# The most pixels (width x height) a still image may have: 100 megapixels (10000x10000, ~300 MB as RGB; phones
+# and cameras take up to ~50). Checked from the header before decoding; FFmpeg's own limit is ~268 megapixels.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 def orient(rgb: np.ndarray, quarter_turns: int, mirror: bool) -> np.ndarray:
@@ -45,9 +55,10 @@ def orient(rgb: np.ndarray, quarter_turns: int, mirror: bool) -> np.ndarray:
 
 
 def exif_orientation(path: str | os.PathLike) -> int | None:
-    """The EXIF orientation tag (1-8) of a JPEG, PNG or WebP file; None when it has none or it cannot be read."""
+    """The EXIF orientation tag (1-8) of a JPEG, PNG or WebP source (a file, an object-store url or a tar member,
+    read through `sources.open_source`); None when it has none or it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with sources.open_source(os.fspath(path)) as f:
             head = f.read(12)
             if head[:2] == b"\xff\xd8":
                 block = _jpeg_exif(f)
@@ -61,6 +72,46 @@ def exif_orientation(path: str | os.PathLike) -> int | None:
         log.debug("%s: EXIF not read (%s)", path, e)
         return None
     return _tiff_orientation(block) if block else None
+
+
+def image_size(f) -> tuple[str, int, int] | None:
+    """(kind, width, height) from a PNG, JPEG, WebP, GIF or BMP header, as stored (before any EXIF turn); None for
+    anything else or a header that does not say. Reads a few bytes from the start of `f` (JPEG: the segments before
+    its frame header); `f` is left at an undefined position."""
+    head = f.read(30)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return "PNG", width, height
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = head[12:16]
+        if kind == b"VP8X":  # 24-bit canvas size minus one
+            return "WebP", 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+        if kind == b"VP8L" and head[20] == 0x2F:  # 14-bit sizes minus one
+            bits = int.from_bytes(head[21:25], "little")
+            return "WebP", 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if kind == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # 14-bit sizes after the key frame's start code
+            width, height = struct.unpack("<HH", head[26:30])
+            return "WebP", width & 0x3FFF, height & 0x3FFF
+        return None
+    if head[:6] in (b"GIF87a", b"GIF89a"):  # the logical screen every frame is drawn on
+        width, height = struct.unpack("<HH", head[6:10])
+        return "GIF", width, height
+    if head[:2] == b"BM" and len(head) >= 26:  # BITMAPINFOHEADER and later; a negative height is top-down
+        width, height = struct.unpack("<ii", head[18:26])
+        return "BMP", abs(width), abs(height)
+    if head[:2] == b"\xff\xd8":
+        f.seek(2)
+        for _ in range(_MAX_SEGMENTS):
+            marker = f.read(2)
+            if len(marker) < 2 or marker[0] != 0xFF or marker[1] in (0xDA, 0xD9):
+                return None
+            (length,) = struct.unpack(">H", f.read(2))
+            # SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC): the frame header, height before width.
+            if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">xHH", f.read(5))
+                return "JPEG", width, height
+            f.seek(length - 2, os.SEEK_CUR)
+    return None
 
 
 def _jpeg_exif(f) -> bytes | None:

@@ -352,6 +352,8 @@ def _from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]
         found = store.list_files(root)
     except FileNotFoundError:
         found = []
+    except store.UnsupportedUrl as e:  # http://, a '::' chain: typed by the user, so a usage error (exit 2)
+        raise ConfigError(str(e)) from None
     if found == [root]:  # one object, not a prefix
         yield InputVideo(root, root.rsplit("/", 1)[-1], None)
         return

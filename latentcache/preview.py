@@ -88,10 +88,23 @@ def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
         except (OSError, ValueError, ConfigError, ShardFormatError) as e:
             log.info("%s: cannot look the source up in %s (%s)", key, root, e)
             found = None
-        if found is not None and Path(found.path).is_file():
+        if found is not None and _readable(found.path):
             return found.path
     source = meta.get("source")
     return source if source and Path(source).is_file() else None
+
+
+def _readable(path: str) -> bool:
+    """Whether the input is still there, asked of the source opener: a tar member or an object in S3 is an input as
+    much as a local file (a plain is_file() said no for them, so their previews lost the source side)."""
+    from latentcache import sources
+
+    if sources.is_local(path):
+        return Path(path).is_file()
+    try:
+        return sources.source_size(path) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -> np.ndarray | None:

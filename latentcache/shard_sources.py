@@ -3,6 +3,12 @@ bytes of one shard, checked whole (size, sha256, tar structure, sample count) be
 
 `verify`, `preview`, `sat` and the trainer's dataset all read shards through here. Every url form (plain paths,
 file://, globs, brace lists, remote urls for webdataset's gopen) is told apart in one place, `_local_path`.
+
+Who a url comes from decides how it may be opened. A url the user typed (`LatentShardDataset("pipe:...")`, a
+`latentcache verify https://...` argument) is theirs, like a shell command, and may name anything webdataset's gopen
+opens. A shard path read from a file (a manifest, which may come from a stranger) never reaches gopen: it must be a
+plain relative name under the dataset's own root (`_inside`), and is opened by latentcache's own reader, a local
+regular file reached without a symbolic link below the root, or the root's own object store (`read_bytes`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,9 @@ class ShardRef:
     sha256: str | None
     bytes: int | None = None  # the manifest's size: the most a read of this shard takes into memory
     source: int = 0  # which output directory of a multi-source dataset it belongs to
+    # The output directory (or object-store url) whose manifest named this shard, for a url built from a manifest
+    # path: it is then opened only as a file under that root (see `read_bytes`). None for a url the user typed.
+    root: str | None = None
 
 
 def _pixels_message(root: Path) -> str | None:
@@ -82,7 +92,9 @@ def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
                 matches = sorted(glob.glob(local))
                 if not matches:
                     raise ShardFormatError(f"{url}: the pattern matches no file")
-                urls.extend(matches)
+                # Matches are local files: one whose name reads as a url (`pipe:x.tar`, a stranger's file name) is
+                # kept local by a ./ prefix, so it can never be handed to gopen as a command.
+                urls.extend(m if _local_path(m) == m else os.path.join(".", m) for m in matches)
             else:
                 urls.append(local if local is not None else url)
     if not urls:
@@ -133,21 +145,31 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -
         if entry is None:
             raise ShardFormatError(f"{url} is not listed in {root}/manifest.json ({len(by_path)} shards, e.g. "
                                    f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
-        refs.append(ShardRef(url, entry["path"], entry["bucket"], int(entry["samples"]), entry.get("sha256"),
-                             int(entry["bytes"])))
+        path = _inside(entry["path"], root)
+        # The url names the file where the manifest puts it (SAT's shard lists, a glob over OUT/shards): opened by
+        # the own-reader rules of a manifest-named shard, links refused (see read_bytes).
+        own = local is not None and os.path.normpath(local) == os.path.normpath(os.path.join(str(root), path))
+        refs.append(ShardRef(url, path, entry["bucket"], int(entry["samples"]), entry.get("sha256"),
+                             int(entry["bytes"]), root=str(root) if own else None))
     return refs
 
 
+# A shard path as latentcache writes it (shards/17x64x96/000000.tar): "/"-separated names, none empty, "." or "..",
+# none holding a colon (a url scheme such as pipe: or s3:, a drive letter), a backslash or a control character.
+_SHARD_PATH = re.compile(r"(?:[^/\\:\x00-\x1f\x7f]+/)*[^/\\:\x00-\x1f\x7f]+")
+
+
 def _inside(path: str, root: Path | str) -> str:
-    """A shard path from a manifest, refused unless it stays inside the dataset directory (manifests may come from
-    strangers: `/dev/zero` or `../../etc` must never be opened)."""
-    posix = str(path).replace("\\", "/")
-    # `".." in posix` first: the split runs only for the rare name holding two dots (a per-shard cost otherwise).
-    if (not posix or posix[0] == "/" or (len(posix) > 1 and posix[1] == ":")
-            or (".." in posix and ".." in posix.split("/"))):
-        raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is absolute or leaves the dataset "
-                               "directory; latentcache writes paths such as shards/17x64x96/000000.tar")
-    return posix
+    """A shard path from a manifest, refused unless it is a plain relative name under the dataset's root: manifests
+    may come from strangers, and `/dev/zero`, `../../etc`, `pipe:cmd` or `https://...` must never be opened."""
+    # fullmatch: one C call per shard; the split runs only for the rare path with a part starting with a dot.
+    if (not isinstance(path, str) or _SHARD_PATH.fullmatch(path) is None
+            or ((path[0] == "." or "/." in path) and any(part in (".", "..") for part in path.split("/")))):
+        raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is not a plain relative path inside the "
+                               "dataset directory (absolute, `..`, empty parts, a url scheme, a backslash or a "
+                               "control character); latentcache writes paths such as shards/17x64x96/000000.tar. "
+                               "Refused: nothing was opened")
+    return path
 
 
 def resolve_source(source: Any, manifest: str | os.PathLike | None = None
@@ -167,7 +189,7 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
         if manifest is None or Path(mroot).resolve() == root.resolve():
             return data, mroot, _directory_shards(data, root)
         urls = [str(root / _inside(s["path"], root)) for s in data["shards"]]
-        return data, mroot, _match_shards(urls, data, mroot)
+        return data, mroot, [dataclasses.replace(r, root=str(root)) for r in _match_shards(urls, data, mroot)]
     urls = expand_urls(source)
     data, mroot = _read_manifest_arg(manifest) if manifest is not None else _read_manifest_arg(
         _find_manifest_dir(urls))
@@ -178,10 +200,11 @@ def _directory_shards(manifest: dict[str, Any], root: Path) -> list[ShardRef]:
     """The shards of an output directory, straight from its manifest: string work only, no Path or stat per shard
     (a 10M-sample output lists ~156k shards, and opening it must take seconds, not minutes)."""
     prefix = str(root).rstrip("/") + "/" if str(root) not in ("", ".") else ""
-    make, inside = ShardRef, _inside  # locals: this loop runs once per shard
-    # read_manifest checked every entry (samples and bytes are ints, buckets well formed).
-    return [make(prefix + inside(s["path"], root), s["path"], s["bucket"], s["samples"], s.get("sha256"), s["bytes"])
-            for s in manifest["shards"]]
+    make, inside, top = ShardRef, _inside, str(root)  # locals: this loop runs once per shard
+    # read_manifest checked every entry (samples and bytes are ints, buckets well formed); _inside that each path is
+    # a plain relative name, so prefix + path is a local path even where the prefix is empty (root "." or "").
+    return [make(prefix + inside(s["path"], root), s["path"], s["bucket"], s["samples"], s.get("sha256"), s["bytes"],
+                 root=top) for s in manifest["shards"]]
 
 
 def resolve_sources(source: Any, manifest: str | os.PathLike | None = None
@@ -257,13 +280,37 @@ def open_url(url: str) -> Any:
     return wds.gopen(url, "rb")
 
 
+def _own_opener_problem(shard: ShardRef) -> str | None:
+    """Why a shard named by a manifest cannot be opened by latentcache's own reader, or None: its url must be the
+    root's own object store, or a regular local file under the root reached without a symbolic link below it (a link
+    to another output's shard would give that shard's samples twice when outputs are combined)."""
+    if _in_object_store(shard.url):
+        return None if shard.root is not None and _in_object_store(shard.root) else "is not under the dataset's root"
+    local = _local_path(shard.url)
+    if local is None:  # cannot happen for a path _inside let through; refused all the same, never handed to gopen
+        return "is not a local file or an object in the dataset's store"
+    # Resolved at each read (a few lstat calls next to reading megabytes): a relative root follows the current folder.
+    if os.path.realpath(local) != os.path.join(os.path.realpath(shard.root or "."), shard.path):
+        return (f"is reached through a symbolic link (it resolves to {os.path.realpath(local)}); shards of an output "
+                "must be regular files inside it: copy the file instead of linking it")
+    return None
+
+
 def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
     """The whole shard, read once; refused, before anything is read, when larger than the manifest says.
+
+    A shard named by a manifest (`shard.root` set) is opened only by latentcache's own reader, never by gopen: see
+    `_own_opener_problem`.
 
     A local shard is read straight into `buffer` when one is given (grown as needed): a reader going through many
     shards then reuses one warm buffer instead of faulting in fresh pages for every shard (6x faster here).
     """
     limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
+    if shard.root is not None:
+        problem = _own_opener_problem(shard)
+        if problem:
+            raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
+                                   "refused")
     if _in_object_store(shard.url):
         return _read_object(shard.url, limit)
     with open_url(shard.url) as stream:
@@ -400,7 +447,7 @@ def _object_store_source(source: Any, manifest: str | os.PathLike | None
     mroot = str(manifest).rstrip("/").removesuffix("/manifest.json") if manifest is not None else root
     data = read_manifest(mroot)
     urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
-    return data, mroot, _match_shards(urls, data, mroot)
+    return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]
 
 
 def raw_shape(raw: dict[str, Any]) -> tuple[int, ...]:

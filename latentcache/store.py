@@ -1,4 +1,4 @@
-"""Object storage (`s3://bucket/prefix`, any fsspec url): reading inputs and shards, and writing an output there.
+"""Object storage (`s3://bucket/prefix`, the schemes in OBJECT_SCHEMES): reading inputs and shards, writing an output.
 
 Inputs are never downloaded whole: `open_url` hands PyAV (or a tar reader) a seekable file object whose reads are
 HTTP range requests, so a probe reads the container's header and a clip reads the packets it decodes. Whether a
@@ -22,7 +22,8 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
-# Schemes read through fsspec. http(s) and pipe: stay with webdataset's gopen, which streams them.
+# Schemes read through fsspec (every other url is refused by `filesystem`). http(s) and pipe: shard urls that a user
+# types are opened by webdataset's gopen (shard_sources.open_url); strings read from files never reach it.
 OBJECT_SCHEMES = frozenset({"s3", "gs", "gcs", "az", "abfs", "memory"})
 # Whole-object reads (shards) larger than two parts are fetched as concurrent ranges of this size.
 PART_SIZE = 8 << 20
@@ -36,8 +37,25 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+class UnsupportedUrl(OSError):
+    """A url latentcache does not open: not object storage, or one that asks fsspec to chain openers."""
+
+
+def check_url(url: str) -> None:
+    """Raises UnsupportedUrl unless `url` is an object-storage url fsspec may open (see `filesystem`)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in OBJECT_SCHEMES or "::" in url:
+        raise UnsupportedUrl(f"{url}: not an object-storage url latentcache reads (schemes: "
+                             f"{', '.join(sorted(OBJECT_SCHEMES))}; no '::' chains); refused, nothing was opened")
+
+
 def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) for `url`, with a clear error when its package is missing."""
+    """(fsspec filesystem, path within it) for `url`, with a clear error when its package is missing.
+
+    Only object-storage schemes (OBJECT_SCHEMES) are opened, and never a chained url (`simplecache::s3://...`,
+    `zip://x::s3://...`): urls reach here from list files and plans, and fsspec would otherwise open anything it
+    has a driver for (http, ftp, ssh, github, local files through `file::`) wherever such a string names it."""
+    check_url(url)
     try:
         import fsspec
     except ImportError:
@@ -273,5 +291,14 @@ class UrlPath:
 
 
 def as_path(text: str | os.PathLike) -> Any:
-    """An output location: UrlPath for an object-storage url, pathlib.Path otherwise."""
-    return UrlPath(str(text)) if is_url(text) else Path(text)
+    """An output location: UrlPath for an object-storage url, pathlib.Path otherwise. Another url (http://...) is
+    refused here, as a usage error, before anything is planned."""
+    if not is_url(text):
+        return Path(text)
+    try:
+        check_url(str(text))
+    except UnsupportedUrl as e:
+        from latentcache.errors import ConfigError
+
+        raise ConfigError(f"--out {e}") from None
+    return UrlPath(str(text))

@@ -178,3 +178,82 @@ def test_images_off_keeps_the_fingerprint_of_caches_made_before_the_setting():
     off, on = tiny_settings(), tiny_settings(clip=dataclasses.replace(TINY_CLIP, images=True))
     assert "images" not in off.output_affecting()["clip"]  # as plan.json files written before --images existed
     assert on.output_affecting()["clip"]["images"] is True and on.fingerprint() != off.fingerprint()
+
+
+def _mirrored_png(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A PNG stored with EXIF orientation 2 (mirrored) and the picture Pillow shows for it."""
+    path = save(tmp_path / "mirrored.png", picture(24, 40, 2), orientation=2)
+    with Image.open(path) as im:
+        return path, np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_a_mirrored_image_in_a_tar_is_shown_as_the_same_file_on_disk(tmp_path):
+    """The EXIF orientation of a `tar::member` input is read through the source opener: a mirrored picture is
+    mirrored, exactly as the local file (a plain open() of the member path failed, and it came out rotated 180)."""
+    import tarfile
+
+    path, want = _mirrored_png(tmp_path)
+    tar = tmp_path / "images.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(path, arcname="000001.png")
+    member = f"{tar}::000001.png"
+    assert exif_orientation(member) == 2
+    clip = ClipSettings(frames=1, fps=8.0, height=want.shape[0], width=want.shape[1], images=True)
+    local, inside = decode_clip(path, 0.0, clip), decode_clip(member, 0.0, clip)
+    np.testing.assert_array_equal(local.frames[0], want)
+    np.testing.assert_array_equal(inside.frames, local.frames)
+    assert inside.meta["mirrored"] and inside.meta["exif_orientation"] == 2
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A real, valid 1-bit grayscale PNG of width x height, all black: a few tens of KB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """A 16000x16000 PNG that compresses to a few KB: refused before decoding (it would take ~1 GB), a failure
+    naming the file, its size and the limit, in probe and decode, with or without --images."""
+    import time
+
+    path = _huge_png(tmp_path / "huge.png", 16000, 16000)
+    assert path.stat().st_size < 1 << 20
+    started = time.perf_counter()
+    for call in (lambda: probe(path, images=True), lambda: probe(path),
+                 lambda: decode_clip(path, 0.0, ClipSettings(frames=1, height=64, width=96, images=True))):
+        with pytest.raises(InputError, match=r"16000x16000 PNG image: 256 megapixels, over the 100-megapixel") as e:
+            call()
+        assert e.value.path == str(path)
+    assert time.perf_counter() - started < 1.0
+    from latentcache.image import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == 100_000_000
+    # At the limit's edge: 10000x10000 passes the check (here 10000x100 stays cheap to decode).
+    ok = _huge_png(tmp_path / "wide.png", 10000, 100)
+    assert probe(ok, images=True).width == 10000
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("PNG", {}), ("JPEG", {"quality": 90}), ("JPEG", {"progressive": True}),
+                                         ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}), ("GIF", {}),
+                                         ("BMP", {})])
+def test_image_size_reads_each_header_as_pillow_does(tmp_path, fmt, kwargs):
+    from latentcache.image import image_size
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    if fmt == "JPEG":  # behind an EXIF APP1 segment, as phones write them
+        save(path, picture(37, 53), orientation=6, format=fmt, **kwargs)
+    else:
+        Image.fromarray(picture(37, 53)).save(path, format=fmt, **kwargs)
+    with open(path, "rb") as f:
+        kind, width, height = image_size(f)
+    assert (kind.upper(), width, height) == (fmt, 53, 37)

@@ -100,3 +100,20 @@ def test_preview_refuses_pickled_vae_weights(encoded_dir: Path, tmp_path: Path, 
                 load_manifest_vae(manifest)
         else:
             assert load_manifest_vae(manifest).identity.config_hash == manifest["vae"]["config_hash"]
+
+
+@pytest.mark.slow
+def test_preview_finds_a_source_inside_a_tar(video_dir: Path, tmp_path: Path) -> None:
+    """A `tar::member` input is looked up through the source opener, so the preview has its source side."""
+    import tarfile
+
+    tar = tmp_path / "videos.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(video_dir / "a_h264.mp4", arcname="000000.mp4")
+    data = tmp_path / "latents"
+    assert main(["encode", str(tar), "--out", str(data), "--vae", "tiny-random-cogvideox", "--device", "cpu",
+                 "--frames", "17", "--height", "64", "--width", "96"]) == 0
+    result = preview(data, tmp_path / "one.mp4", random_count=1)
+    assert result.with_source == [True]
+    _, frames = _read_mp4(tmp_path / "one.mp4")
+    assert (frames[:, :4, :4] > 200).all()  # the marker square of the source, top-left

@@ -281,3 +281,112 @@ def test_long_names_in_messages_are_cut(victim) -> None:
     with pytest.raises(ShardFormatError, match=r"member 'kkk.*\.\.\. \(3006 characters\) has extension \.pyd") as info:
         list(LatentShardDataset(root))
     assert len(str(info.value)) < 1000
+
+
+# ------------------------------------------------------------------ strings from files never reach a url opener
+
+
+def _set_shard_path(root: Path, index: int, path: str) -> str:
+    """Rename shard `index` in the manifest only (its size and sha256 stay those of the real shard): the returned
+    old path is what a `cat` in a pipe: command would have served, checksum and all."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    old, manifest["shards"][index]["path"] = manifest["shards"][index]["path"], path
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
+@pytest.mark.parametrize("opened_as", [".", ""])
+def test_a_manifest_shard_path_is_never_run_as_a_command(victim, tmp_path: Path, monkeypatch, capsys,
+                                                        opened_as: str) -> None:
+    """A stranger's manifest naming `pipe:touch X; cat REAL_SHARD` (which would even pass the sha256 check) with the
+    dataset opened as `.` or "": the dataset and `latentcache verify` refuse it, naming the shard, and run nothing."""
+    root, shard, _ = victim
+    marker = tmp_path / "pwned"
+    evil = f"pipe:touch {marker}; cat {shard}"
+    _set_shard_path(root, 0, evil)
+    monkeypatch.chdir(root)
+    with pytest.raises(ShardFormatError, match="not a plain relative path") as info:
+        list(LatentShardDataset(opened_as, shuffle=False))
+    assert evil in str(info.value)
+    assert not marker.exists()
+    assert main(["verify", opened_as]) == 2
+    captured = capsys.readouterr()
+    assert evil in captured.out + captured.err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("path", ["https://example.invalid/000000.tar", "s3://other-bucket/000000.tar",
+                                  "C:/shards/000000.tar", "shards\\..\\..\\000000.tar", "shards//000000.tar",
+                                  "./shards/000000.tar", "shards/x/../../../000000.tar", "/dev/zero",
+                                  "shards/000000.tar\n", "pipe:cat /dev/null"])
+def test_manifest_shard_paths_must_be_plain_relative_names(victim, monkeypatch, path: str) -> None:
+    root, _, _ = victim
+    _set_shard_path(root, 0, path)
+    for where in (root, "."):
+        monkeypatch.chdir(root)
+        with pytest.raises(ShardFormatError, match="not a plain relative path") as info:
+            LatentShardDataset(where)
+        assert repr(path) in str(info.value)
+
+
+def test_a_shard_linked_to_another_outputs_shard_is_refused(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    """Output A's first shard is a symbolic link to output B's (same bytes, so its checksum passes): combining A and
+    B would give that shard's samples twice. Shards must be regular files inside their output; the output
+    directory itself may be a link."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(encoded_dir, a)
+    shutil.copytree(encoded_dir, b)
+    first = read_manifest(a)["shards"][0]["path"]
+    (a / first).unlink()
+    (a / first).symlink_to(b / first)
+    with pytest.raises(ShardFormatError, match="symbolic link") as info:
+        list(LatentShardDataset([a, b], shuffle=False))
+    assert str(a / first) in str(info.value)
+    assert main(["verify", str(a)]) == 3
+    out = capsys.readouterr().out
+    assert f"PROBLEM: {a / first}" in out and "symbolic link" in out
+    # A linked directory, or one linked folder above the output: a link to the whole output is the output.
+    (tmp_path / "link").symlink_to(b)
+    assert len(list(LatentShardDataset(tmp_path / "link", shuffle=False, batch_size=None))) == 8
+
+
+def test_ffmpeg_protocol_prefixes_in_a_path_are_not_interpreted(tmp_path: Path, monkeypatch) -> None:
+    """An input named `concat:short.mp4` (a real file: a path from a stranger's list, plan or tar) is that file,
+    not FFmpeg's concat protocol reading `short.mp4`."""
+    from latentcache.decode import probe
+    from latentcache.synthetic import write_video
+
+    short = write_video(tmp_path / "short", num_frames=8, height=64, width=96)
+    long = write_video(tmp_path / "long", num_frames=40, height=64, width=96)
+    os.rename(long, tmp_path / f"concat:{Path(short).name}")
+    monkeypatch.chdir(tmp_path)
+    assert probe(f"concat:{Path(short).name}").frames == 40
+    assert probe(Path(short).name).frames == 8
+
+
+def test_chained_or_web_urls_are_refused_as_inputs(tmp_path: Path) -> None:
+    """A list row or plan entry naming `simplecache::file://...` (fsspec would open the local file through a chain,
+    past every local-path rule) or `http://...` is a failure record, nothing opened."""
+    from latentcache.decode import probe
+    from latentcache.errors import InputError
+    from latentcache.synthetic import write_video
+
+    video = write_video(tmp_path / "v", num_frames=8, height=64, width=96)
+    for url in (f"simplecache::file://{video}", "http://127.0.0.1:9/v.mp4", f"zip://v.mp4::file://{video}"):
+        with pytest.raises(InputError, match="not an object-storage url latentcache reads") as info:
+            probe(url)
+        assert info.value.path == url
+
+
+def test_a_file_named_like_a_pipe_url_matched_by_a_glob_is_read_as_a_file(tmp_path: Path, monkeypatch) -> None:
+    """A stranger's file named `pipe:touch pwned; echo .tar` matched by the user's glob `*.tar` is a local file:
+    expand_urls keeps it local (./ prefix), and open_url reads its bytes instead of running it."""
+    from latentcache.dataset import expand_urls, open_url
+
+    name = "pipe:touch pwned; echo .tar"
+    (tmp_path / name).write_bytes(b"the file's own bytes")
+    monkeypatch.chdir(tmp_path)
+    (url,) = expand_urls("*.tar")
+    with open_url(url) as f:
+        assert f.read() == b"the file's own bytes"
+    assert not (tmp_path / "pwned").exists()

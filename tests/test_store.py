@@ -275,3 +275,72 @@ def test_a_large_object_is_read_in_concurrent_parts_and_bounded(s3_endpoint: str
     assert store.read_url(url, len(data)) == data  # the manifest's size: parts, then the one byte past it is absent
     assert store.read_url(url, len(data) - 10) == data[: len(data) - 9]  # smaller than it is: limit + 1 bytes
     assert store.read_url(url, len(data) + 3 * store.PART_SIZE) == data  # larger: a part past the end, one GET
+
+
+def test_a_mirrored_image_in_s3_is_shown_as_the_same_file_on_disk(s3_endpoint: str, tmp_path: Path) -> None:
+    """--images from s3://: the EXIF orientation is read through the source opener, so orientation 2 (mirrored)
+    gives the local file's pixels, not a picture rotated 180 degrees; the encoded shards are byte-identical."""
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+    from latentcache.cli import main
+    from latentcache.decode import decode_clip
+    from latentcache.image import exif_orientation
+    from latentcache.settings import ClipSettings
+
+    local = tmp_path / "pics"
+    local.mkdir()
+    rgb = np.random.default_rng(2).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    rgb[:20, :24] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 2
+    Image.fromarray(rgb).save(local / "mirrored.png", exif=exif.tobytes())
+    url = make_bucket("pictures") + "/pics"
+    upload(local, url)
+    assert exif_orientation(f"{url}/mirrored.png") == 2
+    clip = ClipSettings(frames=1, fps=8.0, height=64, width=96, images=True)
+    here, there = decode_clip(local / "mirrored.png", 0.0, clip), decode_clip(f"{url}/mirrored.png", 0.0, clip)
+    np.testing.assert_array_equal(here.frames[0], rgb[:, ::-1])
+    np.testing.assert_array_equal(there.frames, here.frames)
+    outs = {}
+    for name, source in (("local", str(local)), ("s3", url + "/")):
+        outs[name] = tmp_path / name
+        assert main(["encode", source, "--out", str(outs[name]), "--images", *ENCODE_TINY]) == 0
+    shards = [json.loads((outs[n] / "manifest.json").read_text())["shards"] for n in ("local", "s3")]
+    assert [(s["path"], s["sha256"]) for s in shards[0]] == [(s["path"], s["sha256"]) for s in shards[1]]
+
+
+@pytest.mark.parametrize("path", ["pipe:touch {marker}; cat /dev/null", "s3://other-bucket/latents/000000.tar",
+                                  "../other/shards/17x64x96/000000.tar"])
+def test_a_manifest_in_s3_naming_a_url_or_another_place_is_refused(s3_endpoint: str, encoded_dir: Path,
+                                                                    tmp_path: Path, path: str) -> None:
+    """A stranger's dataset in S3 whose manifest names a pipe: command, another bucket or a parent folder: the
+    dataset and verify refuse it, naming the shard path, and nothing runs."""
+    from latentcache.cli import main
+    from latentcache.dataset import LatentShardDataset
+    from latentcache.errors import ShardFormatError
+
+    marker = tmp_path / "pwned"
+    path = path.format(marker=marker)
+    url = make_bucket("stranger-latents") + f"/latents-{abs(hash(path))}"
+    upload(encoded_dir, url)
+    import s3fs
+
+    manifest = json.loads((encoded_dir / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = path
+    s3fs.S3FileSystem().pipe_file(f"{url.removeprefix('s3://')}/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(ShardFormatError, match="not a plain relative path") as info:
+        LatentShardDataset(url)
+    assert repr(path) in str(info.value)
+    assert main(["verify", url]) == 2
+    assert not marker.exists()
+
+
+def test_urls_typed_that_are_not_object_storage_are_usage_errors(tmp_path: Path, capsys) -> None:
+    from latentcache.cli import main
+
+    assert main(["encode", "http://example.invalid/videos/", "--out", str(tmp_path / "o"), *ENCODE_TINY]) == 2
+    assert "not an object-storage url" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["encode", str(tmp_path), "--out", "http://example.invalid/out", *ENCODE_TINY])
+    assert info.value.code == 2
