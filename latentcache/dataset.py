@@ -81,6 +81,13 @@ def _number(name: str, value: Any) -> float:
         raise ValueError(f"{name}: {value!r} is not a number") from None
 
 
+def whole_number(name: str, value: Any, minimum: int) -> int:
+    """A user's count or index: an int (not a bool, float, inf or nan) >= minimum; ValueError quoting it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} is {value!r}: it must be a whole number >= {minimum}")
+    return value
+
+
 def _identity(spelling: str) -> str:
     """What a spelling of an output or shard resolves to: the real path (links and `./` resolved) of local ones,
     the url without repeated or trailing slashes for remote ones (`s3://b/out/` and `s3://b//out` are one)."""
@@ -191,10 +198,20 @@ class LatentShardDataset(IterableDataset):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} must be at least 1 (or None for single samples)")
-        if epoch_items is not None and epoch_items < 1:
-            raise ValueError(f"epoch_items {epoch_items} must be at least 1 (or None for the whole data)")
+        if batch_size is not None and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                           and batch_size >= 1):
+            raise ValueError(f"batch_size {batch_size!r} must be at least 1 (or None for single samples)")
+        if epoch_items is not None and not (isinstance(epoch_items, int) and not isinstance(epoch_items, bool)
+                                            and epoch_items >= 1):
+            raise ValueError(f"epoch_items {epoch_items!r} must be at least 1 (or None for the whole data)")
+        # Every other number a user passes: a float, inf or nan here would loop forever (shuffle_buffer=inf holds
+        # the whole epoch in memory) or fail deep inside a DataLoader worker.
+        whole_number("seed", seed, -(2**63))
+        whole_number("shuffle_buffer", shuffle_buffer, 0)
+        if world_size is not None:
+            whole_number("world_size", world_size, 1)
+        if rank is not None:
+            whole_number("rank", rank, 0)
         if not isinstance(source, str | os.PathLike):
             source = list(source)  # read twice: resolved, and its spellings named when one repeats
         resolved = resolve_sources(source, manifest)
@@ -209,11 +226,10 @@ class LatentShardDataset(IterableDataset):
             self.shards.extend(refs)
         refuse_duplicates([(str(d), str(d)) for d in source] if len(self.sources) > 1 else [],
                           [(s.url, s.url) for s in self.shards])
-        if weights is not None:
-            # A weighted source with no samples at all is never drawn (`_mix_weights`); all of them empty: nothing
-            # to draw from.
-            if not any(w > 0 and self._source_total(i) for i, w in enumerate(weights)):
-                raise ValueError(f"weights {weights}: every source with a weight > 0 holds no samples")
+        # A weighted source with no samples at all is never drawn (`_mix_weights`); all of them empty: nothing to
+        # draw from.
+        if weights is not None and not any(w > 0 and self._source_total(i) for i, w in enumerate(weights)):
+            raise ValueError(f"weights {weights}: every source with a weight > 0 holds no samples")
         self.manifest, self.root = self.sources[0].manifest, self.sources[0].root
         self.spec = LatentSpec.from_dict(self.manifest["latent_spec"])
         if expected_channels is not None and self.spec.channels != expected_channels:
