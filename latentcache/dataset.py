@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import numbers
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,9 +84,9 @@ def _number(name: str, value: Any) -> float:
 
 def whole_number(name: str, value: Any, minimum: int) -> int:
     """A user's count or index: an int (not a bool, float, inf or nan) >= minimum; ValueError quoting it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} is {value!r}: it must be a whole number >= {minimum}")
-    return value
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum:
+        return int(value)  # numpy's integers too
+    raise ValueError(f"{name} is {value!r}: it must be a whole number >= {minimum}")
 
 
 def _identity(spelling: str) -> str:
@@ -198,12 +199,10 @@ class LatentShardDataset(IterableDataset):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        if batch_size is not None and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
-                                           and batch_size >= 1):
-            raise ValueError(f"batch_size {batch_size!r} must be at least 1 (or None for single samples)")
-        if epoch_items is not None and not (isinstance(epoch_items, int) and not isinstance(epoch_items, bool)
-                                            and epoch_items >= 1):
-            raise ValueError(f"epoch_items {epoch_items!r} must be at least 1 (or None for the whole data)")
+        if batch_size is not None:
+            batch_size = whole_number("batch_size (or None for single samples)", batch_size, 1)
+        if epoch_items is not None:
+            epoch_items = whole_number("epoch_items (or None for the whole data)", epoch_items, 1)
         # Every other number a user passes: a float, inf or nan here would loop forever (shuffle_buffer=inf holds
         # the whole epoch in memory) or fail deep inside a DataLoader worker.
         whole_number("seed", seed, -(2**63))
