@@ -170,8 +170,11 @@ class LatentShardDataset(IterableDataset):
     (seed, epoch) and shuffles samples in a buffer of `shuffle_buffer`; `resampled=True` draws shards with
     replacement forever (step-based training: every rank gets an endless stream, so DDP ranks never run out
     unevenly). Several sources must share the latent spec and the VAE (class, revision, weights); with `weights`,
-    each slot draws its samples' sources by weight, deterministically per (seed, epoch), for an epoch as long as
-    the unweighted one (a source drawn past its end starts over).
+    each slot draws its samples' sources by weight, deterministically per (seed, epoch): every rank x worker slot
+    draws the same number, ceil(num_samples / slots), so a weighted epoch is as long as the unweighted one (up to
+    slots - 1 more) and equal on every rank. A source drawn past its end starts over; a slot whose share of a source
+    is empty (a source with fewer samples than slots) reads that whole source. Weights are finite numbers >= 0, at
+    least one > 0. The same output or shard named twice (any spelling, links resolved) is refused.
     """
 
     def __init__(

@@ -209,3 +209,17 @@ def test_the_same_output_twice_is_refused(encoded_dir: Path, tmp_path: Path, mon
     shard = str(encoded_dir / read_manifest(encoded_dir)["shards"][0]["path"])
     with pytest.raises(ShardFormatError, match="same shard is given twice"):
         LatentShardDataset([shard, shard.replace(f"/{name}/", f"/{name}/./")])
+
+
+def test_a_link_to_another_outputs_shard_is_not_read_twice(encoded_dir: Path, second_output: Path,
+                                                           tmp_path: Path) -> None:
+    """A shard of one output that is a symlink to a shard of the other: combining them would give that shard's
+    samples twice per epoch. Refused (by its resolved path here, or as a link by the shard reader)."""
+    copy = tmp_path / "linked"
+    shutil.copytree(second_output, copy)
+    target = encoded_dir / read_manifest(encoded_dir)["shards"][0]["path"]
+    link = copy / read_manifest(copy)["shards"][0]["path"]
+    link.unlink()
+    link.symlink_to(target)
+    with pytest.raises(ShardFormatError, match="same shard is given twice|link"):
+        list(LatentShardDataset([encoded_dir, copy]))
