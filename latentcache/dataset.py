@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import numbers
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +33,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from latentcache.checks import latent_problems
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.guard import bucket_latent_shape, check_transformer, transformer_problems
-from latentcache.partition import Slot, check_weights, mix_sources, seed_of, shard_order, share_of, share_samples
+from latentcache.partition import (
+    Share,
+    Slot,
+    check_weights,
+    mix_sources,
+    mixed_draws,
+    seed_of,
+    shard_order,
+    share_of,
+    share_samples,
+)
 from latentcache.shard_sources import (
     MANIFEST_SEARCH_DEPTH,
     MAX_SHARD_BYTES,
@@ -61,6 +72,43 @@ LAYOUTS = ("BCTHW", "BTCHW")
 ORDER_SETTINGS = ("seed", "shards", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "resampled",
                   "epoch_items", "weights")
 _seed = seed_of  # the per-sample noise seed below; one definition, in partition
+
+
+def _number(name: str, value: Any) -> float:
+    """A user's number as a float; ValueError naming the argument and the value when it is not one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name}: {value!r} is not a number") from None
+
+
+def whole_number(name: str, value: Any, minimum: int) -> int:
+    """A user's count or index: an int (not a bool, float, inf or nan) >= minimum; ValueError quoting it."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum:
+        return int(value)  # numpy's integers too
+    raise ValueError(f"{name} is {value!r}: it must be a whole number >= {minimum}")
+
+
+def _identity(spelling: str) -> str:
+    """What a spelling of an output or shard resolves to: the real path (links and `./` resolved) of local ones,
+    the url without repeated or trailing slashes for remote ones (`s3://b/out/` and `s3://b//out` are one)."""
+    if "://" in spelling and not spelling.startswith("file://"):
+        scheme, rest = spelling.split("://", 1)
+        return f"{scheme.lower()}://" + "/".join(part for part in rest.split("/") if part not in ("", "."))
+    return os.path.realpath(spelling[len("file://"):] if spelling.startswith("file://") else spelling)
+
+
+def refuse_duplicates(outputs: Sequence[tuple[str, Any]], shards: Sequence[tuple[str, str]]) -> None:
+    """Refuse an output, or a shard, named twice (by any spelling): its samples would come twice per epoch.
+    `outputs` and `shards` are (spelling, label) pairs; the error names both spellings."""
+    for kind, items in (("output", outputs), ("shard", shards)):
+        seen: dict[str, str] = {}
+        for spelling, label in items:
+            key = _identity(str(spelling))
+            if key in seen:
+                raise ShardFormatError(f"{label}: the same {kind} is given twice ({seen[key]!r} and {spelling!r} are "
+                                       f"both {key}); its samples would come twice per epoch: name it once")
+            seen[key] = str(spelling)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -122,8 +170,11 @@ class LatentShardDataset(IterableDataset):
     (seed, epoch) and shuffles samples in a buffer of `shuffle_buffer`; `resampled=True` draws shards with
     replacement forever (step-based training: every rank gets an endless stream, so DDP ranks never run out
     unevenly). Several sources must share the latent spec and the VAE (class, revision, weights); with `weights`,
-    each slot draws its samples' sources by weight, deterministically per (seed, epoch), for an epoch as long as
-    the unweighted one (a source drawn past its end starts over).
+    each slot draws its samples' sources by weight, deterministically per (seed, epoch): every rank x worker slot
+    draws the same number, ceil(num_samples / slots), so a weighted epoch is as long as the unweighted one (up to
+    slots - 1 more) and equal on every rank. A source drawn past its end starts over; a slot whose share of a source
+    is empty (a source with fewer samples than slots) reads that whole source. Weights are finite numbers >= 0, at
+    least one > 0. The same output or shard named twice (any spelling, links resolved) is refused.
     """
 
     def __init__(
@@ -151,13 +202,23 @@ class LatentShardDataset(IterableDataset):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} must be at least 1 (or None for single samples)")
-        if epoch_items is not None and epoch_items < 1:
-            raise ValueError(f"epoch_items {epoch_items} must be at least 1 (or None for the whole data)")
+        if batch_size is not None:
+            batch_size = whole_number("batch_size (or None for single samples)", batch_size, 1)
+        if epoch_items is not None:
+            epoch_items = whole_number("epoch_items (or None for the whole data)", epoch_items, 1)
+        # Every other number a user passes: a float, inf or nan here would loop forever (shuffle_buffer=inf holds
+        # the whole epoch in memory) or fail deep inside a DataLoader worker.
+        whole_number("seed", seed, -(2**63))
+        whole_number("shuffle_buffer", shuffle_buffer, 0)
+        if world_size is not None:
+            whole_number("world_size", world_size, 1)
+        if rank is not None:
+            whole_number("rank", rank, 0)
+        if not isinstance(source, str | os.PathLike):
+            source = list(source)  # read twice: resolved, and its spellings named when one repeats
         resolved = resolve_sources(source, manifest)
         if weights is not None:
-            weights = [float(w) for w in weights]
+            weights = [_number("weights", w) for w in weights]
             check_weights(weights, len(resolved))
         self.weights = weights
         self.sources: list[Source] = []
@@ -165,6 +226,12 @@ class LatentShardDataset(IterableDataset):
         for data, root, refs in resolved:
             self.sources.append(Source(root, data, len(self.shards), len(refs)))
             self.shards.extend(refs)
+        refuse_duplicates([(str(d), str(d)) for d in source] if len(self.sources) > 1 else [],
+                          [(s.url, s.url) for s in self.shards])
+        # A weighted source with no samples at all is never drawn (`_mix_weights`); all of them empty: nothing to
+        # draw from.
+        if weights is not None and not any(w > 0 and self._source_total(i) for i, w in enumerate(weights)):
+            raise ValueError(f"weights {weights}: every source with a weight > 0 holds no samples")
         self.manifest, self.root = self.sources[0].manifest, self.sources[0].root
         self.spec = LatentSpec.from_dict(self.manifest["latent_spec"])
         if expected_channels is not None and self.spec.channels != expected_channels:
@@ -286,6 +353,8 @@ class LatentShardDataset(IterableDataset):
         """Samples `slot` reads in the current epoch, from the manifest's counts alone (None: endless)."""
         if self.resampled:
             return None
+        if self.weights is not None:  # the same on every slot: unequal counts per rank hang DDP
+            return mixed_draws(self.num_samples, slot.count)
         return sum(share_samples(share, [s.samples for s in shards]) for shards, share in self._shares(slot, 0))
 
     def iter_slot(self, slot: Slot, skip: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -355,14 +424,30 @@ class LatentShardDataset(IterableDataset):
                 yield from resample(self._source_shards(i), rng, read, f"{slot.index}:{i}")
                 return
             shards, share = self._shares(slot, repeat)[i]
+            tag = f"s{i}:{repeat}" if repeat else None  # a repeated sample gets fresh noise
+            if not share_samples(share, [s.samples for s in shards]):
+                # A source smaller than the slot count leaves this slot's share empty: the slot reads the whole
+                # source instead, so that the weights hold on every slot and no slot's epoch ends early. Other
+                # slots read these samples too: the slot in the tag gives each its own noise.
+                share = Share(share.shards)
+                tag = f"s{i}:{repeat}:b{slot.index}"
             for raw in read_share(shards, share, read):
-                if repeat:
-                    raw["__draw__"] = f"s{i}:{repeat}"  # a repeated sample gets fresh noise
+                if tag is not None:
+                    raw["__draw__"] = tag
                 yield raw
 
         streams = [lambda repeat, i=i: source_pass(i, repeat) for i in range(len(self.sources))]
         draws = self.slot_samples(slot)
-        return mixed(streams, mix_sources(self.weights, draws, seed=self.seed, epoch=self.epoch, slot=slot.index))
+        return mixed(streams, mix_sources(self._mix_weights(), draws, seed=self.seed, epoch=self.epoch,
+                                          slot=slot.index))
+
+    def _source_total(self, i: int) -> int:
+        return sum(s.samples for s in self._source_shards(i))
+
+    def _mix_weights(self) -> list[float]:
+        """The weights the draw uses: a source that holds no samples at all is never drawn (weight 0)."""
+        assert self.weights is not None
+        return [w if self._source_total(i) else 0.0 for i, w in enumerate(self.weights)]
 
     # ------------------------------------------------------------------------------------ decode one sample
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,21 +74,35 @@ def share_samples(share: Share, samples: Sequence[int]) -> int:
     return total if share.stride == 1 else len(range(share.offset, total, share.stride))
 
 
-def check_weights(weights: Sequence[float], sources: int) -> None:
+def check_weights(weights: Sequence[float], sources: int) -> list[float]:
+    """The weights as fractions of their largest (so 1e308s do not overflow a sum); ValueError, quoting the bad
+    value, unless there is one finite number >= 0 per source and at least one is > 0."""
     if len(weights) != sources:
         raise ValueError(f"{len(weights)} weights for {sources} sources")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights[{i}] is {w!r}: each weight must be a finite, non-negative number "
+                             f"(weights {list(weights)})")
+    top = max(weights, default=0)
+    if not top > 0:
         raise ValueError(f"weights {list(weights)} must be non-negative numbers with a positive sum")
+    return [w / top for w in weights]  # each in [0, 1]: their sum is at most `sources`, always finite
+
+
+def mixed_draws(samples: int, slots: int) -> int:
+    """Samples each slot draws per weighted epoch: the same for every rank x worker slot (unequal counts hang DDP),
+    ceil(samples / slots) so that every slot draws at least one while there is any sample at all."""
+    return -(-samples // slots)
 
 
 def mix_sources(weights: Sequence[float], draws: int | None, *, seed: int, epoch: int, slot: int) -> Iterator[int]:
     """The source each of `draws` samples (None: endless) comes from, for weighted mixing: source i with
     probability weights[i] / sum(weights), the same sequence for the same (seed, epoch, slot) on every machine.
 
-    The dataset draws as many samples as the slot's shares of all sources hold together, so a weighted epoch is as
-    long as an unweighted one; a source drawn more often than it holds samples starts over (`stages.mixed`)."""
-    check_weights(weights, len(weights))
+    The dataset draws `mixed_draws` samples per slot, the same number on every slot; a source drawn more often than
+    it holds samples starts over, and a slot whose share of a source is empty reads the whole source
+    (`stages.mixed`, `LatentShardDataset`)."""
     rng = random.Random(seed_of(seed, epoch, "mix", slot))
-    cumulative = list(itertools.accumulate(weights))
+    cumulative = list(itertools.accumulate(check_weights(weights, len(weights))))
     for _ in itertools.count() if draws is None else range(draws):
         yield bisect.bisect(cumulative, rng.random() * cumulative[-1], 0, len(cumulative) - 1)

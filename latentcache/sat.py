@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,13 @@ class SATLatentDataset(Dataset):
             raise ConfigError(f"SATLatentDataset: unknown data.params {', '.join(unknown)}; it takes video_size, "
                               "max_num_frames, fps, bucket, sample_posterior, seed, shuffle, shuffle_buffer, "
                               "check_sha256")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps)
+                                or fps <= 0):
+            raise ConfigError(f"SATLatentDataset: data.params.fps is {fps!r}: it must be a finite number > 0")
+        for name, value in (("max_num_frames", max_num_frames), ("batch_size", batch_size),
+                            *((f"video_size[{i}]", v) for i, v in enumerate(video_size or ()))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ConfigError(f"SATLatentDataset: data.params.{name} is {value!r}: it must be a whole number >= 1")
         manifest, root, refs = resolve_source(data_dir)
         self.bucket = _choose_bucket(root, sorted({r.bucket for r in refs}), video_size, max_num_frames)
         self.num_frames = int(self.bucket.split("x")[0])

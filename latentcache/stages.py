@@ -47,7 +47,8 @@ def resample(shards: Sequence[ShardRef], rng: random.Random, read: Reader, tag: 
 
 def mixed(streams: Sequence[Callable[[int], Iterator[Raw]]], choices: Iterable[int]) -> Iterator[Raw]:
     """Samples of several sources in the order `choices` names them; `streams[i](p)` is source i's p-th pass, and a
-    source that runs out starts its next pass (a source weighted above its size repeats within the epoch)."""
+    source that runs out starts its next pass (a source weighted above its size repeats within the epoch); one that
+    is empty even then is an error, never a short epoch."""
     passes = [0] * len(streams)
     iters = [streams[i](0) for i in range(len(streams))]
     for i in choices:
@@ -59,7 +60,9 @@ def mixed(streams: Sequence[Callable[[int], Iterator[Raw]]], choices: Iterable[i
             passes[i] += 1
             iters[i] = streams[i](passes[i])
         else:
-            return  # an empty source (this slot's share of it holds nothing): nothing to repeat
+            # The dataset never draws a source this slot cannot read (weight 0 for an output with no samples, the
+            # whole output for a slot whose share is empty): ending the epoch early here would hang DDP.
+            raise RuntimeError(f"source {i} yielded no sample in two passes; weighted epochs must not end early")
 
 
 def shuffled(raws: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw]:

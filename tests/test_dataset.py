@@ -455,3 +455,13 @@ def test_extreme_but_fitting_values_stream_finite(encoded_dir: Path, tmp_path: P
     _rewrite(root, 1, lambda c: EncodedClip(c.key, c.mean, torch.full_like(c.logvar, -30.0), c.meta), record=True)
     items = list(LatentShardDataset(root))
     assert len(items) == 8 and all(torch.isfinite(i["latents"]).all() for i in items)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"shuffle_buffer": float("inf")}, "shuffle_buffer"),
+                                              ({"seed": float("nan")}, "seed"), ({"world_size": 0}, "world_size"),
+                                              ({"rank": 0.5, "world_size": 2}, "rank"),
+                                              ({"epoch_items": float("inf")}, "epoch_items"),
+                                              ({"batch_size": 2.5}, "batch_size")])
+def test_bad_numbers_are_refused_naming_them(encoded_dir: Path, kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        LatentShardDataset(encoded_dir, **kwargs)

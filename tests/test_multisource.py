@@ -169,3 +169,57 @@ def test_list_of_shard_files_is_one_source(encoded_dir: Path, second_output: Pat
         LatentShardDataset([encoded_dir, second_output], weights=[1, 1, 1])
     with pytest.raises(ShardFormatError, match="leave manifest= out"):
         LatentShardDataset([encoded_dir, second_output], manifest=encoded_dir)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_weighted_epochs_are_equal_on_every_rank(encoded_dir: Path, second_output: Path, workers: int) -> None:
+    """The second output (2 samples) is smaller than 2 ranks x 2 workers: a slot whose share of it was empty ended
+    its epoch the first time it was drawn (rank 1: [1, 1, 1, 0, 1] samples over seeds 0-4). Every slot now draws
+    ceil(10 / slots) samples; a slot with an empty share of an output reads that whole output."""
+    slots = 2 * max(1, workers)
+    for seed in range(5):
+        lengths = []
+        for rank in range(2):
+            dataset = LatentShardDataset([encoded_dir, second_output], weights=[1, 1], rank=rank, world_size=2,
+                                         shuffle=True, seed=seed)
+            keys = keys_of(StatefulLoader(dataset, num_workers=workers))
+            assert set(keys) <= set(all_keys(encoded_dir)) | set(all_keys(second_output))
+            lengths.append(len(keys))
+        assert lengths == [-(-10 // slots) * max(1, workers)] * 2, (seed, lengths)
+
+
+@pytest.mark.parametrize("weights", [[1e308, 1e308], [float("inf"), 1], [float("nan"), 1], [1, -1], ["x", 1]])
+def test_bad_weights_are_refused(encoded_dir: Path, second_output: Path, weights) -> None:
+    if weights == [1e308, 1e308]:  # accepted, and output 0 is read (the overflowed sum never drew it)
+        keys = keys_of(LatentShardDataset([encoded_dir, second_output], weights=weights, seed=1))
+        assert len(keys) == 10 and set(keys) & set(all_keys(encoded_dir))
+        return
+    with pytest.raises(ValueError, match=r"weights.*(not a number|finite, non-negative)"):
+        LatentShardDataset([encoded_dir, second_output], weights=weights)
+
+
+def test_the_same_output_twice_is_refused(encoded_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(encoded_dir.parent)
+    name = encoded_dir.name
+    with pytest.raises(ShardFormatError, match=rf"same output is given twice \('{name}' and './{name}/'"):
+        LatentShardDataset([name, f"./{name}/"])
+    (tmp_path / "link").symlink_to(encoded_dir)
+    with pytest.raises(ShardFormatError, match="same output is given twice"):
+        LatentShardDataset([encoded_dir, tmp_path / "link"])
+    shard = str(encoded_dir / read_manifest(encoded_dir)["shards"][0]["path"])
+    with pytest.raises(ShardFormatError, match="same shard is given twice"):
+        LatentShardDataset([shard, shard.replace(f"/{name}/", f"/{name}/./")])
+
+
+def test_a_link_to_another_outputs_shard_is_not_read_twice(encoded_dir: Path, second_output: Path,
+                                                           tmp_path: Path) -> None:
+    """A shard of one output that is a symlink to a shard of the other: combining them would give that shard's
+    samples twice per epoch. Refused (by its resolved path here, or as a link by the shard reader)."""
+    copy = tmp_path / "linked"
+    shutil.copytree(second_output, copy)
+    target = encoded_dir / read_manifest(encoded_dir)["shards"][0]["path"]
+    link = copy / read_manifest(copy)["shards"][0]["path"]
+    link.unlink()
+    link.symlink_to(target)
+    with pytest.raises(ShardFormatError, match="same shard is given twice|link"):
+        list(LatentShardDataset([encoded_dir, copy]))

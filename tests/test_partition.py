@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from latentcache.partition import Share, Slot, mix_sources, shard_order, share_of, share_samples
+from latentcache.partition import (
+    Share,
+    Slot,
+    check_weights,
+    mix_sources,
+    mixed_draws,
+    shard_order,
+    share_of,
+    share_samples,
+)
 
 
 def deal(samples: list[int], slots: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True
@@ -71,3 +80,20 @@ def test_weighted_mix_is_deterministic_and_follows_the_weights() -> None:
         list(mix_sources([0.0, 0.0], 3, seed=0, epoch=0, slot=0))
     with pytest.raises(ValueError, match="non-negative"):
         list(mix_sources([1.0, -1.0], 3, seed=0, epoch=0, slot=0))
+
+
+@pytest.mark.parametrize("weights", [[float("inf"), 1.0], [float("nan"), 1.0], [1.0, -0.5], ["1", 1.0], [True, 1.0]])
+def test_bad_weights_are_refused_quoting_the_value(weights) -> None:
+    with pytest.raises(ValueError, match=r"weights\[0\]|weights\[1\].*finite, non-negative"):
+        check_weights(weights, 2)
+
+
+def test_huge_weights_are_normalised_before_the_sum() -> None:
+    """1e308 twice overflowed the cumulative sum to inf, and source 0 was never drawn."""
+    assert check_weights([1e308, 1e308], 2) == [1.0, 1.0]
+    counts = Counter(mix_sources([1e308, 1e308], 2000, seed=0, epoch=0, slot=0))
+    assert abs(counts[0] / 2000 - 0.5) < 0.05
+
+
+def test_mixed_draws_are_equal_on_every_slot() -> None:
+    assert [mixed_draws(10, s) for s in (1, 2, 3, 4, 11)] == [10, 5, 4, 3, 1]

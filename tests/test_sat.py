@@ -235,3 +235,13 @@ def test_check_config_cli_on_the_full_size_example(encoded_dir: Path, capsys) ->
     out = capsys.readouterr().out
     # The 2B config fits 49x480x720 shards; against the tiny ones only sizes differ, never input or scale.
     assert "num_frames: 49" in out and "latent_input" not in out and "scale_factor" not in out
+
+
+@pytest.mark.parametrize(("params", "name"), [({"fps": float("nan")}, "fps"), ({"fps": float("inf")}, "fps"),
+                                              ({"fps": -8}, "fps"), ({"max_num_frames": 1e999}, "max_num_frames"),
+                                              ({"video_size": [64, -96], "max_num_frames": 17}, r"video_size\[1\]"),
+                                              ({"seed": float("nan")}, "seed"),
+                                              ({"shuffle_buffer": float("inf")}, "shuffle_buffer")])
+def test_bad_numbers_are_refused_naming_them(encoded_dir: Path, params: dict, name: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=name):
+        SATLatentDataset(encoded_dir, **params)
