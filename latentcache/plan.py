@@ -188,7 +188,9 @@ def _csv_rows(list_file: Path, f: Any) -> Iterator[dict[str, Any]]:
         yield from reader
     except csv.Error as e:
         why = f"a cell is longer than {MAX_CSV_CELL} characters" if "field limit" in str(e) else str(e)
-        raise ConfigError(f"{list_file}: line {reader.line_num}: {why}; not a CSV list latentcache reads") from None
+        # reader.reader: DictReader copies line_num only after a row is read whole.
+        raise ConfigError(f"{list_file}: line {reader.reader.line_num}: {why}; not a CSV list latentcache reads") \
+            from None
 
 
 def _not_utf8(list_file: Path) -> str:
@@ -206,8 +208,8 @@ def _not_utf8(list_file: Path) -> str:
                 break
             offset += len(chunk)
             line += chunk.count(b"\n")
-    return (f"{list_file}: byte {offset} (line {line}) is not UTF-8; a list must be UTF-8 text (re-save it as "
-            "UTF-8, e.g. iconv -f latin1 -t utf-8)")
+    return (f"{list_file}: the byte at offset {offset} (line {line}) is not UTF-8; a list must be UTF-8 text "
+            "(re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)")
 
 
 def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
@@ -307,9 +309,11 @@ def _literal(text: str) -> Any:
     except json.JSONDecodeError:
         pass
     try:
-        return ast.literal_eval(text.strip())
+        value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
+    # A Python string literal can spell an unpaired surrogate ('\ud800'), which no UTF-8 file can then hold.
+    return value if strictjson.is_utf8_text(value) else None
 
 
 def _row_spans(row: dict[str, Any], where: str) -> tuple[tuple[float, float | None], ...] | None:

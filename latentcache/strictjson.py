@@ -50,7 +50,16 @@ def loads(data: str | bytes | bytearray, *, keep_nonfinite: bool = False) -> Any
     # Counting brackets is C-fast; the walk runs only where there are enough of them to nest that deep.
     if data.count("[") + data.count("{") > MAX_DEPTH and _too_deep(value):
         raise json.JSONDecodeError(f"nested more than {MAX_DEPTH} levels deep", "", 0)
+    # "\ud800" unpaired is valid JSON but no UTF-8 text: it would fail later, when the value is written.
+    if ("\\ud" in data or "\\uD" in data) and not is_utf8_text(value):
+        raise json.JSONDecodeError("holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text", "", 0)
     return value
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [*node, *node.values()]
+    return node if isinstance(node, list) else []
 
 
 def _too_deep(value: Any) -> bool:
@@ -58,13 +67,26 @@ def _too_deep(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
+        if isinstance(node, dict | list):
             if depth > MAX_DEPTH:
                 return True
-            stack.extend((child, depth + 1) for child in node)
+            stack.extend((child, depth + 1) for child in _children(node))
     return False
+
+
+def is_utf8_text(value: Any) -> bool:
+    """Whether every string in the value (keys too) can be written as UTF-8 (no unpaired surrogate)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        else:
+            stack.extend(_children(node))
+    return True
 
 
 def dumps(obj: Any, **kwargs: Any) -> str:
