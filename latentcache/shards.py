@@ -260,7 +260,8 @@ def read_manifest(root: Path | str) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
     try:
-        manifest = strictjson.loads(data)
+        # Non-finite numbers kept: the checks below name a NaN scaling factor as such.
+        manifest = strictjson.loads(data, keep_nonfinite=True)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{path}: not a JSON manifest ({e}); rebuild it with `latentcache finalize "
                                "DIR`") from e
