@@ -349,3 +349,14 @@ def test_check_config_refuses_what_is_not_a_number(encoded_dir, tmp_path, capsys
         assert main(["check-config", str(path), "--data", str(encoded_dir)]) == 2  # a bug would raise here
         err = capsys.readouterr().err
         assert f"error: {path}: " in err and key in err and "is not a valid" in err, err
+
+
+def test_a_row_naming_a_path_too_long_for_the_os_is_a_failure_record(tmp_path, capsys):
+    """Like a row naming a missing file: one failure record, the rest of the list is encoded."""
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    (tmp_path / "l.txt").write_text("v.mp4\n" + "a" * 5000 + ".mp4\n" + "b/" * 3000 + "c.mp4\n")
+    out = tmp_path / "out"
+    assert main(["encode", str(tmp_path / "l.txt"), "--out", str(out), *CLI]) == EXIT_SOME_FAILED
+    failures = read_failures(out)
+    assert len(failures) == 2 and all("File name too long" in f["message"] for f in failures.values())
+    assert (out / "manifest.json").is_file()
