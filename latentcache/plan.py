@@ -134,6 +134,9 @@ def _read_caption(video: Path) -> str | None:
     return None
 
 
+# How deep a list row (or a cell's JSON) may nest: the inputs lines and sample JSON made from it nest it a level or
+# two deeper, and are read back under strictjson.MAX_DEPTH.
+MAX_ROW_DEPTH = 32
 # The longest CSV cell read (the csv module's default, 131,072 characters, is below what a detailed caption or a
 # span table's caption list can hold). Past it, a ConfigError naming the line.
 MAX_CSV_CELL = 16 << 20
@@ -163,7 +166,7 @@ def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
                 try:
                     # Non-finite numbers kept as floats here: a NaN time is refused as "not a time", a NaN in any
                     # other column becomes null (`_jsonable`).
-                    row = strictjson.loads(line, keep_nonfinite=True)
+                    row = strictjson.loads(line, keep_nonfinite=True, max_depth=MAX_ROW_DEPTH)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{list_file}: line {n} is not JSON ({e.msg}); expected one object per line "
                                       'such as {"path": "a.mp4", "caption": "..."}') from None
@@ -305,7 +308,7 @@ def _row_caption(value: Any, per_span: bool) -> str | tuple[str | None, ...] | N
 def _literal(text: str) -> Any:
     """JSON, else a Python literal ("[['0:00:00.000', '0:00:05.005']]"); None when it is neither."""
     try:
-        return strictjson.loads(text, keep_nonfinite=True)
+        return strictjson.loads(text, keep_nonfinite=True, max_depth=MAX_ROW_DEPTH)
     except json.JSONDecodeError:
         pass
     try:

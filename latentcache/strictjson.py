@@ -29,11 +29,13 @@ _TO_NULL = json.JSONDecoder(parse_constant=lambda _name: None, parse_float=_fini
 _KEEP = json.JSONDecoder()
 
 
-def loads(data: str | bytes | bytearray, *, keep_nonfinite: bool = False) -> Any:
+def loads(data: str | bytes | bytearray, *, keep_nonfinite: bool = False, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON text; raises json.JSONDecodeError for anything that is not JSON latentcache can hold.
 
     NaN, +-Infinity and numbers too large for a float become None, unless `keep_nonfinite` (list rows: their time
-    cells must still be refused as "not a time", and their other cells are mapped to null by the caller)."""
+    cells must still be refused as "not a time", and their other cells are mapped to null by the caller).
+    `max_depth`: a user's list rows are held to less than MAX_DEPTH, as the files latentcache writes from them
+    (inputs lines, sample JSON) nest them a level or two deeper."""
     if isinstance(data, bytes | bytearray):
         try:
             data = bytes(data).decode(json.detect_encoding(data))
@@ -44,12 +46,12 @@ def loads(data: str | bytes | bytearray, *, keep_nonfinite: bool = False) -> Any
     except json.JSONDecodeError:
         raise  # (a ValueError too: reported as it is)
     except RecursionError:
-        raise json.JSONDecodeError(f"nested more than {MAX_DEPTH} levels deep", "", 0) from None
+        raise json.JSONDecodeError(f"nested more than {max_depth} levels deep", "", 0) from None
     except ValueError as e:  # an integer longer than Python converts (4300 digits)
         raise json.JSONDecodeError(str(e), "", 0) from None
     # Counting brackets is C-fast; the walk runs only where there are enough of them to nest that deep.
-    if data.count("[") + data.count("{") > MAX_DEPTH and _too_deep(value):
-        raise json.JSONDecodeError(f"nested more than {MAX_DEPTH} levels deep", "", 0)
+    if data.count("[") + data.count("{") > max_depth and _too_deep(value, max_depth):
+        raise json.JSONDecodeError(f"nested more than {max_depth} levels deep", "", 0)
     # "\ud800" unpaired is valid JSON but no UTF-8 text: it would fail later, when the value is written.
     if ("\\ud" in data or "\\uD" in data) and not is_utf8_text(value):
         raise json.JSONDecodeError("holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text", "", 0)
@@ -62,13 +64,13 @@ def _children(node: Any) -> list[Any]:
     return node if isinstance(node, list) else []
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether containers nest more than MAX_DEPTH deep (iterative: the value may be deep)."""
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Whether containers nest more than `max_depth` deep (iterative: the value may be deep)."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, dict | list):
-            if depth > MAX_DEPTH:
+            if depth > max_depth:
                 return True
             stack.extend((child, depth + 1) for child in _children(node))
     return False

@@ -319,3 +319,29 @@ def test_a_tar_holding_a_member_twice_warns_and_uses_the_last_copy(tmp_path: Pat
     for name in ("000000.mp4", "000000.txt"):
         assert f"{tmp_path / 's.tar'}: holds the member '{name}' 2 times; using its last copy" in caplog.text
     assert probe(only.path).duration == pytest.approx(3.0)  # the bytes read are the last copy's
+
+
+def test_the_deepest_rows_accepted_encode_and_read_back(tmp_path: Path) -> None:
+    """The nesting bound on list rows leaves room for what latentcache writes from them: a JSONL row 32 levels deep
+    and a Parquet cell as deep as pyarrow reads (49 lists) reach the sample JSON and are read back by the dataset."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    def nested(depth: int):
+        v = 1
+        for _ in range(depth):
+            v = [v]
+        return v
+
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    write_video(tmp_path / "w", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    (tmp_path / "l.jsonl").write_text(json.dumps({"path": "v.mp4", "x": nested(31)}) + "\n")
+    pq.write_table(pa.table({"path": ["w.mp4"], "y": [nested(49)]}), tmp_path / "l.parquet")
+    out = tmp_path / "out"
+    assert encode_job(_args([str(tmp_path / "l.jsonl"), str(tmp_path / "l.parquet")], out)) == 0
+    rows = {s["meta"]["source"]: s["meta"]["row"] for s in _samples(out)}
+    assert rows == {"v.mp4": {"x": nested(31)}, "w.mp4": {"y": nested(49)}}
+    deeper = tmp_path / "deeper.jsonl"
+    deeper.write_text(json.dumps({"path": "v.mp4", "x": nested(32)}) + "\n")
+    with pytest.raises(ConfigError, match="deeper.jsonl: line 1 is not JSON .nested more than 32 levels deep"):
+        discover_inputs([deeper])
