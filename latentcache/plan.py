@@ -484,10 +484,16 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
 def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) -> Iterator[InputVideo]:
     """The inputs of one given (or pattern-matched) path; `rel`: its path relative to the pattern's root, which
     prefixes the relative paths of what it holds (None: given by itself)."""
+    if not _is_text(str(p)):
+        raise ConfigError(f"input {_shown_name(str(p))!r}: the path is not UTF-8 (bytes shown as \\xNN); keys, plans "
+                          "and sample JSON are UTF-8 text: rename it")
     if p.is_dir():
         prefix = f"{rel}/" if rel else ""
         for f in _walk(p, skip, images):
             name = prefix + f.relative_to(p).as_posix()
+            if not _is_text(name):
+                _warn_not_utf8(str(f))
+                continue
             if f.suffix.lower() == ".tar":
                 yield from _tar_inputs(f, name)
             else:
@@ -500,6 +506,27 @@ def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) ->
         yield InputVideo(str(p.resolve()), rel or p.name, _read_caption(p))
     else:
         raise ConfigError(f"input {str(p)!r} does not exist")
+
+
+def _is_text(name: str) -> bool:
+    """Whether a name is UTF-8 text: the OS hands names holding other bytes over as surrogate escapes, which no
+    JSON file (plan, inputs, sample JSON) can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_name(name: str) -> str:
+    """A name as text, its bytes that are not UTF-8 shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _warn_not_utf8(path: str) -> None:
+    # One file of a folder or tar: a warning, not the run (like a hidden file, it is not an input).
+    log.warning("%s: the file name is not UTF-8 (bytes shown as \\xNN); not an input: rename it to encode it",
+                _shown_name(path))
 
 
 def _is_pattern(text: str) -> bool:
@@ -573,6 +600,9 @@ def _tar_inputs(tar: Path, rel: str) -> Iterator[InputVideo]:
                 if by_name[m.name] is not m:
                     continue  # an earlier copy of a repeated name: only the last is an input
                 if m.isdir() or Path(m.name).name.startswith("."):
+                    continue
+                if not _is_text(m.name):
+                    _warn_not_utf8(sources.tar_member_path(path, m.name))
                     continue
                 suffix = Path(m.name).suffix.lower()
                 if suffix in NOT_VIDEO_SUFFIXES or suffix in NOT_VIDEO_MEMBERS:

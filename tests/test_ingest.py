@@ -345,3 +345,25 @@ def test_the_deepest_rows_accepted_encode_and_read_back(tmp_path: Path) -> None:
     deeper.write_text(json.dumps({"path": "v.mp4", "x": nested(32)}) + "\n")
     with pytest.raises(ConfigError, match="deeper.jsonl: line 1 is not JSON .nested more than 32 levels deep"):
         discover_inputs([deeper])
+
+
+def test_file_and_member_names_that_are_not_utf8_cost_a_warning(tmp_path: Path, caplog) -> None:
+    """A Latin-1 name on disk or in a tar (the OS hands it over as surrogate escapes, which no plan or sample JSON
+    can hold) is not an input: one warning naming it, and the rest is encoded."""
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    video = write_video(d / "ok", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    os.link(video, os.fsencode(d) + b"/caf\xe9.mp4")
+    with tarfile.open(d / "t.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        _add(tar, "caf\xe9.mp4", video.read_bytes())
+        _add(tar, "fine.mp4", video.read_bytes())
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert encode_job(_args([str(d)], out)) == 0
+    assert sorted(s["meta"]["source"] for s in _samples(out)) == ["ok.mp4", "t.tar/fine.mp4"]
+    assert f"{d}/caf\\xe9.mp4: the file name is not UTF-8" in caplog.text
+    assert f"{d}/t.tar::caf\\xe9.mp4: the file name is not UTF-8" in caplog.text
+    with pytest.raises(ConfigError, match=r"caf\\\\xe9.mp4'?: the path is not UTF-8"):
+        list(iter_inputs([os.fsdecode(os.fsencode(d) + b"/caf\xe9.mp4")]))
