@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from latentcache import decode
+from latentcache import decode, strictjson
 from latentcache.buckets import Bucket
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.plan import (
@@ -92,7 +92,8 @@ def chunk_plan_name(part: int, chunk: int) -> str:
 
 # One encoder for every line: json.dumps with arguments builds a new JSONEncoder per call, which costs more than the
 # encoding itself when it runs millions of times. Same bytes as json.dumps(..., ensure_ascii=False, sort_keys=True).
-_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+# allow_nan=False: an inputs line is always JSON (readers map NaN and 1e999 to null before it gets here).
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, allow_nan=False)
 
 
 class InputTable:
@@ -214,13 +215,14 @@ class JobPlan:
 
     def to_json(self) -> str:
         return json.dumps({"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "settings": self.settings,
-                           "vae": self.vae, "parts": [p.to_dict() for p in self.parts]}, indent=1, sort_keys=True)
+                           "vae": self.vae, "parts": [p.to_dict() for p in self.parts]}, indent=1, sort_keys=True,
+                          allow_nan=False)
 
     @staticmethod
     def from_json(text: str, where: str = "plan.json") -> JobPlan:
         """Parse and check plan.json: every number a path or a seek is made from must be what make wrote."""
         try:
-            d = json.loads(text)
+            d = strictjson.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where} is not JSON ({e.msg})") from None
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
@@ -266,7 +268,12 @@ def _read_part(d: Any, index: int, where: str) -> Part:
 
 def read_job_plan(out: Path) -> JobPlan:
     path = out / "plan.json"
-    return JobPlan.from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 JSON (byte {e.start}); the plan was damaged or not written by "
+                          "latentcache") from None
+    return JobPlan.from_json(text, str(path))
 
 
 def chunks_for_rank(plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]:
@@ -340,9 +347,10 @@ def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
 def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
     found = []
     for part in plan.parts:
-        with (out / inputs_name(part.index)).open("rb") as f:
-            for line in f:
-                ident = input_id(input_from_line(json.loads(line)))
+        path = out / inputs_name(part.index)
+        with path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                ident = input_id(_read_input_line(line, path, n))
                 if key_digest(ident) in digests:
                     found.append(ident)
     return sorted(found)
@@ -379,11 +387,24 @@ def read_chunk_inputs(out: Path, ref: ChunkRef) -> list[InputVideo]:
         raise ConfigError(f"{path}: bytes {ref.offset}..{ref.offset + ref.size} (chunk {ref.chunk}) do not match "
                           "plan.json's sha256; the inputs file was changed after planning: use a new --out directory")
     inputs = []
-    for line in data.splitlines():
-        inputs.append(input_from_line(json.loads(line)))
+    for n, line in enumerate(data.splitlines(), 1):
+        inputs.append(_read_input_line(line, path, n, f" of chunk {ref.chunk}"))
     if len(inputs) != ref.count:
         raise ConfigError(f"{path}: chunk {ref.chunk} holds {len(inputs)} inputs, plan.json says {ref.count}")
     return inputs
+
+
+def _read_input_line(line: bytes, path: Path, n: int, where: str = "") -> InputVideo:
+    """One inputs-file line, or a ConfigError naming the file and line: the file is data, perhaps crafted."""
+    try:
+        row = strictjson.loads(line)
+        video = input_from_line(row)
+        if not (isinstance(video.path, str) and isinstance(video.relpath, str)):
+            raise TypeError("path and relpath must be strings")
+        return video
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: line {n}{where} is not an input latentcache wrote ({e}); the output directory "
+                          "was damaged: use a new --out directory") from None
 
 
 def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
@@ -405,7 +426,7 @@ def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: Plan) -> str:
     return json.dumps({"fingerprint": plan.fingerprint, "part": ref.part, "chunk": ref.chunk,
                        "inputs_sha256": ref.sha256, "clips": [asdict(c) for c in chunk.clips],
                        "shards": [{"bucket": s.bucket, "index": s.shard_id, "keys": s.keys} for s in chunk.shards],
-                       "rejected": chunk.rejected}, indent=0, sort_keys=True, ensure_ascii=False)
+                       "rejected": chunk.rejected}, indent=0, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
@@ -424,7 +445,7 @@ def read_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef) -> Plan:
     """Parse and check a chunk plan: keys, buckets and numbers become shard paths and tar member names."""
     path = out / ref.plan_name
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = strictjson.loads(path.read_bytes())
         return _chunk_from_dict(d, plan, ref)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ShardFormatError(f"{path}: not a chunk plan of this directory ({e}); delete it and run the encode "

@@ -554,7 +554,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if missing:
         raise ShardFormatError(f"{out}: {len(missing)} planned chunk(s) or shard(s) are not finished, e.g. "
                                f"{missing[0]}; run the same `latentcache encode` again to complete them")
-    failures_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in failures)
+    failures_text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in failures)
     _writing(out / "failures.jsonl", write_text_atomic, out / "failures.jsonl", failures_text)
     buckets: dict[str, int] = {}
     for s in shards:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentcache import sources, store
+from latentcache import sources, store, strictjson
 from latentcache.buckets import Bucket, frame_rule, nearest_frame_counts
 from latentcache.decode import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
@@ -121,49 +121,98 @@ class Plan:
         return {c.key: c for c in self.clips}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(asdict(self), indent=1, sort_keys=True, allow_nan=False)
 
 
 def _read_caption(video: Path) -> str | None:
     sidecar = video.with_suffix(".txt")
-    if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8", errors="replace").strip() or None
+    try:
+        if sidecar.is_file():
+            return sidecar.read_text(encoding="utf-8", errors="replace").strip() or None
+    except (OSError, ValueError):
+        pass  # a name the OS cannot even look up (too long): no sidecar; the input itself fails when probed
     return None
 
 
+# How deep a list row (or a cell's JSON) may nest: the inputs lines and sample JSON made from it nest it a level or
+# two deeper, and are read back under strictjson.MAX_DEPTH.
+MAX_ROW_DEPTH = 32
+# The longest CSV cell read (the csv module's default, 131,072 characters, is below what a detailed caption or a
+# span table's caption list can hold). Past it, a ConfigError naming the line.
+MAX_CSV_CELL = 16 << 20
+
+
 def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
-    """The list's rows, streamed: a list of millions of videos is never held whole."""
+    """The list's rows, streamed: a list of millions of videos is never held whole. Lists are UTF-8 text (a
+    byte-order mark is allowed); anything else is a ConfigError naming the first byte that is not UTF-8."""
     suffix = list_file.suffix.lower()
     if suffix == ".parquet":
         yield from _parquet_rows(list_file)
         return
     # utf-8-sig: spreadsheets save CSVs with a byte-order mark, which would otherwise become part of "path".
     # newline="": lines end only at \n, \r or \r\n, never at U+2028, NEL or form feeds inside captions.
-    with open(list_file, encoding="utf-8-sig", newline="") as f:
-        if suffix == ".csv":
-            # The csv module's own line handling: a quoted caption may hold newlines.
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"path", "url"} & set(reader.fieldnames):
-                raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (or 'url'; optionally "
-                                  "'caption', 'start'/'end' or 'timestamp'); "
-                                  f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
-            yield from reader
-            return
-        for n, line in enumerate(f, 1):
-            if suffix != ".jsonl":
-                if line.strip() and not line.startswith("#"):
-                    yield {"path": line.strip()}
-                continue
-            if not line.strip():
-                continue
+    try:
+        with open(list_file, encoding="utf-8-sig", newline="") as f:
+            if suffix == ".csv":
+                yield from _csv_rows(list_file, f)
+                return
+            for n, line in enumerate(f, 1):
+                if suffix != ".jsonl":
+                    if line.strip() and not line.startswith("#"):
+                        yield {"path": line.strip()}
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    # Non-finite numbers kept as floats here: a NaN time is refused as "not a time", a NaN in any
+                    # other column becomes null (`_jsonable`).
+                    row = strictjson.loads(line, keep_nonfinite=True, max_depth=MAX_ROW_DEPTH)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{list_file}: line {n} is not JSON ({e.msg}); expected one object per line "
+                                      'such as {"path": "a.mp4", "caption": "..."}') from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with "
+                                      "'path'")
+                yield row
+    except UnicodeDecodeError:
+        raise ConfigError(_not_utf8(list_file)) from None
+
+
+def _csv_rows(list_file: Path, f: Any) -> Iterator[dict[str, Any]]:
+    # The csv module's own line handling: a quoted caption may hold newlines.
+    if csv.field_size_limit() < MAX_CSV_CELL:
+        csv.field_size_limit(MAX_CSV_CELL)  # process-wide, but only ever raised
+    reader = csv.DictReader(f)
+    try:
+        if reader.fieldnames is None or not {"path", "url"} & set(reader.fieldnames):
+            raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (or 'url'; optionally "
+                              "'caption', 'start'/'end' or 'timestamp'); "
+                              f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
+        yield from reader
+    except csv.Error as e:
+        why = f"a cell is longer than {MAX_CSV_CELL} characters" if "field limit" in str(e) else str(e)
+        # reader.reader: DictReader copies line_num only after a row is read whole.
+        raise ConfigError(f"{list_file}: line {reader.reader.line_num}: {why}; not a CSV list latentcache reads") \
+            from None
+
+
+def _not_utf8(list_file: Path) -> str:
+    """The message for a list that is not UTF-8: where its first bad byte is (found again, in binary)."""
+    import codecs
+
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(list_file, "rb") as f:
+        while chunk := f.read(1 << 20):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{list_file}: line {n} is not JSON ({e.msg}); expected one object per line "
-                                  'such as {"path": "a.mp4", "caption": "..."}') from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{list_file}: line {n} is a {type(row).__name__}, expected an object with 'path'")
-            yield row
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                offset += e.start
+                line += chunk[: e.start].count(b"\n")
+                break
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+    return (f"{list_file}: the byte at offset {offset} (line {line}) is not UTF-8; a list must be UTF-8 text "
+            "(re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)")
 
 
 def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
@@ -172,14 +221,19 @@ def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{list_file}: Parquet lists need pyarrow: pip install 'latentcache[parquet]'") from None
-    table = pq.ParquetFile(list_file)
-    names = table.schema_arrow.names
-    if not {"path", "url"} & set(names):
-        raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (or 'url'; optionally 'caption', "
-                          f"'start'/'end' or 'timestamp'); found columns: {', '.join(names) or 'none'}")
-    # Every column: the ones latentcache does not read are carried into the samples' JSON.
-    for batch in table.iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
+    import pyarrow as pa
+
+    try:
+        table = pq.ParquetFile(list_file)
+        names = table.schema_arrow.names
+        if not {"path", "url"} & set(names):
+            raise ConfigError(f"{list_file}: a Parquet list needs a 'path' column (or 'url'; optionally 'caption', "
+                              f"'start'/'end' or 'timestamp'); found columns: {', '.join(names) or 'none'}")
+        # Every column: the ones latentcache does not read are carried into the samples' JSON.
+        for batch in table.iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{list_file}: not a Parquet file latentcache can read ({e})") from None
 
 
 # Columns a list row is read from; any other column is carried into the samples' JSON as "row".
@@ -210,6 +264,10 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
             raise ConfigError(f"{list_file}: row {n} has no 'path' (found: {str(row)[:300]}); every row needs the "
                               "video's path")
         raw = raw.strip()
+        if "\x00" in raw:
+            # No file has such a name: refused before anything is planned, so a fixed list can be run again.
+            raise ConfigError(f"{list_file}: row {n}: the path {raw[:200]!r} holds a NUL byte, which no file name "
+                              "can; fix the list")
         if "://" in raw:
             # An object store or web address: opened by `sources`, keyed by what follows the scheme.
             p, rel = raw, raw.split("://", 1)[1]
@@ -250,13 +308,15 @@ def _row_caption(value: Any, per_span: bool) -> str | tuple[str | None, ...] | N
 def _literal(text: str) -> Any:
     """JSON, else a Python literal ("[['0:00:00.000', '0:00:05.005']]"); None when it is neither."""
     try:
-        return json.loads(text)
+        return strictjson.loads(text, keep_nonfinite=True, max_depth=MAX_ROW_DEPTH)
     except json.JSONDecodeError:
         pass
     try:
-        return ast.literal_eval(text.strip())
+        value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
+    # A Python string literal can spell an unpaired surrogate ('\ud800'), which no UTF-8 file can then hold.
+    return value if strictjson.is_utf8_text(value) else None
 
 
 def _row_spans(row: dict[str, Any], where: str) -> tuple[tuple[float, float | None], ...] | None:
@@ -286,26 +346,26 @@ def _row_spans(row: dict[str, Any], where: str) -> tuple[tuple[float, float | No
 
 def _seconds(value: Any, where: str, column: str, *, optional: bool = False) -> float | None:
     """A time cell -> seconds: a number, or text as seconds, H:MM:SS.mmm or MM:SS.mmm. ConfigError otherwise."""
-    if value is None or value == "":
-        if optional:
-            return None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        t = float(value)
-        if math.isfinite(t):
-            return t
-    elif isinstance(value, str):
-        text = value.strip()
-        clock = _CLOCK.fullmatch(text)
-        try:
+    t: float | None = None
+    try:
+        if value is None or value == "":
+            if optional:
+                return None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            t = float(value)
+        elif isinstance(value, str):
+            text = value.strip()
+            clock = _CLOCK.fullmatch(text)
             if clock:
                 hours, minutes, secs = clock.groups()
-                return int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
-            t = float(text)
-            if math.isfinite(t):
-                return t
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: {column} {value!r} is not a time; expected {', '.join(TIME_FORMS)}")
+                t = int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
+            else:
+                t = float(text)
+    except (ValueError, OverflowError):  # not a number; or one past a float (10**400, 1000...0:00:00)
+        t = None
+    if t is not None and math.isfinite(t):
+        return t
+    raise ConfigError(f"{where}: {column} {repr(value)[:200]} is not a time; expected {', '.join(TIME_FORMS)}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -426,10 +486,16 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
 def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) -> Iterator[InputVideo]:
     """The inputs of one given (or pattern-matched) path; `rel`: its path relative to the pattern's root, which
     prefixes the relative paths of what it holds (None: given by itself)."""
+    if not _is_text(str(p)):
+        raise ConfigError(f"input {_shown_name(str(p))!r}: the path is not UTF-8 (bytes shown as \\xNN); keys, plans "
+                          "and sample JSON are UTF-8 text: rename it")
     if p.is_dir():
         prefix = f"{rel}/" if rel else ""
         for f in _walk(p, skip, images):
             name = prefix + f.relative_to(p).as_posix()
+            if not _is_text(name):
+                _warn_not_utf8(str(f))
+                continue
             if f.suffix.lower() == ".tar":
                 yield from _tar_inputs(f, name)
             else:
@@ -442,6 +508,27 @@ def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) ->
         yield InputVideo(str(p.resolve()), rel or p.name, _read_caption(p))
     else:
         raise ConfigError(f"input {str(p)!r} does not exist")
+
+
+def _is_text(name: str) -> bool:
+    """Whether a name is UTF-8 text: the OS hands names holding other bytes over as surrogate escapes, which no
+    JSON file (plan, inputs, sample JSON) can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_name(name: str) -> str:
+    """A name as text, its bytes that are not UTF-8 shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _warn_not_utf8(path: str) -> None:
+    # One file of a folder or tar: a warning, not the run (like a hidden file, it is not an input).
+    log.warning("%s: the file name is not UTF-8 (bytes shown as \\xNN); not an input: rename it to encode it",
+                _shown_name(path))
 
 
 def _is_pattern(text: str) -> bool:
@@ -486,6 +573,8 @@ def _tar_inputs(tar: Path, rel: str) -> Iterator[InputVideo]:
     Its caption is `key.txt`, else the `caption` of `key.json`, whose other plain fields (url, key, status...) are
     carried as the row. Only headers and the small caption members are read here. Members that are links, devices
     or climb out of the tar are listed all the same and refused when probed: a failure record names each one.
+    A member name the tar holds more than once is warned about, naming the tar and the member; its last copy is
+    the one used (bytes and caption), as tar's own extraction and `sources` do.
     """
     if tar.name.lower().endswith((".tar.gz", ".tgz")):
         raise ConfigError(f"{tar}: compressed tars cannot be read in place; unpack it (gunzip) first")
@@ -495,14 +584,27 @@ def _tar_inputs(tar: Path, rel: str) -> Iterator[InputVideo]:
             members, broken = [], None
             try:
                 members.extend(t)
-            except tarfile.ReadError as e:
+            except tarfile.TarError as e:
                 broken = e
             if broken is not None:
                 log.warning("%s: the tar breaks off after %d members (%s); the members before the break are inputs",
                         path, len(members), broken)
-            by_name = {m.name: m for m in members}
+            by_name: dict[str, tarfile.TarInfo] = {}
+            copies: dict[str, int] = {}
             for m in members:
+                by_name[m.name] = m
+                copies[m.name] = copies.get(m.name, 0) + 1
+            for name, n in copies.items():
+                if n > 1:
+                    log.warning("%s: holds the member %r %d times; using its last copy (as tar extraction does)",
+                                path, name, n)
+            for m in members:
+                if by_name[m.name] is not m:
+                    continue  # an earlier copy of a repeated name: only the last is an input
                 if m.isdir() or Path(m.name).name.startswith("."):
+                    continue
+                if not _is_text(m.name):
+                    _warn_not_utf8(sources.tar_member_path(path, m.name))
                     continue
                 suffix = Path(m.name).suffix.lower()
                 if suffix in NOT_VIDEO_SUFFIXES or suffix in NOT_VIDEO_MEMBERS:
@@ -530,8 +632,12 @@ def _tar_caption(t: tarfile.TarFile, by_name: dict[str, tarfile.TarInfo], key: s
         m = by_name.get(f"{key}.{ext}")
         if m is None or sources.member_problem(m) or m.size > _MAX_SIDECAR_BYTES:
             return None
-        f = t.extractfile(m)
-        return f.read() if f is not None else None
+        try:
+            f = t.extractfile(m)
+            return f.read() if f is not None else None
+        except (tarfile.TarError, OSError) as e:  # cut short inside the member
+            log.warning("%s: %s cannot be read (%s); not used", where, m.name, e)
+            return None
 
     caption, extra = None, None
     text = read("txt")
@@ -540,9 +646,10 @@ def _tar_caption(t: tarfile.TarFile, by_name: dict[str, tarfile.TarInfo], key: s
     raw = read("json")
     if raw is not None:
         try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s: %s.json is not JSON; its fields are not carried", where, key)
+            # NaN, Infinity and 1e999 become null: the sample JSON they are carried into stays JSON.
+            record = strictjson.loads(raw)
+        except json.JSONDecodeError as e:
+            log.warning("%s: %s.json is not JSON (%s); its fields are not carried", where, key, e.msg)
             record = None
         if isinstance(record, dict):
             if caption is None and isinstance(record.get("caption"), str):

@@ -7,7 +7,6 @@ on the left, the reconstruction on the right. Samples play one after another.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from latentcache import strictjson
 from latentcache.chunks import find_input
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.settings import ClipSettings, VAESettings
@@ -72,8 +72,8 @@ def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:
     def holds(shard: ShardRef) -> bool:
         side = Path(shard.url + ".json")
         try:
-            return bool(wanted & set(json.loads(side.read_text(encoding="utf-8")).get("keys", [])))
-        except (OSError, ValueError):
+            return bool(wanted & set(strictjson.loads(side.read_bytes()).get("keys", [])))
+        except (OSError, ValueError, AttributeError, TypeError):
             return False
 
     return sorted(shards, key=lambda s: not holds(s))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentcache import strictjson
 from latentcache.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = strictjson.loads(index.read_bytes())["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("weight_map is not an object of file names")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{index}: not a safetensors index (no weight_map: {e})") from e
         return [folder / name for name in sorted(set(weight_map.values()))]

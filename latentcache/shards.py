@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from latentcache import strictjson
 from latentcache.errors import ShardFormatError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def sample_members(clip: EncodedClip) -> list[tuple[str, bytes]]:
         if getattr(clip, name) is not None:
             tensors[name] = getattr(clip, name).contiguous()
     members = [
-        (f"{clip.key}.json", json.dumps(clip.meta, sort_keys=True, ensure_ascii=False).encode()),
+        (f"{clip.key}.json", json.dumps(clip.meta, sort_keys=True, ensure_ascii=False, allow_nan=False).encode()),
         (f"{clip.key}.{LATENTS}", save_safetensors(tensors)),
     ]
     if clip.caption is not None:
@@ -228,7 +229,7 @@ def _in_object_store(path: Any) -> bool:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Deterministic JSON (sorted keys, no timestamps), written atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -251,10 +252,10 @@ def read_done(path: Path) -> dict[str, Any] | None:
     if not (path.is_file() and side.is_file()):
         return None
     try:
-        record = json.loads(side.read_text(encoding="utf-8"))
+        record = strictjson.loads(side.read_bytes())
     except (json.JSONDecodeError, OSError):
         return None
-    return record if record.get("bytes") == path.stat().st_size else None
+    return record if isinstance(record, dict) and record.get("bytes") == path.stat().st_size else None
 
 
 def remove_temporaries(shard: Path) -> list[Path]:
@@ -328,7 +329,8 @@ def read_manifest(root: Path | str) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
     try:
-        manifest = json.loads(data.decode("utf-8"))
+        # Non-finite numbers kept: the checks below name a NaN scaling factor as such.
+        manifest = strictjson.loads(data, keep_nonfinite=True)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{path}: not a JSON manifest ({e}); rebuild it with `latentcache finalize "
                                "DIR`") from e
@@ -490,7 +492,7 @@ def safetensors_header(data: bytes, where: str) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: safetensors header claims {size} bytes, the member holds "
                                f"{len(data) - 8} after the length field; truncated or crafted")
     try:
-        header = json.loads(data[8 : 8 + size])
+        header = strictjson.loads(data[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{where}: safetensors header is not JSON ({e})") from e
     if not isinstance(header, dict):
@@ -538,7 +540,7 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
             safetensors_header(sample[member], f"{where}: member {key}.{member}")
     try:
         tensors = load_safetensors(sample[LATENTS])
-        out["meta"] = json.loads(sample["json"]) if "json" in sample else {}
+        out["meta"] = strictjson.loads(sample["json"]) if "json" in sample else {}
         out["caption"] = sample["txt"].decode("utf-8") if "txt" in sample else None
         out["text"] = load_safetensors(sample[TEXT_EMBEDS]) if TEXT_EMBEDS in sample else None
     except Exception as e:  # safetensors raises its own error types for bad headers

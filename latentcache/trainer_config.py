@@ -163,7 +163,7 @@ def load_trainer_config(*paths: str | os.PathLike) -> TrainerConfig:
     # The VAE the trainer would encode with: its latent channels, for comparison with the shards' VAE.
     z = [(p, v) for p, k, v in entries if k == "z_channels" and ".first_stage_config." in f".{p}."]
     if z:
-        config.z_channels, config.where["z_channels"] = int(z[0][1]), z[0][0]
+        config.z_channels, config.where["z_channels"] = _coerce("z_channels", z[0][1], path, z[0][0]), z[0][0]
     data = tree.get("data")
     if isinstance(data, dict) and data.get("target"):
         config.data_target, config.where["data_target"] = str(data["target"]), "data.target"
@@ -181,12 +181,23 @@ def _coerce(name: str, value: Any, path: str | os.PathLike, where: str) -> Any:
             return bool(value)
         if name == "video_size":
             h, w = value
-            return int(h), int(w)
+            return _whole(h), _whole(w)
         if name in ("scale_factor", "fps"):
-            return float(value)
-        return int(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {where} = {value!r} is not a valid {name}") from e
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("not a finite number")
+            return number
+        return _whole(value)
+    # OverflowError: int(.inf); ValueError: int("sixteen"), int(.nan), 16.5. Every one a problem line, exit 2.
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{path}: {where} = {repr(value)[:200]} is not a valid {name}") from e
+
+
+def _whole(value: Any) -> int:
+    """A count from YAML: an integer (16, "16", 16.0), never a fraction, an infinity or a NaN."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("not a whole number")
+    return int(value)
 
 
 def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from latentcache import strictjson
 from latentcache.buckets import frame_rule, nearest_frame_counts
 from latentcache.errors import ConfigError, InputError
 from latentcache.provenance import weights_provenance
@@ -656,8 +657,6 @@ def family_for_source(source: str | None, family: str | None = None, *, subfolde
 
 def _config_class_name(source: str, subfolder: str | None, revision: str | None) -> tuple[str, str] | None:
     """(where, `_class_name`) of the VAE config for `source`, or None when there is none to read offline."""
-    import json
-
     candidates: list[Path] = []
     if Path(source).is_dir():
         root = Path(source)
@@ -679,7 +678,7 @@ def _config_class_name(source: str, subfolder: str | None, revision: str | None)
         if not path.is_file():
             continue
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = strictjson.loads(path.read_bytes())  # a model folder's file: any content is an error, not a bug
         except (OSError, ValueError) as e:
             raise ConfigError(f"--vae {source}: cannot read {path}: {e}") from e
         if isinstance(config, dict) and "_class_name" in config:

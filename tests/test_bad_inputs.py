@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +211,152 @@ def test_a_raw_elementary_stream_is_a_record_not_a_crash(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     # Either the raw stream was encoded, or it has its record; the good video is always there.
     assert manifest["counts"]["samples"] + len(records) == 2 and manifest["counts"]["samples"] >= 1
+
+
+# ------------------------------------------------------------------------ hostile lists, sidecars and configs
+# Every parser of a user's file turns malformed content into a clear error naming the file (exit 2), never a
+# traceback (exit 1, "a bug"), and refuses it before anything is planned.
+
+DEEP = "[" * 100_000
+HUGE = "1" + "0" * 400
+
+
+def _csv(rows: list[list[str]]) -> str:
+    return "".join(",".join(f'"{c}"' for c in row) + "\n" for row in rows)
+
+
+# name -> (list file name, its bytes, a piece of the error)
+HOSTILE_LISTS = {
+    "txt_nul_byte": ("l.txt", b"v.mp4\n# a comment\nv\x00.mp4\n", "row 2: the path 'v\\x00.mp4' holds a NUL byte"),
+    "csv_nul_byte": ("l.csv", _csv([["path"], ["v.mp4\x00"]]).encode(), "row 1: the path"),
+    "jsonl_nul_byte": ("l.jsonl", b'{"path": "v.mp4\\u0000"}\n', "holds a NUL byte"),
+    "csv_deep_timestamp": ("l.csv", _csv([["path", "timestamp"], ["v.mp4", DEEP]]).encode(),
+                           "is not a list of [start, end] spans"),
+    "jsonl_deep_line": ("l.jsonl", ('{"path": "v.mp4", "x": ' + DEEP + "]" * 100_000 + "}\n").encode(),
+                        "line 1 is not JSON (nested more than 32 levels deep)"),
+    "jsonl_deep_cell": ("l.jsonl", ('{"path": "v.mp4", "x": ' + "[" * 100 + "]" * 100 + "}\n").encode(),
+                        "line 1 is not JSON (nested more than 32 levels deep)"),
+    "jsonl_huge_time": ("l.jsonl", ('{"path": "v.mp4", "start": ' + HUGE + "}\n").encode(),
+                        "row 1: start 1000000"),
+    "jsonl_nan_time": ("l.jsonl", b'{"path": "v.mp4", "end": NaN}\n', "row 1: end nan is not a time"),
+    "jsonl_huge_int": ("l.jsonl", ('{"path": "v.mp4", "n": ' + "9" * 5000 + "}\n").encode(), "line 1 is not JSON"),
+    "csv_huge_clock": ("l.csv", _csv([["path", "start"], ["v.mp4", HUGE + ":00:00"]]).encode(),
+                       "row 1: start '1000000"),
+    "csv_huge_span": ("l.csv", _csv([["path", "timestamp"], ["v.mp4", f"[[0, {HUGE}]]"]]).encode(),
+                      "is not a time"),
+    "csv_latin1": ("l.csv", "path,caption\nv.mp4,un café\n".encode("latin-1"),
+                   "the byte at offset 25 (line 2) is not UTF-8; a list must be UTF-8 text"),
+    "txt_latin1": ("l.txt", "v.mp4\ncafé.mp4\n".encode("latin-1"), "the byte at offset 9 (line 2) is not UTF-8"),
+    "csv_cell_past_the_bound": ("l.csv", b'path,caption\nv.mp4,"' + b"x" * ((16 << 20) + 1) + b'"\n',
+                                "line 2: a cell is longer than 16777216 characters"),
+    "csv_bad_quoting": ("l.csv", b'path,caption\nv.mp4,"a"b\n', None),  # the csv module reads this; fine either way
+    "parquet_not_parquet": ("l.parquet", b"PAR1 this is not parquet at all", "not a Parquet file latentcache can read"),
+    "parquet_empty": ("l.parquet", b"", "not a Parquet file latentcache can read"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_LISTS))
+def test_hostile_list_content_is_a_clear_error_before_anything_is_planned(tmp_path, capsys, name):
+    if name.startswith("parquet"):
+        pytest.importorskip("pyarrow")
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    file, data, message = HOSTILE_LISTS[name]
+    (tmp_path / file).write_bytes(data)
+    out = tmp_path / "out"
+    code = main(["encode", str(tmp_path / file), "--out", str(out), *CLI])  # a bug would raise here
+    err = capsys.readouterr().err
+    if message is None:
+        assert code in (EXIT_OK, 2), err
+        return
+    assert code == 2, err
+    assert f"error: {tmp_path / file}" in err or f"error: {file}" in err, err
+    assert message in err, err
+    assert len(err) < 2000  # the hostile cell is shown cut short, not echoed whole
+    assert not (out / "plan.json").exists()  # nothing planned: a fixed list runs without --overwrite
+
+
+def test_a_nul_byte_row_refused_then_the_fixed_list_runs(tmp_path):
+    """Through the console script: exit 2 and no traceback; the output is not stuck on the bad row."""
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    listing, out = tmp_path / "videos.txt", tmp_path / "out"
+    listing.write_bytes(b"v.mp4\nw\x00.mp4\n")
+    exe = [str(Path(sys.executable).parent / "latentcache"), "encode", str(listing), "--out", str(out), *CLI,
+           "--device", "cpu"]
+    bad = subprocess.run(exe, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"{listing}: row 2: the path 'w\\x00.mp4' holds a NUL byte" in bad.stderr
+    listing.write_text("v.mp4\n")
+    good = subprocess.run(exe, capture_output=True, text=True, timeout=300)
+    assert good.returncode == EXIT_OK, good.stderr
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_long_csv_caption_just_works(tmp_path):
+    caption = "a very detailed caption " * 8000  # 192,000 characters: past the csv module's default limit
+    with open(tmp_path / "l.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "caption"], ["v.mp4", caption]])
+    (video,) = discover_inputs([tmp_path / "l.csv"])
+    assert video.caption == caption.strip()
+
+
+# Cells no reader may crash on: each row either gives an input whose line is strict JSON, or a ConfigError.
+HOSTILE_CELLS = ["\x00", DEEP, "[" * 500 + "]" * 500, HUGE, HUGE + ":00:00", "1e999", "-1e999", "NaN", "Infinity",
+                 "9" * 5000, "[[0, 1e999]]", "[[NaN, 1]]", "{'a': " * 300, "\ud800", "0:99:99", "::", "[[1]]",
+                 "x" * 200_000, "\r\n\x85\u2028", "[" + "1," * 10000 + "]"]
+
+
+@pytest.mark.parametrize("column", ["path", "caption", "start", "end", "timestamp", "other"])
+def test_hostile_cells_through_every_list_reader(tmp_path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from latentcache.chunks import input_line
+    from latentcache.errors import ConfigError
+
+    for i, cell in enumerate(HOSTILE_CELLS):
+        row = {"path": "v.mp4", column: cell}
+        safe = cell.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # files hold UTF-8 only
+        files = {"l.jsonl": (json.dumps(row) + "\n").encode("utf-8", "surrogatepass"),
+                 "j.jsonl": ("{" + ", ".join(f'"{k}": {v if k != "path" else json.dumps(v)}' for k, v in row.items())
+                             + "}\n").encode("utf-8", "surrogatepass")}  # the cell as raw JSON text
+        with open(tmp_path / "l.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([list(row), [safe if k == column else v for k, v in row.items()]])
+        pq.write_table(pa.table({k: [safe if k == column else v] for k, v in row.items()}), tmp_path / "l.parquet")
+        if column == "path":
+            files["l.txt"] = safe.encode() + b"\n"
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        for name in [*files, "l.csv", "l.parquet"]:
+            try:
+                inputs = discover_inputs([tmp_path / name])
+            except ConfigError as e:
+                assert name in str(e), (i, name, e)
+                continue
+            for v in inputs:
+                json.dumps(input_line(v), allow_nan=False)  # what is planned is strict JSON
+
+
+def test_check_config_refuses_what_is_not_a_number(encoded_dir, tmp_path, capsys):
+    example = (Path(__file__).parent.parent / "examples" / "configs" / "cogvideox_tiny_sat.yaml").read_text()
+    for old, new, key in [("in_channels: 16", "in_channels: .inf", "in_channels = inf"),
+                          ("in_channels: 16", "in_channels: .nan", "in_channels = nan"),
+                          ("in_channels: 16", "in_channels: 16.5", "in_channels = 16.5"),
+                          ("z_channels: 16", "z_channels: sixteen", "z_channels = 'sixteen'"),
+                          ("z_channels: 16", "z_channels: [16]", "z_channels = [16]")]:
+        assert old in example
+        path = tmp_path / "trainer.yaml"
+        path.write_text(example.replace(old, new, 1))
+        assert main(["check-config", str(path), "--data", str(encoded_dir)]) == 2  # a bug would raise here
+        err = capsys.readouterr().err
+        assert f"error: {path}: " in err and key in err and "is not a valid" in err, err
+
+
+def test_a_row_naming_a_path_too_long_for_the_os_is_a_failure_record(tmp_path, capsys):
+    """Like a row naming a missing file: one failure record, the rest of the list is encoded."""
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    (tmp_path / "l.txt").write_text("v.mp4\n" + "a" * 5000 + ".mp4\n" + "b/" * 3000 + "c.mp4\n")
+    out = tmp_path / "out"
+    assert main(["encode", str(tmp_path / "l.txt"), "--out", str(out), *CLI]) == EXIT_SOME_FAILED
+    failures = read_failures(out)
+    assert len(failures) == 2 and all("File name too long" in f["message"] for f in failures.values())
+    assert (out / "manifest.json").is_file()

@@ -267,3 +267,103 @@ def test_spans_are_part_of_the_planned_work(six_seconds: Path, tmp_path: Path, t
     with pytest.raises(ConfigError, match=r"1 planned input\(s\) are missing, e\.g\. v\.mp4#"):
         pipeline.load_or_make_plan(out, iter_inputs([table]), settings, tiny_vae)
     assert len(plan.parts) == 1
+
+
+def _strict_json(data: bytes):
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_tar_sidecars_with_nan_infinity_and_deep_nesting(tmp_path: Path, caplog) -> None:
+    """A sidecar's NaN, Infinity and 1e999 reach the sample JSON as null (strict readers reject NaN); a sidecar
+    nested 200,000 deep or holding an unpaired surrogate costs one warning, not the run."""
+    video = write_video(tmp_path / "a", codec="h264", num_frames=24, height=64, width=96, fps=8).read_bytes()
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        _add(tar, "000000.mp4", video)
+        _add(tar, "000000.json", b'{"caption": "c", "score": NaN, "big": 1e999, "neg": -Infinity, "ok": 1.5}')
+        _add(tar, "000001.mp4", video)
+        _add(tar, "000001.json", b"[" * 200_000)
+        _add(tar, "000002.mp4", video)
+        _add(tar, "000002.json", b'{"caption": "\\ud800", "k": 1}')
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert encode_job(_args([str(tmp_path / "s.tar")], out)) == 0
+    assert "000001.json is not JSON (nested more than 64 levels deep)" in caplog.text
+    assert "000002.json is not JSON (holds an unpaired UTF-16 surrogate" in caplog.text
+    metas = {}
+    for shard in sorted(out.rglob("*.tar")):
+        with tarfile.open(shard) as t:
+            for m in t:
+                if m.name.endswith(".json"):
+                    meta = _strict_json(t.extractfile(m).read())  # what a strict reader sees
+                    metas[meta["source"]] = meta
+    assert sorted(metas) == ["s.tar/000000.mp4", "s.tar/000001.mp4", "s.tar/000002.mp4"]
+    assert metas["s.tar/000000.mp4"]["row"] == {"score": None, "big": None, "neg": None, "ok": 1.5}
+    assert "row" not in metas["s.tar/000001.mp4"] and "row" not in metas["s.tar/000002.mp4"]
+    for name in ["manifest.json", *(p.relative_to(out).as_posix() for p in out.rglob("*.json"))]:
+        _strict_json((out / name).read_bytes())  # manifest, sidecars, plans: strict JSON too
+
+
+def test_a_tar_holding_a_member_twice_warns_and_uses_the_last_copy(tmp_path: Path, caplog) -> None:
+    video = write_video(tmp_path / "a", codec="h264", num_frames=24, height=64, width=96, fps=8).read_bytes()
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        _add(tar, "000000.mp4", b"not the video that is used")
+        _add(tar, "000000.txt", b"the first caption")
+        _add(tar, "000000.mp4", video)
+        _add(tar, "000000.txt", b"the last caption")
+    with caplog.at_level("WARNING"):
+        (only,) = iter_inputs([tmp_path / "s.tar"])  # one input, not one per copy
+    assert only.caption == "the last caption" and only.relpath == "s.tar/000000.mp4"
+    for name in ("000000.mp4", "000000.txt"):
+        assert f"{tmp_path / 's.tar'}: holds the member '{name}' 2 times; using its last copy" in caplog.text
+    assert probe(only.path).duration == pytest.approx(3.0)  # the bytes read are the last copy's
+
+
+def test_the_deepest_rows_accepted_encode_and_read_back(tmp_path: Path) -> None:
+    """The nesting bound on list rows leaves room for what latentcache writes from them: a JSONL row 32 levels deep
+    and a Parquet cell as deep as pyarrow reads (49 lists) reach the sample JSON and are read back by the dataset."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    def nested(depth: int):
+        v = 1
+        for _ in range(depth):
+            v = [v]
+        return v
+
+    write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    write_video(tmp_path / "w", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    (tmp_path / "l.jsonl").write_text(json.dumps({"path": "v.mp4", "x": nested(31)}) + "\n")
+    pq.write_table(pa.table({"path": ["w.mp4"], "y": [nested(49)]}), tmp_path / "l.parquet")
+    out = tmp_path / "out"
+    assert encode_job(_args([str(tmp_path / "l.jsonl"), str(tmp_path / "l.parquet")], out)) == 0
+    rows = {s["meta"]["source"]: s["meta"]["row"] for s in _samples(out)}
+    assert rows == {"v.mp4": {"x": nested(31)}, "w.mp4": {"y": nested(49)}}
+    deeper = tmp_path / "deeper.jsonl"
+    deeper.write_text(json.dumps({"path": "v.mp4", "x": nested(32)}) + "\n")
+    with pytest.raises(ConfigError, match="deeper.jsonl: line 1 is not JSON .nested more than 32 levels deep"):
+        discover_inputs([deeper])
+
+
+def test_file_and_member_names_that_are_not_utf8_cost_a_warning(tmp_path: Path, caplog) -> None:
+    """A Latin-1 name on disk or in a tar (the OS hands it over as surrogate escapes, which no plan or sample JSON
+    can hold) is not an input: one warning naming it, and the rest is encoded."""
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    video = write_video(d / "ok", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    os.link(video, os.fsencode(d) + b"/caf\xe9.mp4")
+    with tarfile.open(d / "t.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        _add(tar, "caf\xe9.mp4", video.read_bytes())
+        _add(tar, "fine.mp4", video.read_bytes())
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert encode_job(_args([str(d)], out)) == 0
+    assert sorted(s["meta"]["source"] for s in _samples(out)) == ["ok.mp4", "t.tar/fine.mp4"]
+    assert f"{d}/caf\\xe9.mp4: the file name is not UTF-8" in caplog.text
+    assert f"{d}/t.tar::caf\\xe9.mp4: the file name is not UTF-8" in caplog.text
+    with pytest.raises(ConfigError, match=r"caf\\\\xe9.mp4'?: the path is not UTF-8"):
+        list(iter_inputs([os.fsdecode(os.fsencode(d) + b"/caf\xe9.mp4")]))

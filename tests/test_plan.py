@@ -357,3 +357,67 @@ def test_output_directories_are_not_inputs(tmp_path) -> None:
     (tmp_path / "in" / "marked" / ".latentcache").write_text('{"format_version": 1}')
     found = discover_inputs([tmp_path / "in"], exclude=[tmp_path / "in" / "given"])
     assert [v.relpath for v in found] == ["v.mp4"]
+
+
+def test_damaged_or_crafted_output_files_are_clear_errors(tmp_path, capsys):
+    """plan.json, the inputs file, a chunk plan and the manifest are data: nested 100,000 deep, not UTF-8 or not
+    an input, each is an error naming the file (exit 2), never a traceback."""
+    import hashlib
+    import shutil
+
+    from latentcache.dataset import LatentShardDataset
+    from latentcache.errors import ShardFormatError
+
+    (tmp_path / "in").mkdir()
+    write_video(tmp_path / "in" / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    args = ["--vae", "tiny-random-cogvideox", "--device", "cpu", "--frames", "17", "--fps", "8", "--height", "64",
+            "--width", "96"]
+    base = tmp_path / "base"
+    assert main(["encode", str(tmp_path / "in"), "--out", str(base), *args]) == 0
+    deep = "[" * 100_000
+
+    def damaged(name: str, change) -> tuple[int, str]:
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        change(out)
+        capsys.readouterr()
+        code = main(["encode", str(tmp_path / "in"), "--out", str(out), *args])  # a bug would raise here
+        return code, capsys.readouterr().err
+
+    def unplanned(out):  # the chunk must be planned again: its lines are read
+        shutil.rmtree(out / "chunks")
+        shutil.rmtree(out / "shards")
+
+    code, err = damaged("plan_deep", lambda out: (out / "plan.json").write_text('{"format": 2, "x": ' + deep))
+    assert code == 2 and "plan.json is not JSON (nested more than 64 levels deep)" in err, err
+    code, err = damaged("plan_latin1", lambda out: (out / "plan.json").write_bytes(b'{"format": "\xe9"}'))
+    assert code == 2 and "plan.json is not UTF-8 JSON" in err, err
+
+    def chunk_deep(out):
+        for p in out.rglob("*.tar*"):
+            p.unlink()
+        (next((out / "chunks").rglob("*.json"))).write_text(deep)
+
+    code, err = damaged("chunk_deep", chunk_deep)
+    assert code == 2 and "c000000.json: not a chunk plan of this directory" in err, err
+
+    def inputs_crafted(line: bytes):
+        def change(out):
+            unplanned(out)
+            (out / "inputs" / "part-0000.jsonl").write_bytes(line)
+            plan = json.loads((out / "plan.json").read_text())
+            sha = hashlib.sha256(line).hexdigest()
+            plan["parts"][0]["sha256"], plan["parts"][0]["chunks"] = sha, [[0, len(line), sha]]
+            (out / "plan.json").write_text(json.dumps(plan))
+        return change
+
+    for n, line in enumerate([b'{"caption": null, "path": "v.mp4", "relpath": ' + deep.encode() + b"\n",
+                              b'{"caption": null, "relpath": "v.mp4"}\n', b'{"caption": null, "path": 3, '
+                              b'"relpath": "v.mp4", "spans": [[1e999, "x"]]}\n', b"[1]\n"]):
+        code, err = damaged(f"inputs_{n}", inputs_crafted(line))
+        assert code == 2 and "part-0000.jsonl: line 1 of chunk 0 is not an input latentcache wrote" in err, err
+
+    (base / "manifest.json").write_text(deep)
+    with pytest.raises(ShardFormatError, match="not a JSON manifest"):
+        LatentShardDataset(base)
+    assert main(["verify", str(base)]) != 0  # a bug would raise here
