@@ -156,11 +156,13 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
 
 
 def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
-                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False) -> list[Plan]:
+                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False,
+                reencode_changed: bool = False) -> list[Plan]:
     """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
-    `strict`: the first input that cannot be probed raises (see `plan.make_plan`)."""
-    return [chunks.load_or_make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
-            for ref in chunks.chunks_for_rank(plan, rank, world_size)]
+    `strict`: the first input that cannot be probed raises (see `plan.make_plan`). An input changed since its chunk
+    was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
+    return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
+                             strict=strict, reencode_changed=reencode_changed)
 
 
 def clear_outputs(out: Path, plan: JobPlan) -> None:
@@ -440,7 +442,8 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
     software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
-        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
+        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict,
+                                  reencode_changed=runtime.reencode_changed)
     todo: list[tuple[PlannedShard, Plan]] = []
     by_key: dict[str, PlannedClip] = {}
     for chunk in chunk_plans:

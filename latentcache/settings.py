@@ -133,6 +133,8 @@ class RuntimeSettings:
     compile: bool = False  # torch.compile the VAE encoder
     nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
     strict: bool = False  # stop at the first input that fails
+    # Plan and encode again the chunks holding inputs changed since they were encoded (else such a rerun is refused).
+    reencode_changed: bool = False
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
