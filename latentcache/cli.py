@@ -163,10 +163,10 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         image_latents=_image_latents(args, family.name),
     )
     runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                              compile=args.compile, nvdec=args.nvdec, strict=args.strict,
-                              reencode_changed=getattr(args, "reencode_changed", False))
+                              compile=args.compile, nvdec=args.nvdec, strict=args.strict)
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
-                       overwrite=args.overwrite, chunk_size=args.chunk_size)
+                       overwrite=args.overwrite, chunk_size=args.chunk_size,
+                       reencode_changed=getattr(args, "reencode_changed", False))
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:

@@ -102,7 +102,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     chunk_error: LatentcacheError | None = None
     try:
         chunk_plans = pipeline.plan_chunks(out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
-                                           reencode_changed=runtime.reencode_changed)
+                                           reencode_changed=settings.reencode_changed)
     except LatentcacheError as e:
         chunk_error = e
     # Collective again: a rank that refuses (a changed input in its share) stops every rank, none waits for it.

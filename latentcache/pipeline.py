@@ -442,8 +442,7 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
     software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
-        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict,
-                                  reencode_changed=runtime.reencode_changed)
+        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
     todo: list[tuple[PlannedShard, Plan]] = []
     by_key: dict[str, PlannedClip] = {}
     for chunk in chunk_plans:

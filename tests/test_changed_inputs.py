@@ -212,7 +212,7 @@ def test_the_refusal_names_the_first_changes_then_counts_the_rest(tmp_path: Path
 
 def test_stats_are_not_settings(tmp_path: Path) -> None:
     """Recording stats changes no fingerprint: a directory encoded before keeps resuming (tests/test_settings.py)."""
-    from latentcache.settings import EncodeSettings, RuntimeSettings
+    from latentcache.settings import EncodeSettings, JobSettings
 
-    assert "reencode_changed" in RuntimeSettings.__slots__
+    assert "reencode_changed" in JobSettings.__slots__
     assert "reencode_changed" not in str(EncodeSettings().output_affecting())
