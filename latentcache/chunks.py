@@ -35,6 +35,7 @@ import math
 import os
 import re
 import stat
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -563,14 +564,27 @@ def compare_stat(path: str, old: Stat) -> tuple[Change | None, Stat]:
 
 
 def _compare_all(items: list[tuple[str, Stat]], workers: int) -> list[tuple[Change | None, Stat]]:
-    """`compare_stat` of each item, in slices over threads: one stat costs microseconds, a task per input would
-    cost more than the stat itself, and on a network filesystem the slices' stats overlap."""
-    if len(items) < 2 * workers:
-        return [compare_stat(p, s) for p, s in items]
-    size = -(-len(items) // workers)
-    slices = [items[i : i + size] for i in range(0, len(items), size)]
+    """`compare_stat` of each item. A local, cached stat costs microseconds, and threads contending for the GIL
+    make it slower; a stat on a network filesystem costs a round trip, which threads overlap. So the first items
+    are timed one by one and the rest go to threads (in slices, not a task each) only when a stat is slow."""
+    probe = [compare_stat(p, s) for p, s in items[:_TIMED]]
+    started = time.perf_counter()
+    probe += [compare_stat(p, s) for p, s in items[_TIMED : 2 * _TIMED]]
+    rest = items[len(probe):]
+    slow = len(probe) > _TIMED and (time.perf_counter() - started) / (len(probe) - _TIMED) > _SLOW_STAT
+    if not slow or len(rest) < 2 * workers:
+        return probe + [compare_stat(p, s) for p, s in rest]
+    size = -(-len(rest) // workers)
+    slices = [rest[i : i + size] for i in range(0, len(rest), size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [r for part in pool.map(lambda part: [compare_stat(p, s) for p, s in part], slices) for r in part]
+        return probe + [r for part in pool.map(lambda part: [compare_stat(p, s) for p, s in part], slices)
+                        for r in part]
+
+
+# The first _TIMED inputs warm up, the next _TIMED are timed; a check slower than _SLOW_STAT seconds an input
+# (a network filesystem's round trip, not a cached local stat) runs the rest in threads.
+_TIMED = 128
+_SLOW_STAT = 50e-6
 
 
 def changed_error(out: Path, changes: list[Change], chunks: int) -> ConfigError:

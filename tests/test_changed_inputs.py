@@ -216,3 +216,19 @@ def test_stats_are_not_settings(tmp_path: Path) -> None:
 
     assert "reencode_changed" in JobSettings.__slots__
     assert "reencode_changed" not in str(EncodeSettings().output_affecting())
+
+
+def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow stats (a network filesystem) are checked in threads; the answers keep the inputs' order."""
+    paths = []
+    for i in range(600):
+        (tmp_path / f"{i}.mp4").write_bytes(b"%d" % i)
+        paths.append(str(tmp_path / f"{i}.mp4"))
+    recorded = chunks.input_stats(paths)
+    (tmp_path / "500.mp4").write_bytes(b"another file")
+    items = list(zip(paths, recorded, strict=True))
+    monkeypatch.setattr(chunks, "_SLOW_STAT", 0.0)
+    threaded = chunks._compare_all(items, 8)
+    monkeypatch.setattr(chunks, "_SLOW_STAT", float("inf"))
+    assert threaded == chunks._compare_all(items, 8)
+    assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
