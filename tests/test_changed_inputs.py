@@ -22,6 +22,11 @@ from latentcache.cli import main
 from latentcache.dataset import LatentShardDataset
 from latentcache.synthetic import write_video
 
+try:  # the session's S3 server (moto), when the object-storage extras are installed
+    from test_store import make_bucket, s3_endpoint, upload  # noqa: F401 (s3_endpoint: a fixture, used by name)
+except pytest.skip.Exception:
+    s3_endpoint = None
+
 ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "9", "--fps", "8", "--height", "64", "--width", "96",
         "--clips", "first", "--samples-per-shard", "1", "--device", "cpu", "--workers", "0", "--chunk-size", "2"]
 
@@ -232,3 +237,33 @@ def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch
     monkeypatch.setattr(chunks, "_SLOW_STAT", float("inf"))
     assert threaded == chunks._compare_all(items, 8)
     assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
+
+
+@pytest.mark.skipif(s3_endpoint is None, reason="object storage tests need s3fs and moto[server]")
+def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_done(
+        s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Objects are checked by size and ETag (one HEAD each, nothing downloaded), against a real S3 server (moto)."""
+    import s3fs
+
+    videos = _videos(tmp_path / "videos")
+    (videos / "broken.mp4").unlink()
+    url = make_bucket("changed") + "/videos"
+    upload(videos, url)
+    out = tmp_path / "out"
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 0
+    shards_before = _shards(out)
+    fs = s3fs.S3FileSystem()
+    key = url.removeprefix("s3://") + "/v1.mp4"
+    fs.pipe_file(key, (videos / "v1.mp4").read_bytes())  # PUT again, same bytes: a new LastModified, the same ETag
+    capsys.readouterr()
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 0
+    assert "nothing to encode" in capsys.readouterr().out
+    fs.pipe_file(key, (videos / "v3.mp4").read_bytes())  # another video under the same name
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{url}/v1.mp4" in err and "v0.mp4" not in err
+    redone = _chunk_of(out, "v1.mp4")
+    assert main(["encode", url, "--out", str(out), *ARGS, "--reencode-changed"]) == 0
+    assert {k: v for k, v in _shards(out).items() if k not in redone} == \
+        {k: v for k, v in shards_before.items() if k not in redone}
+    assert any(_shards(out).get(k) != shards_before.get(k) for k in redone)
