@@ -267,3 +267,28 @@ def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_d
     assert {k: v for k, v in _shards(out).items() if k not in redone} == \
         {k: v for k, v in shards_before.items() if k not in redone}
     assert any(_shards(out).get(k) != shards_before.get(k) for k in redone)
+
+
+def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped after the changed chunk's sidecars went but before its plan did: a plain rerun still refuses (the
+    plan still records the old stats), a rerun with --reencode-changed ends as a fresh encode of the folder."""
+    videos, out = encoded
+    _replace(videos / "v1.mp4")
+
+    def killed(path: Path) -> list[Path]:
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(chunks, "remove_temporaries", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"])
+    assert not (out / "manifest.json").exists()  # readers find no manifest naming a shard that is going
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 2
+    assert str(videos / "v1.mp4") in capsys.readouterr().err
+    assert main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"]) == 3
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 3
+    assert tree_bytes(out) == tree_bytes(fresh)
