@@ -2,6 +2,7 @@
 
     python bench/plan.py --smoke                          # seconds: 2,000 inputs (what tests/test_chunks.py runs)
     python bench/plan.py --inputs 1000000 10000000 --tasks 1000 --work /scratch/bench
+    python bench/plan.py --rerun-check --inputs 100000 --work /scratch/bench   # what checking inputs costs a rerun
 
 Everything is the real code writing real files (a JSONL list with captions, plan.json, the inputs parts, the chunk
 plans), except the probe: an injected one returns a synthetic VideoInfo (a size and duration drawn from the path's
@@ -12,6 +13,11 @@ Rows: the top-level plan (`pipeline.load_or_make_plan` from the list: no video o
 (`pipeline.plan_chunks` for task 0 of --tasks: probe + bucket layout + atomic chunk-plan writes); opening a
 LatentShardDataset on a synthetic manifest of as many samples; streaming the same samples from full shards and
 from the tiny shards rare buckets leave in each chunk.
+
+--rerun-check: the listed files are written for real (small ones), one process plans every chunk (recording each
+input's size, mtime and sha256), then a rerun's planning is timed twice in a fresh process: reading the chunk plans
+only (what a rerun did before inputs were checked) and `chunks.plan_share`, which also stats every input and compares
+(nothing changed, so no byte is read). The difference over the inputs is the check's cost per input.
 """
 
 from __future__ import annotations
@@ -134,6 +140,64 @@ def step_stream(work: Path, samples: int) -> dict:
     return {"full": result[64], "tiny": result[2]}
 
 
+def write_files(work: Path, n: int) -> None:
+    """The files the list names, a few bytes each: the check stats them; their size does not matter to it."""
+    for i in range(n):
+        path = work / f"videos/{i % 997:03d}/clip_{i:08d}.mp4"
+        if i < 997:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"%d" % i)
+
+
+def step_plan_all(work: Path, n: int, chunk_size: int) -> dict:
+    from latentcache import chunks
+    from latentcache.cli import settings_from_args
+
+    args = args_for(work, n, chunk_size)
+    settings = settings_from_args(args).encode
+    plan = chunks.read_job_plan(args.out)
+    started = time.perf_counter()
+    refs = plan.chunk_refs()
+    chunks.plan_share(args.out, plan, refs, settings, probe_fn=fake_probe)
+    return {"seconds": time.perf_counter() - started, "chunks": len(refs)}
+
+
+def step_recheck(work: Path, n: int, chunk_size: int) -> dict:
+    """A rerun's planning of all chunks by one process: chunk plans read only, then read and every input checked."""
+    from latentcache import chunks
+    from latentcache.cli import settings_from_args
+
+    args = args_for(work, n, chunk_size)
+    settings = settings_from_args(args).encode
+    plan = chunks.read_job_plan(args.out)
+    refs = plan.chunk_refs()
+    started = time.perf_counter()
+    for ref in refs:
+        chunks.read_chunk_plan(args.out, plan, ref)
+    read_only = time.perf_counter() - started
+    started = time.perf_counter()
+    chunks.plan_share(args.out, plan, refs, settings, probe_fn=fake_probe)
+    checked = time.perf_counter() - started
+    return {"read_only": read_only, "checked": checked, "inputs": plan.inputs}
+
+
+def rerun_check(work: Path, sizes: list[int], chunk_size: int) -> None:
+    for n in sizes:
+        write_list(work / f"list_{n}.jsonl", n)
+        started = time.perf_counter()
+        write_files(work, n)
+        made = time.perf_counter() - started
+        child(["top", str(work), str(n), str(chunk_size)])
+        first = child(["plan_all", str(work), str(n), str(chunk_size)])
+        print(f"{n:>10,} inputs  files written in {made:.1f} s; every chunk planned (stat + sha256 of each input, "
+              f"fake probe) in {first['seconds']:.1f} s")
+        for _ in range(2):  # the first pass finds the inodes out of the page cache less often than a cold rerun
+            r = child(["recheck", str(work), str(n), str(chunk_size)])
+            per = (r["checked"] - r["read_only"]) / r["inputs"] * 1e6
+            print(f"{n:>10,} inputs  rerun planning: chunk plans read {r['read_only']:.2f} s, read + every input "
+                  f"checked {r['checked']:.2f} s: {per:.1f} us per input for the check ({r['max_rss_mb']:.0f} MB peak)")
+
+
 def child(argv: list[str]) -> dict:
     """Run one step in a fresh process: its own peak memory, nothing left over from an earlier step."""
     out = subprocess.run([sys.executable, __file__, "--step", *argv], capture_output=True, text=True)
@@ -150,11 +214,14 @@ def main() -> None:
     parser.add_argument("--stream-samples", type=int, default=512)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="2,000 inputs, chunks of 100, 4 tasks: seconds")
+    parser.add_argument("--rerun-check", action="store_true",
+                        help="time a rerun's check of every input against its chunk plan (real files, no video)")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
         name, work, *rest = args.step
-        steps = {"top": step_top, "share": step_share, "open": step_open, "stream": step_stream}
+        steps = {"top": step_top, "share": step_share, "open": step_open, "stream": step_stream,
+                 "plan_all": step_plan_all, "recheck": step_recheck}
         result = steps[name](Path(work), *map(int, rest))
         result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
@@ -165,6 +232,9 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
+        if args.rerun_check:
+            rerun_check(work, args.inputs, args.chunk_size)
+            return
         for n in args.inputs:
             write_list(work / f"list_{n}.jsonl", n)
             top = child(["top", str(work), str(n), str(args.chunk_size)])

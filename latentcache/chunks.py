@@ -6,7 +6,8 @@ OUT/plan.json                      settings, VAE, fingerprint and the parts: for
 OUT/inputs/part-0000.jsonl         one input a line ({"caption", "path", "relpath"}, plus "spans", "extra" and
                                    "origin" for list rows that have them), in key order
 OUT/inputs/part-0000.keys.npy      the part's sorted 8-byte key digests: duplicate and append checks, never strings
-OUT/chunks/p0000/c000123.json      chunk 123's clips, bucket-pure shards and rejected inputs
+OUT/chunks/p0000/c000123.json      chunk 123's clips, bucket-pure shards and rejected inputs, and what each of its
+                                   inputs was when it was probed (size, mtime, sha256: see `input_stat`)
 OUT/shards/<bucket>/p0000-c000123-000000.tar
 ```
 
@@ -14,6 +15,10 @@ The top-level plan is a pure function of the input list, the settings and the ea
 Inputs are ordered by the digest their keys start with (`clip_key`), so the order of a list does not matter and
 duplicates sit next to each other. A chunk plan is a pure function of its chunk's lines and the settings: whichever
 process probes the chunk writes the same bytes. Chunk `i` (counted over all parts) belongs to rank `i % world_size`.
+
+A rerun checks each of its own chunks' inputs against what its chunk plan recorded: one stat an input, a digest only
+where the stat differs (`plan_share`). A changed input is refused, naming it; `--reencode-changed` plans and encodes
+again just the chunks that hold one.
 
 Every name joined into a path is built from integers, or checked (`Bucket.parse`, `KEY`) when it is read back: a
 plan file is data, and a crafted one must not write outside OUT.
@@ -29,15 +34,18 @@ import logging
 import math
 import os
 import re
+import stat
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latentcache import decode, strictjson
+from latentcache import decode, sources, store, strictjson
 from latentcache.buckets import Bucket
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.plan import (
@@ -52,7 +60,7 @@ from latentcache.plan import (
     warn_duplicate,
 )
 from latentcache.settings import EncodeSettings
-from latentcache.shards import _tmp_name, write_text_atomic
+from latentcache.shards import _tmp_name, remove_temporaries, sidecar_path, write_text_atomic
 from latentcache.store import UrlPath
 
 log = logging.getLogger(__name__)
@@ -409,9 +417,10 @@ def _read_input_line(line: bytes, path: Path, n: int, where: str = "") -> InputV
 
 def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
                     probe_fn: Callable[[str], decode.VideoInfo] | None = None, workers: int = 8,
-                    strict: bool = False) -> Plan:
-    """Probe the chunk's inputs and lay their clips out in bucket-pure shards named from the chunk's numbers."""
-    inputs = read_chunk_inputs(out, ref)
+                    strict: bool = False, inputs: list[InputVideo] | None = None) -> Plan:
+    """Probe the chunk's inputs and lay their clips out in bucket-pure shards named from the chunk's numbers.
+    `inputs`: the chunk's inputs when the caller has read them already."""
+    inputs = read_chunk_inputs(out, ref) if inputs is None else inputs
     probe_fn = probe_fn or functools.partial(decode.probe, images=settings.clip.images)
     chunk = make_plan(inputs, settings, plan.vae, probe_fn=probe_fn, workers=workers, strict=strict)
     if chunk.fingerprint != plan.fingerprint:
@@ -422,34 +431,254 @@ def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSet
     return chunk
 
 
-def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: Plan) -> str:
-    return json.dumps({"fingerprint": plan.fingerprint, "part": ref.part, "chunk": ref.chunk,
-                       "inputs_sha256": ref.sha256, "clips": [asdict(c) for c in chunk.clips],
-                       "shards": [{"bucket": s.bucket, "index": s.shard_id, "keys": s.keys} for s in chunk.shards],
-                       "rejected": chunk.rejected}, indent=0, sort_keys=True, ensure_ascii=False, allow_nan=False)
+def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: Plan, stats: list[Stat] | None = None) -> str:
+    """The chunk plan's bytes. `stats`: what each input was when probed (`input_stat`), in the chunk's input order;
+    left out when None (chunk plans made before they were recorded read back the same)."""
+    d: dict[str, Any] = {"fingerprint": plan.fingerprint, "part": ref.part, "chunk": ref.chunk,
+                         "inputs_sha256": ref.sha256, "clips": [asdict(c) for c in chunk.clips],
+                         "shards": [{"bucket": s.bucket, "index": s.shard_id, "keys": s.keys} for s in chunk.shards],
+                         "rejected": chunk.rejected}
+    if stats is not None:
+        d["input_stats"] = stats
+    return json.dumps(d, indent=0, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
                             probe_fn: Callable[[str], decode.VideoInfo] | None = None, strict: bool = False) -> Plan:
-    """The chunk's plan from OUT/chunks/, or made now and written atomically (the same bytes whoever makes it)."""
+    """The chunk's plan from OUT/chunks/, or made now and written atomically (the same bytes whoever makes it).
+    Reads an existing one as it is: `plan_share` is the rerun that also checks the inputs against it."""
     path = out / ref.plan_name
     if path.is_file():
         return read_chunk_plan(out, plan, ref)
-    chunk = make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
+    return _make_and_write(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
+
+
+def _make_and_write(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
+                    probe_fn: Callable[[str], decode.VideoInfo] | None, strict: bool) -> Plan:
+    inputs = read_chunk_inputs(out, ref)
+    # Before probing: a file replaced after its stat was taken is seen as changed on the next run, never missed.
+    stats = input_stats([v.path for v in inputs])
+    chunk = make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict, inputs=inputs)
+    path = out / ref.plan_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, chunk_plan_json(plan, ref, chunk))
+    write_text_atomic(path, chunk_plan_json(plan, ref, chunk, stats))
     return chunk
 
 
 def read_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef) -> Plan:
     """Parse and check a chunk plan: keys, buckets and numbers become shard paths and tar member names."""
+    return _read_chunk_file(out, plan, ref)[0]
+
+
+def _read_chunk_file(out: Path, plan: JobPlan, ref: ChunkRef) -> tuple[Plan, list[Stat] | None]:
+    """The chunk plan and its inputs' recorded stats (None: a chunk plan made before they were recorded)."""
     path = out / ref.plan_name
     try:
         d = strictjson.loads(path.read_bytes())
-        return _chunk_from_dict(d, plan, ref)
+        chunk = _chunk_from_dict(d, plan, ref)
+        stats = d.get("input_stats")
+        if stats is not None and not (isinstance(stats, list) and len(stats) == ref.count
+                                      and all(s is None or isinstance(s, dict) for s in stats)):
+            raise ValueError(f"input_stats is not one record (or null) for each of its {ref.count} inputs")
+        return chunk, stats
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ShardFormatError(f"{path}: not a chunk plan of this directory ({e}); delete it and run the encode "
                                "again to plan the chunk again") from None
+
+
+# ------------------------------------------------------------------------------------- inputs changed in place
+
+# What an input was when its chunk was probed, as the chunk plan records it (None: it could not be read then):
+#   a local file   {"size", "mtime_ns", "sha256"}
+#   a tar member   {"tar_size", "tar_mtime_ns"} of the tar, {"size", "sha256"} of the member's bytes
+#   an object      {"size", "etag"} (or "modified" where the store gives no ETag): one HEAD, never a download
+# A rerun compares the cheap fields first (one stat, one HEAD) and reads bytes only where they differ, so a file only
+# touched (same bytes, new mtime) stays done while the whole dataset is never read again.
+Stat = dict[str, Any] | None
+# How many changed inputs a refusal names before it counts the rest.
+NAMED_CHANGES = 10
+_HASH_BLOCK = 1 << 20
+
+
+def _quick_stat(path: str) -> Stat:
+    """The fields that are cheap to get: one stat (of the file, or of a member's tar), or one HEAD of an object.
+    None: it is gone or is not a regular file now (devices, fifos and folders are never read here)."""
+    try:
+        split = sources.split_tar_path(path)
+        if store.is_url(path) and split is None:
+            fs, key = store.filesystem(path)
+            fs.invalidate_cache(key)  # another writer's PUT since this process listed the prefix
+            info = fs.info(key)
+            etag = info.get("ETag") or info.get("etag")
+            if etag is not None:
+                return {"size": int(info["size"]), "etag": str(etag)}
+            modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+            return {"size": int(info["size"]), "modified": None if modified is None else str(modified)}
+        st = os.stat(split[0] if split else path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if split:
+            return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _content(path: str, quick: dict[str, Any]) -> Stat:
+    """`quick` plus what the bytes are: the sha256 of the file (or tar member). None: cannot be read."""
+    if "etag" in quick or "modified" in quick:
+        return quick  # an object: its ETag is the store's digest of its bytes
+    try:
+        if "tar_size" in quick:
+            size = sources.source_size(path)
+            with sources.open_source(path) as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            return {**quick, "size": size, "sha256": digest}
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return {**quick, "sha256": digest}
+    except (OSError, ValueError):
+        return None
+
+
+def input_stat(path: str) -> Stat:
+    """What the input at `path` is now, as a chunk plan records it (see `Stat`); reads its bytes once."""
+    quick = _quick_stat(path)
+    return None if quick is None else _content(path, quick)
+
+
+def input_stats(paths: list[str], workers: int = 8) -> list[Stat]:
+    """`input_stat` of each path, in order (in threads: hashing and stat calls release the GIL). A path given
+    twice in a chunk (rows with spans of one video) is read once."""
+    distinct = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = dict(zip(distinct, pool.map(input_stat, distinct), strict=True))
+    return [found[p] for p in paths]
+
+
+@dataclass(slots=True, frozen=True)
+class Change:
+    path: str
+    how: str  # "size 1200 -> 1500", "new content, same size", "unreadable when planned, readable now"
+
+
+def compare_stat(path: str, old: Stat) -> tuple[Change | None, Stat]:
+    """(how the input changed or None, the stat to record now). Reads its bytes only when the cheap fields differ
+    and the size does not already tell. An input gone now is not a change: its latents are of the bytes it had."""
+    quick = _quick_stat(path)
+    if quick is None:
+        return None, old
+    if old is None:
+        return Change(path, "unreadable when planned, readable now"), None
+    if all(old.get(k) == v for k, v in quick.items()):
+        return None, old
+    if "size" in quick and "size" in old and quick["size"] != old["size"]:
+        return Change(path, f"size {old['size']} -> {quick['size']} bytes"), None
+    if "etag" in quick or "modified" in quick:
+        return Change(path, "the object was replaced (its ETag or modification time differs)"), None
+    now = _content(path, quick)
+    if now is None:
+        return None, old  # gone between the stat and the read
+    if now.get("size") != old.get("size") or now.get("sha256") != old.get("sha256"):
+        return Change(path, f"new content ({old.get('size')} -> {now.get('size')} bytes, sha256 differs)"), None
+    return None, now  # touched only: same bytes; the new stat is recorded so the next run does not read it again
+
+
+def _compare_all(items: list[tuple[str, Stat]], workers: int) -> list[tuple[Change | None, Stat]]:
+    """`compare_stat` of each item. A local, cached stat costs microseconds, and threads contending for the GIL
+    make it slower; a stat on a network filesystem costs a round trip, which threads overlap. So the first items
+    are timed one by one and the rest go to threads (in slices, not a task each) only when a stat is slow."""
+    probe = [compare_stat(p, s) for p, s in items[:_TIMED]]
+    started = time.perf_counter()
+    probe += [compare_stat(p, s) for p, s in items[_TIMED : 2 * _TIMED]]
+    rest = items[len(probe):]
+    slow = len(probe) > _TIMED and (time.perf_counter() - started) / (len(probe) - _TIMED) > _SLOW_STAT
+    if not slow or len(rest) < 2 * workers:
+        return probe + [compare_stat(p, s) for p, s in rest]
+    size = -(-len(rest) // workers)
+    slices = [rest[i : i + size] for i in range(0, len(rest), size)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return probe + [r for part in pool.map(lambda part: [compare_stat(p, s) for p, s in part], slices)
+                        for r in part]
+
+
+# The first _TIMED inputs warm up, the next _TIMED are timed; a check slower than _SLOW_STAT seconds an input
+# (a network filesystem's round trip, not a cached local stat) runs the rest in threads.
+_TIMED = 128
+_SLOW_STAT = 50e-6
+
+
+def changed_error(out: Path, changes: list[Change], chunks: int) -> ConfigError:
+    named = "; ".join(f"{c.path} ({c.how})" for c in changes[:NAMED_CHANGES])
+    more = f"; and {len(changes) - NAMED_CHANGES} more" if len(changes) > NAMED_CHANGES else ""
+    return ConfigError(
+        f"{out}: {len(changes)} input(s) changed since they were encoded, so their shards hold latents of bytes "
+        f"that are gone: {named}{more}. Run the same command with --reencode-changed to plan and encode again just "
+        f"the {chunks} chunk(s) that hold them (every other shard stays as it is), or put the old files back, or "
+        "use a new --out directory.")
+
+
+def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeSettings, *,
+               probe_fn: Callable[[str], decode.VideoInfo] | None = None, strict: bool = False,
+               reencode_changed: bool = False, workers: int = 8) -> list[Plan]:
+    """The chunk plans of `refs` (one rank's share): read, or made now. An existing plan's inputs are checked
+    against the stats it recorded: a changed input is refused (ConfigError naming each) before anything is written,
+    or with `reencode_changed` its chunk's shards and plan are removed and the chunk is planned again from the
+    inputs as they are now. Stats of inputs only touched are refreshed in place (same plan, new stats)."""
+    found: list[tuple[ChunkRef, Plan | None, list[Stat] | None]] = []
+    items: list[tuple[str, Stat]] = []
+    for ref in refs:
+        if not (out / ref.plan_name).is_file():
+            found.append((ref, None, None))
+            continue
+        chunk, stats = _read_chunk_file(out, plan, ref)
+        found.append((ref, chunk, stats))
+        if stats is not None:
+            items.extend(zip((v.path for v in read_chunk_inputs(out, ref)), stats, strict=True))
+    results = iter(_compare_all(items, workers))
+    changes: list[Change] = []
+    redo: set[int] = set()
+    refresh: list[tuple[ChunkRef, Plan, list[Stat]]] = []
+    for ref, chunk, stats in found:
+        if chunk is None or stats is None:
+            continue
+        now = [next(results) for _ in stats]
+        mine = [c for c, _ in now if c is not None]
+        if mine:
+            changes.extend(mine)
+            redo.add(ref.index)
+        elif any(new is not old for (_, new), old in zip(now, stats, strict=True)):
+            refresh.append((ref, chunk, [new for _, new in now]))
+    if changes and not reencode_changed:
+        raise changed_error(out, changes, len(redo))
+    for ref, chunk, stats in refresh:
+        write_text_atomic(out / ref.plan_name, chunk_plan_json(plan, ref, chunk, stats))
+    if changes:
+        log.warning("%d changed input(s) in %d chunk(s): planning and encoding those chunks again", len(changes),
+                    len(redo))
+        # Readers start at the manifest: it goes before any shard it names, and finalize writes it again.
+        (out / "manifest.json").unlink(missing_ok=True)
+    plans = []
+    for ref, chunk, _ in found:
+        if chunk is not None and ref.index in redo:
+            discard_chunk(out, ref, chunk)
+            chunk = None
+        plans.append(chunk if chunk is not None else
+                     _make_and_write(out, plan, ref, settings, probe_fn=probe_fn, strict=strict))
+    return plans
+
+
+def discard_chunk(out: Path, ref: ChunkRef, chunk: Plan) -> None:
+    """Remove a chunk's shards, then its plan: sidecars first (a shard is done while its sidecar exists), so a kill
+    anywhere in here leaves shards a rerun writes again, and the chunk plan last, so a rerun still knows them."""
+    for shard in chunk.shards:
+        path = out / shard.relpath
+        sidecar_path(path).unlink(missing_ok=True)
+    for shard in chunk.shards:
+        path = out / shard.relpath
+        remove_temporaries(path)
+        path.unlink(missing_ok=True)
+    (out / ref.plan_name).unlink(missing_ok=True)
 
 
 def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> Plan:

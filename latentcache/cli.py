@@ -97,6 +97,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "(CogVideoX, Wan); the dataset yields it as image_latents")
     p.add_argument("--strict", action="store_true", help="stop at the first failed input")
     p.add_argument("--overwrite", action="store_true", help="start OUT again even if it was made with other settings")
+    p.add_argument("--reencode-changed", action="store_true",
+                   help="inputs changed since they were encoded (another file under the same name) are refused; "
+                   "this plans and encodes again just the chunks that hold them, every other shard stays as it is")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -162,7 +165,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
                               compile=args.compile, nvdec=args.nvdec, strict=args.strict)
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
-                       overwrite=args.overwrite, chunk_size=args.chunk_size)
+                       overwrite=args.overwrite, chunk_size=args.chunk_size,
+                       reencode_changed=getattr(args, "reencode_changed", False))
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:

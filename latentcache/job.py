@@ -97,8 +97,20 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if not world.is_main:
         plan = chunks.read_job_plan(out)
     rank, world_size = world.rank, world.world_size
-    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run).
-    chunk_plans = pipeline.plan_chunks(out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict)
+    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that its
+    # inputs did not change since).
+    chunk_error: LatentcacheError | None = None
+    try:
+        chunk_plans = pipeline.plan_chunks(out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
+                                           reencode_changed=settings.reencode_changed)
+    except LatentcacheError as e:
+        chunk_error = e
+    # Collective again: a rank that refuses (a changed input in its share) stops every rank, none waits for it.
+    [chunk_failed] = world.reduce_sum([1.0 if chunk_error is not None else 0.0])
+    if chunk_error is not None:
+        raise chunk_error
+    if chunk_failed:
+        return EXIT_USAGE  # the rank that refused prints why
     mine = [s for chunk in chunk_plans for s in chunk.shards]
     pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
     label = f"rank {rank}" if world_size > 1 else "encode"

@@ -158,11 +158,13 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
 
 
 def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
-                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False) -> list[Plan]:
+                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False,
+                reencode_changed: bool = False) -> list[Plan]:
     """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
-    `strict`: the first input that cannot be probed raises (see `plan.make_plan`)."""
-    return [chunks.load_or_make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
-            for ref in chunks.chunks_for_rank(plan, rank, world_size)]
+    `strict`: the first input that cannot be probed raises (see `plan.make_plan`). An input changed since its chunk
+    was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
+    return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
+                             strict=strict, reencode_changed=reencode_changed)
 
 
 def clear_outputs(out: Path, plan: JobPlan) -> None:

@@ -145,6 +145,9 @@ class JobSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     # Start OUT again even if it was made with other settings.
     overwrite: bool = False
+    # Plan and encode again the chunks holding inputs changed since they were encoded (else such a rerun is refused);
+    # like `overwrite`, it says what to do with OUT, never what a sample is: outside every fingerprint.
+    reencode_changed: bool = False
     # Inputs per planning chunk; None: from the number of new inputs (`chunks.auto_chunk_size`).
     chunk_size: int | None = None
 
