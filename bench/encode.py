@@ -30,12 +30,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from latentcache import pipeline  # noqa: E402
-from latentcache.decode import decode_clip  # noqa: E402
-from latentcache.plan import discover_inputs  # noqa: E402
-from latentcache.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
-from latentcache.synthetic import write_video  # noqa: E402
-from latentcache.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
+from latentcache.encode import pipeline  # noqa: E402
+from latentcache.encode.decode import decode_clip  # noqa: E402
+from latentcache.encode.plan import discover_inputs  # noqa: E402
+from latentcache.encode.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
+from latentcache.encode.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
+from latentcache.tools.synthetic import write_video  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s), for the utilisation figure.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -218,9 +218,9 @@ NAIVE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import torch
-from latentcache.decode import decode_clip
-from latentcache.settings import ClipSettings, VAESettings
-from latentcache.vae import load_vae
+from latentcache.encode.decode import decode_clip
+from latentcache.encode.settings import ClipSettings, VAESettings
+from latentcache.encode.vae import load_vae
 
 job = json.loads(Path(sys.argv[1]).read_text())
 clip = ClipSettings(**job["clip"])

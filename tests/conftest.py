@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from latentcache.settings import ClipSettings, EncodeSettings, VAESettings
-from latentcache.synthetic import write_video
+from latentcache.encode.settings import ClipSettings, EncodeSettings, VAESettings
+from latentcache.tools.synthetic import write_video
 
 # Small enough for a 2-core CI machine, real enough to exercise codecs, seeking and the VAE's shape rules.
 TINY_CLIP = ClipSettings(frames=17, fps=8.0, height=64, width=96)
@@ -33,7 +33,7 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vae():
-    from latentcache.vae import load_vae
+    from latentcache.encode.vae import load_vae
 
     return load_vae(TINY_VAE, "cpu")
 
@@ -167,7 +167,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import numpy as np
     from PIL import Image
 
-    from latentcache.synthetic import corrupt_frame, write_audio
+    from latentcache.tools.synthetic import corrupt_frame, write_audio
 
     d = tmp_path_factory.mktemp("bad")
     files = {"good": write_video(d / "good", codec="h264", num_frames=72)}

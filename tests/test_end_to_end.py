@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
 from latentcache.cli import main
-from latentcache.shards import iter_tar, read_manifest
-from latentcache.verify import verify
+from latentcache.format.shards import iter_tar, read_manifest
+from latentcache.tools.verify import verify
 
 TINY_ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
 
