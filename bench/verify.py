@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from latentcache.encode.settings import hash_json
-from latentcache.encode.vae import LatentSpec
 from latentcache.format.shards import EncodedClip, write_manifest, write_shard
+from latentcache.format.spec import LatentSpec
 from latentcache.tools.verify import verify
 
 BUCKET = "49x480x720"

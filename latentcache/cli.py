@@ -118,7 +118,7 @@ def _batch_size(text: str) -> int | None:
 
 def _image_latents(args: argparse.Namespace, family: str) -> bool:
     """--image-latents, refused before any work for a family whose I2V conditioning is not cached."""
-    from latentcache.encode.vae import image_condition_of
+    from latentcache.format.spec import image_condition_of
 
     if getattr(args, "image_latents", False):
         image_condition_of(family)

@@ -19,111 +19,15 @@ import numpy as np
 import torch
 
 from latentcache.encode.provenance import weights_provenance
-from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings, hash_json
+from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format import strictjson
-from latentcache.format.buckets import frame_rule, nearest_frame_counts
+from latentcache.format.spec import LatentSpec, image_condition_of
 
 log = logging.getLogger(__name__)
 
 TINY_RANDOM_SUFFIX = "tiny-random-"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass(slots=True, frozen=True)
-class LatentSpec:
-    """What a latent of this VAE looks like and how a trainer normalises it. Written into the manifest."""
-
-    family: str
-    channels: int
-    temporal_compression: int
-    spatial_compression: int
-    # Normalisation, read from the VAE config: z_model = (z - shift) * scale, or per channel (z - mean) / std.
-    scaling_factor: float | None = None
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None
-    latents_std: tuple[float, ...] | None = None
-    # CogVideoX 1.5 image-to-video divides by the scaling factor instead of multiplying.
-    invert_scale_latents: bool = False
-
-    @property
-    def frame_rule(self) -> str:
-        return frame_rule(self.temporal_compression)
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return (
-            self.channels,
-            (frames - 1) // self.temporal_compression + 1,
-            height // self.spatial_compression,
-            width // self.spatial_compression,
-        )
-
-    def check_clip(self, clip: ClipSettings) -> None:
-        """Refuse frame counts and sizes this VAE cannot encode exactly, offering the nearest valid values."""
-        nearest = nearest_frame_counts(clip.frames, self.temporal_compression)
-        if nearest is not None:
-            raise ConfigError(
-                f"--frames {clip.frames} does not fit the {self.family} VAE, which needs {self.frame_rule} frames; "
-                f"nearest valid: {nearest[0]} or {nearest[1]}"
-            )
-        s = self.spatial_compression
-        for name, value in (("height", clip.height), ("width", clip.width)):
-            if value < s or value % s:
-                lower = max(s, value // s * s)
-                raise ConfigError(
-                    f"--{name} {value} is not a multiple of the {self.family} VAE's spatial compression {s}; "
-                    f"nearest valid: {lower} or {lower + s}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["frame_rule"] = self.frame_rule
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> LatentSpec:
-        names = {f.name for f in dataclasses.fields(LatentSpec)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        for k in ("latents_mean", "latents_std"):
-            if kwargs.get(k) is not None:
-                kwargs[k] = tuple(kwargs[k])
-        return LatentSpec(**kwargs)
-
-    def describe_normalization(self) -> str:
-        """How `normalize` maps raw latents to model space, in words, for reports."""
-        scale = "" if self.scaling_factor in (None, 1.0) else f" * {self.scaling_factor:g}"
-        if self.latents_mean is not None and self.latents_std is not None:
-            return f"per-channel (z - mean) / std{scale} ({len(self.latents_mean)} channels)"
-        shift = f"(z - {self.shift_factor:g})" if self.shift_factor else "z"
-        return f"{shift}{scale}" if scale else f"{shift} (no scaling)"
-
-    def _scale(self) -> float:
-        # Video latents are always multiplied by the scaling factor (every CogVideoX pipeline decodes
-        # `latents / scaling_factor`). `invert_scale_latents` (CogVideoX 1.5) only changes how the image-to-video
-        # pipeline scales the *conditioning image* latents, so it is recorded but not applied here.
-        return self.scaling_factor if self.scaling_factor is not None else 1.0
-
-    def affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gain, offset), each [C, 1, 1, 1]: model-space latents are `z * gain + offset`, per channel."""
-        scale = self._scale()
-        if self.latents_mean is not None and self.latents_std is not None:
-            mean = torch.tensor(self.latents_mean, dtype=torch.float64)
-            gain = scale / torch.tensor(self.latents_std, dtype=torch.float64)
-            offset = -mean * gain
-        else:
-            gain = torch.full((self.channels,), scale, dtype=torch.float64)
-            offset = torch.full((self.channels,), -(self.shift_factor or 0.0) * scale, dtype=torch.float64)
-        return gain.to(dtype).view(-1, 1, 1, 1), offset.to(dtype).view(-1, 1, 1, 1)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents [..., C, T, H, W] -> what the transformer trains on. Apply exactly once."""
-        gain, offset = self.affine(z.dtype)
-        return z * gain + offset
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """The inverse of `normalize`, for decoding model-space latents back to video."""
-        gain, offset = self.affine(z.dtype)
-        return (z - offset) / gain
 
 
 TilingStyle = Literal["overlap", "stride"]
@@ -187,8 +91,8 @@ class TextRecipe:
 class VAEFamily:
     """Everything that differs between VAE families; adding a family adds one `FAMILIES` entry.
 
-    (Image-to-video channel layouts are a property of transformers, not VAEs: they stay with the transformer
-    checks.)
+    (How a family's image-to-video conditioning is stored is part of the on-disk format, which readers rebuild
+    without this module: `format.spec.IMAGE_CONDITIONS`.)
     """
 
     name: str
@@ -205,10 +109,6 @@ class VAEFamily:
     frame_chunk_attr: str | None = None
     # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
     transformer_class: str | None = None
-    # How the family's image-to-video pipeline encodes its conditioning image (`--image-latents`): "image" (the first
-    # frame alone as a 1-frame video, CogVideoXImageToVideoPipeline), "video" (the first frame followed by zero
-    # frames, encoded as a whole clip, WanImageToVideoPipeline), or None (not supported).
-    image_condition: str | None = None
     # How the family's pipeline embeds prompts (`--text-encoder`); None with `text_unsupported` saying why.
     text_recipe: TextRecipe | None = None
     text_unsupported: str = "latentcache has no text recipe for it yet"
@@ -300,7 +200,6 @@ FAMILIES: dict[str, VAEFamily] = {
         tiling=OVERLAP_TILING,
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
-        image_condition="image",
         text_recipe=TextRecipe("T5EncoderModel", 226),
     ),
     "wan": VAEFamily(
@@ -314,7 +213,6 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_wan_spec,
         tiling=PATCHED_STRIDE_TILING,
         transformer_class="WanTransformer3DModel",
-        image_condition="video",
         text_recipe=TextRecipe("UMT5EncoderModel", 512, wan_style=True),
     ),
     "hunyuanvideo": VAEFamily(
@@ -350,23 +248,6 @@ def family_of(name: str) -> VAEFamily:
         return FAMILIES[name]
     except KeyError:
         raise ConfigError(f"unknown VAE family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
-
-
-def image_condition_of(family: str) -> str:
-    """The family's `image_condition` ("image" or "video"); ConfigError when its I2V conditioning is not cached."""
-    mode = family_of(family).image_condition
-    if mode is None:
-        supported = ", ".join(f.name for f in FAMILIES.values() if f.image_condition)
-        raise ConfigError(f"--image-latents: the {family} family's image-to-video conditioning is not cached by "
-                          f"latentcache (supported: {supported}); drop --image-latents")
-    return mode
-
-
-def image_condition_channels(spec: LatentSpec) -> int:
-    """Channels of the conditioning a dataset yields as `image_latents`, concatenated to the video latents along
-    channels by the I2V pipeline: C (CogVideoX), or a mask of `temporal_compression` channels plus C (Wan)."""
-    mode = image_condition_of(spec.family)
-    return spec.channels + (spec.temporal_compression if mode == "video" else 0)
 
 
 def resolve_device(device: str) -> torch.device:

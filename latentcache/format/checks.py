@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from latentcache.encode.vae import LatentSpec
 from latentcache.format.buckets import Bucket
+from latentcache.format.spec import LatentSpec
 
 # What the encoder may have stored: the dtypes `--dtype` offers.
 LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

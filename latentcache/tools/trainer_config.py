@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode.vae import LatentSpec
 from latentcache.errors import ConfigError
+from latentcache.format.spec import LatentSpec
 
 log = logging.getLogger(__name__)
 

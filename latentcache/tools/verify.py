@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
-from latentcache.encode.vae import LatentSpec
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems
 from latentcache.format.shards import decode_sample
+from latentcache.format.spec import LatentSpec
 from latentcache.storage import store
 from latentcache.train.guard import bucket_latent_shape
 from latentcache.train.shard_sources import ShardRef, read_shard, resolve_source

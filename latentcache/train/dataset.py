@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from latentcache.encode.vae import LatentSpec, image_condition_channels, image_condition_of
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.checks import latent_problems
 from latentcache.format.shards import decode_sample
+from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
 from latentcache.train.guard import bucket_latent_shape, check_transformer, transformer_problems
 from latentcache.train.partition import (
     Share,

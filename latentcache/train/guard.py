@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from latentcache.encode.vae import LatentSpec
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.buckets import Bucket
+from latentcache.format.spec import LatentSpec
 
 log = logging.getLogger(__name__)
 

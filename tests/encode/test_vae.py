@@ -8,8 +8,9 @@ import torch
 
 from latentcache.encode.decode import decode_clip
 from latentcache.encode.settings import ClipSettings, TilingSettings
-from latentcache.encode.vae import LatentSpec, tile_problem
+from latentcache.encode.vae import tile_problem
 from latentcache.errors import ConfigError
+from latentcache.format.spec import LatentSpec
 from tests.conftest import TINY_CLIP
 
 

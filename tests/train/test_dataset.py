@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
-from latentcache.encode.vae import LatentSpec
 from latentcache.format.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
+from latentcache.format.spec import LatentSpec
 from latentcache.train.dataset import StatefulLoader, transformer_problems
 
 
