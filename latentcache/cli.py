@@ -227,7 +227,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from latentcache.format.shards import read_manifest
-    from latentcache.tools.trainer_config import config_problems, load_trainer_config
+    from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     config = load_trainer_config(*args.config)
     problems = config_problems(config, read_manifest(args.data))

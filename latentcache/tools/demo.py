@@ -56,8 +56,8 @@ def demo_settings(videos: Path, latents: Path) -> JobSettings:
 
 
 def run_demo(out: Path) -> int:
-    from latentcache import LatentShardDataset
     from latentcache.encode import job
+    from latentcache.train.dataset import LatentShardDataset
 
     videos = make_demo_videos(out / "videos")
     print(f"wrote {len(videos)} videos to {out / 'videos'}: " + ", ".join(p.name for p in videos))

@@ -193,7 +193,7 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
     _check_totals(manifest, mroot, report)
     _check_stats(spec, report, bool(manifest.get("vae", {}).get("random_weights")))
     if trainer_config is not None:
-        from latentcache.tools.trainer_config import config_problems, load_trainer_config
+        from latentcache.train.trainer_config import config_problems, load_trainer_config
 
         paths = trainer_config if isinstance(trainer_config, list | tuple) else [trainer_config]
         report.problems += config_problems(load_trainer_config(*paths), manifest)

@@ -110,7 +110,7 @@ class SATLatentDataset(Dataset):
                       args=args, **params)
         base = getattr(args, "base", None)
         if base:
-            from latentcache.tools.trainer_config import config_problems, load_trainer_config
+            from latentcache.train.trainer_config import config_problems, load_trainer_config
 
             problems = config_problems(load_trainer_config(*base), dataset.manifest)
             if problems:

@@ -1,8 +1,9 @@
-"""The encode job (latentcache/job.py): typed settings in, a World for where it runs, no argparse, no cycles."""
+"""The encode job (latentcache/encode/job.py): typed settings in, a World for where it runs, no argparse.
+
+Import rules, cycles included, are tests/test_layout.py's."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from conftest import TINY_CLIP
@@ -11,8 +12,6 @@ from latentcache.cli import build_parser, settings_from_args
 from latentcache.encode import job
 from latentcache.encode.settings import EncodeSettings, JobSettings, RuntimeSettings, VAESettings
 from latentcache.format.shards import read_manifest
-
-PACKAGE = Path(__file__).resolve().parents[2] / "latentcache"
 
 
 def _settings(videos: Path, out: Path, **runtime) -> JobSettings:
@@ -56,34 +55,3 @@ def test_the_cli_builds_every_setting_the_job_reads(tmp_path):
     assert s.encode.clip.images and s.encode.vae.family == "wan"
     assert s.runtime == RuntimeSettings(device="cpu", batch_size=None, workers=0, compile=False, nvdec=True,
                                         strict=True)
-
-
-def _imports(path: Path) -> set[str]:
-    """The latentcache modules `path` imports, at the top or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("latentcache"):
-            names = [node.module.split(".")[1]] if "." in node.module else [a.name for a in node.names]
-            found |= {n if (PACKAGE / f"{n}.py").exists() else "__init__" for n in names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("latentcache.")}
-    return found - {path.stem}
-
-
-def test_no_module_imports_one_that_imports_it_back_even_lazily():
-    graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
-    cycles = []
-
-    def walk(module: str, path: list[str]) -> None:
-        for dep in sorted(graph.get(module, ())):
-            if dep in path:
-                cycles.append(path[path.index(dep):] + [dep])
-            elif dep not in done:
-                walk(dep, [*path, dep])
-        done.add(module)
-
-    done: set[str] = set()
-    for module in sorted(graph):
-        walk(module, [module])
-    assert cycles == []
-    assert "cli" not in graph["job"] and "cli" not in graph["demo"]

@@ -211,7 +211,7 @@ BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 ])
 def test_check_config_refuses_yaml_bombs_at_once(tmp_path: Path, text: str, why: str) -> None:
     from latentcache.errors import ConfigError
-    from latentcache.tools.trainer_config import load_trainer_config
+    from latentcache.train.trainer_config import load_trainer_config
 
     path = tmp_path / "bomb.yaml"
     path.write_text(text)

@@ -15,8 +15,8 @@ import yaml
 
 from latentcache.cli import main
 from latentcache.format.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
-from latentcache.tools.trainer_config import config_problems, load_trainer_config
 from latentcache.tools.verify import verify
+from latentcache.train.trainer_config import config_problems, load_trainer_config
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "cogvideox_tiny_sat.yaml"
 

@@ -16,9 +16,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from latentcache.cli import main
 from latentcache.errors import ConfigError
 from latentcache.format.shards import read_manifest
-from latentcache.tools.trainer_config import config_problems, load_trainer_config
 from latentcache.train.dataset import LatentShardDataset
 from latentcache.train.sat import SATLatentDataset
+from latentcache.train.trainer_config import config_problems, load_trainer_config
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "cogvideox_tiny_sat.yaml"
 EXAMPLE = yaml.safe_load(EXAMPLE_CONFIG.read_text())
