@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from latentcache.encode import pipeline  # noqa: E402
 from latentcache.encode.decode import decode_clip  # noqa: E402
-from latentcache.encode.plan import discover_inputs  # noqa: E402
+from latentcache.encode.inputs import discover_inputs  # noqa: E402
 from latentcache.encode.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
 from latentcache.encode.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402

@@ -72,7 +72,7 @@ def args_for(work: Path, n: int, chunk_size: int):
 def step_top(work: Path, n: int, chunk_size: int) -> dict:
     from latentcache.cli import settings_from_args
     from latentcache.encode import pipeline
-    from latentcache.encode.plan import iter_inputs
+    from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
 
     args = args_for(work, n, chunk_size)

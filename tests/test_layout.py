@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "latentcache"
-MAX_LINES = 600
+MAX_LINES = 650  # "about 600": past it a module states at its top why it is longer
 
 
 def _module_name(path: Path) -> str:
@@ -128,7 +128,7 @@ def test_no_module_imports_one_that_imports_it_back_even_lazily():
     assert not any(_area(d) == "cli" for deps in graph.values() for d in deps)
 
 
-def test_no_module_is_over_600_lines_without_a_reason_at_its_top():
+def test_no_module_is_over_about_600_lines_without_a_reason_at_its_top():
     long = []
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")

@@ -46,17 +46,8 @@ from typing import Any
 import numpy as np
 
 from latentcache.encode import decode
-from latentcache.encode.plan import (
-    InputVideo,
-    Plan,
-    PlannedClip,
-    PlannedShard,
-    clip_key,
-    duplicate_error,
-    input_id,
-    make_plan,
-    warn_duplicate,
-)
+from latentcache.encode.inputs import duplicate_error, warn_duplicate
+from latentcache.encode.plan import InputVideo, Plan, PlannedClip, PlannedShard, clip_key, input_id, make_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format import strictjson

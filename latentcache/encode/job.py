@@ -64,7 +64,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     from tqdm import tqdm
 
     from latentcache.encode import chunks, pipeline
-    from latentcache.encode.plan import iter_inputs
+    from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
 
     started = time.perf_counter()

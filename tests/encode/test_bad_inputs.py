@@ -17,7 +17,7 @@ from conftest import TINY_CLIP, tiny_settings
 from latentcache.cli import EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
 from latentcache.encode import pipeline
 from latentcache.encode.decode import decode_clip, probe
-from latentcache.encode.plan import discover_inputs
+from latentcache.encode.inputs import discover_inputs
 from latentcache.errors import InputError
 from latentcache.tools.synthetic import square_origin, write_video
 

@@ -17,7 +17,8 @@ import latentcache.encode.decode
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.encode import chunks, job, pipeline
 from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
-from latentcache.encode.plan import InputVideo, clip_key, discover_inputs, iter_inputs
+from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.plan import InputVideo, clip_key
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.shards import read_manifest
 

@@ -15,7 +15,7 @@ from conftest import TINY_CLIP
 from latentcache.cli import main
 from latentcache.encode.decode import decode_clip, probe
 from latentcache.encode.image import ORIENTATIONS, exif_orientation
-from latentcache.encode.plan import discover_inputs
+from latentcache.encode.inputs import discover_inputs
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.encode.vae import FAMILIES, load_vae
 from latentcache.errors import InputError

@@ -12,12 +12,11 @@ from conftest import TINY_CLIP, tiny_settings
 from latentcache.cli import main
 from latentcache.encode.chunks import InputTable
 from latentcache.encode.decode import VideoInfo, probe
+from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import (
     check_buckets,
     clip_settings_for,
     clip_starts,
-    discover_inputs,
-    iter_inputs,
     make_plan,
     nearest_size,
     parse_strategy,

@@ -16,8 +16,8 @@ import torch
 from conftest import REPO_ROOT, tiny_settings, tree_bytes
 
 from latentcache.cli import main
+from latentcache.encode.inputs import discover_inputs
 from latentcache.encode.pipeline import load_or_make_plan, run
-from latentcache.encode.plan import discover_inputs
 from latentcache.encode.provenance import (
     file_sha256,
     merge_software,
