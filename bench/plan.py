@@ -107,7 +107,7 @@ def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
 def step_open(work: Path, n: int) -> dict:
     """A synthetic manifest of n samples in shards of 64 (files not written: opening reads the manifest only)."""
     from latentcache import LatentShardDataset
-    from latentcache.format.shards import write_manifest
+    from latentcache.format.manifest import write_manifest
 
     root = work / f"manifest_{n}"
     root.mkdir(exist_ok=True)

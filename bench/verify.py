@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from latentcache.encode.settings import hash_json
-from latentcache.format.shards import EncodedClip, write_manifest, write_shard
+from latentcache.format.manifest import write_manifest
+from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.format.spec import LatentSpec
 from latentcache.tools.verify import verify
 

@@ -226,7 +226,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from latentcache.format.shards import read_manifest
+    from latentcache.format.manifest import read_manifest
     from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     config = load_trainer_config(*args.config)

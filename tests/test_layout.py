@@ -74,7 +74,7 @@ def _area(module: str) -> str:
 def test_the_graph_is_read():
     graph = _graph()
     assert "latentcache.train.dataset" in graph["latentcache"]
-    assert {"latentcache.format.shards", "latentcache.storage.store"} <= graph["latentcache.train.shard_sources"]
+    assert {"latentcache.format.reader", "latentcache.storage.store"} <= graph["latentcache.train.shard_sources"]
 
 
 def test_each_area_imports_only_what_the_layout_allows():

@@ -38,15 +38,15 @@ from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingS
 from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE, tile_problem
 from latentcache.errors import ConfigError, InputError, ShardFormatError
+from latentcache.format.layout import FORMAT_VERSION
+from latentcache.format.manifest import write_manifest
 from latentcache.format.shards import (
-    FORMAT_VERSION,
     EncodedClip,
     pause_point,
     read_done,
     remove_stale_temporaries,
     remove_temporaries,
     sidecar_path,
-    write_manifest,
     write_shard,
     write_text_atomic,
 )

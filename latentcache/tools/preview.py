@@ -22,7 +22,7 @@ from latentcache.encode.chunks import find_input
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format import strictjson
-from latentcache.format.shards import decode_sample
+from latentcache.format.reader import decode_sample
 from latentcache.train.shard_sources import ShardRef, read_shard, resolve_source
 
 log = logging.getLogger(__name__)

@@ -207,7 +207,8 @@ def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[
     shards of `per_shard`, with its manifest: what the streaming benchmarks read, without encoding anything."""
     import torch
 
-    from latentcache.format.shards import EncodedClip, write_manifest, write_shard
+    from latentcache.format.manifest import write_manifest
+    from latentcache.format.shards import EncodedClip, write_shard
 
     gen = torch.Generator().manual_seed(0)
     shards = []

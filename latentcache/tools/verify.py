@@ -20,7 +20,7 @@ import torch
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems
-from latentcache.format.shards import decode_sample
+from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
 from latentcache.storage import store
 from latentcache.train.guard import bucket_latent_shape

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.checks import latent_problems
-from latentcache.format.shards import decode_sample
+from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
 from latentcache.train.guard import bucket_latent_shape, check_transformer, transformer_problems
 from latentcache.train.partition import (

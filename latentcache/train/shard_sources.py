@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import LatentMismatchError, ShardFormatError
-from latentcache.format.shards import LATENTS, TarStats, iter_tar, open_regular, read_manifest, safetensors_header
+from latentcache.format.layout import LATENTS
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import TarStats, iter_tar, open_regular, safetensors_header
 from latentcache.storage import store
 
 PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v", ".png", ".jpg", ".jpeg",

@@ -20,7 +20,7 @@ from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import InputVideo, clip_key
 from latentcache.errors import ConfigError, ShardFormatError
-from latentcache.format.shards import read_manifest
+from latentcache.format.manifest import read_manifest
 
 
 def _plan(counts: list[int], chunk_size: int) -> JobPlan:

@@ -16,7 +16,8 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
 from latentcache.encode.chunks import JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.errors import ConfigError
-from latentcache.format.shards import decode_sample, iter_tar, read_manifest
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.tools.verify import verify
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written")

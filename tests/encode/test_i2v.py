@@ -22,7 +22,7 @@ from latentcache.encode.decode import decode_clip
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
-from latentcache.format.shards import decode_sample
+from latentcache.format.reader import decode_sample
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 

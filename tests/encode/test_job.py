@@ -11,7 +11,7 @@ from conftest import TINY_CLIP
 from latentcache.cli import build_parser, settings_from_args
 from latentcache.encode import job
 from latentcache.encode.settings import EncodeSettings, JobSettings, RuntimeSettings, VAESettings
-from latentcache.format.shards import read_manifest
+from latentcache.format.manifest import read_manifest
 
 
 def _settings(videos: Path, out: Path, **runtime) -> JobSettings:

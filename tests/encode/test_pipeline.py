@@ -8,7 +8,8 @@ from safetensors.torch import load as load_safetensors
 
 from latentcache import LatentShardDataset
 from latentcache.cli import main
-from latentcache.format.shards import iter_tar, read_manifest
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import iter_tar
 
 TINY_ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
 

@@ -29,7 +29,8 @@ from latentcache.encode.provenance import (
 from latentcache.encode.settings import VAESettings
 from latentcache.encode.vae import FAMILIES, load_vae
 from latentcache.errors import ConfigError
-from latentcache.format.shards import read_manifest, sidecar_path
+from latentcache.format.manifest import read_manifest
+from latentcache.format.shards import sidecar_path
 from latentcache.tools.synthetic import write_video
 from latentcache.tools.verify import info_lines, verify
 from latentcache.train.dataset import LatentShardDataset

@@ -28,14 +28,9 @@ from latentcache.encode.pipeline import fallback_tilings, finalize, load_or_make
 from latentcache.encode.settings import RuntimeSettings
 from latentcache.encode.vae import VideoVAE, load_vae
 from latentcache.errors import ConfigError
-from latentcache.format.shards import (
-    PAUSE_ENV,
-    decode_sample,
-    iter_tar,
-    read_manifest,
-    remove_stale_temporaries,
-    sidecar_path,
-)
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
+from latentcache.format.shards import PAUSE_ENV, remove_stale_temporaries, sidecar_path
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
                        r"earlier run\), (\d+) shard\(s\) already done")

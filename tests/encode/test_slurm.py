@@ -17,7 +17,9 @@ import slurm_cluster
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
 from latentcache.encode.chunks import chunks_for_rank, read_chunk_plan, read_job_plan
-from latentcache.format.shards import decode_sample, iter_tar, read_manifest, sidecar_path
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
+from latentcache.format.shards import sidecar_path
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,8 @@ import pytest
 
 from latentcache import LatentShardDataset, ShardFormatError
 from latentcache.cli import main
-from latentcache.format.shards import iter_tar, read_manifest
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import iter_tar
 
 
 class _Payload:
@@ -340,8 +341,11 @@ def test_a_shard_linked_to_another_outputs_shard_is_refused(encoded_dir: Path, t
     (a / first).unlink()
     (a / first).symlink_to(b / first)
     with pytest.raises(ShardFormatError, match="symbolic link") as info:
-        list(LatentShardDataset([a, b], shuffle=False))
+        list(LatentShardDataset(a, shuffle=False))
     assert str(a / first) in str(info.value)
+    # Combined, the same file reached twice is refused before any shard is read.
+    with pytest.raises(ShardFormatError, match="symbolic link|given twice"):
+        list(LatentShardDataset([a, b], shuffle=False))
     assert main(["verify", str(a)]) == 3
     out = capsys.readouterr().out
     assert f"PROBLEM: {a / first}" in out and "symbolic link" in out

@@ -12,7 +12,8 @@ import pytest
 from latentcache.cli import main
 from latentcache.encode.settings import VAESettings
 from latentcache.encode.vae import load_vae
-from latentcache.format.shards import decode_sample, iter_tar, read_manifest
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.tools.preview import preview
 
 

@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from latentcache.cli import main
-from latentcache.format.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
+from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.tools.verify import verify
 from latentcache.train.trainer_config import config_problems, load_trainer_config
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
-from latentcache.format.shards import EncodedClip, decode_sample, iter_tar, read_manifest, write_shard
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
+from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.format.spec import LatentSpec
 from latentcache.train.dataset import StatefulLoader, transformer_problems
 

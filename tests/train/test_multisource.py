@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
-from latentcache.format.shards import iter_tar, read_manifest
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import iter_tar
 from latentcache.train.dataset import StatefulLoader
 from tests.conftest import ENCODE_TINY
 

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from latentcache.cli import main
 from latentcache.errors import ConfigError
-from latentcache.format.shards import read_manifest
+from latentcache.format.manifest import read_manifest
 from latentcache.train.dataset import LatentShardDataset
 from latentcache.train.sat import SATLatentDataset
 from latentcache.train.trainer_config import config_problems, load_trainer_config
