@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "encoded_reference" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto's, on 127.0.0.1) for the session: tests/s3_server.py."""
+    pytest.importorskip("s3fs", reason="object storage tests need s3fs: pip install 'latentcache[s3]'")
+    pytest.importorskip("moto.server", reason="object storage tests need moto[server] (test extra)")
+    from s3_server import running_server
+
+    with running_server() as url:
+        yield url

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_bytes
+from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
-from latentcache.encode import chunks
+from latentcache.encode import chunks, input_stats
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
-
-try:  # the session's S3 server (moto), when the object-storage extras are installed
-    from test_store import make_bucket, s3_endpoint, upload  # noqa: F401 (s3_endpoint: a fixture, used by name)
-except pytest.skip.Exception:
-    s3_endpoint = None
 
 ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "9", "--fps", "8", "--height", "64", "--width", "96",
         "--clips", "first", "--samples-per-shard", "1", "--device", "cpu", "--workers", "0", "--chunk-size", "2"]
@@ -136,7 +132,7 @@ def test_a_touched_file_stays_done_and_is_not_read_again(encoded: tuple[Path, Pa
     def no_read(path: str, quick: dict) -> None:
         raise AssertionError(f"{path} was read")
 
-    monkeypatch.setattr(chunks, "_content", no_read)
+    monkeypatch.setattr(input_stats, "_content", no_read)
     assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3
     assert _shards(out) == shards_before
 
@@ -210,7 +206,8 @@ def test_tar_members_replaced_are_refused_and_a_rebuilt_tar_of_the_same_bytes_st
 
 
 def test_the_refusal_names_the_first_changes_then_counts_the_rest(tmp_path: Path) -> None:
-    errors = chunks.changed_error(tmp_path, [chunks.Change(f"/d/{i}.mp4", "size 1 -> 2 bytes") for i in range(25)], 3)
+    changes = [input_stats.Change(f"/d/{i}.mp4", "size 1 -> 2 bytes") for i in range(25)]
+    errors = input_stats.changed_error(tmp_path, changes, 3)
     text = str(errors)
     assert "/d/9.mp4" in text and "/d/10.mp4" not in text and "and 15 more" in text and "3 chunk(s)" in text
 
@@ -229,17 +226,16 @@ def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch
     for i in range(600):
         (tmp_path / f"{i}.mp4").write_bytes(b"%d" % i)
         paths.append(str(tmp_path / f"{i}.mp4"))
-    recorded = chunks.input_stats(paths)
+    recorded = input_stats.input_stats(paths)
     (tmp_path / "500.mp4").write_bytes(b"another file")
     items = list(zip(paths, recorded, strict=True))
-    monkeypatch.setattr(chunks, "_SLOW_STAT", 0.0)
-    threaded = chunks._compare_all(items, 8)
-    monkeypatch.setattr(chunks, "_SLOW_STAT", float("inf"))
-    assert threaded == chunks._compare_all(items, 8)
+    monkeypatch.setattr(input_stats, "_SLOW_STAT", 0.0)
+    threaded = input_stats._compare_all(items, 8)
+    monkeypatch.setattr(input_stats, "_SLOW_STAT", float("inf"))
+    assert threaded == input_stats._compare_all(items, 8)
     assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
 
 
-@pytest.mark.skipif(s3_endpoint is None, reason="object storage tests need s3fs and moto[server]")
 def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_done(
         s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Objects are checked by size and ETag (one HEAD each, nothing downloaded), against a real S3 server (moto)."""

@@ -10,11 +10,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,57 +21,9 @@ pytest.importorskip("s3fs", reason="object storage tests need s3fs: pip install 
 moto_server = pytest.importorskip("moto.server", reason="object storage tests need moto[server] (test extra)")
 
 from conftest import ENCODE_SMALL, ENCODE_TINY, SMALL_VIDEOS, tree_bytes  # noqa: E402
+from s3_server import make_bucket, upload  # noqa: E402
 
 from latentcache.format.shards import PAUSE_ENV  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3 API server for the session, with the environment a user's credentials would come from."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield env["AWS_ENDPOINT_URL"]
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
-def make_bucket(name: str) -> str:
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    if not fs.exists(name):
-        fs.mkdir(name)
-    return f"s3://{name}"
-
-
-def upload(local: Path, url: str) -> None:
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            fs.pipe_file(f"{url.removeprefix('s3://')}/{f.relative_to(local).as_posix()}", f.read_bytes())
 
 
 def test_dataset_verify_and_info_read_from_s3(s3_endpoint: str, encoded_dir: Path) -> None:
