@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from latentcache.encode import pipeline  # noqa: E402
 from latentcache.encode.decode import decode_clip  # noqa: E402
+from latentcache.encode.families import FAMILIES  # noqa: E402
 from latentcache.encode.inputs import discover_inputs  # noqa: E402
 from latentcache.encode.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
-from latentcache.encode.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
+from latentcache.encode.vae import VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s), for the utilisation figure.
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
             util = f" = {100 * achieved / peak:.0f}% of {peak:.0f} peak" if peak else ""
             print(f"VAE: {flops / 1e12:.4f} TFLOP per clip; achieved {achieved:.4f} TFLOP/s{util}")
-            # Exact tiles (see vae.tile_problem): 256x384 for 480x720, 32x48 for the tiny 64x96 clips.
+            # Exact tiles (see families.tile_problem): 256x384 for 480x720, 32x48 for the tiny 64x96 clips.
             tile = (TilingSettings(tile_height=32, tile_width=48, overlap=0.5) if args.tiny else
                     TilingSettings(tile_height=256, tile_width=384, overlap=0.25))
             untiled, tiled = peak_memory(vae, clip, None), peak_memory(vae, clip, tile)

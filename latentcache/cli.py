@@ -128,7 +128,8 @@ def _image_latents(args: argparse.Namespace, family: str) -> bool:
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
-    from latentcache.encode.vae import family_for_source, family_of
+    from latentcache.encode.families import family_of
+    from latentcache.encode.vae import family_for_source
 
     family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
                                          revision=args.revision))

@@ -7,6 +7,11 @@ are actually taken, so a 4K source is never held or upscaled at full resolution 
 Damaged files are the norm in scraped corpora. A clip is only returned when every frame in it is intact: a corrupt
 packet, a decoder error or a hole in the timestamps taints the decoder's output until the next keyframe, and a clip
 that would use a tainted frame, or repeat a frame across a hole, is dropped with the reason (`InputError`).
+The damage checks themselves are `integrity`'s.
+
+Longer than 600 lines because probing, seeking, the one demux/decode loop and the still-image path share the
+container handling and the frame geometry of one file; split further, each piece would need the others' private
+state. A candidate split, when this grows: probing (`probe`, `VideoInfo`) and still images into modules of their own.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 from latentcache.encode import chunks
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
+from latentcache.encode.families import tile_problem
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.plan import (
     OUTPUT_MARKER,
@@ -36,7 +37,7 @@ from latentcache.encode.plan import (
 from latentcache.encode.provenance import merge_software, software_record, vae_change
 from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, hash_json
 from latentcache.encode.text import TextEncoder
-from latentcache.encode.vae import DTYPES, VideoVAE, tile_problem
+from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
 from latentcache.format.manifest import write_manifest
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 # Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
 OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
-# Tile overlaps tried on an out-of-memory retry, most blending first; 0 is always exact (see vae.tile_problem).
+# Tile overlaps tried on an out-of-memory retry, most blending first; 0 is always exact (see families.tile_problem).
 FALLBACK_OVERLAPS = (0.25, 0.5, 1 / 3, 0.125, 0.0)
 
 

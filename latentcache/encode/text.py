@@ -1,7 +1,7 @@
 """Captions -> prompt embeddings, cached next to the latents as `<key>.text.safetensors`.
 
 Each family's diffusers pipeline encodes prompts its own way (tokenizer length, whether the attention mask reaches
-the encoder, Wan's zeroed padding); each family's `text_recipe` (in vae.FAMILIES) copies those choices so a
+the encoder, Wan's zeroed padding); each family's `text_recipe` (in families.FAMILIES) copies those choices so a
 trainer that reads the cached `prompt_embeds` gets exactly what the pipeline's `encode_prompt` would give. Each
 distinct caption is encoded once (an LRU cache: clips of one video share a caption and sit next to each other in
 the plan).
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from latentcache.encode.families import FAMILIES, TextRecipe, family_of
 from latentcache.encode.settings import TextSettings
-from latentcache.encode.vae import FAMILIES, TextRecipe, family_of, resolve_device, resolve_dtype
+from latentcache.encode.vae import resolve_device, resolve_dtype
 from latentcache.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
+from latentcache.encode.families import FAMILIES, tile_problem
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import FAMILIES, family_for_source, load_vae, tile_problem
+from latentcache.encode.vae import family_for_source, load_vae
 from latentcache.errors import ConfigError, LatentMismatchError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
@@ -279,8 +280,9 @@ def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, 
     """What differs between families (text recipe, tiling adapter) is read from the family's FAMILIES entry only."""
     import dataclasses
 
+    from latentcache.encode.families import TextRecipe, TilingAdapter
     from latentcache.encode.text import recipe_for
-    from latentcache.encode.vae import TextRecipe, TilingAdapter, VideoVAE
+    from latentcache.encode.vae import VideoVAE
 
     seen = []
     custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom", text_recipe=TextRecipe("UMT5EncoderModel", 77),

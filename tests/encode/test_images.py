@@ -14,10 +14,11 @@ from conftest import TINY_CLIP
 
 from latentcache.cli import main
 from latentcache.encode.decode import decode_clip, probe
+from latentcache.encode.families import FAMILIES
 from latentcache.encode.image import ORIENTATIONS, exif_orientation
 from latentcache.encode.inputs import discover_inputs
 from latentcache.encode.settings import ClipSettings, VAESettings
-from latentcache.encode.vae import FAMILIES, load_vae
+from latentcache.encode.vae import load_vae
 from latentcache.errors import InputError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO_ROOT, tiny_settings, tree_bytes
 
 from latentcache.cli import main
+from latentcache.encode.families import FAMILIES
 from latentcache.encode.inputs import discover_inputs
 from latentcache.encode.pipeline import load_or_make_plan, run
 from latentcache.encode.provenance import (
@@ -27,7 +28,7 @@ from latentcache.encode.provenance import (
     weight_files,
 )
 from latentcache.encode.settings import VAESettings
-from latentcache.encode.vae import FAMILIES, load_vae
+from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.shards import sidecar_path

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from latentcache.encode.decode import decode_clip
+from latentcache.encode.families import tile_problem
 from latentcache.encode.settings import ClipSettings, TilingSettings
-from latentcache.encode.vae import tile_problem
 from latentcache.errors import ConfigError
 from latentcache.format.spec import LatentSpec
 from tests.conftest import TINY_CLIP
