@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, LATENTS, TEXT_EMBEDS
+from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
     In object storage (`path` a store.UrlPath) the tar is built in memory and PUT once: no rename exists there and
     none is needed, a PUT is atomic. The sidecar is PUT after it, so "done" means the same thing as on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    remote = _in_object_store(path)
+    remote = store.in_object_store(path)
     tmp = _tmp_name(path) if not remote else None
     digest = hashlib.sha256()
     with io.BytesIO() if remote else open(tmp, "wb") as raw:
@@ -211,13 +212,6 @@ def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] |
     return record
 
 
-def _in_object_store(path: Any) -> bool:
-    """An output path in object storage (store.UrlPath): written with single PUTs, never temp + rename."""
-    from latentcache.storage.store import UrlPath
-
-    return isinstance(path, UrlPath)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Deterministic JSON (sorted keys, no timestamps), written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False))
@@ -226,7 +220,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half.
     In object storage, one PUT, which gives the same guarantee."""
-    if _in_object_store(path):
+    if store.in_object_store(path):
         path.write_text(text)
         return
     tmp = _tmp_name(path)
@@ -255,7 +249,7 @@ def remove_temporaries(shard: Path) -> list[Path]:
     Only the shard's owner calls this, right before writing it, so in a normal run no live writer is hurt. (Two
     overlapping runs into one directory could remove each other's file; the loser's rename then fails loudly.)
     """
-    if _in_object_store(shard):
+    if store.in_object_store(shard):
         return []  # writes there are single PUTs: no temporary is ever left behind
     # The tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`), and no other name: a user's
     # `000017.tar.notes.tmp` is not one of ours.
@@ -274,7 +268,7 @@ def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[P
     than an hour (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when
     finalizing. Only names `_tmp_name` builds for files latentcache writes, in the folders it writes them in, are
     candidates (see `_own_temporaries`): a user's `OUT/my_notes/draft.tmp` stays, however old."""
-    if _in_object_store(root):
+    if store.in_object_store(root):
         return []
     host = socket.gethostname()
     removed = []

@@ -2,7 +2,7 @@
 
 Inputs are never downloaded whole: `open_url` hands PyAV (or a tar reader) a seekable file object whose reads are
 HTTP range requests, so a probe reads the container's header and a clip reads the packets it decodes. Whether a
-container needs more than that is up to its layout (see README, "Object storage").
+container needs more than that is up to its layout (see docs/storage.md).
 
 An output in object storage has no rename. It does not need one: a single PUT is atomic (an object exists whole or
 not at all), so every file is built in memory and PUT once, and "done" is still defined by the object written last
@@ -35,6 +35,15 @@ def is_url(path: str | os.PathLike) -> bool:
     """True for object-storage urls (s3://, gs://, memory://...); plain paths and file:// are local."""
     text = path if isinstance(path, str) else str(path)  # str(), not fspath(): UrlPath is not os.PathLike
     return "://" in text and not text.startswith("file://")
+
+
+def in_object_store(location: Any) -> bool:
+    """True for a location in object storage: a `UrlPath` (an output there), or a url whose scheme fsspec serves
+    here (s3://...). The one test of it; plain paths and file:// are local."""
+    if isinstance(location, UrlPath):
+        return True
+    text = str(location)
+    return "://" in text and text.split("://", 1)[0] in OBJECT_SCHEMES
 
 
 class UnsupportedUrl(OSError):

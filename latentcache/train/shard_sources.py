@@ -275,7 +275,7 @@ def open_url(url: str) -> Any:
     local = _local_path(url)
     if local is not None:
         return open_regular(local, url)
-    if _in_object_store(url):
+    if store.in_object_store(url):
         return store.open_url(url)
     import webdataset as wds
 
@@ -286,8 +286,9 @@ def _own_opener_problem(shard: ShardRef) -> str | None:
     """Why a shard named by a manifest cannot be opened by latentcache's own reader, or None: its url must be the
     root's own object store, or a regular local file under the root reached without a symbolic link below it (a link
     to another output's shard would give that shard's samples twice when outputs are combined)."""
-    if _in_object_store(shard.url):
-        return None if shard.root is not None and _in_object_store(shard.root) else "is not under the dataset's root"
+    if store.in_object_store(shard.url):
+        in_root = shard.root is not None and store.in_object_store(shard.root)
+        return None if in_root else "is not under the dataset's root"
     local = _local_path(shard.url)
     if local is None:  # cannot happen for a path _inside let through; refused all the same, never handed to gopen
         return "is not a local file or an object in the dataset's store"
@@ -313,7 +314,7 @@ def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
         if problem:
             raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
                                    "refused")
-    if _in_object_store(shard.url):
+    if store.in_object_store(shard.url):
         return _read_object(shard.url, limit)
     with open_url(shard.url) as stream:
         if _local_path(shard.url) is None:  # a remote stream: its size is known only once it ends
@@ -394,10 +395,6 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
 # ------------------------------------------------------------- object storage (s3://...): one dispatch, see store.py
 
 
-def _in_object_store(url: str) -> bool:
-    return url.split("://", 1)[0] in store.OBJECT_SCHEMES if "://" in url else False
-
-
 def _read_object(url: str, limit: int) -> memoryview:
     """The whole shard from object storage, refused when larger than the manifest says (no byte past limit + 1 is
     fetched). The next shards' reads are started early by `prefetched`, so this wait overlaps decoding."""
@@ -416,13 +413,13 @@ PREFETCH_SHARDS = 2
 def prefetched(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, memoryview | None]]:
     """(shard, its bytes or None). Shards in object storage are downloaded PREFETCH_SHARDS ahead in threads, so a
     remote reader decodes one shard while the next arrive; local shards are read where they are used (None)."""
-    if not any(_in_object_store(s.url) for s in shards):
+    if not any(store.in_object_store(s.url) for s in shards):
         yield from ((s, None) for s in shards)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     def fetch(s: ShardRef) -> memoryview | None:
-        return read_bytes(s) if _in_object_store(s.url) else None
+        return read_bytes(s) if store.in_object_store(s.url) else None
 
     with ThreadPoolExecutor(PREFETCH_SHARDS, thread_name_prefix="latentcache-prefetch") as pool:
         pending = [pool.submit(fetch, s) for s in shards[:PREFETCH_SHARDS]]
@@ -441,7 +438,7 @@ def _object_store_source(source: Any, manifest: str | os.PathLike | None
                          ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
     """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
     for anything else (local paths, shard urls, lists)."""
-    if not (isinstance(source, str) and _in_object_store(source)) or source.endswith(".tar"):
+    if not (isinstance(source, str) and store.in_object_store(source)) or source.endswith(".tar"):
         return None
     if any(c in source for c in "{*?"):
         return None
