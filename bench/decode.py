@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.decode import decode_clip, probe  # noqa: E402
-from latentcache.settings import ClipSettings  # noqa: E402
-from latentcache.synthetic import write_video  # noqa: E402
+from latentcache.encode.decode import decode_clip, probe  # noqa: E402
+from latentcache.encode.settings import ClipSettings  # noqa: E402
+from latentcache.tools.synthetic import write_video  # noqa: E402
 
 
 def ffmpeg_exe() -> str:

@@ -30,12 +30,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from latentcache import pipeline  # noqa: E402
-from latentcache.decode import decode_clip  # noqa: E402
-from latentcache.plan import discover_inputs  # noqa: E402
-from latentcache.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
-from latentcache.synthetic import write_video  # noqa: E402
-from latentcache.vae import FAMILIES, VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
+from latentcache.encode import pipeline  # noqa: E402
+from latentcache.encode.decode import decode_clip  # noqa: E402
+from latentcache.encode.families import FAMILIES  # noqa: E402
+from latentcache.encode.inputs import discover_inputs  # noqa: E402
+from latentcache.encode.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
+from latentcache.encode.vae import VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
+from latentcache.tools.synthetic import write_video  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s), for the utilisation figure.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
             util = f" = {100 * achieved / peak:.0f}% of {peak:.0f} peak" if peak else ""
             print(f"VAE: {flops / 1e12:.4f} TFLOP per clip; achieved {achieved:.4f} TFLOP/s{util}")
-            # Exact tiles (see vae.tile_problem): 256x384 for 480x720, 32x48 for the tiny 64x96 clips.
+            # Exact tiles (see families.tile_problem): 256x384 for 480x720, 32x48 for the tiny 64x96 clips.
             tile = (TilingSettings(tile_height=32, tile_width=48, overlap=0.5) if args.tiny else
                     TilingSettings(tile_height=256, tile_width=384, overlap=0.25))
             untiled, tiled = peak_memory(vae, clip, None), peak_memory(vae, clip, tile)
@@ -218,9 +219,9 @@ NAIVE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import torch
-from latentcache.decode import decode_clip
-from latentcache.settings import ClipSettings, VAESettings
-from latentcache.vae import load_vae
+from latentcache.encode.decode import decode_clip
+from latentcache.encode.settings import ClipSettings, VAESettings
+from latentcache.encode.vae import load_vae
 
 job = json.loads(Path(sys.argv[1]).read_text())
 clip = ClipSettings(**job["clip"])

@@ -42,7 +42,7 @@ SETTINGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "-
 
 def fake_probe(path: str):
     """A deterministic stand-in for decode.probe: size and duration from the path's hash."""
-    from latentcache.decode import VideoInfo
+    from latentcache.encode.decode import VideoInfo
 
     h = hashlib.blake2b(path.encode(), digest_size=8).digest()
     # Widths and heights spread over every aspect from 9:28 to 28:9, so every bucket gets some videos and the
@@ -70,10 +70,10 @@ def args_for(work: Path, n: int, chunk_size: int):
 
 
 def step_top(work: Path, n: int, chunk_size: int) -> dict:
-    from latentcache import pipeline
     from latentcache.cli import settings_from_args
-    from latentcache.plan import iter_inputs
-    from latentcache.vae import load_vae
+    from latentcache.encode import pipeline
+    from latentcache.encode.inputs import iter_inputs
+    from latentcache.encode.vae import load_vae
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
@@ -86,8 +86,8 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
 
 
 def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
-    from latentcache import chunks, pipeline
     from latentcache.cli import settings_from_args
+    from latentcache.encode import chunks, pipeline
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
@@ -107,7 +107,7 @@ def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
 def step_open(work: Path, n: int) -> dict:
     """A synthetic manifest of n samples in shards of 64 (files not written: opening reads the manifest only)."""
     from latentcache import LatentShardDataset
-    from latentcache.shards import write_manifest
+    from latentcache.format.manifest import write_manifest
 
     root = work / f"manifest_{n}"
     root.mkdir(exist_ok=True)
@@ -126,7 +126,7 @@ def step_open(work: Path, n: int) -> dict:
 def step_stream(work: Path, samples: int) -> dict:
     """samples/s from full shards (64) and from tiny ones (2 samples, what a rare bucket leaves in a chunk)."""
     from latentcache import LatentShardDataset
-    from latentcache.synthetic import write_latent_dataset
+    from latentcache.tools.synthetic import write_latent_dataset
 
     result = {}
     for per_shard in (64, 2):
@@ -150,8 +150,8 @@ def write_files(work: Path, n: int) -> None:
 
 
 def step_plan_all(work: Path, n: int, chunk_size: int) -> dict:
-    from latentcache import chunks
     from latentcache.cli import settings_from_args
+    from latentcache.encode import chunks
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
@@ -164,8 +164,8 @@ def step_plan_all(work: Path, n: int, chunk_size: int) -> dict:
 
 def step_recheck(work: Path, n: int, chunk_size: int) -> dict:
     """A rerun's planning of all chunks by one process: chunk plans read only, then read and every input checked."""
-    from latentcache import chunks
     from latentcache.cli import settings_from_args
+    from latentcache.encode import chunks
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode

@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.dataset import LatentShardDataset  # noqa: E402
-from latentcache.loader import ClipStream  # noqa: E402
-from latentcache.plan import PlannedClip, clip_key  # noqa: E402
-from latentcache.settings import ClipSettings  # noqa: E402
-from latentcache.synthetic import write_video  # noqa: E402
+from latentcache.encode.loader import ClipStream  # noqa: E402
+from latentcache.encode.plan import PlannedClip, clip_key  # noqa: E402
+from latentcache.encode.settings import ClipSettings  # noqa: E402
+from latentcache.tools.synthetic import write_video  # noqa: E402
+from latentcache.train.dataset import LatentShardDataset  # noqa: E402
 
 
 def start_local_s3() -> subprocess.Popen:

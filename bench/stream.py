@@ -26,10 +26,12 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import latentcache.dataset as dataset_module  # noqa: E402
+import latentcache.train.dataset as dataset_module  # noqa: E402
 from latentcache import LatentShardDataset, ShardFormatError  # noqa: E402
-from latentcache.dataset import ShardRef, open_url, read_shard  # noqa: E402
-from latentcache.shards import EncodedClip, TarStats, iter_tar, write_manifest, write_shard  # noqa: E402
+from latentcache.format.manifest import write_manifest
+from latentcache.format.reader import TarStats, iter_tar
+from latentcache.format.shards import EncodedClip, write_shard  # noqa: E402
+from latentcache.train.dataset import ShardRef, open_url, read_shard  # noqa: E402
 
 SHAPE = (16, 13, 60, 90)  # CogVideoX latent of a 49x480x720 clip
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from latentcache.settings import hash_json
-from latentcache.shards import EncodedClip, write_manifest, write_shard
-from latentcache.vae import LatentSpec
-from latentcache.verify import verify
+from latentcache.encode.settings import hash_json
+from latentcache.format.manifest import write_manifest
+from latentcache.format.shards import EncodedClip, write_shard
+from latentcache.format.spec import LatentSpec
+from latentcache.tools.verify import verify
 
 BUCKET = "49x480x720"
 

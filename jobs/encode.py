@@ -45,7 +45,8 @@ from datetime import timedelta
 import torch
 from accelerate import PartialState
 
-from latentcache import cli, job
+from latentcache import cli
+from latentcache.encode import job
 from latentcache.errors import ConfigError
 
 BARRIER_TIMEOUT = timedelta(days=7)

@@ -1,6 +1,5 @@
 """latentcache: encode videos once with a video VAE; hand the trainer latents it can trust."""
 
-from latentcache.dataset import LatentShardDataset
 from latentcache.errors import (
     ConfigError,
     InputError,
@@ -8,6 +7,7 @@ from latentcache.errors import (
     LatentMismatchError,
     ShardFormatError,
 )
+from latentcache.train.dataset import LatentShardDataset
 
 __all__ = [
     "ConfigError",

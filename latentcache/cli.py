@@ -13,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.errors import ConfigError, InputError, LatentcacheError
-from latentcache.job import EXIT_CRASH, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
-from latentcache.settings import (
+from latentcache.encode.job import EXIT_CRASH, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
+from latentcache.encode.settings import (
     ClipSettings,
     EncodeSettings,
     JobSettings,
@@ -24,6 +23,7 @@ from latentcache.settings import (
     TilingSettings,
     VAESettings,
 )
+from latentcache.errors import ConfigError, InputError, LatentcacheError
 
 __all__ = ["EXIT_CRASH", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "build_parser", "guarded", "main",
            "report_finalize", "settings_from_args"]
@@ -118,7 +118,7 @@ def _batch_size(text: str) -> int | None:
 
 def _image_latents(args: argparse.Namespace, family: str) -> bool:
     """--image-latents, refused before any work for a family whose I2V conditioning is not cached."""
-    from latentcache.vae import image_condition_of
+    from latentcache.format.spec import image_condition_of
 
     if getattr(args, "image_latents", False):
         image_condition_of(family)
@@ -128,7 +128,8 @@ def _image_latents(args: argparse.Namespace, family: str) -> bool:
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
-    from latentcache.vae import family_for_source, family_of
+    from latentcache.encode.families import family_of
+    from latentcache.encode.vae import family_for_source
 
     family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
                                          revision=args.revision))
@@ -181,7 +182,7 @@ def _frame_bucket_list(text: str) -> tuple[int, ...]:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from latentcache import job
+    from latentcache.encode import job
 
     return job.run(settings_from_args(args))
 
@@ -191,13 +192,13 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from latentcache.demo import run_demo
+    from latentcache.tools.demo import run_demo
 
     return run_demo(args.out)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from latentcache.verify import verify
+    from latentcache.tools.verify import verify
 
     report = verify(args.dir, trainer_config=args.trainer_config, check_sha256=not args.no_sha256)
     for line in report.lines():
@@ -207,7 +208,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from latentcache.verify import info_lines
+    from latentcache.tools.verify import info_lines
 
     for line in info_lines(args.dir):
         print(line)
@@ -215,7 +216,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from latentcache.preview import preview
+    from latentcache.tools.preview import preview
 
     result = preview(args.dir, args.out, keys=args.key, random_count=args.random, seed=args.seed,
                      device=args.device)
@@ -226,8 +227,8 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from latentcache.shards import read_manifest
-    from latentcache.trainer_config import config_problems, load_trainer_config
+    from latentcache.format.manifest import read_manifest
+    from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     config = load_trainer_config(*args.config)
     problems = config_problems(config, read_manifest(args.data))
@@ -240,14 +241,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def path_or_url(text: str) -> Path | str:
     """A local path, or an object-storage url (s3://bucket/prefix) kept as text: Path() would fold its '//'."""
-    from latentcache.store import is_url
+    from latentcache.storage.store import is_url
 
     return text if is_url(text) else Path(text)
 
 
 def path_or_url_out(text: str) -> Any:
     """--out: a local Path, or a store.UrlPath that the pipeline writes through with single PUTs."""
-    from latentcache.store import as_path
+    from latentcache.storage.store import as_path
 
     return as_path(text)
 

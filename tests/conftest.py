@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from latentcache.settings import ClipSettings, EncodeSettings, VAESettings
-from latentcache.synthetic import write_video
+from latentcache.encode.settings import ClipSettings, EncodeSettings, VAESettings
+from latentcache.tools.synthetic import write_video
 
 # Small enough for a 2-core CI machine, real enough to exercise codecs, seeking and the VAE's shape rules.
 TINY_CLIP = ClipSettings(frames=17, fps=8.0, height=64, width=96)
@@ -33,7 +34,7 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vae():
-    from latentcache.vae import load_vae
+    from latentcache.encode.vae import load_vae
 
     return load_vae(TINY_VAE, "cpu")
 
@@ -167,7 +168,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import numpy as np
     from PIL import Image
 
-    from latentcache.synthetic import corrupt_frame, write_audio
+    from latentcache.tools.synthetic import corrupt_frame, write_audio
 
     d = tmp_path_factory.mktemp("bad")
     files = {"good": write_video(d / "good", codec="h264", num_frames=72)}
@@ -201,3 +202,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "encoded_reference" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto's, on 127.0.0.1) for the session: tests/s3_server.py."""
+    pytest.importorskip("s3fs", reason="object storage tests need s3fs: pip install 'latentcache[s3]'")
+    pytest.importorskip("moto.server", reason="object storage tests need moto[server] (test extra)")
+    from s3_server import running_server
+
+    with running_server() as url:
+        yield url

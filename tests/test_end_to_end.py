@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
 from latentcache.cli import main
-from latentcache.shards import iter_tar, read_manifest
-from latentcache.verify import verify
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import iter_tar
+from latentcache.tools.verify import verify
 
 TINY_ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
 

@@ -1,0 +1,281 @@
+"""Everything that differs between VAE families, one `FAMILIES` record each: the diffusers class, where the
+normalisation is read from (config or weights), how the encoder tiles, a tiny config for tests, the transformer
+trained on its latents and the text recipe. Adding a family adds one entry here (and, for image-to-video, one line
+in `format.spec.IMAGE_CONDITIONS`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from latentcache.encode.settings import TilingSettings
+from latentcache.errors import ConfigError
+from latentcache.format.spec import LatentSpec
+
+TilingStyle = Literal["overlap", "stride"]
+
+
+@dataclass(slots=True, frozen=True)
+class TilingAdapter:
+    """How diffusers tiles a family's encoder spatially, and how latentcache switches that on for a TilingSettings.
+
+    style "overlap" (CogVideoX): tile size and an overlap factor, blended tiles concatenated as they are; "stride"
+    (the others): tile size and a stride in pixels, the result cropped to size. `tile_problem` checks exactness
+    per style.
+    """
+
+    style: TilingStyle
+    enable: Callable[[Any, TilingSettings], None]
+
+
+def _enable_overlap_tiling(model: Any, tiling: TilingSettings) -> None:
+    model.enable_tiling(
+        tile_sample_min_height=tiling.tile_height,
+        tile_sample_min_width=tiling.tile_width,
+        tile_overlap_factor_height=tiling.overlap,
+        tile_overlap_factor_width=tiling.overlap,
+    )
+    # diffusers treats overlap 0 as "unset" (`or` default); force the value we validated.
+    model.tile_overlap_factor_height = model.tile_overlap_factor_width = tiling.overlap
+
+
+def _enable_stride_tiling(model: Any, tiling: TilingSettings, patch: int = 1) -> None:
+    sizes = {}
+    for axis, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
+        sizes[f"tile_sample_min_{axis}"] = tile // patch
+        sizes[f"tile_sample_stride_{axis}"] = int(tile * (1 - tiling.overlap)) // patch
+    model.enable_tiling(**sizes)
+
+
+def _enable_patched_stride_tiling(model: Any, tiling: TilingSettings) -> None:
+    # Wan 2.2 tiles after patchifying the input, so its tile sizes are in patchified pixels (Wan 2.1: patch 1).
+    _enable_stride_tiling(model, tiling, patch=model.config.get("patch_size") or 1)
+
+
+OVERLAP_TILING = TilingAdapter("overlap", _enable_overlap_tiling)
+
+
+STRIDE_TILING = TilingAdapter("stride", _enable_stride_tiling)
+
+
+PATCHED_STRIDE_TILING = TilingAdapter("stride", _enable_patched_stride_tiling)
+
+
+@dataclass(slots=True, frozen=True)
+class TextRecipe:
+    """How a family's pipeline turns a prompt into `prompt_embeds` (see its `_get_t5_prompt_embeds`); text.py
+    follows it to cache the same tensors."""
+
+    encoder_class: str  # the transformers class of the pipeline's text_encoder
+    max_length: int  # the pipeline's default max_sequence_length
+    # WanPipeline passes the mask to the encoder, cuts each embedding to its prompt's length and pads with zeros;
+    # CogVideoX and LTX-Video run the encoder on the padded ids alone.
+    wan_style: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class VAEFamily:
+    """Everything that differs between VAE families; adding a family adds one `FAMILIES` entry.
+
+    (How a family's image-to-video conditioning is stored is part of the on-disk format, which readers rebuild
+    without this module: `format.spec.IMAGE_CONDITIONS`.)
+    """
+
+    name: str
+    class_name: str
+    default_source: str
+    default_subfolder: str | None
+    tiny_config: dict[str, Any]
+    # Builds the spec from a loaded model: its config, plus the weights where a family keeps its normalisation
+    # there (LTX-Video registers latents_mean/latents_std as buffers, not config fields).
+    spec_from_model: Callable[[Any], LatentSpec]
+    # How diffusers tiles this encoder spatially (see TilingAdapter).
+    tiling: TilingAdapter = STRIDE_TILING
+    # The attribute that sets frames per encoder step, where the encoder has one (CogVideoX only).
+    frame_chunk_attr: str | None = None
+    # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
+    transformer_class: str | None = None
+    # How the family's pipeline embeds prompts (`--text-encoder`); None with `text_unsupported` saying why.
+    text_recipe: TextRecipe | None = None
+    text_unsupported: str = "latentcache has no text recipe for it yet"
+
+
+def _optional_tuple(value: Any) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in value) if value is not None else None
+
+
+def _cogvideox_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="cogvideox",
+        channels=int(config.latent_channels),
+        temporal_compression=int(config.temporal_compression_ratio),
+        # What CogVideoXPipeline uses: one 2x downsample per block after the first.
+        spatial_compression=2 ** (len(config.block_out_channels) - 1),
+        scaling_factor=float(config.scaling_factor),
+        shift_factor=None if config.shift_factor is None else float(config.shift_factor),
+        latents_mean=_optional_tuple(config.latents_mean),
+        latents_std=_optional_tuple(config.latents_std),
+        invert_scale_latents=bool(getattr(config, "invert_scale_latents", False)),
+    )
+
+
+def _wan_spec(model: Any) -> LatentSpec:
+    config = model.config
+    # Old configs lack the scale factors; the encoder's own downsampling schedule gives the same numbers.
+    temporal = config.get("scale_factor_temporal") or 2 ** sum(config.temperal_downsample)
+    spatial = config.get("scale_factor_spatial") or 2 ** (len(config.dim_mult) - 1) * (config.get("patch_size") or 1)
+    return LatentSpec(
+        family="wan",
+        channels=int(config.z_dim),
+        temporal_compression=int(temporal),
+        spatial_compression=int(spatial),
+        # WanPipeline: (z - latents_mean) * (1 / latents_std); there is no scaling factor.
+        latents_mean=_optional_tuple(config.latents_mean),
+        latents_std=_optional_tuple(config.latents_std),
+    )
+
+
+def _hunyuan_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="hunyuanvideo",
+        channels=int(config.latent_channels),
+        temporal_compression=int(config.temporal_compression_ratio),
+        spatial_compression=int(config.spatial_compression_ratio),
+        scaling_factor=float(config.scaling_factor),
+    )
+
+
+def _ltx_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="ltx",
+        channels=int(config.latent_channels),
+        # Derived by the model from patch sizes and its down blocks unless the config sets them; LTXPipeline reads
+        # these attributes too.
+        temporal_compression=int(model.temporal_compression_ratio),
+        spatial_compression=int(model.spatial_compression_ratio),
+        scaling_factor=float(config.scaling_factor),
+        # LTXPipeline._normalize_latents: (z - latents_mean) * scaling_factor / latents_std, from the buffers, read
+        # by load_vae before the model is cast to the encode dtype (so in the weights' own precision).
+        latents_mean=tuple(float(v) for v in model.latents_mean.float().cpu()),
+        latents_std=tuple(float(v) for v in model.latents_std.float().cpu()),
+    )
+
+
+# Tiny configs keep each family's real architecture (the number of down blocks, hence the compression ratios,
+# and the latent channels) with a few hundred thousand parameters, so a CPU encodes a 17x64x96 clip in well
+# under a second.
+FAMILIES: dict[str, VAEFamily] = {
+    "cogvideox": VAEFamily(
+        name="cogvideox",
+        class_name="AutoencoderKLCogVideoX",
+        default_source="THUDM/CogVideoX-2b",
+        default_subfolder="vae",
+        tiny_config=dict(
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=16,
+            temporal_compression_ratio=4,
+            sample_height=64,
+            sample_width=96,
+        ),
+        spec_from_model=_cogvideox_spec,
+        tiling=OVERLAP_TILING,
+        frame_chunk_attr="num_sample_frames_batch_size",
+        transformer_class="CogVideoXTransformer3DModel",
+        text_recipe=TextRecipe("T5EncoderModel", 226),
+    ),
+    "wan": VAEFamily(
+        name="wan",
+        class_name="AutoencoderKLWan",
+        default_source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        default_subfolder="vae",
+        # 3 spatial downsamples (8x), 2 of them temporal (4x), 16 channels; the default per-channel mean/std.
+        tiny_config=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                         temperal_downsample=[False, True, True]),
+        spec_from_model=_wan_spec,
+        tiling=PATCHED_STRIDE_TILING,
+        transformer_class="WanTransformer3DModel",
+        text_recipe=TextRecipe("UMT5EncoderModel", 512, wan_style=True),
+    ),
+    "hunyuanvideo": VAEFamily(
+        name="hunyuanvideo",
+        class_name="AutoencoderKLHunyuanVideo",
+        default_source="hunyuanvideo-community/HunyuanVideo",
+        default_subfolder="vae",
+        tiny_config=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                         latent_channels=16),
+        spec_from_model=_hunyuan_spec,
+        transformer_class="HunyuanVideoTransformer3DModel",
+        text_unsupported="HunyuanVideo conditions on two encoders (a LLaVA-Llama with a prompt template, plus "
+        "CLIP's pooled output), which latentcache does not cache yet",
+    ),
+    "ltx": VAEFamily(
+        name="ltx",
+        class_name="AutoencoderKLLTXVideo",
+        default_source="Lightricks/LTX-Video",
+        default_subfolder="vae",
+        # Patch size 4 and three spatio-temporal 2x downsamples: 32x spatial, 8x temporal, 128 channels.
+        tiny_config=dict(latent_channels=128, block_out_channels=(8, 8, 16, 16),
+                         decoder_block_out_channels=(8, 8, 16, 16), layers_per_block=(1, 1, 1, 1, 1),
+                         decoder_layers_per_block=(1, 1, 1, 1, 1)),
+        spec_from_model=_ltx_spec,
+        transformer_class="LTXVideoTransformer3DModel",
+        text_recipe=TextRecipe("T5EncoderModel", 128),
+    ),
+}
+
+
+def family_of(name: str) -> VAEFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown VAE family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def tile_problem(tiling: TilingSettings, spatial: int, style: TilingStyle = "overlap") -> str | None:
+    """Why these tile settings would give latents of the wrong size, or None when they are exact.
+
+    style "overlap" (CogVideoX): diffusers steps through the input by int(tile * (1 - overlap)) pixels but keeps
+    (tile/spatial - int(tile/spatial * overlap)) latents per tile; unless the two agree exactly, the blended
+    result is too wide (e.g. tile 32, overlap 0.2 on a 96-wide clip gives 14 latents instead of 12).
+
+    style "stride" (Wan, HunyuanVideo, LTX-Video): diffusers steps by a stride in pixels, keeps stride // spatial
+    latents per tile and crops the result, so it is exact when the stride int(tile * (1 - overlap)) is a
+    multiple of the spatial compression (otherwise the latents come out too small).
+    """
+    for name, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
+        if tile % spatial or tile < 2 * spatial:
+            return f"tile {name} {tile} must be a multiple of {spatial} and at least {2 * spatial}"
+        if not 0.0 <= tiling.overlap < 1.0:
+            return f"tile overlap {tiling.overlap} must be in [0, 1)"
+        exact = _tile_exact if style == "overlap" else _stride_exact
+        if not exact(tile, tiling.overlap, spatial):
+            stride_pixels = int(tile * (1 - tiling.overlap))
+            good = [o for o in (0.125, 0.25, 1 / 3, 0.5) if exact(tile, o, spatial)]
+            if style == "overlap":
+                latent_tile = tile // spatial
+                kept = latent_tile - int(latent_tile * tiling.overlap)
+                why = f"keeps {kept} latents ({kept * spatial} pixels) per tile"
+            else:
+                why = f"that is not a multiple of the spatial compression {spatial}"
+            return (
+                f"tile {name} {tile} with overlap {tiling.overlap:g} steps {stride_pixels} pixels but {why}, so the "
+                f"latents come out the wrong size; exact overlaps for this tile: "
+                f"{', '.join(f'{o:g}' for o in good) or 'none'}"
+            )
+    return None
+
+
+def _stride_exact(tile: int, overlap: float, spatial: int) -> bool:
+    stride = int(tile * (1 - overlap))
+    return stride >= spatial and stride % spatial == 0
+
+
+def _tile_exact(tile: int, overlap: float, spatial: int) -> bool:
+    latent_tile = tile // spatial
+    return int(tile * (1 - overlap)) == (latent_tile - int(latent_tile * overlap)) * spatial

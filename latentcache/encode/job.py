@@ -1,0 +1,171 @@
+"""The encode job: load the VAE, plan once, encode this process's share, sum up, and finalize when all is done.
+
+One entry, `run(settings, world)`, for every launcher: `latentcache encode` (cli.py), `latentcache demo` (demo.py)
+and `accelerate launch` / SLURM array tasks (jobs/encode.py). The settings are typed and built once by the caller
+(`cli.settings_from_args`, or by hand); `World` says where this process runs (rank, world size, main or not, and
+the two collectives), as datatrove's executors pass rank and world size to each step. Nothing here reads argparse,
+environment variables or global process groups.
+
+Like the CLI, this is the front end's half: it prints the lines a user reads, owns the progress bar and returns the
+exit code (the library modules it calls only log).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentcache.encode.settings import JobSettings
+from latentcache.errors import LatentcacheError
+
+# Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error, 3 finished but some
+# inputs failed (see OUT/failures.jsonl).
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+
+
+def _no_barrier() -> None:
+    pass
+
+
+def _alone(values: list[float]) -> list[float]:
+    return values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class World:
+    """Where this process runs: its global rank among `world_size` processes that share the shards.
+
+    `barrier` waits for the processes launched together; `reduce_sum` adds a list of numbers over them (an
+    all-reduce: the planning collective and the job summary). A SLURM array spans several launches that never
+    meet: `world_size` counts all their processes, while `barrier` and `reduce_sum` reach only this launch's (see
+    jobs/encode.py).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    is_main: bool = True
+    barrier: Callable[[], None] = _no_barrier
+    reduce_sum: Callable[[list[float]], list[float]] = _alone
+    # The device this process was given by its launcher (accelerate's `cuda:3`); None: settings.runtime.device.
+    device: str | None = None
+    # This process's index on its machine: its progress bar's line.
+    local_rank: int = 0
+
+
+def run(settings: JobSettings, world: World = World()) -> int:
+    """Encode this process's share of the shards; the main process prints the job's summary and, once no planned
+    shard is left anywhere, finalizes (writes the manifest). Returns an exit code.
+
+    Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier between them.
+    """
+    from tqdm import tqdm
+
+    from latentcache.encode import chunks, pipeline
+    from latentcache.encode.inputs import iter_inputs
+    from latentcache.encode.vae import load_vae
+
+    started = time.perf_counter()
+    encode, runtime, out = settings.encode, settings.runtime, settings.out
+    vae = load_vae(encode.vae, world.device or runtime.device)
+    vae.tune(compile_encoder=runtime.compile)
+    texts = None
+    if encode.text is not None:
+        from latentcache.encode.text import load_text_encoder
+
+        texts = load_text_encoder(encode.text, encode.vae.family, vae.device)
+    if vae.identity.random_weights and world.is_main:
+        print(f"NOTE: {encode.vae.source} has random weights: these latents are for demos and tests only.")
+    planning_error: LatentcacheError | None = None
+    if world.is_main:
+        try:
+            # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
+            inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
+            plan = pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
+                                              chunk_size=settings.chunk_size)
+        except LatentcacheError as e:
+            planning_error = e
+    # A collective rather than a bare barrier: every rank learns whether the plan exists, so a refused plan (other
+    # settings, bad inputs) stops them all at once instead of leaving them to wait or to read a stale plan.json.
+    [planning_failed] = world.reduce_sum([1.0 if planning_error is not None else 0.0])
+    if planning_error is not None:
+        raise planning_error
+    if planning_failed:
+        return EXIT_USAGE  # the main process prints why
+    if not world.is_main:
+        plan = chunks.read_job_plan(out)
+    rank, world_size = world.rank, world.world_size
+    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that its
+    # inputs did not change since).
+    chunk_error: LatentcacheError | None = None
+    try:
+        chunk_plans = pipeline.plan_chunks(out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
+                                           reencode_changed=settings.reencode_changed)
+    except LatentcacheError as e:
+        chunk_error = e
+    # Collective again: a rank that refuses (a changed input in its share) stops every rank, none waits for it.
+    [chunk_failed] = world.reduce_sum([1.0 if chunk_error is not None else 0.0])
+    if chunk_error is not None:
+        raise chunk_error
+    if chunk_failed:
+        return EXIT_USAGE  # the rank that refused prints why
+    mine = [s for chunk in chunk_plans for s in chunk.shards]
+    pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
+    label = f"rank {rank}" if world_size > 1 else "encode"
+    if not pending:
+        print(f"{out}: all {len(mine)} shard(s) {'of ' + label + ' ' if world_size > 1 else ''}are already done; "
+              "nothing to encode")
+    total = sum(len(s.keys) for s in mine)
+    # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
+    # Without a terminal (SLURM logs) a bar line every 30 s is a heartbeat, not noise.
+    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.relpath not in pending), unit="clip",
+              desc=label, position=world.local_rank, dynamic_ncols=True, leave=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+        summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
+                               texts=texts, chunk_plans=chunk_plans, runtime=runtime)
+    print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
+          f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
+          f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
+          f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
+    totals = world.reduce_sum([1, summary.clips_written, len(summary.failures), summary.shards_written,
+                        summary.shards_redone, summary.seconds])
+    world.barrier()
+    if not world.is_main:
+        return EXIT_OK
+    print_job_summary(totals, time.perf_counter() - started)
+    left, unplanned = pipeline.pending_in_job(out, plan)
+    if left or unplanned:
+        # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
+        print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
+              f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
+        return EXIT_OK
+    return report_finalize(out)
+
+
+def print_job_summary(totals: list[float], wall_seconds: float) -> None:
+    """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
+    processes, clips, failures, shards, redone, busy_seconds = totals
+    # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
+    print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
+          f"interruption) by {int(processes)} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
+          f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
+          f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
+
+
+def report_finalize(out: Path) -> int:
+    """Finalize and print the run's outcome. Skips (a policy, e.g. too short) are reported but are not failures."""
+    from latentcache.encode.pipeline import finalize_with_outcome
+
+    manifest, outcome = finalize_with_outcome(out)
+    counts = manifest["counts"]
+    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
+    skipped, failed = sum(outcome["skips"].values()), sum(outcome["failures"].values())
+    print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
+          f"{counts['samples']} written of {counts['planned_clips']} planned; skipped: {skipped}; failed: {failed}")
+    for title, by_reason in (("skipped by reason", outcome["skips"]), ("failures by kind", outcome["failures"])):
+        if by_reason:
+            print(f"{title}: " + ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
+                  + f" (details in {out / 'failures.jsonl'})")
+    return EXIT_SOME_FAILED if outcome["failures"] else EXIT_OK

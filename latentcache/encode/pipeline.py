@@ -1,0 +1,613 @@
+"""The executor: plan once, then for each shard this process owns decode -> encode -> write; finalize last.
+
+Where a process runs (a plain loop, `accelerate launch`, a SLURM array task) only changes `rank` and `world_size`.
+One error policy lives here: an `InputError` from any stage becomes a failure record in the shard's sidecar (and
+later `failures.jsonl`) plus a log line, and the run goes on; anything else is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentcache.encode import chunks
+from latentcache.encode.chunks import JobPlan
+from latentcache.encode.decode import Clip, VideoInfo
+from latentcache.encode.families import tile_problem
+from latentcache.encode.loader import ClipStream, default_workers
+from latentcache.encode.plan import (
+    OUTPUT_MARKER,
+    InputVideo,
+    Plan,
+    PlannedClip,
+    PlannedShard,
+    check_buckets,
+    failure_record,
+)
+from latentcache.encode.provenance import merge_software, software_record, vae_change
+from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, hash_json
+from latentcache.encode.text import TextEncoder
+from latentcache.encode.vae import DTYPES, VideoVAE
+from latentcache.errors import ConfigError, InputError, ShardFormatError
+from latentcache.format.layout import FORMAT_VERSION
+from latentcache.format.manifest import write_manifest
+from latentcache.format.shards import (
+    EncodedClip,
+    pause_point,
+    read_done,
+    remove_stale_temporaries,
+    remove_temporaries,
+    sidecar_path,
+    write_shard,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+# Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
+OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
+# Tile overlaps tried on an out-of-memory retry, most blending first; 0 is always exact (see families.tile_problem).
+FALLBACK_OVERLAPS = (0.25, 0.5, 1 / 3, 0.125, 0.0)
+
+
+@dataclass(slots=True)
+class RunSummary:
+    shards_written: int = 0
+    shards_skipped: int = 0
+    # Shards found half-done (a temporary file, or a tar without its sidecar) and written again.
+    shards_redone: int = 0
+    clips_written: int = 0
+    clips_skipped: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips_written / self.seconds if self.seconds else 0.0
+
+
+def vae_record(vae: VideoVAE) -> dict[str, Any]:
+    return {"identity": vae.identity.to_dict(), "spec": vae.spec.to_dict(), "dtype": str(vae.dtype).split(".")[-1]}
+
+
+def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
+                      overwrite: bool = False, chunk_size: int | None = None) -> JobPlan:
+    """The top-level plan: OUT/plan.json reused, extended by the inputs it lacks (a new part), or made. No video is
+    opened here: each chunk is probed later by the rank that owns it (`plan_chunks`).
+
+    Safe for processes that cannot wait for each other (SLURM array tasks): each makes the same plan from the same
+    inputs and renames each file into place from its own temporary name, so whichever rename lands last, the bytes
+    agree. Other settings or another VAE are refused, and so are earlier inputs that are not given again.
+    """
+    vae.spec.check_clip(settings.clip)
+    claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
+    path = out / PLAN_FILE
+    record = vae_record(vae)
+    # No video is probed here, but settings that cannot work are refused before any file is written.
+    check_buckets(settings.clip, record.get("spec"))
+    wanted = JobPlan(hash_json({"settings": settings.output_affecting(), "vae": record}), settings.output_affecting(),
+                     record, [])
+    if path.is_file():
+        existing = chunks.read_job_plan(out)
+        changed = vae_change(existing.vae.get("identity"), record["identity"], str(path))
+        if changed and not overwrite:
+            raise ConfigError(f"{out}: {changed}")
+        if existing.fingerprint != wanted.fingerprint and not overwrite:
+            raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
+                              "Use a new --out directory, or --overwrite to start this one again.")
+        if existing.fingerprint == wanted.fingerprint and not overwrite:
+            return _append(out, existing, chunks.InputTable(inputs), chunk_size)
+        clear_outputs(out, existing)
+    return _append(out, wanted, chunks.InputTable(inputs), chunk_size)
+
+
+
+def claim_output(out: Path) -> None:
+    """Make sure OUT is latentcache's, marking it so, and writable; refuse a directory of someone else's files.
+
+    Ours: it holds OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
+    marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
+    shards/ that the run, or --overwrite, would replace.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
+    marker = out / OUTPUT_MARKER
+    # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
+    others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
+    if others and not marker.is_file():
+        try:
+            chunks.read_job_plan(out)
+        except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
+            raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
+                              f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
+                              "directory") from None
+    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
+    _writing(out, out.mkdir, parents=True, exist_ok=True)
+    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+
+
+def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run `write(*args, **kwargs)`; an OSError (read-only, full disk, --out under a file) becomes a message
+    naming `path`."""
+    try:
+        write(*args, **kwargs)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            remove_temporaries(path)  # free the space a half-written temporary holds
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}. Fix it (free space, permissions, another "
+                          "--out) and run the same command again: finished shards are kept") from e
+
+
+def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None) -> JobPlan:
+    """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
+    new = chunks.new_inputs(out, plan, table)
+    if not len(new):
+        return plan
+    if plan.parts:
+        log.info("%d new input(s): planned as part %d, the %d earlier part(s) stay as they are", len(new),
+                 len(plan.parts), len(plan.parts))
+    size = chunk_size or chunks.auto_chunk_size(len(new))  # a function of the new inputs alone: every task agrees
+    part = chunks.make_part(out, len(plan.parts), table, new, size)
+    grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
+    # plan.json last: it names the part, whose files are in place by now.
+    _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
+    pause_point("planned")  # test-only kill moment (see shards.PAUSE_ENV); nothing when unset
+    return grown
+
+
+def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+                probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False,
+                reencode_changed: bool = False) -> list[Plan]:
+    """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
+    `strict`: the first input that cannot be probed raises (see `plan.make_plan`). An input changed since its chunk
+    was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
+    return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
+                             strict=strict, reencode_changed=reencode_changed)
+
+
+def clear_outputs(out: Path, plan: JobPlan) -> None:
+    """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
+    temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
+    emptied folders go)."""
+    log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
+    folders: set[Path] = set()
+    for ref in plan.chunk_refs():
+        chunk_file = out / ref.plan_name
+        if chunk_file.is_file():
+            for shard in chunks.read_chunk_plan(out, plan, ref).shards:
+                path = out / shard.relpath
+                remove_temporaries(path)
+                path.unlink(missing_ok=True)
+                sidecar_path(path).unlink(missing_ok=True)
+                folders.add(path.parent)
+        remove_temporaries(chunk_file)
+        chunk_file.unlink(missing_ok=True)
+        folders.add(chunk_file.parent)
+    for part in plan.parts:
+        for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
+            remove_temporaries(out / name)
+            (out / name).unlink(missing_ok=True)
+            folders.add((out / name).parent)
+    for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
+        remove_temporaries(out / name)
+        (out / name).unlink(missing_ok=True)
+    for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _differences(old: JobPlan, new: JobPlan) -> str:
+    diffs = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            diffs.append(f"{where}: {a!r} then, {b!r} now")
+
+    # Through JSON both ways, so a tuple now and the list it became in plan.json compare equal.
+    now = json.loads(json.dumps({"settings": new.settings, "vae": new.vae}, default=str))
+    walk({"settings": old.settings, "vae": old.vae}, now, "")
+    return "; ".join(diffs[:6]) or "the input clips differ"
+
+
+def fallback_tilings(height: int, width: int, spatial: int,
+                     configured: TilingSettings | None = None) -> list[TilingSettings]:
+    """Ever smaller valid tilings for a clip that ran out of memory: halve the tile (from the configured one, or from
+    the clip) down to two latents a side. Each has an overlap that keeps the latents exactly the right size."""
+    th, tw = (min(configured.tile_height, height), min(configured.tile_width, width)) if configured else (height, width)
+    smallest = 2 * spatial
+    found: list[TilingSettings] = []
+    while th > smallest or tw > smallest:
+        th, tw = max(smallest, th // 2 // spatial * spatial), max(smallest, tw // 2 // spatial * spatial)
+        for overlap in FALLBACK_OVERLAPS:
+            tiling = TilingSettings(tile_height=th, tile_width=tw, overlap=overlap)
+            if tile_problem(tiling, spatial) is None:
+                found.append(tiling)
+                break
+    return found
+
+
+def _is_oom(error: BaseException) -> bool:
+    # cuDNN and some kernels report an allocation failure as a plain RuntimeError.
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _release_memory(vae: VideoVAE) -> None:
+    if vae.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
+                         ) -> tuple[torch.Tensor, torch.Tensor, TilingSettings | None]:
+    """`vae.encode`, retried with tiling and then smaller tiles when it runs out of memory.
+
+    Returns (mean, logvar, the tiling that was needed, or None). The configured tiling is restored afterwards, so
+    whether a clip is tiled depends on that clip alone, never on which clips a process happened to encode before.
+    Raises InputError (stage "encode") when even the smallest tiles do not fit.
+    """
+    configured = vae.tiling
+    smaller = fallback_tilings(frames.shape[2], frames.shape[3], vae.spec.spatial_compression, configured)
+    last: BaseException | None = None
+    try:
+        for tiling in [None, *smaller]:  # None: as configured
+            if tiling is not None:
+                _release_memory(vae)
+                log.warning("%s: out of memory; retrying with %dx%d tiles, overlap %g", ", ".join(sources),
+                            tiling.tile_height, tiling.tile_width, tiling.overlap)
+                vae.configure(tiling, None)
+            try:
+                mean, logvar = vae.encode(frames, sources=sources)
+                return mean, logvar, tiling
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
+                last = e.with_traceback(None)
+    finally:
+        if last is not None:
+            vae.configure(configured, None)
+            _release_memory(vae)
+    raise InputError(", ".join(sources), "encode", f"out of memory even with the smallest tiles ({last}); use a "
+                     "bigger GPU, fewer --frames or a smaller --height/--width") from last
+
+
+Encoded = tuple[torch.Tensor, torch.Tensor, TilingSettings | None]
+
+
+def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
+                  ) -> list[tuple[PlannedClip, Clip, Encoded | InputError]]:
+    """Encode a batch in one call; if that fails (memory, non-finite latents), clip by clip so one bad clip or one
+    huge clip never takes its batch-mates down with it."""
+    if len(batch) > 1:
+        try:
+            mean, logvar = vae.encode(np.stack([c.frames for _, c in batch]), sources=[p.source for p, _ in batch])
+        except Exception as e:
+            if not (isinstance(e, InputError) or _is_oom(e)):
+                raise
+            log.warning("batch of %d failed (%s); encoding its clips one by one", len(batch), e)
+        else:
+            return [(p, c, (mean[i], logvar[i], None)) for i, (p, c) in enumerate(batch)]
+        _release_memory(vae)  # out of the except block, once the failed call's frames are gone
+    results: list[tuple[PlannedClip, Clip, Encoded | InputError]] = []
+    for p, c in batch:
+        try:
+            mean, logvar, tiling = encode_with_fallback(vae, c.frames[None], [p.source])
+            results.append((p, c, (mean[0], logvar[0], tiling)))
+        except InputError as e:
+            results.append((p, c, e))
+    return results
+
+
+def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings | None) -> dict[str, Any]:
+    # frames_decoded measures the decode's cost (it differs between CPU and NVDEC decoding), not the sample: it stays
+    # out of the shard so any decoder writes the same bytes.
+    kept = {k: v for k, v in clip.meta.items() if k != "frames_decoded"}
+    meta = {**kept, "key": p.key, "source": p.relpath, "clip_index": p.index, "bucket": p.bucket,
+            "caption_source": "given" if p.caption is not None else None,
+            "vae": plan.vae["identity"], "dtype": plan.vae["dtype"]}
+    if p.span is not None:
+        # The key is made from the input's id (its path plus a digest of its spans); the source stays the path.
+        meta["source"] = p.relpath.rpartition("#")[0]
+        meta["span"], meta["span_index"] = p.span, p.span_index
+    if p.extra:
+        meta["row"] = p.extra  # the list row's other columns (a tar sample's json fields): scores, ids, licenses
+    if tiling is not None:
+        # This clip needed smaller tiles than the run's settings (out of memory): its latents differ slightly.
+        meta["tiling_fallback"] = {"tile_height": tiling.tile_height, "tile_width": tiling.tile_width,
+                                   "overlap": tiling.overlap, "reason": "out of memory"}
+    return meta
+
+
+def _stored(mean: torch.Tensor, logvar: torch.Tensor | None, settings: EncodeSettings
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What goes into the shard: `--store mean` drops the log-variance, `--store-dtype` casts."""
+    dtype = None if settings.store_dtype == "encode" else DTYPES[settings.store_dtype]
+    if dtype is not None:
+        mean, logvar = mean.to(dtype), (None if logvar is None else logvar.to(dtype))
+        if not (torch.isfinite(mean).all() and (logvar is None or torch.isfinite(logvar).all())):
+            raise InputError("", "write", f"latents overflow --store-dtype {settings.store_dtype}; "
+                             "store them in fp32 or bf16")
+    return mean, (logvar if settings.store == "posterior" else None)
+
+
+ImageCondition = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
+                      ) -> list[ImageCondition | InputError]:
+    """`--image-latents`: each clip's first frame encoded as its family's I2V pipeline does, in one call, or clip
+    by clip when that fails (memory, non-finite latents), so one clip's failure stays its own."""
+    if len(clips) > 1:
+        try:
+            mean, logvar = vae.encode_image_condition(np.stack([c.frames for _, c in clips]),
+                                                      sources=[p.source for p, _ in clips])
+            return [(mean[i], None if logvar is None else logvar[i]) for i in range(len(clips))]
+        except Exception as e:
+            if not (isinstance(e, InputError) or _is_oom(e)):
+                raise
+            log.warning("image conditions of a batch of %d failed (%s); encoding them one by one", len(clips), e)
+        _release_memory(vae)
+    results: list[ImageCondition | InputError] = []
+    for p, c in clips:
+        try:
+            mean, logvar = vae.encode_image_condition(c.frames[None], sources=[p.source])
+            results.append((mean[0], None if logvar is None else logvar[0]))
+        except InputError as e:
+            results.append(e)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            _release_memory(vae)
+            results.append(InputError(p.source, "encode", f"out of memory encoding the image condition ({e})"))
+    return results
+
+
+def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: EncodeSettings,
+                 decoded: Iterator[tuple[PlannedClip, Clip | InputError]], on_clip: Callable[[int], None],
+                 texts: TextEncoder | None = None, *, batch_size: int = 1,
+                 strict: bool = False) -> tuple[list[EncodedClip], list[dict]]:
+    """Encode the shard's clips, taking them from `decoded` (a stream over this rank's pending clips, in order),
+    `batch_size` clips per VAE call; `strict`: the first failed clip raises."""
+    encoded: list[EncodedClip] = []
+    failures: list[dict[str, Any]] = []
+    batch: list[tuple[PlannedClip, Clip]] = []
+
+    def fail(p: PlannedClip, error: InputError) -> None:
+        failures.append(failure_record(error) | {"key": p.key})
+        log.warning("%s: %s", error.path, error.reason)
+        if strict:
+            raise error
+
+    def flush() -> None:
+        results = _encode_batch(vae, batch)
+        # --image-latents: the I2V conditioning of the clips that encoded, batched the same way.
+        done = [(p, c) for p, c, result in results if not isinstance(result, InputError)]
+        conditions = iter(_image_conditions(vae, done) if settings.image_latents and done else [])
+        for p, c, result in results:
+            if isinstance(result, InputError):
+                fail(p, result)
+            else:
+                mean, logvar, tiling = result
+                image = next(conditions, None)
+                if isinstance(image, InputError):
+                    fail(p, image)
+                    continue
+                try:
+                    mean, logvar = _stored(mean, logvar, settings)
+                    image = _stored(*image, settings) if image is not None else (None, None)
+                except InputError as e:
+                    fail(p, InputError(p.source, e.stage, e.reason))
+                    continue
+                # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
+                text = texts.embed(p.caption) if texts is not None else None
+                encoded.append(EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text,
+                                           *image))
+        on_clip(len(batch))
+        batch.clear()
+
+    for expected_key in shard.keys:
+        p, result = next(decoded)
+        if p.key != expected_key:
+            raise RuntimeError(f"decode stream out of order: got {p.key}, expected {expected_key}")
+        if isinstance(result, InputError):
+            fail(p, result)
+            on_clip(1)
+            continue
+        batch.append((p, result))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return encoded, failures
+
+
+def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+        on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
+        chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None) -> RunSummary:
+    """Produce every shard of this rank's chunks that is not already done; `on_clip` counts clips actually worked on.
+
+    `chunk_plans`: this rank's chunk plans when the caller has them already (`plan_chunks`), else they are made here.
+    `runtime`: batch size (None: from the clip size and the device's memory), decode workers, NVDEC, strictness;
+    RuntimeSettings() when not given.
+    """
+    runtime = runtime or RuntimeSettings()
+    summary = RunSummary()
+    started = time.perf_counter()
+    # Every process checks its own VAE against the plan: a node whose local copy of the weights differs refuses.
+    changed = vae_change(plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
+    if changed:
+        raise ConfigError(f"{out}: {changed}")
+    # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
+    software = software_record(vae.device, text_encoder=texts is not None)
+    if chunk_plans is None:
+        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
+    todo: list[tuple[PlannedShard, Plan]] = []
+    by_key: dict[str, PlannedClip] = {}
+    for chunk in chunk_plans:
+        for shard in chunk.shards:
+            path = out / shard.relpath
+            if read_done(path) is not None:
+                summary.shards_skipped += 1
+                summary.clips_skipped += len(shard.keys)
+                continue
+            # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
+            if remove_temporaries(path) or path.exists():
+                summary.shards_redone += 1
+                log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
+            todo.append((shard, chunk))
+        if todo and todo[-1][1] is chunk:
+            by_key.update(chunk.clip_map())
+    workers = default_workers() if runtime.workers is None else runtime.workers
+    batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
+    # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
+    decoded = iter(ClipStream([by_key[k] for s, _ in todo for k in s.keys], settings.clip, workers=workers,
+                              nvdec=runtime.nvdec))
+    for shard, chunk in todo:
+        encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts,
+                                         batch_size=batch_size, strict=runtime.strict)
+        path = out / shard.relpath
+        # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
+        _writing(path, write_shard, path, encoded,
+                 extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures,
+                        "software": software})
+        summary.shards_written += 1
+        summary.clips_written += len(encoded)
+        summary.failures.extend(failures)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def resolve_batch_size(batch_size: int | None, vae: VideoVAE, settings: EncodeSettings) -> int:
+    """Clips per VAE call: as given, or for None (auto) from the clip size and the device's memory, the same on every
+    run on the same machine."""
+    if batch_size is not None:
+        return batch_size
+    clip = settings.clip
+    return vae.auto_batch_size(clip.frames, clip.height, clip.width)
+
+
+def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:
+    """Those of `shards` without a valid sidecar."""
+    return [s for s in shards if read_done(out / s.relpath) is None]
+
+
+def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
+    """(shards not finished, chunks not planned yet) over the whole job: (0, 0) once it is done.
+
+    Reads one chunk plan at a time, so it needs the memory of one chunk, not of the dataset."""
+    shards, unplanned = 0, 0
+    for ref in plan.chunk_refs():
+        if not (out / ref.plan_name).is_file():
+            unplanned += 1
+            continue
+        shards += len(pending_shards(out, chunks.read_chunk_plan(out, plan, ref).shards))
+    return shards, unplanned
+
+
+def finalize(out: Path) -> dict[str, Any]:
+    """Merge the sidecars into manifest.json and failures.jsonl, checking that every planned clip is there once."""
+    return finalize_with_outcome(out)[0]
+
+
+def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`finalize`, plus what the run did (videos, skips and failures by reason), counted chunk by chunk."""
+    plan_path = out / PLAN_FILE
+    if not plan_path.is_file():
+        raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
+    plan = chunks.read_job_plan(out)
+    remove_stale_temporaries(out)
+    shards: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    software: list[Any] = []
+    missing: list[str] = []
+    samples = planned_clips = with_clips = 0
+    for ref in plan.chunk_refs():
+        if not (out / ref.plan_name).is_file():
+            missing.append(ref.plan_name)
+            continue
+        chunk = chunks.read_chunk_plan(out, plan, ref)
+        failures.extend(chunk.rejected)
+        chunk_failures: list[dict[str, Any]] = []
+        seen: set[str] = set()  # keys are unique across chunks by construction (distinct relative paths)
+        for shard in chunk.shards:
+            record = read_done(out / shard.relpath)
+            if record is None:
+                missing.append(shard.relpath)
+                continue
+            _check_shard_record(out, shard, record)
+            seen.update(record["keys"])
+            chunk_failures.extend(record.get("failures", []))
+            software.append(record.get("software"))
+            shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
+                           "bytes": record["bytes"], "sha256": record["sha256"]})
+        failures.extend(chunk_failures)
+        failed_keys = {f["key"] for f in chunk_failures if "key" in f}
+        lost = [c.key for c in chunk.clips if c.key not in seen and c.key not in failed_keys]
+        if lost and not missing:
+            raise ShardFormatError(f"{out}: {len(lost)} planned clip(s) are neither written nor recorded as failed, "
+                                   f"e.g. {lost[0]}")
+        samples += len(seen)
+        planned_clips += len(chunk.clips)
+        with_clips += len({c.source for c in chunk.clips if c.key in seen})
+    if missing:
+        raise ShardFormatError(f"{out}: {len(missing)} planned chunk(s) or shard(s) are not finished, e.g. "
+                               f"{missing[0]}; run the same `latentcache encode` again to complete them")
+    failures_text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in failures)
+    _writing(out / "failures.jsonl", write_text_atomic, out / "failures.jsonl", failures_text)
+    buckets: dict[str, int] = {}
+    for s in shards:
+        buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + s["samples"]
+    manifest = {
+        "latent_spec": plan.vae["spec"],
+        "vae": plan.vae["identity"],
+        "dtype": plan.vae["dtype"],
+        "settings": plan.settings,
+        "fingerprint": plan.fingerprint,
+        "counts": {"samples": samples, "shards": len(shards), "failures": len(failures),
+                   "planned_clips": planned_clips},
+        "buckets": buckets,
+        "shards": shards,
+        # Each distinct software record of the processes that wrote the shards, with their shard counts.
+        "software": merge_software(software),
+    }
+    _writing(out / "manifest.json", write_manifest, out, manifest)
+    return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, **reasons(failures)}
+
+
+def reasons(records: list[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """Skips grouped by the reason's first words ("too short"), failures by stage and error type."""
+    skips: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for r in records:
+        if r.get("error") == "skipped":
+            skips[r["message"].split(":")[0]] += 1
+        else:
+            failures[f"{r.get('stage')}/{r.get('error')}"] += 1
+    return {"skips": skips, "failures": failures}
+
+
+def _check_shard_record(out: Path, shard: PlannedShard, record: dict[str, Any]) -> None:
+    """A sidecar accounts for each of its shard's planned clips exactly once: written or failed, not both."""
+    written = record["keys"]
+    failed = [f["key"] for f in record.get("failures", []) if "key" in f]
+    accounted = written + failed
+    if sorted(accounted) != sorted(shard.keys):
+        extra = sorted(set(accounted) - set(shard.keys)) or sorted(k for k in accounted if accounted.count(k) > 1)
+        absent = sorted(set(shard.keys) - set(accounted))
+        raise ShardFormatError(
+            f"{out / shard.relpath}: its sidecar accounts for {len(accounted)} clip(s), the plan gives it "
+            f"{len(shard.keys)} (unexpected or repeated: {extra[:3]}, absent: {absent[:3]}); it was written under "
+            "another plan or by another tool. Delete the shard and its .json sidecar and run the encode again.")

@@ -1,0 +1,128 @@
+"""manifest.json: written last, after every sidecar; the one file readers start from. Writing, reading (bounded) and
+the structural check of a manifest read from a stranger."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from latentcache.errors import ShardFormatError
+from latentcache.format import strictjson
+from latentcache.format.layout import FORMAT_VERSION, SHA256_HEX
+from latentcache.format.reader import _is_int, _shown, open_regular
+from latentcache.format.shards import write_json_atomic
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    """No timestamp: the manifest is a function of the shards, so a resumed run's is byte-identical to a clean one's."""
+    path = out / "manifest.json"
+    write_json_atomic(path, {"format_version": FORMAT_VERSION, **manifest})
+    return path
+
+
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    """The manifest of the dataset in `root` (a directory, or an object-storage url such as s3://bucket/latents),
+    refused with the file and the reason unless it is one latentcache wrote: an object with format_version 1, a
+    usable latent spec, and a list of well-formed shard entries."""
+    path, data = _manifest_bytes(root)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
+    try:
+        # Non-finite numbers kept: the checks below name a NaN scaling factor as such.
+        manifest = strictjson.loads(data, keep_nonfinite=True)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: not a JSON manifest ({e}); rebuild it with `latentcache finalize "
+                               "DIR`") from e
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path}: holds a JSON {type(manifest).__name__}, expected an object with "
+                               "format_version, latent_spec and shards")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format_version {manifest.get('format_version')!r}, this latentcache "
+                               f"reads version {FORMAT_VERSION}")
+    problems = manifest_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShardFormatError(f"{path}: {'; '.join(problems[:3])}{more}. Not a manifest latentcache wrote: "
+                               "rebuild it with `latentcache finalize DIR`")
+    return manifest
+
+
+def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
+    """(where, up to MAX_MANIFEST_BYTES + 1 bytes of manifest.json) from a directory or an object-storage url."""
+    from latentcache.storage import store
+
+    missing = (f"{root}: no manifest.json (is this a latentcache output directory, and did `latentcache encode` "
+               "finish? `latentcache finalize DIR` writes it from the shards)")
+    if store.is_url(root):
+        url = store.join(str(root), "manifest.json")
+        try:
+            return url, store.read_url(url, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise ShardFormatError(missing) from None
+        except OSError as e:
+            raise ShardFormatError(f"{url}: cannot read ({e})") from e
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise ShardFormatError(missing)
+    try:
+        with open_regular(path, str(path)) as f:
+            return path, f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+# A manifest lists one small record per shard: 256 MiB holds over a million shards.
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What in a parsed manifest the readers could not use (wrong types, unknown bucket names...); [] if fine."""
+    from latentcache.format.checks import parse_bucket, spec_problems
+
+    if "latent_spec" not in manifest:
+        return ["no latent_spec"]
+    problems = spec_problems(manifest["latent_spec"])
+    for name in ("vae", "counts", "settings", "buckets"):
+        if manifest.get(name) is not None and not isinstance(manifest[name], dict):
+            problems.append(f"{name} is a {type(manifest[name]).__name__}, expected an object")
+    problems += [f"buckets has {_shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+                 for b in (manifest.get("buckets") or {}) if parse_bucket(b) is None][:1]
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return [*problems, f"shards is {_shown(shards)}, expected a list of shard records"]
+    seen: set[str] = set()
+    for i, entry in enumerate(shards):
+        problem = _shard_entry_problem(entry)
+        if problem is None and entry["path"] in seen:
+            problem = f"path {_shown(entry['path'])} is listed twice"
+        if problem is not None:
+            problems.append(f"shards[{i}] {problem}")
+            break  # one bad entry says enough; a million-line report does not help
+        seen.add(entry["path"])
+    return problems
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket_name_ok(bucket: str) -> bool:
+    """Cached: a manifest of 156k shards names a few dozen buckets, and the regex need not run per shard."""
+    from latentcache.format.checks import parse_bucket
+
+    return parse_bucket(bucket) is not None
+
+
+def _shard_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"is {_shown(entry)}, expected an object with path, bucket, samples, bytes, sha256"
+    if not (isinstance(entry.get("path"), str) and entry["path"]):
+        return f"has path {_shown(entry.get('path'))}, expected a relative path such as shards/17x64x96/000000.tar"
+    if not (isinstance(entry.get("bucket"), str) and _bucket_name_ok(entry["bucket"])):
+        return f"has bucket {_shown(entry.get('bucket'))}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+    for name in ("samples", "bytes"):
+        if not (_is_int(entry.get(name)) and entry[name] >= 0):
+            return f"has {name} {_shown(entry.get(name))}, expected a count"
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and SHA256_HEX.match(sha)):
+        return f"has sha256 {_shown(sha)}, expected 64 lowercase hex digits"
+    return None

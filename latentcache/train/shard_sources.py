@@ -1,0 +1,461 @@
+"""Where shards are and how they are read safely: urls and output directories -> manifest + `ShardRef`s, and the
+bytes of one shard, checked whole (size, sha256, tar structure, sample count) before any sample leaves.
+
+`verify`, `preview`, `sat` and the trainer's dataset all read shards through here. Every url form (plain paths,
+file://, globs, brace lists, remote urls for webdataset's gopen) is told apart in one place, `_local_path`.
+
+Who a url comes from decides how it may be opened. A url the user typed (`LatentShardDataset("pipe:...")`, a
+`latentcache verify https://...` argument) is theirs, like a shell command, and may name anything webdataset's gopen
+opens. A shard path read from a file (a manifest, which may come from a stranger) never reaches gopen: it must be a
+plain relative name under the dataset's own root (`_inside`), and is opened by latentcache's own reader, a local
+regular file reached without a symbolic link below the root, or the root's own object store (`read_bytes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentcache.errors import LatentMismatchError, ShardFormatError
+from latentcache.format.layout import LATENTS
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import TarStats, iter_tar, open_regular, safetensors_header
+from latentcache.storage import store
+
+PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v", ".png", ".jpg", ".jpeg",
+                  ".webp", ".bmp"}
+
+# How far above a shard a manifest is looked for: OUT/shards/BUCKET/x.tar -> OUT/manifest.json is two levels.
+MANIFEST_SEARCH_DEPTH = 3
+# The most a shard without a size in its ShardRef may take into memory (manifests always give the size).
+MAX_SHARD_BYTES = 16 << 30
+
+
+@dataclass(slots=True, frozen=True)
+class ShardRef:
+    """One shard as the dataset opens it (`url`) and as the manifest lists it."""
+
+    url: str
+    path: str
+    bucket: str
+    samples: int
+    sha256: str | None
+    bytes: int | None = None  # the manifest's size: the most a read of this shard takes into memory
+    source: int = 0  # which output directory of a multi-source dataset it belongs to
+    # The output directory (or object-store url) whose manifest named this shard, for a url built from a manifest
+    # path: it is then opened only as a file under that root (see `read_bytes`). None for a url the user typed.
+    root: str | None = None
+
+
+def _pixels_message(root: Path) -> str | None:
+    """When `root` holds videos or frames rather than latents, the message that says so."""
+    if not root.is_dir():
+        return None
+    pixels = [p for p in root.rglob("*") if p.suffix.lower() in PIXEL_SUFFIXES]
+    if not pixels:
+        return None
+    return (
+        f"{root} holds {len(pixels)} video/image file(s) (e.g. {pixels[0].name}) and no latent shards: the "
+        "transformer expects VAE latents, and a trainer that skips its own VAE (CogVideo SAT with latent_input: "
+        "true) would feed it these as 3-channel RGB pixels. Run "
+        f"`latentcache encode {root} --out LATENTS_DIR` first and point the dataset at LATENTS_DIR."
+    )
+
+
+# ------------------------------------------------------------------------------------------ finding shards
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path of a local url (plain path or file://), None for remote ones (http, pipe:, s3...)."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Brace lists (`{000000..000099}`), `::`-joined lists, globs and file:// urls -> a list of urls."""
+    import webdataset as wds
+
+    items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    urls: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(str(item)):
+            local = _local_path(url)
+            if local is not None and glob.has_magic(local):
+                matches = sorted(glob.glob(local))
+                if not matches:
+                    raise ShardFormatError(f"{url}: the pattern matches no file")
+                # Matches are local files: one whose name reads as a url (`pipe:x.tar`, a stranger's file name) is
+                # kept local by a ./ prefix, so it can never be handed to gopen as a command.
+                urls.extend(m if _local_path(m) == m else os.path.join(".", m) for m in matches)
+            else:
+                urls.append(local if local is not None else url)
+    if not urls:
+        raise ShardFormatError(f"{source!r} names no shard")
+    return urls
+
+
+def _find_manifest_dir(urls: list[str]) -> Path:
+    """The directory holding manifest.json, searched upwards from the first local shard."""
+    local = _local_path(urls[0])
+    if local is None:
+        raise ShardFormatError(f"{urls[0]} is remote: pass manifest=PATH_OR_URL_OF/manifest.json (copy it next to "
+                               "the training script) so the dataset knows the latent spec and the shard checksums")
+    here = Path(local).resolve().parent
+    for folder in [here, *here.parents][:MANIFEST_SEARCH_DEPTH]:
+        if (folder / "manifest.json").is_file():
+            return folder
+    raise ShardFormatError(f"no manifest.json in {here} or the {MANIFEST_SEARCH_DEPTH - 1} folders above it: pass "
+                           "manifest=OUT/manifest.json, the one `latentcache encode` wrote with these shards")
+
+
+def _read_manifest_arg(manifest: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    path = Path(manifest)
+    root = path if path.is_dir() else path.parent
+    if path.is_file() and path.name != "manifest.json":
+        raise ShardFormatError(f"manifest={manifest}: expected a file named manifest.json or its directory")
+    return read_manifest(root), root
+
+
+def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -> list[ShardRef]:
+    """Pair each url with its manifest entry; a shard the manifest does not list is refused."""
+    by_path = {s["path"]: s for s in manifest["shards"]}
+    refs = []
+    for url in urls:
+        local = _local_path(url)
+        entry = None
+        if local is not None:
+            try:
+                entry = by_path.get(Path(local).resolve().relative_to(root.resolve()).as_posix())
+            except ValueError:
+                entry = None
+        if entry is None:  # remote, or stored elsewhere: match on the path's tail, else on a unique file name
+            entry = next((s for p, s in by_path.items() if url.endswith("/" + p) or url == p), None)
+        if entry is None:
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+            same = [s for p, s in by_path.items() if p.rsplit("/", 1)[-1] == name]
+            entry = same[0] if len(same) == 1 else None
+        if entry is None:
+            raise ShardFormatError(f"{url} is not listed in {root}/manifest.json ({len(by_path)} shards, e.g. "
+                                   f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
+        path = _inside(entry["path"], root)
+        # The url names the file where the manifest puts it (SAT's shard lists, a glob over OUT/shards): opened by
+        # the own-reader rules of a manifest-named shard, links refused (see read_bytes).
+        own = local is not None and os.path.normpath(local) == os.path.normpath(os.path.join(str(root), path))
+        refs.append(ShardRef(url, path, entry["bucket"], int(entry["samples"]), entry.get("sha256"),
+                             int(entry["bytes"]), root=str(root) if own else None))
+    return refs
+
+
+# A shard path as latentcache writes it (shards/17x64x96/000000.tar): "/"-separated names, none empty, "." or "..",
+# none holding a colon (a url scheme such as pipe: or s3:, a drive letter), a backslash or a control character.
+_SHARD_PATH = re.compile(r"(?:[^/\\:\x00-\x1f\x7f]+/)*[^/\\:\x00-\x1f\x7f]+")
+
+
+def _inside(path: str, root: Path | str) -> str:
+    """A shard path from a manifest, refused unless it is a plain relative name under the dataset's root: manifests
+    may come from strangers, and `/dev/zero`, `../../etc`, `pipe:cmd` or `https://...` must never be opened."""
+    # fullmatch: one C call per shard; the split runs only for the rare path with a part starting with a dot.
+    if (not isinstance(path, str) or _SHARD_PATH.fullmatch(path) is None
+            or ((path[0] == "." or "/." in path) and any(part in (".", "..") for part in path.split("/")))):
+        raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is not a plain relative path inside the "
+                               "dataset directory (absolute, `..`, empty parts, a url scheme, a backslash or a "
+                               "control character); latentcache writes paths such as shards/17x64x96/000000.tar. "
+                               "Refused: nothing was opened")
+    return path
+
+
+def resolve_source(source: Any, manifest: str | os.PathLike | None = None
+                   ) -> tuple[dict[str, Any], Path | str, list[ShardRef]]:
+    """A dataset directory, or shard urls (paths, globs, brace lists, file://, anything webdataset opens)
+    -> (manifest, manifest directory, shards). A dataset in object storage (`s3://bucket/latents`) gives its url."""
+    remote = _object_store_source(source, manifest)
+    if remote is not None:
+        return remote
+    if isinstance(source, str | os.PathLike) and Path(source).is_dir():
+        root = Path(source)
+        if manifest is None and not (root / "manifest.json").is_file():
+            message = _pixels_message(root)
+            if message:
+                raise LatentMismatchError(message)
+        data, mroot = _read_manifest_arg(manifest or root)
+        if manifest is None or Path(mroot).resolve() == root.resolve():
+            return data, mroot, _directory_shards(data, root)
+        urls = [str(root / _inside(s["path"], root)) for s in data["shards"]]
+        return data, mroot, [dataclasses.replace(r, root=str(root)) for r in _match_shards(urls, data, mroot)]
+    urls = expand_urls(source)
+    data, mroot = _read_manifest_arg(manifest) if manifest is not None else _read_manifest_arg(
+        _find_manifest_dir(urls))
+    return data, mroot, _match_shards(urls, data, mroot)
+
+
+def _directory_shards(manifest: dict[str, Any], root: Path) -> list[ShardRef]:
+    """The shards of an output directory, straight from its manifest: string work only, no Path or stat per shard
+    (a 10M-sample output lists ~156k shards, and opening it must take seconds, not minutes)."""
+    prefix = str(root).rstrip("/") + "/" if str(root) not in ("", ".") else ""
+    make, inside, top = ShardRef, _inside, str(root)  # locals: this loop runs once per shard
+    # read_manifest checked every entry (samples and bytes are ints, buckets well formed); _inside that each path is
+    # a plain relative name, so prefix + path is a local path even where the prefix is empty (root "." or "").
+    return [make(prefix + inside(s["path"], root), s["path"], s["bucket"], s["samples"], s.get("sha256"), s["bytes"],
+                 root=top) for s in manifest["shards"]]
+
+
+def resolve_sources(source: Any, manifest: str | os.PathLike | None = None
+                    ) -> list[tuple[dict[str, Any], Path, list[ShardRef]]]:
+    """`resolve_source` for one source, or for each of a list of output directories (a list of shard files or
+    urls is one source). Several outputs must share the latent spec and the VAE; each ShardRef says its source."""
+    if isinstance(source, str | os.PathLike) or not _lists_directories(source := list(source)):
+        return [resolve_source(source, manifest)]
+    if manifest is not None:
+        raise ShardFormatError("manifest= names one output's manifest; a list of output directories reads each "
+                               "one's own manifest.json: leave manifest= out")
+    resolved = []
+    for i, directory in enumerate(source):
+        data, root, refs = resolve_source(directory)
+        resolved.append((data, root, refs if i == 0 else [dataclasses.replace(r, source=i) for r in refs]))
+    first_data, first_root, _ = resolved[0]
+    for data, root, _ in resolved[1:]:
+        problems = source_mismatch(first_data, data)
+        if problems:
+            raise LatentMismatchError(f"{first_root} and {root} cannot be read as one dataset: "
+                                      + "; ".join(problems))
+    return resolved
+
+
+def _lists_directories(items: list[Any]) -> bool:
+    """Whether a list names output directories (True) or shard files/urls (False), told by its first item (a list of
+    shard files costs no stat per file); a list that mixes both is refused."""
+    def is_dir(item: Any) -> bool:
+        return isinstance(item, str | os.PathLike) and _local_path(str(item)) is not None and Path(item).is_dir()
+
+    if not items or not is_dir(items[0]):
+        return False
+    for item in items[1:]:
+        if not is_dir(item):
+            raise ShardFormatError(f"{item}: not an output directory, yet {items[0]} is; pass either output "
+                                   "directories (one dataset over all of them) or shard files of one output")
+    return True
+
+
+# The VAE identity fields that must agree for latents to be mixed: its class, its hub revision, the sha256 of every
+# weights file and its config. Where no weights hash is known (random weights, older manifests), its source too.
+VAE_FIELDS = ("class_name", "revision", "config_hash", "weights", "random_weights")
+
+
+def source_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Why latents of manifests `a` and `b` cannot be trained on together (the latent spec or the VAE differ),
+    naming each differing field; [] when they can."""
+    problems = []
+    spec_a, spec_b = a.get("latent_spec") or {}, b.get("latent_spec") or {}
+    for name in sorted(set(spec_a) | set(spec_b)):
+        if spec_a.get(name) != spec_b.get(name):
+            problems.append(f"latent_spec {name} is {spec_a.get(name)!r} vs {spec_b.get(name)!r}")
+    vae_a, vae_b = a.get("vae") or {}, b.get("vae") or {}
+    fields = VAE_FIELDS if vae_a.get("weights") and vae_b.get("weights") else (*VAE_FIELDS, "source")
+    for name in fields:
+        if vae_a.get(name) != vae_b.get(name):
+            what = "weights sha256" if name == "weights" else name
+            problems.append(f"vae {what} is {vae_a.get(name)!r} vs {vae_b.get(name)!r} (latents of different VAE "
+                            "weights do not mix)")
+    return problems
+
+
+def open_url(url: str) -> Any:
+    """A binary stream for a shard url: local regular files directly (a FIFO or device is refused, never waited
+    on), object storage (s3://...) through fsspec, the rest through webdataset's gopen."""
+    local = _local_path(url)
+    if local is not None:
+        return open_regular(local, url)
+    if store.in_object_store(url):
+        return store.open_url(url)
+    import webdataset as wds
+
+    return wds.gopen(url, "rb")
+
+
+def _own_opener_problem(shard: ShardRef) -> str | None:
+    """Why a shard named by a manifest cannot be opened by latentcache's own reader, or None: its url must be the
+    root's own object store, or a regular local file under the root reached without a symbolic link below it (a link
+    to another output's shard would give that shard's samples twice when outputs are combined)."""
+    if store.in_object_store(shard.url):
+        in_root = shard.root is not None and store.in_object_store(shard.root)
+        return None if in_root else "is not under the dataset's root"
+    local = _local_path(shard.url)
+    if local is None:  # cannot happen for a path _inside let through; refused all the same, never handed to gopen
+        return "is not a local file or an object in the dataset's store"
+    # Resolved at each read (a few lstat calls next to reading megabytes): a relative root follows the current folder.
+    if os.path.realpath(local) != os.path.join(os.path.realpath(shard.root or "."), shard.path):
+        return (f"is reached through a symbolic link (it resolves to {os.path.realpath(local)}); shards of an output "
+                "must be regular files inside it: copy the file instead of linking it")
+    return None
+
+
+def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
+    """The whole shard, read once; refused, before anything is read, when larger than the manifest says.
+
+    A shard named by a manifest (`shard.root` set) is opened only by latentcache's own reader, never by gopen: see
+    `_own_opener_problem`.
+
+    A local shard is read straight into `buffer` when one is given (grown as needed): a reader going through many
+    shards then reuses one warm buffer instead of faulting in fresh pages for every shard (6x faster here).
+    """
+    limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
+    if shard.root is not None:
+        problem = _own_opener_problem(shard)
+        if problem:
+            raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
+                                   "refused")
+    if store.in_object_store(shard.url):
+        return _read_object(shard.url, limit)
+    with open_url(shard.url) as stream:
+        if _local_path(shard.url) is None:  # a remote stream: its size is known only once it ends
+            data = _read_chunks(stream, limit + 1)
+        else:
+            size = os.fstat(stream.fileno()).st_size
+            if size > limit:
+                raise ShardFormatError(f"{shard.url}: {size} bytes, the manifest lists {limit}; the shard was "
+                                       "replaced or appended to. Run `latentcache verify` and re-encode it")
+            # A byte past the size fstat gave says the file grew since: more than the manifest lists, or not.
+            data = _read_into(stream, size + 1, buffer)
+    if len(data) > limit:
+        raise ShardFormatError(f"{shard.url}: more than the {limit} bytes the manifest lists; the shard was "
+                               "replaced or appended to. Run `latentcache verify` and re-encode it")
+    return memoryview(data)
+
+
+def _read_into(stream: Any, most: int, buffer: bytearray | None) -> memoryview | bytes:
+    if buffer is None:
+        return stream.read(most)
+    try:
+        if len(buffer) < most:
+            buffer += bytes(most - len(buffer))
+    except BufferError:  # still exported by a reader of an earlier shard: use a buffer of its own
+        return stream.read(most)
+    view, got = memoryview(buffer)[:most], 0
+    while got < most:
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return view[:got]
+
+
+def _read_chunks(stream: Any, most: int) -> bytes:
+    chunks, total = [], 0
+    while total < most:
+        chunk = stream.read(min(64 << 20, most - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None,
+               data: memoryview | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard, none of them before the whole shard has passed: its size, sha256, tar structure
+    and sample count against the manifest.
+
+    The shard is read into memory once (bounded by the manifest's `bytes`; into `buffer` when given, see
+    `read_bytes`) and hashed; its tar structure is then checked and its samples counted from those same bytes,
+    headers only; only then are samples copied out, one at a time. A changed, cut or miscounted
+    shard delivers nothing; no byte is read twice from disk, and memory holds the shard plus the samples in
+    flight, not a second copy of the shard. `data`: the shard's bytes when already fetched (`prefetched`).
+    """
+    data = read_bytes(shard, buffer) if data is None else data
+    try:
+        if check_sha256 and shard.sha256:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != shard.sha256:
+                raise ShardFormatError(f"{shard.url}: sha256 {digest[:16]}..., the manifest lists "
+                                       f"{shard.sha256[:16]}...; the shard changed after it was written. Re-encode "
+                                       "it, or pass check_sha256=False if you changed it on purpose")
+        stats = TarStats()
+        for _ in iter_tar(data, shard.url, stats, sha256=False, members=False):
+            pass
+        if stats.samples != shard.samples:
+            raise ShardFormatError(f"{shard.url}: {stats.samples} samples, the manifest lists {shard.samples}; the "
+                                   "shard was replaced or cut short. Run `latentcache verify` and re-encode it")
+        for raw in iter_tar(data, shard.url, sha256=False):
+            raw["__url__"], raw["__bucket__"] = shard.url, shard.bucket
+            yield raw
+    finally:
+        data.release()  # lets the buffer grow for the next shard
+
+
+# ------------------------------------------------------------- object storage (s3://...): one dispatch, see store.py
+
+
+def _read_object(url: str, limit: int) -> memoryview:
+    """The whole shard from object storage, refused when larger than the manifest says (no byte past limit + 1 is
+    fetched). The next shards' reads are started early by `prefetched`, so this wait overlaps decoding."""
+    data = store.read_url(url, limit)
+    if len(data) > limit:
+        raise ShardFormatError(f"{url}: more than the {limit} bytes the manifest lists; the shard was "
+                               "replaced or appended to. Run `latentcache verify` and re-encode it")
+    return memoryview(data)
+
+
+# Shards fetched ahead of the one being decoded, per reader: object storage answers in tens of ms and a shard takes
+# a while to download; two in flight keep a reader busy while costing two shards of memory.
+PREFETCH_SHARDS = 2
+
+
+def prefetched(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, memoryview | None]]:
+    """(shard, its bytes or None). Shards in object storage are downloaded PREFETCH_SHARDS ahead in threads, so a
+    remote reader decodes one shard while the next arrive; local shards are read where they are used (None)."""
+    if not any(store.in_object_store(s.url) for s in shards):
+        yield from ((s, None) for s in shards)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(s: ShardRef) -> memoryview | None:
+        return read_bytes(s) if store.in_object_store(s.url) else None
+
+    with ThreadPoolExecutor(PREFETCH_SHARDS, thread_name_prefix="latentcache-prefetch") as pool:
+        pending = [pool.submit(fetch, s) for s in shards[:PREFETCH_SHARDS]]
+        try:
+            for i, shard in enumerate(shards):
+                data = pending.pop(0).result()
+                if i + PREFETCH_SHARDS < len(shards):
+                    pending.append(pool.submit(fetch, shards[i + PREFETCH_SHARDS]))
+                yield shard, data
+        finally:
+            for future in pending:  # a reader that stops early (a break, a closed generator) fetches no more
+                future.cancel()
+
+
+def _object_store_source(source: Any, manifest: str | os.PathLike | None
+                         ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
+    """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
+    for anything else (local paths, shard urls, lists)."""
+    if not (isinstance(source, str) and store.in_object_store(source)) or source.endswith(".tar"):
+        return None
+    if any(c in source for c in "{*?"):
+        return None
+    root = source.rstrip("/")
+    mroot = str(manifest).rstrip("/").removesuffix("/manifest.json") if manifest is not None else root
+    data = read_manifest(mroot)
+    urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
+    return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]
+
+
+def raw_shape(raw: dict[str, Any]) -> tuple[int, ...]:
+    """The latent shape of a raw sample, from its safetensors header only (no tensor is built)."""
+    where = f"{raw.get('__url__', '?')}: member {raw.get('__key__')}.{LATENTS}"
+    if LATENTS not in raw:
+        raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r} has no {LATENTS} member")
+    mean = safetensors_header(raw[LATENTS], where).get("mean")
+    if not isinstance(mean, dict) or not isinstance(mean.get("shape"), list):
+        raise ShardFormatError(f"{where}: no 'mean' tensor")
+    return tuple(int(d) for d in mean["shape"])
+

@@ -1,0 +1,290 @@
+"""An input replaced in place (another file under the same name) is never served as its old latents.
+
+Each chunk plan records what its inputs were when probed (size, mtime_ns and sha256; a tar member's tar stat; an
+object's ETag). A rerun or append stats its own share's inputs once and reads the bytes only of those whose stat
+differs: a changed one is refused (exit 2) naming it, a file only touched stays done, and `--reencode-changed`
+plans and encodes again just the chunks that hold changed inputs, every other shard byte for byte as it was.
+All through the real CLI on real videos."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import tree_bytes
+from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
+
+from latentcache.cli import main
+from latentcache.encode import chunks, input_stats
+from latentcache.tools.synthetic import write_video
+from latentcache.train.dataset import LatentShardDataset
+
+ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "9", "--fps", "8", "--height", "64", "--width", "96",
+        "--clips", "first", "--samples-per-shard", "1", "--device", "cpu", "--workers", "0", "--chunk-size", "2"]
+
+
+def _videos(root: Path) -> Path:
+    """Four videos of different lengths (so different bytes) and one file that is not a video (a failure)."""
+    root.mkdir()
+    for i, frames in enumerate((24, 28, 32, 36)):
+        write_video(root / f"v{i}", codec="h264", num_frames=frames, height=64, width=96, fps=8)
+    (root / "broken.mp4").write_bytes(b"this is not a video")
+    return root
+
+
+def _replace(path: Path, frames: int = 40) -> None:
+    """Another video under the same name, put in place by a rename as a sync tool does."""
+    tmp = path.with_name("new_" + path.stem)
+    written = write_video(tmp, codec="h264", num_frames=frames, height=64, width=96, fps=8)
+    os.replace(written, path)
+
+
+def _shards(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((out / "shards").rglob("*")) if p.is_file()}
+
+
+def _chunk_of(out: Path, name: str) -> set[str]:
+    """The shard paths (tars and sidecars) of the chunk holding input `name`."""
+    plan = chunks.read_job_plan(out)
+    for ref in plan.chunk_refs():
+        if any(v.relpath == name for v in chunks.read_chunk_inputs(out, ref)):
+            shards = chunks.read_chunk_plan(out, plan, ref).shards
+            return {s.relpath for s in shards} | {s.relpath + ".json" for s in shards}
+    raise AssertionError(name)
+
+
+def _latents(out: Path) -> dict[str, object]:
+    return {s["key"]: s for s in LatentShardDataset(out)}
+
+
+@pytest.fixture
+def encoded(tmp_path: Path) -> tuple[Path, Path]:
+    videos = _videos(tmp_path / "videos")
+    out = tmp_path / "out"
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # broken.mp4 fails
+    return videos, out
+
+
+def test_a_replaced_video_is_refused_by_name_and_reencode_changed_redoes_only_its_chunk(
+        encoded: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    videos, out = encoded
+    before, shards_before = tree_bytes(out), _shards(out)
+    _replace(videos / "v1.mp4")
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "1 input(s) changed" in err and str(videos / "v1.mp4") in err and "--reencode-changed" in err
+    assert tree_bytes(out) == before  # a refused run touches nothing
+
+    redone = _chunk_of(out, "v1.mp4")
+    assert main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"]) == 3
+    after = _shards(out)
+    # Every shard of the other chunks byte for byte as it was; v1's chunk written again.
+    assert {k: v for k, v in after.items() if k not in redone} == \
+        {k: v for k, v in shards_before.items() if k not in redone}
+    assert any(after.get(k) != shards_before.get(k) for k in redone)
+    # The whole tree is what a fresh encode of the folder as it is now gives: manifest, failures, chunk plans.
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 3
+    assert tree_bytes(out) == tree_bytes(fresh)
+    served, expected = _latents(out), _latents(fresh)
+    assert served.keys() == expected.keys()
+    (key,) = [k for k, s in served.items() if s["meta"]["source"] == "v1.mp4"]
+    assert served[key]["meta"] == expected[key]["meta"]
+    assert (served[key]["latents"] == expected[key]["latents"]).all()
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # done now: nothing changed since
+    assert "nothing to encode" in capsys.readouterr().out
+
+
+def test_same_size_new_bytes_is_refused(encoded: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    videos, out = encoded
+    path = videos / "v2.mp4"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of a packet: the size and the name stay
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "sha256 differs" in err
+
+
+def test_a_touched_file_stays_done_and_is_not_read_again(encoded: tuple[Path, Path],
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    videos, out = encoded
+    shards_before = _shards(out)
+    path = videos / "v1.mp4"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # `touch`: same bytes, new mtime
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # broken.mp4's failure, as before
+    assert "nothing to encode" in capsys.readouterr().out
+    assert _shards(out) == shards_before
+    # The new stat was recorded: the next run compares stats only and never reads a byte of any input.
+
+    def no_read(path: str, quick: dict) -> None:
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(input_stats, "_content", no_read)
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3
+    assert _shards(out) == shards_before
+
+
+def test_append_with_a_changed_input_is_refused_then_reencoded(encoded: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    videos, out = encoded
+    shards_before = _shards(out)
+    # The file that failed is now a real video (its failure record must go), and a new video is added.
+    _replace(videos / "broken.mp4", frames=30)
+    write_video(videos / "v4", codec="h264", num_frames=44, height=64, width=96, fps=8)
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert str(videos / "broken.mp4") in err and "v4.mp4" not in err
+    assert not list((out / "shards").rglob("p0001-*"))  # the new part is planned, nothing of it encoded
+
+    redone = _chunk_of(out, "broken.mp4")
+    assert main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"]) == 0
+    after = _shards(out)
+    assert {k: v for k, v in after.items() if k in shards_before and k not in redone} == \
+        {k: v for k, v in shards_before.items() if k not in redone}
+    assert (out / "failures.jsonl").read_text() == ""  # the old content's failure record is gone
+    served = _latents(out)
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 0
+    expected = _latents(fresh)
+    assert served.keys() == expected.keys() and len(served) == 6
+    for key in served:
+        assert (served[key]["latents"] == expected[key]["latents"]).all(), key
+    assert main(["verify", str(out)]) == 0
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_tar_members_replaced_are_refused_and_a_rebuilt_tar_of_the_same_bytes_stays_done(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    videos = _videos(tmp_path / "videos")
+    members = {f"{i:05d}.mp4": (videos / f"v{i}.mp4").read_bytes() for i in range(3)}
+    tar = tmp_path / "data.tar"
+    _tar(tar, members)
+    out = tmp_path / "out"
+    assert main(["encode", str(tar), "--out", str(out), *ARGS]) == 0
+    shards_before = _shards(out)
+    # Rebuilt from the same bytes (new tar, new mtime): stays done.
+    os.utime(tar, ns=(0, tar.stat().st_mtime_ns + 5_000_000_000))
+    _tar(tar, members)
+    capsys.readouterr()
+    assert main(["encode", str(tar), "--out", str(out), *ARGS]) == 0
+    assert "nothing to encode" in capsys.readouterr().out
+    # Member 00001 replaced by another video of the same name (the tar's header mtime kept: only bytes tell).
+    _tar(tar, {**members, "00001.mp4": (videos / "v3.mp4").read_bytes()})
+    assert main(["encode", str(tar), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{tar}::00001.mp4" in err and "00000.mp4" not in err
+    redone = _chunk_of(out, "data.tar/00001.mp4")
+    assert main(["encode", str(tar), "--out", str(out), *ARGS, "--reencode-changed"]) == 0
+    after = _shards(out)
+    assert {k: v for k, v in after.items() if k not in redone} == \
+        {k: v for k, v in shards_before.items() if k not in redone}
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(tar), "--out", str(fresh), *ARGS]) == 0
+    assert _shards(out) == _shards(fresh)
+
+
+def test_the_refusal_names_the_first_changes_then_counts_the_rest(tmp_path: Path) -> None:
+    changes = [input_stats.Change(f"/d/{i}.mp4", "size 1 -> 2 bytes") for i in range(25)]
+    errors = input_stats.changed_error(tmp_path, changes, 3)
+    text = str(errors)
+    assert "/d/9.mp4" in text and "/d/10.mp4" not in text and "and 15 more" in text and "3 chunk(s)" in text
+
+
+def test_stats_are_not_settings(tmp_path: Path) -> None:
+    """Recording stats changes no fingerprint: a directory encoded before keeps resuming (tests/test_settings.py)."""
+    from latentcache.encode.settings import EncodeSettings, JobSettings
+
+    assert "reencode_changed" in JobSettings.__slots__
+    assert "reencode_changed" not in str(EncodeSettings().output_affecting())
+
+
+def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow stats (a network filesystem) are checked in threads; the answers keep the inputs' order."""
+    paths = []
+    for i in range(600):
+        (tmp_path / f"{i}.mp4").write_bytes(b"%d" % i)
+        paths.append(str(tmp_path / f"{i}.mp4"))
+    recorded = input_stats.input_stats(paths)
+    (tmp_path / "500.mp4").write_bytes(b"another file")
+    items = list(zip(paths, recorded, strict=True))
+    monkeypatch.setattr(input_stats, "_SLOW_STAT", 0.0)
+    threaded = input_stats._compare_all(items, 8)
+    monkeypatch.setattr(input_stats, "_SLOW_STAT", float("inf"))
+    assert threaded == input_stats._compare_all(items, 8)
+    assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
+
+
+def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_done(
+        s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Objects are checked by size and ETag (one HEAD each, nothing downloaded), against a real S3 server (moto)."""
+    import s3fs
+
+    videos = _videos(tmp_path / "videos")
+    (videos / "broken.mp4").unlink()
+    url = make_bucket("changed") + "/videos"
+    upload(videos, url)
+    out = tmp_path / "out"
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 0
+    shards_before = _shards(out)
+    fs = s3fs.S3FileSystem()
+    key = url.removeprefix("s3://") + "/v1.mp4"
+    fs.pipe_file(key, (videos / "v1.mp4").read_bytes())  # PUT again, same bytes: a new LastModified, the same ETag
+    capsys.readouterr()
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 0
+    assert "nothing to encode" in capsys.readouterr().out
+    fs.pipe_file(key, (videos / "v3.mp4").read_bytes())  # another video under the same name
+    assert main(["encode", url, "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{url}/v1.mp4" in err and "v0.mp4" not in err
+    redone = _chunk_of(out, "v1.mp4")
+    assert main(["encode", url, "--out", str(out), *ARGS, "--reencode-changed"]) == 0
+    assert {k: v for k, v in _shards(out).items() if k not in redone} == \
+        {k: v for k, v in shards_before.items() if k not in redone}
+    assert any(_shards(out).get(k) != shards_before.get(k) for k in redone)
+
+
+def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped after the changed chunk's sidecars went but before its plan did: a plain rerun still refuses (the
+    plan still records the old stats), a rerun with --reencode-changed ends as a fresh encode of the folder."""
+    videos, out = encoded
+    _replace(videos / "v1.mp4")
+
+    def killed(path: Path) -> list[Path]:
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(chunks, "remove_temporaries", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"])
+    assert not (out / "manifest.json").exists()  # readers find no manifest naming a shard that is going
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 2
+    assert str(videos / "v1.mp4") in capsys.readouterr().err
+    assert main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"]) == 3
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 3
+    assert tree_bytes(out) == tree_bytes(fresh)

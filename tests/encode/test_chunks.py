@@ -1,0 +1,217 @@
+"""chunks.py: the top-level plan without probing, chunk plans probed by their rank, append, and plan files as data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
+
+import latentcache.encode.decode
+from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
+from latentcache.encode import chunks, job, pipeline
+from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
+from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.plan import InputVideo, clip_key
+from latentcache.errors import ConfigError, ShardFormatError
+from latentcache.format.manifest import read_manifest
+
+
+def _plan(counts: list[int], chunk_size: int) -> JobPlan:
+    parts = []
+    for i, n in enumerate(counts):
+        k = -(-n // chunk_size)
+        parts.append(Part(i, n, "0" * 64, chunk_size, [(c, 1, "0" * 64) for c in range(k)]))
+    return JobPlan("f", {}, {}, parts)
+
+
+def test_chunks_go_round_robin_over_all_parts() -> None:
+    plan = _plan([2500, 1001], 1000)  # 3 + 2 chunks, the last of each part short
+    refs = plan.chunk_refs()
+    assert [(r.part, r.chunk, r.count) for r in refs] == [(0, 0, 1000), (0, 1, 1000), (0, 2, 500), (1, 0, 1000),
+                                                          (1, 1, 1)]
+    taken = [r.index for rank in range(3) for r in chunks_for_rank(plan, rank, 3)]
+    assert sorted(taken) == list(range(5))
+    assert [r.index for r in chunks_for_rank(plan, 1, 3)] == [1, 4]
+
+
+def test_input_table_orders_by_key_and_finds_duplicates_without_a_dict() -> None:
+    videos = [InputVideo(f"/d/{n}.mp4", f"{n}.mp4") for n in ("c", "a", "b")]
+    table = InputTable(videos + [videos[1]])  # the same file twice is one input
+    assert len(table) == 3
+    order = [json.loads(table.line(i))["relpath"] for i in range(3)]
+    assert order == sorted(order, key=lambda r: clip_key(r, 0))  # key order, whatever order the list had
+    assert [json.loads(line)["relpath"] for line in map(InputTable(videos[::-1]).line, range(3))] == order
+    with pytest.raises(ConfigError, match="share the relative path 'a.mp4'.*keys would collide"):
+        InputTable([*videos, InputVideo("/elsewhere/a.mp4", "a.mp4")])
+
+
+def test_parquet_and_jsonl_lists_are_streamed(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["x/a.mp4", "b.mp4"], "caption": ["a cat", None]}), tmp_path / "l.parquet")
+    (tmp_path / "l.jsonl").write_text('{"path": "x/a.mp4", "caption": "a cat"}\r\n{"path": "b.mp4"}\n')
+    for name in ("l.parquet", "l.jsonl"):
+        rows = iter_inputs([tmp_path / name])
+        assert not isinstance(rows, list)
+        assert [(v.relpath, v.caption) for v in rows] == [("x/a.mp4", "a cat"), ("b.mp4", None)]
+    pq.write_table(pa.table({"file": ["a.mp4"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match="bad.parquet: a Parquet list needs a 'path' column"):
+        discover_inputs([tmp_path / "bad.parquet"])
+
+
+def _args(videos: Path | list[Path], out: Path, *extra: str):
+    paths = [str(v) for v in (videos if isinstance(videos, list) else [videos])]
+    return build_parser().parse_args(["encode", *paths, "--out", str(out), "--device", "cpu", "--workers", "0",
+                                      *ENCODE_SMALL, *extra])
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every video the code under test probes, through the real probe."""
+    seen: list[str] = []
+    real = latentcache.encode.decode.probe
+
+    def counting(path: str, **kwargs):
+        seen.append(path)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(latentcache.encode.decode, "probe", counting)
+    return seen
+
+
+def encode_job(args, *, rank: int = 0, world_size: int = 1) -> int:
+    """The encode job of these arguments, as process `rank` of `world_size` (SLURM array tasks run one by one)."""
+    return job.run(settings_from_args(args), job.World(rank=rank, world_size=world_size))
+
+
+def _tar_digests(out: Path) -> list[str]:
+    return sorted(hashlib.sha256((out / s["path"]).read_bytes()).hexdigest() for s in read_manifest(out)["shards"])
+
+
+def test_four_ranks_one_after_another_each_probe_a_quarter(small_videos: Path, encoded_reference: Path,
+                                                           tmp_path: Path, probes: list[str], capsys) -> None:
+    """7 inputs in chunks of 2: rank r probes only chunk r's inputs; every input is encoded once; the samples are the
+    same bytes as the 2-process run's (one sample a shard, so the tars match whatever their names)."""
+    out = tmp_path / "out"
+    per_rank = []
+    for rank in range(4):  # as SLURM array tasks: each plans (or reads) the top level, the last one finalizes
+        before = len(probes)
+        assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=rank, world_size=4) in (0, 3)
+        per_rank.append(probes[before:])
+    assert [len(p) for p in per_rank] == [2, 2, 2, 1]
+    assert sorted(p for ps in per_rank for p in ps) == sorted(str(v.resolve()) for v in small_videos.iterdir())
+    printed = capsys.readouterr().out
+    assert "[rank 0] 2 clips in 2 shard(s) written" in printed and "manifest at" in printed
+    manifest = read_manifest(out)
+    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
+                                  "planned_clips": SMALL_VIDEOS}
+    assert _tar_digests(out) == _tar_digests(encoded_reference)
+    assert (out / "failures.jsonl").read_bytes() == (encoded_reference / "failures.jsonl").read_bytes()
+    # A rerun of one rank probes nothing: its chunk plan is on disk.
+    before = len(probes)
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=2, world_size=4) == EXIT_SOME_FAILED
+    assert len(probes) == before
+
+
+def test_append_encodes_only_the_new_videos(small_videos: Path, tmp_path: Path, probes: list[str], capsys) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        shutil.copy(small_videos / f"v{i}.mp4", videos)
+    out = tmp_path / "out"
+    assert encode_job(_args(videos, out)) == 0
+    old = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("shards/*/*.tar")}
+    assert len(old) == 3
+    for i in (3, 4):
+        shutil.copy(small_videos / f"v{i}.mp4", videos)
+    capsys.readouterr()
+    probes.clear()
+    assert encode_job(_args(videos, out)) == 0
+    assert sorted(Path(p).name for p in probes) == ["v3.mp4", "v4.mp4"]  # the old ones are not even probed
+    assert "2 clips in 2 shard(s) written" in capsys.readouterr().out
+    assert old == {p: (( out / p).read_bytes(), (out / p).stat().st_mtime_ns) for p in old}
+    plan = read_job_plan(out)
+    assert [p.count for p in plan.parts] == [3, 2]
+    manifest = read_manifest(out)
+    assert manifest["counts"]["samples"] == 5
+    assert {s["path"].split("/")[-1][:5] for s in manifest["shards"]} == {"p0000", "p0001"}
+    # Removing an input is refused, naming it.
+    (videos / "v1.mp4").unlink()
+    with pytest.raises(ConfigError, match=r"1 planned input\(s\) are missing, e\.g\. v1\.mp4"):
+        encode_job(_args(videos, out))
+
+
+def test_crafted_plans_cannot_name_paths_outside_out(small_videos: Path, tmp_path: Path, tiny_vae) -> None:
+    out = tmp_path / "out"
+    settings = tiny_settings(samples_per_shard=1)
+    plan = pipeline.load_or_make_plan(out, discover_inputs([small_videos / "v0.mp4"]), settings, tiny_vae)
+    (chunk,) = pipeline.plan_chunks(out, plan, settings)
+    (ref,) = plan.chunk_refs()
+    path = out / ref.plan_name
+    good = json.loads(path.read_text())
+    assert read_chunk_plan(out, plan, ref).shards[0].relpath == chunk.shards[0].relpath
+    for field, value in (("bucket", "../../../tmp/x"), ("keys", ["../../evil_0000"])):
+        bad = json.loads(json.dumps(good))
+        bad["shards"][0][field] = value
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ShardFormatError, match="c000000.json: not a chunk plan"):
+            read_chunk_plan(out, plan, ref)
+    bad = json.loads(json.dumps(good))
+    bad["clips"][0]["key"] = "0123456789abcdef_0000"  # well formed, but not this clip's key
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ShardFormatError, match="malformed"):
+        read_chunk_plan(out, plan, ref)
+    top = json.loads((out / "plan.json").read_text())
+    top["parts"][0]["inputs"] = "../../etc/passwd"
+    with pytest.raises(ConfigError, match="part 0 names '../../etc/passwd'"):
+        JobPlan.from_json(json.dumps(top))
+    # The inputs file changed after planning: the chunk's sha256 no longer matches.
+    inputs = out / chunks.inputs_name(0)
+    inputs.write_bytes(inputs.read_bytes().replace(b"v0.mp4", b"v9.mp4"))
+    with pytest.raises(ConfigError, match="do not match plan.json's sha256"):
+        chunks.read_chunk_inputs(out, ref)
+
+
+def test_key_digests_are_the_keys_prefix() -> None:
+    digest = chunks.key_digest("some/video.mp4")
+    assert f"{digest:016x}" == clip_key("some/video.mp4", 0).split("_")[0]
+    assert np.uint64(digest) == digest
+
+
+@pytest.mark.slow
+def test_bench_plan_smoke(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "plan.py"), "--smoke", "--work",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "top-level plan" in result.stdout and "one task's share" in result.stdout
+    assert "dataset open" in result.stdout
+
+
+def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Path, tmp_path: Path,
+                                                                 tiny_vae) -> None:
+    """Keys count clips as {index:04d}, which grows to 5-6 digits past 9,999 (a long video with --clips all): the
+    chunk plan that holds them must read back, and the keys of the first 10,000 clips stay as they always were."""
+    import dataclasses
+
+    out = tmp_path / "out"
+    settings = tiny_settings(samples_per_shard=4096)
+    settings = dataclasses.replace(settings, clip=dataclasses.replace(settings.clip, strategy="all"))
+    video = small_videos / "v0.mp4"
+    real = latentcache.encode.decode.probe(video)
+    long_info = dataclasses.replace(real, duration=10_500 * (settings.clip.frames + 1) / settings.clip.fps,
+                                    frames=0)
+    plan = pipeline.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)
+    (chunk,) = pipeline.plan_chunks(out, plan, settings, probe_fn=lambda path: long_info)
+    assert len(chunk.clips) > 10_000
+    (ref,) = plan.chunk_refs()
+    again = read_chunk_plan(out, plan, ref)
+    assert [c.key for c in again.clips] == [c.key for c in chunk.clips]
+    assert again.clips[9_999].key.endswith("_9999") and again.clips[10_000].key.endswith("_10000")

@@ -1,0 +1,414 @@
+"""Every VAE family end to end: a real video -> `latentcache encode` with tiny-random-<family> -> a real tar ->
+LatentShardDataset -> one forward pass of a tiny transformer of that family; plus each family's own rules
+(normalisation against its diffusers pipeline, frame rule, tiling, loading from a directory)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from latentcache.cli import main
+from latentcache.encode.families import FAMILIES, tile_problem
+from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
+from latentcache.encode.vae import family_for_source, load_vae
+from latentcache.errors import ConfigError, LatentMismatchError
+from latentcache.tools.synthetic import write_video
+from latentcache.train.dataset import LatentShardDataset
+
+FAMILY_NAMES = sorted(FAMILIES)
+# 17 frames fit both 4k+1 and LTX's 8k+1; 64x96 fits 8x and LTX's 32x spatial compression.
+CLIP = ["--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
+EXPECTED = {  # channels, latent frames, height, width of a 17x64x96 clip
+    "cogvideox": (16, 5, 8, 12),
+    "wan": (16, 5, 8, 12),
+    "hunyuanvideo": (16, 5, 8, 12),
+    "ltx": (128, 3, 2, 3),
+}
+CAPTION = "a red square crosses the frame"
+
+
+@pytest.fixture(scope="module")
+def family_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("family_videos")
+    write_video(d / "walk", codec="h264", num_frames=60, height=96, width=128)
+    (d / "walk.txt").write_text(CAPTION, encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def encoded(request: pytest.FixtureRequest, family_videos: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[str, Path]:
+    """`latentcache encode --vae tiny-random-<family>` (no --family: the name says which) of one captioned video."""
+    family = request.param
+    out = tmp_path_factory.mktemp(f"encoded_{family}") / "out"
+    code = main(["encode", str(family_videos), "--out", str(out), "--vae", f"tiny-random-{family}",
+                 "--device", "cpu", *CLIP])
+    assert code == 0
+    return family, out
+
+
+def _only_sample(out: Path) -> dict[str, bytes]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    (shard,) = manifest["shards"]
+    with tarfile.open(out / shard["path"]) as tar:
+        return {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_manifest_records_the_family_spec(encoded):
+    family, out = encoded
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["latent_spec"]
+    channels = EXPECTED[family][0]
+    assert spec["family"] == family and spec["channels"] == channels
+    assert manifest["vae"]["class_name"] == FAMILIES[family].class_name
+    assert manifest["vae"]["random_weights"] is True
+    if family == "ltx":
+        assert (spec["temporal_compression"], spec["spatial_compression"], spec["frame_rule"]) == (8, 32, "8k+1")
+    else:
+        assert (spec["temporal_compression"], spec["spatial_compression"], spec["frame_rule"]) == (4, 8, "4k+1")
+    per_channel = family in ("wan", "ltx")
+    assert (spec["latents_mean"] is not None) == per_channel
+    if per_channel:
+        assert len(spec["latents_mean"]) == len(spec["latents_std"]) == channels
+    if family == "wan":
+        assert spec["scaling_factor"] is None  # Wan normalises by mean/std alone
+
+
+def test_tar_holds_raw_posterior_and_caption(encoded):
+    family, out = encoded
+    sample = _only_sample(out)
+    assert set(sample) == {"json", "latents.safetensors", "txt"}
+    assert sample["txt"].decode() == CAPTION
+    tensors = load_safetensors(sample["latents.safetensors"])
+    assert tuple(tensors["mean"].shape) == EXPECTED[family]
+    assert tensors["logvar"].shape == tensors["mean"].shape
+    assert torch.isfinite(tensors["mean"]).all()
+
+
+def test_dataset_applies_the_family_normalisation_once(encoded):
+    family, out = encoded
+    raw = load_safetensors(_only_sample(out)["latents.safetensors"])["mean"].float()
+    plain = LatentShardDataset(out, sample_posterior=False)
+    (item,) = list(plain)
+    assert item["caption"] == CAPTION and tuple(item["latents"].shape) == EXPECTED[family]
+    torch.testing.assert_close(item["latents"], plain.spec.normalize(raw))
+    (unnormalised,) = list(LatentShardDataset(out, sample_posterior=False, normalize=False))
+    torch.testing.assert_close(unnormalised["latents"], raw)
+    if family != "ltx":  # the tiny LTX VAE's buffers are mean 0, std 1, scaling 1: normalising is the identity
+        assert not torch.allclose(item["latents"], raw)
+
+
+def tiny_transformer(family: str, in_channels: int) -> torch.nn.Module:
+    """The smallest transformer of each family diffusers builds; text width 16."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if family == "cogvideox":
+            from latentcache.tools.demo import tiny_transformer as cog
+
+            return cog(5, 8, 12, in_channels=in_channels)
+        if family == "wan":
+            return diffusers.WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=in_channels,
+                out_channels=in_channels, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+        if family == "hunyuanvideo":
+            return diffusers.HunyuanVideoTransformer3DModel(
+                in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
+                num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                guidance_embeds=False, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+        return diffusers.LTXVideoTransformer3DModel(
+            in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
+            cross_attention_dim=16, num_layers=1, caption_channels=16)
+
+
+def forward(family: str, model: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """One denoising step the way each family's pipeline calls its transformer; latents [B, C, T, H, W]."""
+    b = latents.shape[0]
+    t = torch.full((b,), 500)
+    with torch.no_grad():
+        if family == "cogvideox":
+            text = torch.zeros(b, 8, 32)
+            return model(hidden_states=latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=text, timestep=t).sample
+        text, mask = torch.zeros(b, 8, 16), torch.ones(b, 8)
+        if family == "wan":
+            return model(hidden_states=latents, timestep=t, encoder_hidden_states=text).sample
+        if family == "hunyuanvideo":
+            return model(hidden_states=latents, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                         pooled_projections=torch.zeros(b, 8)).sample
+        _, _, frames, height, width = latents.shape
+        packed = diffusers.LTXPipeline._pack_latents(latents, 1, 1)  # LTX takes [B, tokens, C]
+        return model(hidden_states=packed, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
+                     num_frames=frames, height=height, width=width).sample
+
+
+def test_for_transformer_feeds_a_tiny_transformer_of_the_family(encoded):
+    family, out = encoded
+    channels = EXPECTED[family][0]
+    model = tiny_transformer(family, channels).eval()
+    dataset = LatentShardDataset.for_transformer(model, out, batch_size=1)
+    batch = next(iter(dataset))
+    assert tuple(batch["latents"].shape) == (1, *EXPECTED[family])
+    pred = forward(family, model, batch["latents"])
+    assert torch.isfinite(pred).all()
+    assert pred.numel() == batch["latents"].numel()
+
+
+def test_for_transformer_refuses_another_familys_channels(encoded):
+    family, out = encoded
+    wrong = 128 if EXPECTED[family][0] == 16 else 16
+    with pytest.raises(LatentMismatchError) as caught:
+        LatentShardDataset.for_transformer({"in_channels": wrong}, out)
+    assert f"{EXPECTED[family][0]} channels" in str(caught.value) and f"in_channels={wrong}" in str(caught.value)
+
+
+# ------------------------------------------------------------------------ normalisation vs the pipelines
+
+
+def _random_latents(channels: int) -> torch.Tensor:
+    return torch.randn(2, channels, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_normalize_matches_the_diffusers_pipeline_formula(family):
+    """The formulas below are copied from each pipeline's source (diffusers 0.42), with its config values."""
+    vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
+    model, spec = vae.model, vae.spec
+    if family == "ltx":
+        # Real LTX checkpoints carry non-trivial per-channel buffers; give the tiny one some.
+        gen = torch.Generator().manual_seed(1)
+        model.latents_mean.copy_(torch.randn(128, generator=gen))
+        model.latents_std.copy_(torch.rand(128, generator=gen) + 0.5)
+        spec = FAMILIES["ltx"].spec_from_model(model)
+    z = _random_latents(spec.channels)
+    if family == "cogvideox":
+        # CogVideoXImageToVideoPipeline.prepare_latents / decode_latents.
+        expected = model.config.scaling_factor * z
+        decoded = 1 / model.config.scaling_factor * expected
+    elif family == "hunyuanvideo":
+        # HunyuanVideoImageToVideoPipeline.prepare_latents / HunyuanVideoPipeline.__call__ before vae.decode.
+        expected = z * model.config.scaling_factor
+        decoded = expected / model.config.scaling_factor
+    elif family == "wan":
+        # WanImageToVideoPipeline.prepare_latents / WanPipeline.__call__ before vae.decode.
+        mean = torch.tensor(model.config.latents_mean).view(1, model.config.z_dim, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(model.config.latents_std).view(1, model.config.z_dim, 1, 1, 1)
+        expected = (z - mean) * inv_std
+        decoded = expected / inv_std + mean
+    else:
+        expected = diffusers.LTXPipeline._normalize_latents(z, model.latents_mean, model.latents_std,
+                                                              model.config.scaling_factor)
+        decoded = diffusers.LTXPipeline._denormalize_latents(expected, model.latents_mean, model.latents_std,
+                                                               model.config.scaling_factor)
+    torch.testing.assert_close(spec.normalize(z), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(spec.denormalize(expected), decoded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spec.denormalize(spec.normalize(z)), z, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(spec.normalize(z), z)
+
+
+def test_wan_2_2_config_gives_48_channels_and_16x_spatial():
+    """Wan 2.2's VAE patchifies by 2 and compresses 16x; the spec reads that from the config, not a constant."""
+    from latentcache.encode.vae import VideoVAE
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLWan(
+        base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12,
+        latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
+    spec = FAMILIES["wan"].spec_from_model(model)
+    assert (spec.channels, spec.temporal_compression, spec.spatial_compression) == (48, 4, 16)
+    vae = VideoVAE(model, spec, None, torch.device("cpu"), torch.float32)
+    frames = np.random.default_rng(0).integers(0, 256, (1, 9, 32, 64, 3), dtype=np.uint8)
+    mean, _ = vae.encode(frames)
+    assert tuple(mean.shape) == (1, 48, 3, 2, 4)
+    vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.5), None)  # patchified tiles of 16
+    tiled, _ = vae.encode(frames)
+    assert tuple(tiled.shape) == (1, 48, 3, 2, 4) and not torch.equal(tiled, mean)
+
+
+# ------------------------------------------------------------------------ frame rule, tiling, chunking
+
+
+def test_ltx_frame_and_size_rule_is_8k_plus_1_and_32():
+    vae = load_vae(VAESettings(source="tiny-random-ltx", family="ltx", subfolder=None), "cpu")
+    vae.spec.check_clip(ClipSettings(frames=25, height=64, width=96))
+    with pytest.raises(ConfigError, match=r"ltx VAE, which needs 8k\+1 frames; nearest valid: 17 or 25"):
+        vae.spec.check_clip(ClipSettings(frames=21, height=64, width=96))
+    with pytest.raises(ConfigError, match="--width 80 .* spatial compression 32; nearest valid: 64 or 96"):
+        vae.spec.check_clip(ClipSettings(frames=17, height=64, width=80))
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_wan_and_hunyuan_take_4k_plus_1(family):
+    vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
+    vae.spec.check_clip(ClipSettings(frames=13, height=64, width=96))
+    with pytest.raises(ConfigError, match=rf"{family} VAE, which needs 4k\+1 frames; nearest valid: 13 or 17"):
+        vae.spec.check_clip(ClipSettings(frames=15, height=64, width=96))
+
+
+@pytest.mark.parametrize(("family", "tile", "overlap"), [
+    ("wan", 32, 0.25), ("hunyuanvideo", 32, 0.5), ("ltx", 64, 0.5),
+])
+@pytest.mark.slow
+def test_stride_tiling_gives_exact_shapes(family, tile, overlap):
+    vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
+    frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)
+    untiled, _ = vae.encode(frames)
+    vae.configure(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), None)
+    assert vae.model.use_tiling and vae.model.tile_sample_stride_width == int(tile * (1 - overlap))
+    tiled, _ = vae.encode(frames)
+    assert tiled.shape == untiled.shape == (1, *vae.spec.latent_shape(9, 64, 96))
+    assert torch.isfinite(tiled).all()
+    assert not torch.equal(tiled, untiled)  # the tiles really were encoded separately
+
+
+def test_stride_tiling_refuses_a_stride_off_the_latent_grid():
+    vae = load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu")
+    with pytest.raises(ConfigError, match="steps 25 pixels but that is not a multiple of the spatial compression 8"):
+        vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.2), None)
+    # The same tile is wrong for CogVideoX for another reason: its per-tile latent count.
+    assert "keeps 4 latents" in tile_problem(TilingSettings(tile_height=32, tile_width=32, overlap=0.2), 8)
+    assert tile_problem(TilingSettings(tile_height=64, tile_width=64, overlap=0.5), 32, "stride") is None
+
+
+def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, tiny_vae):
+    """What differs between families (text recipe, tiling adapter) is read from the family's FAMILIES entry only."""
+    import dataclasses
+
+    from latentcache.encode.families import TextRecipe, TilingAdapter
+    from latentcache.encode.text import recipe_for
+    from latentcache.encode.vae import VideoVAE
+
+    seen = []
+    custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom", text_recipe=TextRecipe("UMT5EncoderModel", 77),
+                                 tiling=TilingAdapter("stride", lambda model, tiling: seen.append(tiling)))
+    monkeypatch.setitem(FAMILIES, "custom", custom)
+    assert recipe_for("custom") == TextRecipe("UMT5EncoderModel", 77)
+    vae = VideoVAE(tiny_vae.model, dataclasses.replace(tiny_vae.spec, family="custom"), tiny_vae.identity,
+                   tiny_vae.device, tiny_vae.dtype)
+    tiling = TilingSettings(tile_height=32, tile_width=32, overlap=0.25)  # exact for a stride, not for an overlap
+    vae.configure(tiling, None)
+    assert seen == [tiling]
+    monkeypatch.setitem(FAMILIES, "custom", dataclasses.replace(custom, text_recipe=None))
+    with pytest.raises(ConfigError, match="--family custom: latentcache has no text recipe for it yet"):
+        recipe_for("custom")
+    assert [FAMILIES[f].tiling.style for f in FAMILY_NAMES] == ["overlap", "stride", "stride", "stride"]
+    assert [(f, FAMILIES[f].text_recipe.max_length) for f in FAMILY_NAMES if FAMILIES[f].text_recipe] == [
+        ("cogvideox", 226), ("ltx", 128), ("wan", 512)]
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "ltx"])
+def test_frame_chunk_is_cogvideox_only(family):
+    vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
+    with pytest.raises(ConfigError, match=f"--frame-chunk 16: the {family} VAE .* has no frames-per-step"):
+        vae.configure(None, 16)
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def test_family_is_inferred_from_a_tiny_name_only():
+    assert family_for_source("tiny-random-ltx") == "ltx"
+    assert family_for_source("tiny-random-ltx", "wan") == "wan"
+    assert family_for_source("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == "cogvideox"
+    with pytest.raises(ConfigError, match="pass --family wan"):
+        load_vae(VAESettings(source="tiny-random-wan", family="cogvideox", subfolder=None), "cpu")
+
+
+def test_local_pipeline_dir_loads_through_from_pretrained_and_refuses_the_wrong_family(tmp_path):
+    tiny = load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu")
+    tiny.model.save_pretrained(tmp_path / "pipe" / "vae")
+    loaded = load_vae(VAESettings(source=str(tmp_path / "pipe"), family="wan", subfolder="vae"), "cpu")
+    assert loaded.spec == tiny.spec and not loaded.identity.random_weights
+    assert loaded.identity.subfolder == "vae"
+    for a, b in zip(loaded.model.state_dict().values(), tiny.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # The VAE directory itself works too (no vae/ subfolder).
+    assert load_vae(VAESettings(source=str(tmp_path / "pipe" / "vae"), family="wan"), "cpu").spec == tiny.spec
+    with pytest.raises(ConfigError, match="found a AutoencoderKLWan.*expects AutoencoderKLCogVideoX; pass --family"):
+        load_vae(VAESettings(source=str(tmp_path / "pipe"), family="cogvideox", subfolder="vae"), "cpu")
+
+
+def test_ltx_statistics_are_read_in_fp32_whatever_the_encode_dtype(tmp_path):
+    """LTX-Video keeps latents_mean/latents_std as buffers in its weights: the manifest's normalisation is read before
+    the VAE is cast to the encode dtype, so --dtype bf16 does not round it (bf16 keeps 8 bits: up to 0.39%)."""
+    tiny = load_vae(VAESettings(source="tiny-random-ltx", family="ltx", subfolder=None), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(128, generator=gen) * 0.3, torch.rand(128, generator=gen) + 0.5
+    tiny.model.latents_mean.copy_(mean)
+    tiny.model.latents_std.copy_(std)
+    tiny.model.save_pretrained(tmp_path / "ltx")
+    assert not torch.equal(std.bfloat16().float(), std)  # values bf16 would change
+    for dtype in ("fp32", "bf16"):
+        vae = load_vae(VAESettings(source=str(tmp_path / "ltx"), family="ltx", subfolder=None, dtype=dtype), "cpu")
+        assert vae.model.latents_std.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        assert vae.spec.latents_mean == tuple(float(v) for v in mean)
+        assert vae.spec.latents_std == tuple(float(v) for v in std)
+
+
+def test_family_is_detected_from_the_vae_config_and_family_is_checked_against_it(tmp_path, video_dir):
+    """`--vae WAN_DIR` needs no --family: the config's _class_name says Wan (a VAE dir, a pipeline dir's vae/)."""
+    tiny = load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu")
+    tiny.model.save_pretrained(tmp_path / "wan_vae")
+    tiny.model.save_pretrained(tmp_path / "pipe" / "vae")
+    assert family_for_source(str(tmp_path / "wan_vae")) == "wan"
+    assert family_for_source(str(tmp_path / "pipe")) == "wan"
+    assert family_for_source(str(tmp_path / "pipe"), "wan") == "wan"
+    with pytest.raises(ConfigError, match=r"--family cogvideox, but --vae .*pipe is AutoencoderKLWan .* --family wan"):
+        family_for_source(str(tmp_path / "pipe"), "cogvideox")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    with pytest.raises(ConfigError, match="is a WanTransformer3DModel, not one of the supported VAEs"):
+        family_for_source(str(tmp_path / "transformer"))
+    out = tmp_path / "out"
+    assert main(["encode", str(video_dir / "sub"), "--out", str(out), "--vae", str(tmp_path / "wan_vae"),
+                 "--device", "cpu", *CLIP]) == 0
+    assert json.loads((out / "manifest.json").read_text())["latent_spec"]["family"] == "wan"
+
+
+def test_family_is_detected_from_a_hub_config_in_the_cache(tmp_path, monkeypatch):
+    """A hub id whose config is in the Hugging Face cache (laid out as the hub client writes it); nothing is
+    downloaded."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--Org--Wan-pipe" / "snapshots" / ("0" * 40)
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
+    (tmp_path / "models--Org--Wan-pipe" / "refs").mkdir()
+    (tmp_path / "models--Org--Wan-pipe" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # the cache HF_HUB_CACHE would point at
+    assert family_for_source("Org/Wan-pipe") == "wan"
+    assert family_for_source("Org/Not-cached") == "cogvideox"  # unknown here: the loader checks what it finds
+
+
+# ------------------------------------------------------------------------ verify and preview
+
+
+def test_verify_passes_with_per_channel_stats_of_the_family(encoded):
+    from latentcache.tools.verify import verify
+
+    family, out = encoded
+    report = verify(out)
+    assert report.ok, report.lines()
+    assert (report.shards, report.samples) == (1, 1)
+    means, stds = report.stats.mean_std()
+    assert len(means) == len(stds) == EXPECTED[family][0]
+
+
+def test_preview_decodes_every_family_next_to_its_source(encoded, tmp_path):
+    import av
+
+    from latentcache.tools.preview import preview
+
+    family, out = encoded
+    result = preview(out, tmp_path / "preview.mp4")
+    assert result.with_source == [True]
+    assert result.frames == 17 and result.size == (2 * 96, 64)  # source | reconstruction
+    with av.open(str(tmp_path / "preview.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 17 and frames[0].shape == (64, 192, 3)

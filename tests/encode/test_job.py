@@ -1,0 +1,57 @@
+"""The encode job (latentcache/encode/job.py): typed settings in, a World for where it runs, no argparse.
+
+Import rules, cycles included, are tests/test_layout.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import TINY_CLIP
+
+from latentcache.cli import build_parser, settings_from_args
+from latentcache.encode import job
+from latentcache.encode.settings import EncodeSettings, JobSettings, RuntimeSettings, VAESettings
+from latentcache.format.manifest import read_manifest
+
+
+def _settings(videos: Path, out: Path, **runtime) -> JobSettings:
+    return JobSettings(inputs=(str(videos),), out=out,
+                       encode=EncodeSettings(clip=TINY_CLIP, vae=VAESettings(source="tiny-random-cogvideox"),
+                                             samples_per_shard=2),
+                       runtime=RuntimeSettings(device="cpu", workers=0, **runtime))
+
+
+def test_typed_settings_encode_with_auto_batch_and_sum_over_the_world(video_dir, tmp_path, capsys):
+    """batch_size None (auto) needs no resolving by the caller; the summary adds what `reduce_sum` returns."""
+    calls = []
+
+    def twin_sum(values: list[float]) -> list[float]:  # as if a second process had done the same work
+        calls.append(list(values))
+        return [2 * v for v in values]
+
+    out = tmp_path / "out"
+    world = job.World(reduce_sum=twin_sum, barrier=lambda: calls.append("barrier"))
+    assert job.run(_settings(video_dir, out, batch_size=None), world) == job.EXIT_OK
+    printed = capsys.readouterr().out
+    assert calls[0] == [0.0] and calls[-1] == "barrier"  # the planning collective first, the barrier last
+    # 4 inputs, one clip each, each its own planning chunk and so its own shard; doubled by the twin.
+    assert "[job] 8 clips encoded into 8 shard(s) (0 redone after an interruption) by 2 process(es)" in printed
+    assert read_manifest(out)["counts"]["samples"] == 4
+
+
+def test_a_rank_whose_main_process_refused_the_plan_stops_without_writing(video_dir, tmp_path):
+    out = tmp_path / "out"
+    world = job.World(rank=1, world_size=2, is_main=False, reduce_sum=lambda values: [1.0])  # main: "refused"
+    assert job.run(_settings(video_dir, out), world) == job.EXIT_USAGE
+    assert not out.exists()
+
+
+def test_the_cli_builds_every_setting_the_job_reads(tmp_path):
+    args = build_parser().parse_args(["encode", "a.mp4", "list.txt", "--out", str(tmp_path), "--vae",
+                                      "tiny-random-wan", "--chunk-size", "3", "--overwrite", "--images", "--strict",
+                                      "--batch-size", "auto", "--workers", "0", "--device", "cpu", "--nvdec"])
+    s = settings_from_args(args)
+    assert (s.inputs, s.out, s.chunk_size, s.overwrite) == (("a.mp4", "list.txt"), tmp_path, 3, True)
+    assert s.encode.clip.images and s.encode.vae.family == "wan"
+    assert s.runtime == RuntimeSettings(device="cpu", batch_size=None, workers=0, compile=False, nvdec=True,
+                                        strict=True)

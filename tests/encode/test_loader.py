@@ -1,0 +1,64 @@
+"""Decode workers: same clips, same order, same pixels as decoding in the main process; failures pass through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from latentcache.encode.loader import ClipStream, default_workers
+from latentcache.encode.plan import PlannedClip
+from latentcache.errors import InputError
+from tests.conftest import TINY_CLIP
+
+
+def _planned(video_dir, tmp_path) -> list[PlannedClip]:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    sources = [video_dir / "a_h264.mp4", video_dir / "b_vp9.webm", broken, video_dir / "c_h264.mp4"]
+    return [PlannedClip(f"k{i}", str(p), p.name, 0, 0.25 * i, TINY_CLIP.bucket) for i, p in enumerate(sources)]
+
+
+def test_workers_match_main_process_decoding_in_order(video_dir, tmp_path):
+    planned = _planned(video_dir, tmp_path)
+    serial = list(ClipStream(planned, TINY_CLIP, workers=0))
+    parallel = list(ClipStream(planned, TINY_CLIP, workers=2))
+    assert [p.key for p, _ in parallel] == [p.key for p in planned]
+    for (_, a), (_, b) in zip(serial, parallel, strict=True):
+        if isinstance(a, InputError):
+            assert isinstance(b, InputError) and b.path == a.path and b.stage == a.stage
+        else:
+            assert np.array_equal(np.asarray(a.frames), np.asarray(b.frames)) and a.meta == b.meta
+    assert sum(isinstance(r, InputError) for _, r in parallel) == 1
+
+
+def test_default_workers_leave_a_core_for_the_accelerator():
+    assert 0 <= default_workers() <= 8
+    assert default_workers(world_size_on_node=64) == 0
+
+
+def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path):
+    """Without a GPU the cuvid decoders cannot open: the clip is decoded on the CPU, said once in the log."""
+    import subprocess
+    import sys
+
+    import torch
+
+    planned = _planned(video_dir, tmp_path)
+    on_gpu = list(ClipStream(planned, TINY_CLIP, workers=0, nvdec=True))
+    cpu = list(ClipStream(planned, TINY_CLIP, workers=0))
+    for (_, a), (_, b) in zip(cpu, on_gpu, strict=True):
+        if isinstance(a, InputError):
+            assert isinstance(b, InputError)
+        else:
+            assert np.array_equal(a.frames, b.frames)
+    if not torch.cuda.is_available():
+        # "Once" is per process: a fresh one decodes twice and must say it exactly once.
+        code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
+                "from latentcache.encode.decode import decode_clip; "
+                "from latentcache.encode.settings import ClipSettings; "
+                "[decode_clip(sys.argv[1], 0.0, ClipSettings(frames=9, height=64, width=96), nvdec=True) "
+                "for _ in range(2)]")
+        done = subprocess.run([sys.executable, "-c", code, planned[0].source], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[2], check=True)
+        assert done.stderr.count("on the CPU") == 1, done.stderr

@@ -1,0 +1,154 @@
+"""The encode stage on real decoded video: exact latent shapes, dtypes, tiling rules, the non-finite guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from latentcache.encode.decode import decode_clip
+from latentcache.encode.families import tile_problem
+from latentcache.encode.settings import ClipSettings, TilingSettings
+from latentcache.errors import ConfigError
+from latentcache.format.spec import LatentSpec
+from tests.conftest import TINY_CLIP
+
+
+@pytest.fixture(scope="module")
+def clip_frames(video_dir) -> np.ndarray:
+    return decode_clip(video_dir / "a_h264.mp4", 0.0, TINY_CLIP).frames
+
+
+@pytest.fixture(autouse=True)
+def _untiled(tiny_vae):
+    yield
+    tiny_vae.configure(None, None)
+
+
+@pytest.mark.parametrize("name", ["a_h264.mp4", "b_vp9.webm"])
+def test_latent_shape_and_dtype_for_two_codecs(tiny_vae, video_dir, name):
+    frames = decode_clip(video_dir / name, 0.0, TINY_CLIP).frames
+    mean, logvar = tiny_vae.encode(frames[None])
+    # CogVideoX: [16, (frames-1)/4+1, height/8, width/8]
+    assert mean.shape == logvar.shape == (1, 16, 5, 8, 12)
+    assert mean.dtype == logvar.dtype == torch.float32
+    assert torch.isfinite(mean).all() and mean.std() > 0
+
+
+@pytest.mark.slow
+def test_49_frame_clip_has_13_latent_frames(tiny_vae, video_dir):
+    clip = ClipSettings(frames=49, fps=24.0, height=64, width=96)
+    frames = decode_clip(video_dir / "a_h264.mp4", 0.0, clip).frames
+    mean, _ = tiny_vae.encode(frames[None])
+    assert mean.shape == (1, 16, 13, 8, 12)
+
+
+def test_invalid_tile_settings_are_refused_with_the_exact_alternatives(tiny_vae):
+    # diffusers 0.42: tile 32 with its default width overlap 0.2 on a 49x64x96 clip gives latents 14 wide, not 12.
+    problem = tile_problem(TilingSettings(tile_height=32, tile_width=32, overlap=0.2), 8)
+    assert problem is not None and "steps 25 pixels" in problem and "0.25" in problem
+    with pytest.raises(ConfigError, match="--tiling"):
+        tiny_vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.2), None)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        tiny_vae.configure(TilingSettings(tile_height=36, tile_width=36, overlap=0.25), None)
+
+
+@pytest.mark.parametrize(("tile", "overlap", "style", "exact"), [
+    # overlap style (CogVideoX): the pixel step must equal the latents kept per tile times 8
+    (32, 0.25, "overlap", True), (48, 1 / 3, "overlap", True), (64, 0.25, "overlap", True), (40, 0.2, "overlap", True),
+    (32, 0.2, "overlap", False), (48, 0.25, "overlap", False), (64, 0.3, "overlap", False),
+    # stride style (Wan, HunyuanVideo, LTX-Video): the stride must be a multiple of the spatial compression
+    (32, 0.5, "stride", True), (64, 0.25, "stride", True), (32, 0.2, "stride", False), (40, 0.5, "stride", False),
+])
+def test_tile_problem_without_an_encode(tile, overlap, style, exact):
+    """The arithmetic alone; the slow tier encodes with the accepted tiles and checks the shapes."""
+    problem = tile_problem(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), 8, style)
+    assert (problem is None) == exact, problem
+
+
+def test_auto_batch_size_is_a_deterministic_power_of_two_that_shrinks_with_the_clip(tiny_vae):
+    small = tiny_vae.auto_batch_size(17, 64, 96)
+    assert small == tiny_vae.auto_batch_size(17, 64, 96)  # a restart must batch the same way
+    assert small & (small - 1) == 0 and 1 <= small <= 8  # CPU: at most CPU_BATCH_LIMIT
+    big = tiny_vae.auto_batch_size(49, 480, 720)
+    assert 1 <= big <= small
+    huge = tiny_vae.auto_batch_size(129, 1440, 2560)
+    assert huge == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile,overlap", [(32, 0.25), (48, 1 / 3), (64, 0.25), (40, 0.2)])
+def test_validated_tiles_give_exact_shapes(tiny_vae, clip_frames, tile, overlap):
+    assert tile_problem(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), 8) is None
+    tiny_vae.configure(TilingSettings(tile_height=tile, tile_width=tile, overlap=overlap), None)
+    mean, _ = tiny_vae.encode(clip_frames[None])
+    assert mean.shape == (1, 16, 5, 8, 12)
+
+
+@pytest.mark.slow
+def test_tiled_encode_matches_untiled_within_tolerance(tiny_vae, video_dir):
+    """Tolerance: cosine similarity >= 0.5 on the tiny *random* VAE.
+
+    CogVideoX's encoder normalises with GroupNorm over each tile, so tiled and untiled latents differ by design;
+    with random weights the difference is large (measured relative L2 0.58-0.94 at these sizes). The bound still
+    catches misplaced or mis-blended tiles, which give cosine similarity near 0.
+    """
+    clip = ClipSettings(frames=17, fps=8.0, height=128, width=192)
+    frames = decode_clip(video_dir / "c_h264.mp4", 0.0, clip).frames[None]
+    full, _ = tiny_vae.encode(frames)
+    tiny_vae.configure(TilingSettings(tile_height=128, tile_width=128, overlap=0.25), None)
+    tiled, _ = tiny_vae.encode(frames)
+    assert tiled.shape == full.shape == (1, 16, 5, 16, 24)
+    cosine = torch.nn.functional.cosine_similarity(tiled.flatten(), full.flatten(), dim=0)
+    assert cosine >= 0.5
+    # A tile as large as the clip is no tiling at all: bit-identical.
+    tiny_vae.configure(TilingSettings(tile_height=128, tile_width=192, overlap=0.25), None)
+    same, _ = tiny_vae.encode(frames)
+    assert torch.equal(same, full)
+
+
+@pytest.mark.slow
+def test_temporal_chunking_keeps_the_shape(tiny_vae, video_dir):
+    clip = ClipSettings(frames=33, fps=12.0, height=64, width=96)
+    frames = decode_clip(video_dir / "a_h264.mp4", 0.0, clip).frames[None]
+    tiny_vae.configure(None, 16)
+    mean, _ = tiny_vae.encode(frames)
+    assert mean.shape == (1, 16, 9, 8, 12)
+    with pytest.raises(ConfigError, match="frame-chunk"):
+        tiny_vae.configure(None, 12)
+    tiny_vae.model.num_sample_frames_batch_size = 8
+
+
+def test_non_finite_latents_are_re_encoded_then_refused(tiny_vae, clip_frames):
+    from latentcache.errors import InputError
+
+    handle = tiny_vae.model.encoder.register_forward_hook(lambda m, i, o: (o[0] * float("nan"), o[1]))
+    try:
+        with pytest.raises(InputError, match="NaN/Inf"):
+            tiny_vae.encode(clip_frames[None], sources=["clip.mp4"])
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("frames,nearest", [(48, "45 or 49"), (50, "49 or 53"), (16, "13 or 17")])
+def test_frame_rule_offers_nearest_valid_counts(frames, nearest):
+    spec = LatentSpec(family="cogvideox", channels=16, temporal_compression=4, spatial_compression=8)
+    with pytest.raises(ConfigError, match=nearest):
+        spec.check_clip(ClipSettings(frames=frames, height=480, width=720))
+
+
+def test_normalisation_round_trips_and_follows_the_config():
+    z = torch.randn(16, 5, 8, 12)
+    scaled = LatentSpec(family="cogvideox", channels=16, temporal_compression=4, spatial_compression=8,
+                        scaling_factor=0.7)
+    assert torch.allclose(scaled.normalize(z), z * 0.7)
+    # CogVideoX 1.5's invert_scale_latents applies to the I2V conditioning image only: video latents still get *sf
+    # (CogVideoXPipeline.decode_latents divides by the scaling factor whatever the flag says).
+    inverted = LatentSpec(family="cogvideox", channels=16, temporal_compression=4, spatial_compression=8,
+                          scaling_factor=0.7, invert_scale_latents=True)
+    assert torch.allclose(inverted.normalize(z), z * 0.7)
+    per_channel = LatentSpec(family="wan", channels=16, temporal_compression=4, spatial_compression=8,
+                             latents_mean=tuple(range(16)), latents_std=tuple(float(i + 1) for i in range(16)))
+    assert torch.allclose(per_channel.normalize(z)[3], (z[3] - 3) / 4)
+    for spec in (scaled, inverted, per_channel):
+        assert torch.allclose(spec.denormalize(spec.normalize(z)), z, atol=1e-5)

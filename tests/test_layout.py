@@ -1,0 +1,157 @@
+"""The package layout's rules, read from the code's own imports (top-level and lazy ones alike).
+
+    format/   the on-disk contract: imports only `errors` and `storage`
+    storage/  where bytes live (local paths, object stores, tar members): imports only `errors`
+    encode/   the write side          train/  the read side: never imports encode/ or tools/
+    tools/    verify, preview, check-config, demo, synthetic videos: may import any side
+    cli.py    the command line, imported by nothing in the package
+
+A trainer that imports `LatentShardDataset` must not pay for the encoder side: checked in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "latentcache"
+MAX_LINES = 650  # "about 600": past it a module states at its top why it is longer
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _runtime_imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Absolute latentcache modules imported at run time (anywhere but under `if TYPE_CHECKING:`)."""
+    found: set[str] = set()
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if _is_type_checking(node):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("latentcache")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".")
+                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
+                base = ".".join([*anchor, base] if base else anchor)
+            if base.startswith("latentcache"):
+                # `from latentcache.x import y` imports x, and y too where y is a module
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names if _exists(f"{base}.{a.name}")}
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in found if _exists(m)} - {module}
+
+
+def _exists(module: str) -> bool:
+    path = PACKAGE.parent.joinpath(*module.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        graph[name] = _runtime_imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py")
+    return graph
+
+
+def _area(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_the_graph_is_read():
+    graph = _graph()
+    assert "latentcache.train.dataset" in graph["latentcache"]
+    assert {"latentcache.format.reader", "latentcache.storage.store"} <= graph["latentcache.train.shard_sources"]
+
+
+def test_each_area_imports_only_what_the_layout_allows():
+    allowed = {
+        "errors": set(),
+        "storage": {"storage", "errors"},
+        "format": {"format", "storage", "errors"},
+        "train": {"train", "format", "storage", "errors"},
+        "encode": {"encode", "format", "storage", "errors"},
+        "tools": {"tools", "encode", "train", "format", "storage", "errors"},
+        "cli": {"encode", "train", "tools", "format", "storage", "errors"},
+    }
+    wrong = []
+    for module, deps in sorted(_graph().items()):
+        area = _area(module)
+        if area in ("__init__", "dataset", "sat"):  # the package root and the public shims re-export train/
+            assert {_area(d) for d in deps} <= {"train", "errors"}, (module, deps)
+            continue
+        wrong += [f"{module} imports {d}" for d in sorted(deps) if _area(d) not in allowed[area]]
+    assert wrong == []
+
+
+def test_decoding_never_imports_the_vae():
+    graph = _graph()
+    seen, todo = set(), ["latentcache.encode.decode"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    assert "latentcache.encode.vae" not in seen
+
+
+def test_no_module_imports_one_that_imports_it_back_even_lazily():
+    graph = _graph()
+    cycles, done = [], set()
+
+    def walk(module: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(module, ())):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                walk(dep, [*path, dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        walk(module, [module])
+    # a package's __init__ importing its own children is not a cycle
+    cycles = [c for c in cycles if not any(b.startswith(a + ".") for a, b in zip(c, c[1:], strict=False))]
+    assert cycles == []
+    assert not any(_area(d) == "cli" for deps in graph.values() for d in deps)
+
+
+def test_no_module_is_over_about_600_lines_without_a_reason_at_its_top():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_LINES and "Longer than 600 lines because" not in text[:3000]:
+            long.append(f"{path.relative_to(PACKAGE.parent)}: {text.count(chr(10))} lines")
+    assert long == []
+
+
+def test_the_dataset_imports_without_av_diffusers_or_the_write_side():
+    code = ("import sys; from latentcache import LatentShardDataset; import latentcache.dataset, latentcache.sat; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('av', 'diffusers') "
+            "or m.startswith(('latentcache.encode', 'latentcache.tools', 'latentcache.cli')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == ""
+
+
+def test_the_public_import_paths_are_kept():
+    from latentcache import LatentShardDataset
+    from latentcache.dataset import LatentShardDataset as Shimmed
+    from latentcache.dataset import StatefulLoader
+    from latentcache.sat import SATLatentDataset
+    from latentcache.train.dataset import StatefulLoader as Real
+    from latentcache.train.sat import SATLatentDataset as RealSAT
+
+    assert LatentShardDataset is Shimmed and StatefulLoader is Real and SATLatentDataset is RealSAT

@@ -1,0 +1,120 @@
+"""`latentcache preview`: latents decoded back through the manifest's VAE into a real h264 mp4."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from latentcache.cli import main
+from latentcache.encode.settings import VAESettings
+from latentcache.encode.vae import load_vae
+from latentcache.format.manifest import read_manifest
+from latentcache.format.reader import decode_sample, iter_tar
+from latentcache.tools.preview import preview
+
+
+def _read_mp4(path: Path) -> tuple[str, np.ndarray]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        return stream.codec_context.name, frames
+
+
+@pytest.mark.slow
+def test_preview_side_by_side(encoded_dir: Path, tmp_path: Path, tiny_vae, capsys) -> None:
+    manifest = read_manifest(encoded_dir)
+    shard = encoded_dir / manifest["shards"][1]["path"]
+    sample = decode_sample(next(iter_tar(shard)), str(shard))
+    out = tmp_path / "preview.mp4"
+    assert main(["preview", str(encoded_dir), "--key", sample["key"], "--out", str(out)]) == 0
+    assert "source | reconstruction" in capsys.readouterr().out
+    codec, frames = _read_mp4(out)
+    assert codec == "h264" and frames.shape == (17, 64, 192, 3)
+    # Right half: the VAE's reconstruction of the stored latents (h264 at crf 18 is close, not exact).
+    expected = tiny_vae.decode(sample["mean"].float()[None])[0]
+    assert np.abs(frames[:, :, 96:].astype(int) - expected.astype(int)).mean() < 6
+    # Left half: the same clip decoded from the source again; the marker square sits top-left in every frame.
+    left = frames[:, :, :96].astype(int)
+    assert np.abs(left - expected.astype(int)).mean() > 20  # random VAE weights: not the source
+    assert (left[:, :4, :4] > 200).all()
+
+
+@pytest.mark.slow
+def test_preview_random_samples_and_missing_source(video_dir: Path, tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(video_dir / "a_h264.mp4", videos)
+    shutil.copy(video_dir / "c_h264.mp4", videos)
+    data = tmp_path / "latents"
+    assert main(["encode", str(videos), "--out", str(data), "--vae", "tiny-random-cogvideox", "--device", "cpu",
+                 "--frames", "17", "--height", "64", "--width", "96"]) == 0
+    (videos / "c_h264.mp4").unlink()  # moved after encoding: the preview shows the reconstruction alone
+    result = preview(data, tmp_path / "two.mp4", random_count=2, seed=1)
+    assert sorted(result.with_source) == [False, True]
+    assert result.frames == 34 and result.size == (192, 64)
+    _, frames = _read_mp4(tmp_path / "two.mp4")
+    gone = result.with_source.index(False)
+    assert frames[gone * 17 : gone * 17 + 17, :, :96].mean() < 3  # black where the source would be
+    assert frames[gone * 17 : gone * 17 + 17, :, 96:].mean() > 20
+
+
+def test_preview_unknown_key(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["preview", str(encoded_dir), "--key", "nosuchkey_0000", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "nosuchkey_0000" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [3])
+def test_preview_uses_the_manifest_vae(encoded_dir: Path, tmp_path: Path, count: int) -> None:
+    """The VAE is rebuilt from the manifest's identity (tiny-random: same seeded weights as at encode time)."""
+    from latentcache.tools.preview import load_manifest_vae
+
+    manifest = read_manifest(encoded_dir)
+    vae = load_manifest_vae(manifest)
+    assert vae.identity.config_hash == manifest["vae"]["config_hash"]
+    again = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype="fp32"), "cpu")
+    for a, b in zip(vae.model.parameters(), again.model.parameters(), strict=True):
+        assert (a == b).all()
+    result = preview(encoded_dir, tmp_path / "many.mp4", random_count=count)
+    assert len(result.keys) == count and len(set(result.keys)) == count and all(result.with_source)
+
+
+def test_preview_refuses_pickled_vae_weights(encoded_dir: Path, tmp_path: Path, tiny_vae) -> None:
+    """A manifest naming a VAE directory with only .bin weights: refused, never torch.load-ed (issue 12.10)."""
+    from latentcache.errors import ConfigError
+    from latentcache.tools.preview import load_manifest_vae
+
+    manifest = read_manifest(encoded_dir)
+    pickled, safe = tmp_path / "pickled", tmp_path / "safe"
+    tiny_vae.model.save_pretrained(pickled, safe_serialization=False)
+    tiny_vae.model.save_pretrained(safe)
+    for folder in (pickled, safe):
+        manifest["vae"] = {**manifest["vae"], "source": str(folder), "subfolder": None}
+        if folder is pickled:
+            with pytest.raises(ConfigError, match=r"no diffusion_pytorch_model.safetensors \(found: config.json, "
+                                                  r"diffusion_pytorch_model.bin\); preview loads safetensors"):
+                load_manifest_vae(manifest)
+        else:
+            assert load_manifest_vae(manifest).identity.config_hash == manifest["vae"]["config_hash"]
+
+
+@pytest.mark.slow
+def test_preview_finds_a_source_inside_a_tar(video_dir: Path, tmp_path: Path) -> None:
+    """A `tar::member` input is looked up through the source opener, so the preview has its source side."""
+    import tarfile
+
+    tar = tmp_path / "videos.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(video_dir / "a_h264.mp4", arcname="000000.mp4")
+    data = tmp_path / "latents"
+    assert main(["encode", str(tar), "--out", str(data), "--vae", "tiny-random-cogvideox", "--device", "cpu",
+                 "--frames", "17", "--height", "64", "--width", "96"]) == 0
+    result = preview(data, tmp_path / "one.mp4", random_count=1)
+    assert result.with_source == [True]
+    _, frames = _read_mp4(tmp_path / "one.mp4")
+    assert (frames[:, :4, :4] > 200).all()  # the marker square of the source, top-left
