@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from latentcache.encode.settings import JobSettings
 from latentcache.errors import LatentcacheError
@@ -78,38 +79,24 @@ def run(settings: JobSettings, world: World = World()) -> int:
         texts = load_text_encoder(encode.text, encode.vae.family, vae.device)
     if vae.identity.random_weights and world.is_main:
         print(f"NOTE: {encode.vae.source} has random weights: these latents are for demos and tests only.")
-    planning_error: LatentcacheError | None = None
-    if world.is_main:
-        try:
-            # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
-            inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
-            plan = pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
-                                              chunk_size=settings.chunk_size)
-        except LatentcacheError as e:
-            planning_error = e
-    # A collective rather than a bare barrier: every rank learns whether the plan exists, so a refused plan (other
-    # settings, bad inputs) stops them all at once instead of leaving them to wait or to read a stale plan.json.
-    [planning_failed] = world.reduce_sum([1.0 if planning_error is not None else 0.0])
-    if planning_error is not None:
-        raise planning_error
-    if planning_failed:
+    def make_plan() -> chunks.JobPlan:
+        # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
+        inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
+        return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
+                                          chunk_size=settings.chunk_size)
+
+    plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
+    if failed:
         return EXIT_USAGE  # the main process prints why
     if not world.is_main:
         plan = chunks.read_job_plan(out)
     rank, world_size = world.rank, world.world_size
     # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that its
     # inputs did not change since).
-    chunk_error: LatentcacheError | None = None
-    try:
-        chunk_plans = pipeline.plan_chunks(out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
-                                           reencode_changed=settings.reencode_changed)
-    except LatentcacheError as e:
-        chunk_error = e
-    # Collective again: a rank that refuses (a changed input in its share) stops every rank, none waits for it.
-    [chunk_failed] = world.reduce_sum([1.0 if chunk_error is not None else 0.0])
-    if chunk_error is not None:
-        raise chunk_error
-    if chunk_failed:
+    chunk_plans, failed = _on_every_rank(world, lambda: pipeline.plan_chunks(
+        out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
+        reencode_changed=settings.reencode_changed))
+    if failed:
         return EXIT_USAGE  # the rank that refused prints why
     mine = [s for chunk in chunk_plans for s in chunk.shards]
     pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
@@ -169,3 +156,20 @@ def report_finalize(out: Path) -> int:
             print(f"{title}: " + ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
                   + f" (details in {out / 'failures.jsonl'})")
     return EXIT_SOME_FAILED if outcome["failures"] else EXIT_OK
+
+
+def _on_every_rank(world: World, step: Callable[[], Any]) -> tuple[Any, bool]:
+    """Run `step` on this rank, then a collective rather than a bare barrier: every rank learns whether any rank's
+    step was refused (other settings, bad inputs, a changed input in its share), so one refusal stops them all at
+    once instead of leaving the others to wait or to read a stale file. This rank's own refusal is raised; (result,
+    True) means another rank refused (it prints why)."""
+    error: LatentcacheError | None = None
+    result = None
+    try:
+        result = step()
+    except LatentcacheError as e:
+        error = e
+    [failed] = world.reduce_sum([1.0 if error is not None else 0.0])
+    if error is not None:
+        raise error
+    return result, bool(failed)
