@@ -51,7 +51,7 @@ from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.buckets import Bucket
 from latentcache.format.shards import _tmp_name, remove_temporaries, sidecar_path, write_text_atomic
-from latentcache.storage.store import UrlPath
+from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def chunks_for_rank(plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]
 def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:
     """Like shards.write_text_atomic, for a file too big to build in memory first (in object storage it is built in
     memory all the same: one PUT is the only atomic write there)."""
-    if isinstance(path, UrlPath):
+    if store.in_object_store(path):
         path.write_bytes(b"".join(pieces))
         return
     path.parent.mkdir(parents=True, exist_ok=True)

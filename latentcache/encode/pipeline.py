@@ -7,7 +7,6 @@ later `failures.jsonl`) plus a log line, and the run goes on; anything else is a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -23,10 +22,10 @@ import torch
 from latentcache.encode import chunks
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
-from latentcache.encode.families import tile_problem
 from latentcache.encode.loader import ClipStream, default_workers
+from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
+from latentcache.encode.output import PLAN_FILE, _writing, claim_output, clear_outputs
 from latentcache.encode.plan import (
-    OUTPUT_MARKER,
     InputVideo,
     Plan,
     PlannedClip,
@@ -39,7 +38,6 @@ from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingS
 from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.errors import ConfigError, InputError, ShardFormatError
-from latentcache.format.layout import FORMAT_VERSION
 from latentcache.format.manifest import write_manifest
 from latentcache.format.shards import (
     EncodedClip,
@@ -47,18 +45,12 @@ from latentcache.format.shards import (
     read_done,
     remove_stale_temporaries,
     remove_temporaries,
-    sidecar_path,
     write_shard,
     write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.json"
-# Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
-OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
-# Tile overlaps tried on an out-of-memory retry, most blending first; 0 is always exact (see families.tile_problem).
-FALLBACK_OVERLAPS = (0.25, 0.5, 1 / 3, 0.125, 0.0)
 
 
 @dataclass(slots=True)
@@ -113,40 +105,8 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
 
 
 
-def claim_output(out: Path) -> None:
-    """Make sure OUT is latentcache's, marking it so, and writable; refuse a directory of someone else's files.
-
-    Ours: it holds OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
-    marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
-    shards/ that the run, or --overwrite, would replace.
-    """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
-    marker = out / OUTPUT_MARKER
-    # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
-    others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
-    if others and not marker.is_file():
-        try:
-            chunks.read_job_plan(out)
-        except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
-            raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
-                              f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
-                              "directory") from None
-    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
-    _writing(out, out.mkdir, parents=True, exist_ok=True)
-    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
 
 
-def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run `write(*args, **kwargs)`; an OSError (read-only, full disk, --out under a file) becomes a message
-    naming `path`."""
-    try:
-        write(*args, **kwargs)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            remove_temporaries(path)  # free the space a half-written temporary holds
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}. Fix it (free space, permissions, another "
-                          "--out) and run the same command again: finished shards are kept") from e
 
 
 def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None) -> JobPlan:
@@ -176,35 +136,6 @@ def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int
                              strict=strict, reencode_changed=reencode_changed)
 
 
-def clear_outputs(out: Path, plan: JobPlan) -> None:
-    """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
-    temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
-    emptied folders go)."""
-    log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
-    folders: set[Path] = set()
-    for ref in plan.chunk_refs():
-        chunk_file = out / ref.plan_name
-        if chunk_file.is_file():
-            for shard in chunks.read_chunk_plan(out, plan, ref).shards:
-                path = out / shard.relpath
-                remove_temporaries(path)
-                path.unlink(missing_ok=True)
-                sidecar_path(path).unlink(missing_ok=True)
-                folders.add(path.parent)
-        remove_temporaries(chunk_file)
-        chunk_file.unlink(missing_ok=True)
-        folders.add(chunk_file.parent)
-    for part in plan.parts:
-        for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
-            remove_temporaries(out / name)
-            (out / name).unlink(missing_ok=True)
-            folders.add((out / name).parent)
-    for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
-        remove_temporaries(out / name)
-        (out / name).unlink(missing_ok=True)
-    for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 def _differences(old: JobPlan, new: JobPlan) -> str:
@@ -223,66 +154,12 @@ def _differences(old: JobPlan, new: JobPlan) -> str:
     return "; ".join(diffs[:6]) or "the input clips differ"
 
 
-def fallback_tilings(height: int, width: int, spatial: int,
-                     configured: TilingSettings | None = None) -> list[TilingSettings]:
-    """Ever smaller valid tilings for a clip that ran out of memory: halve the tile (from the configured one, or from
-    the clip) down to two latents a side. Each has an overlap that keeps the latents exactly the right size."""
-    th, tw = (min(configured.tile_height, height), min(configured.tile_width, width)) if configured else (height, width)
-    smallest = 2 * spatial
-    found: list[TilingSettings] = []
-    while th > smallest or tw > smallest:
-        th, tw = max(smallest, th // 2 // spatial * spatial), max(smallest, tw // 2 // spatial * spatial)
-        for overlap in FALLBACK_OVERLAPS:
-            tiling = TilingSettings(tile_height=th, tile_width=tw, overlap=overlap)
-            if tile_problem(tiling, spatial) is None:
-                found.append(tiling)
-                break
-    return found
 
 
-def _is_oom(error: BaseException) -> bool:
-    # cuDNN and some kernels report an allocation failure as a plain RuntimeError.
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def _release_memory(vae: VideoVAE) -> None:
-    if vae.device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
-def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
-                         ) -> tuple[torch.Tensor, torch.Tensor, TilingSettings | None]:
-    """`vae.encode`, retried with tiling and then smaller tiles when it runs out of memory.
-
-    Returns (mean, logvar, the tiling that was needed, or None). The configured tiling is restored afterwards, so
-    whether a clip is tiled depends on that clip alone, never on which clips a process happened to encode before.
-    Raises InputError (stage "encode") when even the smallest tiles do not fit.
-    """
-    configured = vae.tiling
-    smaller = fallback_tilings(frames.shape[2], frames.shape[3], vae.spec.spatial_compression, configured)
-    last: BaseException | None = None
-    try:
-        for tiling in [None, *smaller]:  # None: as configured
-            if tiling is not None:
-                _release_memory(vae)
-                log.warning("%s: out of memory; retrying with %dx%d tiles, overlap %g", ", ".join(sources),
-                            tiling.tile_height, tiling.tile_width, tiling.overlap)
-                vae.configure(tiling, None)
-            try:
-                mean, logvar = vae.encode(frames, sources=sources)
-                return mean, logvar, tiling
-            except Exception as e:
-                if not _is_oom(e):
-                    raise
-                # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
-                last = e.with_traceback(None)
-    finally:
-        if last is not None:
-            vae.configure(configured, None)
-            _release_memory(vae)
-    raise InputError(", ".join(sources), "encode", f"out of memory even with the smallest tiles ({last}); use a "
-                     "bigger GPU, fewer --frames or a smaller --height/--width") from last
 
 
 Encoded = tuple[torch.Tensor, torch.Tensor, TilingSettings | None]

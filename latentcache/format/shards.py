@@ -130,7 +130,7 @@ def _tmp_name(path: Path) -> Path:
 # What `_tmp_name` appends to a final name: `.<host>.<pid>.tmp` (a host name may hold dots, a pid is digits).
 _TMP_TAIL = r"\.(?P<host>.+)\.(?P<pid>[0-9]+)\.tmp"
 # The files latentcache writes through a temporary, by the folder of OUT they are written in: the final names of
-# pipeline.PLAN_FILE, the manifest, failures.jsonl and plan.OUTPUT_MARKER; chunks.inputs_name / keys_name;
+# output.PLAN_FILE, the manifest, failures.jsonl and plan.OUTPUT_MARKER; chunks.inputs_name / keys_name;
 # chunks.chunk_plan_name; PlannedShard.relpath and its sidecar. Only temporaries of these names, in these folders,
 # are ever swept: any other file, even `OUT/shards/<bucket>/notes.tmp`, is a user's.
 _ROOT_FILES = re.compile(rf"(?:plan\.json|manifest\.json|failures\.jsonl|\.latentcache){_TMP_TAIL}")

@@ -1,0 +1,100 @@
+"""The output directory's ownership: a directory is latentcache's once `.latentcache` is in it (written first); a
+foreign non-empty one is refused, and `--overwrite` removes only the files the plan names, never a user's. Every
+write into it goes through `_writing`, which names the file when it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from latentcache.encode import chunks
+from latentcache.encode.chunks import JobPlan
+from latentcache.encode.plan import (
+    OUTPUT_MARKER,
+)
+from latentcache.errors import ConfigError, ShardFormatError
+from latentcache.format.layout import FORMAT_VERSION
+from latentcache.format.shards import (
+    remove_temporaries,
+    sidecar_path,
+    write_text_atomic,
+)
+
+PLAN_FILE = "plan.json"
+
+log = logging.getLogger(__name__)
+
+
+# Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
+OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
+
+
+def claim_output(out: Path) -> None:
+    """Make sure OUT is latentcache's, marking it so, and writable; refuse a directory of someone else's files.
+
+    Ours: it holds OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
+    marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
+    shards/ that the run, or --overwrite, would replace.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
+    marker = out / OUTPUT_MARKER
+    # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
+    others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
+    if others and not marker.is_file():
+        try:
+            chunks.read_job_plan(out)
+        except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
+            raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
+                              f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
+                              "directory") from None
+    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
+    _writing(out, out.mkdir, parents=True, exist_ok=True)
+    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+
+
+def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run `write(*args, **kwargs)`; an OSError (read-only, full disk, --out under a file) becomes a message
+    naming `path`."""
+    try:
+        write(*args, **kwargs)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            remove_temporaries(path)  # free the space a half-written temporary holds
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}. Fix it (free space, permissions, another "
+                          "--out) and run the same command again: finished shards are kept") from e
+
+
+def clear_outputs(out: Path, plan: JobPlan) -> None:
+    """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
+    temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
+    emptied folders go)."""
+    log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
+    folders: set[Path] = set()
+    for ref in plan.chunk_refs():
+        chunk_file = out / ref.plan_name
+        if chunk_file.is_file():
+            for shard in chunks.read_chunk_plan(out, plan, ref).shards:
+                path = out / shard.relpath
+                remove_temporaries(path)
+                path.unlink(missing_ok=True)
+                sidecar_path(path).unlink(missing_ok=True)
+                folders.add(path.parent)
+        remove_temporaries(chunk_file)
+        chunk_file.unlink(missing_ok=True)
+        folders.add(chunk_file.parent)
+    for part in plan.parts:
+        for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
+            remove_temporaries(out / name)
+            (out / name).unlink(missing_ok=True)
+            folders.add((out / name).parent)
+    for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
+        remove_temporaries(out / name)
+        (out / name).unlink(missing_ok=True)
+    for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
