@@ -275,6 +275,7 @@ def test_hostile_list_content_is_a_clear_error_before_anything_is_planned(tmp_pa
     assert not (out / "plan.json").exists()  # nothing planned: a fixed list runs without --overwrite
 
 
+@pytest.mark.slow  # runs the console script twice in subprocesses
 def test_a_nul_byte_row_refused_then_the_fixed_list_runs(tmp_path):
     """Through the console script: exit 2 and no traceback; the output is not stuck on the bad row."""
     write_video(tmp_path / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
