@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from latentcache import LatentShardDataset
-from latentcache.train.dataset import StatefulLoader, bucket_latent_shape
+from latentcache.dataset import StatefulLoader, bucket_latent_shape  # the public path trainers use
 
 log = logging.getLogger("train_tiny_cogvideox")
 TEXT_TOKENS, TEXT_DIM = 8, 32
