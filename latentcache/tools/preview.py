@@ -91,7 +91,19 @@ def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
         if found is not None and _readable(found.path):
             return found.path
     source = meta.get("source")
-    return source if source and Path(source).is_file() else None
+    return source if _plain_relative(source) and Path(source).is_file() else None
+
+
+def _plain_relative(source: Any) -> bool:
+    """Whether a sample's own `source` may be looked up (under the working directory): the sample JSON may be a
+    stranger's, and an absolute path, a `..` part or a colon (`pipe:`, `concat:`, a drive) would let it pick any
+    file on this machine to decode into the preview."""
+    if not isinstance(source, str) or not source or ":" in source or "\\" in source:
+        return False
+    if any(ord(c) < 32 for c in source):
+        return False
+    path = Path(source)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _readable(path: str) -> bool:

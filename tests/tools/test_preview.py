@@ -118,3 +118,22 @@ def test_preview_finds_a_source_inside_a_tar(video_dir: Path, tmp_path: Path) ->
     assert result.with_source == [True]
     _, frames = _read_mp4(tmp_path / "one.mp4")
     assert (frames[:, :4, :4] > 200).all()  # the marker square of the source, top-left
+
+
+def test_a_samples_own_source_path_is_looked_up_only_under_the_working_directory(video_dir: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """Without the output's plan (shards copied alone, or a stranger's), the sample JSON's `source` is the only
+    clue: a relative path under the working directory is used; an absolute path, `..` or a scheme never is."""
+    from latentcache.tools.preview import _source_path
+
+    work = tmp_path / "work"
+    (work / "videos").mkdir(parents=True)
+    shutil.copy(video_dir / "a_h264.mp4", work / "videos" / "a.mp4")
+    monkeypatch.chdir(work)
+    no_plan = tmp_path / "shards_only"
+    no_plan.mkdir()
+    elsewhere = str(video_dir / "c_h264.mp4")
+    assert _source_path(no_plan, "k", {"source": "videos/a.mp4"}) == "videos/a.mp4"
+    for hostile in (elsewhere, "../work/videos/a.mp4", "videos/../videos/a.mp4", "file:videos/a.mp4",
+                    "concat:videos/a.mp4", "videos/a.mp4\n", 7, None, ""):
+        assert _source_path(no_plan, "k", {"source": hostile}) is None, hostile
