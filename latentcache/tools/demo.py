@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from latentcache.encode.settings import ClipSettings, EncodeSettings, JobSettings, RuntimeSettings, VAESettings
+from latentcache.errors import ConfigError
 from latentcache.tools.synthetic import write_video
 
 DEMO_CLIP = ClipSettings(frames=17, fps=8.0, height=64, width=96)
@@ -55,10 +56,27 @@ def demo_settings(videos: Path, latents: Path) -> JobSettings:
     )
 
 
+# Written into --out by the demo, so a second demo there may replace what the first one wrote, and nothing else.
+DEMO_MARKER = "latentcache-demo.txt"
+
+
+def claim_demo_folder(out: Path) -> None:
+    """The demo writes videos/ and latents/ (with --overwrite) into `out`: only into a new or empty folder, or one an
+    earlier demo made, never over a user's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: not a directory; the demo writes videos/ and latents/ into a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise ConfigError(f"{out}: not empty and not made by `latentcache demo`; the demo overwrites videos/ and "
+                          "latents/ there: give a new folder with --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by `latentcache demo`; a later demo may overwrite videos/ and latents/\n")
+
+
 def run_demo(out: Path) -> int:
     from latentcache.encode import job
     from latentcache.train.dataset import LatentShardDataset
 
+    claim_demo_folder(out)
     videos = make_demo_videos(out / "videos")
     print(f"wrote {len(videos)} videos to {out / 'videos'}: " + ", ".join(p.name for p in videos))
     latents_dir = out / "latents"

@@ -14,6 +14,15 @@ def test_demo_encodes_streams_and_runs_a_transformer(tmp_path, capsys):
     samples = list(LatentShardDataset(tmp_path / "latents", expected_channels=16))
     assert len(samples) == 4 and {tuple(s["latents"].shape) for s in samples} == {(16, 5, 8, 12)}
     assert [s["caption"] for s in samples if s["caption"]] == ["a red square walks from left to right"]
+    assert (tmp_path / "latentcache-demo.txt").is_file()  # a later demo may write here again
+
+
+def test_demo_refuses_a_folder_that_holds_a_users_files(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "mine.mp4").write_bytes(b"a user's video")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path}: not empty and not made by `latentcache demo`" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine.mp4", "videos"]
 
 
 def test_demo_settings_are_what_the_same_command_line_gives(tmp_path):
