@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode.job import EXIT_CRASH, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
+from latentcache.encode.job import EXIT_CRASH, EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
 from latentcache.encode.settings import (
     ClipSettings,
     EncodeSettings,
@@ -25,8 +25,8 @@ from latentcache.encode.settings import (
 )
 from latentcache.errors import ConfigError, InputError, LatentcacheError
 
-__all__ = ["EXIT_CRASH", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "build_parser", "guarded", "main",
-           "report_finalize", "settings_from_args"]
+__all__ = ["EXIT_CRASH", "EXIT_NO_SAMPLES", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "build_parser", "guarded",
+           "main", "report_finalize", "settings_from_args"]
 log = logging.getLogger("latentcache")
 
 

@@ -32,7 +32,8 @@ def encoded(video_dir, tmp_path_factory) -> Path:
 
 def test_manifest_describes_every_shard(encoded):
     manifest = read_manifest(encoded)
-    assert manifest["counts"] == {"samples": 4, "shards": 4, "failures": 0, "planned_clips": 4}
+    assert manifest["counts"] == {"samples": 4, "shards": 4, "planned_clips": 4, "skipped": 0, "failed": 0,
+                                  "skipped_by_reason": {}, "failed_by_reason": {}}
     assert manifest["latent_spec"]["channels"] == 16
     assert manifest["latent_spec"]["scaling_factor"] == pytest.approx(1.15258426)
     assert manifest["latent_spec"]["frame_rule"] == "4k+1"

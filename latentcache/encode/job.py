@@ -21,10 +21,12 @@ from typing import Any
 
 from latentcache.encode.settings import JobSettings
 from latentcache.errors import LatentcacheError
+from latentcache.format.outcomes import Tally, tally
 
 # Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error, 3 finished but some
-# inputs failed (see OUT/failures.jsonl).
-EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+# inputs failed (see OUT/failures.jsonl), 4 finished but the output holds no sample at all (every input skipped or
+# failed): a trainer started on it would run zero steps.
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_NO_SAMPLES = 0, 1, 2, 3, 4
 
 
 def _no_barrier() -> None:
@@ -101,7 +103,9 @@ def run(settings: JobSettings, world: World = World()) -> int:
     mine = [s for chunk in chunk_plans for s in chunk.shards]
     pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
     label = f"rank {rank}" if world_size > 1 else "encode"
-    if not pending:
+    if not mine:
+        print(f"{out}: no clip to encode in {'the share of ' + label if world_size > 1 else 'the planned inputs'}")
+    elif not pending:
         print(f"{out}: all {len(mine)} shard(s) {'of ' + label + ' ' if world_size > 1 else ''}are already done; "
               "nothing to encode")
     total = sum(len(s.keys) for s in mine)
@@ -112,12 +116,13 @@ def run(settings: JobSettings, world: World = World()) -> int:
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
                                texts=texts, chunk_plans=chunk_plans, runtime=runtime)
+    clips = tally(summary.failures)
     print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
           f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
-          f"done, {len(summary.failures)} clip failure(s), {summary.seconds:.1f}s "
+          f"done, clips {clips.describe()}, {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
-    totals = world.reduce_sum([1, summary.clips_written, len(summary.failures), summary.shards_written,
-                        summary.shards_redone, summary.seconds])
+    totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
+                               summary.shards_written, summary.shards_redone, summary.seconds])
     world.barrier()
     if not world.is_main:
         return EXIT_OK
@@ -133,10 +138,11 @@ def run(settings: JobSettings, world: World = World()) -> int:
 
 def print_job_summary(totals: list[float], wall_seconds: float) -> None:
     """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
-    processes, clips, failures, shards, redone, busy_seconds = totals
+    processes, clips, skipped, failed, shards, redone, busy_seconds = totals
     # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
     print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
-          f"interruption) by {int(processes)} process(es), {int(failures)} clip failure(s); {wall_seconds:.1f}s wall, "
+          f"interruption) by {int(processes)} process(es), clips {int(skipped)} skipped, {int(failed)} failed; "
+          f"{wall_seconds:.1f}s wall, "
           f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
           f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
 
@@ -146,16 +152,32 @@ def report_finalize(out: Path) -> int:
     from latentcache.encode.pipeline import finalize_with_outcome
 
     manifest, outcome = finalize_with_outcome(out)
-    counts = manifest["counts"]
+    counts, counted = manifest["counts"], outcome["tally"]
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
-    skipped, failed = sum(outcome["skips"].values()), sum(outcome["failures"].values())
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
-          f"{counts['samples']} written of {counts['planned_clips']} planned; skipped: {skipped}; failed: {failed}")
-    for title, by_reason in (("skipped by reason", outcome["skips"]), ("failures by kind", outcome["failures"])):
-        if by_reason:
-            print(f"{title}: " + ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
-                  + f" (details in {out / 'failures.jsonl'})")
-    return EXIT_SOME_FAILED if outcome["failures"] else EXIT_OK
+          f"{counts['samples']} written of {counts['planned_clips']} planned; {counted.describe()}"
+          + (f" (details in {out / 'failures.jsonl'})" if counted.skipped or counted.failed else ""))
+    if counts["samples"] == 0:
+        why = nothing_written_hint(counted, outcome["clip"], outcome["videos"])
+        print(f"error: {out}: no sample was written. {why}", file=sys.stderr)
+        return EXIT_NO_SAMPLES
+    return EXIT_SOME_FAILED if counted.failed else EXIT_OK
+
+
+def nothing_written_hint(counted: Tally, clip: dict[str, Any], inputs: int) -> str:
+    """Why an output holds no sample, and the flag that would change it: the most common skip or failure."""
+    reasons = (counted.skipped + counted.failed).most_common(1)
+    if not reasons:
+        return f"{inputs} input(s) gave no clip to encode."
+    reason, n = reasons[0]
+    if reason == "too short" and counted.skipped[reason]:
+        frames, fps = clip.get("frames"), clip.get("fps")
+        need = f" ({(frames - 1) / fps:.1f} s)" if isinstance(frames, int) and isinstance(fps, int | float) else ""
+        who = f"All {inputs} input(s)" if n == inputs else f"{n} of {inputs} input(s)"
+        return (f"{who} are shorter than {frames} frames at {fps:g} fps"
+                f"{need}; try fewer --frames (e.g. 17), --frame-buckets 33,17, a lower --fps or --short pad.")
+    word = "skipped" if counted.skipped[reason] else "failed"
+    return f"Most common: {n} {word}, {reason}; see failures.jsonl in the output for each input and why."
 
 
 def _on_every_rank(world: World, step: Callable[[], Any]) -> tuple[Any, bool]:

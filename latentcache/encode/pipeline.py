@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.manifest import write_manifest
+from latentcache.format.outcomes import tally
 from latentcache.format.shards import (
     EncodedClip,
     pause_point,
@@ -447,33 +447,25 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     buckets: dict[str, int] = {}
     for s in shards:
         buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + s["samples"]
+    counted = tally(failures)
     manifest = {
         "latent_spec": plan.vae["spec"],
         "vae": plan.vae["identity"],
         "dtype": plan.vae["dtype"],
         "settings": plan.settings,
         "fingerprint": plan.fingerprint,
-        "counts": {"samples": samples, "shards": len(shards), "failures": len(failures),
-                   "planned_clips": planned_clips},
+        "counts": {"samples": samples, "shards": len(shards), "planned_clips": planned_clips,
+                   "skipped": counted.skipped_total, "failed": counted.failed_total,
+                   "skipped_by_reason": dict(counted.skipped.most_common()),
+                   "failed_by_reason": dict(counted.failed.most_common())},
         "buckets": buckets,
         "shards": shards,
         # Each distinct software record of the processes that wrote the shards, with their shard counts.
         "software": merge_software(software),
     }
     _writing(out / "manifest.json", write_manifest, out, manifest)
-    return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, **reasons(failures)}
-
-
-def reasons(records: list[dict[str, Any]]) -> dict[str, Counter[str]]:
-    """Skips grouped by the reason's first words ("too short"), failures by stage and error type."""
-    skips: Counter[str] = Counter()
-    failures: Counter[str] = Counter()
-    for r in records:
-        if r.get("error") == "skipped":
-            skips[r["message"].split(":")[0]] += 1
-        else:
-            failures[f"{r.get('stage')}/{r.get('error')}"] += 1
-    return {"skips": skips, "failures": failures}
+    return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, "tally": counted,
+                      "clip": plan.settings.get("clip", {})}
 
 
 def _check_shard_record(out: Path, shard: PlannedShard, record: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from latentcache.encode.decode import VideoInfo, probe
 from latentcache.encode.settings import ClipSettings, EncodeSettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket, frame_rule, nearest_frame_counts
+from latentcache.format.outcomes import make_record
 
 log = logging.getLogger(__name__)
 
@@ -475,9 +476,5 @@ def _try_probe(video: InputVideo, probe_fn: Callable[[str], VideoInfo]) -> Video
 
 
 def failure_record(error: InputError) -> dict[str, Any]:
-    return {
-        "path": error.path,
-        "stage": error.stage,
-        "error": error.error_type,
-        "message": error.reason,
-    }
+    """The failures.jsonl record of a skipped or failed input or clip (see format/outcomes.py)."""
+    return make_record(error.path, error.stage, error.reason, skipped=error.skipped, error_type=error.error_type)

@@ -20,6 +20,7 @@ import torch
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems
+from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
 from latentcache.storage import store
@@ -212,6 +213,9 @@ def _shard_bytes(shard: ShardRef) -> int:
 
 def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyReport) -> None:
     counts = manifest.get("counts", {})
+    if not any(s["samples"] for s in manifest["shards"]):
+        report.problems.append(f"{root}: no samples in {len(manifest['shards'])} shard(s): a trainer would run zero "
+                               "steps on it (every input was skipped or failed: see its failures.jsonl)")
     if counts.get("samples") is not None and counts["samples"] != sum(s["samples"] for s in manifest["shards"]):
         report.problems.append(f"{root}/manifest.json: counts.samples is {counts['samples']}, its shards list "
                                f"{sum(s['samples'] for s in manifest['shards'])}")
@@ -279,8 +283,11 @@ def info_lines(root: str | os.PathLike) -> list[str]:
                     f"space, normalised as {spec.describe_normalization()}"),
         ("clips", f"{clip.get('frames')} frames at {clip.get('fps')} fps, {clip.get('resize')}"),
         ("size on disk", f"{_size(total)}, {_size(total / samples) if samples else '-'} per sample"),
-        ("failures", str(manifest.get("counts", {}).get("failures", 0))),
     ]
+    counted = manifest_counts(manifest.get("counts", {}))
+    for word, by_reason in (("skipped", counted.skipped), ("failed", counted.failed)):
+        reasons = ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
+        rows.append((word, f"{sum(by_reason.values())}" + (f" ({reasons})" if reasons else "")))
     rows += [("written by", describe_software(s)) for s in manifest.get("software") or []]
     buckets = manifest.get("buckets") or {}
     for bucket, n in sorted(buckets.items()):

@@ -232,6 +232,11 @@ class LatentShardDataset(IterableDataset):
         # draw from.
         if weights is not None and not any(w > 0 and self._source_total(i) for i, w in enumerate(weights)):
             raise ValueError(f"weights {weights}: every source with a weight > 0 holds no samples")
+        if not any(self._source_total(i) for i in range(len(self.sources))):
+            # A trainer started on it would run zero steps without a word.
+            raise ShardFormatError(f"{', '.join(str(s.root) for s in self.sources)}: no samples in "
+                                   f"{len(self.shards)} shard(s): every input was skipped or failed when it was "
+                                   "encoded (see failures.jsonl there, or `latentcache info`)")
         self.manifest, self.root = self.sources[0].manifest, self.sources[0].root
         self.spec = LatentSpec.from_dict(self.manifest["latent_spec"])
         if expected_channels is not None and self.spec.channels != expected_channels:

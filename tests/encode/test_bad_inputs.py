@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CLIP, tiny_settings
 
-from latentcache.cli import EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
+from latentcache.cli import EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
 from latentcache.encode import pipeline
 from latentcache.encode.decode import decode_clip, probe
 from latentcache.encode.inputs import discover_inputs
@@ -154,8 +155,12 @@ def test_a_run_over_every_bad_input_records_each_and_writes_the_rest(bad_inputs,
     for name in failures:
         assert name in logged
     assert "videos: 11 input(s), 3 with clips written" in printed
-    assert "failed: 10" in printed
+    assert "0 skipped, 10 failed (" in printed
     assert "probe/NotAVideo: 3" in printed and "decode/CorruptVideo: 2" in printed
+    # One vocabulary: the summary's counts are the manifest's and failures.jsonl's.
+    assert (manifest["counts"]["skipped"], manifest["counts"]["failed"]) == (0, 10)
+    assert manifest["counts"]["failed_by_reason"]["probe/NotAVideo"] == 3
+    assert {r["outcome"] for r in failures.values()} == {"failed"}
 
 
 def test_strict_stops_at_the_first_failure(bad_inputs, tmp_path, capsys):
@@ -174,7 +179,42 @@ def test_only_skips_exit_zero_and_are_reported_by_reason(tmp_path, capsys):
     code = main(["encode", str(d), "--out", str(tmp_path / "out"), *CLI])
     printed = capsys.readouterr().out
     assert code == EXIT_OK, printed
-    assert "skipped: 1; failed: 0" in printed and "skipped by reason: too short: 1" in printed
+    assert "1 written of 1 planned; 1 skipped (too short: 1), 0 failed" in printed
+    # The same counts in the manifest, `info` and failures.jsonl, in the same words: a skip is not a failure.
+    out = tmp_path / "out"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (counts["skipped"], counts["failed"], counts["skipped_by_reason"]) == (1, 0, {"too short": 1})
+    [record] = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert (record["outcome"], record["reason"], "error" in record) == ("skipped", "too short", False)
+    assert main(["info", str(out)]) == EXIT_OK
+    info = capsys.readouterr().out
+    assert re.search(r"skipped\s+1 \(too short: 1\)", info) and re.search(r"failed\s+0\n", info)
+
+
+def test_a_run_that_writes_no_sample_exits_4_saying_why(tmp_path, capsys):
+    """Two 5 s videos at the defaults' 49 frames / 8 fps (6 s needed): nothing is written, so the run fails loudly
+    with the reason and the flags that would change it; verify and the dataset refuse the empty output too."""
+    from latentcache import LatentShardDataset
+    from latentcache.errors import ShardFormatError
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a", "b"):
+        write_video(d / name, codec="h264", num_frames=40, fps=8)
+    out = tmp_path / "out"
+    code = main(["encode", str(d), "--out", str(out), "--vae", "tiny-random-cogvideox", "--height", "64",
+                 "--width", "96", "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == EXIT_NO_SAMPLES == 4, captured.out
+    assert (f"error: {out}: no sample was written. All 2 input(s) are shorter than 49 frames at 8 fps (6.0 s); "
+            "try fewer --frames (e.g. 17), --frame-buckets 33,17") in captured.err
+    assert main(["verify", str(out)]) == EXIT_SOME_FAILED
+    assert f"{out}: no samples" in capsys.readouterr().out
+    with pytest.raises(ShardFormatError, match="no samples"):
+        iter(LatentShardDataset(out))
+    # A rerun of the same command over the same output says the same, again with exit 4.
+    assert main(["encode", str(d), "--out", str(out), "--vae", "tiny-random-cogvideox", "--height", "64",
+                 "--width", "96", "--workers", "0"]) == EXIT_NO_SAMPLES
 
 
 @pytest.mark.slow
@@ -196,7 +236,7 @@ def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, c
     assert (failures["a.mp4"]["stage"], failures["a.mp4"]["error"]) == ("decode", "FileNotFoundError")
     assert (failures["b.mp4"]["stage"], failures["b.mp4"]["error"]) == ("decode", "InvalidDataError")
     assert json.loads((out / "manifest.json").read_text())["counts"]["samples"] == 1
-    assert "failures by kind: decode/FileNotFoundError: 1, decode/InvalidDataError: 1" in capsys.readouterr().out
+    assert "0 skipped, 2 failed (decode/FileNotFoundError: 1, decode/InvalidDataError: 1)" in capsys.readouterr().out
 
 
 def test_a_raw_elementary_stream_is_a_record_not_a_crash(tmp_path):

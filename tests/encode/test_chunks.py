@@ -111,8 +111,9 @@ def test_four_ranks_one_after_another_each_probe_a_quarter(small_videos: Path, e
     printed = capsys.readouterr().out
     assert "[rank 0] 2 clips in 2 shard(s) written" in printed and "manifest at" in printed
     manifest = read_manifest(out)
-    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
-                                  "planned_clips": SMALL_VIDEOS}
+    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "planned_clips": SMALL_VIDEOS,
+                                  "skipped": 0, "failed": 1, "skipped_by_reason": {},
+                                  "failed_by_reason": {"probe/InvalidDataError": 1}}
     assert _tar_digests(out) == _tar_digests(encoded_reference)
     assert (out / "failures.jsonl").read_bytes() == (encoded_reference / "failures.jsonl").read_bytes()
     # A rerun of one rank probes nothing: its chunk plan is on disk.

@@ -46,8 +46,9 @@ def test_two_processes_write_every_planned_clip_once(encoded_reference: Path) ->
     plan = read_job_plan(encoded_reference)
     clips = [c for ref in plan.chunk_refs() for c in read_chunk_plan(encoded_reference, plan, ref).clips]
     manifest = read_manifest(encoded_reference)
-    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
-                                  "planned_clips": SMALL_VIDEOS}
+    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "planned_clips": SMALL_VIDEOS,
+                                  "skipped": 0, "failed": 1, "skipped_by_reason": {},
+                                  "failed_by_reason": {"probe/InvalidDataError": 1}}
     assert verify(encoded_reference).problems == []
     keys = []
     for shard in manifest["shards"]:

@@ -356,7 +356,8 @@ def test_a_clip_that_never_fits_is_a_failure_and_the_rank_goes_on(small_videos: 
     assert failure["error"] == "OutOfMemoryError"
     # The batch [v0, v1] failed, then v0 alone untiled and at each of its 3 tile sizes; v1 and v2 were written.
     assert sum(any(s.endswith("v0.mp4") for s in c) for c in calls) == 1 + 1 + 3
-    assert manifest["counts"] == {"samples": 2, "shards": 1, "failures": 1, "planned_clips": 3}
+    assert manifest["counts"] == {"samples": 2, "shards": 1, "planned_clips": 3, "skipped": 0, "failed": 1,
+                                  "skipped_by_reason": {}, "failed_by_reason": {"encode/OutOfMemoryError": 1}}
     assert len(_samples(tmp_path)) == 2
 
 
@@ -385,7 +386,8 @@ def test_nan_latents_are_never_written(small_videos: Path, tmp_path: Path) -> No
     vae = load_vae(TINY_VAE, "cpu")
     _nan_encoder(vae)
     manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4", small_videos / "v1.mp4"], vae, samples_per_shard=2)
-    assert manifest["counts"] == {"samples": 0, "shards": 1, "failures": 2, "planned_clips": 2}
+    assert {k: manifest["counts"][k] for k in ("samples", "shards", "planned_clips", "skipped", "failed")} == {
+        "samples": 0, "shards": 1, "planned_clips": 2, "skipped": 0, "failed": 2}
     assert _samples(tmp_path) == {}
     assert {f["stage"] for f in _failures(tmp_path)} == {"encode"}
     assert all("NaN/Inf" in f["message"] for f in _failures(tmp_path))

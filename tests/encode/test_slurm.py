@@ -197,8 +197,9 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
         lines = RANK_LINE.findall(log_of(logs, "latentcache-encode", serial, str(task)))
         assert lines == [(str(task), str(clips), str(len(mine)))], lines
     manifest = read_manifest(serial_out)
-    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "failures": 1,
-                                  "planned_clips": SMALL_VIDEOS}
+    assert manifest["counts"] == {"samples": SMALL_VIDEOS, "shards": SMALL_VIDEOS, "planned_clips": SMALL_VIDEOS,
+                                  "skipped": 0, "failed": 1, "skipped_by_reason": {},
+                                  "failed_by_reason": {"probe/InvalidDataError": 1}}
     assert sorted(keys_once(serial_out)) == sorted(c.key for c in _planned_clips(serial_out))
 
     # The interrupted, resubmitted and finalized run: every file byte-identical to the uninterrupted one.
