@@ -1,7 +1,8 @@
-"""`latentcache` command line: builds the settings once, owns printing, progress bars and exit codes.
+"""The `latentcache` command line.
 
+It builds the settings once, owns printing, progress bars and exit codes; the encode job itself is job.py.
 Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error,
-3 finished but some inputs failed (see OUT/failures.jsonl). The encode job itself is job.py.
+3 finished but some inputs failed (see OUT/failures.jsonl), 4 finished but no sample was written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from latentcache.encode.families import FAMILIES
 from latentcache.encode.job import EXIT_CRASH, EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
 from latentcache.encode.settings import (
     ClipSettings,
@@ -30,14 +32,38 @@ __all__ = ["EXIT_CRASH", "EXIT_NO_SAMPLES", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT
 log = logging.getLogger("latentcache")
 
 
+DESCRIPTION = ("Encode a video dataset into VAE latents once, on every GPU, and stream them into a trainer that can "
+               "trust them.")
+ENCODE_DESCRIPTION = (
+    "Decode each input video, cut clips at the given frames, fps and size, encode them with a diffusers video VAE "
+    "and write webdataset shards of latents, a manifest and failures.jsonl into --out. Rerun the same command to "
+    "resume after any interruption, or with more inputs to add them; --dry-run shows what a run would do first.")
+EXIT_CODES = ("exit codes: 0 done; 2 a usage or settings error (nothing encoded); 3 done, but some inputs failed "
+              "(see failures.jsonl); 4 done, but no sample was written (the reason is printed); 1 a crash (a bug)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it has none worth saying or the help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if "default" in text or quiet or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="video files, directories (recursive), or a .txt/.csv/.jsonl list")
+    p.add_argument("inputs", nargs="+",
+                   help="what to encode, any mix of: video files; folders (searched recursively); glob or brace "
+                   "patterns; list files (.txt of paths, .csv/.jsonl/.parquet tables with path, caption and clip "
+                   "start/end columns); webdataset .tar files of videos; s3:// (or gs://, az://) urls of any of these")
     p.add_argument("--out", required=True, type=path_or_url_out,
                    help="output directory (shards, manifest, failures), or an object-storage url (s3://bucket/prefix)")
     g = p.add_argument_group("VAE")
     g.add_argument("--vae", default=None, help="local dir, hub id, or tiny-random-<family> "
                    "(default: the family's hub id, e.g. THUDM/CogVideoX-2b)")
-    g.add_argument("--family", default=None, help="VAE family: cogvideox, wan, hunyuanvideo or ltx "
+    g.add_argument("--family", default=None, help=f"VAE family: {', '.join(FAMILIES)} "
                    "(default: the one a tiny-random-<family> --vae names, else cogvideox)")
     g.add_argument("--subfolder", default=None, help="subfolder of a pipeline repo holding the VAE (default: vae)")
     g.add_argument("--revision", default=None,
@@ -48,7 +74,7 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiling", default=None, metavar="H,W,OVERLAP",
                    help="spatial tiling in pixels, e.g. 256,384,0.25 (validated against the VAE)")
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (the launcher's GPU, else the CPU)")
     g.add_argument("--batch-size", type=_batch_size, default=None,
                    help="clips per VAE call, or 'auto' (default): from the clip size and the GPU's memory (on a CPU, "
                    "its RAM), the same on every run on the same machine")
@@ -59,14 +85,17 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode on the GPU's NVDEC (h264_cuvid, hevc_cuvid, ...) where available, else on the CPU")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
-    c.add_argument("--frames", type=int, default=defaults.frames)
-    c.add_argument("--fps", type=float, default=defaults.fps)
-    c.add_argument("--height", type=int, default=defaults.height)
-    c.add_argument("--width", type=int, default=defaults.width)
+    c.add_argument("--frames", type=int, default=defaults.frames,
+                   help="frames per clip; the VAE's frame rule applies (4k+1 for CogVideoX, Wan, HunyuanVideo; 8k+1 "
+                   "for LTX-Video)")
+    c.add_argument("--fps", type=float, default=defaults.fps, help="frame rate clips are sampled at")
+    c.add_argument("--height", type=int, default=defaults.height, help="clip height in pixels (crop or fit to it)")
+    c.add_argument("--width", type=int, default=defaults.width, help="clip width in pixels")
     c.add_argument("--clips", default=defaults.strategy,
                    help="first | uniform:K | random:K (seeded by --seed) | sliding:SECONDS | all")
     c.add_argument("--seed", type=int, default=defaults.seed, help="seed of random:K clip starts")
-    c.add_argument("--resize", default=defaults.resize, choices=["crop", "fit"])
+    c.add_argument("--resize", default=defaults.resize, choices=["crop", "fit"],
+                   help="crop: scale to cover the clip size and cut the middle; fit: scale to fit inside and pad")
     c.add_argument("--short", default=defaults.short, choices=["skip", "pad"],
                    help="videos shorter than one clip (after --frame-buckets): skip (reported) or pad by repeating "
                    "the last frame (recorded in the clip's padded_frames)")
@@ -77,7 +106,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="shorter frame counts for videos too short for --frames, e.g. 33,17 (largest that fits)")
     c.add_argument("--images", action="store_true",
                    help="take still images (jpg, png, webp) too, as 1-frame samples in their own 1xHxW bucket")
-    p.add_argument("--samples-per-shard", type=int, default=EncodeSettings().samples_per_shard)
+    p.add_argument("--samples-per-shard", type=int, default=EncodeSettings().samples_per_shard,
+                   help="clips per shard tar (each shard holds one bucket)")
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="inputs per planning chunk: each rank probes only its chunks, and each chunk's clips make its "
                    "own shards (default: inputs/256, at most 1000; fixed once planned, new inputs use the value "
@@ -100,7 +130,13 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reencode-changed", action="store_true",
                    help="inputs changed since they were encoded (another file under the same name) are refused; "
                    "this plans and encodes again just the chunks that hold them, every other shard stays as it is")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan as a real run would (probing every input), print clips per bucket, skips and failures "
+                   "by reason and the estimated output size, and write nothing into --out")
+    p.add_argument("--estimate", type=int, default=0, metavar="N",
+                   help="with --dry-run: also decode and encode N clips here and extrapolate the whole run's "
+                   "device-hours on this device")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
 
 
 def _batch_size(text: str) -> int | None:
@@ -148,6 +184,10 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.fps <= 0:
         raise ConfigError(f"--fps must be positive, got {args.fps}")
+    if getattr(args, "estimate", 0) and not getattr(args, "dry_run", False):
+        raise ConfigError("--estimate goes with --dry-run (it times a few clips instead of encoding the run)")
+    if getattr(args, "estimate", 0) < 0:
+        raise ConfigError(f"--estimate must be 0 or more clips, got {args.estimate}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     encode = EncodeSettings(
@@ -167,7 +207,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
                               compile=args.compile, nvdec=args.nvdec, strict=args.strict)
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
                        overwrite=args.overwrite, chunk_size=args.chunk_size,
-                       reencode_changed=getattr(args, "reencode_changed", False))
+                       reencode_changed=getattr(args, "reencode_changed", False),
+                       dry_run=getattr(args, "dry_run", False), estimate=getattr(args, "estimate", 0))
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:
@@ -255,47 +296,56 @@ def path_or_url_out(text: str) -> Any:
 
 def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     """verify, info, preview, check-config: the trainer side of a dataset."""
-    p = sub.add_parser("verify", help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
-    p.add_argument("dir", type=path_or_url)
+    p = sub.add_parser("verify", formatter_class=HelpFormatter,
+                       help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
+    p.add_argument("dir", type=path_or_url, help="a latentcache output directory or s3:// url")
     p.add_argument("--trainer-config", type=Path, nargs="+", default=None,
                    help="also check a SAT-style training YAML (several are merged in order, like SAT's --base)")
     p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_verify)
-    p = sub.add_parser("info", help="a short table of a dataset, from its manifest")
-    p.add_argument("dir", type=path_or_url)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("info", formatter_class=HelpFormatter,
+                       help="a short table of a dataset, from its manifest")
+    p.add_argument("dir", type=path_or_url, help="a latentcache output directory or s3:// url")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("preview", help="decode latents back to video with the manifest's VAE (mp4, beside sources)")
-    p.add_argument("dir", type=Path)
+    p = sub.add_parser("preview", formatter_class=HelpFormatter,
+                       help="decode latents back to video with the manifest's VAE (mp4, beside sources)")
+    p.add_argument("dir", type=Path, help="a latentcache output directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--key", action="append", default=None, help="sample key (repeatable)")
     which.add_argument("--random", type=int, default=1, metavar="N", help="N random samples (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("preview.mp4"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --random choice")
+    p.add_argument("--out", type=Path, default=Path("preview.mp4"), help="the mp4 to write")
+    p.add_argument("--device", default="cpu", help="where the VAE decodes")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_preview)
-    p = sub.add_parser("check-config", help="does a CogVideo SAT-style training YAML fit these latents?")
+    p = sub.add_parser("check-config", formatter_class=HelpFormatter,
+                       help="does a CogVideo SAT-style training YAML fit these latents?")
     p.add_argument("config", type=Path, nargs="+", help="YAML file(s), merged in order like SAT's --base a b")
     p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_check_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentcache", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("encode", help="decode videos, encode them with a VAE, write latent shards")
+    parser = argparse.ArgumentParser(prog="latentcache", description=DESCRIPTION, epilog=EXIT_CODES,
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("encode", help="decode videos, encode them with a VAE, write latent shards",
+                       description=ENCODE_DESCRIPTION, epilog=EXIT_CODES, formatter_class=HelpFormatter)
     add_encode_arguments(p)
     p.set_defaults(func=_cmd_encode)
-    p = sub.add_parser("finalize", help="merge finished shards' sidecars into manifest.json")
-    p.add_argument("dir", type=path_or_url_out)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("finalize", formatter_class=HelpFormatter,
+                       help="merge finished shards' sidecars into manifest.json")
+    p.add_argument("dir", type=path_or_url_out, help="the output directory (or s3:// url) of an encode")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_finalize)
-    p = sub.add_parser("demo", help="generate videos, encode them with a tiny random VAE, feed a tiny transformer")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("demo", formatter_class=HelpFormatter,
+                       help="generate videos, encode them with a tiny random VAE, feed a tiny transformer")
+    p.add_argument("--out", type=Path, default=Path("demo_out"),
+                   help="a new or empty folder; the demo writes videos/ and latents/ there")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_demo)
     add_trainer_commands(sub)
     return parser

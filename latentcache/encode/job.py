@@ -72,6 +72,9 @@ def run(settings: JobSettings, world: World = World()) -> int:
 
     started = time.perf_counter()
     encode, runtime, out = settings.encode, settings.runtime, settings.out
+    check_before_loading(settings)
+    if settings.dry_run:
+        return print_dry_run(settings, world) if world.is_main else EXIT_OK
     vae = load_vae(encode.vae, world.device or runtime.device)
     vae.tune(compile_encoder=runtime.compile)
     texts = None
@@ -134,6 +137,33 @@ def run(settings: JobSettings, world: World = World()) -> int:
               f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
         return EXIT_OK
     return report_finalize(out)
+
+
+def check_before_loading(settings: JobSettings) -> None:
+    """What can be refused in a second is refused before a multi-GB VAE loads or any input is probed: frame counts
+    and sizes the VAE cannot encode (from its config alone), buckets, --out holding someone else's files, and an
+    output made with other settings."""
+    from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
+    from latentcache.encode.plan import check_buckets
+    from latentcache.encode.vae import peek_spec
+
+    spec = peek_spec(settings.encode.vae)
+    if spec is not None:
+        spec.check_clip(settings.encode.clip)
+        check_buckets(settings.encode.clip, spec.to_dict())
+    refuse_foreign_output(settings.out)
+    refuse_changed_settings(settings.out, settings.encode, settings.overwrite)
+
+
+def print_dry_run(settings: JobSettings, world: World) -> int:
+    from latentcache.encode.dry_run import dry_run
+    from latentcache.encode.vae import load_vae
+
+    vae = load_vae(settings.encode.vae, world.device or settings.runtime.device)
+    result = dry_run(settings, vae, estimate=settings.estimate)
+    for line in result.lines(settings.out, str(vae.device)):
+        print(line)
+    return EXIT_OK
 
 
 def print_job_summary(totals: list[float], wall_seconds: float) -> None:

@@ -16,6 +16,7 @@ from latentcache.encode.chunks import JobPlan
 from latentcache.encode.plan import (
     OUTPUT_MARKER,
 )
+from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
 from latentcache.format.shards import (
@@ -40,6 +41,15 @@ def claim_output(out: Path) -> None:
     marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
     shards/ that the run, or --overwrite, would replace.
     """
+    refuse_foreign_output(out)
+    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
+    _writing(out, out.mkdir, parents=True, exist_ok=True)
+    marker = out / OUTPUT_MARKER
+    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+
+
+def refuse_foreign_output(out: Path) -> None:
+    """`claim_output`'s check alone, writing nothing (--dry-run, and the checks made before the VAE loads)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
     marker = out / OUTPUT_MARKER
@@ -52,9 +62,36 @@ def claim_output(out: Path) -> None:
             raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
                               f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
                               "directory") from None
-    # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
-    _writing(out, out.mkdir, parents=True, exist_ok=True)
-    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+
+
+def refuse_changed_settings(out: Path, settings: EncodeSettings, overwrite: bool) -> None:
+    """An output planned with other settings is refused before any model loads (the VAE itself is compared once it
+    is loaded, in `pipeline.load_or_make_plan`)."""
+    if overwrite or not (out / PLAN_FILE).is_file():
+        return
+    existing = chunks.read_job_plan(out)
+    wanted = JobPlan(existing.fingerprint, settings.output_affecting(), existing.vae, [])
+    # Through JSON, as plan.json holds them (a tuple now is the list it became there).
+    if json.loads(json.dumps(wanted.settings, default=str)) != existing.settings:
+        raise ConfigError(f"{out} was made with other settings: {differences(existing, wanted)}. Use a new --out "
+                          "directory, or --overwrite to start this one again.")
+
+
+def differences(old: JobPlan, new: JobPlan) -> str:
+    """What differs between an output's plan and the one these settings make: `a.b: old then, new now; ...`."""
+    diffs = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            diffs.append(f"{where}: {a!r} then, {b!r} now")
+
+    # Through JSON both ways, so a tuple now and the list it became in plan.json compare equal.
+    now = json.loads(json.dumps({"settings": new.settings, "vae": new.vae}, default=str))
+    walk({"settings": old.settings, "vae": old.vae}, now, "")
+    return "; ".join(diffs[:6]) or "the input clips differ"
 
 
 def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

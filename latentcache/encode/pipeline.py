@@ -23,7 +23,7 @@ from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
-from latentcache.encode.output import PLAN_FILE, _writing, claim_output, clear_outputs
+from latentcache.encode.output import PLAN_FILE, _writing, claim_output, clear_outputs, differences
 from latentcache.encode.plan import (
     InputVideo,
     Plan,
@@ -96,7 +96,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
         if changed and not overwrite:
             raise ConfigError(f"{out}: {changed}")
         if existing.fingerprint != wanted.fingerprint and not overwrite:
-            raise ConfigError(f"{out} was made with other settings or another VAE: {_differences(existing, wanted)}. "
+            raise ConfigError(f"{out} was made with other settings or another VAE: {differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
         if existing.fingerprint == wanted.fingerprint and not overwrite:
             return _append(out, existing, chunks.InputTable(inputs), chunk_size)
@@ -134,30 +134,6 @@ def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int
     was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
     return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
                              strict=strict, reencode_changed=reencode_changed)
-
-
-
-
-def _differences(old: JobPlan, new: JobPlan) -> str:
-    diffs = []
-
-    def walk(a: Any, b: Any, where: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
-        elif a != b:
-            diffs.append(f"{where}: {a!r} then, {b!r} now")
-
-    # Through JSON both ways, so a tuple now and the list it became in plan.json compare equal.
-    now = json.loads(json.dumps({"settings": new.settings, "vae": new.vae}, default=str))
-    walk({"settings": old.settings, "vae": old.vae}, now, "")
-    return "; ".join(diffs[:6]) or "the input clips differ"
-
-
-
-
-
-
 
 
 

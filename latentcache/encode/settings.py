@@ -150,6 +150,9 @@ class JobSettings:
     reencode_changed: bool = False
     # Inputs per planning chunk; None: from the number of new inputs (`chunks.auto_chunk_size`).
     chunk_size: int | None = None
+    # --dry-run: plan and describe the run, write nothing into OUT; --estimate N: also time N clips here.
+    dry_run: bool = False
+    estimate: int = 0
 
 
 def hash_json(obj: Any) -> str:

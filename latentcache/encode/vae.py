@@ -381,6 +381,31 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def peek_spec(settings: VAESettings) -> LatentSpec | None:
+    """The latent spec of the VAE `settings` name, from its config alone (no weights read, nothing downloaded for a
+    hub id that is not cached): so a --frames or --height it cannot encode is refused in a second, before a
+    multi-GB VAE loads. None when the config cannot be read offline; `load_vae` then checks as before."""
+    import diffusers
+
+    family = family_of(settings.family)
+    cls = getattr(diffusers, family.class_name)
+    try:
+        if settings.source == TINY_RANDOM_SUFFIX + family.name:
+            config: dict[str, Any] = dict(family.tiny_config)
+        else:
+            found = _config_class_name(settings.source, settings.subfolder, settings.revision)
+            if found is None or found[1] != family.class_name:
+                return None  # load_vae names what is wrong with it
+            config = strictjson.loads(Path(found[0]).read_bytes())
+        # The meta device: the module's shapes without memory or initialisation.
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        return family.spec_from_model(model)
+    except Exception as e:  # best effort only: any surprise here leaves the check to load_vae, which is exact
+        log.debug("no early latent spec for %s: %s", settings.source, e)
+        return None
+
+
 def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
     """Load from a local directory, a hub id (with `subfolder`), or the built-in `tiny-random-<family>`."""
     import diffusers

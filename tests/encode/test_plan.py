@@ -222,8 +222,8 @@ def test_plan_groups_shards_by_bucket_and_each_clip_carries_its_own(tmp_path):
     assert sorted(s.bucket for s in plan.shards) == ["17x64x96", "17x96x64", "9x64x96"]
     for shard in plan.shards:
         assert {c.bucket for c in plan.clips if c.key in shard.keys} == {shard.bucket}
-    assert [(r["path"].rsplit("/", 1)[-1], r["stage"], r["error"]) for r in plan.rejected] == [
-        ("tiny.mp4", "plan", "skipped")]
+    assert [(r["path"].rsplit("/", 1)[-1], r["stage"], r["outcome"], r["reason"]) for r in plan.rejected] == [
+        ("tiny.mp4", "plan", "skipped", "too short")]
     # Decoding a clip with its bucket's settings gives that bucket's frames and size.
     rot = next(c for c in plan.clips if c.relpath == "rot.mp4")
     assert clip_settings_for(rot.bucket, BUCKETS).frames == 17
