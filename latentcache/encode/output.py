@@ -110,28 +110,36 @@ def clear_outputs(out: Path, plan: JobPlan) -> None:
     """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
     temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
     emptied folders go)."""
-    log.warning("--overwrite: removing the previous shards, manifest and plan in %s", out)
     folders: set[Path] = set()
+    removed: list[Path] = []
+
+    def remove(path: Path) -> None:
+        remove_temporaries(path)
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+
     for ref in plan.chunk_refs():
         chunk_file = out / ref.plan_name
         if chunk_file.is_file():
             for shard in chunks.read_chunk_plan(out, plan, ref).shards:
                 path = out / shard.relpath
-                remove_temporaries(path)
-                path.unlink(missing_ok=True)
-                sidecar_path(path).unlink(missing_ok=True)
+                remove(path)
+                remove(sidecar_path(path))
                 folders.add(path.parent)
-        remove_temporaries(chunk_file)
-        chunk_file.unlink(missing_ok=True)
+        remove(chunk_file)
         folders.add(chunk_file.parent)
     for part in plan.parts:
         for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
-            remove_temporaries(out / name)
-            (out / name).unlink(missing_ok=True)
+            remove(out / name)
             folders.add((out / name).parent)
     for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
-        remove_temporaries(out / name)
-        (out / name).unlink(missing_ok=True)
+        remove(out / name)
+    tars = sum(p.suffix == ".tar" for p in removed)
+    # Said, not only done: the user sees what --overwrite took (and that nothing else went).
+    log.warning("--overwrite: removed %d file(s) that latentcache wrote in %s (%d shard tar(s) with their sidecars, "
+                "the plan, chunk plans, inputs files, manifest, failures), e.g. %s; nothing else was touched",
+                len(removed), out, tars, ", ".join(str(p)[len(str(out)):].lstrip("/") for p in removed[:3]) or "-")
     for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

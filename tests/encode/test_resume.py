@@ -408,7 +408,7 @@ def test_out_holding_a_users_files_is_refused(small_videos: Path, tmp_path: Path
     assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*") if p.is_file()} == mine
 
 
-def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_path: Path, capsys) -> None:
+def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_path: Path, capsys, caplog) -> None:
     out = tmp_path / "out"
     videos = tmp_path / "in"
     videos.mkdir()
@@ -423,6 +423,12 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("mine")
     assert main([*_cli_args(videos, out, frames="9"), "--overwrite"]) == 0
+    # It says what it removed: 8 files (1 tar + sidecar, plan, chunk plan, 2 inputs files, manifest, failures).
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--overwrite: removed")]
+    assert said == [f"--overwrite: removed 8 file(s) that latentcache wrote in {out} (1 shard tar(s) with their "
+                    "sidecars, the plan, chunk plans, inputs files, manifest, failures), e.g. "
+                    "shards/17x64x96/p0000-c000000-000000.tar, shards/17x64x96/p0000-c000000-000000.tar.json, "
+                    "chunks/p0000/c000000.json; nothing else was touched"]
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert left == sorted([".latentcache", "chunks/p0000/c000000.json", "failures.jsonl", "inputs/part-0000.jsonl",
                            "inputs/part-0000.keys.npy", "manifest.json", "notes.txt", "plan.json",
