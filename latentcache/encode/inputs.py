@@ -101,12 +101,24 @@ def _csv_rows(list_file: Path, f: Any) -> Iterator[dict[str, Any]]:
             raise ConfigError(f"{list_file}: a CSV list needs a 'path' column (or 'url'; optionally "
                               "'caption', 'start'/'end' or 'timestamp'); "
                               f"found columns: {', '.join(reader.fieldnames or []) or 'none'}")
-        yield from reader
+        for row in reader:
+            yield {k: v if k in READ_COLUMNS else _json_cell(v) for k, v in row.items()}
     except csv.Error as e:
         why = f"a cell is longer than {MAX_CSV_CELL} characters" if "field limit" in str(e) else str(e)
         # reader.reader: DictReader copies line_num only after a row is read whole.
         raise ConfigError(f"{list_file}: line {reader.reader.line_num}: {why}; not a CSV list latentcache reads") \
             from None
+
+
+def _json_cell(value: Any) -> Any:
+    """A CSV cell holding a JSON list or object (Panda-70M's per-span `matching_score`, `[0.43, 0.41]`) as that
+    list or object, so it can be indexed as in a JSONL or Parquet list; any other cell stays the text it is."""
+    if not isinstance(value, str) or value.lstrip()[:1] not in ("[", "{"):
+        return value
+    try:
+        return strictjson.loads(value, max_depth=MAX_ROW_DEPTH)
+    except ValueError:  # not JSON after all ("[draft]"), or deeper than a row may be: kept as its text
+        return value
 
 
 def _not_utf8(list_file: Path) -> str:

@@ -369,3 +369,20 @@ def test_file_and_member_names_that_are_not_utf8_cost_a_warning(tmp_path: Path, 
     assert f"{d}/t.tar::caf\\xe9.mp4: the file name is not UTF-8" in caplog.text
     with pytest.raises(ConfigError, match=r"caf\\\\xe9.mp4'?: the path is not UTF-8"):
         list(iter_inputs([os.fsdecode(os.fsencode(d) + b"/caf\xe9.mp4")]))
+
+
+def test_csv_cells_holding_json_lists_arrive_as_lists_like_jsonl_and_parquet(tmp_path: Path) -> None:
+    """Panda-70M's CSV gives `matching_score` per span as `[0.43, 0.41]`: it reaches meta["row"] as a list that can
+    be indexed by span_index, as from a JSONL or Parquet list; a cell that only looks like JSON stays text."""
+    write_video(tmp_path / "a", codec="h264", num_frames=72)
+    with open(tmp_path / "list.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "start", "end", "matching_score", "note", "meta", "count"])
+        w.writerow(["a.mp4", "0", "3", "[0.43, 0.41]", "[draft]", '{"license": "cc-by"}', "7"])
+    with open(tmp_path / "list.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"path": "a.mp4", "start": 0, "end": 3, "matching_score": [0.43, 0.41],
+                            "note": "[draft]", "meta": {"license": "cc-by"}, "count": "7"}) + "\n")
+    [from_csv] = iter_inputs([tmp_path / "list.csv"])
+    [from_jsonl] = iter_inputs([tmp_path / "list.jsonl"])
+    assert from_csv.extra == from_jsonl.extra == {"matching_score": [0.43, 0.41], "note": "[draft]",
+                                                  "meta": {"license": "cc-by"}, "count": "7"}
