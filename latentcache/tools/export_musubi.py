@@ -43,6 +43,12 @@ def _dtype_str(dtype: torch.dtype) -> str:
     """musubi's dtype_to_str (utils/model_utils.py): the torch name, `bfloat16`, `float16`, `float32`."""
     return str(dtype).split(".")[-1]
 FORMAT_VERSION = "1.0.1"
+# musubi's WanVAE (wan/modules/vae.py) normalises with these constants whatever the checkpoint: the Wan 2.1 VAE's
+# latents_mean/latents_std. It has no Wan 2.2 (48-channel) VAE.
+MUSUBI_WAN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                   0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+MUSUBI_WAN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 
 @dataclass(slots=True)
@@ -58,6 +64,19 @@ def _item_name(key: str, meta: dict[str, Any]) -> str:
     source = meta.get("source")
     stem = Path(source).stem if isinstance(source, str) and source else key
     return re.sub(r"[^A-Za-z0-9_.-]", "-", stem)
+
+
+def _check_wan_spec(spec: dict[str, Any], source: str | os.PathLike) -> None:
+    """musubi's `wan` cache means the Wan 2.1 VAE's latents; anything else would be normalised differently there."""
+    if int(spec["channels"]) != 16:
+        raise ConfigError(f"{source}: a {spec['channels']}-channel wan VAE (Wan 2.2 TI2V's is 48); musubi-tuner's Wan "
+                          "VAE and cache are the 16-channel Wan 2.1 VAE's (also used by Wan 2.2 A14B)")
+    for name, musubi_value in (("latents_mean", MUSUBI_WAN_MEAN), ("latents_std", MUSUBI_WAN_STD)):
+        value = spec.get(name)
+        if value is None or len(value) != 16 or any(abs(a - b) > 1e-4 for a, b in zip(value, musubi_value,
+                                                                                         strict=True)):
+            raise ConfigError(f"{source}: the manifest's {name} is not the Wan 2.1 VAE's, which musubi-tuner's Wan "
+                              "VAE applies always; musubi would read these latents with the wrong normalisation")
 
 
 def _source_size(meta: dict[str, Any], fallback: tuple[int, int]) -> tuple[int, int]:
@@ -122,6 +141,8 @@ def export_musubi(source: str | os.PathLike, to: str | os.PathLike, *, dtype: st
     if family not in ARCHITECTURES:
         raise ConfigError(f"{source}: family {family} has no musubi-tuner latent cache that latentcache can write "
                           f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    if family == "wan":
+        _check_wan_spec(spec, source)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
     out_dtype = DTYPE_NAMES[dtype] if dtype else DEFAULT_DTYPES[family]

@@ -182,3 +182,71 @@ def test_refusals_name_the_reason(videos, tmp_path):
     with pytest.raises(ConfigError, match="family cogvideox has no musubi-tuner latent cache"):
         export_musubi(cog, tmp_path / "cache2")
     assert main(["export", "musubi", str(cog), "--to", str(tmp_path / "cache3")]) == 2
+
+
+def test_wan_export_refuses_vaes_musubi_normalises_differently(wan_out, tmp_path):
+    """musubi's Wan VAE is 16-channel Wan 2.1 with fixed latents_mean/latents_std: a 48-channel Wan 2.2 TI2V output,
+    or one with other statistics, would be read with the wrong normalisation, so the export refuses it."""
+    import shutil
+
+    for change, match in ((lambda spec: spec.update(channels=48, latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+                           "48-channel wan VAE"),
+                          (lambda spec: spec["latents_std"].__setitem__(0, 1.0), "latents_std is not the Wan 2.1")):
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(wan_out, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest["latent_spec"])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ConfigError, match=match):
+            export_musubi(copy, tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_wan_export_equals_musubis_own_wan_vae_on_full_size_random_weights(musubi, tmp_path):
+    """Once, at full size: musubi's own Wan 2.1 VAE (original checkpoint format, fixed architecture) against
+    `latentcache encode` + `export musubi` with the same random weights, converted by diffusers' own converter.
+    Tolerance: relative RMS 0.01 (two correct bf16 implementations differ by about 0.006; latentcache encodes in
+    float32 here, musubi in bf16 as its cache script does)."""
+    pytest.importorskip("einops")
+    import av
+    import diffusers
+    import numpy as np
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from musubi_tuner.wan.modules import vae as musubi_vae
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    original = musubi_vae.WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                  temperal_downsample=[False, True, True], dropout=0.0).eval()
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    checkpoint = tmp_path / "Wan2.1_VAE.safetensors"
+    save_file(state, str(checkpoint))
+    model = diffusers.AutoencoderKLWan()  # the Wan 2.1 config: 16 channels, its latents_mean/latents_std
+    model.load_state_dict(convert_wan_vae_to_diffusers(dict(state)), strict=True)
+    model.save_pretrained(tmp_path / "vae")
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip", codec="h264", num_frames=9, height=64, width=64, fps=8)
+    out = tmp_path / "out"
+    assert main(["encode", str(videos), "--out", str(out), "--vae", str(tmp_path / "vae"), "--family", "wan",
+                 "--device", "cpu", "--frames", "9", "--fps", "8", "--height", "64", "--width", "64"]) == 0
+    (ours,) = export_musubi(out, tmp_path / "cache").latents
+    with safe_open(str(ours), "pt") as f:
+        exported = f.get_tensor(f.keys()[0]).float()
+
+    (sample,) = _samples(out).values()
+    with av.open(str(next(videos.iterdir()))) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    picked = [round(t * 8) for t in sample["meta"]["frame_times"]]
+    assert picked == list(range(9))
+    pixels = torch.from_numpy(np.stack([frames[i] for i in picked]))  # F, H, W, C
+    # wan_cache_latents.py encode_and_save_batch, step by step, with musubi's WanVAE in bf16.
+    vae = musubi_vae.WanVAE(vae_path=str(checkpoint), dtype=torch.bfloat16, device="cpu")
+    contents = pixels[None].permute(0, 4, 1, 2, 3).contiguous().to(dtype=torch.bfloat16) / 127.5 - 1.0
+    with torch.amp.autocast(device_type="cpu", dtype=torch.bfloat16), torch.no_grad():
+        reference = torch.stack(vae.encode(contents), dim=0).to(torch.bfloat16)[0].float()
+    assert exported.shape == reference.shape == (16, 3, 8, 8)
+    rel_rms = ((exported - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+    print(f"relative RMS, latentcache export vs musubi's own Wan VAE: {rel_rms:.5f}")
+    assert rel_rms < 0.01
