@@ -250,3 +250,16 @@ def test_wan_export_equals_musubis_own_wan_vae_on_full_size_random_weights(musub
     rel_rms = ((exported - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
     print(f"relative RMS, latentcache export vs musubi's own Wan VAE: {rel_rms:.5f}")
     assert rel_rms < 0.01
+
+
+def test_two_videos_of_one_name_are_refused_not_overwritten(tmp_path):
+    """musubi names a cache file by the video's file name, start, length and size: a.mp4 and sub/a.mp4 would share
+    one file, so the export stops, naming both samples, instead of silently keeping one."""
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    write_video(videos / "same", codec="h264", num_frames=30, height=64, width=96)
+    write_video(videos / "sub" / "same", codec="h264", num_frames=30, height=64, width=96)
+    out = _encode(videos, tmp_path / "out", "wan")
+    with pytest.raises(LatentMismatchError, match=r"musubi cache name same_00000-013_0096x0064_wan.safetensors is "
+                                                  r"also .*'s .*distinct video names"):
+        export_musubi(out, tmp_path / "cache")
