@@ -267,6 +267,17 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export_musubi(args: argparse.Namespace) -> int:
+    from latentcache.tools.export_musubi import export_musubi
+
+    result = export_musubi(args.dir, args.to, dtype=args.dtype, seed=args.seed)
+    print(f"wrote {len(result.latents)} latent and {len(result.text)} text-encoder cache file(s) to {args.to}")
+    if result.latents and not result.text:
+        # musubi's dataset skips a latent without its text cache; its own script writes them under matching names
+        print("no prompt embeddings were cached: run musubi-tuner's text-encoder caching script on the same videos")
+    return EXIT_OK
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from latentcache.format.manifest import read_manifest
     from latentcache.train.trainer_config import config_problems, load_trainer_config
@@ -326,6 +337,18 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_check_config)
+    export = sub.add_parser("export", help="write another trainer's cache files from a latentcache output")
+    p = export.add_subparsers(dest="trainer", required=True).add_parser(
+        "musubi", help="musubi-tuner latent (and Wan T5) cache files: Wan 2.1 and HunyuanVideo")
+    p.add_argument("dir", type=path_or_url, help="latentcache output directory")
+    p.add_argument("--to", type=Path, required=True, help="musubi-tuner cache_directory to write into")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="latent dtype (default: musubi's own caching default, bfloat16 for Wan, float16 for "
+                        "HunyuanVideo)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the HunyuanVideo posterior sample (musubi caches a sample; default 0)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_export_musubi)
 
 
 def build_parser() -> argparse.ArgumentParser:
