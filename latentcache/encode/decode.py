@@ -782,7 +782,8 @@ class _Run:
             # A second of margin covers B-frame reordering around the clip start.
             # Only where the decoder applies skip_frame to the packet sent with it (`_SKIP_CODECS`): libdav1d, for
             # one, applies it frames late, and dropped a frame of the clip, which then read as damage.
-            preroll = seek and not self.detect_holes and self.stream.codec_context.name in _SKIP_CODECS
+            preroll = (seek and not self.detect_holes and self.codec is None
+                       and self.stream.codec_context.name in _SKIP_CODECS)
             preroll_until = self.start - 1.0 if preroll else None
             skipper = _Skipper(builder.targets, self.stream, t0) if self.skip else None
             for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path, preroll_until,
