@@ -8,12 +8,23 @@ compare with the ffmpeg command line doing the same seek + decode + scale into r
 Prints ms per clip early and late in the file and their ratio (about 1 when seeking works), then clips/s of
 latentcache (PyAV in process, frame threads) and of `ffmpeg -ss START -i FILE -vf fps,scale,crop -f rawvideo`
 (a process per clip, as a shell loop or a subprocess-based loader does), and their ratio.
+
+CPU seconds per clip (issue 22: what decoding costs per GPU), side by side in one run, clip by clip:
+
+    python bench/decode.py --cpu --minutes 1 --size 1920x1080 --codec h264_bframes --height 480 --width 720
+    python bench/decode.py --cpu --minutes 1 --size 1280x720 --codec hevc --height 480 --width 720
+
+times (user+sys, `resource.getrusage`) four decodes of each clip from the middle of the file: latentcache as it was
+(every frame from the seek point: `exhaustive=True`), latentcache now (frames no target shows are skipped), the same
+with `--decode-check off`, and the ffmpeg CLI; and checks that the first two give bit-identical frames. The generated
+file is cached in the temp dir (`latentcache-bench-decode/`), so a rerun does not encode it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,6 +77,40 @@ def interleaved(path: Path, exe: str, starts: list[float], clip: ClipSettings) -
     return ours, theirs, pairs
 
 
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_compare(path: Path, exe: str, starts: list[float], clip: ClipSettings) -> int:
+    """CPU-s per clip of the four decodes, interleaved clip by clip; the frames of old and new must be identical."""
+    kinds = {
+        "before (every frame, check auto)": lambda s: decode_clip(path, s, clip, exhaustive=True),
+        "after  (skipping,    check auto)": lambda s: decode_clip(path, s, clip),
+        "after  (skipping,    check off) ": lambda s: decode_clip(path, s, clip, check="off"),
+    }
+    cpu = {name: [] for name in kinds} | {"ffmpeg CLI": []}
+    decoded = {name: [] for name in kinds}
+    identical = True
+    for start in starts:
+        frames = []
+        for name, run in kinds.items():
+            began = cpu_seconds(resource.RUSAGE_SELF)
+            c = run(start)
+            cpu[name].append(cpu_seconds(resource.RUSAGE_SELF) - began)
+            decoded[name].append(c.meta["frames_decoded"])
+            frames.append(c.frames)
+        identical &= all(np.array_equal(frames[0], f) for f in frames[1:])
+        began = cpu_seconds(resource.RUSAGE_CHILDREN)
+        ffmpeg_clip(exe, path, start, clip)
+        cpu["ffmpeg CLI"].append(cpu_seconds(resource.RUSAGE_CHILDREN) - began)
+    for name, values in cpu.items():
+        frames = f", {np.mean(decoded[name]):.0f} frames decoded per clip" if name in decoded else ""
+        print(f"{name}: {np.mean(values):.2f} CPU-s per clip{frames}")
+    print(f"sampled frames bit-identical, before vs after: {identical}")
+    return 0 if identical else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--video", type=Path, default=None, help="use this file instead of generating one")
@@ -77,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=320)
+    p.add_argument("--codec", default="h264", help="synthetic.CODECS name of the generated file (h264_bframes, hevc)")
+    p.add_argument("--cpu", action="store_true", help="CPU-s per clip: before/after skipping, --decode-check off, "
+                   "the ffmpeg CLI, on clips from the middle of the file (see the module docstring)")
     args = p.parse_args(argv)
     exe = ffmpeg_exe()
     clip = ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width)
@@ -84,12 +132,27 @@ def main(argv: list[str] | None = None) -> int:
         path = args.video
         if path is None:
             w, h = (int(x) for x in args.size.split("x"))
+            # Cached across runs: a minute of 1080p takes a while to encode on a small machine.
+            cache = Path(tempfile.gettempdir()) / "latentcache-bench-decode" if args.cpu else Path(tmp)
+            cache.mkdir(exist_ok=True)
+            name = f"long_{args.codec}_{args.minutes:g}min_{w}x{h}_gop{args.gop or 250}".replace(".", "p")
+            found = sorted(cache.glob(name + ".*"))
             began = time.perf_counter()
-            path = write_video(Path(tmp) / "long", codec="h264", num_frames=int(args.minutes * 60 * 24), fps=24,
-                               height=h, width=w, gop=args.gop)
-            print(f"wrote {path.name}: {args.minutes:g} min, {w}x{h}, h264 ultrafast, keyframe every "
-                  f"{args.gop or 250} frames, in {time.perf_counter() - began:.1f}s")
+            path = found[0] if found else write_video(cache / name, codec=args.codec,
+                                                      num_frames=int(args.minutes * 60 * 24), fps=24, height=h,
+                                                      width=w, gop=args.gop)
+            print(f"{'reused' if found else 'wrote'} {path}: {args.minutes:g} min, {w}x{h}, {args.codec} ultrafast, "
+                  f"keyframe every {args.gop or 250} frames, in {time.perf_counter() - began:.1f}s")
         info = probe(path)
+        if args.cpu:
+            span = (clip.frames - 1) / clip.fps
+            middle = (info.duration - span) / 2
+            starts = [round(middle + 0.37 * i, 3) for i in range(args.clips)]
+            print(f"{info.duration:.0f}s {info.codec} {info.width}x{info.height}; {args.clips} clips of {clip.frames} "
+                  f"frames at {clip.fps:g} fps, {clip.height}x{clip.width}, from {middle:.1f}s; {os.cpu_count()} "
+                  f"CPUs, load average {os.getloadavg()[0]:.1f}")
+            decode_clip(path, starts[0], clip)  # warm up (page cache, codec init)
+            return cpu_compare(path, exe, starts, clip)
         span = (clip.frames - 1) / clip.fps
         rng = np.random.default_rng(0)
         # The first and the last minute (or each half of a shorter file) that a whole clip fits in.

@@ -17,6 +17,7 @@ from typing import Any
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.job import EXIT_CRASH, EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
 from latentcache.encode.settings import (
+    DECODE_CHECKS,
     ClipSettings,
     EncodeSettings,
     JobSettings,
@@ -83,6 +84,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
     g.add_argument("--nvdec", action="store_true",
                    help="decode on the GPU's NVDEC (h264_cuvid, hevc_cuvid, ...) where available, else on the CPU")
+    g.add_argument("--decode-check", choices=DECODE_CHECKS, default="auto",
+                   help="auto (default): decode HEVC and VP9 clips a second time with another decoder, to drop clips "
+                   "with damage those decoders conceal (about twice their decode CPU); off: skip that decode, for "
+                   "corpora you trust (transcoded by you). Does not change what an intact clip decodes to")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
     c.add_argument("--frames", type=int, default=defaults.frames,
@@ -204,7 +209,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         image_latents=_image_latents(args, family.name),
     )
     runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                              compile=args.compile, nvdec=args.nvdec, strict=args.strict)
+                              compile=args.compile, nvdec=args.nvdec, strict=args.strict,
+                              decode_check=args.decode_check)
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
                        overwrite=args.overwrite, chunk_size=args.chunk_size,
                        reencode_changed=getattr(args, "reencode_changed", False),

@@ -83,6 +83,16 @@ def test_decode_bench(capsys):
     assert re.search(r"late/early = [0-9.]+", out)
 
 
+@pytest.mark.slow
+def test_decode_bench_cpu_seconds(capsys):
+    pytest.importorskip("imageio_ffmpeg", reason="bench/decode.py compares with imageio-ffmpeg's ffmpeg (.[bench])")
+    assert bench("decode").main(["--cpu", "--minutes", "0.1", "--codec", "h264_bframes", "--clips", "2",
+                                 "--frames", "9", "--height", "64", "--width", "96", "--gop", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "sampled frames bit-identical, before vs after: True" in out
+    assert re.search(r"ffmpeg CLI: [0-9.]+ CPU-s per clip", out)
+
+
 def test_loader_bench_resumes_exactly_with_both_loaders(capsys):
     """bench/loader.py: our StatefulLoader and torchdata's StatefulDataLoader, stopped and resumed (with workers)."""
     pytest.importorskip("torchdata")

@@ -16,6 +16,7 @@ state. A candidate split, when this grows: probing (`probe`, `VideoInfo`) and st
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -40,7 +41,7 @@ from latentcache.encode.integrity import (
     _second_decoder,
     _why,
 )
-from latentcache.encode.settings import ClipSettings
+from latentcache.encode.settings import DECODE_CHECKS, ClipSettings
 from latentcache.errors import InputError
 from latentcache.storage import sources
 
@@ -401,14 +402,14 @@ def _since_start(pts: int, time_base: Fraction, stream: av.video.stream.VideoStr
 
 def _decoded_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, t0: float,
                     integrity: _Integrity, path: str, preroll_until: float | None = None,
-                    codec: av.CodecContext | None = None) -> Iterator[_Decoded]:
+                    codec: av.CodecContext | None = None, skipper: _Skipper | None = None) -> Iterator[_Decoded]:
     """Decode packet by packet, so that one bad packet is recorded and decoded around instead of ending the clip.
 
     Packets shown before `preroll_until` are only decoded as far as later frames need them: the decoder skips
     non-reference frames (most B-frames) there, which no frame of the clip can depend on.
     """
     decoded, bad_in_row = 0, 0
-    packets = container.demux(stream)
+    packets = container.demux(stream) if skipper is None else skipper.wrap(container.demux(stream))
     ctx = codec if codec is not None else stream.codec_context
     # Set on every pass: a pass that ended in preroll (a missed seek) must not leave frames skipped for the next.
     ctx.skip_frame = "NONREF" if preroll_until is not None else "DEFAULT"
@@ -428,6 +429,9 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
         if preroll_until is not None and (packet_t is None or packet_t >= preroll_until):
             ctx.skip_frame = "DEFAULT"
             preroll_until = None
+        if preroll_until is None and skipper is not None:
+            # Set per packet: FFmpeg's frame threads copy skip_frame into the thread that takes this very packet.
+            ctx.skip_frame = "NONREF" if skipper.unneeded(packet) else "DEFAULT"
         if packet.is_corrupt:
             integrity.damage(packet_t, "a packet is flagged corrupt by the demuxer")
         elif crc is not None and packet.pos is not None and not crc.intact(packet.pos):
@@ -457,7 +461,77 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
 
 
 
-def _check_second_opinion(path: str, index: int, builder: _ClipBuilder) -> None:
+# Decoders that apply skip_frame to the packet sent with it, also with frame threads, and mark non-reference frames
+# in the bitstream (H.264 nal_ref_idc, HEVC's sub-layer non-reference NAL types). Others decode every frame.
+_SKIP_CODECS = {"h264", "hevc"}
+# How far `_Skipper` reads ahead of the decoder for a packet's successor; beyond it, the packet is decoded.
+_LOOKAHEAD_PACKETS = 64
+
+
+class _Skipper:
+    """Decides, per packet, whether its frame can be left undecoded: the frame of a packet shown at `p` is on screen
+    at no target time when another packet is shown after `p` and at or before the first target at or after `p`.
+
+    Such a packet is sent with skip_frame NONREF, so the decoder drops it only when no other frame references it:
+    every frame a target shows, and every frame those predict from, decode exactly as in a full decode. Packets are
+    read ahead from the demuxer (cheap: no decoding) until the answer is certain: once a packet's decode time passes
+    the target, no later packet can be shown before it. Without timestamps, past the last target, or beyond
+    `_LOOKAHEAD_PACKETS`, the packet is decoded.
+    """
+
+    def __init__(self, targets: list[float], stream: av.video.stream.VideoStream, t0: float) -> None:
+        self.targets, self.stream, self.t0 = targets, stream, t0
+        self.ahead: list[tuple[av.Packet, float | None, float | None]] = []  # (packet, pts time, dts time)
+        self.source: Iterator[av.Packet] | None = None
+        self.ended = False
+        self.skipped = 0
+
+    def _time(self, ts: int | None, packet: av.Packet) -> float | None:
+        return None if ts is None else _since_start(ts, packet.time_base, self.stream, self.t0)
+
+    def _read(self) -> bool:
+        assert self.source is not None
+        if self.ended:
+            return False
+        try:
+            packet = next(self.source)
+        except StopIteration:
+            self.ended = True
+            return False
+        self.ahead.append((packet, self._time(packet.pts, packet), self._time(packet.dts, packet)))
+        return True
+
+    def wrap(self, packets: Iterator[av.Packet]) -> Iterator[av.Packet]:
+        """The demuxer's packets, in order, with look-ahead for `unneeded`. Demuxer errors surface in order too."""
+        self.source = packets
+        while self.ahead or self._read():
+            yield self.ahead.pop(0)[0]
+
+    def unneeded(self, packet: av.Packet) -> bool:
+        """Whether `packet` (the one `wrap` just gave) shows at no target time; counts it when so."""
+        if not packet.size or packet.pts is None or packet.is_corrupt or packet.is_discard:
+            return False
+        p = self._time(packet.pts, packet)
+        i = bisect.bisect_left(self.targets, p - 1e-6)
+        if i == len(self.targets):
+            return False  # after the last target: it may be the frame that ends the clip
+        target = self.targets[i] + 1e-6  # the builder's microsecond of slack
+        seen = 0
+        while True:
+            for _, pts, dts in self.ahead[seen:]:
+                if pts is not None and p < pts <= target:
+                    self.skipped += 1
+                    return True
+                if dts is None:
+                    return False
+                if dts > target:
+                    return False  # every later packet is shown after the target: this one shows there
+            seen = len(self.ahead)
+            if seen >= _LOOKAHEAD_PACKETS or not self._read():
+                return False
+
+
+def _check_second_opinion(path: str, index: int, builder: _ClipBuilder, *, skip: bool = True) -> None:
     """Decode the clip again with `_SECOND_OPINION`'s decoder and compare the frames taken; CorruptVideo if any differs
     or does not decode."""
     wanted = sorted(set(builder.times))
@@ -472,7 +546,8 @@ def _check_second_opinion(path: str, index: int, builder: _ClipBuilder) -> None:
                 except (av.FFmpegError, OSError):
                     continue
             ctx = _second_decoder(container, stream)
-            found = _frames_at(container, stream, ctx, t0, wanted, builder)
+            found = _frames_at(container, stream, ctx, t0, wanted, builder,
+                               skip=skip and ctx is stream.codec_context and stream.codec_context.name in _SKIP_CODECS)
         if found is not None:
             break
     else:
@@ -485,15 +560,23 @@ def _check_second_opinion(path: str, index: int, builder: _ClipBuilder) -> None:
 
 
 def _frames_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream, ctx: Any, t0: float,
-               wanted: list[float], builder: _ClipBuilder) -> int | None:
+               wanted: list[float], builder: _ClipBuilder, *, skip: bool = False) -> int | None:
     """How many of the frames shown at `wanted` decode to what `builder` holds; None when the decode started after
-    the first of them (a seek that missed)."""
+    the first of them (a seek that missed).
+
+    With `skip` (slice threads: skip_frame applies to the packet sent), packets not shown at a wanted time are sent
+    with skip_frame NONREF: the wanted frames and their references decode as in a full decode."""
+    wanted_set = set(wanted)
     convert = _Converter(builder.clip, builder.convert.sar)
     # A standalone decoder's frames lack the stream's display matrix: take the first decode's geometry as it is.
     convert.geometry, convert.rotation = builder.convert.geometry, builder.convert.rotation
     agree, first = 0, True
     try:
         for packet in container.demux(stream):
+            if skip:
+                shown = (round(_since_start(packet.pts, packet.time_base, stream, t0), 6)
+                         if packet.pts is not None else None)
+                ctx.skip_frame = "NONREF" if shown is not None and shown not in wanted_set else "DEFAULT"
             try:
                 frames = ctx.decode(packet) if ctx is not stream.codec_context else packet.decode()
             except av.FFmpegError:
@@ -585,7 +668,7 @@ def _log_once(message: str) -> None:
 
 
 def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "",
-                nvdec: bool = False) -> Clip:
+                nvdec: bool = False, check: str = "auto", exhaustive: bool = False) -> Clip:
     """Decode `clip.frames` frames starting `start` seconds after the stream start, at `clip.fps`.
 
     Seeks to the keyframe before `start` and decodes forward, so a clip late in a long file costs the same as an
@@ -594,7 +677,13 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
     With `nvdec=True`, h264/hevc/vp9/av1... are decoded by the GPU's NVDEC where this ffmpeg has it and a GPU is
     there, else on the CPU (logged once). Raises InputError (stage "decode") for unreadable, corrupt, truncated or
     too-short videos.
+
+    Non-reference frames that no target time shows are not decoded (`_Skipper`); `exhaustive=True` decodes every
+    frame from the seek point, the reference the tests compare with. `check="off"` (--decode-check off) leaves out
+    the second decode of `_SECOND_OPINION` codecs, for corpora the user trusts; "auto" runs it.
     """
+    if check not in DECODE_CHECKS:
+        raise ValueError(f"decode check {check!r} is not one of {', '.join(DECODE_CHECKS)}")
     path = str(path)
     size = _file_size(path, "decode")
     with _open(path, "decode") as container:
@@ -606,9 +695,21 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
         period = _frame_period(stream)
         detect_holes = bool(set(container.format.name.split(",")) & _LOSSY_TIMING_FORMATS)
         codec = nvdec_context(stream, path) if nvdec else None
-        run = _Run(container, stream, path, start, clip, period, detect_holes, codec)
+        # Skipping frames needs exact per-packet control: decoders that take skip_frame per packet (frame threads copy
+        # it when the packet is submitted), not NVDEC's queue, and not stream containers, where skipped frames would
+        # read as holes.
+        skip = not exhaustive and codec is None and not detect_holes and stream.codec_context.name in _SKIP_CODECS
+        run = _Run(container, stream, path, start, clip, period, detect_holes, codec, skip=skip)
         try:
             builder, last = run.decode(seek=start > 0)
+            if run.skipped and run.integrity.damage_seen:
+                raise _Redo()
+        except InputError:
+            if not run.skipped:
+                raise
+            builder, last = _redo(run, container, stream, start, codec)
+        except _Redo:
+            builder, last = _redo(run, container, stream, start, codec)
         except _SeekMissed:
             log.debug("%s: seek to %.3fs missed the clip, decoding from the start", path, start)
             try:
@@ -618,12 +719,32 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
                                  f"the stream cannot seek back to its start ({_why(e)})") from e
             if codec is not None:
                 codec.flush_buffers()
+            run.skip = False  # the rare path (no usable index): decoded in full, as before
             builder, last = run.decode(seek=False)
         padded = _finish(builder, last, run.integrity, _announced_duration(container, stream))
-        if stream.codec_context.name in _SECOND_OPINION and builder.times:
-            _check_second_opinion(path, stream.index, builder)
+        if check == "auto" and stream.codec_context.name in _SECOND_OPINION and builder.times:
+            _check_second_opinion(path, stream.index, builder, skip=not exhaustive)
     meta = _meta(builder, path, size, period, padded) | {"frames_decoded": run.frames_decoded}
     return Clip(key=key, frames=builder.frames, meta=meta)
+
+
+def _redo(run: _Run, container: av.container.InputContainer, stream: av.video.stream.VideoStream, start: float,
+          codec: av.CodecContext | None) -> tuple[_ClipBuilder, _Decoded | None]:
+    """Decode the clip again with every frame, after a pass that skipped frames saw damage or failed: a damaged or
+    failing clip gets exactly the verdict (and the reason) of a full decode."""
+    log.debug("%s: the clip at %.3fs saw damage while skipping frames; decoding every frame", run.path, start)
+    run.skip = False
+    if start > 0:
+        with contextlib.suppress(_SeekMissed):
+            return run.decode(seek=True)
+    container.seek(0)
+    if codec is not None:
+        codec.flush_buffers()
+    return run.decode(seek=False)
+
+
+class _Redo(Exception):
+    """A pass that skipped frames saw damage: decode the clip again without skipping."""
 
 
 class _Run:
@@ -631,11 +752,13 @@ class _Run:
 
     def __init__(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str,
                  start: float, clip: ClipSettings, period: float, detect_holes: bool,
-                 codec: av.CodecContext | None = None) -> None:
+                 codec: av.CodecContext | None = None, *, skip: bool = False) -> None:
         self.container, self.stream, self.path, self.codec = container, stream, path, codec
         self.start, self.clip, self.period, self.detect_holes = start, clip, period, detect_holes
         self.integrity = _Integrity(period, detect_holes=detect_holes, after_seek=False)
         self.frames_decoded = 0  # over every pass: what the clip cost, to show that seeking works
+        self.skip = skip  # skip non-reference frames no target shows (`_Skipper`)
+        self.skipped = 0  # packets skipped that way, over every pass
 
     def decode(self, *, seek: bool) -> tuple[_ClipBuilder, _Decoded | None]:
         """Takes the clip's frames; raises _SeekMissed when the seek landed somewhere the clip cannot start."""
@@ -657,9 +780,14 @@ class _Run:
         try:
             # Skipping frames would open holes in the timestamps, which stream containers read as lost packets.
             # A second of margin covers B-frame reordering around the clip start.
-            preroll_until = self.start - 1.0 if seek and not self.detect_holes else None
+            # Only where the decoder applies skip_frame to the packet sent with it (`_SKIP_CODECS`): libdav1d, for
+            # one, applies it frames late, and dropped a frame of the clip, which then read as damage.
+            preroll = (seek and not self.detect_holes and self.codec is None
+                       and self.stream.codec_context.name in _SKIP_CODECS)
+            preroll_until = self.start - 1.0 if preroll else None
+            skipper = _Skipper(builder.targets, self.stream, t0) if self.skip else None
             for d in _decoded_frames(self.container, self.stream, t0, integrity, self.path, preroll_until,
-                                     self.codec):
+                                     self.codec, skipper):
                 self.frames_decoded += 1
                 if prev is None and d.t > builder.targets[0] + 1.5 * self.period:
                     if seek:
@@ -682,6 +810,9 @@ class _Run:
             if seek and integrity.reason == _SEEK_START:
                 raise _SeekMissed() from None
             raise
+        finally:
+            if skipper is not None:
+                self.skipped += skipper.skipped
         if seek and prev is None:
             raise _SeekMissed()
         return builder, prev

@@ -52,6 +52,7 @@ class _Integrity:
         self.intervals: deque[float] = deque(maxlen=9)
         # Times of the packets sent to the decoder whose frames have not come out yet, sorted.
         self.pending: list[float] = []
+        self.damage_seen = False  # any damage at all in this pass, even where a keyframe has cleared it since
 
     @property
     def typical(self) -> float:
@@ -60,6 +61,7 @@ class _Integrity:
     def damage(self, t: float | None, reason: str) -> None:
         """Damage found at `t` (a packet's time, None when unknown): every frame the decoder returns from now on is
         suspect until a keyframe shown after the damage."""
+        self.damage_seen = True
         if t is None:
             t = self.last_t if self.last_t is not None else 0.0
         # Frame threading reports a packet's error a few packets late, and a B-frame shown before a damaged P-frame

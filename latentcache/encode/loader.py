@@ -57,26 +57,28 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
-def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False) -> Clip | InputError:
+def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False,
+                   decode_check: str = "auto") -> Clip | InputError:
     """Decode one planned clip at its own bucket's frames and size; a bad input is returned, not raised."""
     try:
         return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key,
-                           nvdec=nvdec)
+                           nvdec=nvdec, check=decode_check)
     except InputError as e:
         return e
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, nvdec: bool) -> None:
+    def __init__(self, clips: list[PlannedClip], clip: ClipSettings, nvdec: bool, decode_check: str = "auto") -> None:
         self.clips = clips
         self.clip = clip
         self.nvdec = nvdec
+        self.decode_check = decode_check
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[int, Clip | InputError]:
-        result = decode_planned(self.clips[index], self.clip, self.nvdec)
+        result = decode_planned(self.clips[index], self.clip, self.nvdec, self.decode_check)
         if isinstance(result, Clip) and get_worker_info() is not None:
             # A tensor crosses the worker queue through shared memory; a numpy array would be pickled and copied.
             result.frames = torch.from_numpy(result.frames)
@@ -91,17 +93,18 @@ class ClipStream:
     """Ordered, prefetched decoding of a list of planned clips."""
 
     def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int = 2,
-                 nvdec: bool = False) -> None:
+                 nvdec: bool = False, decode_check: str = "auto") -> None:
         self.clips = clips
         self.clip = clip
         self.workers = workers
         self.prefetch = prefetch
         self.nvdec = nvdec
+        self.decode_check = decode_check
 
     def __iter__(self) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
         if not self.clips:
             return
-        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec)
+        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check)
         if self.workers == 0:
             for i in range(len(dataset)):
                 _, result = dataset[i]

@@ -327,7 +327,7 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
     # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
     decoded = iter(ClipStream([by_key[k] for s, _ in todo for k in s.keys], settings.clip, workers=workers,
-                              nvdec=runtime.nvdec))
+                              nvdec=runtime.nvdec, decode_check=runtime.decode_check))
     for shard, chunk in todo:
         encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts,
                                          batch_size=batch_size, strict=runtime.strict)

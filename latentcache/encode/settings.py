@@ -121,6 +121,11 @@ class EncodeSettings:
         return hash_json(self.output_affecting())
 
 
+# --decode-check: "auto" decodes HEVC and VP9 clips a second time to catch damage their decoders conceal
+# (integrity._SECOND_OPINION); "off" trusts the corpus and skips that decode.
+DECODE_CHECKS = ("auto", "off")
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class RuntimeSettings:
     """How fast the work goes, never what is written: outside the fingerprint, free to change between runs."""
@@ -133,6 +138,10 @@ class RuntimeSettings:
     compile: bool = False  # torch.compile the VAE encoder
     nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
     strict: bool = False  # stop at the first input that fails
+    # A runtime setting, outside the fingerprint: on an intact clip both modes give the same frames, so the bytes
+    # written never depend on it; it only decides whether concealed damage is looked for (a damaged clip that "off"
+    # keeps, "auto" drops). A resume may change it without starting OUT again.
+    decode_check: str = "auto"
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

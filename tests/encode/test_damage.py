@@ -15,8 +15,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import TINY_CLIP
+from conftest import ENCODE_SMALL, TINY_CLIP
 
+from latentcache.cli import main
 from latentcache.encode.decode import decode_clip, probe
 from latentcache.encode.plan import plan_video
 from latentcache.errors import InputError
@@ -121,3 +122,22 @@ def test_raw_h264_stream_probes_its_real_duration(tmp_path):
     assert info.frames == 72 and info.duration == pytest.approx(72 / info.fps, rel=0.01)
     clip = decode_clip(raw, 0.0, TINY_CLIP)  # and the planned clip decodes
     assert clip.frames.shape == (17, 64, 96, 3)
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_decode_check_through_the_cli(damage_matrix, tmp_path, mode):
+    """HEVC damage the decoder conceals: `--decode-check auto` (the second decode) drops the clip, with a failure
+    record naming the file; `off` trusts the corpus and writes it."""
+    clean, damaged = damage_matrix["hevc"]
+    videos = tmp_path / "in"
+    videos.mkdir()
+    (videos / "bad.mp4").write_bytes(damaged[0].read_bytes())
+    (videos / "good.mp4").write_bytes(clean.read_bytes())
+    out = tmp_path / "out"
+    code = main(["encode", str(videos), "--out", str(out), *ENCODE_SMALL, "--workers", "0", "--decode-check", mode])
+    failures = out / "failures.jsonl"
+    text = failures.read_text() if failures.exists() else ""
+    if mode == "auto":
+        assert "bad.mp4" in text and "differs from the first decode" in text and "good.mp4" not in text, text
+    else:
+        assert code == 0 and "bad.mp4" not in text, text
