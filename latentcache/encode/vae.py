@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentcache.encode.families import FAMILIES, VAEFamily, family_of, tile_problem
+from latentcache.encode.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
 from latentcache.encode.provenance import weights_provenance
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
 from latentcache.errors import ConfigError, InputError
@@ -300,6 +300,9 @@ def family_for_source(source: str | None, family: str | None = None, *, subfolde
         return family or "cogvideox"
     config_path, class_name = found
     detected = next((f.name for f in FAMILIES.values() if f.class_name == class_name), None)
+    if class_name in UNSUPPORTED:
+        raise ConfigError(f"--vae {source}: {config_path} is a {class_name}, which latentcache cannot encode with: "
+                          f"{UNSUPPORTED[class_name]}")
     if detected is None:
         raise ConfigError(f"--vae {source}: {config_path} is a {class_name}, not one of "
                           f"the supported VAEs ({', '.join(f.class_name for f in FAMILIES.values())})")
@@ -364,6 +367,8 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
             "holding config.json and weights (or a pipeline with a vae/ folder), or a hub id reachable from here "
             "(on an offline machine, download it first)."
         ) from e
+    if found in UNSUPPORTED:
+        raise ConfigError(f"--vae {source}: found a {found}, which latentcache cannot encode with: {UNSUPPORTED[found]}")
     known = {f.class_name: f.name for f in FAMILIES.values()}
     fix = f"pass --family {known[found]}" if found in known else "point --vae at one of the supported VAEs"
     raise ConfigError(f"--vae {source}: found a {found}, but the {family.name} family expects {family.class_name}; "
