@@ -71,6 +71,8 @@ def run(settings: JobSettings, world: World = World()) -> int:
     started = time.perf_counter()
     encode, runtime, out = settings.encode, settings.runtime, settings.out
     vae = load_vae(encode.vae, world.device or runtime.device)
+    if encode.image_latents:
+        vae.check_image_condition()  # the family is known before loading; the VAE's own layout only now
     vae.tune(compile_encoder=runtime.compile)
     texts = None
     if encode.text is not None:

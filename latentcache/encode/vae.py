@@ -23,7 +23,7 @@ from latentcache.encode.provenance import weights_provenance
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format import strictjson
-from latentcache.format.spec import LatentSpec, image_condition_of
+from latentcache.format.spec import LatentSpec, image_condition_of, image_condition_problem
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,13 @@ class VideoVAE:
                  frames, height, width, per_clip / 2**30, budget / 2**30)
         return batch
 
+    def check_image_condition(self) -> None:
+        """ConfigError when `--image-latents` cannot cache this VAE's image-to-video conditioning (see
+        `format.spec.image_condition_problem`); the job calls it before any work."""
+        problem = image_condition_problem(self.spec)
+        if problem:
+            raise ConfigError(problem)
+
     @torch.inference_mode()
     def encode_image_condition(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,6 +193,7 @@ class VideoVAE:
         mode (`sample_mode="argmax"`), so no log-variance is returned. Scaling, padding and the mask are the
         dataset's job (`LatentShardDataset` yields `image_latents`), since they depend on nothing encoded.
         """
+        self.check_image_condition()
         mode = image_condition_of(self.spec.family)
         mean, logvar = self.encode(frames, sources=sources, condition=mode)
         return mean, (logvar if mode == "image" else None)

@@ -468,3 +468,85 @@ def test_preview_decodes_every_family_next_to_its_source(encoded, tmp_path):
     with av.open(str(tmp_path / "preview.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == n and frames[0].shape == (64, 192, 3)
+
+
+# ------------------------------------------------------------------------ Wan 2.2, HunyuanVideo 1.5 tiling, refusals
+
+
+@pytest.fixture(scope="module")
+def wan22_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan 2.2 TI2V-5B layout VAE (residual, patch 2, 48 channels, 16x spatial) saved as a pipeline's vae/,
+    with per-channel statistics that are not the identity."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+            is_residual=True, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, in_channels=12,
+            out_channels=12, latents_mean=(torch.randn(48, generator=gen) * 0.3).tolist(),
+            latents_std=(torch.rand(48, generator=gen) + 0.5).tolist())
+    root = tmp_path_factory.mktemp("wan22") / "pipe"
+    model.save_pretrained(root / "vae")
+    return root
+
+
+def test_wan_2_2_ti2v_vae_end_to_end(wan22_vae_dir, family_videos, tmp_path):
+    """Wan 2.2 TI2V-5B's 48-channel VAE: detected as wan from its config, encoded through the CLI, streamed with
+    WanPipeline's normalisation, and fed to a 48-channel WanTransformer3DModel (patch 1x2x2, as TI2V-5B's)."""
+    out = tmp_path / "out"
+    assert main(["encode", str(family_videos), "--out", str(out), "--vae", str(wan22_vae_dir), "--device", "cpu",
+                 *CLIP]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["latent_spec"]
+    assert (spec["family"], spec["channels"], spec["temporal_compression"], spec["spatial_compression"]) == (
+        "wan", 48, 4, 16)
+    config = json.loads((wan22_vae_dir / "vae" / "config.json").read_text())
+    raw = load_safetensors(_only_sample(out)["latents.safetensors"])["mean"].float()
+    assert tuple(raw.shape) == (48, 5, 4, 6)
+    (item,) = list(LatentShardDataset(out, sample_posterior=False))
+    # WanPipeline / WanImageToVideoPipeline: (z - latents_mean) * (1 / latents_std), from the VAE config.
+    mean = torch.tensor(config["latents_mean"]).view(48, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(config["latents_std"]).view(48, 1, 1, 1)
+    torch.testing.assert_close(item["latents"], (raw - mean) * inv_std, rtol=1e-5, atol=1e-5)
+    model = tiny_transformer("wan", 48).eval()
+    batch = next(iter(LatentShardDataset.for_transformer(model, out, batch_size=1)))
+    pred = forward("wan", model, batch["latents"])
+    assert pred.shape == batch["latents"].shape and torch.isfinite(pred).all()
+    with pytest.raises(LatentMismatchError, match="in_channels=16, the latents have 48 channels"):
+        LatentShardDataset.for_transformer({"in_channels": 16, "patch_size": [1, 2, 2]}, out)
+
+
+def test_wan_2_2_ti2v_image_latents_are_refused_with_the_reason(wan22_vae_dir, family_videos, tmp_path, capsys):
+    """TI2V-5B conditions by replacing the first latent frame (expand_timesteps), not Wan 2.1's frame-mask layout."""
+    code = main(["encode", str(family_videos), "--out", str(tmp_path / "out"), "--vae", str(wan22_vae_dir),
+                 "--device", "cpu", "--image-latents", *CLIP])
+    assert code == 2
+    assert "48-channel Wan VAE (Wan 2.2 TI2V-5B)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_hunyuanvideo15_tiling_blends_like_cogvideox():
+    vae = load_vae(VAESettings(source="tiny-random-hunyuanvideo15", family="hunyuanvideo15", subfolder=None), "cpu")
+    frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)
+    untiled, _ = vae.encode(frames)
+    vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.5), None)
+    assert vae.model.use_tiling and vae.model.tile_latent_min_width == 2 and vae.model.tile_overlap_factor == 0.5
+    tiled, _ = vae.encode(frames)
+    assert tiled.shape == untiled.shape == (1, 32, 3, 4, 6) and not torch.equal(tiled, untiled)
+    with pytest.raises(ConfigError, match="keeps 2 latents"):
+        vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.25), None)
+
+
+def test_cosmos_vae_is_refused_because_it_is_not_a_posterior(tmp_path, family_videos, capsys):
+    cosmos = tmp_path / "cosmos"
+    cosmos.mkdir()
+    (cosmos / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCosmos"}))
+    with pytest.raises(ConfigError, match="AutoencoderKLCosmos, which latentcache cannot encode with: its encode "
+                                          "returns an IdentityDistribution"):
+        family_for_source(str(cosmos))
+    # Named with --family too, the loader refuses it for the same reason.
+    with pytest.raises(ConfigError, match="found a AutoencoderKLCosmos, which latentcache cannot encode with"):
+        load_vae(VAESettings(source=str(cosmos), family="wan", subfolder=None), "cpu")
+    assert main(["encode", str(family_videos), "--out", str(tmp_path / "out"), "--vae", str(cosmos),
+                 "--device", "cpu", *CLIP]) == 2
+    assert "IdentityDistribution" in capsys.readouterr().err
