@@ -220,6 +220,9 @@ UNSUPPORTED: dict[str, str] = {
     "AutoencoderKLCosmos": "its encode returns an IdentityDistribution (a deterministic latent), not a Gaussian "
     "posterior with mean and log-variance, and latentcache stores the posterior; Cosmos-Predict2 uses the Wan 2.1 VAE "
     "(AutoencoderKLWan), which latentcache supports as the wan family",
+    "AutoencoderKLAllegro": "diffusers encodes it only through fixed 24x256x256 tiles (its untiled encode raises "
+    "NotImplementedError), so its frame and size rules are not the k*n+1 frames and free tiling latentcache "
+    "checks and sets",
 }
 
 

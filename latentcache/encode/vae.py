@@ -376,7 +376,8 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
             "(on an offline machine, download it first)."
         ) from e
     if found in UNSUPPORTED:
-        raise ConfigError(f"--vae {source}: found a {found}, which latentcache cannot encode with: {UNSUPPORTED[found]}")
+        raise ConfigError(f"--vae {source}: found a {found}, which latentcache cannot encode with: "
+                          f"{UNSUPPORTED[found]}")
     known = {f.class_name: f.name for f in FAMILIES.values()}
     fix = f"pass --family {known[found]}" if found in known else "point --vae at one of the supported VAEs"
     raise ConfigError(f"--vae {source}: found a {found}, but the {family.name} family expects {family.class_name}; "

@@ -111,7 +111,8 @@ def test_dataset_applies_the_family_normalisation_once(encoded):
     torch.testing.assert_close(item["latents"], plain.spec.normalize(raw))
     (unnormalised,) = list(LatentShardDataset(out, sample_posterior=False, normalize=False))
     torch.testing.assert_close(unnormalised["latents"], raw)
-    if family not in ("ltx", "ltx2"):  # the tiny LTX VAEs' buffers are mean 0, std 1, scaling 1: normalising is the identity
+    # The tiny LTX VAEs' buffers are mean 0, std 1, scaling 1: normalising is the identity.
+    if family not in ("ltx", "ltx2"):
         assert not torch.allclose(item["latents"], raw)
 
 
@@ -525,6 +526,7 @@ def test_wan_2_2_ti2v_image_latents_are_refused_with_the_reason(wan22_vae_dir, f
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_hunyuanvideo15_tiling_blends_like_cogvideox():
     vae = load_vae(VAESettings(source="tiny-random-hunyuanvideo15", family="hunyuanvideo15", subfolder=None), "cpu")
     frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)
