@@ -552,3 +552,32 @@ def test_cosmos_vae_is_refused_because_it_is_not_a_posterior(tmp_path, family_vi
     assert main(["encode", str(family_videos), "--out", str(tmp_path / "out"), "--vae", str(cosmos),
                  "--device", "cpu", *CLIP]) == 2
     assert "IdentityDistribution" in capsys.readouterr().err
+
+
+def test_check_config_names_a_per_channel_family_sat_cannot_scale(encoded, tmp_path):
+    """SAT scales by one factor: raw latents of a per-channel family can never be right, and says so by name."""
+    import yaml
+
+    from latentcache.format.manifest import read_manifest
+    from latentcache.train.trainer_config import config_problems, load_trainer_config
+
+    family, out = encoded
+    if family not in PER_CHANNEL:
+        pytest.skip("a single-factor family: tests/train/test_sat.py checks its scale_factor")
+    channels, frames = EXPECTED[family][0], FRAMES.get(family, 17)
+    tree = {"model": {"scale_factor": 1.0, "latent_input": True,
+                      "network_config": {"params": {"in_channels": channels}}},
+            "data": {"target": "latentcache.sat.SATLatentDataset",
+                     "params": {"video_size": [64, 96], "max_num_frames": frames}}}
+
+    def problems(**data: object) -> list[str]:
+        path = tmp_path / "trainer.yaml"
+        path.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], **data}}))
+        return config_problems(load_trainer_config(path), read_manifest(out))
+
+    (p,) = problems()
+    assert f"the shards' {family} VAE normalises them per channel" in p and "LatentShardDataset" in p
+    assert problems(target="latentcache.LatentShardDataset") == []
+    tree["model"]["scale_factor"] = 0.5
+    (p,) = problems(target="latentcache.LatentShardDataset")
+    assert f"already applies the {family} VAE's per-channel normalisation" in p and "scale_factor: 1.0" in p
