@@ -5,6 +5,7 @@ in `format.spec.IMAGE_CONDITIONS`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,7 +54,23 @@ def _enable_patched_stride_tiling(model: Any, tiling: TilingSettings) -> None:
     _enable_stride_tiling(model, tiling, patch=model.config.get("patch_size") or 1)
 
 
+def _enable_single_overlap_tiling(model: Any, tiling: TilingSettings) -> None:
+    # HunyuanVideo 1.5: one overlap factor for both axes and the latent tile size given separately; it blends and
+    # concatenates like CogVideoX (no crop), so the same exactness rule holds.
+    spatial = int(model.spatial_compression_ratio)
+    model.enable_tiling(
+        tile_sample_min_height=tiling.tile_height,
+        tile_sample_min_width=tiling.tile_width,
+        tile_latent_min_height=tiling.tile_height // spatial,
+        tile_latent_min_width=tiling.tile_width // spatial,
+    )
+    model.tile_overlap_factor = tiling.overlap  # diffusers treats 0 as "unset" (`or` default)
+
+
 OVERLAP_TILING = TilingAdapter("overlap", _enable_overlap_tiling)
+
+
+SINGLE_OVERLAP_TILING = TilingAdapter("overlap", _enable_single_overlap_tiling)
 
 
 STRIDE_TILING = TilingAdapter("stride", _enable_stride_tiling)
@@ -165,6 +182,50 @@ def _ltx_spec(model: Any) -> LatentSpec:
     )
 
 
+def _mochi_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="mochi",
+        channels=int(config.latent_channels),
+        # The products of temporal_expansions (1*2*3 = 6) and spatial_expansions (2*2*2 = 8), as MochiPipeline reads.
+        temporal_compression=int(model.temporal_compression_ratio),
+        spatial_compression=int(model.spatial_compression_ratio),
+        # MochiPipeline decodes `z * latents_std / scaling_factor + latents_mean`: the inverse is
+        # (z - latents_mean) * scaling_factor / latents_std, per channel from the config.
+        scaling_factor=float(config.scaling_factor),
+        latents_mean=_optional_tuple(config.latents_mean),
+        latents_std=_optional_tuple(config.latents_std),
+    )
+
+
+def _hunyuan15_spec(model: Any) -> LatentSpec:
+    config = model.config
+    return LatentSpec(
+        family="hunyuanvideo15",
+        channels=int(config.latent_channels),
+        temporal_compression=int(config.temporal_compression_ratio),
+        spatial_compression=int(config.spatial_compression_ratio),
+        # HunyuanVideo15ImageToVideoPipeline: image_latents * scaling_factor; decode: latents / scaling_factor.
+        scaling_factor=float(config.scaling_factor),
+    )
+
+
+def _ltx2_spec(model: Any) -> LatentSpec:
+    # LTX2Pipeline._normalize_latents is LTX-Video's formula, on the same kind of weights buffers.
+    return dataclasses.replace(_ltx_spec(model), family="ltx2")
+
+
+# VAEs latentcache refuses, by diffusers class, with the reason (`--vae` naming one is a ConfigError saying it).
+UNSUPPORTED: dict[str, str] = {
+    "AutoencoderKLCosmos": "its encode returns an IdentityDistribution (a deterministic latent), not a Gaussian "
+    "posterior with mean and log-variance, and latentcache stores the posterior; Cosmos-Predict2 uses the Wan 2.1 VAE "
+    "(AutoencoderKLWan), which latentcache supports as the wan family",
+    "AutoencoderKLAllegro": "diffusers encodes it only through fixed 24x256x256 tiles (its untiled encode raises "
+    "NotImplementedError), so its frame and size rules are not the k*n+1 frames and free tiling latentcache "
+    "checks and sets",
+}
+
+
 # Tiny configs keep each family's real architecture (the number of down blocks, hence the compression ratios,
 # and the latent channels) with a few hundred thousand parameters, so a CPU encodes a 17x64x96 clip in well
 # under a second.
@@ -226,6 +287,52 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_ltx_spec,
         transformer_class="LTXVideoTransformer3DModel",
         text_recipe=TextRecipe("T5EncoderModel", 128),
+    ),
+    "mochi": VAEFamily(
+        name="mochi",
+        class_name="AutoencoderKLMochi",
+        default_source="genmo/mochi-1-preview",
+        default_subfolder="vae",
+        # Mochi's own expansions (6x time, 8x space, 12 channels) with narrow blocks and no attention; its group
+        # norms use 32 groups, hence 32-wide blocks.
+        tiny_config=dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+                         layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5),
+        spec_from_model=_mochi_spec,
+        transformer_class="MochiTransformer3DModel",
+        text_unsupported="MochiPipeline passes the attention mask to its T5 and keeps the padded positions, a recipe "
+        "latentcache does not implement yet",
+    ),
+    "hunyuanvideo15": VAEFamily(
+        name="hunyuanvideo15",
+        class_name="AutoencoderKLHunyuanVideo15",
+        default_source="hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+        default_subfolder="vae",
+        # Five blocks: 16x spatial, 4x temporal, 32 channels; the last block is 2 * latent_channels wide, the
+        # smallest the encoder's channel-averaging shortcut allows.
+        tiny_config=dict(block_out_channels=(16, 16, 32, 32, 64), layers_per_block=1),
+        spec_from_model=_hunyuan15_spec,
+        tiling=SINGLE_OVERLAP_TILING,
+        transformer_class="HunyuanVideo15Transformer3DModel",
+        text_unsupported="HunyuanVideo 1.5 conditions on a Qwen2.5-VL with a prompt template plus a ByT5 glyph "
+        "encoder, which latentcache does not cache yet",
+    ),
+    "ltx2": VAEFamily(
+        name="ltx2",
+        class_name="AutoencoderKLLTX2Video",
+        default_source="Lightricks/LTX-2",
+        default_subfolder="vae",
+        # Patch 4 and four down blocks (spatial, temporal, two spatio-temporal): 32x spatial, 8x temporal, 128
+        # channels. Without the two ratios in the config the model's fallback (patch * 2 ** #scaling blocks) would
+        # say 64x/16x, not what these blocks do; LTX2Pipeline and the spec read the model's attributes, and
+        # VideoVAE.encode checks the shape they predict.
+        # The decoder widens 2x per up block (its residual upsamplers need that).
+        tiny_config=dict(block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 16, 32),
+                         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                         spatial_compression_ratio=32, temporal_compression_ratio=8),
+        spec_from_model=_ltx2_spec,
+        transformer_class="LTX2VideoTransformer3DModel",
+        text_unsupported="LTX-2 conditions on Gemma 3 hidden states through its own text connectors, which "
+        "latentcache does not cache yet",
     ),
 }
 

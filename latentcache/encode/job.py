@@ -76,6 +76,8 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if settings.dry_run:
         return print_dry_run(settings, world) if world.is_main else EXIT_OK
     vae = load_vae(encode.vae, world.device or runtime.device)
+    if encode.image_latents:
+        vae.check_image_condition()  # the family is known before loading; the VAE's own layout only now
     vae.tune(compile_encoder=runtime.compile)
     texts = None
     if encode.text is not None:

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentcache.encode.families import FAMILIES, VAEFamily, family_of, tile_problem
+from latentcache.encode.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
 from latentcache.encode.provenance import weights_provenance
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format import strictjson
-from latentcache.format.spec import LatentSpec, image_condition_of
+from latentcache.format.spec import LatentSpec, image_condition_of, image_condition_problem
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,13 @@ class VideoVAE:
                  frames, height, width, per_clip / 2**30, budget / 2**30)
         return batch
 
+    def check_image_condition(self) -> None:
+        """ConfigError when `--image-latents` cannot cache this VAE's image-to-video conditioning (see
+        `format.spec.image_condition_problem`); the job calls it before any work."""
+        problem = image_condition_problem(self.spec)
+        if problem:
+            raise ConfigError(problem)
+
     @torch.inference_mode()
     def encode_image_condition(self, frames: np.ndarray | torch.Tensor, *, sources: list[str] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,6 +193,7 @@ class VideoVAE:
         mode (`sample_mode="argmax"`), so no log-variance is returned. Scaling, padding and the mask are the
         dataset's job (`LatentShardDataset` yields `image_latents`), since they depend on nothing encoded.
         """
+        self.check_image_condition()
         mode = image_condition_of(self.spec.family)
         mean, logvar = self.encode(frames, sources=sources, condition=mode)
         return mean, (logvar if mode == "image" else None)
@@ -300,6 +308,9 @@ def family_for_source(source: str | None, family: str | None = None, *, subfolde
         return family or "cogvideox"
     config_path, class_name = found
     detected = next((f.name for f in FAMILIES.values() if f.class_name == class_name), None)
+    if class_name in UNSUPPORTED:
+        raise ConfigError(f"--vae {source}: {config_path} is a {class_name}, which latentcache cannot encode with: "
+                          f"{UNSUPPORTED[class_name]}")
     if detected is None:
         raise ConfigError(f"--vae {source}: {config_path} is a {class_name}, not one of "
                           f"the supported VAEs ({', '.join(f.class_name for f in FAMILIES.values())})")
@@ -364,6 +375,9 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
             "holding config.json and weights (or a pipeline with a vae/ folder), or a hub id reachable from here "
             "(on an offline machine, download it first)."
         ) from e
+    if found in UNSUPPORTED:
+        raise ConfigError(f"--vae {source}: found a {found}, which latentcache cannot encode with: "
+                          f"{UNSUPPORTED[found]}")
     known = {f.class_name: f.name for f in FAMILIES.values()}
     fix = f"pass --family {known[found]}" if found in known else "point --vae at one of the supported VAEs"
     raise ConfigError(f"--vae {source}: found a {found}, but the {family.name} family expects {family.class_name}; "

@@ -131,6 +131,22 @@ def image_condition_of(family: str) -> str:
     return mode
 
 
+def image_condition_problem(spec: LatentSpec) -> str | None:
+    """Why `--image-latents` cannot cache this VAE's image-to-video conditioning, or None when it can."""
+    try:
+        image_condition_of(spec.family)
+    except ConfigError as e:
+        return str(e)
+    if spec.family == "wan" and spec.channels != 16:
+        # WanImageToVideoPipeline with expand_timesteps (Wan 2.2 TI2V-5B, the 48-channel VAE) encodes the image
+        # alone and puts it in place of the first latent frame, with no mask channels: not the "video" layout.
+        return (f"--image-latents: this {spec.channels}-channel Wan VAE (Wan 2.2 TI2V-5B) conditions by replacing "
+                "the first latent frame with the image's own latents (expand_timesteps), which latentcache does not "
+                "cache; the first frame is already the first latent frame of the stored video latents: drop "
+                "--image-latents")
+    return None
+
+
 def image_condition_channels(spec: LatentSpec) -> int:
     """Channels of the conditioning a dataset yields as `image_latents`, concatenated to the video latents along
     channels by the I2V pipeline: C (CogVideoX), or a mask of `temporal_compression` channels plus C (Wan)."""

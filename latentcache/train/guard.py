@@ -14,6 +14,11 @@ from latentcache.format.spec import LatentSpec
 log = logging.getLogger(__name__)
 
 
+# Families whose transformer takes 2C+1 channels even for text-to-video: the pipeline concatenates zero condition
+# latents and a zero mask (HunyuanVideo15Pipeline.prepare_cond_latents_and_mask).
+ALWAYS_CONDITIONED = frozenset({"hunyuanvideo15"})
+
+
 def _config_get(transformer_or_config: Any) -> Any:
     config = getattr(transformer_or_config, "config", transformer_or_config)
     if isinstance(config, dict):
@@ -61,6 +66,11 @@ def transformer_problems(transformer_or_config: Any, spec: LatentSpec, buckets: 
             problems.append(f"in_channels={in_channels} fits no image-to-video layout of {c}-channel latents "
                             f"({c}, {', '.join(str(n) for n in i2v_layouts)}): encode with the VAE this "
                             "transformer was trained with")
+    elif spec.family in ALWAYS_CONDITIONED and in_channels == 2 * c + 1:
+        # HunyuanVideo15Pipeline (text-to-video too) feeds cat([latents, zeros like latents, a zero mask channel]).
+        log.info("in_channels=%d: the %s transformer takes the latents concatenated with zero condition latents "
+                 "and a zero mask channel for text-to-video (as its pipeline does); build them in the training step",
+                 in_channels, spec.family)
     elif in_channels in i2v_layouts:
         problems.append(
             f"in_channels={in_channels} is {i2v_layouts[in_channels]}: an image-to-video model, whose input "

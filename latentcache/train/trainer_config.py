@@ -306,6 +306,8 @@ def _input_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
 
 def _scale_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
     """SAT multiplies batch['mp4'] by scale_factor (default 1.0) whether it encoded it or not."""
+    if spec.latents_mean is not None and spec.latents_std is not None:
+        return _per_channel_problems(config, spec)
     s = spec.scaling_factor
     if s is None:
         return []
@@ -323,3 +325,21 @@ def _scale_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
                         f"{factor * s:.4g} where it expects z x {s:g}. Fix: set data.target: {RAW_LATENT_DATASET} "
                         "(raw latents, scaled once by SAT), or data.params.normalize: false")
     return problems
+
+
+def _per_channel_problems(config: TrainerConfig, spec: LatentSpec) -> list[str]:
+    """A per-channel normalisation (Wan, LTX-Video, LTX-2, Mochi) is no single factor: SAT's scale_factor cannot
+    produce it from raw latents, so only latents the dataset already normalised fit, and then scale_factor must be 1."""
+    factor = config.scale_factor if config.scale_factor is not None else 1.0
+    kind = _data_kind(config)
+    norm = spec.describe_normalization()
+    if kind == "raw":
+        return [f"data.target: {config.data_target} yields raw latents, and the shards' {spec.family} VAE normalises "
+                f"them per channel ({norm}), which SAT's single scale_factor cannot do: the DiT would get "
+                f"z x {factor:g} where a {spec.family} model expects normalised latents. Fix: set data.target: "
+                "latentcache.LatentShardDataset (normalize: true, the default) and scale_factor: 1.0"]
+    if kind == "normalized" and not math.isclose(factor, 1.0, rel_tol=1e-4):
+        said = f"{config.where['scale_factor']}: {factor:g}"
+        return [f"{said}: data.target: {config.data_target} already applies the {spec.family} VAE's per-channel "
+                f"normalisation ({norm}), and SAT multiplies by scale_factor again. Fix: set scale_factor: 1.0"]
+    return []

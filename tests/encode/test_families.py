@@ -23,14 +23,26 @@ from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 
 FAMILY_NAMES = sorted(FAMILIES)
-# 17 frames fit both 4k+1 and LTX's 8k+1; 64x96 fits 8x and LTX's 32x spatial compression.
+# 17 frames fit 4k+1 and LTX's 8k+1 (Mochi's 6k+1: 13); 64x96 fits 8x, 16x and LTX's 32x spatial compression.
 CLIP = ["--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
-EXPECTED = {  # channels, latent frames, height, width of a 17x64x96 clip
+FRAMES = {"mochi": 13}  # else 17
+EXPECTED = {  # channels, latent frames, height, width of a 17x64x96 clip (Mochi: 13x64x96)
     "cogvideox": (16, 5, 8, 12),
     "wan": (16, 5, 8, 12),
     "hunyuanvideo": (16, 5, 8, 12),
     "ltx": (128, 3, 2, 3),
+    "mochi": (12, 3, 8, 12),
+    "hunyuanvideo15": (32, 5, 4, 6),
+    "ltx2": (128, 3, 2, 3),
 }
+COMPRESSION = {  # temporal, spatial, frame rule
+    "ltx": (8, 32, "8k+1"), "ltx2": (8, 32, "8k+1"), "mochi": (6, 8, "6k+1"), "hunyuanvideo15": (4, 16, "4k+1"),
+}
+PER_CHANNEL = ("wan", "ltx", "mochi", "ltx2")  # normalised by per-channel mean/std
+
+
+def clip_args(family: str) -> list[str]:
+    return ["--frames", str(FRAMES.get(family, 17)), *CLIP[2:]]
 CAPTION = "a red square crosses the frame"
 
 
@@ -49,7 +61,7 @@ def encoded(request: pytest.FixtureRequest, family_videos: Path, tmp_path_factor
     family = request.param
     out = tmp_path_factory.mktemp(f"encoded_{family}") / "out"
     code = main(["encode", str(family_videos), "--out", str(out), "--vae", f"tiny-random-{family}",
-                 "--device", "cpu", *CLIP])
+                 "--device", "cpu", *clip_args(family)])
     assert code == 0
     return family, out
 
@@ -69,11 +81,9 @@ def test_manifest_records_the_family_spec(encoded):
     assert spec["family"] == family and spec["channels"] == channels
     assert manifest["vae"]["class_name"] == FAMILIES[family].class_name
     assert manifest["vae"]["random_weights"] is True
-    if family == "ltx":
-        assert (spec["temporal_compression"], spec["spatial_compression"], spec["frame_rule"]) == (8, 32, "8k+1")
-    else:
-        assert (spec["temporal_compression"], spec["spatial_compression"], spec["frame_rule"]) == (4, 8, "4k+1")
-    per_channel = family in ("wan", "ltx")
+    assert (spec["temporal_compression"], spec["spatial_compression"], spec["frame_rule"]) == COMPRESSION.get(
+        family, (4, 8, "4k+1"))
+    per_channel = family in PER_CHANNEL
     assert (spec["latents_mean"] is not None) == per_channel
     if per_channel:
         assert len(spec["latents_mean"]) == len(spec["latents_std"]) == channels
@@ -101,7 +111,8 @@ def test_dataset_applies_the_family_normalisation_once(encoded):
     torch.testing.assert_close(item["latents"], plain.spec.normalize(raw))
     (unnormalised,) = list(LatentShardDataset(out, sample_posterior=False, normalize=False))
     torch.testing.assert_close(unnormalised["latents"], raw)
-    if family != "ltx":  # the tiny LTX VAE's buffers are mean 0, std 1, scaling 1: normalising is the identity
+    # The tiny LTX VAEs' buffers are mean 0, std 1, scaling 1: normalising is the identity.
+    if family not in ("ltx", "ltx2"):
         assert not torch.allclose(item["latents"], raw)
 
 
@@ -122,6 +133,22 @@ def tiny_transformer(family: str, in_channels: int) -> torch.nn.Module:
                 in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
                 num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1,
                 guidance_embeds=False, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+        if family == "mochi":
+            return diffusers.MochiTransformer3DModel(
+                patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16,
+                in_channels=in_channels, text_embed_dim=16, time_embed_dim=16, max_sequence_length=8)
+        if family == "hunyuanvideo15":
+            # Its pipeline feeds [latents, condition latents, mask]: 2C+1 in, C out, also for text-to-video.
+            return diffusers.HunyuanVideo15Transformer3DModel(
+                in_channels=2 * in_channels + 1, out_channels=in_channels, num_attention_heads=2,
+                attention_head_dim=8, num_layers=1, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=16,
+                image_embed_dim=16, rope_axes_dim=(2, 2, 4))
+        if family == "ltx2":
+            return diffusers.LTX2VideoTransformer3DModel(
+                in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
+                cross_attention_dim=16, num_layers=1, caption_channels=16, audio_in_channels=8,
+                audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
+                audio_cross_attention_dim=16)
         return diffusers.LTXVideoTransformer3DModel(
             in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
             cross_attention_dim=16, num_layers=1, caption_channels=16)
@@ -141,6 +168,16 @@ def forward(family: str, model: torch.nn.Module, latents: torch.Tensor) -> torch
         if family == "hunyuanvideo":
             return model(hidden_states=latents, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
                          pooled_projections=torch.zeros(b, 8)).sample
+        if family == "mochi":
+            return model(hidden_states=latents, encoder_hidden_states=text, timestep=t,
+                         encoder_attention_mask=mask).sample
+        if family == "hunyuanvideo15":
+            # HunyuanVideo15Pipeline text-to-video: cat([latents, zeros like latents, a zero mask channel]).
+            cond = torch.zeros_like(latents)
+            model_input = torch.cat([latents, cond, cond[:, :1]], dim=1)
+            return model(hidden_states=model_input, timestep=t.float(), encoder_hidden_states=text,
+                         encoder_attention_mask=mask, encoder_hidden_states_2=text,
+                         encoder_attention_mask_2=mask, image_embeds=torch.zeros(b, 4, 16)).sample
         _, _, frames, height, width = latents.shape
         packed = diffusers.LTXPipeline._pack_latents(latents, 1, 1)  # LTX takes [B, tokens, C]
         return model(hidden_states=packed, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
@@ -154,6 +191,8 @@ def test_for_transformer_feeds_a_tiny_transformer_of_the_family(encoded):
     dataset = LatentShardDataset.for_transformer(model, out, batch_size=1)
     batch = next(iter(dataset))
     assert tuple(batch["latents"].shape) == (1, *EXPECTED[family])
+    if family == "ltx2":
+        return  # the guard read its config; a forward pass needs LTX-2's audio stream too
     pred = forward(family, model, batch["latents"])
     assert torch.isfinite(pred).all()
     assert pred.numel() == batch["latents"].numel()
@@ -179,17 +218,32 @@ def test_normalize_matches_the_diffusers_pipeline_formula(family):
     """The formulas below are copied from each pipeline's source (diffusers 0.42), with its config values."""
     vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
     model, spec = vae.model, vae.spec
-    if family == "ltx":
+    if family in ("ltx", "ltx2"):
         # Real LTX checkpoints carry non-trivial per-channel buffers; give the tiny one some.
         gen = torch.Generator().manual_seed(1)
         model.latents_mean.copy_(torch.randn(128, generator=gen))
         model.latents_std.copy_(torch.rand(128, generator=gen) + 0.5)
-        spec = FAMILIES["ltx"].spec_from_model(model)
+        spec = FAMILIES[family].spec_from_model(model)
     z = _random_latents(spec.channels)
     if family == "cogvideox":
         # CogVideoXImageToVideoPipeline.prepare_latents / decode_latents.
         expected = model.config.scaling_factor * z
         decoded = 1 / model.config.scaling_factor * expected
+    elif family == "hunyuanvideo15":
+        # HunyuanVideo15ImageToVideoPipeline._get_image_latents / HunyuanVideo15Pipeline.__call__ before vae.decode.
+        expected = z * model.config.scaling_factor
+        decoded = expected.to(model.dtype) / model.config.scaling_factor
+    elif family == "mochi":
+        # MochiPipeline.__call__ before vae.decode: latents * latents_std / scaling_factor + latents_mean, inverted.
+        mean = torch.tensor(model.config.latents_mean).view(1, 12, 1, 1, 1)
+        std = torch.tensor(model.config.latents_std).view(1, 12, 1, 1, 1)
+        expected = (z - mean) * model.config.scaling_factor / std
+        decoded = expected * std / model.config.scaling_factor + mean
+    elif family == "ltx2":
+        expected = diffusers.LTX2Pipeline._normalize_latents(z, model.latents_mean, model.latents_std,
+                                                               model.config.scaling_factor)
+        decoded = diffusers.LTX2Pipeline._denormalize_latents(expected, model.latents_mean, model.latents_std,
+                                                                model.config.scaling_factor)
     elif family == "hunyuanvideo":
         # HunyuanVideoImageToVideoPipeline.prepare_latents / HunyuanVideoPipeline.__call__ before vae.decode.
         expected = z * model.config.scaling_factor
@@ -297,12 +351,14 @@ def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, 
     monkeypatch.setitem(FAMILIES, "custom", dataclasses.replace(custom, text_recipe=None))
     with pytest.raises(ConfigError, match="--family custom: latentcache has no text recipe for it yet"):
         recipe_for("custom")
-    assert [FAMILIES[f].tiling.style for f in FAMILY_NAMES] == ["overlap", "stride", "stride", "stride"]
+    assert {f: FAMILIES[f].tiling.style for f in FAMILY_NAMES} == {
+        "cogvideox": "overlap", "hunyuanvideo": "stride", "hunyuanvideo15": "overlap", "ltx": "stride",
+        "ltx2": "stride", "mochi": "stride", "wan": "stride"}
     assert [(f, FAMILIES[f].text_recipe.max_length) for f in FAMILY_NAMES if FAMILIES[f].text_recipe] == [
         ("cogvideox", 226), ("ltx", 128), ("wan", 512)]
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "ltx"])
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "cogvideox"])
 def test_frame_chunk_is_cogvideox_only(family):
     vae = load_vae(VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None), "cpu")
     with pytest.raises(ConfigError, match=f"--frame-chunk 16: the {family} VAE .* has no frames-per-step"):
@@ -408,7 +464,120 @@ def test_preview_decodes_every_family_next_to_its_source(encoded, tmp_path):
     family, out = encoded
     result = preview(out, tmp_path / "preview.mp4")
     assert result.with_source == [True]
-    assert result.frames == 17 and result.size == (2 * 96, 64)  # source | reconstruction
+    n = FRAMES.get(family, 17)
+    assert result.frames == n and result.size == (2 * 96, 64)  # source | reconstruction
     with av.open(str(tmp_path / "preview.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == 17 and frames[0].shape == (64, 192, 3)
+    assert len(frames) == n and frames[0].shape == (64, 192, 3)
+
+
+# ------------------------------------------------------------------------ Wan 2.2, HunyuanVideo 1.5 tiling, refusals
+
+
+@pytest.fixture(scope="module")
+def wan22_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan 2.2 TI2V-5B layout VAE (residual, patch 2, 48 channels, 16x spatial) saved as a pipeline's vae/,
+    with per-channel statistics that are not the identity."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+            is_residual=True, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, in_channels=12,
+            out_channels=12, latents_mean=(torch.randn(48, generator=gen) * 0.3).tolist(),
+            latents_std=(torch.rand(48, generator=gen) + 0.5).tolist())
+    root = tmp_path_factory.mktemp("wan22") / "pipe"
+    model.save_pretrained(root / "vae")
+    return root
+
+
+def test_wan_2_2_ti2v_vae_end_to_end(wan22_vae_dir, family_videos, tmp_path):
+    """Wan 2.2 TI2V-5B's 48-channel VAE: detected as wan from its config, encoded through the CLI, streamed with
+    WanPipeline's normalisation, and fed to a 48-channel WanTransformer3DModel (patch 1x2x2, as TI2V-5B's)."""
+    out = tmp_path / "out"
+    assert main(["encode", str(family_videos), "--out", str(out), "--vae", str(wan22_vae_dir), "--device", "cpu",
+                 *CLIP]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["latent_spec"]
+    assert (spec["family"], spec["channels"], spec["temporal_compression"], spec["spatial_compression"]) == (
+        "wan", 48, 4, 16)
+    config = json.loads((wan22_vae_dir / "vae" / "config.json").read_text())
+    raw = load_safetensors(_only_sample(out)["latents.safetensors"])["mean"].float()
+    assert tuple(raw.shape) == (48, 5, 4, 6)
+    (item,) = list(LatentShardDataset(out, sample_posterior=False))
+    # WanPipeline / WanImageToVideoPipeline: (z - latents_mean) * (1 / latents_std), from the VAE config.
+    mean = torch.tensor(config["latents_mean"]).view(48, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(config["latents_std"]).view(48, 1, 1, 1)
+    torch.testing.assert_close(item["latents"], (raw - mean) * inv_std, rtol=1e-5, atol=1e-5)
+    model = tiny_transformer("wan", 48).eval()
+    batch = next(iter(LatentShardDataset.for_transformer(model, out, batch_size=1)))
+    pred = forward("wan", model, batch["latents"])
+    assert pred.shape == batch["latents"].shape and torch.isfinite(pred).all()
+    with pytest.raises(LatentMismatchError, match="in_channels=16, the latents have 48 channels"):
+        LatentShardDataset.for_transformer({"in_channels": 16, "patch_size": [1, 2, 2]}, out)
+
+
+def test_wan_2_2_ti2v_image_latents_are_refused_with_the_reason(wan22_vae_dir, family_videos, tmp_path, capsys):
+    """TI2V-5B conditions by replacing the first latent frame (expand_timesteps), not Wan 2.1's frame-mask layout."""
+    code = main(["encode", str(family_videos), "--out", str(tmp_path / "out"), "--vae", str(wan22_vae_dir),
+                 "--device", "cpu", "--image-latents", *CLIP])
+    assert code == 2
+    assert "48-channel Wan VAE (Wan 2.2 TI2V-5B)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_hunyuanvideo15_tiling_blends_like_cogvideox():
+    vae = load_vae(VAESettings(source="tiny-random-hunyuanvideo15", family="hunyuanvideo15", subfolder=None), "cpu")
+    frames = np.random.default_rng(0).integers(0, 256, (1, 9, 64, 96, 3), dtype=np.uint8)
+    untiled, _ = vae.encode(frames)
+    vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.5), None)
+    assert vae.model.use_tiling and vae.model.tile_latent_min_width == 2 and vae.model.tile_overlap_factor == 0.5
+    tiled, _ = vae.encode(frames)
+    assert tiled.shape == untiled.shape == (1, 32, 3, 4, 6) and not torch.equal(tiled, untiled)
+    with pytest.raises(ConfigError, match="keeps 2 latents"):
+        vae.configure(TilingSettings(tile_height=32, tile_width=32, overlap=0.25), None)
+
+
+def test_cosmos_vae_is_refused_because_it_is_not_a_posterior(tmp_path, family_videos, capsys):
+    cosmos = tmp_path / "cosmos"
+    cosmos.mkdir()
+    (cosmos / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCosmos"}))
+    with pytest.raises(ConfigError, match="AutoencoderKLCosmos, which latentcache cannot encode with: its encode "
+                                          "returns an IdentityDistribution"):
+        family_for_source(str(cosmos))
+    # Named with --family too, the loader refuses it for the same reason.
+    with pytest.raises(ConfigError, match="found a AutoencoderKLCosmos, which latentcache cannot encode with"):
+        load_vae(VAESettings(source=str(cosmos), family="wan", subfolder=None), "cpu")
+    assert main(["encode", str(family_videos), "--out", str(tmp_path / "out"), "--vae", str(cosmos),
+                 "--device", "cpu", *CLIP]) == 2
+    assert "IdentityDistribution" in capsys.readouterr().err
+
+
+def test_check_config_names_a_per_channel_family_sat_cannot_scale(encoded, tmp_path):
+    """SAT scales by one factor: raw latents of a per-channel family can never be right, and says so by name."""
+    import yaml
+
+    from latentcache.format.manifest import read_manifest
+    from latentcache.train.trainer_config import config_problems, load_trainer_config
+
+    family, out = encoded
+    if family not in PER_CHANNEL:
+        pytest.skip("a single-factor family: tests/train/test_sat.py checks its scale_factor")
+    channels, frames = EXPECTED[family][0], FRAMES.get(family, 17)
+    tree = {"model": {"scale_factor": 1.0, "latent_input": True,
+                      "network_config": {"params": {"in_channels": channels}}},
+            "data": {"target": "latentcache.sat.SATLatentDataset",
+                     "params": {"video_size": [64, 96], "max_num_frames": frames}}}
+
+    def problems(**data: object) -> list[str]:
+        path = tmp_path / "trainer.yaml"
+        path.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], **data}}))
+        return config_problems(load_trainer_config(path), read_manifest(out))
+
+    (p,) = problems()
+    assert f"the shards' {family} VAE normalises them per channel" in p and "LatentShardDataset" in p
+    assert problems(target="latentcache.LatentShardDataset") == []
+    tree["model"]["scale_factor"] = 0.5
+    (p,) = problems(target="latentcache.LatentShardDataset")
+    assert f"already applies the {family} VAE's per-channel normalisation" in p and "scale_factor: 1.0" in p
