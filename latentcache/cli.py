@@ -91,8 +91,8 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
     c.add_argument("--frames", type=int, default=defaults.frames,
-                   help="frames per clip; the VAE's frame rule applies (4k+1 for CogVideoX, Wan, HunyuanVideo; 8k+1 "
-                   "for LTX-Video)")
+                   help="frames per clip; the VAE's frame rule applies (4k+1 for CogVideoX, Wan and HunyuanVideo, "
+                   "8k+1 for LTX-Video, 6k+1 for Mochi: docs/families.md)")
     c.add_argument("--fps", type=float, default=defaults.fps, help="frame rate clips are sampled at")
     c.add_argument("--height", type=int, default=defaults.height, help="clip height in pixels (crop or fit to it)")
     c.add_argument("--width", type=int, default=defaults.width, help="clip width in pixels")
