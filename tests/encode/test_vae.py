@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from latentcache.encode.decode import decode_clip
-from latentcache.encode.families import tile_problem
-from latentcache.encode.settings import ClipSettings, TilingSettings
+from latentcache.encode.families import FAMILIES, tile_problem
+from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
+from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.spec import LatentSpec
 from tests.conftest import TINY_CLIP
@@ -152,3 +153,16 @@ def test_normalisation_round_trips_and_follows_the_config():
     assert torch.allclose(per_channel.normalize(z)[3], (z[3] - 3) / 4)
     for spec in (scaled, inverted, per_channel):
         assert torch.allclose(spec.denormalize(spec.normalize(z)), z, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_spec_read_from_the_config_alone_is_the_loaded_vaes_or_none(family: str) -> None:
+    """The early check (before the weights load) may know less, never something else: a spec that disagreed would
+    refuse settings the VAE can encode, or let through ones it cannot."""
+    from latentcache.encode.vae import peek_spec
+
+    settings = VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None, dtype="fp32")
+    early = peek_spec(settings)
+    assert early is None or early == load_vae(settings, "cpu").spec
+    if family in ("cogvideox", "wan", "hunyuanvideo"):
+        assert early is not None  # the families whose frame rule users get wrong most
