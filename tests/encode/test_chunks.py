@@ -195,6 +195,14 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert "dataset open" in result.stdout
 
 
+def test_bench_plan_task_costs_smoke(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "plan.py"), "--task-costs", "--inputs", "200",
+                             "--chunk-size", "20", "--tasks", "4", "--work", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "look for new inputs: before" in result.stdout and "end-of-run check: before" in result.stdout
+
+
 def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Path, tmp_path: Path,
                                                                  tiny_vae) -> None:
     """Keys count clips as {index:04d}, which grows to 5-6 digits past 9,999 (a long video with --clips all): the
