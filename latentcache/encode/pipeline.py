@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +50,7 @@ from latentcache.format.shards import (
     write_shard,
     write_text_atomic,
 )
+from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
@@ -436,10 +438,31 @@ def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None
     chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
     marker left from before shards were removed by hand costs that check, nothing worse)."""
     folder = _share_markers(out, plan, world_size)
+    if (folder.parent / "complete").is_file():
+        return None
     for rank in range(world_size):
         if not _share_marker(folder, rank).is_file():
             return rank
     return None
+
+
+def clear_share_markers(out: Path, plan: JobPlan) -> None:
+    """Once the manifest is written, the per-rank markers have served; one `complete` marker of this plan takes
+    their place, so a finished directory holds the same files whatever number of processes wrote it, and a rerun
+    of any task of a finished job checks everything and finalizes again, as before."""
+    folder = out / "chunks" / "done"
+    if not store.in_object_store(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        try:
+            for p in list(folder.rglob("*")):
+                if p.is_file():
+                    p.unlink()
+        except FileNotFoundError:
+            pass
+    complete = _share_markers(out, plan, 1).parent / "complete"
+    complete.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(complete, "")
 
 
 def finalize(out: Path) -> dict[str, Any]:
@@ -509,6 +532,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "software": merge_software(software),
     }
     _writing(out / "manifest.json", write_manifest, out, manifest)
+    clear_share_markers(out, plan)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, **reasons(failures)}
 
 

@@ -315,12 +315,15 @@ def test_a_task_that_is_not_the_last_checks_its_own_share_only(small_videos: Pat
         assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=rank, world_size=4) == 0
         assert f"rank {rank + 1} of 4 has not finished" in capsys.readouterr().out
     assert whole == [] and not (out / "manifest.json").exists()
-    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=3, world_size=4) == EXIT_SOME_FAILED
-    assert whole == [1] and read_manifest(out)["counts"]["samples"] == SMALL_VIDEOS
-
+    # A sidecar of rank 1's removed after its share was marked done: the last task's full check still finds it.
     plan = read_job_plan(out)
     shard = read_chunk_plan(out, plan, chunks_for_rank(plan, 1, 4)[0]).shards[0]
     (out / (shard.relpath + ".json")).unlink()
     capsys.readouterr()
-    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=0, world_size=4) == 0
-    assert whole == [1, 1] and "still being worked on by other tasks" in capsys.readouterr().out
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=3, world_size=4) == 0
+    assert whole == [1] and "still being worked on by other tasks" in capsys.readouterr().out
+    assert not (out / "manifest.json").exists()
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=1, world_size=4) == EXIT_SOME_FAILED
+    assert whole == [1, 1] and read_manifest(out)["counts"]["samples"] == SMALL_VIDEOS
+    # Served: a finished directory holds one `complete` marker, whatever the number of processes.
+    assert [p.name for p in (out / "chunks" / "done").rglob("*") if p.is_file()] == ["complete"]
