@@ -3,6 +3,7 @@
     python bench/plan.py --smoke                          # seconds: 2,000 inputs (what tests/test_chunks.py runs)
     python bench/plan.py --inputs 1000000 10000000 --tasks 1000 --work /scratch/bench
     python bench/plan.py --rerun-check --inputs 100000 --work /scratch/bench   # what checking inputs costs a rerun
+    python bench/plan.py --task-costs --inputs 1000000 10000000 --tasks 1000    # per-task costs, before and after
 
 Everything is the real code writing real files (a JSONL list with captions, plan.json, the inputs parts, the chunk
 plans), except the probe: an injected one returns a synthetic VideoInfo (a size and duration drawn from the path's
@@ -13,6 +14,10 @@ Rows: the top-level plan (`pipeline.load_or_make_plan` from the list: no video o
 (`pipeline.plan_chunks` for task 0 of --tasks: probe + bucket layout + atomic chunk-plan writes); opening a
 LatentShardDataset on a synthetic manifest of as many samples; streaming the same samples from full shards and
 from the tiny shards rare buckets leave in each chunk.
+
+--task-costs: side by side in one run, a rerun task's look for new inputs with the list re-read (before) and with
+its identity checked (after), and task 0's end-of-run check reading every chunk plan (before) or only its share and
+the first done marker missing (after).
 
 --rerun-check: the listed files are written for real (small ones), one process plans every chunk (recording each
 input's size, mtime and sha256), then a rerun's planning is timed twice in a fresh process: reading the chunk plans
@@ -198,6 +203,64 @@ def rerun_check(work: Path, sizes: list[int], chunk_size: int) -> None:
                   f"checked {r['checked']:.2f} s: {per:.1f} us per input for the check ({r['max_rss_mb']:.0f} MB peak)")
 
 
+def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
+    """A rerun's top-level plan from an unchanged list: read again and compared (skip 0: before), or skipped once
+    its identity matches what plan.json recorded (skip 1: after)."""
+    from latentcache.cli import settings_from_args
+    from latentcache.encode import pipeline
+    from latentcache.encode.input_stats import list_identity
+    from latentcache.encode.inputs import iter_inputs
+    from latentcache.encode.vae import load_vae
+
+    args = args_for(work, n, chunk_size)
+    settings = settings_from_args(args).encode
+    vae = load_vae(settings.vae, "cpu")
+    started = time.perf_counter()
+    lists = list_identity([str(i) for i in args.inputs]) if skip else None
+    plan = pipeline.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size,
+                                      lists=lists)
+    seconds = time.perf_counter() - started
+    if not skip:  # put back the record the "before" run (no identity given) removed, for the "after" run
+        from latentcache.encode import chunks
+
+        chunks.record_lists(args.out, plan, list_identity([str(i) for i in args.inputs]))
+    return {"seconds": seconds, "inputs": plan.inputs}
+
+
+def step_end_check(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
+    """Task 0's end-of-run check, the other tasks still working: every chunk plan read (before), or its own
+    shards' sidecars stat'ed and the first other task's done marker looked for (after)."""
+    from latentcache.encode import chunks, pipeline
+
+    out = args_for(work, n, chunk_size).out
+    plan = chunks.read_job_plan(out)
+    started = time.perf_counter()
+    pipeline.pending_in_job(out, plan)
+    before = time.perf_counter() - started
+    started = time.perf_counter()
+    mine = [s for ref in chunks.chunks_for_rank(plan, 0, tasks) for s in chunks.read_chunk_plan(out, plan, ref).shards]
+    pipeline.mark_share_done(out, plan, 0, tasks, mine)
+    waiting = pipeline.first_share_pending(out, plan, tasks)
+    return {"before": before, "after": time.perf_counter() - started, "waiting": waiting}
+
+
+def task_costs(work: Path, sizes: list[int], chunk_size: int, tasks: int) -> None:
+    for n in sizes:
+        write_list(work / f"list_{n}.jsonl", n)
+        child(["top", str(work), str(n), str(chunk_size)])  # the first run: plans and records the list
+        child(["plan_all", str(work), str(n), str(chunk_size)])  # every chunk planned, as after the first tasks
+        again = child(["rerun_top", str(work), str(n), str(chunk_size), "0"])  # warms the page cache; records
+        before = child(["rerun_top", str(work), str(n), str(chunk_size), "0"])
+        after = child(["rerun_top", str(work), str(n), str(chunk_size), "1"])
+        assert before["inputs"] == after["inputs"] == again["inputs"] == n
+        print(f"{n:>10,} inputs  a task's look for new inputs: before {before['seconds']:8.2f} s "
+              f"({before['max_rss_mb']:.0f} MB peak), after {after['seconds']:8.3f} s ({after['max_rss_mb']:.0f} MB "
+              "peak; the list unchanged)")
+        end = child(["end_check", str(work), str(n), str(chunk_size), str(tasks)])
+        print(f"{n:>10,} inputs  task 0 of {tasks}'s end-of-run check: before {end['before']:8.2f} s (every chunk "
+              f"plan read), after {end['after']:8.3f} s (its share; stops at task {end['waiting']}'s missing marker)")
+
+
 def child(argv: list[str]) -> dict:
     """Run one step in a fresh process: its own peak memory, nothing left over from an earlier step."""
     out = subprocess.run([sys.executable, __file__, "--step", *argv], capture_output=True, text=True)
@@ -216,12 +279,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2,000 inputs, chunks of 100, 4 tasks: seconds")
     parser.add_argument("--rerun-check", action="store_true",
                         help="time a rerun's check of every input against its chunk plan (real files, no video)")
+    parser.add_argument("--task-costs", action="store_true",
+                        help="per-task costs before and after: the look for new inputs, the end-of-run check")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
         name, work, *rest = args.step
         steps = {"top": step_top, "share": step_share, "open": step_open, "stream": step_stream,
-                 "plan_all": step_plan_all, "recheck": step_recheck}
+                 "plan_all": step_plan_all, "recheck": step_recheck, "rerun_top": step_rerun_top,
+                 "end_check": step_end_check}
         result = steps[name](Path(work), *map(int, rest))
         result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
@@ -234,6 +300,9 @@ def main() -> None:
         work = Path(tmp)
         if args.rerun_check:
             rerun_check(work, args.inputs, args.chunk_size)
+            return
+        if args.task_costs:
+            task_costs(work, args.inputs, args.chunk_size, args.tasks)
             return
         for n in args.inputs:
             write_list(work / f"list_{n}.jsonl", n)

@@ -354,6 +354,38 @@ def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
     return sorted(found)
 
 
+LISTS_NAME = "inputs/lists.json"
+
+
+def _lists_record(plan: JobPlan, identity: list[dict[str, Any]]) -> dict[str, Any]:
+    # The parts' digests tie the record to this plan.json: a record left from before --overwrite or a hand edit
+    # of the plan never matches another plan.
+    return {"lists": identity, "parts": [[p.count, p.sha256] for p in plan.parts]}
+
+
+def lists_unchanged(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> bool:
+    """Whether `identity` (`input_stats.list_identity`, taken now) is what the lists were when `plan` was last
+    extended from them: then they hold no input the plan lacks, and reading them again is skipped. False when
+    either is unknown (folders given, no record, an unreadable or damaged record: the lists are read as before)."""
+    if identity is None or not plan.parts:
+        return False
+    try:
+        recorded = strictjson.loads((out / LISTS_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return recorded == _lists_record(plan, identity)
+
+
+def record_lists(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> None:
+    """After plan.json holds every input of the lists: what they were (taken before they were read, so a list
+    changed while it was read does not match next time). None: forget any earlier record."""
+    path = out / LISTS_NAME
+    if identity is None:
+        path.unlink(missing_ok=True)
+        return
+    write_text_atomic(path, json.dumps(_lists_record(plan, identity), indent=0, sort_keys=True, allow_nan=False))
+
+
 # ------------------------------------------------------------------------------------------------- chunk plans
 
 

@@ -67,6 +67,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     from tqdm import tqdm
 
     from latentcache.encode import chunks, pipeline
+    from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
 
@@ -89,8 +90,10 @@ def run(settings: JobSettings, world: World = World()) -> int:
     def make_plan() -> chunks.JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
+        # Taken before the lists are read: unchanged lists are not read again (`chunks.lists_unchanged`).
+        lists = list_identity([str(i) for i in settings.inputs])
         return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
-                                          chunk_size=settings.chunk_size)
+                                          chunk_size=settings.chunk_size, lists=lists)
 
     plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
     if failed:
@@ -126,12 +129,21 @@ def run(settings: JobSettings, world: World = World()) -> int:
           f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
           f"done, clips {clips.describe()}, {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
+    # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
+    # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
+    pipeline.mark_share_done(out, plan, rank, world_size, mine)
     totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
                                summary.shards_written, summary.shards_redone, summary.seconds])
     world.barrier()
     if not world.is_main:
         return EXIT_OK
     print_job_summary(totals, time.perf_counter() - started)
+    waiting = pipeline.first_share_pending(out, plan, world_size)
+    if waiting is not None:
+        print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
+              f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "
+              "are done)")
+        return EXIT_OK
     left, unplanned = pipeline.pending_in_job(out, plan)
     if left or unplanned:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.

@@ -7,8 +7,10 @@ later `failures.jsonl`) plus a log line, and the run goes on; anything else is a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from latentcache.format.shards import (
     write_shard,
     write_text_atomic,
 )
+from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,18 @@ def vae_record(vae: VideoVAE) -> dict[str, Any]:
 
 
 def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
-                      overwrite: bool = False, chunk_size: int | None = None) -> JobPlan:
+                      overwrite: bool = False, chunk_size: int | None = None,
+                      lists: list[dict[str, Any]] | None = None) -> JobPlan:
     """The top-level plan: OUT/plan.json reused, extended by the inputs it lacks (a new part), or made. No video is
     opened here: each chunk is probed later by the rank that owns it (`plan_chunks`).
 
     Safe for processes that cannot wait for each other (SLURM array tasks): each makes the same plan from the same
     inputs and renames each file into place from its own temporary name, so whichever rename lands last, the bytes
     agree. Other settings or another VAE are refused, and so are earlier inputs that are not given again.
+
+    `lists`: the identity of the input lists (`input_stats.list_identity`, taken before `inputs` is read). When it
+    is the one recorded for plan.json, `inputs` is never read: the lists hold nothing new (see docs/distributed.md
+    "Changed inputs").
     """
     vae.spec.check_clip(settings.clip)
     claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
@@ -99,9 +107,17 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             raise ConfigError(f"{out} was made with other settings or another VAE: {differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
         if existing.fingerprint == wanted.fingerprint and not overwrite:
-            return _append(out, existing, chunks.InputTable(inputs), chunk_size)
+            if chunks.lists_unchanged(out, existing, lists):
+                log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
+                return existing
+            return _record_lists(out, _append(out, existing, chunks.InputTable(inputs), chunk_size), lists)
         clear_outputs(out, existing)
-    return _append(out, wanted, chunks.InputTable(inputs), chunk_size)
+    return _record_lists(out, _append(out, wanted, chunks.InputTable(inputs), chunk_size), lists)
+
+
+def _record_lists(out: Path, plan: JobPlan, lists: list[dict[str, Any]] | None) -> JobPlan:
+    chunks.record_lists(out, plan, lists)
+    return plan
 
 
 
@@ -370,6 +386,61 @@ def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
     return shards, unplanned
 
 
+def _share_markers(out: Path, plan: JobPlan, world_size: int) -> Path:
+    # Named by a digest of plan.json: an append (a new part) makes every earlier marker stale at once.
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+    return out / f"chunks/done/{digest}/w{world_size:06d}"
+
+
+def _share_marker(folder: Path, rank: int) -> Path:
+    return folder / f"r{rank:06d}"
+
+
+def mark_share_done(out: Path, plan: JobPlan, rank: int, world_size: int, shards: list[PlannedShard]) -> bool:
+    """After a rank's run: if none of its `shards` is pending (a stat of each sidecar: its share only), leave a
+    marker saying so. Returns whether it did."""
+    if pending_shards(out, shards):
+        return False
+    marker = _share_marker(_share_markers(out, plan, world_size), rank)
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, "")
+    return True
+
+
+def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None:
+    """The first rank of `world_size` without a done marker, or None when every one has one. It stops at the
+    first missing marker, so a task that is not the last one to finish pays about one stat, not a read of every
+    chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
+    marker left from before shards were removed by hand costs that check, nothing worse)."""
+    folder = _share_markers(out, plan, world_size)
+    if (folder.parent / "complete").is_file():
+        return None
+    for rank in range(world_size):
+        if not _share_marker(folder, rank).is_file():
+            return rank
+    return None
+
+
+def clear_share_markers(out: Path, plan: JobPlan) -> None:
+    """Once the manifest is written, the per-rank markers have served; one `complete` marker of this plan takes
+    their place, so a finished directory holds the same files whatever number of processes wrote it, and a rerun
+    of any task of a finished job checks everything and finalizes again, as before."""
+    folder = out / "chunks" / "done"
+    if not store.in_object_store(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        try:
+            for p in list(folder.rglob("*")):
+                if p.is_file():
+                    p.unlink()
+        except FileNotFoundError:
+            pass
+    complete = _share_markers(out, plan, 1).parent / "complete"
+    complete.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(complete, "")
+
+
 def finalize(out: Path) -> dict[str, Any]:
     """Merge the sidecars into manifest.json and failures.jsonl, checking that every planned clip is there once."""
     return finalize_with_outcome(out)[0]
@@ -440,6 +511,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "software": merge_software(software),
     }
     _writing(out / "manifest.json", write_manifest, out, manifest)
+    clear_share_markers(out, plan)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, "tally": counted,
                       "clip": plan.settings.get("clip", {})}
 

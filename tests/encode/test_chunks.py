@@ -196,6 +196,14 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert "dataset open" in result.stdout
 
 
+def test_bench_plan_task_costs_smoke(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "plan.py"), "--task-costs", "--inputs", "200",
+                             "--chunk-size", "20", "--tasks", "4", "--work", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "look for new inputs: before" in result.stdout and "end-of-run check: before" in result.stdout
+
+
 def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Path, tmp_path: Path,
                                                                  tiny_vae) -> None:
     """Keys count clips as {index:04d}, which grows to 5-6 digits past 9,999 (a long video with --clips all): the
@@ -216,3 +224,107 @@ def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Pa
     again = read_chunk_plan(out, plan, ref)
     assert [c.key for c in again.clips] == [c.key for c in chunk.clips]
     assert again.clips[9_999].key.endswith("_9999") and again.clips[10_000].key.endswith("_10000")
+
+
+# ------------------------------------------------------------------ per-task costs that do not grow with the dataset
+
+
+@pytest.fixture
+def list_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every input list the code under test reads, through the real reader."""
+    import latentcache.encode.inputs as inputs_module
+
+    seen: list[str] = []
+    real = inputs_module._from_list
+
+    def counting(list_file: Path):
+        seen.append(str(list_file))
+        return real(list_file)
+
+    monkeypatch.setattr(inputs_module, "_from_list", counting)
+    return seen
+
+
+def test_an_unchanged_list_is_not_read_again_and_a_changed_one_is(small_videos: Path, tmp_path: Path,
+                                                                  list_reads: list[str], capsys) -> None:
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{small_videos / f'v{i}.mp4'}\n" for i in range(3)))
+    out = tmp_path / "out"
+    assert encode_job(_args(listed, out)) == 0
+    assert list_reads == [str(listed)]
+    record = json.loads((out / chunks.LISTS_NAME).read_text())
+    assert record["lists"][0]["path"] == str(listed.resolve()) and record["lists"][0]["size"] == listed.stat().st_size
+
+    list_reads.clear()
+    assert encode_job(_args(listed, out)) == 0  # the same list: plan.json is reused without reading it
+    assert list_reads == []
+
+    # A superset (a line appended) is read and appends as before.
+    with listed.open("a") as f:
+        f.write(f"{small_videos / 'v3.mp4'}\n")
+    capsys.readouterr()
+    assert encode_job(_args(listed, out)) == 0
+    assert list_reads == [str(listed)]
+    assert "1 clips in 1 shard(s) written" in capsys.readouterr().out
+    assert len(read_job_plan(out).parts) == 2
+
+    # Same size and the mtime set back, but other bytes: still seen (a small list's digest is of all of it), so
+    # the input no longer listed is refused by name as before.
+    before = listed.stat()
+    listed.write_text(listed.read_text().replace("v0.mp4", "v5.mp4"))
+    import os
+
+    os.utime(listed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert listed.stat().st_size == before.st_size
+    with pytest.raises(ConfigError, match="not given now"):
+        encode_job(_args(listed, out))
+    # A folder has no cheap identity: it is listed on every run, and no record is kept for it.
+    assert chunks.lists_unchanged(out, read_job_plan(out), None) is False
+
+
+def test_sampled_digest_of_a_big_list_sees_its_first_and_last_bytes(tmp_path: Path) -> None:
+    from latentcache.encode import input_stats
+
+    big = tmp_path / "big.txt"
+    body = bytearray(b"videos/clip.mp4\n" * 400_000)  # 6.4 MB: sampled, not read whole
+    big.write_bytes(body)
+    first = input_stats.list_identity([str(big)])
+    for where in (0, len(body) - 2):
+        body[where] ^= 1
+        big.write_bytes(body)
+        assert input_stats.list_identity([str(big)])[0]["sampled_sha256"] != first[0]["sampled_sha256"]
+        body[where] ^= 1
+    assert input_stats.list_identity([str(big), str(tmp_path)]) is None  # a folder among the inputs: none
+
+
+def test_a_task_that_is_not_the_last_checks_its_own_share_only(small_videos: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """SLURM array tasks one after another: each but the last stops at the first share not done (one stat), never
+    reading every chunk plan; the last checks everything and finalizes. A marker is a hint: a shard removed after
+    its share was marked done is still found by the full check."""
+    whole: list[int] = []
+    real = pipeline.pending_in_job
+
+    def counting(out: Path, plan):
+        whole.append(1)
+        return real(out, plan)
+
+    monkeypatch.setattr(pipeline, "pending_in_job", counting)
+    out = tmp_path / "out"
+    for rank in range(3):
+        capsys.readouterr()
+        assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=rank, world_size=4) == 0
+        assert f"rank {rank + 1} of 4 has not finished" in capsys.readouterr().out
+    assert whole == [] and not (out / "manifest.json").exists()
+    # A sidecar of rank 1's removed after its share was marked done: the last task's full check still finds it.
+    plan = read_job_plan(out)
+    shard = read_chunk_plan(out, plan, chunks_for_rank(plan, 1, 4)[0]).shards[0]
+    (out / (shard.relpath + ".json")).unlink()
+    capsys.readouterr()
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=3, world_size=4) == 0
+    assert whole == [1] and "still being worked on by other tasks" in capsys.readouterr().out
+    assert not (out / "manifest.json").exists()
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=1, world_size=4) == EXIT_SOME_FAILED
+    assert whole == [1, 1] and read_manifest(out)["counts"]["samples"] == SMALL_VIDEOS
+    # Served: a finished directory holds one `complete` marker, whatever the number of processes.
+    assert [p.name for p in (out / "chunks" / "done").rglob("*") if p.is_file()] == ["complete"]
