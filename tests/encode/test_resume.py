@@ -430,6 +430,10 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
                     "shards/17x64x96/p0000-c000000-000000.tar, shards/17x64x96/p0000-c000000-000000.tar.json, "
                     "chunks/p0000/c000000.json; nothing else was touched"]
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    # The new run's own "all shares done" marker; the old run's went with its plan.
+    [marker] = [name for name in left if name.startswith("chunks/done/")]
+    assert marker.endswith("/complete")
+    left.remove(marker)
     assert left == sorted([".latentcache", "chunks/p0000/c000000.json", "failures.jsonl", "inputs/part-0000.jsonl",
                            "inputs/part-0000.keys.npy", "manifest.json", "notes.txt", "plan.json",
                            "shards/17x64x96/keep.txt", "shards/9x64x96/p0000-c000000-000000.tar",
