@@ -83,7 +83,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
         return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
-                                          chunk_size=settings.chunk_size)
+                                          chunk_size=settings.chunk_size, world_size=world.world_size)
 
     plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
     if failed:
