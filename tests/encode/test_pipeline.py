@@ -93,7 +93,7 @@ def test_a_small_folder_at_default_flags_is_one_shard_of_full_batches(small_vide
     sizes = _batch_sizes(monkeypatch)
     out = tmp_path / "out"
     assert main(["encode", str(small_videos), "--out", str(out), "--workers", "0", "--clips", "first",
-                 "--batch-size", "4", *TINY_ARGS]) == 0
+                 "--batch-size", "4", *TINY_ARGS]) == 3  # 3: broken.mp4 is a failure record
     assert len(list((out / "shards").rglob("*.tar"))) == 1
     assert sorted(sizes, reverse=True) == [4, 2]
 
@@ -102,7 +102,7 @@ def test_batches_cross_shard_boundaries_of_one_bucket(small_videos, tmp_path, mo
     sizes = _batch_sizes(monkeypatch)
     out = tmp_path / "out"
     assert main(["encode", str(small_videos), "--out", str(out), "--workers", "0", "--clips", "first",
-                 "--samples-per-shard", "1", "--batch-size", "3", *TINY_ARGS]) == 0
+                 "--samples-per-shard", "1", "--batch-size", "3", *TINY_ARGS]) == 3  # 3: broken.mp4 is a failure record
     assert len(list((out / "shards").rglob("*.tar"))) == 6
     assert sizes == [3, 3]
 
@@ -126,7 +126,7 @@ def test_a_rerun_after_a_kill_inside_an_encode_group_writes_the_same_bytes(small
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
     reference, out, pause = tmp_path / "reference", tmp_path / "out", tmp_path / "pause"
     pause.mkdir()
-    assert subprocess.run([*cmd, "--out", str(reference), *args], env=env, capture_output=True).returncode == 0
+    assert subprocess.run([*cmd, "--out", str(reference), *args], env=env, capture_output=True).returncode == 3
     proc = subprocess.Popen([*cmd, "--out", str(out), *args], env={**env, PAUSE_ENV: f"sidecar-written#1:{pause}"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -138,5 +138,5 @@ def test_a_rerun_after_a_kill_inside_an_encode_group_writes_the_same_bytes(small
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert len(list(out.rglob("*.tar.json"))) == 1
-    assert subprocess.run([*cmd, "--out", str(out), *args], env=env, capture_output=True).returncode == 0
+    assert subprocess.run([*cmd, "--out", str(out), *args], env=env, capture_output=True).returncode == 3
     assert tree_bytes(out) == tree_bytes(reference)
