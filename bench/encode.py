@@ -8,6 +8,8 @@ decode in worker processes ahead of the VAE, batched encode in the chosen dtype,
     python bench/encode.py --full --tiny        # the --full code path with the tiny config (runs on a CPU: CI)
     python bench/encode.py --whole-process      # `latentcache encode` at default flags vs a naive script, whole
                                                 # processes timed from the outside (start-up included)
+    python bench/encode.py --null-vae           # the whole pipeline at 49x480x720 on real decoded video, the VAE a
+                                                # zero-cost stand-in: the main process's time outside the VAE call
 
 Prints clips/s of each, their ratio, bytes per clip, and on a GPU peak memory with and without tiling and the
 achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter).
@@ -150,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="HxW", help="size of the generated source videos (decode cost grows with it)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="threads for the VAE on CPU; 1 leaves the other cores to decoding, as a GPU would")
+    parser.add_argument("--null-vae", action="store_true",
+                        help="the VAE replaced by a stand-in returning right-shaped latents at zero cost")
     args = parser.parse_args(argv)
-    if args.tiny and not args.full:
-        parser.error("--tiny goes with --full")
+    if args.tiny and not (args.full or args.null_vae):
+        parser.error("--tiny goes with --full or --null-vae")
     if args.whole_process:
         return whole_process(args)
+    if args.null_vae:
+        return null_vae(args)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,6 +217,63 @@ def main(argv: list[str] | None = None) -> int:
             untiled, tiled = peak_memory(vae, clip, None), peak_memory(vae, clip, tile)
             print(f"peak {'GPU' if device.type == 'cuda' else 'CPU (not measured)'} memory per clip: untiled "
                   f"{untiled:.1f} GiB, tiled {tile.tile_height}x{tile.tile_width} {tiled:.1f} GiB")
+    return 0
+
+
+def null_vae(args: argparse.Namespace) -> int:
+    """`pipeline.run` over real decoded video with `vae.encode` returning zeros of the latent shape at once: what is
+    left is the main process's own cost (batching, metadata, handing shards to the writer) plus its waits on the
+    decode workers. A GPU at ~0.3 s per 49x480x720 clip idles for every millisecond of the first."""
+    clip = (ClipSettings(frames=17, fps=8.0, height=64, width=96) if args.tiny else
+            ClipSettings(frames=49, fps=8.0, height=480, width=720))
+    n = args.clips or (4 if args.tiny else 16)
+    src = args.source_size or ((96, 128) if args.tiny else (540, 960))
+    vae = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype="fp32"), "cpu")
+    shape = vae.spec.latent_shape(clip.frames, clip.height, clip.width)
+    in_vae = [0.0]
+
+    def encode(frames, *, sources=None, **_):
+        started = time.perf_counter()
+        zeros = torch.zeros((len(frames), *shape))
+        in_vae[0] += time.perf_counter() - started
+        return zeros, zeros.clone()
+
+    vae.encode = encode  # type: ignore[method-assign]
+    waits = [0.0]
+    real_stream = pipeline.ClipStream
+
+    class TimedStream(real_stream):  # type: ignore[misc, valid-type]
+        def __iter__(self):
+            it = super().__iter__()
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                waits[0] += time.perf_counter() - started
+                yield item
+
+    pipeline.ClipStream = TimedStream  # type: ignore[misc]
+    batch = int(args.batch_size or 4)
+    workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    settings = EncodeSettings(clip=clip, vae=VAESettings(source=vae.identity.source, subfolder=None),
+                              samples_per_shard=64)
+    runtime = RuntimeSettings(batch_size=batch, workers=workers)
+    print(f"null VAE: {n} clips x {clip.bucket} from {src[0]}x{src[1]} video; batch {batch}; "
+          f"{workers} decode worker(s); CPU {_cpu_name()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_videos(tmp / "videos", n, *src, seconds=(clip.frames - 1) / clip.fps + 0.5)
+        try:
+            wall, _ = latentcache_run([str(tmp / "videos")], settings, runtime, vae, tmp / "out")
+        finally:
+            pipeline.ClipStream = real_stream  # type: ignore[misc]
+    outside = (wall - in_vae[0]) / n
+    own = (wall - in_vae[0] - waits[0]) / n
+    print(f"per clip: {1000 * outside:.1f} ms outside the VAE call, of which {1000 * waits[0] / n:.1f} ms waiting "
+          f"on decode and {1000 * own:.1f} ms the main process's own work")
+    print(f"decode: {n / wall / max(1, workers):.2f} clips/s per decode worker ({n / wall:.2f} clips/s in all)")
     return 0
 
 

@@ -111,3 +111,9 @@ def test_s3_bench(capsys):
     out = capsys.readouterr().out
     assert ratio(out, "decode 2 clips") > 0
     assert ratio(out, "stream 4 samples") > 0
+
+
+def test_encode_bench_null_vae_reports_the_time_outside_the_vae(capsys):
+    assert bench("encode").main(["--null-vae", "--tiny", "--clips", "2", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "ms outside the VAE call" in out and "clips/s per decode worker" in out

@@ -57,13 +57,34 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 2
 DEFAULT_CHUNK_SIZE = 1000
-# With the default, a small dataset still has chunks for up to this many processes (a chunk is one process's work).
+# Kept for plans made before the world-size rule: they record their own chunk size, so nothing reads this now.
 MIN_CHUNKS = 256
+# With more than one process, this many chunks per process where chunks stay at least MIN_CHUNK_INPUTS long, so a
+# rank that finishes early takes the next chunk and late ranks balance.
+CHUNKS_PER_RANK = 4
+# No default chunk is cut smaller than this for balance: batches and shards never cross a chunk, so a tiny chunk means
+# part-filled batches and one-sample shards.
+MIN_CHUNK_INPUTS = 64
 
 
-def auto_chunk_size(inputs: int) -> int:
-    """The default chunk size: DEFAULT_CHUNK_SIZE, smaller for fewer than 256,000 inputs so every rank has work."""
-    return max(1, min(DEFAULT_CHUNK_SIZE, inputs // MIN_CHUNKS))
+def auto_chunk_size(inputs: int, world_size: int = 1) -> int:
+    """The default chunk size, from the input count and the job's process count (all array tasks' processes).
+
+    One process: one chunk of up to DEFAULT_CHUNK_SIZE inputs (24 videos: one chunk, so batches fill). More
+    processes: CHUNKS_PER_RANK chunks per process, unless that makes chunks shorter than MIN_CHUNK_INPUTS; then
+    chunks of MIN_CHUNK_INPUTS, or one chunk per process where even that leaves a process without work. Never more
+    than DEFAULT_CHUNK_SIZE. Every process of one job computes the same number (the same inputs and world size).
+    """
+    world_size = max(1, world_size)
+    per_rank = -(-inputs // world_size)
+    if world_size == 1:
+        size = per_rank
+    else:
+        balanced = -(-inputs // (world_size * CHUNKS_PER_RANK))
+        size = balanced if balanced >= MIN_CHUNK_INPUTS else min(per_rank, MIN_CHUNK_INPUTS)
+    return max(1, min(DEFAULT_CHUNK_SIZE, size))
+
+
 KEY = re.compile(r"[0-9a-f]{16}_[0-9]{4,6}")  # clip_key: index 0..999999 (plan caps clips per video)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -85,8 +85,9 @@ def sample_bytes(vae: VideoVAE, settings: EncodeSettings, bucket: str) -> int:
     return latents + image + SAMPLE_OVERHEAD_BYTES
 
 
-def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0) -> DryRun:
-    """Plan `settings` over their inputs in a temporary directory and describe the run; --out is only read."""
+def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_size: int = 1) -> DryRun:
+    """Plan `settings` over their inputs in a temporary directory and describe the run; --out is only read.
+    `world_size`: the process count the run will have, which the default chunking (and so the shards) follows."""
     from latentcache.encode import pipeline
     from latentcache.encode.inputs import iter_inputs
 
@@ -95,7 +96,8 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0) -> DryRu
     with tempfile.TemporaryDirectory(prefix="latentcache-dry-run-") as tmp:
         scratch = Path(tmp) / "out"
         inputs = iter_inputs(settings.inputs, exclude=[settings.out], images=encode.clip.images)
-        plan = pipeline.load_or_make_plan(scratch, inputs, encode, vae, chunk_size=settings.chunk_size)
+        plan = pipeline.load_or_make_plan(scratch, inputs, encode, vae, chunk_size=settings.chunk_size,
+                                          world_size=world_size)
         chunk_plans = pipeline.plan_chunks(scratch, plan, encode)
     result.inputs = plan.inputs
     result.outcomes = tally(r for chunk in chunk_plans for r in chunk.rejected)

@@ -93,7 +93,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
         # Taken before the lists are read: unchanged lists are not read again (`chunks.lists_unchanged`).
         lists = list_identity([str(i) for i in settings.inputs])
         return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
-                                          chunk_size=settings.chunk_size, lists=lists)
+                                          chunk_size=settings.chunk_size, lists=lists, world_size=world.world_size)
 
     plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
     if failed:
@@ -174,7 +174,7 @@ def print_dry_run(settings: JobSettings, world: World) -> int:
     from latentcache.encode.vae import load_vae
 
     vae = load_vae(settings.encode.vae, world.device or settings.runtime.device)
-    result = dry_run(settings, vae, estimate=settings.estimate)
+    result = dry_run(settings, vae, estimate=settings.estimate, world_size=world.world_size)
     for line in result.lines(settings.out, str(vae.device)):
         print(line)
     return EXIT_OK

@@ -38,6 +38,7 @@ from latentcache.encode.provenance import merge_software, software_record, vae_c
 from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, hash_json
 from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
+from latentcache.encode.writer import ShardWriter
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.manifest import write_manifest
 from latentcache.format.outcomes import tally
@@ -78,7 +79,7 @@ def vae_record(vae: VideoVAE) -> dict[str, Any]:
 
 def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeSettings, vae: VideoVAE, *,
                       overwrite: bool = False, chunk_size: int | None = None,
-                      lists: list[dict[str, Any]] | None = None) -> JobPlan:
+                      lists: list[dict[str, Any]] | None = None, world_size: int = 1) -> JobPlan:
     """The top-level plan: OUT/plan.json reused, extended by the inputs it lacks (a new part), or made. No video is
     opened here: each chunk is probed later by the rank that owns it (`plan_chunks`).
 
@@ -89,6 +90,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     `lists`: the identity of the input lists (`input_stats.list_identity`, taken before `inputs` is read). When it
     is the one recorded for plan.json, `inputs` is never read: the lists hold nothing new (see docs/distributed.md
     "Changed inputs").
+    `chunk_size`: None for `chunks.auto_chunk_size` over the new inputs and `world_size` (all processes of the job).
     """
     vae.spec.check_clip(settings.clip)
     claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
@@ -110,9 +112,9 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             if chunks.lists_unchanged(out, existing, lists):
                 log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
                 return existing
-            return _record_lists(out, _append(out, existing, chunks.InputTable(inputs), chunk_size), lists)
+            return _record_lists(out, _append(out, existing, chunks.InputTable(inputs), chunk_size, world_size), lists)
         clear_outputs(out, existing)
-    return _record_lists(out, _append(out, wanted, chunks.InputTable(inputs), chunk_size), lists)
+    return _record_lists(out, _append(out, wanted, chunks.InputTable(inputs), chunk_size, world_size), lists)
 
 
 def _record_lists(out: Path, plan: JobPlan, lists: list[dict[str, Any]] | None) -> JobPlan:
@@ -125,7 +127,8 @@ def _record_lists(out: Path, plan: JobPlan, lists: list[dict[str, Any]] | None) 
 
 
 
-def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None) -> JobPlan:
+def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,
+            world_size: int = 1) -> JobPlan:
     """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
     new = chunks.new_inputs(out, plan, table)
     if not len(new):
@@ -133,7 +136,9 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
     if plan.parts:
         log.info("%d new input(s): planned as part %d, the %d earlier part(s) stay as they are", len(new),
                  len(plan.parts), len(plan.parts))
-    size = chunk_size or chunks.auto_chunk_size(len(new))  # a function of the new inputs alone: every task agrees
+    # A function of the new inputs and the world size alone: every task of the job agrees. The part records it, so
+    # an output planned under an earlier rule resumes with its own chunk size.
+    size = chunk_size or chunks.auto_chunk_size(len(new), world_size)
     part = chunks.make_part(out, len(plan.parts), table, new, size)
     grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
     # plan.json last: it names the part, whose files are in place by now.
@@ -245,12 +250,44 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
     return results
 
 
+def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: Plan, settings: EncodeSettings,
+                  texts: TextEncoder | None) -> list[tuple[PlannedClip, EncodedClip | InputError]]:
+    """One VAE batch (plus its image conditions and prompt embeddings): each clip's EncodedClip or its InputError."""
+    if not batch:
+        return []
+    results = _encode_batch(vae, batch)
+    # --image-latents: the I2V conditioning of the clips that encoded, batched the same way.
+    done = [(p, c) for p, c, result in results if not isinstance(result, InputError)]
+    conditions = iter(_image_conditions(vae, done) if settings.image_latents and done else [])
+    out: list[tuple[PlannedClip, EncodedClip | InputError]] = []
+    for p, c, result in results:
+        if isinstance(result, InputError):
+            out.append((p, result))
+            continue
+        mean, logvar, tiling = result
+        image = next(conditions, None)
+        if isinstance(image, InputError):
+            out.append((p, image))
+            continue
+        try:
+            mean, logvar = _stored(mean, logvar, settings)
+            image = _stored(*image, settings) if image is not None else (None, None)
+        except InputError as e:
+            out.append((p, InputError(p.source, e.stage, e.reason)))
+            continue
+        # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
+        text = texts.embed(p.caption) if texts is not None else None
+        out.append((p, EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text, *image)))
+    return out
+
+
 def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: EncodeSettings,
                  decoded: Iterator[tuple[PlannedClip, Clip | InputError]], on_clip: Callable[[int], None],
                  texts: TextEncoder | None = None, *, batch_size: int = 1,
                  strict: bool = False) -> tuple[list[EncodedClip], list[dict]]:
-    """Encode the shard's clips, taking them from `decoded` (a stream over this rank's pending clips, in order),
-    `batch_size` clips per VAE call; `strict`: the first failed clip raises."""
+    """Encode one shard's clips on their own, taking them from `decoded` (a stream over them, in order),
+    `batch_size` clips per VAE call; `strict`: the first failed clip raises. (`run` batches across the shards of
+    one encode group instead: see `encode_groups`.)"""
     encoded: list[EncodedClip] = []
     failures: list[dict[str, Any]] = []
     batch: list[tuple[PlannedClip, Clip]] = []
@@ -262,29 +299,11 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
             raise error
 
     def flush() -> None:
-        results = _encode_batch(vae, batch)
-        # --image-latents: the I2V conditioning of the clips that encoded, batched the same way.
-        done = [(p, c) for p, c, result in results if not isinstance(result, InputError)]
-        conditions = iter(_image_conditions(vae, done) if settings.image_latents and done else [])
-        for p, c, result in results:
+        for p, result in _encode_clips(vae, batch, plan, settings, texts):
             if isinstance(result, InputError):
                 fail(p, result)
             else:
-                mean, logvar, tiling = result
-                image = next(conditions, None)
-                if isinstance(image, InputError):
-                    fail(p, image)
-                    continue
-                try:
-                    mean, logvar = _stored(mean, logvar, settings)
-                    image = _stored(*image, settings) if image is not None else (None, None)
-                except InputError as e:
-                    fail(p, InputError(p.source, e.stage, e.reason))
-                    continue
-                # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
-                text = texts.embed(p.caption) if texts is not None else None
-                encoded.append(EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text,
-                                           *image))
+                encoded.append(result)
         on_clip(len(batch))
         batch.clear()
 
@@ -303,6 +322,45 @@ def encode_shard(shard: PlannedShard, plan: Plan, vae: VideoVAE, settings: Encod
     return encoded, failures
 
 
+@dataclass(slots=True)
+class EncodeGroup:
+    """The consecutive shards of one bucket in one chunk: batches are fixed windows of `batch_size` over their keys
+    taken together, so a batch crosses shard boundaries and what a batch holds is a function of the chunk plan and
+    the batch size alone, never of which shards an earlier run finished (a rerun writes the same bytes)."""
+
+    chunk: Plan
+    shards: list[PlannedShard]
+    pending: set[str]  # relpaths of the shards to write
+
+    def windows(self, batch_size: int) -> list[list[str]]:
+        """The windows that hold a key of a pending shard; those of finished shards only are not encoded again."""
+        keys = [k for s in self.shards for k in s.keys]
+        wanted = {k for s in self.shards if s.relpath in self.pending for k in s.keys}
+        windows = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+        return [w for w in windows if wanted.intersection(w)]
+
+
+def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary) -> list[EncodeGroup]:
+    """This rank's encode groups that have a shard to write; counts the finished shards in `summary`."""
+    groups: list[EncodeGroup] = []
+    for chunk in chunk_plans:
+        for shard in chunk.shards:
+            if not groups or groups[-1].chunk is not chunk or groups[-1].shards[-1].bucket != shard.bucket:
+                groups.append(EncodeGroup(chunk, [], set()))
+            groups[-1].shards.append(shard)
+            path = out / shard.relpath
+            if read_done(path) is not None:
+                summary.shards_skipped += 1
+                summary.clips_skipped += len(shard.keys)
+                continue
+            # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
+            if remove_temporaries(path) or path.exists():
+                summary.shards_redone += 1
+                log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
+            groups[-1].pending.add(shard.relpath)
+    return [g for g in groups if g.pending]
+
+
 def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
         on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
         chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None) -> RunSummary:
@@ -311,6 +369,9 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     `chunk_plans`: this rank's chunk plans when the caller has them already (`plan_chunks`), else they are made here.
     `runtime`: batch size (None: from the clip size and the device's memory), decode workers, NVDEC, strictness;
     RuntimeSettings() when not given.
+
+    Batches are fixed windows over each encode group (`EncodeGroup`); shards are written by a background
+    `ShardWriter`, so encoding goes on while the previous shard is built, hashed and written.
     """
     runtime = runtime or RuntimeSettings()
     summary = RunSummary()
@@ -323,38 +384,64 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
         chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
-    todo: list[tuple[PlannedShard, Plan]] = []
-    by_key: dict[str, PlannedClip] = {}
-    for chunk in chunk_plans:
-        for shard in chunk.shards:
-            path = out / shard.relpath
-            if read_done(path) is not None:
-                summary.shards_skipped += 1
-                summary.clips_skipped += len(shard.keys)
-                continue
-            # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
-            if remove_temporaries(path) or path.exists():
-                summary.shards_redone += 1
-                log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
-            todo.append((shard, chunk))
-        if todo and todo[-1][1] is chunk:
-            by_key.update(chunk.clip_map())
+    groups = encode_groups(chunk_plans, out, summary)
     workers = default_workers() if runtime.workers is None else runtime.workers
     batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
-    # One stream over all of this rank's pending clips, so decode workers run ahead across shard boundaries.
-    decoded = iter(ClipStream([by_key[k] for s, _ in todo for k in s.keys], settings.clip, workers=workers,
-                              nvdec=runtime.nvdec, decode_check=runtime.decode_check))
-    for shard, chunk in todo:
-        encoded, failures = encode_shard(shard, chunk, vae, settings, decoded, on_clip, texts,
-                                         batch_size=batch_size, strict=runtime.strict)
-        path = out / shard.relpath
-        # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
-        _writing(path, write_shard, path, encoded,
-                 extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures,
-                        "software": software})
-        summary.shards_written += 1
-        summary.clips_written += len(encoded)
-        summary.failures.extend(failures)
+    windows = [(g, g.windows(batch_size)) for g in groups]
+    by_key: dict[str, PlannedClip] = {}
+    for g in groups:
+        by_key.update(g.chunk.clip_map())
+    # One stream over all of this rank's windows, so decode workers run ahead across shard and group boundaries.
+    decoded = iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w], settings.clip,
+                              workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check))
+
+    def write(shard: PlannedShard, encoded: list[EncodedClip], failures: list[dict[str, Any]]) -> Callable[[], None]:
+        def job() -> None:
+            path = out / shard.relpath
+            # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
+            _writing(path, write_shard, path, encoded,
+                     extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures,
+                            "software": software})
+            summary.shards_written += 1
+            summary.clips_written += len(encoded)
+            summary.failures.extend(failures)
+        return job
+
+    with ShardWriter(depth=1) as writer:
+        for group, group_windows in windows:
+            shard_of = {k: s for s in group.shards if s.relpath in group.pending for k in s.keys}
+            results: dict[str, EncodedClip | InputError] = {}
+            left = [s for s in group.shards if s.relpath in group.pending]
+            for window in group_windows:
+                batch: list[tuple[PlannedClip, Clip]] = []
+                for expected_key in window:
+                    p, result = next(decoded)
+                    if p.key != expected_key:
+                        raise RuntimeError(f"decode stream out of order: got {p.key}, expected {expected_key}")
+                    if isinstance(result, InputError):
+                        results[p.key] = result
+                    else:
+                        batch.append((p, result))
+                for p, result in _encode_clips(vae, batch, group.chunk, settings, texts):
+                    results[p.key] = result
+                # Clips of a finished shard that share a window were encoded only to keep the batch as planned.
+                for k in window:
+                    if k not in shard_of:
+                        results.pop(k, None)
+                    elif isinstance(results[k], InputError):
+                        error = results[k]
+                        log.warning("%s: %s", error.path, error.reason)  # type: ignore[union-attr]
+                        if runtime.strict:
+                            raise error  # type: ignore[misc]
+                on_clip(sum(1 for k in window if k in shard_of))
+                # Every shard whose clips are all encoded goes to the writer, in plan order.
+                while left and left[0].keys[-1] in results:
+                    shard = left.pop(0)
+                    mine = [results.pop(k) for k in shard.keys]
+                    encoded = [r for r in mine if isinstance(r, EncodedClip)]
+                    failures = [failure_record(r) | {"key": k} for k, r in zip(shard.keys, mine, strict=True)
+                                if isinstance(r, InputError)]
+                    writer.submit(write(shard, encoded, failures))
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -34,8 +34,9 @@ def test_typed_settings_encode_with_auto_batch_and_sum_over_the_world(video_dir,
     assert job.run(_settings(video_dir, out, batch_size=None), world) == job.EXIT_OK
     printed = capsys.readouterr().out
     assert calls[0] == [0.0] and calls[-1] == "barrier"  # the planning collective first, the barrier last
-    # 4 inputs, one clip each, each its own planning chunk and so its own shard; doubled by the twin.
-    assert "[job] 8 clips encoded into 8 shard(s) (0 redone after an interruption) by 2 process(es)" in printed
+    # 4 inputs, one clip each, one planning chunk (the default for one process), one shard per bucket (2 sizes);
+    # doubled by the twin.
+    assert "[job] 8 clips encoded into 4 shard(s) (0 redone after an interruption) by 2 process(es)" in printed
     assert read_manifest(out)["counts"]["samples"] == 4
 
 

@@ -57,3 +57,86 @@ def test_batched_encode_matches_one_clip_at_a_time_to_float_precision(video_dir,
     assert one.keys() == batched.keys()
     for key in one:
         assert torch.allclose(one[key]["mean"], batched[key]["mean"], atol=1e-4, rtol=1e-3)
+
+
+# ------------------------------------------------------------------ issue 22.1: full batches at any dataset size
+
+
+def test_default_chunk_size_follows_the_input_count_and_the_world_size():
+    from latentcache.encode.chunks import auto_chunk_size
+
+    assert auto_chunk_size(24) == 24  # one process: one chunk, so batches fill
+    assert auto_chunk_size(24, 2) == 12  # every rank has work
+    assert auto_chunk_size(1000, 8) == 64  # no chunk cut below 64 for balance
+    assert auto_chunk_size(3, 8) == 1  # more ranks than inputs: one each
+    assert auto_chunk_size(100_000, 8) == 1000 and auto_chunk_size(10_000_000) == 1000
+    assert auto_chunk_size(12_800, 8) == 400  # 4 chunks a rank where they stay long enough
+
+
+def _batch_sizes(monkeypatch) -> list[int]:
+    from latentcache.encode.vae import VideoVAE
+
+    sizes: list[int] = []
+    real = VideoVAE.encode
+
+    def spy(self, frames, **kw):
+        sizes.append(len(frames))
+        return real(self, frames, **kw)
+
+    monkeypatch.setattr(VideoVAE, "encode", spy)
+    return sizes
+
+
+def test_a_small_folder_at_default_flags_is_one_shard_of_full_batches(small_videos, tmp_path, monkeypatch):
+    """Issue 22.1: 6 videos (plus one broken file), one process, default chunking and shard size: one chunk, one
+    shard, and batches as big as --batch-size asks (they were 6 one-sample shards with batches of 1)."""
+    sizes = _batch_sizes(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["encode", str(small_videos), "--out", str(out), "--workers", "0", "--clips", "first",
+                 "--batch-size", "4", *TINY_ARGS]) == 3  # 3: broken.mp4 is a failure record
+    assert len(list((out / "shards").rglob("*.tar"))) == 1
+    assert sorted(sizes, reverse=True) == [4, 2]
+
+
+def test_batches_cross_shard_boundaries_of_one_bucket(small_videos, tmp_path, monkeypatch):
+    sizes = _batch_sizes(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["encode", str(small_videos), "--out", str(out), "--workers", "0", "--clips", "first",
+                 "--samples-per-shard", "1", "--batch-size", "3", *TINY_ARGS]) == 3  # 3: broken.mp4 is a failure record
+    assert len(list((out / "shards").rglob("*.tar"))) == 6
+    assert sizes == [3, 3]
+
+
+def test_a_rerun_after_a_kill_inside_an_encode_group_writes_the_same_bytes(small_videos, tmp_path):
+    """A batch spans two shards (batch 3 over shards of 2); kill -9 lands after the first shard's sidecar, so the
+    rerun must encode that window again, whole, and write the other shards exactly as an uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT, tree_bytes
+
+    from latentcache.format.shards import PAUSE_ENV
+
+    args = ["--workers", "0", "--clips", "first", "--samples-per-shard", "2", "--batch-size", "3", *TINY_ARGS]
+    cmd = [sys.executable, "-c", "import sys; from latentcache.cli import main; sys.exit(main(sys.argv[1:]))",
+           "encode", str(small_videos)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
+    reference, out, pause = tmp_path / "reference", tmp_path / "out", tmp_path / "pause"
+    pause.mkdir()
+    assert subprocess.run([*cmd, "--out", str(reference), *args], env=env, capture_output=True).returncode == 3
+    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env={**env, PAUSE_ENV: f"sidecar-written#1:{pause}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(pause.glob("*.reached")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(list(out.rglob("*.tar.json"))) == 1
+    assert subprocess.run([*cmd, "--out", str(out), *args], env=env, capture_output=True).returncode == 3
+    assert tree_bytes(out) == tree_bytes(reference)
