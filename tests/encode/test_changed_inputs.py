@@ -23,8 +23,11 @@ from latentcache.encode import chunks, input_stats
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 
+# --batch-size 1: an appended or re-encoded output is compared bit for bit with a fresh one, whose chunks (and so
+# whose VAE batches, which cross shards of a chunk) are cut otherwise; on a CPU a clip's latents depend on its batch.
 ARGS = ["--vae", "tiny-random-cogvideox", "--frames", "9", "--fps", "8", "--height", "64", "--width", "96",
-        "--clips", "first", "--samples-per-shard", "1", "--device", "cpu", "--workers", "0", "--chunk-size", "2"]
+        "--clips", "first", "--samples-per-shard", "1", "--device", "cpu", "--workers", "0", "--chunk-size", "2",
+        "--batch-size", "1"]
 
 
 def _videos(root: Path) -> Path:

@@ -99,12 +99,14 @@ def _tar_digests(out: Path) -> list[str]:
 def test_four_ranks_one_after_another_each_probe_a_quarter(small_videos: Path, encoded_reference: Path,
                                                            tmp_path: Path, probes: list[str], capsys) -> None:
     """7 inputs in chunks of 2: rank r probes only chunk r's inputs; every input is encoded once; the samples are the
-    same bytes as the 2-process run's (one sample a shard, so the tars match whatever their names)."""
+    same bytes as the 2-process run's (one sample a shard, so the tars match whatever their names; batch size 1, as
+    the reference's chunks of 1 give, since a batch spans the shards of a chunk)."""
     out = tmp_path / "out"
     per_rank = []
     for rank in range(4):  # as SLURM array tasks: each plans (or reads) the top level, the last one finalizes
         before = len(probes)
-        assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=rank, world_size=4) in (0, 3)
+        assert encode_job(_args(small_videos, out, "--chunk-size", "2", "--batch-size", "1"), rank=rank,
+                          world_size=4) in (0, 3)
         per_rank.append(probes[before:])
     assert [len(p) for p in per_rank] == [2, 2, 2, 1]
     assert sorted(p for ps in per_rank for p in ps) == sorted(str(v.resolve()) for v in small_videos.iterdir())
@@ -118,7 +120,8 @@ def test_four_ranks_one_after_another_each_probe_a_quarter(small_videos: Path, e
     assert (out / "failures.jsonl").read_bytes() == (encoded_reference / "failures.jsonl").read_bytes()
     # A rerun of one rank probes nothing: its chunk plan is on disk.
     before = len(probes)
-    assert encode_job(_args(small_videos, out, "--chunk-size", "2"), rank=2, world_size=4) == EXIT_SOME_FAILED
+    assert encode_job(_args(small_videos, out, "--chunk-size", "2", "--batch-size", "1"), rank=2,
+                      world_size=4) == EXIT_SOME_FAILED
     assert len(probes) == before
 
 
@@ -328,3 +331,30 @@ def test_a_task_that_is_not_the_last_checks_its_own_share_only(small_videos: Pat
     assert whole == [1, 1] and read_manifest(out)["counts"]["samples"] == SMALL_VIDEOS
     # Served: a finished directory holds one `complete` marker, whatever the number of processes.
     assert [p.name for p in (out / "chunks" / "done").rglob("*") if p.is_file()] == ["complete"]
+
+
+def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkeypatch) -> None:
+    """Most users' case, the issue's own: a small fine-tuning folder at the default flags is one chunk and one shard
+    for its bucket, and every VAE call takes a full `auto` batch (8 here): not 24 one-clip shards of batch 1."""
+    from latentcache.cli import main
+    from latentcache.encode.vae import VideoVAE
+    from latentcache.tools.synthetic import write_video
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for i in range(24):
+        write_video(videos / f"v{i:02d}", codec="h264", num_frames=20, height=64, width=96, fps=8)
+    batches: list[int] = []
+    encode = VideoVAE.encode
+
+    def counting(self, frames, *args, **kwargs):
+        batches.append(len(frames))
+        return encode(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(VideoVAE, "encode", counting)
+    out = tmp_path / "out"
+    assert main(["encode", str(videos), "--out", str(out), "--vae", "tiny-random-cogvideox", "--frames", "17",
+                 "--height", "64", "--width", "96", "--device", "cpu"]) == 0
+    assert batches == [8, 8, 8]
+    assert len(list(out.rglob("*.tar"))) == 1
+    assert read_manifest(out)["counts"]["samples"] == 24
