@@ -124,10 +124,11 @@ def run(settings: JobSettings, world: World = World()) -> int:
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
                                texts=texts, chunk_plans=chunk_plans, runtime=runtime)
-    clips = tally(summary.failures)
+    # This rank's share: its chunks' inputs refused at planning and its clips refused at decode or encode.
+    clips = tally([*(r for chunk in chunk_plans for r in chunk.rejected), *summary.failures])
     print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
           f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
-          f"done, clips {clips.describe()}, {summary.seconds:.1f}s "
+          f"done, {clips.describe()}, {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
     # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
@@ -185,7 +186,7 @@ def print_job_summary(totals: list[float], wall_seconds: float) -> None:
     processes, clips, skipped, failed, shards, redone, busy_seconds = totals
     # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
     print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
-          f"interruption) by {int(processes)} process(es), clips {int(skipped)} skipped, {int(failed)} failed; "
+          f"interruption) by {int(processes)} process(es), {int(skipped)} skipped, {int(failed)} failed; "
           f"{wall_seconds:.1f}s wall, "
           f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
           f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
