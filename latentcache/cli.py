@@ -8,11 +8,12 @@ Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configurat
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.job import EXIT_CRASH, EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
@@ -386,6 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(lambda: args.func(args))
 
 
+def exit_with(code: int) -> NoReturn:
+    """End the process with `code`, skipping the interpreter's last garbage collection.
+
+    With torch and diffusers imported, that collection walks ~1M objects at exit and takes about 1.2 s, longer than
+    encoding a small folder. Freezing moves every live object out of the collector's reach; atexit handlers, stream
+    flushes and the module teardown still run. Only for a process's entry point: a caller that goes on (a test
+    calling `main`) must not freeze its heap.
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
+def entry() -> NoReturn:
+    """The `latentcache` command."""
+    exit_with(main())
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -406,4 +424,4 @@ def guarded(job: Callable[[], int]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
