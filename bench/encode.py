@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="HxW", help="size of the generated source videos (decode cost grows with it)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="threads for the VAE on CPU; 1 leaves the other cores to decoding, as a GPU would")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="--null-vae: clips a shard (default: the batch size, so the writer has work to overlap)")
     parser.add_argument("--null-vae", action="store_true",
                         help="the VAE replaced by a stand-in returning right-shaped latents at zero cost")
     args = parser.parse_args(argv)
@@ -234,9 +236,9 @@ def null_vae(args: argparse.Namespace) -> int:
 
     def encode(frames, *, sources=None, **_):
         started = time.perf_counter()
-        zeros = torch.zeros((len(frames), *shape))
+        mean, logvar = torch.zeros((len(frames), *shape)), torch.zeros((len(frames), *shape))
         in_vae[0] += time.perf_counter() - started
-        return zeros, zeros.clone()
+        return mean, logvar
 
     vae.encode = encode  # type: ignore[method-assign]
     waits = [0.0]
@@ -255,24 +257,39 @@ def null_vae(args: argparse.Namespace) -> int:
                 yield item
 
     pipeline.ClipStream = TimedStream  # type: ignore[misc]
+    # The last shard's write waits at the end of the run (nothing is left to overlap it): timed on its own.
+    tail = [0.0]
+    real_writer = pipeline.ShardWriter
+
+    class TimedWriter(real_writer):  # type: ignore[misc, valid-type]
+        def __exit__(self, *exc):
+            started = time.perf_counter()
+            try:
+                return super().__exit__(*exc)
+            finally:
+                tail[0] += time.perf_counter() - started
+
+    pipeline.ShardWriter = TimedWriter  # type: ignore[misc]
     batch = int(args.batch_size or 4)
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    per_shard = args.samples_per_shard or batch
     settings = EncodeSettings(clip=clip, vae=VAESettings(source=vae.identity.source, subfolder=None),
-                              samples_per_shard=64)
+                              samples_per_shard=per_shard)
     runtime = RuntimeSettings(batch_size=batch, workers=workers)
-    print(f"null VAE: {n} clips x {clip.bucket} from {src[0]}x{src[1]} video; batch {batch}; "
-          f"{workers} decode worker(s); CPU {_cpu_name()}")
+    print(f"null VAE: {n} clips x {clip.bucket} from {src[0]}x{src[1]} video; batch {batch}; {per_shard} clips a "
+          f"shard; {workers} decode worker(s); CPU {_cpu_name()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_videos(tmp / "videos", n, *src, seconds=(clip.frames - 1) / clip.fps + 0.5)
         try:
             wall, _ = latentcache_run([str(tmp / "videos")], settings, runtime, vae, tmp / "out")
         finally:
-            pipeline.ClipStream = real_stream  # type: ignore[misc]
+            pipeline.ClipStream, pipeline.ShardWriter = real_stream, real_writer  # type: ignore[misc]
     outside = (wall - in_vae[0]) / n
-    own = (wall - in_vae[0] - waits[0]) / n
-    print(f"per clip: {1000 * outside:.1f} ms outside the VAE call, of which {1000 * waits[0] / n:.1f} ms waiting "
-          f"on decode and {1000 * own:.1f} ms the main process's own work")
+    own = (wall - in_vae[0] - waits[0] - tail[0]) / n
+    print(f"per clip: {1000 * outside:.1f} ms outside the VAE call: {1000 * waits[0] / n:.1f} ms waiting on decode, "
+          f"{1000 * tail[0] / n:.1f} ms writing the last shard after the last batch, {1000 * own:.1f} ms the main "
+          "process's own work")
     print(f"decode: {n / wall / max(1, workers):.2f} clips/s per decode worker ({n / wall:.2f} clips/s in all)")
     return 0
 

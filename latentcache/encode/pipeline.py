@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from latentcache.encode import chunks
@@ -168,7 +167,7 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
     huge clip never takes its batch-mates down with it."""
     if len(batch) > 1:
         try:
-            mean, logvar = vae.encode(np.stack([c.frames for _, c in batch]), sources=[p.source for p, _ in batch])
+            mean, logvar = vae.encode(vae.stage([c.frames for _, c in batch]), sources=[p.source for p, _ in batch])
         except Exception as e:
             if not (isinstance(e, InputError) or _is_oom(e)):
                 raise
@@ -227,7 +226,7 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
     by clip when that fails (memory, non-finite latents), so one clip's failure stays its own."""
     if len(clips) > 1:
         try:
-            mean, logvar = vae.encode_image_condition(np.stack([c.frames for _, c in clips]),
+            mean, logvar = vae.encode_image_condition(vae.stage([c.frames for _, c in clips]),
                                                       sources=[p.source for p, _ in clips])
             return [(mean[i], None if logvar is None else logvar[i]) for i in range(len(clips))]
         except Exception as e:
@@ -393,7 +392,8 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         by_key.update(g.chunk.clip_map())
     # One stream over all of this rank's windows, so decode workers run ahead across shard and group boundaries.
     decoded = iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w], settings.clip,
-                              workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check))
+                              workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check,
+                              held=batch_size))
 
     def write(shard: PlannedShard, encoded: list[EncodedClip], failures: list[dict[str, Any]]) -> Callable[[], None]:
         def job() -> None:

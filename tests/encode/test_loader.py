@@ -62,3 +62,22 @@ def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path):
         done = subprocess.run([sys.executable, "-c", code, planned[0].source], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[2], check=True)
         assert done.stderr.count("on the CPU") == 1, done.stderr
+
+
+def test_frames_held_for_a_batch_survive_the_ring_coming_round(video_dir):
+    """Frames travel in shared-memory slots reused lap after lap: a consumer holding `held` clips at a time (a batch
+    being gathered) must still see each one's own pixels when its batch is complete, over several laps."""
+    sources = sorted(p for p in Path(video_dir).iterdir() if p.suffix in (".mp4", ".webm"))[:3]
+    planned = [PlannedClip(f"k{i}", str(p), p.name, 0, 0.125 * (i // len(sources)), TINY_CLIP.bucket)
+               for i, p in enumerate(sources * 8)]
+    expected = [r.frames.copy() for _, r in ClipStream(planned, TINY_CLIP, workers=0)]
+    held = 4
+    stream = iter(ClipStream(planned, TINY_CLIP, workers=2, prefetch=2, held=held))
+    seen = []
+    for start in range(0, len(planned), held):
+        batch = [next(stream) for _ in planned[start : start + held]]
+        seen.extend(np.array(r.frames) for _, r in batch)  # copied once the whole batch is in hand, as stage() does
+    ring = 2 * 2 + held + 2
+    assert len(planned) > 2 * ring  # the slots came round more than twice
+    assert all(np.array_equal(a, b) for a, b in zip(expected, seen, strict=True))
+    assert len({a.tobytes() for a in expected}) > 3  # distinct clips, so a stale slot would show
