@@ -64,9 +64,13 @@ def global_slice(process_index: int, num_processes: int, env: Mapping[str, str] 
     return task * num_processes + process_index, count * num_processes
 
 
-def limit_cpu_threads(state: PartialState) -> None:
-    """CPU processes on one machine would each start one thread per core and fight; share the cores instead."""
+def limit_cpu_threads(state: PartialState, requested: int | None = None) -> None:
+    """CPU processes on one machine would each start one thread per core and fight; share the cores instead, unless
+    --cpu-threads says how many (the encode applies it again; here it also covers planning)."""
     if state.device.type != "cpu":
+        return
+    if requested is not None:
+        torch.set_num_threads(requested)
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # default collective timeout (minutes) would kill the whole job there.
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
                          or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
-    limit_cpu_threads(state)
+    limit_cpu_threads(state, args.cpu_threads)
     try:
         code = cli.guarded(lambda: job.run(cli.settings_from_args(args), world_of(state)))
         # torchrun treats any non-zero exit as a crash (a traceback, the other ranks killed) and SLURM marks the task

@@ -82,6 +82,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "its RAM), the same on every run on the same machine")
     g.add_argument("--workers", type=int, default=None,
                    help="decode worker processes (default: from the CPU count; 0 decodes in the main process)")
+    g.add_argument("--cpu-threads", type=_positive, default=None, metavar="N",
+                   help="torch threads of the encode on a CPU (default: all cores; under jobs/encode.py an equal share "
+                   "per process). The latents' last bits depend on it: runs meant to write the same bytes use the "
+                   "same N")
     g.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (GPU; slow first batch)")
     g.add_argument("--nvdec", action="store_true",
                    help="decode on the GPU's NVDEC (h264_cuvid, hevc_cuvid, ...) where available, else on the CPU")
@@ -143,6 +147,16 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --dry-run: also decode and encode N clips here and extrapolate the whole run's "
                    "device-hours on this device")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _batch_size(text: str) -> int | None:
@@ -210,7 +224,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         image_latents=_image_latents(args, family.name),
     )
     runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                              compile=args.compile, nvdec=args.nvdec, strict=args.strict,
+                              cpu_threads=args.cpu_threads, compile=args.compile, nvdec=args.nvdec, strict=args.strict,
                               decode_check=args.decode_check)
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
                        overwrite=args.overwrite, chunk_size=args.chunk_size,

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,8 +380,6 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     changed = vae_change(plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
     if changed:
         raise ConfigError(f"{out}: {changed}")
-    # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
-    software = software_record(vae.device, text_encoder=texts is not None)
     if chunk_plans is None:
         chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
     groups = encode_groups(chunk_plans, out, summary)
@@ -407,7 +406,9 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
             summary.failures.extend(failures)
         return job
 
-    with ShardWriter(depth=1) as writer:
+    with cpu_threads(vae.device, runtime.cpu_threads), ShardWriter(depth=1) as writer:
+        # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
+        software = software_record(vae.device, text_encoder=texts is not None, batch_size=batch_size)
         for group, group_windows in windows:
             shard_of = {k: s for s in group.shards if s.relpath in group.pending for k in s.keys}
             results: dict[str, EncodedClip | InputError] = {}
@@ -444,6 +445,21 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
                     writer.submit(write(shard, encoded, failures))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@contextmanager
+def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """torch's thread count for the encode on CPU (`--cpu-threads`), the caller's restored after. None: leave it
+    (jobs/encode.py shares the cores among a machine's processes; one process uses them all)."""
+    if device.type != "cpu" or threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_batch_size(batch_size: int | None, vae: VideoVAE, settings: EncodeSettings) -> int:

@@ -5,8 +5,11 @@ the hub commit it resolved to (a hub id) and the sha256 of every weights file di
 into the VAE identity (`revision` and `weights`), hence into the plan's fingerprint: a resume or rerun with other
 weights is refused by `vae_change`, naming the old and new hashes.
 
-`software_record` says what computed a shard (library versions, CUDA/cuDNN, the device). Byte identity between runs
-is only promised within one such record, so it is kept out of the tar members: it goes into each shard's sidecar and
+`software_record` says what computed a shard (library versions, CUDA/cuDNN, the device) and the two run settings the
+latents' last bits depend on: the batch size (batched convolutions round differently) and, on CPU, torch's thread
+count (a convolution split over another number of threads sums in another order: a 128-channel CogVideoX encoder
+on a 17x96x160 clip gives other bits with 1 thread than with 2). Byte identity between runs is only promised within
+one such record, so it is kept out of the tar members: it goes into each shard's sidecar and
 is merged into the manifest (`merge_software`), where `verify` warns when one output holds several
 (`software_differences`). It holds no timestamp, hostname or pid: the same machine writes the same record.
 """
@@ -166,8 +169,10 @@ def _describe_weights(weights: dict[str, str] | None) -> str:
 # ------------------------------------------------------------------------------------------------ software
 
 
-def software_record(device: Any = "cpu", *, text_encoder: bool = False) -> dict[str, Any]:
-    """What computes the latents in this process: library versions, CUDA/cuDNN where used, the device model.
+def software_record(device: Any = "cpu", *, text_encoder: bool = False,
+                    batch_size: int | None = None) -> dict[str, Any]:
+    """What computes the latents in this process: library versions, CUDA/cuDNN where used, the device model, the
+    batch size (when given) and on CPU torch's thread count.
 
     Deterministic for one machine and environment (no time, host or pid), so a rerun's sidecars are byte-identical.
     """
@@ -188,6 +193,10 @@ def software_record(device: Any = "cpu", *, text_encoder: bool = False) -> dict[
         "cudnn": torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
         "device": _device_name(dev, cuda),
     }
+    if batch_size is not None:
+        record["batch_size"] = batch_size
+    if dev.type == "cpu":
+        record["cpu_threads"] = torch.get_num_threads()
     if text_encoder:
         record["transformers"] = _package_version("transformers")
     return record
@@ -263,7 +272,12 @@ def describe_software(record: dict[str, Any]) -> str:
     if record.get("cudnn"):
         parts.append(f"cuDNN {record['cudnn']}")
     parts += [f"python {record.get('python')}", f"latentcache {record.get('latentcache')}"]
-    return f"{', '.join(parts)} on {record.get('device')} ({_shards(record)})"
+    device = str(record.get("device"))
+    if record.get("cpu_threads"):
+        device += f" ({record['cpu_threads']} thread{'s' if record['cpu_threads'] != 1 else ''})"
+    if record.get("batch_size"):
+        device += f", batch {record['batch_size']}"
+    return f"{', '.join(parts)} on {device} ({_shards(record)})"
 
 
 def _shards(record: dict[str, Any]) -> str:

@@ -135,6 +135,9 @@ class RuntimeSettings:
     # resolved by `pipeline.run` once the VAE is loaded.
     batch_size: int | None = 1
     workers: int | None = None  # decode worker processes; None: from the CPU count
+    # torch threads of the encode on CPU; None: all cores for one process, an equal share each under jobs/encode.py.
+    # The latents' last bits depend on it (and on the batch size): both are in each shard's software record.
+    cpu_threads: int | None = None
     compile: bool = False  # torch.compile the VAE encoder
     nvdec: bool = False  # decode h264/hevc/... on the GPU's NVDEC where available, else on the CPU
     strict: bool = False  # stop at the first input that fails

@@ -74,7 +74,9 @@ def test_sample_metadata_has_nothing_that_varies_between_runs(encoded_reference:
 
 @pytest.mark.slow
 def test_one_plain_process_writes_the_same_bytes(small_videos: Path, encoded_reference: Path, tmp_path: Path) -> None:
-    """`latentcache encode` in this process (world size 1, other thread count) == the 2-process run, byte for byte."""
+    """`latentcache encode` in this process (world size 1) == the 2-process run, byte for byte: the same plan, batch
+    size and torch thread count (`--cpu-threads 1` in ENCODE_SMALL; by default each of the two processes would take
+    half the cores, this one all of them, and the software record in each sidecar would say so)."""
     from latentcache.cli import main
 
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, tiny_settings, tree_bytes
 from latentcache.cli import main
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.pipeline import load_or_make_plan, run
+from latentcache.encode.pipeline import cpu_threads, load_or_make_plan, run
 from latentcache.encode.provenance import (
     file_sha256,
     merge_software,
@@ -226,9 +226,15 @@ def test_hub_cache_files_are_not_read_to_be_hashed(tmp_path: Path) -> None:
 
 def test_software_is_in_sidecars_and_manifest_not_in_the_tars(one_video: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(["encode", str(one_video), "--out", str(out), "--vae", "tiny-random-cogvideox", *ENCODE]) == 0
-    expected = software_record("cpu")
-    assert set(expected) >= {"torch", "diffusers", "av", "ffmpeg", "cuda", "cudnn", "device"}
+    assert main(["encode", str(one_video), "--out", str(out), "--vae", "tiny-random-cogvideox", *ENCODE,
+                 "--batch-size", "2", "--cpu-threads", "1"]) == 0
+    threads = torch.get_num_threads()
+    with cpu_threads(torch.device("cpu"), 1):
+        expected = software_record("cpu", batch_size=2)
+    assert torch.get_num_threads() == threads  # the run gave the caller's thread count back
+    assert set(expected) >= {"torch", "diffusers", "av", "ffmpeg", "cuda", "cudnn", "device", "batch_size",
+                             "cpu_threads"}
+    assert (expected["batch_size"], expected["cpu_threads"]) == (2, 1)
     manifest = read_manifest(out)
     assert manifest["software"] == [{**expected, "shards": 1}]
     tar = next(out.rglob("*.tar"))
@@ -236,6 +242,27 @@ def test_software_is_in_sidecars_and_manifest_not_in_the_tars(one_video: Path, t
     assert b"diffusers" not in tar.read_bytes()  # tar bytes do not depend on the software record
     for key in ("hostname", "pid", "time"):
         assert not any(key in k for k in expected)
+
+
+def test_a_shard_redone_with_another_thread_count_is_named_by_verify(video_dir: Path, tmp_path: Path) -> None:
+    """Byte identity is promised within one software record; the thread count is in it, so a resume on CPU with
+    another --cpu-threads is told apart shard by shard (the other bits it may write are not silent)."""
+    out = tmp_path / "out"
+    encode = ["encode", str(video_dir), "--out", str(out), "--samples-per-shard", "2", "--batch-size", "2",
+              "--vae", "tiny-random-cogvideox", *ENCODE]
+    assert main([*encode, "--cpu-threads", "1"]) == 0
+    tars = sorted(out.rglob("*.tar"))
+    assert len(tars) >= 2
+    tars[-1].unlink()
+    sidecar_path(tars[-1]).unlink()
+    assert main([*encode, "--cpu-threads", "2"]) == 0
+    assert json.loads(sidecar_path(tars[-1]).read_text())["software"]["cpu_threads"] == 2
+    assert {json.loads(sidecar_path(t).read_text())["software"]["cpu_threads"] for t in tars[:-1]} == {1}
+    report = verify(out)
+    warning = next(w for w in report.warnings if "different software" in w)
+    assert f"cpu_threads 1 ({len(tars) - 1} shard{'s' if len(tars) > 2 else ''}) / 2 (1 shard)" in warning
+    assert "batch_size" not in warning  # the same batch size both times
+    assert any("on cpu" in line and "(2 threads), batch 2 (1 shard)" in line for line in report.lines())
 
 
 def test_verify_shows_software_and_warns_when_shards_were_written_by_different_setups(encoded_dir: Path,

@@ -38,9 +38,9 @@ def test_fingerprints_of_existing_outputs_are_unchanged():
 
 def test_runtime_knobs_live_apart_from_what_is_fingerprinted():
     runtime = {f.name for f in dataclasses.fields(RuntimeSettings)}
-    assert runtime == {"device", "batch_size", "workers", "compile", "nvdec", "strict", "decode_check"}
+    assert runtime == {"device", "batch_size", "workers", "compile", "nvdec", "strict", "decode_check", "cpu_threads"}
     assert not runtime & {f.name for f in dataclasses.fields(EncodeSettings)}
     fast = JobSettings(inputs=("v",), out=Path("o"), encode=FULL,
                        runtime=RuntimeSettings(device="cuda", batch_size=None, workers=0, compile=True, nvdec=True,
-                                               strict=True, decode_check="off"))
+                                               strict=True, decode_check="off", cpu_threads=3))
     assert fast.encode.fingerprint() == FULL_FINGERPRINT
