@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--null-vae: clips a shard (default: the batch size, so the writer has work to overlap)")
     parser.add_argument("--null-vae", action="store_true",
                         help="the VAE replaced by a stand-in returning right-shaped latents at zero cost")
+    parser.add_argument("--vae-seconds", type=float, default=0.0, metavar="S",
+                        help="--null-vae: the stand-in sleeps S per clip, as the main process waits on a GPU (0.3: a "
+                        "49x480x720 clip on one), so decoding and writing overlap it; what is left outside the call is "
+                        "the accelerator's idle time")
     args = parser.parse_args(argv)
     if args.tiny and not (args.full or args.null_vae):
         parser.error("--tiny goes with --full or --null-vae")
@@ -234,26 +238,38 @@ def null_vae(args: argparse.Namespace) -> int:
     shape = vae.spec.latent_shape(clip.frames, clip.height, clip.width)
     in_vae = [0.0]
 
+    vae_cpu = [0.0]
+
     def encode(frames, *, sources=None, **_):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         mean, logvar = torch.zeros((len(frames), *shape)), torch.zeros((len(frames), *shape))
+        if args.vae_seconds:
+            time.sleep(args.vae_seconds * len(frames))  # the CPU free, as while a GPU computes
         in_vae[0] += time.perf_counter() - started
+        vae_cpu[0] += time.thread_time() - started_cpu
         return mean, logvar
 
     vae.encode = encode  # type: ignore[method-assign]
     waits = [0.0]
+    first_batch = [0.0]  # start-up: the wait for the first batch's clips, paid once per run
     real_stream = pipeline.ClipStream
 
     class TimedStream(real_stream):  # type: ignore[misc, valid-type]
         def __iter__(self):
             it = super().__iter__()
+            taken = 0
             while True:
                 started = time.perf_counter()
                 try:
                     item = next(it)
                 except StopIteration:
                     return
-                waits[0] += time.perf_counter() - started
+                waited = time.perf_counter() - started
+                taken += 1
+                if taken <= batch:
+                    first_batch[0] += waited
+                else:
+                    waits[0] += waited
                 yield item
 
     pipeline.ClipStream = TimedStream  # type: ignore[misc]
@@ -277,19 +293,36 @@ def null_vae(args: argparse.Namespace) -> int:
                               samples_per_shard=per_shard)
     runtime = RuntimeSettings(batch_size=batch, workers=workers)
     print(f"null VAE: {n} clips x {clip.bucket} from {src[0]}x{src[1]} video; batch {batch}; {per_shard} clips a "
-          f"shard; {workers} decode worker(s); CPU {_cpu_name()}")
+          f"shard; {workers} decode worker(s); the stand-in takes {args.vae_seconds:g} s a clip; CPU {_cpu_name()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_videos(tmp / "videos", n, *src, seconds=(clip.frames - 1) / clip.fps + 0.5)
+        real_run = pipeline.run
+        run_cpu = [0.0]
+
+        def timed_run(*a, **kw):
+            started = time.thread_time()
+            try:
+                return real_run(*a, **kw)
+            finally:
+                run_cpu[0] += time.thread_time() - started
+
+        pipeline.run = timed_run  # type: ignore[assignment]
         try:
             wall, _ = latentcache_run([str(tmp / "videos")], settings, runtime, vae, tmp / "out")
+            main_cpu = run_cpu[0] - vae_cpu[0]
         finally:
             pipeline.ClipStream, pipeline.ShardWriter = real_stream, real_writer  # type: ignore[misc]
+            pipeline.run = real_run  # type: ignore[assignment]
     outside = (wall - in_vae[0]) / n
-    own = (wall - in_vae[0] - waits[0] - tail[0]) / n
-    print(f"per clip: {1000 * outside:.1f} ms outside the VAE call: {1000 * waits[0] / n:.1f} ms waiting on decode, "
+    own = (wall - in_vae[0] - first_batch[0] - waits[0] - tail[0]) / n
+    print(f"per clip: {1000 * outside:.1f} ms outside the VAE call: {1000 * first_batch[0] / n:.1f} ms start-up "
+          f"(waiting for the first batch's clips), {1000 * waits[0] / n:.1f} ms waiting on decode after it, "
           f"{1000 * tail[0] / n:.1f} ms writing the last shard after the last batch, {1000 * own:.1f} ms the main "
           "process's own work")
+    print(f"steady state (all but the start-up and the last write): {1000 * (own + waits[0] / n):.1f} ms per clip "
+          f"outside the VAE call; the main thread's CPU outside the VAE call {1000 * main_cpu / n:.1f} ms per clip "
+          "(start-up included)")
     print(f"decode: {n / wall / max(1, workers):.2f} clips/s per decode worker ({n / wall:.2f} clips/s in all)")
     return 0
 

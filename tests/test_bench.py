@@ -114,6 +114,9 @@ def test_s3_bench(capsys):
 
 
 def test_encode_bench_null_vae_reports_the_time_outside_the_vae(capsys):
-    assert bench("encode").main(["--null-vae", "--tiny", "--clips", "2", "--workers", "0"]) == 0
+    assert bench("encode").main(["--null-vae", "--tiny", "--clips", "4", "--batch-size", "2", "--workers", "1",
+                                 "--vae-seconds", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "ms outside the VAE call" in out and "clips/s per decode worker" in out
+    assert "the stand-in takes 0.05 s a clip" in out
+    assert re.search(r"steady state .*?: [\d.]+ ms per clip outside the VAE call", out), out

@@ -81,3 +81,38 @@ def test_frames_held_for_a_batch_survive_the_ring_coming_round(video_dir):
     assert len(planned) > 2 * ring  # the slots came round more than twice
     assert all(np.array_equal(a, b) for a, b in zip(expected, seen, strict=True))
     assert len({a.tobytes() for a in expected}) > 3  # distinct clips, so a stale slot would show
+
+
+def test_the_whole_next_batch_is_decoding_while_a_batch_is_encoded(video_dir, tmp_path, monkeypatch):
+    """A consumer that has taken a batch and is encoding it must find the next batch's clips already dispatched to
+    the workers, not only `prefetch` (2) per worker: with one worker and batch 4 it otherwise waited after each batch
+    for the clips never handed out. Workers mark each clip they start (the marks are made in the forked workers)."""
+    import time
+
+    from latentcache.encode import loader
+
+    marks = tmp_path / "started"
+    marks.mkdir()
+    real = loader.decode_planned
+
+    def marking(planned, *args):
+        (marks / planned.key).touch()
+        return real(planned, *args)
+
+    monkeypatch.setattr(loader, "decode_planned", marking)  # before the fork: the workers inherit it
+    sources = sorted(p for p in Path(video_dir).iterdir() if p.suffix in (".mp4", ".webm"))[:3]
+    planned = [PlannedClip(f"k{i:02d}", str(p), p.name, 0, 0.0, TINY_CLIP.bucket) for i, p in enumerate(sources * 4)]
+    held = 4
+    stream = iter(ClipStream(planned, TINY_CLIP, workers=1, held=held))
+    first = [next(stream) for _ in range(held)]
+    assert [p.key for p, _ in first] == [p.key for p in planned[:held]]
+    # "Encoding" the first batch: the worker goes on with what it was given; wait until it stops starting clips.
+    seen, deadline = -1, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        started = len(list(marks.iterdir()))
+        if started == seen:
+            break
+        seen = started
+    assert seen >= 2 * held, f"only {seen} clips started while the first batch of {held} was in use"
+    assert [p.key for p, _ in stream] == [p.key for p in planned[held:]]
