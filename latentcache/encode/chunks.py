@@ -124,7 +124,10 @@ class InputTable:
 
     def __init__(self, inputs: Iterable[InputVideo]) -> None:
         buf, ends, digests = bytearray(), array("q"), array("Q")
+        # Whether a list's row took its caption from a sidecar file, which the list's identity does not cover.
+        self.sidecar_captions = False
         for v in inputs:
+            self.sidecar_captions = self.sidecar_captions or v.caption_from_sidecar
             buf += _LINE_ENCODER.encode(input_line(v)).encode() + b"\n"
             ends.append(len(buf))
             digests.append(key_digest(input_id(v)))
@@ -360,7 +363,43 @@ def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
         raise ConfigError(f"{out}/plan.json was made from inputs that are not given now: {len(removed)} planned "
                           f"input(s) are missing, e.g. {', '.join(examples)}. Pass every earlier input again (new "
                           "ones are added as a new part), or use a new --out directory.")
+    _refuse_changed_in_place(out, plan, table)
     return np.nonzero(~np.isin(table.digests, planned, assume_unique=True))[0]
+
+
+# What a planned input's shards hold besides its pixels: given again with other values, the shards would silently
+# keep the old ones (an input's key is its relative path and spans, so a new caption is not a new input).
+_HELD_FIELDS = ("caption", "extra")
+
+
+def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> None:
+    """Refuses, naming them, planned inputs given now with another caption or extra columns than their part holds.
+
+    Parts and the table are both in digest order, so each part is one pass over its inputs file; a line is parsed
+    only when its bytes differ (the absolute path may: a dataset moved keeps its keys and stays valid)."""
+    changed: list[str] = []
+    count = 0
+    for part in plan.parts:
+        positions = np.searchsorted(table.digests, _part_digests(out, part))
+        path = out / inputs_name(part.index)
+        with path.open("rb") as f:
+            for n, (line, position) in enumerate(zip(f, positions, strict=False), 1):
+                given = table.line(int(position))
+                if line == given:
+                    continue
+                before, now = _read_input_line(line, path, n), input_from_line(strictjson.loads(given))
+                fields = [name for name in _HELD_FIELDS if getattr(before, name) != getattr(now, name)]
+                if fields:
+                    count += 1
+                    if len(changed) < 3:
+                        said = "; ".join(f"{name} was {getattr(before, name)!r}, now {getattr(now, name)!r}"
+                                         for name in fields)
+                        changed.append(f"{now.relpath} ({said})")
+    if count:
+        raise ConfigError(f"{count} input(s) planned in {out} are given now with another caption or extra columns, "
+                          f"e.g. {', '.join(changed)}. Their shards hold the values they were planned with, and a "
+                          "planned input is never changed in place (--reencode-changed redoes changed video files, "
+                          "not captions): give the earlier values again, or encode into a new --out directory.")
 
 
 def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:

@@ -215,13 +215,15 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
         plain = READ_COLUMNS.issuperset(row) and not any(row.get(c) not in (None, "") for c in _BOUND_COLUMNS)
         spans = None if plain else _row_spans(row, where)
         caption = _row_caption(row.get("caption"), spans is not None)
+        from_sidecar = False
         if caption is None:
             caption = _read_caption(Path(p)) if sources.is_local(p) else None
+            from_sidecar = caption is not None
         extra = None if plain else {str(k): _jsonable(v) for k, v in row.items()
                                     if k is not None and k not in READ_COLUMNS}
         if "url" in row and row.get("path"):
             extra = {**(extra or {}), "url": _jsonable(row["url"])}
-        yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None)
+        yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None, from_sidecar)
 
 
 def _row_caption(value: Any, per_span: bool) -> str | tuple[str | None, ...] | None:

@@ -112,19 +112,17 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             if chunks.lists_unchanged(out, existing, lists):
                 log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
                 return existing
-            return _record_lists(out, _append(out, existing, chunks.InputTable(inputs), chunk_size, world_size), lists)
+            return _append_and_record(out, existing, chunks.InputTable(inputs), chunk_size, world_size, lists)
         clear_outputs(out, existing)
-    return _record_lists(out, _append(out, wanted, chunks.InputTable(inputs), chunk_size, world_size), lists)
+    return _append_and_record(out, wanted, chunks.InputTable(inputs), chunk_size, world_size, lists)
 
 
-def _record_lists(out: Path, plan: JobPlan, lists: list[dict[str, Any]] | None) -> JobPlan:
-    chunks.record_lists(out, plan, lists)
-    return plan
-
-
-
-
-
+def _append_and_record(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,
+                       world_size: int, lists: list[dict[str, Any]] | None) -> JobPlan:
+    grown = _append(out, plan, table, chunk_size, world_size)
+    # Captions read from sidecar files can change while the lists do not: then the lists are read on every run.
+    chunks.record_lists(out, grown, None if table.sidecar_captions else lists)
+    return grown
 
 
 def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,

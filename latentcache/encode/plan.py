@@ -45,6 +45,9 @@ class InputVideo:
     extra: dict[str, Any] | None = None
     # "videos.csv row 12": where a span problem is reported (rows with spans only).
     origin: str | None = None
+    # A list row's caption read from NAME.txt beside its video: a file the list's own identity does not cover, so
+    # the list is read again on every run (never written to the inputs files; not part of equality).
+    caption_from_sidecar: bool = field(default=False, compare=False)
 
 
 def input_id(video: InputVideo) -> str:

@@ -291,3 +291,50 @@ def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[
     fresh = tmp_path / "fresh"
     assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 3
     assert tree_bytes(out) == tree_bytes(fresh)
+
+
+def test_a_caption_changed_in_a_list_or_a_sidecar_is_refused_by_name(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An input's key is its relative path, so a recaptioned input is no new input: given again with another caption
+    (in the list, or in its NAME.txt sidecar) or other extra columns, it is refused, never kept silently stale."""
+    videos = _videos(tmp_path / "videos")
+    (videos / "broken.mp4").unlink()
+    listing = tmp_path / "list.csv"
+    rows = ["path,caption,score", "videos/v0.mp4,a red ball,1", "videos/v1.mp4,a blue cube,2",
+            "videos/v2.mp4,a green cone,3"]
+    listing.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["encode", str(listing), "--out", str(out), *ARGS]) == 0
+    before = tree_bytes(out)
+
+    listing.write_text("\n".join([*rows[:3], "videos/v2.mp4,a yellow cone,3"]) + "\n")
+    assert main(["encode", str(listing), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "1 input(s) planned in" in err and "videos/v2.mp4 (caption was 'a green cone', now 'a yellow cone')" in err
+    assert tree_bytes(out) == before  # refused before anything was written
+
+    listing.write_text("\n".join([*rows[:3], "videos/v2.mp4,a green cone,4"]) + "\n")  # another extra column value
+    assert main(["encode", str(listing), "--out", str(out), *ARGS]) == 2
+    assert "videos/v2.mp4 (extra was {'score': '3'}, now {'score': '4'})" in capsys.readouterr().err
+
+    # The earlier values again, and a new input: appended.
+    listing.write_text("\n".join([*rows, "videos/v3.mp4,a new one,5"]) + "\n")
+    assert main(["encode", str(listing), "--out", str(out), *ARGS]) == 0
+    captions = sorted(s["caption"] for s in _latents(out).values())
+    assert captions == ["a blue cube", "a green cone", "a new one", "a red ball"]
+
+    folder_out = tmp_path / "folder_out"
+    (videos / "v0.txt").write_text("a red ball")
+    assert main(["encode", str(videos), "--out", str(folder_out), *ARGS]) == 0
+    (videos / "v0.txt").write_text("a red ball, rolling")
+    assert main(["encode", str(videos), "--out", str(folder_out), *ARGS]) == 2
+    assert "v0.mp4 (caption was 'a red ball', now 'a red ball, rolling')" in capsys.readouterr().err
+
+    # A list without a caption column takes each video's sidecar: a file the list's identity does not cover, so such
+    # a list is read again on every run and the changed sidecar is still found.
+    paths_list, paths_out = tmp_path / "paths.txt", tmp_path / "paths_out"
+    paths_list.write_text("videos/v0.mp4\nvideos/v1.mp4\n")
+    assert main(["encode", str(paths_list), "--out", str(paths_out), *ARGS]) == 0
+    (videos / "v0.txt").write_text("a red ball, at rest")
+    assert main(["encode", str(paths_list), "--out", str(paths_out), *ARGS]) == 2
+    assert "v0.mp4 (caption was 'a red ball, rolling', now 'a red ball, at rest')" in capsys.readouterr().err

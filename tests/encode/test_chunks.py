@@ -199,6 +199,7 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert "dataset open" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_plan_task_costs_smoke(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "plan.py"), "--task-costs", "--inputs", "200",
                              "--chunk-size", "20", "--tasks", "4", "--work", str(tmp_path)], capture_output=True,

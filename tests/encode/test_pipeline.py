@@ -107,6 +107,7 @@ def test_batches_cross_shard_boundaries_of_one_bucket(small_videos, tmp_path, mo
     assert sizes == [3, 3]
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_kill_inside_an_encode_group_writes_the_same_bytes(small_videos, tmp_path):
     """A batch spans two shards (batch 3 over shards of 2); kill -9 lands after the first shard's sidecar, so the
     rerun must encode that window again, whole, and write the other shards exactly as an uninterrupted run does."""

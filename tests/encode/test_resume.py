@@ -484,6 +484,7 @@ def test_out_that_is_a_file_is_refused_before_probing(small_videos: Path, tmp_pa
     assert out.read_text() == "a file"
 
 
+@pytest.mark.slow
 def test_full_disk_names_the_file_and_the_rerun_resumes(small_videos: Path, tmp_path: Path, capsys) -> None:
     """A real full filesystem (a 64 KiB tmpfs): the plan fits, the first shard does not."""
     videos = tmp_path / "in"
