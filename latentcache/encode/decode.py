@@ -121,8 +121,6 @@ def _file_size(path: str, stage: str) -> int:
     return size
 
 
-
-
 @contextlib.contextmanager
 def _open(path: str, stage: str) -> Iterator[av.container.InputContainer]:
     """The container, opened by name where FFmpeg can read the file itself, else from `sources.open_source` (a tar
@@ -169,6 +167,18 @@ def _check_pixels(path: str, stage: str, kind: str, width: int, height: int) -> 
                          "decoding. Downscale it first")
 
 
+# A video frame over 8192x8192 (8K DCI is 8192x4320) is refused before it is decoded: FFmpeg accepts up to ~268
+# megapixels, and a few-KB file can declare that, which frame threading then multiplies by its ~17 frames in flight.
+MAX_VIDEO_PIXELS = 8192 * 8192
+
+
+def _check_video_size(path: str, stage: str, width: int, height: int, where: str) -> None:
+    if width * height > MAX_VIDEO_PIXELS:
+        raise InputError(path, stage, f"{where} is {width}x{height}: {width * height / 1e6:.0f} megapixels a frame, "
+                         f"over the {MAX_VIDEO_PIXELS / 1e6:.0f}-megapixel limit for videos (8192x8192; each decoded "
+                         f"frame would take {width * height * 1.5 / 1e9:.1f} GB or more); refused. Downscale it first")
+
+
 def _open_error(e: Exception, path: str, stage: str) -> Exception:
     if isinstance(e, FileNotFoundError):
         return InputError(path, stage, "file not found (moved or deleted during the run?)")
@@ -191,6 +201,8 @@ def _video_stream(container: av.container.InputContainer, path: str, stage: str)
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     for stream in videos:
         if stream.codec_context is not None and stream.codec_context.width > 0:
+            # What the container declares, before any frame is decoded (each frame's own size is checked as well).
+            _check_video_size(path, stage, stream.codec_context.width, stream.codec_context.height, "the video stream")
             return stream
     if videos:
         codec = videos[0].codec_context.name if videos[0].codec_context is not None else "unknown"
@@ -250,6 +262,7 @@ def probe(path: str | os.PathLike, *, images: bool = False) -> VideoInfo:
             raise InputError(path, "probe", f"the first frame does not decode ({_why(e)})") from e
         if first is None:
             raise InputError(path, "probe", "the video stream holds no decodable frame") from CorruptVideo()
+        _check_video_size(path, "probe", first.width, first.height, "the first frame")
         rotation = _rotation(first)
         width, height = _displayed_width(first.width, _sample_aspect(stream)), first.height
         if rotation in (90, 270):
@@ -350,12 +363,14 @@ def target_times(start: float, clip: ClipSettings) -> list[float]:
 class _Converter:
     """Converts each picked frame once (a frame shown at two target times is converted once)."""
 
-    def __init__(self, clip: ClipSettings, sar: Fraction = Fraction(1)) -> None:
+    def __init__(self, clip: ClipSettings, sar: Fraction = Fraction(1), path: str = "") -> None:
         self.clip = clip
+        self.path = path
         self.sar = sar
         self.geometry: Geometry | None = None
         self.rotation = 0
         self.source_size = (0, 0)
+        self._stored_size = (0, 0)
         self._last: tuple[av.VideoFrame, np.ndarray] | None = None
         # One swscale context for the whole clip: `frame.reformat` builds a new one per frame, which costs more than
         # the scaling itself at training resolutions.
@@ -364,6 +379,10 @@ class _Converter:
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         if self._last is not None and self._last[0] is frame:
             return self._last[1]
+        if (frame.width, frame.height) != self._stored_size:
+            # The first frame, or the stream changed its resolution mid-way (an encoder may, at a keyframe).
+            _check_video_size(self.path, "decode", frame.width, frame.height, "a frame")
+            self._stored_size = (frame.width, frame.height)
         if self.geometry is None:
             self.rotation = _rotation(frame)
             swap = self.rotation in (90, 270)
@@ -386,10 +405,6 @@ class _Converter:
 
 class _SeekMissed(Exception):
     """The seek landed after the clip start or between keyframes: decode from the start of the file instead."""
-
-
-
-
 
 
 def _since_start(pts: int, time_base: Fraction, stream: av.video.stream.VideoStream, t0: float) -> float:
@@ -455,10 +470,6 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.video.str
                  else decoded * integrity.period)
             decoded += 1
             yield integrity.check(t, frame)
-
-
-
-
 
 
 # Decoders that apply skip_frame to the packet sent with it, also with frame threads, and mark non-reference frames
@@ -567,7 +578,7 @@ def _frames_at(container: av.container.InputContainer, stream: av.video.stream.V
     With `skip` (slice threads: skip_frame applies to the packet sent), packets not shown at a wanted time are sent
     with skip_frame NONREF: the wanted frames and their references decode as in a full decode."""
     wanted_set = set(wanted)
-    convert = _Converter(builder.clip, builder.convert.sar)
+    convert = _Converter(builder.clip, builder.convert.sar, builder.path)
     # A standalone decoder's frames lack the stream's display matrix: take the first decode's geometry as it is.
     convert.geometry, convert.rotation = builder.convert.geometry, builder.convert.rotation
     agree, first = 0, True
@@ -598,8 +609,6 @@ def _frames_at(container: av.container.InputContainer, stream: av.video.stream.V
     return agree
 
 
-
-
 class _ClipBuilder:
     """Takes, for each target time, the frame on screen at that time (the last one with pts <= target)."""
 
@@ -612,7 +621,7 @@ class _ClipBuilder:
         self.targets = target_times(start, clip)
         self.frames = np.empty((clip.frames, clip.height, clip.width, 3), np.uint8)
         self.times: list[float] = []
-        self.convert = _Converter(clip, sar)
+        self.convert = _Converter(clip, sar, path)
 
     @property
     def done(self) -> bool:

@@ -9,6 +9,7 @@ import logging
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +402,58 @@ def test_a_row_naming_a_path_too_long_for_the_os_is_a_failure_record(tmp_path, c
     failures = read_failures(out)
     assert len(failures) == 2 and all("File name too long" in f["message"] for f in failures.values())
     assert (out / "manifest.json").is_file()
+
+
+def _mjpeg_avi(path: Path, sizes: tuple[tuple[int, int], ...] = ((96, 64),) * 3) -> bytes:
+    """An MJPEG AVI whose frames have these (width, height): each JPEG carries its own size, the AVI the first's."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mjpeg", rate=8)
+        s.width, s.height, s.pix_fmt = *sizes[0], "yuvj420p"
+        for i, (width, height) in enumerate(sizes):
+            encoder = av.CodecContext.create("mjpeg", "w")
+            encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuvj420p"
+            encoder.time_base = Fraction(1, 8)
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), i * 10 % 256, np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuvj420p")
+            frame.pts = i
+            for p in [*encoder.encode(frame), *encoder.encode(None)]:
+                p.stream, p.time_base, p.pts, p.dts = s, Fraction(1, 8), i, i
+                c.mux(p)
+    return path.read_bytes()
+
+
+def test_a_video_declaring_a_huge_frame_is_refused_before_any_frame_is_decoded(tmp_path):
+    """A few-KB file can declare 9000x8200 frames (74 megapixels, ~110 MB each decoded, times frame threading's
+    frames in flight): refused at the probe, naming the file, its size and the limit, before FFmpeg allocates one."""
+    import struct
+
+    data = bytearray(_mjpeg_avi(tmp_path / "small.avi"))
+    # The AVI headers' width and height (avih and the stream's BITMAPINFOHEADER), and every JPEG frame's SOF0.
+    data = data.replace(struct.pack("<ii", 96, 64), struct.pack("<ii", 9000, 8200))
+    data = data.replace(b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 64, 96),
+                        b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 8200, 9000))
+    crafted = tmp_path / "crafted.avi"
+    crafted.write_bytes(bytes(data))
+    assert len(data) < 10_000
+    for check in (probe, lambda path: decode_clip(path, 0.0, TINY_CLIP)):
+        with pytest.raises(InputError, match=r"the video stream is 9000x8200: 74 megapixels a frame, over the "
+                                             r"67-megapixel limit for videos") as e:
+            check(crafted)
+        assert e.value.path == str(crafted)
+
+
+def test_a_frame_over_the_limit_met_while_decoding_is_refused(tmp_path, monkeypatch):
+    """A stream may change its resolution mid-way: a frame of a new size is checked when it is met (here the
+    limit is lowered between the declared 96x64 and a later frame's 192x128)."""
+    from latentcache.encode import decode
+
+    video = tmp_path / "grows.avi"
+    _mjpeg_avi(video, ((96, 64),) * 4 + ((192, 128),) * 20)
+    monkeypatch.setattr(decode, "MAX_VIDEO_PIXELS", 96 * 64)
+    info = probe(video)
+    assert (info.width, info.height) == (96, 64)
+    with pytest.raises(InputError, match=r"a frame is 192x128: 0 megapixels a frame, over the 0-megapixel limit") as e:
+        decode_clip(video, 0.0, TINY_CLIP)
+    assert e.value.stage == "decode"
