@@ -293,6 +293,9 @@ def _cmd_export_musubi(args: argparse.Namespace) -> int:
 
     result = export_musubi(args.dir, args.to, dtype=args.dtype, seed=args.seed)
     print(f"wrote {len(result.latents)} latent and {len(result.text)} text-encoder cache file(s) to {args.to}")
+    if result.stale_removed:
+        print(f"removed {len(result.stale_removed)} cache file(s) of an earlier export that this one does not hold, "
+              f"e.g. {result.stale_removed[0]}")
     if result.latents and not result.text:
         # musubi's dataset skips a latent without its text cache; its own script writes them under matching names
         print("no prompt embeddings were cached: run musubi-tuner's text-encoder caching script on the same videos")

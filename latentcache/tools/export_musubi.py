@@ -19,6 +19,7 @@ The format is musubi-tuner's, read at commit 30c658c4f4b0bf05038b3346eff9670259b
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ import torch
 from safetensors.torch import save_file
 
 from latentcache.errors import ConfigError, LatentMismatchError
+from latentcache.format import strictjson
 from latentcache.format.reader import decode_sample
+from latentcache.format.shards import write_text_atomic
 from latentcache.train.shard_sources import read_shard, resolve_source
 
 # latentcache family -> musubi-tuner architecture short name (dataset/architectures.py) and its full name.
@@ -55,6 +58,51 @@ MUSUBI_WAN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743
 class ExportResult:
     latents: list[Path] = field(default_factory=list)
     text: list[Path] = field(default_factory=list)
+    stale_removed: list[str] = field(default_factory=list)  # an earlier export's files this one did not write
+
+
+# musubi's VideoDataset globs every `*_{arch}.safetensors` (and `*_{arch}_te.safetensors`) of its cache directory, so
+# a file an earlier export left there is trained on as well. The marker says the directory is an export target; its
+# cache files that this export does not write again are removed once it is complete.
+EXPORT_MARKER = ".latentcache-export.json"
+_CACHE_FILE = re.compile(r"[^/\\]+_(?:wan|hv)(?:_te)?\.safetensors")
+
+
+def _cache_files(out: Path) -> set[str]:
+    """The cache files musubi would read, and the temporaries a killed export left (`_atomic_save`)."""
+    return {p.name for p in out.iterdir()
+            if (_CACHE_FILE.fullmatch(p.name) or _CACHE_FILE.fullmatch(p.name[1:-4]) and p.name.endswith(".tmp"))
+            and p.is_file()}
+
+
+def _claim(out: Path, source: str | os.PathLike) -> set[str]:
+    """The musubi cache files already in `out`, which must be latentcache's (its marker there); marks `out` as an
+    export in progress. A directory holding cache files without the marker is refused: they are someone else's."""
+    marker = out / EXPORT_MARKER
+    present = _cache_files(out)
+    if not marker.is_file():
+        if present:
+            example = sorted(present)[0]
+            raise ConfigError(f"{out}: holds {len(present)} musubi cache file(s) latentcache did not export (e.g. "
+                              f"{example}); musubi trains on every cache file of its directory: export into an "
+                              "empty directory")
+    else:
+        try:
+            strictjson.loads(marker.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{marker}: not a latentcache export marker ({e}); export into an empty "
+                              "directory") from None
+    write_text_atomic(marker, json.dumps({"source": str(source), "complete": False}, indent=1))
+    return present
+
+
+def _finish(out: Path, source: str | os.PathLike, result: ExportResult, before: set[str]) -> None:
+    written = {p.name for p in (*result.latents, *result.text)}
+    for name in sorted(before - written):
+        (out / name).unlink(missing_ok=True)
+        result.stale_removed.append(name)
+    write_text_atomic(out / EXPORT_MARKER, json.dumps({"source": str(source), "complete": True,
+                                                       "files": sorted(written)}, indent=1))
 
 
 def _item_name(key: str, meta: dict[str, Any]) -> str:
@@ -151,6 +199,7 @@ def export_musubi(source: str | os.PathLike, to: str | os.PathLike, *, dtype: st
     tcomp = int(spec["temporal_compression"])
     out = Path(to)
     out.mkdir(parents=True, exist_ok=True)
+    before = _claim(out, source)
     result = ExportResult()
     written: dict[Path, str] = {}  # cache file -> the sample key that wrote it
     captions: dict[Path, str] = {}  # text cache file -> its caption
@@ -196,6 +245,7 @@ def export_musubi(source: str | os.PathLike, to: str | os.PathLike, *, dtype: st
                 continue
             captions[te_path] = caption
             result.text.append(_write_text(text, sample, family, arch_full, te_path, where))
+    _finish(out, source, result, before)
     return result
 
 

@@ -263,3 +263,32 @@ def test_two_videos_of_one_name_are_refused_not_overwritten(tmp_path):
     with pytest.raises(LatentMismatchError, match=r"musubi cache name same_00000-013_0096x0064_wan.safetensors is "
                                                   r"also .*'s .*distinct video names"):
         export_musubi(out, tmp_path / "cache")
+
+
+def test_a_second_export_removes_what_the_first_wrote_and_this_one_does_not(videos, tmp_path, capsys):
+    """musubi trains on every cache file of its directory: exporting a smaller output into an earlier export's
+    directory removes the earlier files it does not write again (and a killed export's temporaries); a directory of
+    cache files latentcache did not export is refused, nothing in it touched."""
+    both = _encode(videos, tmp_path / "both", "wan")
+    one_video = tmp_path / "one_video"
+    one_video.mkdir()
+    (one_video / "red_clip.mp4").write_bytes((videos / "red_clip.mp4").read_bytes())
+    red_only = _encode(one_video, tmp_path / "red_only", "wan")
+    cache = tmp_path / "cache"
+    first = {p.name for p in export_musubi(both, cache).latents}
+    assert len(first) == 2 and any(n.startswith("blue_clip_") for n in first)
+    (cache / f".{sorted(first)[0]}.tmp").write_bytes(b"half a file")  # what a kill inside _atomic_save leaves
+    (cache / "notes.txt").write_text("mine")
+    assert main(["export", "musubi", str(red_only), "--to", str(cache)]) == 0
+    assert "removed 2 cache file(s) of an earlier export" in capsys.readouterr().out
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == sorted([".latentcache-export.json", "notes.txt", *(n for n in first if n.startswith("red_clip_"))])
+    assert json.loads((cache / ".latentcache-export.json").read_text())["complete"] is True
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "other_00000-013_0096x0064_wan.safetensors").write_bytes(b"musubi's own")
+    with pytest.raises(ConfigError, match=r"holds 1 musubi cache file\(s\) latentcache did not export \(e.g. "
+                                          r"other_00000-013_0096x0064_wan.safetensors\)"):
+        export_musubi(red_only, theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["other_00000-013_0096x0064_wan.safetensors"]
