@@ -326,7 +326,11 @@ def path_or_url_out(text: str) -> Any:
     """--out: a local Path, or a store.UrlPath that the pipeline writes through with single PUTs."""
     from latentcache.storage.store import as_path
 
-    return as_path(text)
+    try:
+        return as_path(text)
+    except LatentcacheError as e:
+        # argparse shows this text ("argument --out: ..."), where a ValueError gives only "invalid value".
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None
 
 
 def add_trainer_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,11 @@ class ConfigError(LatentcacheError):
     """Settings that cannot work (bad frame count, invalid tile size, unknown VAE...). CLI exit code 2."""
 
 
+class MissingDependency(ConfigError, ImportError):
+    """An optional package a setting needs is not installed (s3fs for s3://, transformers for --text-encoder...):
+    a usage error naming the extra to install (exit 2), and still an ImportError to code that tests for one."""
+
+
 class InputError(LatentcacheError):
     """One input video (or one clip of it) could not be used. Recorded in failures.jsonl; the run goes on."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from latentcache.encode.image import IMAGE_SUFFIXES
 from latentcache.encode.plan import OUTPUT_MARKER, InputVideo, input_id
-from latentcache.errors import ConfigError
+from latentcache.errors import ConfigError, MissingDependency
 from latentcache.format import strictjson
 from latentcache.storage import sources, store
 
@@ -145,7 +145,8 @@ def _parquet_rows(list_file: Path) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError(f"{list_file}: Parquet lists need pyarrow: pip install 'latentcache[parquet]'") from None
+        raise MissingDependency(f"{list_file}: Parquet lists need pyarrow: "
+                                "pip install 'latentcache[parquet]'") from None
     import pyarrow as pa
 
     try:

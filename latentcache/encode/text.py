@@ -21,7 +21,7 @@ import torch
 from latentcache.encode.families import FAMILIES, TextRecipe, family_of
 from latentcache.encode.settings import TextSettings
 from latentcache.encode.vae import resolve_device, resolve_dtype
-from latentcache.errors import ConfigError
+from latentcache.errors import ConfigError, MissingDependency
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _import_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependency(
             "--text-encoder needs the `transformers` package, found none; install the extra: "
             "pip install 'latentcache[text]'"
         ) from e

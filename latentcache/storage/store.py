@@ -20,6 +20,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from latentcache.errors import ConfigError, MissingDependency
+
 log = logging.getLogger(__name__)
 
 # Schemes read through fsspec (every other url is refused by `filesystem`). http(s) and pipe: shard urls that a user
@@ -68,11 +70,11 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError:
-        raise ImportError(f"{url}: object storage needs fsspec and s3fs: pip install 'latentcache[s3]'") from None
+        raise MissingDependency(f"{url}: object storage needs fsspec and s3fs: pip install 'latentcache[s3]'") from None
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
-        raise ImportError(f"{url}: {e}; for s3:// urls: pip install 'latentcache[s3]'") from None
+        raise MissingDependency(f"{url}: {e}; for s3:// urls: pip install 'latentcache[s3]'") from None
 
 
 # What a HEAD request just said (decode asks the size, then opens): opening with it saves the HEAD that s3fs makes
@@ -307,7 +309,5 @@ def as_path(text: str | os.PathLike) -> Any:
     try:
         check_url(str(text))
     except UnsupportedUrl as e:
-        from latentcache.errors import ConfigError
-
         raise ConfigError(f"--out {e}") from None
     return UrlPath(str(text))

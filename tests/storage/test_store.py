@@ -295,3 +295,23 @@ def test_urls_typed_that_are_not_object_storage_are_usage_errors(tmp_path: Path,
     with pytest.raises(SystemExit) as info:
         main(["encode", str(tmp_path), "--out", "http://example.invalid/out", *ENCODE_TINY])
     assert info.value.code == 2
+    # The reason, not argparse's bare "invalid value".
+    assert ("argument --out: http://example.invalid/out: not an object-storage url latentcache reads"
+            in capsys.readouterr().err)
+
+
+def test_a_store_whose_package_is_missing_is_a_usage_error_naming_it(tmp_path: Path, capsys) -> None:
+    """gs:// is object storage, but gcsfs is not installed here: exit 2 with fsspec's reason, not a traceback."""
+    import importlib.util
+
+    from latentcache.cli import main
+    from latentcache.tools.synthetic import write_video
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a", codec="h264", num_frames=36, height=64, width=96, fps=8)
+    assert main(["encode", str(videos), "--out", "gs://bucket/out", *ENCODE_TINY]) == 2
+    err = capsys.readouterr().err
+    assert "error: gs://bucket/out" in err and "gcsfs" in err and "Traceback" not in err
