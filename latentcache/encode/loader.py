@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from latentcache.encode.decode import Clip, decode_clip
 from latentcache.encode.plan import PlannedClip, clip_settings_for
 from latentcache.encode.settings import ClipSettings
-from latentcache.errors import InputError
+from latentcache.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False
         return e
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes of the tmpfs torch's shared memory lives in; None where there is none to ask (not Linux)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class FrameRing:
     """Shared-memory slots decoded frames travel in from the workers to the main process.
 
@@ -80,7 +92,25 @@ class FrameRing:
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slots = slots
         self.slot_bytes = slot_bytes
-        self.memory = torch.empty((slots, slot_bytes), dtype=torch.uint8).share_memory_()
+        # torch puts shared memory in /dev/shm, 64 MB by default in a Docker container: checked first, so a short
+        # one is a usage error that says what to change, never a traceback (or a SIGBUS) mid-run.
+        free = shm_free_bytes()
+        if free is not None and slots * slot_bytes > free:
+            raise ConfigError(self._short_message(free))
+        try:
+            self.memory = torch.empty((slots, slot_bytes), dtype=torch.uint8).share_memory_()
+        except RuntimeError as e:  # another process took the space since: the same advice
+            if "shared memory" not in str(e):
+                raise
+            raise ConfigError(self._short_message(shm_free_bytes())) from None
+
+    def _short_message(self, free: int | None) -> str:
+        have = f"{SHM_DIR} has {free / 2**20:.0f} MiB free" if free is not None else f"{SHM_DIR} is too small"
+        return (f"decode workers need {self.slots * self.slot_bytes / 2**20:.0f} MiB of shared memory for their "
+                f"frame ring ({self.slots} slots of {self.slot_bytes / 2**20:.1f} MiB, one clip each: the clips "
+                f"--workers have in flight plus a batch), and {have}. Give it more (Docker: --shm-size 8g or "
+                "--ipc=host; Kubernetes: an emptyDir of medium Memory on /dev/shm), or lower --workers or "
+                "--batch-size; --workers 0 decodes in the main process, without shared memory")
 
     @staticmethod
     def size_for(workers: int, prefetch: int, held: int) -> int:

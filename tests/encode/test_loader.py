@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.plan import PlannedClip
@@ -116,3 +118,40 @@ def test_the_whole_next_batch_is_decoding_while_a_batch_is_encoded(video_dir, tm
         seen = started
     assert seen >= 2 * held, f"only {seen} clips started while the first batch of {held} was in use"
     assert [p.key for p, _ in stream] == [p.key for p in planned[held:]]
+
+
+def test_too_little_shared_memory_is_a_usage_error_saying_what_to_change(video_dir, tmp_path, monkeypatch, capsys):
+    """Docker gives /dev/shm 64 MB unless told otherwise: a frame ring that does not fit is refused with the
+    space it needs and the flags that change it (exit 2), not a traceback from torch mid-run."""
+    from latentcache.cli import main
+    from latentcache.encode import loader
+
+    monkeypatch.setattr(loader, "shm_free_bytes", lambda: 1 << 20)
+    args = ["encode", str(video_dir / "a_h264.mp4"), "--out", str(tmp_path / "out"), "--vae", "tiny-random-cogvideox",
+            "--device", "cpu", "--frames", "9", "--height", "64", "--width", "96", "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"decode workers need \d+ MiB of shared memory for their frame ring \(\d+ slots of 0\.2 MiB", err)
+    assert "/dev/shm has 1 MiB free" in err and "--shm-size" in err and "--workers 0" in err
+    assert main([*args[:-1], "0"]) == 0  # in the main process: no shared memory needed
+
+
+@pytest.mark.slow
+def test_a_real_small_dev_shm_is_refused_before_decoding(video_dir, tmp_path):
+    """The same under a real 1 MiB /dev/shm (a private mount namespace; needs root)."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount a private /dev/shm here (needs root and unshare)")
+    encode = [sys.executable, "-m", "latentcache.cli", "encode", str(video_dir / "a_h264.mp4"), "--out",
+              str(tmp_path / "out"), "--vae", "tiny-random-cogvideox", "--device", "cpu", "--frames", "9",
+              "--height", "64", "--width", "96", "--workers", "1", "--batch-size", "8"]
+    script = "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$@\""
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *encode], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "MiB of shared memory for their frame ring" in result.stderr and "/dev/shm has" in result.stderr
+    assert "Traceback" not in result.stderr
