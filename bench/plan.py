@@ -221,9 +221,9 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
                                       lists=lists)
     seconds = time.perf_counter() - started
     if not skip:  # put back the record the "before" run (no identity given) removed, for the "after" run
-        from latentcache.encode import chunks
+        from latentcache.encode import rerun_inputs
 
-        chunks.record_lists(args.out, plan, list_identity([str(i) for i in args.inputs]))
+        rerun_inputs.record_lists(args.out, plan, list_identity([str(i) for i in args.inputs]))
     return {"seconds": seconds, "inputs": plan.inputs}
 
 

@@ -90,7 +90,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     def make_plan() -> chunks.JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
-        # Taken before the lists are read: unchanged lists are not read again (`chunks.lists_unchanged`).
+        # Taken before the lists are read: unchanged lists are not read again (`rerun_inputs.lists_unchanged`).
         lists = list_identity([str(i) for i in settings.inputs])
         return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
                                           chunk_size=settings.chunk_size, lists=lists, world_size=world.world_size)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from latentcache.encode import chunks
+from latentcache.encode import chunks, rerun_inputs
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
 from latentcache.encode.loader import ClipStream, default_workers
@@ -109,7 +109,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             raise ConfigError(f"{out} was made with other settings or another VAE: {differences(existing, wanted)}. "
                               "Use a new --out directory, or --overwrite to start this one again.")
         if existing.fingerprint == wanted.fingerprint and not overwrite:
-            if chunks.lists_unchanged(out, existing, lists):
+            if rerun_inputs.lists_unchanged(out, existing, lists):
                 log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
                 return existing
             return _append_and_record(out, existing, chunks.InputTable(inputs), chunk_size, world_size, lists)
@@ -121,14 +121,14 @@ def _append_and_record(out: Path, plan: JobPlan, table: chunks.InputTable, chunk
                        world_size: int, lists: list[dict[str, Any]] | None) -> JobPlan:
     grown = _append(out, plan, table, chunk_size, world_size)
     # Captions read from sidecar files can change while the lists do not: then the lists are read on every run.
-    chunks.record_lists(out, grown, None if table.sidecar_captions else lists)
+    rerun_inputs.record_lists(out, grown, None if table.sidecar_captions else lists)
     return grown
 
 
 def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,
             world_size: int = 1) -> JobPlan:
     """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
-    new = chunks.new_inputs(out, plan, table)
+    new = rerun_inputs.new_inputs(out, plan, table)
     if not len(new):
         return plan
     if plan.parts:

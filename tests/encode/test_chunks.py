@@ -15,7 +15,7 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
 import latentcache.encode.decode
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
-from latentcache.encode import chunks, job, pipeline
+from latentcache.encode import chunks, job, pipeline, rerun_inputs
 from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import InputVideo, clip_key
@@ -256,7 +256,7 @@ def test_an_unchanged_list_is_not_read_again_and_a_changed_one_is(small_videos: 
     out = tmp_path / "out"
     assert encode_job(_args(listed, out)) == 0
     assert list_reads == [str(listed)]
-    record = json.loads((out / chunks.LISTS_NAME).read_text())
+    record = json.loads((out / rerun_inputs.LISTS_NAME).read_text())
     assert record["lists"][0]["path"] == str(listed.resolve()) and record["lists"][0]["size"] == listed.stat().st_size
 
     list_reads.clear()
@@ -283,7 +283,7 @@ def test_an_unchanged_list_is_not_read_again_and_a_changed_one_is(small_videos: 
     with pytest.raises(ConfigError, match="not given now"):
         encode_job(_args(listed, out))
     # A folder has no cheap identity: it is listed on every run, and no record is kept for it.
-    assert chunks.lists_unchanged(out, read_job_plan(out), None) is False
+    assert rerun_inputs.lists_unchanged(out, read_job_plan(out), None) is False
 
 
 def test_sampled_digest_of_a_big_list_sees_its_first_and_last_bytes(tmp_path: Path) -> None:

@@ -1,0 +1,114 @@
+"""A rerun's inputs held against the plan: which are new, which were planned and are missing or were changed in
+place (another caption), and whether the input lists need reading at all.
+
+OUT/inputs/lists.json  what the lists were when plan.json was last extended from them (`list_identity`)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentcache.encode import chunks
+from latentcache.encode.chunks import InputTable, JobPlan
+from latentcache.encode.plan import input_id
+from latentcache.errors import ConfigError
+from latentcache.format import strictjson
+from latentcache.format.shards import write_text_atomic
+
+
+def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
+    """Positions in `table` of inputs no part holds yet. Refuses, naming them, inputs planned before but not given."""
+    planned = np.sort(np.concatenate([chunks.part_digests(out, p) for p in plan.parts] or [np.zeros(0, np.uint64)]))
+    removed = planned[~np.isin(planned, table.digests, assume_unique=True)]
+    if len(removed):
+        examples = _relpaths_of(out, plan, set(removed[:5].tolist()))
+        raise ConfigError(f"{out}/plan.json was made from inputs that are not given now: {len(removed)} planned "
+                          f"input(s) are missing, e.g. {', '.join(examples)}. Pass every earlier input again (new "
+                          "ones are added as a new part), or use a new --out directory.")
+    _refuse_changed_in_place(out, plan, table)
+    return np.nonzero(~np.isin(table.digests, planned, assume_unique=True))[0]
+
+
+# What a planned input's shards hold besides its pixels: given again with other values, the shards would silently
+# keep the old ones (an input's key is its relative path and spans, so a new caption is not a new input).
+_HELD_FIELDS = ("caption", "extra")
+
+
+def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> None:
+    """Refuses, naming them, planned inputs given now with another caption or extra columns than their part holds.
+
+    Parts and the table are both in digest order, so each part is one pass over its inputs file; a line is parsed
+    only when its bytes differ (the absolute path may: a dataset moved keeps its keys and stays valid)."""
+    changed: list[str] = []
+    count = 0
+    for part in plan.parts:
+        positions = np.searchsorted(table.digests, chunks.part_digests(out, part))
+        path = out / chunks.inputs_name(part.index)
+        with path.open("rb") as f:
+            for n, (line, position) in enumerate(zip(f, positions, strict=False), 1):
+                given = table.line(int(position))
+                if line == given:
+                    continue
+                chunk, at = divmod(n - 1, part.chunk_size)
+                before = chunks.read_input_line(line, path, at + 1, f" of chunk {chunk}")
+                now = chunks.input_from_line(strictjson.loads(given))
+                fields = [name for name in _HELD_FIELDS if getattr(before, name) != getattr(now, name)]
+                if fields:
+                    count += 1
+                    if len(changed) < 3:
+                        said = "; ".join(f"{name} was {getattr(before, name)!r}, now {getattr(now, name)!r}"
+                                         for name in fields)
+                        changed.append(f"{now.relpath} ({said})")
+    if count:
+        raise ConfigError(f"{count} input(s) planned in {out} are given now with another caption or extra columns, "
+                          f"e.g. {', '.join(changed)}. Their shards hold the values they were planned with, and a "
+                          "planned input is never changed in place (--reencode-changed redoes changed video files, "
+                          "not captions): give the earlier values again, or encode into a new --out directory.")
+
+
+def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
+    found = []
+    for part in plan.parts:
+        path = out / chunks.inputs_name(part.index)
+        with path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                ident = input_id(chunks.read_input_line(line, path, n))
+                if chunks.key_digest(ident) in digests:
+                    found.append(ident)
+    return sorted(found)
+
+
+LISTS_NAME = "inputs/lists.json"
+
+
+def _lists_record(plan: JobPlan, identity: list[dict[str, Any]]) -> dict[str, Any]:
+    # The parts' digests tie the record to this plan.json: a record left from before --overwrite or a hand edit
+    # of the plan never matches another plan.
+    return {"lists": identity, "parts": [[p.count, p.sha256] for p in plan.parts]}
+
+
+def lists_unchanged(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> bool:
+    """Whether `identity` (`input_stats.list_identity`, taken now) is what the lists were when `plan` was last
+    extended from them: then they hold no input the plan lacks, and reading them again is skipped. False when
+    either is unknown (folders given, no record, an unreadable or damaged record: the lists are read as before)."""
+    if identity is None or not plan.parts:
+        return False
+    try:
+        recorded = strictjson.loads((out / LISTS_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return recorded == _lists_record(plan, identity)
+
+
+def record_lists(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> None:
+    """After plan.json holds every input of the lists: what they were (taken before they were read, so a list
+    changed while it was read does not match next time). None: forget any earlier record."""
+    path = out / LISTS_NAME
+    if identity is None:
+        path.unlink(missing_ok=True)
+        return
+    write_text_atomic(path, json.dumps(_lists_record(plan, identity), indent=0, sort_keys=True, allow_nan=False))
