@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from latentcache.errors import ConfigError
 from latentcache.format.buckets import frame_rule, nearest_frame_counts
 
-if TYPE_CHECKING:
-    from latentcache.encode.settings import ClipSettings
+
+class ClipShape(Protocol):
+    """What `check_clip` reads of a clip's settings (encode.settings.ClipSettings has it): the format layer names
+    no write-side type."""
+
+    frames: int
+    height: int
+    width: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,7 +53,7 @@ class LatentSpec:
             width // self.spatial_compression,
         )
 
-    def check_clip(self, clip: ClipSettings) -> None:
+    def check_clip(self, clip: ClipShape) -> None:
         """Refuse frame counts and sizes this VAE cannot encode exactly, offering the nearest valid values."""
         nearest = nearest_frame_counts(clip.frames, self.temporal_compression)
         if nearest is not None:
