@@ -14,10 +14,12 @@ CPU seconds per clip (issue 22: what decoding costs per GPU), side by side in on
     python bench/decode.py --cpu --minutes 1 --size 1920x1080 --codec h264_bframes --height 480 --width 720
     python bench/decode.py --cpu --minutes 1 --size 1280x720 --codec hevc --height 480 --width 720
 
-times (user+sys, `resource.getrusage`) four decodes of each clip from the middle of the file: latentcache as it was
-(every frame from the seek point: `exhaustive=True`), latentcache now (frames no target shows are skipped), the same
-with `--decode-check off`, and the ffmpeg CLI; and checks that the first two give bit-identical frames. The generated
-file is cached in the temp dir (`latentcache-bench-decode/`), so a rerun does not encode it again.
+times (user+sys, `resource.getrusage`) five decodes of each clip from the middle of the file: latentcache as it was
+(every frame from the seek point: `exhaustive=True`, FFmpeg's own thread count), skipping the frames no target shows,
+the same with a decode worker's threads (`--threads`, 1 by default: what each worker gets when the workers fill the
+cores, `loader.decoder_threads`), that with `--decode-check off`, and the ffmpeg CLI; and checks that all of
+latentcache's decodes give bit-identical frames. The generated file is cached in the temp dir
+(`latentcache-bench-decode/`), so a rerun does not encode it again.
 """
 
 from __future__ import annotations
@@ -82,12 +84,15 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_compare(path: Path, exe: str, starts: list[float], clip: ClipSettings) -> int:
-    """CPU-s per clip of the four decodes, interleaved clip by clip; the frames of old and new must be identical."""
+def cpu_compare(path: Path, exe: str, starts: list[float], clip: ClipSettings, threads: int) -> int:
+    """CPU-s per clip of the five decodes, interleaved clip by clip; the frames of old and new must be identical."""
     kinds = {
-        "before (every frame, check auto)": lambda s: decode_clip(path, s, clip, exhaustive=True),
-        "after  (skipping,    check auto)": lambda s: decode_clip(path, s, clip),
-        "after  (skipping,    check off) ": lambda s: decode_clip(path, s, clip, check="off"),
+        "before (every frame, FFmpeg's threads, check auto)": lambda s: decode_clip(path, s, clip, exhaustive=True),
+        "       (skipping,    FFmpeg's threads, check auto)": lambda s: decode_clip(path, s, clip),
+        f"after  (skipping,    {threads} thread(s),     check auto)":
+            lambda s: decode_clip(path, s, clip, threads=threads),
+        f"after  (skipping,    {threads} thread(s),     check off) ":
+            lambda s: decode_clip(path, s, clip, check="off", threads=threads),
     }
     cpu = {name: [] for name in kinds} | {"ffmpeg CLI": []}
     decoded = {name: [] for name in kinds}
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--codec", default="h264", help="synthetic.CODECS name of the generated file (h264_bframes, hevc)")
+    p.add_argument("--threads", type=int, default=1, help="--cpu: decoder threads of the 'after' decodes")
     p.add_argument("--cpu", action="store_true", help="CPU-s per clip: before/after skipping, --decode-check off, "
                    "the ffmpeg CLI, on clips from the middle of the file (see the module docstring)")
     args = p.parse_args(argv)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"frames at {clip.fps:g} fps, {clip.height}x{clip.width}, from {middle:.1f}s; {os.cpu_count()} "
                   f"CPUs, load average {os.getloadavg()[0]:.1f}")
             decode_clip(path, starts[0], clip)  # warm up (page cache, codec init)
-            return cpu_compare(path, exe, starts, clip)
+            return cpu_compare(path, exe, starts, clip, args.threads)
         span = (clip.frames - 1) / clip.fps
         rng = np.random.default_rng(0)
         # The first and the last minute (or each half of a shorter file) that a whole clip fits in.

@@ -677,7 +677,7 @@ def _log_once(message: str) -> None:
 
 
 def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "",
-                nvdec: bool = False, check: str = "auto", exhaustive: bool = False) -> Clip:
+                nvdec: bool = False, check: str = "auto", exhaustive: bool = False, threads: int = 0) -> Clip:
     """Decode `clip.frames` frames starting `start` seconds after the stream start, at `clip.fps`.
 
     Seeks to the keyframe before `start` and decodes forward, so a clip late in a long file costs the same as an
@@ -690,6 +690,9 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
     Non-reference frames that no target time shows are not decoded (`_Skipper`); `exhaustive=True` decodes every
     frame from the seek point, the reference the tests compare with. `check="off"` (--decode-check off) leaves out
     the second decode of `_SECOND_OPINION` codecs, for corpora the user trusts; "auto" runs it.
+    `threads`: the decoder's threads, 0 for FFmpeg's own choice (a thread per core and one more, whatever share of
+    the cores this process has). The frames are the same with any count; the CPU they cost is not
+    (`loader.decoder_threads`).
     """
     if check not in DECODE_CHECKS:
         raise ValueError(f"decode check {check!r} is not one of {', '.join(DECODE_CHECKS)}")
@@ -700,6 +703,7 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
             return decode_image(container, path, size, clip, key=key)
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         stream.codec_context.options = dict(_DECODER_OPTIONS)
         period = _frame_period(stream)
         detect_holes = bool(set(container.format.name.split(",")) & _LOSSY_TIMING_FORMATS)

@@ -31,6 +31,19 @@ def default_workers(world_size_on_node: int | None = None) -> int:
     return max(0, min(8, usable_cores() // max(world_size_on_node, 1) - 1))
 
 
+def decoder_threads(workers: int, world_size_on_node: int | None = None) -> int:
+    """Threads for each decoder: this rank's share of the cores split between its decode workers (the main process
+    when `workers` is 0), at least one.
+
+    Frame threads are not free: on 1080p h264 one decoder thread costs 0.27-0.30 CPU-s a clip and FFmpeg's own
+    choice (a thread per core, plus one) 0.34-0.39 (bench/RESULTS.md), so a worker gets only what the others leave.
+    FFmpeg's choice also counts the host's cores, not a container's CPU quota: eight workers in a 2-CPU container on
+    a 64-core host would run 8 x 65 threads."""
+    if world_size_on_node is None:
+        world_size_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, usable_cores() // max(world_size_on_node, 1) // max(workers, 1))
+
+
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a container's CPU quota (`docker --cpus`, a
     Kubernetes limit), which the affinity does not show: a 2-CPU container on a 64-core host would otherwise
@@ -59,11 +72,11 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False,
-                   decode_check: str = "auto") -> Clip | InputError:
+                   decode_check: str = "auto", threads: int = 0) -> Clip | InputError:
     """Decode one planned clip at its own bucket's frames and size; a bad input is returned, not raised."""
     try:
         return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key,
-                           nvdec=nvdec, check=decode_check)
+                           nvdec=nvdec, check=decode_check, threads=threads)
     except InputError as e:
         return e
 
@@ -136,18 +149,19 @@ class FrameRing:
 
 class _DecodeDataset(Dataset):
     def __init__(self, clips: list[PlannedClip], clip: ClipSettings, nvdec: bool, decode_check: str = "auto",
-                 ring: FrameRing | None = None) -> None:
+                 ring: FrameRing | None = None, threads: int = 0) -> None:
         self.clips = clips
         self.clip = clip
         self.nvdec = nvdec
         self.decode_check = decode_check
         self.ring = ring
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[int, Clip | InputError, tuple[int, ...] | None]:
-        result = decode_planned(self.clips[index], self.clip, self.nvdec, self.decode_check)
+        result = decode_planned(self.clips[index], self.clip, self.nvdec, self.decode_check, self.threads)
         if isinstance(result, Clip) and get_worker_info() is not None:
             shape = self.ring.put(index, result.frames) if self.ring is not None else None
             if shape is not None:
@@ -177,10 +191,12 @@ class ClipStream:
     taken `held` more, so a consumer copies (stages) each batch before it asks for the next.
 
     `prefetch`: clips dispatched ahead per worker; None: enough that the workers hold the whole next batch while
-    the consumer encodes this one (`prefetch_for`)."""
+    the consumer encodes this one (`prefetch_for`).
+
+    `threads`: each decoder's threads; None: its share of the cores (`decoder_threads`)."""
 
     def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int | None = None,
-                 nvdec: bool = False, decode_check: str = "auto", held: int = 1) -> None:
+                 nvdec: bool = False, decode_check: str = "auto", held: int = 1, threads: int | None = None) -> None:
         self.clips = clips
         self.clip = clip
         self.workers = workers
@@ -188,18 +204,19 @@ class ClipStream:
         self.nvdec = nvdec
         self.decode_check = decode_check
         self.held = held
+        self.threads = decoder_threads(workers) if threads is None else threads
 
     def __iter__(self) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
         if not self.clips:
             return
         if self.workers == 0:
-            dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check)
+            dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, threads=self.threads)
             for i in range(len(dataset)):
                 _, result, _ = dataset[i]
                 yield self.clips[i], result
             return
         ring = FrameRing(FrameRing.size_for(self.workers, self.prefetch, self.held), slot_bytes(self.clips, self.clip))
-        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, ring)
+        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, ring, self.threads)
         loader = DataLoader(
             dataset,
             batch_size=None,

@@ -55,13 +55,15 @@ def damage_matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
     return matrix
 
 
+# 0: FFmpeg's own thread count (frame threads); 1: what a decode worker gets when the workers fill the cores.
+@pytest.mark.parametrize("threads", [0, 1])
 @pytest.mark.parametrize("number", range(DAMAGED_PACKETS))
 @pytest.mark.parametrize("codec", DAMAGE_CODECS)
-def test_a_damaged_clip_is_dropped_or_equals_the_clean_one(damage_matrix, codec, number):
+def test_a_damaged_clip_is_dropped_or_equals_the_clean_one(damage_matrix, codec, number, threads):
     clean, damaged = damage_matrix[codec]
     reference = decode_clip(clean, 0.0, TINY_CLIP).frames.astype(int)
     try:
-        clip = decode_clip(damaged[number], 0.0, TINY_CLIP)
+        clip = decode_clip(damaged[number], 0.0, TINY_CLIP, threads=threads)
     except InputError as e:
         assert type(e.__cause__).__name__ == "CorruptVideo" and e.stage == "decode", e.reason
         assert not e.skipped and e.path == str(damaged[number])

@@ -305,6 +305,11 @@ def test_skipping_unseen_frames_gives_bit_identical_clips(skip_videos, name):
         assert fast.meta == full.meta | {"frames_decoded": fast.meta["frames_decoded"]}
         assert np.array_equal(fast.frames, full.frames), (name, start)
         assert fast.meta["frames_decoded"] <= full.meta["frames_decoded"]
+        # A decoder's thread count (a decode worker's share of the cores) changes what it costs, never its frames.
+        for threads in (1, 2):
+            threaded = decode_clip(path, start, clip, threads=threads)
+            assert threaded.meta == fast.meta | {"frames_decoded": threaded.meta["frames_decoded"]}
+            assert np.array_equal(threaded.frames, full.frames), (name, start, threads)
 
 
 @pytest.mark.parametrize("codec", ["h264_bframes", "hevc"])

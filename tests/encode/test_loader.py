@@ -39,6 +39,41 @@ def test_default_workers_leave_a_core_for_the_accelerator():
     assert default_workers(world_size_on_node=64) == 0
 
 
+def test_each_decoder_gets_its_share_of_the_cores(monkeypatch):
+    from latentcache.encode import loader
+
+    monkeypatch.setattr(loader, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader.decoder_threads(8) == 2  # one GPU on 16 cores: 8 workers (the cap), 2 threads each
+    assert loader.decoder_threads(15) == 1
+    assert loader.decoder_threads(0) == 16  # the main process decodes: all of the rank's cores
+    assert loader.decoder_threads(1, world_size_on_node=8) == 2  # 8 GPUs on 16 cores
+    assert loader.decoder_threads(8, world_size_on_node=8) == 1  # never 0: that would be FFmpeg's own choice
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader.decoder_threads(2) == 2
+
+
+def test_the_workers_decode_with_their_share_of_threads(video_dir, tmp_path, monkeypatch):
+    """The thread count reaches decode_clip inside the forked workers (recorded there, read here)."""
+    from latentcache.encode import loader
+
+    record = tmp_path / "threads"
+    real = loader.decode_clip
+
+    def recording(*args, threads, **kwargs):
+        with open(record, "a") as f:
+            f.write(f"{threads}\n")
+        return real(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(loader, "decode_clip", recording)  # before the fork: the workers inherit it
+    monkeypatch.setattr(loader, "usable_cores", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    planned = [p for p in _planned(video_dir, tmp_path) if not p.source.endswith("broken.mp4")]
+    results = list(ClipStream(planned, TINY_CLIP, workers=2))
+    assert all(not isinstance(r, InputError) for _, r in results)
+    assert record.read_text().split() == ["3"] * len(planned)
+
+
 def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path):
     """Without a GPU the cuvid decoders cannot open: the clip is decoded on the CPU, said once in the log."""
     import subprocess
