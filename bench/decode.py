@@ -14,11 +14,12 @@ CPU seconds per clip (issue 22: what decoding costs per GPU), side by side in on
     python bench/decode.py --cpu --minutes 1 --size 1920x1080 --codec h264_bframes --height 480 --width 720
     python bench/decode.py --cpu --minutes 1 --size 1280x720 --codec hevc --height 480 --width 720
 
-times (user+sys, `resource.getrusage`) five decodes of each clip from the middle of the file: latentcache as it was
-(every frame from the seek point: `exhaustive=True`, FFmpeg's own thread count), skipping the frames no target shows,
-the same with a decode worker's threads (`--threads`, 1 by default: what each worker gets when the workers fill the
-cores, `loader.decoder_threads`), that with `--decode-check off`, and the ffmpeg CLI; and checks that all of
-latentcache's decodes give bit-identical frames. The generated file is cached in the temp dir
+times (user+sys, `resource.getrusage`) six decodes of each clip from the middle of the file: latentcache as it was
+(every frame from the seek point: `exhaustive=True`, FFmpeg's own thread count, a new array per clip), skipping the
+frames no target shows, the same with a decode worker's threads (`--threads`, 1 by default: what each worker gets
+when the workers fill the cores, `loader.decoder_threads`), that written into a reused buffer as a worker writes into
+its frame ring slot, that with `--decode-check off`, and the ffmpeg CLI; and checks that all of latentcache's decodes
+give bit-identical frames. The generated file is cached in the temp dir
 (`latentcache-bench-decode/`), so a rerun does not encode it again.
 """
 
@@ -85,14 +86,18 @@ def cpu_seconds(who: int) -> float:
 
 
 def cpu_compare(path: Path, exe: str, starts: list[float], clip: ClipSettings, threads: int) -> int:
-    """CPU-s per clip of the five decodes, interleaved clip by clip; the frames of old and new must be identical."""
+    """CPU-s per clip of the six decodes, interleaved clip by clip; the frames of old and new must be identical."""
+    # What a decode worker writes into: its frame ring slot, the same memory clip after clip (its pages mapped).
+    slot = np.zeros(clip.frames * clip.height * clip.width * 3, np.uint8)
     kinds = {
         "before (every frame, FFmpeg's threads, check auto)": lambda s: decode_clip(path, s, clip, exhaustive=True),
         "       (skipping,    FFmpeg's threads, check auto)": lambda s: decode_clip(path, s, clip),
-        f"after  (skipping,    {threads} thread(s),     check auto)":
+        f"       (skipping,    {threads} thread(s),     check auto, a new array)":
             lambda s: decode_clip(path, s, clip, threads=threads),
-        f"after  (skipping,    {threads} thread(s),     check off) ":
-            lambda s: decode_clip(path, s, clip, check="off", threads=threads),
+        f"after  (skipping,    {threads} thread(s),     check auto, into a slot)":
+            lambda s: decode_clip(path, s, clip, threads=threads, out=slot),
+        f"after  (skipping,    {threads} thread(s),     check off,  into a slot)":
+            lambda s: decode_clip(path, s, clip, check="off", threads=threads, out=slot),
     }
     cpu = {name: [] for name in kinds} | {"ffmpeg CLI": []}
     decoded = {name: [] for name in kinds}
@@ -104,7 +109,7 @@ def cpu_compare(path: Path, exe: str, starts: list[float], clip: ClipSettings, t
             c = run(start)
             cpu[name].append(cpu_seconds(resource.RUSAGE_SELF) - began)
             decoded[name].append(c.meta["frames_decoded"])
-            frames.append(c.frames)
+            frames.append(c.frames.copy() if np.shares_memory(c.frames, slot) else c.frames)
         identical &= all(np.array_equal(frames[0], f) for f in frames[1:])
         began = cpu_seconds(resource.RUSAGE_CHILDREN)
         ffmpeg_clip(exe, path, start, clip)

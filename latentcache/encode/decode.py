@@ -609,17 +609,28 @@ def _frames_at(container: av.container.InputContainer, stream: av.video.stream.V
     return agree
 
 
+def frames_in(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A view of the flat uint8 buffer `out` as frames of `shape`; ValueError when it cannot hold them."""
+    need = int(np.prod(shape))
+    if out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"a frame buffer is a flat, contiguous, writeable uint8 array, not {out.dtype} {out.shape}")
+    if out.size < need:
+        raise ValueError(f"a frame buffer of {out.size} bytes cannot hold {shape} frames ({need} bytes)")
+    return out[:need].reshape(shape)
+
+
 class _ClipBuilder:
     """Takes, for each target time, the frame on screen at that time (the last one with pts <= target)."""
 
     def __init__(self, path: str, start: float, clip: ClipSettings, period: float,
-                 sar: Fraction = Fraction(1)) -> None:
+                 sar: Fraction = Fraction(1), out: np.ndarray | None = None) -> None:
         self.path = path
         self.start = start
         self.clip = clip
         self.period = period
         self.targets = target_times(start, clip)
-        self.frames = np.empty((clip.frames, clip.height, clip.width, 3), np.uint8)
+        shape = (clip.frames, clip.height, clip.width, 3)
+        self.frames = np.empty(shape, np.uint8) if out is None else frames_in(out, shape)
         self.times: list[float] = []
         self.convert = _Converter(clip, sar, path)
 
@@ -677,7 +688,8 @@ def _log_once(message: str) -> None:
 
 
 def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, key: str = "",
-                nvdec: bool = False, check: str = "auto", exhaustive: bool = False, threads: int = 0) -> Clip:
+                nvdec: bool = False, check: str = "auto", exhaustive: bool = False, threads: int = 0,
+                out: np.ndarray | None = None) -> Clip:
     """Decode `clip.frames` frames starting `start` seconds after the stream start, at `clip.fps`.
 
     Seeks to the keyframe before `start` and decodes forward, so a clip late in a long file costs the same as an
@@ -693,6 +705,10 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
     `threads`: the decoder's threads, 0 for FFmpeg's own choice (a thread per core and one more, whatever share of
     the cores this process has). The frames are the same with any count; the CPU they cost is not
     (`loader.decoder_threads`).
+    `out`: a flat uint8 buffer of at least the clip's bytes that the frames are written into (the returned
+    `Clip.frames` is a view of it), as a decode worker writes into its frame ring's slot: a fresh 50 MB array per
+    49x480x720 clip costs its page faults and then a copy into the slot. None: a new array. A still image (the
+    `clip.images` path) is returned in an array of its own.
     """
     if check not in DECODE_CHECKS:
         raise ValueError(f"decode check {check!r} is not one of {', '.join(DECODE_CHECKS)}")
@@ -712,7 +728,7 @@ def decode_clip(path: str | os.PathLike, start: float, clip: ClipSettings, *, ke
         # it when the packet is submitted), not NVDEC's queue, and not stream containers, where skipped frames would
         # read as holes.
         skip = not exhaustive and codec is None and not detect_holes and stream.codec_context.name in _SKIP_CODECS
-        run = _Run(container, stream, path, start, clip, period, detect_holes, codec, skip=skip)
+        run = _Run(container, stream, path, start, clip, period, detect_holes, codec, skip=skip, out=out)
         try:
             builder, last = run.decode(seek=start > 0)
             if run.skipped and run.integrity.damage_seen:
@@ -765,8 +781,9 @@ class _Run:
 
     def __init__(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str,
                  start: float, clip: ClipSettings, period: float, detect_holes: bool,
-                 codec: av.CodecContext | None = None, *, skip: bool = False) -> None:
+                 codec: av.CodecContext | None = None, *, skip: bool = False, out: np.ndarray | None = None) -> None:
         self.container, self.stream, self.path, self.codec = container, stream, path, codec
+        self.out = out
         self.start, self.clip, self.period, self.detect_holes = start, clip, period, detect_holes
         self.integrity = _Integrity(period, detect_holes=detect_holes, after_seek=False)
         self.frames_decoded = 0  # over every pass: what the clip cost, to show that seeking works
@@ -787,7 +804,7 @@ class _Run:
                 seek = False
             if seek and self.codec is not None:
                 self.codec.flush_buffers()  # seek flushes the stream's own decoder only
-        builder = _ClipBuilder(self.path, self.start, self.clip, self.period, _sample_aspect(self.stream))
+        builder = _ClipBuilder(self.path, self.start, self.clip, self.period, _sample_aspect(self.stream), self.out)
         self.integrity = integrity = _Integrity(self.period, detect_holes=self.detect_holes, after_seek=seek)
         prev: _Decoded | None = None
         try:

@@ -120,6 +120,54 @@ def test_frames_held_for_a_batch_survive_the_ring_coming_round(video_dir):
     assert len({a.tobytes() for a in expected}) > 3  # distinct clips, so a stale slot would show
 
 
+def test_workers_decode_videos_straight_into_their_ring_slot(video_dir, tmp_path, monkeypatch):
+    """A worker writes a video clip's frames into the clip's shared-memory slot as it decodes (no fresh array, no
+    second copy: `FrameRing.put` is never called for it); a still image, decoded into an array of its own, is still
+    copied in. Both arrive with the pixels the main process decodes."""
+    import dataclasses
+
+    from PIL import Image
+
+    from latentcache.encode import loader
+
+    picture = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "still.png")
+    clip = dataclasses.replace(TINY_CLIP, images=True)
+    videos = [video_dir / "a_h264.mp4", video_dir / "b_vp9.webm", video_dir / "c_h264.mp4"]
+    planned = [PlannedClip(f"k{i}", str(p), p.name, 0, 0.25 * i, TINY_CLIP.bucket) for i, p in enumerate(videos)]
+    planned.insert(1, PlannedClip("still", str(tmp_path / "still.png"), "still.png", 0, 0.0, "1x64x96"))
+    expected = [r.frames.copy() for _, r in ClipStream(planned, clip, workers=0)]
+
+    record = tmp_path / "put"
+    real_put = loader.FrameRing.put
+
+    def recording_put(self, position, frames):
+        with open(record, "a") as f:
+            f.write(f"{frames.shape[0]}\n")
+        return real_put(self, position, frames)
+
+    monkeypatch.setattr(loader.FrameRing, "put", recording_put)  # before the fork: the workers inherit it
+    seen = [np.array(r.frames) for _, r in ClipStream(planned, clip, workers=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, seen, strict=True))
+    assert record.read_text().split() == ["1"]  # the image alone was copied into its slot
+
+
+def test_decoding_into_a_buffer_gives_the_same_frames_in_it(video_dir):
+    from latentcache.encode.decode import decode_clip
+
+    source = video_dir / "a_h264.mp4"
+    fresh = decode_clip(source, 0.25, TINY_CLIP)
+    buffer = np.full(fresh.frames.nbytes + 100, 7, np.uint8)
+    into = decode_clip(source, 0.25, TINY_CLIP, out=buffer)
+    assert np.shares_memory(into.frames, buffer) and into.frames.shape == fresh.frames.shape
+    assert np.array_equal(into.frames, fresh.frames) and into.meta == fresh.meta
+    assert (buffer[fresh.frames.nbytes :] == 7).all()  # nothing written past the clip
+    with pytest.raises(ValueError, match="cannot hold"):
+        decode_clip(source, 0.25, TINY_CLIP, out=buffer[:100])
+    with pytest.raises(ValueError, match="flat, contiguous, writeable uint8"):
+        decode_clip(source, 0.25, TINY_CLIP, out=buffer.view(np.int16))
+
+
 def test_the_whole_next_batch_is_decoding_while_a_batch_is_encoded(video_dir, tmp_path, monkeypatch):
     """A consumer that has taken a batch and is encoding it must find the next batch's clips already dispatched to
     the workers, not only `prefetch` (2) per worker: with one worker and batch 4 it otherwise waited after each batch
