@@ -348,9 +348,15 @@ class Geometry:
         return Geometry(sw, sh, box, mode, upscaled=scale > 1.0)
 
     def apply(self, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The scaled frame at the clip's size, in an array of its own."""
+        return np.ascontiguousarray(self.place(rgb, width, height))
+
+    def place(self, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The scaled frame at the clip's size: a view of `rgb` when cropping, for a caller that copies it into
+        its own frames anyway (a copy here would be a second one per frame), a new array when padding."""
         x, y, w, h = self.box
         if self.mode == "crop":
-            return np.ascontiguousarray(rgb[y : y + h, x : x + w])
+            return rgb[y : y + h, x : x + w]
         out = np.zeros((height, width, 3), np.uint8)
         out[y : y + h, x : x + w] = rgb
         return out
@@ -398,7 +404,8 @@ class _Converter:
                                          interpolation=interpolation).to_ndarray()
         if self.rotation:
             rgb = np.rot90(rgb, k=self.rotation // 90)
-        out = geo.apply(rgb, self.clip.width, self.clip.height)
+        # A view of the reformatted frame (which it keeps alive): the builder copies it into the clip's frames.
+        out = geo.place(rgb, self.clip.width, self.clip.height)
         self._last = (frame, out)
         return out
 
