@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +17,7 @@ def bench(name: str) -> ModuleType:
     """bench/NAME.py as a module (bench/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -120,3 +122,44 @@ def test_encode_bench_null_vae_reports_the_time_outside_the_vae(capsys):
     assert "ms outside the VAE call" in out and "clips/s per decode worker" in out
     assert "the stand-in takes 0.05 s a clip" in out
     assert re.search(r"steady state .*?: [\d.]+ ms per clip outside the VAE call", out), out
+
+
+@pytest.mark.slow
+def test_gpu_bench_measures_each_setting_within_its_budget(tmp_path, capsys):
+    """bench/gpu.py's matrix through the same code as on a GPU (tiny config): a row per dtype, tiling and batch with
+    its seconds a clip and TFLOP/s, FLOPs counted for both tilings, the JSON written; compile is skipped on a CPU
+    with the reason; with no budget left every setting is skipped, said so, and it exits 1."""
+    import json
+
+    figures = tmp_path / "matrix.json"
+    assert bench("gpu").main(["--tiny", "--dtypes", "bf16,fp32", "--batches", "1,2", "--calls", "1",
+                              "--json", str(figures)]) == 0
+    report = json.loads(figures.read_text())
+    settings = {(r["dtype"], r["tiling"], r["batch"]) for r in report["rows"]}
+    assert settings == {(d, t, b) for d in ("bf16", "fp32") for t in (False, True) for b in (1, 2)}
+    assert all(r["s_per_clip"] > 0 and r["tflops"] > 0 and r["error"] is None for r in report["rows"])
+    assert report["flops_per_clip"]["tiled"] > report["flops_per_clip"]["untiled"] > 0  # tiles overlap
+    assert report["skipped"] == ["compile (CPU: --compile applies on a GPU only)"]
+    assert "matrix: bf16 tiling on  batch 2:" in capsys.readouterr().out
+
+    assert bench("gpu").main(["--tiny", "--dtypes", "bf16", "--batches", "1", "--budget-s", "0.001",
+                              "--json", str(figures)]) == 1
+    report = json.loads(figures.read_text())
+    assert report["rows"] == [] and "bf16 tiling off batch 1" in report["skipped"]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_step_into_its_folder(tmp_path):
+    """bench/gpu.sh, as a GPU session runs it, with TINY=1: each step's log (and the matrix JSON) in OUT."""
+    import os
+    import subprocess
+
+    out = tmp_path / "figures"
+    done = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu.sh"), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "TINY": "1", "PYTHON": sys.executable}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["device.log", "full.log", "matrix.json", "matrix.log",
+                                                     "null_vae.log"]
+    assert "setting(s) measured" in (out / "matrix.log").read_text()
+    assert "ms outside the VAE call" in (out / "null_vae.log").read_text()
+    assert "ratio latentcache / naive" in (out / "full.log").read_text()
