@@ -127,11 +127,6 @@ def _deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
@@ -157,12 +152,12 @@ def time_calls(vae: VideoVAE, frames: np.ndarray, batch: int, calls: int) -> tup
     _reset_peak(vae.device)
     started = time.perf_counter()
     vae.encode(vae.stage(clips))
-    _sync(vae.device)
+    encode_bench._sync(vae.device)
     first = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(calls):
         vae.encode(vae.stage(clips))
-    _sync(vae.device)
+    encode_bench._sync(vae.device)
     return first, (time.perf_counter() - started) / (calls * batch), _peak_gib(vae.device)
 
 
