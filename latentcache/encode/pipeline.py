@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -523,23 +523,40 @@ def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None
     return None
 
 
+_RANK_MARKER = re.compile(r"r\d{6}")
+_WORLD_FOLDER = re.compile(r"w\d{6}")
+
+
 def clear_share_markers(out: Path, plan: JobPlan) -> None:
     """Once the manifest is written, the per-rank markers have served; one `complete` marker of this plan takes
     their place, so a finished directory holds the same files whatever number of processes wrote it, and a rerun
-    of any task of a finished job checks everything and finalizes again, as before."""
-    folder = out / "chunks" / "done"
-    if not store.in_object_store(folder):
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        try:
-            for p in list(folder.rglob("*")):
-                if p.is_file():
-                    p.unlink()
-        except FileNotFoundError:
-            pass
+    of any task of a finished job checks everything and finalizes again, as before.
+
+    Array tasks that finish together all finalize, at once: each writes `complete` first and then removes only
+    the markers themselves (every plan's rank markers, an earlier plan's `complete`) and the folders they leave
+    empty. Removing the whole folder took another task's `complete`, or the temporary it was renaming into place
+    (a FileNotFoundError that failed that task)."""
     complete = _share_markers(out, plan, 1).parent / "complete"
     complete.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(complete, "")
+    done = out / "chunks" / "done"
+    try:
+        found = [p for p in done.rglob("*") if p != complete and _is_share_marker(p)]
+    except FileNotFoundError:  # a folder another task emptied and removed while this one walked it
+        found = []
+    for marker in found:
+        marker.unlink(missing_ok=True)
+    if not store.in_object_store(done):
+        # Deepest first: the world-size folders, then an earlier plan's folder. One still in use stays.
+        for folder in sorted({m.parent for m in found} | {m.parent.parent for m in found}, key=lambda f: -len(f.parts)):
+            if folder != complete.parent and folder != done:
+                with suppress(OSError):
+                    folder.rmdir()
+
+
+def _is_share_marker(path: Path) -> bool:
+    return ((_RANK_MARKER.fullmatch(path.name) is not None and _WORLD_FOLDER.fullmatch(path.parent.name) is not None)
+            or path.name == "complete")
 
 
 def finalize(out: Path) -> dict[str, Any]:

@@ -138,24 +138,33 @@ _INPUTS_FILES = re.compile(rf"part-[0-9]{{4,}}\.(?:jsonl|keys\.npy){_TMP_TAIL}")
 _CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
 _CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.json{_TMP_TAIL}")
 _SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
+# The share markers (pipeline.mark_share_done, clear_share_markers): chunks/done/<plan digest>/complete and
+# chunks/done/<plan digest>/w<world size>/r<rank>.
+_PLAN_DIGEST_FOLDER = re.compile(r"[0-9a-f]{16}")
+_WORLD_FOLDER = re.compile(r"w[0-9]{6}")
+_COMPLETE_FILES = re.compile(rf"complete{_TMP_TAIL}")
+_RANK_FILES = re.compile(rf"r[0-9]{{6}}{_TMP_TAIL}")
 
 
 def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
     """Each temporary under OUT=`root` whose name latentcache builds, in a folder latentcache writes it in."""
     from latentcache.format.checks import parse_bucket
 
+    def entries(folder: Path) -> list[Path]:
+        # Another task finalizing at the same time removes the marker folders it empties.
+        try:
+            return sorted(folder.iterdir()) if folder.is_dir() else []
+        except FileNotFoundError:
+            return []
+
     def listed(folder: Path, names: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str]]]:
-        if not folder.is_dir():
-            return
-        for entry in sorted(folder.iterdir()):
+        for entry in entries(folder):
             match = names.fullmatch(entry.name)
             if match and entry.is_file() and not entry.is_symlink():  # latentcache makes no links: one is a user's
                 yield entry, match
 
     def subfolders(folder: Path, ok: Callable[[str], bool]) -> list[Path]:
-        if not folder.is_dir():
-            return []
-        return sorted(d for d in folder.iterdir() if ok(d.name) and d.is_dir())
+        return [d for d in entries(folder) if ok(d.name) and d.is_dir()]
 
     yield from listed(root, _ROOT_FILES)
     yield from listed(root / "inputs", _INPUTS_FILES)
@@ -163,6 +172,10 @@ def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
         yield from listed(folder, _CHUNK_FILES)
     for folder in subfolders(root / "shards", lambda name: parse_bucket(name) is not None):
         yield from listed(folder, _SHARD_FILES)
+    for folder in subfolders(root / "chunks" / "done", _PLAN_DIGEST_FOLDER.fullmatch):
+        yield from listed(folder, _COMPLETE_FILES)
+        for world in subfolders(folder, _WORLD_FOLDER.fullmatch):
+            yield from listed(world, _RANK_FILES)
 
 
 def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:

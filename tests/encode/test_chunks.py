@@ -359,3 +359,50 @@ def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkey
     assert batches == [8, 8, 8]
     assert len(list(out.rglob("*.tar"))) == 1
     assert read_manifest(out)["counts"]["samples"] == 24
+
+
+def _clear_markers_repeatedly(out: str, times: int) -> None:
+    plan = read_job_plan(Path(out))
+    for _ in range(times):
+        pipeline.clear_share_markers(Path(out), plan)
+
+
+@pytest.mark.slow
+def test_tasks_finalizing_at_once_never_remove_each_others_markers(small_videos: Path, tmp_path: Path) -> None:
+    """Array tasks that finish together all finalize at once (a CI run failed so: one task's clean-up removed the
+    temporary another was renaming into `complete`). Four processes clearing the markers over and over all
+    succeed and leave `complete`; a finalize keeps a live writer's temporary, removes a dead one's, every rank
+    marker, and an earlier plan's markers and folders."""
+    import multiprocessing
+    import os
+    import socket
+
+    out = tmp_path / "out"
+    assert encode_job(_args(small_videos, out)) == EXIT_SOME_FAILED  # small_videos holds one broken file
+    done = out / "chunks" / "done"
+    (complete,) = [p for p in done.rglob("*") if p.is_file()]
+    assert complete.name == "complete"
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_clear_markers_repeatedly, args=(str(out), 40)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert [p for p in done.rglob("*") if p.is_file()] == [complete]
+
+    host = socket.gethostname()
+    world = complete.parent / "w000002"
+    world.mkdir()
+    for name in ("r000000", "r000001", f"r000001.{host}.999999999.tmp"):  # a pid no process has: dead
+        (world / name).write_text("")
+    live = complete.parent / f"complete.{host}.{os.getppid()}.tmp"  # another process's write, under way
+    live.write_text("")
+    earlier = done / ("0" * 16)  # an earlier plan's (before an append)
+    (earlier / "w000001").mkdir(parents=True)
+    (earlier / "w000001" / "r000000").write_text("")
+    (earlier / "complete").write_text("")
+    pipeline.finalize(out)
+    assert sorted(p.relative_to(done) for p in done.rglob("*")) == sorted(
+        p.relative_to(done) for p in (complete.parent, complete, live))
