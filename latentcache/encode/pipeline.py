@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -43,6 +42,10 @@ from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.manifest import write_manifest
 from latentcache.format.outcomes import tally
 from latentcache.format.shards import (
+    SHARE_COMPLETE,
+    SHARE_PLAN_FOLDER,
+    SHARE_RANK_MARKER,
+    SHARE_WORLD_FOLDER,
     EncodedClip,
     pause_point,
     read_done,
@@ -515,16 +518,12 @@ def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None
     chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
     marker left from before shards were removed by hand costs that check, nothing worse)."""
     folder = _share_markers(out, plan, world_size)
-    if (folder.parent / "complete").is_file():
+    if (folder.parent / SHARE_COMPLETE).is_file():
         return None
     for rank in range(world_size):
         if not _share_marker(folder, rank).is_file():
             return rank
     return None
-
-
-_RANK_MARKER = re.compile(r"r\d{6}")
-_WORLD_FOLDER = re.compile(r"w\d{6}")
 
 
 def clear_share_markers(out: Path, plan: JobPlan) -> None:
@@ -536,7 +535,7 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
     the markers themselves (every plan's rank markers, an earlier plan's `complete`) and the folders they leave
     empty. Removing the whole folder took another task's `complete`, or the temporary it was renaming into place
     (a FileNotFoundError that failed that task)."""
-    complete = _share_markers(out, plan, 1).parent / "complete"
+    complete = _share_markers(out, plan, 1).parent / SHARE_COMPLETE
     complete.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(complete, "")
     done = out / "chunks" / "done"
@@ -555,8 +554,12 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
 
 
 def _is_share_marker(path: Path) -> bool:
-    return ((_RANK_MARKER.fullmatch(path.name) is not None and _WORLD_FOLDER.fullmatch(path.parent.name) is not None)
-            or path.name == "complete")
+    """A rank marker (`<plan digest>/w<world size>/r<rank>`) or a plan's `complete`, never a temporary."""
+    if path.name == SHARE_COMPLETE:
+        return SHARE_PLAN_FOLDER.fullmatch(path.parent.name) is not None
+    return (SHARE_RANK_MARKER.fullmatch(path.name) is not None
+            and SHARE_WORLD_FOLDER.fullmatch(path.parent.name) is not None
+            and SHARE_PLAN_FOLDER.fullmatch(path.parent.parent.name) is not None)
 
 
 def finalize(out: Path) -> dict[str, Any]:

@@ -139,11 +139,13 @@ _CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
 _CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.json{_TMP_TAIL}")
 _SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
 # The share markers (pipeline.mark_share_done, clear_share_markers): chunks/done/<plan digest>/complete and
-# chunks/done/<plan digest>/w<world size>/r<rank>.
-_PLAN_DIGEST_FOLDER = re.compile(r"[0-9a-f]{16}")
-_WORLD_FOLDER = re.compile(r"w[0-9]{6}")
-_COMPLETE_FILES = re.compile(rf"complete{_TMP_TAIL}")
-_RANK_FILES = re.compile(rf"r[0-9]{{6}}{_TMP_TAIL}")
+# chunks/done/<plan digest>/w<world size>/r<rank>. The pipeline finds its markers by these names too.
+SHARE_PLAN_FOLDER = re.compile(r"[0-9a-f]{16}")
+SHARE_WORLD_FOLDER = re.compile(r"w[0-9]{6}")
+SHARE_RANK_MARKER = re.compile(r"r[0-9]{6}")
+SHARE_COMPLETE = "complete"
+_COMPLETE_FILES = re.compile(rf"{SHARE_COMPLETE}{_TMP_TAIL}")
+_RANK_FILES = re.compile(rf"{SHARE_RANK_MARKER.pattern}{_TMP_TAIL}")
 
 
 def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
@@ -172,9 +174,9 @@ def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
         yield from listed(folder, _CHUNK_FILES)
     for folder in subfolders(root / "shards", lambda name: parse_bucket(name) is not None):
         yield from listed(folder, _SHARD_FILES)
-    for folder in subfolders(root / "chunks" / "done", _PLAN_DIGEST_FOLDER.fullmatch):
+    for folder in subfolders(root / "chunks" / "done", SHARE_PLAN_FOLDER.fullmatch):
         yield from listed(folder, _COMPLETE_FILES)
-        for world in subfolders(folder, _WORLD_FOLDER.fullmatch):
+        for world in subfolders(folder, SHARE_WORLD_FOLDER.fullmatch):
             yield from listed(world, _RANK_FILES)
 
 
