@@ -230,7 +230,7 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
 def step_end_check(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     """Task 0's end-of-run check, the other tasks still working: every chunk plan read (before), or its own
     shards' sidecars stat'ed and the first other task's done marker looked for (after)."""
-    from latentcache.encode import chunks, pipeline
+    from latentcache.encode import chunks, pipeline, share_markers
 
     out = args_for(work, n, chunk_size).out
     plan = chunks.read_job_plan(out)
@@ -239,8 +239,8 @@ def step_end_check(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     before = time.perf_counter() - started
     started = time.perf_counter()
     mine = [s for ref in chunks.chunks_for_rank(plan, 0, tasks) for s in chunks.read_chunk_plan(out, plan, ref).shards]
-    pipeline.mark_share_done(out, plan, 0, tasks, mine)
-    waiting = pipeline.first_share_pending(out, plan, tasks)
+    share_markers.mark_share_done(out, plan, 0, tasks, mine)
+    waiting = share_markers.first_share_pending(out, plan, tasks)
     return {"before": before, "after": time.perf_counter() - started, "waiting": waiting}
 
 

@@ -66,7 +66,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     """
     from tqdm import tqdm
 
-    from latentcache.encode import chunks, pipeline
+    from latentcache.encode import chunks, pipeline, share_markers
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
@@ -109,7 +109,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if failed:
         return EXIT_USAGE  # the rank that refused prints why
     mine = [s for chunk in chunk_plans for s in chunk.shards]
-    pending = {s.relpath for s in pipeline.pending_shards(out, mine)}
+    pending = {s.relpath for s in share_markers.pending_shards(out, mine)}
     label = f"rank {rank}" if world_size > 1 else "encode"
     if not mine:
         print(f"{out}: no clip to encode in {'the share of ' + label if world_size > 1 else 'the planned inputs'}")
@@ -132,14 +132,14 @@ def run(settings: JobSettings, world: World = World()) -> int:
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
     # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
-    pipeline.mark_share_done(out, plan, rank, world_size, mine)
+    share_markers.mark_share_done(out, plan, rank, world_size, mine)
     totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
                                summary.shards_written, summary.shards_redone, summary.seconds])
     world.barrier()
     if not world.is_main:
         return EXIT_OK
     print_job_summary(totals, time.perf_counter() - started)
-    waiting = pipeline.first_share_pending(out, plan, world_size)
+    waiting = share_markers.first_share_pending(out, plan, world_size)
     if waiting is not None:
         print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
               f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "

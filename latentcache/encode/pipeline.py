@@ -7,12 +7,11 @@ later `failures.jsonl`) plus a log line, and the run goes on; anything else is a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from latentcache.encode.plan import (
 )
 from latentcache.encode.provenance import merge_software, software_record, vae_change
 from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, hash_json
+from latentcache.encode.share_markers import clear_share_markers, pending_shards
 from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.encode.writer import ShardWriter
@@ -42,10 +42,6 @@ from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.manifest import write_manifest
 from latentcache.format.outcomes import tally
 from latentcache.format.shards import (
-    SHARE_COMPLETE,
-    SHARE_PLAN_FOLDER,
-    SHARE_RANK_MARKER,
-    SHARE_WORLD_FOLDER,
     EncodedClip,
     pause_point,
     read_done,
@@ -54,10 +50,8 @@ from latentcache.format.shards import (
     write_shard,
     write_text_atomic,
 )
-from latentcache.storage import store
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -156,8 +150,6 @@ def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int
     was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
     return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
                              strict=strict, reencode_changed=reencode_changed)
-
-
 
 
 Encoded = tuple[torch.Tensor, torch.Tensor, TilingSettings | None]
@@ -472,11 +464,6 @@ def resolve_batch_size(batch_size: int | None, vae: VideoVAE, settings: EncodeSe
     return vae.auto_batch_size(clip.frames, clip.height, clip.width)
 
 
-def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:
-    """Those of `shards` without a valid sidecar."""
-    return [s for s in shards if read_done(out / s.relpath) is None]
-
-
 def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
     """(shards not finished, chunks not planned yet) over the whole job: (0, 0) once it is done.
 
@@ -488,78 +475,6 @@ def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
             continue
         shards += len(pending_shards(out, chunks.read_chunk_plan(out, plan, ref).shards))
     return shards, unplanned
-
-
-def _share_markers(out: Path, plan: JobPlan, world_size: int) -> Path:
-    # Named by a digest of plan.json: an append (a new part) makes every earlier marker stale at once.
-    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
-    return out / f"chunks/done/{digest}/w{world_size:06d}"
-
-
-def _share_marker(folder: Path, rank: int) -> Path:
-    return folder / f"r{rank:06d}"
-
-
-def mark_share_done(out: Path, plan: JobPlan, rank: int, world_size: int, shards: list[PlannedShard]) -> bool:
-    """After a rank's run: if none of its `shards` is pending (a stat of each sidecar: its share only), leave a
-    marker saying so. Returns whether it did."""
-    if pending_shards(out, shards):
-        return False
-    marker = _share_marker(_share_markers(out, plan, world_size), rank)
-    if not marker.is_file():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(marker, "")
-    return True
-
-
-def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None:
-    """The first rank of `world_size` without a done marker, or None when every one has one. It stops at the
-    first missing marker, so a task that is not the last one to finish pays about one stat, not a read of every
-    chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
-    marker left from before shards were removed by hand costs that check, nothing worse)."""
-    folder = _share_markers(out, plan, world_size)
-    if (folder.parent / SHARE_COMPLETE).is_file():
-        return None
-    for rank in range(world_size):
-        if not _share_marker(folder, rank).is_file():
-            return rank
-    return None
-
-
-def clear_share_markers(out: Path, plan: JobPlan) -> None:
-    """Once the manifest is written, the per-rank markers have served; one `complete` marker of this plan takes
-    their place, so a finished directory holds the same files whatever number of processes wrote it, and a rerun
-    of any task of a finished job checks everything and finalizes again, as before.
-
-    Array tasks that finish together all finalize, at once: each writes `complete` first and then removes only
-    the markers themselves (every plan's rank markers, an earlier plan's `complete`) and the folders they leave
-    empty. Removing the whole folder took another task's `complete`, or the temporary it was renaming into place
-    (a FileNotFoundError that failed that task)."""
-    complete = _share_markers(out, plan, 1).parent / SHARE_COMPLETE
-    complete.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(complete, "")
-    done = out / "chunks" / "done"
-    try:
-        found = [p for p in done.rglob("*") if p != complete and _is_share_marker(p)]
-    except FileNotFoundError:  # a folder another task emptied and removed while this one walked it
-        found = []
-    for marker in found:
-        marker.unlink(missing_ok=True)
-    if not store.in_object_store(done):
-        # Deepest first: the world-size folders, then an earlier plan's folder. One still in use stays.
-        for folder in sorted({m.parent for m in found} | {m.parent.parent for m in found}, key=lambda f: -len(f.parts)):
-            if folder != complete.parent and folder != done:
-                with suppress(OSError):
-                    folder.rmdir()
-
-
-def _is_share_marker(path: Path) -> bool:
-    """A rank marker (`<plan digest>/w<world size>/r<rank>`) or a plan's `complete`, never a temporary."""
-    if path.name == SHARE_COMPLETE:
-        return SHARE_PLAN_FOLDER.fullmatch(path.parent.name) is not None
-    return (SHARE_RANK_MARKER.fullmatch(path.name) is not None
-            and SHARE_WORLD_FOLDER.fullmatch(path.parent.name) is not None
-            and SHARE_PLAN_FOLDER.fullmatch(path.parent.parent.name) is not None)
 
 
 def finalize(out: Path) -> dict[str, Any]:

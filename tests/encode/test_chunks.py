@@ -15,7 +15,7 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
 import latentcache.encode.decode
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
-from latentcache.encode import chunks, job, pipeline, rerun_inputs
+from latentcache.encode import chunks, job, pipeline, rerun_inputs, share_markers
 from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import InputVideo, clip_key
@@ -364,7 +364,7 @@ def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkey
 def _clear_markers_repeatedly(out: str, times: int) -> None:
     plan = read_job_plan(Path(out))
     for _ in range(times):
-        pipeline.clear_share_markers(Path(out), plan)
+        share_markers.clear_share_markers(Path(out), plan)
 
 
 @pytest.mark.slow
