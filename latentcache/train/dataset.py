@@ -23,14 +23,14 @@ import numbers
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from latentcache.errors import LatentMismatchError, ShardFormatError
+from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
 from latentcache.format.checks import latent_problems
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
@@ -46,6 +46,7 @@ from latentcache.train.partition import (
     share_of,
     share_samples,
 )
+from latentcache.train.resume import ResumeState
 from latentcache.train.shard_sources import (
     MANIFEST_SEARCH_DEPTH,
     MAX_SHARD_BYTES,
@@ -115,33 +116,6 @@ def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@dataclass(slots=True)
-class ResumeState:
-    """Where a pass stands: for one epoch, the items each slot (global worker id) delivered, and how many slots
-    there were (a position only means something with the same world size x num_workers)."""
-
-    epoch: int = 0
-    slots: int | None = None
-    consumed: dict[int, int] = field(default_factory=dict)
-    # The DataLoader worker (of this rank) the next item would have come from: workers take turns, so a resumed
-    # loader's first worker must serve that slot for the items to come in the uninterrupted run's order.
-    next_worker: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "slots": self.slots, "next_worker": self.next_worker,
-                "consumed": {str(k): v for k, v in sorted(self.consumed.items())}}
-
-    @staticmethod
-    def from_dict(state: dict[str, Any]) -> ResumeState:
-        return ResumeState(int(state["epoch"]), state.get("slots"),
-                           {int(k): int(v) for k, v in state["consumed"].items()}, int(state.get("next_worker", 0)))
-
-    def check_slots(self, slots: int) -> None:
-        if self.consumed and self.slots not in (None, slots):
-            raise ValueError(f"resume state was saved with {self.slots} rank x worker slots, this run has {slots}: "
-                             "resume with the same world size and num_workers")
 
 
 @dataclass(slots=True, frozen=True)
@@ -323,12 +297,25 @@ class LatentShardDataset(IterableDataset):
     def check_state(self, state: dict[str, Any]) -> ResumeState:
         """The position in `state`, refused when it was saved under other order settings (the skip count would
         then point at other samples)."""
+        position = ResumeState.from_dict(state)  # every field's type and range, before any is used
         mine = self.order_settings()
         for name in ORDER_SETTINGS:
             if state.get(name) != mine[name]:
-                raise ValueError(f"resume state has {name}={state.get(name)!r}, this dataset {mine[name]!r}: "
-                                 "build the dataset with the settings and shards of the saved run")
-        return ResumeState.from_dict(state)
+                raise ConfigError(f"resume state has {name}={state.get(name)!r:.80}, this dataset {mine[name]!r}: "
+                                  "build the dataset with the settings and shards of the saved run")
+        position.bound_consumed(lambda slot, slots: self._most_items(position.epoch, slot, slots))
+        return position
+
+    def _most_items(self, epoch: int, slot: int, slots: int | None) -> int | None:
+        """The most items `slot` of `slots` can deliver in `epoch` (None: endless): each item holds a sample."""
+        limits = [] if self.epoch_items is None else [self.epoch_items]
+        if not self.resampled:
+            if slots is None or self.weights is not None:
+                limits.append(self.num_samples if slots is None else mixed_draws(self.num_samples, slots))
+            else:
+                order = shard_order(len(self.shards), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+                limits.append(share_samples(share_of(order, Slot(slot, slots)), [s.samples for s in self.shards]))
+        return min(limits, default=None)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this pass stands: JSON-able, for the trainer's checkpoint. With DataLoader workers, take it from
