@@ -140,6 +140,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reencode-changed", action="store_true",
                    help="inputs changed since they were encoded (another file under the same name) are refused; "
                    "this plans and encodes again just the chunks that hold them, every other shard stays as it is")
+    p.add_argument("--repair", action="store_true",
+                   help="with the same arguments as the run: read every finished shard, and write again (to the same "
+                   "bytes) those that no longer match the sha256 their sidecar recorded, e.g. after `latentcache "
+                   "verify` reported one changed; an ordinary rerun only checks that each shard is there whole")
     p.add_argument("--dry-run", action="store_true",
                    help="plan as a real run would (probing every input), print clips per bucket, skips and failures "
                    "by reason and the estimated output size, and write nothing into --out")
@@ -226,6 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     return JobSettings(inputs=tuple(args.inputs), out=args.out, encode=encode, runtime=runtime,
                        overwrite=args.overwrite, chunk_size=args.chunk_size,
                        reencode_changed=getattr(args, "reencode_changed", False),
+                       repair=getattr(args, "repair", False),
                        dry_run=getattr(args, "dry_run", False), estimate=getattr(args, "estimate", 0))
 
 

@@ -109,7 +109,11 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if failed:
         return EXIT_USAGE  # the rank that refused prints why
     mine = [s for chunk in chunk_plans for s in chunk.shards]
-    pending = {s.relpath for s in share_markers.pending_shards(out, mine)}
+    redo = frozenset(s.relpath for s in share_markers.damaged_shards(out, mine)) if settings.repair else frozenset()
+    if settings.repair:
+        print(f"[{'rank ' + str(rank) if world_size > 1 else 'repair'}] {len(redo)} of {len(mine)} shard(s) do not "
+              f"match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
+    pending = {s.relpath for s in share_markers.pending_shards(out, mine)} | redo
     label = f"rank {rank}" if world_size > 1 else "encode"
     if not mine:
         print(f"{out}: no clip to encode in {'the share of ' + label if world_size > 1 else 'the planned inputs'}")
@@ -123,12 +127,13 @@ def run(settings: JobSettings, world: World = World()) -> int:
               desc=label, position=world.local_rank, dynamic_ncols=True, leave=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
-                               texts=texts, chunk_plans=chunk_plans, runtime=runtime)
+                               texts=texts, chunk_plans=chunk_plans, runtime=runtime, redo=redo)
     # This rank's share: its chunks' inputs refused at planning and its clips refused at decode or encode.
     clips = tally([*(r for chunk in chunk_plans for r in chunk.rejected), *summary.failures])
     print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
-          f"({summary.shards_redone} left unfinished by an earlier run), {summary.shards_skipped} shard(s) already "
-          f"done, {clips.describe()}, {summary.seconds:.1f}s "
+          f"({summary.shards_redone} left unfinished by an earlier run"
+          f"{f', {summary.shards_repaired} repaired' if settings.repair else ''}), "
+          f"{summary.shards_skipped} shard(s) already done, {clips.describe()}, {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
     # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).

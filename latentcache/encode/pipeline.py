@@ -60,6 +60,8 @@ class RunSummary:
     shards_skipped: int = 0
     # Shards found half-done (a temporary file, or a tar without its sidecar) and written again.
     shards_redone: int = 0
+    # Done shards whose tar no longer matched its sidecar's sha256, written again by `encode --repair`.
+    shards_repaired: int = 0
     clips_written: int = 0
     clips_skipped: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -333,8 +335,10 @@ class EncodeGroup:
         return [w for w in windows if wanted.intersection(w)]
 
 
-def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary) -> list[EncodeGroup]:
-    """This rank's encode groups that have a shard to write; counts the finished shards in `summary`."""
+def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary,
+                  redo: frozenset[str] = frozenset()) -> list[EncodeGroup]:
+    """This rank's encode groups that have a shard to write; counts the finished shards in `summary`. `redo`: the
+    relpaths of done shards to write again all the same (damaged ones, `share_markers.damaged_shards`)."""
     groups: list[EncodeGroup] = []
     for chunk in chunk_plans:
         for shard in chunk.shards:
@@ -342,12 +346,15 @@ def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary) -> li
                 groups.append(EncodeGroup(chunk, [], set()))
             groups[-1].shards.append(shard)
             path = out / shard.relpath
-            if read_done(path) is not None:
+            if shard.relpath in redo:
+                summary.shards_repaired += 1
+                log.warning("%s does not match the sha256 its sidecar recorded; writing it again", shard.relpath)
+            elif read_done(path) is not None:
                 summary.shards_skipped += 1
                 summary.clips_skipped += len(shard.keys)
                 continue
             # A temporary or a tar without a sidecar is the trace of a killed writer: start the shard over.
-            if remove_temporaries(path) or path.exists():
+            elif remove_temporaries(path) or path.exists():
                 summary.shards_redone += 1
                 log.info("%s was left unfinished by an earlier run; writing it again", shard.relpath)
             groups[-1].pending.add(shard.relpath)
@@ -356,12 +363,13 @@ def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary) -> li
 
 def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
         on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
-        chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None) -> RunSummary:
+        chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None,
+        redo: frozenset[str] = frozenset()) -> RunSummary:
     """Produce every shard of this rank's chunks that is not already done; `on_clip` counts clips actually worked on.
 
     `chunk_plans`: this rank's chunk plans when the caller has them already (`plan_chunks`), else they are made here.
     `runtime`: batch size (None: from the clip size and the device's memory), decode workers, NVDEC, strictness;
-    RuntimeSettings() when not given.
+    RuntimeSettings() when not given. `redo`: done shards to write again (`encode --repair`: the damaged ones).
 
     Batches are fixed windows over each encode group (`EncodeGroup`); shards are written by a background
     `ShardWriter`, so encoding goes on while the previous shard is built, hashed and written.
@@ -375,7 +383,7 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         raise ConfigError(f"{out}: {changed}")
     if chunk_plans is None:
         chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
-    groups = encode_groups(chunk_plans, out, summary)
+    groups = encode_groups(chunk_plans, out, summary, redo)
     workers = default_workers() if runtime.workers is None else runtime.workers
     batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
     windows = [(g, g.windows(batch_size)) for g in groups]

@@ -6,6 +6,7 @@ left its marker, `OUT/chunks/done/<plan digest>/w<world size>/r<rank>`; a job is
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -25,6 +26,25 @@ from latentcache.storage import store
 def pending_shards(out: Path, shards: list[PlannedShard]) -> list[PlannedShard]:
     """Those of `shards` without a valid sidecar."""
     return [s for s in shards if read_done(out / s.relpath) is None]
+
+
+def damaged_shards(out: Path, shards: Iterable[PlannedShard]) -> list[PlannedShard]:
+    """Those of `shards` that are done but whose tar no longer hashes to its sidecar's sha256 (a flipped byte, a
+    shard replaced by hand): what `encode --repair` writes again. It reads every done shard whole, so only --repair
+    calls it: an ordinary rerun trusts a sidecar whose size matches (`read_done`), a stat per shard."""
+    damaged = []
+    for shard in shards:
+        path = out / shard.relpath
+        record = read_done(path)
+        if record is None:
+            continue  # not done: any run writes it
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != record.get("sha256"):
+            damaged.append(shard)
+    return damaged
 
 
 def _share_markers(out: Path, plan: JobPlan, world_size: int) -> Path:

@@ -377,8 +377,9 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
             digest = hashlib.sha256(data).hexdigest()
             if digest != shard.sha256:
                 raise ShardFormatError(f"{shard.url}: sha256 {digest[:16]}..., the manifest lists "
-                                       f"{shard.sha256[:16]}...; the shard changed after it was written. Re-encode "
-                                       "it, or pass check_sha256=False if you changed it on purpose")
+                                       f"{shard.sha256[:16]}...; the shard changed after it was written. Rerun the "
+                                       "same `latentcache encode` with --repair to write it again, or pass "
+                                       "check_sha256=False if you changed it on purpose")
         stats = TarStats()
         for _ in iter_tar(data, shard.url, stats, sha256=False, members=False):
             pass
