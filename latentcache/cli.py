@@ -290,17 +290,32 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_export_musubi(args: argparse.Namespace) -> int:
-    from latentcache.tools.export_musubi import export_musubi
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
 
-    result = export_musubi(args.dir, args.to, dtype=args.dtype, seed=args.seed)
-    print(f"wrote {len(result.latents)} latent and {len(result.text)} text-encoder cache file(s) to {args.to}")
-    if result.stale_removed:
-        print(f"removed {len(result.stale_removed)} cache file(s) of an earlier export that this one does not hold, "
-              f"e.g. {result.stale_removed[0]}")
-    if result.latents and not result.text:
-        # musubi's dataset skips a latent without its text cache; its own script writes them under matching names
-        print("no prompt embeddings were cached: run musubi-tuner's text-encoder caching script on the same videos")
+    from latentcache.tools.export import run_export
+
+    with tqdm(unit="sample", desc=f"export {args.trainer}", disable=None) as bar:
+        def progress(n: int, total: int) -> None:
+            bar.total = total
+            bar.update(n)
+
+        result = run_export(args.trainer, args.dir, args.to, dry_run=args.dry_run, progress=progress,
+                            arch=args.arch, dtype=args.dtype, seed=args.seed)
+    if result.dry_run:
+        for name in result.written:
+            print(f"would write {result.target / name}")
+        for name in result.removed:
+            print(f"would remove {result.target / name} (an earlier export's, not written again)")
+    print(f"{'would write' if result.dry_run else 'wrote'} {len(result.written)} file(s) to {result.target}"
+          f"{f', {len(result.unchanged)} already there unchanged' if result.unchanged else ''}")
+    if result.removed:
+        print(f"{'would remove' if result.dry_run else 'removed'} {len(result.removed)} file(s) an earlier export "
+              f"wrote there and this one does not hold, e.g. {result.removed[0]}")
+    if result.kept:
+        print(f"kept {len(result.kept)} file(s) already there that latentcache did not write, e.g. {result.kept[0]}")
+    for note in result.notes:
+        print(f"next: {note}")
     return EXIT_OK
 
 
@@ -367,18 +382,23 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_check_config)
-    export = sub.add_parser("export", help="write another trainer's cache files from a latentcache output")
-    p = export.add_subparsers(dest="trainer", required=True).add_parser(
-        "musubi", help="musubi-tuner latent (and Wan T5) cache files: Wan 2.1 and HunyuanVideo")
+    p = sub.add_parser("export", formatter_class=HelpFormatter,
+                       help="write another trainer's cache files from a latentcache output",
+                       description="latentcache export TRAINER OUT --to DIR: TRAINER is musubi (more in "
+                       "docs/trainer.md); an unknown one is answered with the list of those supported")
+    p.add_argument("trainer", help="the trainer whose cache files to write: musubi")
     p.add_argument("dir", type=path_or_url, help="latentcache output directory")
-    p.add_argument("--to", type=Path, required=True, help="musubi-tuner cache_directory to write into")
+    p.add_argument("--to", type=Path, required=True, help="the folder to write the trainer's files into")
+    p.add_argument("--arch", default=None,
+                   help="musubi: wan, hv, hv15 or k5 (default: from the output's VAE family; k5 is Kandinsky 5, "
+                   "which uses the HunyuanVideo VAE)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="latent dtype (default: musubi's own caching default, bfloat16 for Wan, float16 for "
-                        "HunyuanVideo)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the HunyuanVideo posterior sample (musubi caches a sample; default 0)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_cmd_export_musubi)
+                   help="musubi: latent dtype (default: musubi's own caching default for the architecture)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="musubi hv, k5: seed of the posterior sample their caches hold (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be written and removed; write nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
+    p.set_defaults(func=_cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
