@@ -116,6 +116,9 @@ class VAEFamily:
     # How the family's pipeline embeds prompts (`--text-encoder`); None with `text_unsupported` saying why.
     text_recipe: TextRecipe | None = None
     text_unsupported: str = "latentcache has no text recipe for it yet"
+    # False where diffusers' encode fails on a batch of more than one clip: VideoVAE.encode then calls it one clip at
+    # a time (the same latents, one call per clip), whatever --batch-size says.
+    batchable: bool = True
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -312,6 +315,10 @@ FAMILIES: dict[str, VAEFamily] = {
         tiny_config=dict(block_out_channels=(16, 16, 32, 32, 64), layers_per_block=1),
         spec_from_model=_hunyuan15_spec,
         tiling=SINGLE_OVERLAP_TILING,
+        # Its mid-block attention (in the released VAE too) expands a [B, N, N] causal mask that
+        # scaled_dot_product_attention broadcasts against [B, 1, N, C] queries as [B, B, N, N]: any batch > 1
+        # raises (diffusers 0.42), so latentcache encodes its clips one at a time.
+        batchable=False,
         transformer_class="HunyuanVideo15Transformer3DModel",
         text_unsupported="HunyuanVideo 1.5 conditions on a Qwen2.5-VL with a prompt template plus a ByT5 glyph "
         "encoder, which latentcache does not cache yet",

@@ -268,8 +268,10 @@ class VideoVAE:
             # grey (not representable in uint8, hence built here).
             b, c, _, h, w = x.shape
             x = torch.cat([x, x.new_zeros(b, c, frames - 1, h, w)], dim=2)
-        posterior = self.model.encode(x).latent_dist
-        return posterior.parameters
+        if len(x) > 1 and not family_of(self.spec.family).batchable:
+            # The family record says diffusers' encode cannot take a batch: one clip per call.
+            return torch.cat([self.model.encode(one).latent_dist.parameters for one in x.split(1)])
+        return self.model.encode(x).latent_dist.parameters
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
