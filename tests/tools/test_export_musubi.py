@@ -274,3 +274,54 @@ def test_two_videos_of_one_name_are_refused_not_overwritten(tmp_path):
                                                   r"written by another sample"):
         export_musubi(out, tmp_path / "cache")
 
+
+
+@pytest.mark.parametrize(("family", "arch"), [("hunyuanvideo15", "hv15"), ("hunyuanvideo", "k5")])
+def test_hunyuan15_and_kandinsky5_match_musubis_writers_and_are_read_by_its_dataset(musubi, videos, tmp_path,
+                                                                                     family, arch):
+    """HunyuanVideo 1.5 (hv_1_5_cache_latents.py: `vae.encode(x)[0].mode()`, unscaled, fp16) and Kandinsky 5
+    (kandinsky5_cache_latents.py: the HunyuanVideo VAE's `latent_dist.sample() * scaling_factor`, fp16, plus
+    `latents_image` = its first and last latent frames): the files equal what musubi's own cache_io writers write for
+    those tensors, and its VideoDataset reads them (with its own text caches beside them)."""
+    # diffusers' HunyuanVideo 1.5 VAE mis-broadcasts its attention mask for more than one clip per call
+    out = _encode(videos, tmp_path / "out", family, "--batch-size", "1")
+    cache = tmp_path / "cache"
+    assert main(["export", "musubi", str(out), "--to", str(cache), "--arch", arch]) == 0
+    spec = json.loads((out / "manifest.json").read_text())["latent_spec"]
+    reference = tmp_path / "reference"
+    for source, sample in _samples(out).items():
+        meta, stem = sample["meta"], Path(source).stem
+        item = musubi.dataset.ItemInfo(f"{videos}/{stem}_00000-013.mp4", "", (meta["source_width"],
+                                       meta["source_height"]), frame_count=13)
+        item.latent_cache_path = musubi.dataset.BaseDataset(cache_directory=str(reference), architecture=arch
+                                                            ).get_latent_cache_path(item)
+        ours = cache / Path(item.latent_cache_path).name
+        with safe_open(str(ours), "pt") as f:
+            exported = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        (key,) = [k for k in exported if not k.startswith("latents_image")]
+        latent = exported[key]
+        if arch == "hv15":
+            torch.testing.assert_close(latent, sample["mean"].to(torch.float16), rtol=0, atol=0)
+            musubi.cache_io.save_latent_cache_hunyuan_video_1_5(item, sample["mean"].to(torch.float16), None, None)
+        else:
+            # a posterior sample, scaled: (latent / scaling_factor - mean) / std is standard normal noise
+            z = (latent.float() / spec["scaling_factor"] - sample["mean"].float()) / torch.exp(
+                0.5 * sample["logvar"].float())
+            assert latent.dtype == torch.float16 and 0.5 < z.std().item() < 1.5 and abs(z.mean().item()) < 0.3
+            image = torch.cat([latent[:, :1], latent[:, -1:]], dim=1)
+            musubi.cache_io.save_latent_cache_kandinsky5(item, latent, image_latent=image)
+        assert _header(ours) == _header(Path(item.latent_cache_path))
+        with safe_open(item.latent_cache_path, "pt") as f:
+            for k in f.keys():  # noqa: SIM118
+                torch.testing.assert_close(f.get_tensor(k), exported[k], rtol=0, atol=0)
+        te = musubi.dataset.ItemInfo(stem, "a caption", (96, 64))
+        te.text_encoder_output_cache_path = str(cache / f"{stem}_{arch}_te.safetensors")
+        if arch == "hv15":
+            musubi.cache_io.save_text_encoder_output_cache_hunyuan_video_1_5(te, torch.zeros(5, 8), torch.zeros(3, 4))
+        else:
+            musubi.cache_io.save_text_encoder_output_cache_kandinsky5(te, torch.zeros(5, 8), torch.zeros(8),
+                                                                      torch.ones(5, dtype=torch.bool))
+    batches = _read_with_musubi(musubi, cache, videos, arch)
+    assert len(batches) == 2 and all(b["latents"].dtype == torch.float16 for b in batches)
+    assert sorted(tuple(b["latents"].shape) for b in batches) == sorted(
+        (1, *s["mean"].shape) for s in _samples(out).values())
