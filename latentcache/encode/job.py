@@ -101,6 +101,9 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if not world.is_main:
         plan = chunks.read_job_plan(out)
     rank, world_size = world.rank, world.world_size
+    # Chunks this run plans (probes) itself: their refused inputs are this run's work; read-back ones were counted
+    # by the run that planned them.
+    fresh = [not (out / ref.plan_name).is_file() for ref in chunks.chunks_for_rank(plan, rank, world_size)]
     # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that its
     # inputs did not change since).
     chunk_plans, failed = _on_every_rank(world, lambda: pipeline.plan_chunks(
@@ -128,8 +131,9 @@ def run(settings: JobSettings, world: World = World()) -> int:
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
                                texts=texts, chunk_plans=chunk_plans, runtime=runtime, redo=redo)
-    # This rank's share: its chunks' inputs refused at planning and its clips refused at decode or encode.
-    clips = tally([*(r for chunk in chunk_plans for r in chunk.rejected), *summary.failures])
+    # This run's work on this rank's share: inputs refused by the planning it did, clips refused at decode or encode.
+    clips = tally([*(r for chunk, new in zip(chunk_plans, fresh, strict=True) if new for r in chunk.rejected),
+                   *summary.failures])
     print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
           f"({summary.shards_redone} left unfinished by an earlier run"
           f"{f', {summary.shards_repaired} repaired' if settings.repair else ''}), "
@@ -143,7 +147,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     world.barrier()
     if not world.is_main:
         return EXIT_OK
-    print_job_summary(totals, time.perf_counter() - started)
+    print_job_summary(totals, time.perf_counter() - started, device_words(vae.device))
     waiting = share_markers.first_share_pending(out, plan, world_size)
     if waiting is not None:
         print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
@@ -186,22 +190,40 @@ def print_dry_run(settings: JobSettings, world: World) -> int:
     return EXIT_OK
 
 
-def print_job_summary(totals: list[float], wall_seconds: float) -> None:
-    """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's)."""
+def device_words(device: Any) -> str:
+    """`cpu`, or `cuda (NVIDIA H100 80GB HBM3)`: what the job summary says the processes ran on."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(getattr(device, "type", device))
+
+
+def print_job_summary(totals: list[float], wall_seconds: float, where: str = "") -> None:
+    """Totals over the processes that ran together (one SLURM array task's, or the whole accelerate job's); `where`:
+    the main process's device kind (every process of a launch runs on the same kind)."""
     processes, clips, skipped, failed, shards, redone, busy_seconds = totals
     # Device-hours as billed: every process holds its device for the whole wall time, busy or waiting.
     print(f"[job] {int(clips)} clips encoded into {int(shards)} shard(s) ({int(redone)} redone after an "
-          f"interruption) by {int(processes)} process(es), {int(skipped)} skipped, {int(failed)} failed; "
+          f"interruption) by {int(processes)} process(es){' on ' + where if where else ''}, {int(skipped)} skipped, "
+          f"{int(failed)} failed; "
           f"{wall_seconds:.1f}s wall, "
           f"{clips / wall_seconds if wall_seconds else 0.0:.2f} clips/s, "
           f"{processes * wall_seconds / 3600:.4f} device-hours ({busy_seconds / 3600:.4f} encoding)")
 
 
 def report_finalize(out: Path) -> int:
-    """Finalize and print the run's outcome. Skips (a policy, e.g. too short) are reported but are not failures."""
+    """Finalize and print the output's outcome. Skips (a policy, e.g. too short) are reported but are not failures.
+
+    The exit status (docs/encoding.md#exit-codes): 4 while the output holds no sample; else 3 when finalizing
+    records a failure that the output's failures.jsonl did not hold before (one no finished run reported yet: this
+    run's, or a killed run's it resumed), else 0. So a rerun of a finished job, which adds nothing, exits 0 however
+    many inputs failed earlier, and a run that finishes a job with failures exits 3 exactly once per failure."""
     from latentcache.encode.pipeline import finalize_with_outcome
 
+    reported = _reported_failures(out)
     manifest, outcome = finalize_with_outcome(out)
+    new_failures = _new_failures(out, reported)
     counts, counted = manifest["counts"], outcome["tally"]
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "

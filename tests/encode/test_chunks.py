@@ -121,7 +121,7 @@ def test_four_ranks_one_after_another_each_probe_a_quarter(small_videos: Path, e
     # A rerun of one rank probes nothing: its chunk plan is on disk.
     before = len(probes)
     assert encode_job(_args(small_videos, out, "--chunk-size", "2", "--batch-size", "1"), rank=2,
-                      world_size=4) == EXIT_SOME_FAILED
+                      world_size=4) == 0  # the broken input was reported by the run that finished the job
     assert len(probes) == before
 
 

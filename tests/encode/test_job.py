@@ -56,3 +56,34 @@ def test_the_cli_builds_every_setting_the_job_reads(tmp_path):
     assert s.encode.clip.images and s.encode.vae.family == "wan"
     assert s.runtime == RuntimeSettings(device="cpu", batch_size=None, workers=0, compile=False, nvdec=True,
                                         strict=True)
+
+
+def test_exit_3_reports_failures_once_and_a_rerun_that_adds_none_exits_0(small_videos, tmp_path, capsys):
+    """A failed input makes the run that records it exit 3; a no-op rerun (its summary: 0 failed) exits 0, and an
+    append that brings a new failed input exits 3 again: the status says what this run added to failures.jsonl."""
+    import shutil
+
+    from conftest import ENCODE_SMALL
+
+    from latentcache.cli import main
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    shutil.copy(small_videos / "broken.mp4", videos)
+    out = tmp_path / "out"
+
+    def encode() -> int:
+        return main(["encode", str(videos), "--out", str(out), "--device", "cpu", *ENCODE_SMALL])
+
+    assert encode() == job.EXIT_SOME_FAILED
+    assert "1 failed input(s) or clip(s) new in failures.jsonl (exit status 3)" in capsys.readouterr().out
+    assert encode() == job.EXIT_OK
+    printed = capsys.readouterr().out
+    assert "0 skipped, 0 failed" in printed  # the [job] line: this run's work
+    assert "its 1 failed input(s) or clip(s) were reported by an earlier run; this run added none" in printed
+    (videos / "broken2.mp4").write_bytes(b"not a video either")
+    assert encode() == job.EXIT_SOME_FAILED
+    assert "1 failed input(s) or clip(s) new" in capsys.readouterr().out
+    assert read_manifest(out)["counts"]["failed"] == 2
+    assert encode() == job.EXIT_OK

@@ -237,8 +237,10 @@ def test_finished_directory_is_not_encoded_again(small_videos: Path, encoded_ref
         raise AssertionError("a finished directory was encoded again")
 
     monkeypatch.setattr(VideoVAE, "encode", no_encoding)
-    assert main(_cli_args(small_videos, out)) == 3  # 3: the broken input is still a failure
+    # 0: the broken input is still a failure, but the run that recorded it reported it; this one added nothing.
+    assert main(_cli_args(small_videos, out)) == 0
     printed = capsys.readouterr().out
+    assert "were reported by an earlier run; this run added none" in printed
     assert f"all {SMALL_VIDEOS} shard(s) are already done; nothing to encode" in printed
     assert "0 clips in 0 shard(s) written" in printed
     assert tree_bytes(out) == tree_bytes(encoded_reference)
