@@ -41,7 +41,8 @@ ENCODE_DESCRIPTION = (
     "and write webdataset shards of latents, a manifest and failures.jsonl into --out. Rerun the same command to "
     "resume after any interruption, or with more inputs to add them; --dry-run shows what a run would do first.")
 EXIT_CODES = ("exit codes: 0 done; 2 a usage or settings error (nothing encoded); 3 done, but some inputs failed "
-              "(see failures.jsonl); 4 done, but no sample was written (the reason is printed); 1 a crash (a bug)")
+              "(see failures.jsonl), reported once: a rerun that adds no failure exits 0; 4 done, but no sample was "
+              "written (the reason is printed); 1 a crash (a bug)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -77,6 +78,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="spatial tiling in pixels, e.g. 256,384,0.25 (validated against the VAE)")
     g.add_argument("--frame-chunk", type=int, default=None, help="frames per encoder step (temporal chunking)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (the launcher's GPU, else the CPU)")
+    g.add_argument("--processes", type=_positive, default=None, metavar="N",
+                   help="encode processes on this machine (default: one per visible GPU, CUDA_VISIBLE_DEVICES "
+                   "choosing them; 1 on a CPU), each on its own device with its share of the shards, as under "
+                   "`accelerate launch` (docs/distributed.md); ignored by jobs/encode.py, where the launcher decides")
     g.add_argument("--batch-size", type=_batch_size, default=None,
                    help="clips per VAE call, or 'auto' (default): from the clip size and the GPU's memory (on a CPU, "
                    "its RAM), the same on every run on the same machine")
@@ -120,8 +125,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="clips per shard tar (each shard holds one bucket)")
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="inputs per planning chunk: each rank probes only its chunks, and each chunk's clips make its "
-                   "own shards (default: inputs/256, at most 1000; fixed once planned, new inputs use the value "
-                   "given when they are added)")
+                   "own shards (default: from the input count and the process count, at most 1000: docs/distributed.md; "
+                   "fixed once planned, new inputs use the value given when they are added). Batches and shards never "
+                   "cross a chunk: fresh runs with other process counts write the same bytes with the same N")
     t = p.add_argument_group("captions")
     t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
                    help="cache prompt embeddings of each caption with this pipeline's text encoder (e.g. the "
@@ -246,9 +252,23 @@ def _frame_bucket_list(text: str) -> tuple[int, ...]:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from latentcache.encode import job
+    from latentcache.encode import job, launch
 
-    return job.run(settings_from_args(args))
+    settings = settings_from_args(args)
+    if launch.is_child():  # one of the processes a plain `latentcache encode` started below
+        world = launch.child_world(settings.runtime.device, settings.runtime.cpu_threads)
+        try:
+            return job.run(settings, world)
+        finally:
+            launch.close()
+    multi = args.device in ("auto", "cuda") and args.processes is None
+    processes = 1 if settings.dry_run else launch.process_count(
+        args.processes, args.device, launch.visible_accelerators() if multi else 0)
+    if processes == 1:
+        return job.run(settings)
+    job.check_before_loading(settings)  # refused once here, not once per process
+    print(f"launching {processes} encode processes on this machine (--processes to choose)")
+    return launch.launch(args.argv, processes)
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
@@ -425,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `encode` passes on to the processes it launches
     configure_logging(args.verbose)
     return guarded(lambda: args.func(args))
 

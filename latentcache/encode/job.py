@@ -233,7 +233,29 @@ def report_finalize(out: Path) -> int:
         why = nothing_written_hint(counted, outcome["clip"], outcome["videos"])
         print(f"error: {out}: no sample was written. {why}", file=sys.stderr)
         return EXIT_NO_SAMPLES
-    return EXIT_SOME_FAILED if counted.failed else EXIT_OK
+    if counted.failed_total and not new_failures:
+        print(f"{out}: its {counted.failed_total} failed input(s) or clip(s) were reported by an earlier run; this run "
+              "added none (exit status 0)")
+    elif new_failures:
+        print(f"{out}: {new_failures} failed input(s) or clip(s) new in failures.jsonl (exit status 3)")
+    return EXIT_SOME_FAILED if new_failures else EXIT_OK
+
+
+def _reported_failures(out: Path) -> set[str] | None:
+    """The records of failures.jsonl as a finished run left them, or None when no run finished (no manifest: a
+    first run, a killed one, or one whose finalize died before the manifest, written after failures.jsonl)."""
+    path = out / "failures.jsonl"
+    if not ((out / "manifest.json").is_file() and path.is_file()):
+        return None
+    return set(path.read_text(encoding="utf-8").splitlines())
+
+
+def _new_failures(out: Path, reported: set[str] | None) -> int:
+    """Failed (not skipped) records in failures.jsonl now that were not in `reported`."""
+    import json
+
+    lines = (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()
+    return tally(json.loads(line) for line in lines if reported is None or line not in reported).failed_total
 
 
 def nothing_written_hint(counted: Tally, clip: dict[str, Any], inputs: int) -> str:

@@ -84,6 +84,39 @@ def test_one_plain_process_writes_the_same_bytes(small_videos: Path, encoded_ref
     assert tree_bytes(out) == tree_bytes(encoded_reference)
 
 
+@pytest.mark.slow
+def test_plain_encode_with_two_processes_writes_the_same_bytes(small_videos: Path, encoded_reference: Path,
+                                                               tmp_path: Path, capsys) -> None:
+    """`latentcache encode --processes 2`: two real CPU processes launched by the command itself (as it does with
+    one per GPU by default) write what `accelerate launch` and one process write, byte for byte, and say how many
+    ran on what."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "latentcache.cli", "encode", str(small_videos), "--out", str(out), *ENCODE_SMALL,
+           "--processes", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr  # 3: broken.mp4, reported by the run that finalized
+    assert "launching 2 encode processes" in done.stdout
+    assert "[rank 0]" in done.stdout and "[rank 1]" in done.stdout
+    assert "by 2 process(es) on cpu" in done.stdout
+    assert tree_bytes(out) == tree_bytes(encoded_reference)
+    # A rerun with another process count finds everything done, and keeps the bytes.
+    done = subprocess.run(cmd[:-1] + ["1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tree_bytes(out) == tree_bytes(encoded_reference)
+
+
+def test_process_count_defaults_to_one_per_visible_accelerator() -> None:
+    from latentcache.encode.launch import process_count
+
+    assert process_count(None, "auto", accelerators=0) == 1  # a CPU machine
+    assert process_count(None, "auto", accelerators=4) == 4
+    assert process_count(None, "cuda", accelerators=2) == 2
+    assert process_count(None, "cuda:1", accelerators=4) == 1  # a named device is one device
+    assert process_count(None, "cpu", accelerators=4) == 1
+    assert process_count(3, "cpu", accelerators=0) == 3
+
+
 def test_array_mapping_covers_every_shard_once() -> None:
     entry = _entry_module()
     plan = JobPlan("f", {}, {}, [Part(0, 13, "0" * 64, 1, [(i, 1, "0" * 64) for i in range(13)])])  # 13 chunks
