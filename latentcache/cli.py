@@ -125,9 +125,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="clips per shard tar (each shard holds one bucket)")
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="inputs per planning chunk: each rank probes only its chunks, and each chunk's clips make its "
-                   "own shards (default: from the input count and the process count, at most 1000: docs/distributed.md; "
-                   "fixed once planned, new inputs use the value given when they are added). Batches and shards never "
-                   "cross a chunk: fresh runs with other process counts write the same bytes with the same N")
+                   "own shards (default: from the input count and the process count, at most 1000: "
+                   "docs/distributed.md; fixed once planned, new inputs use the value given when they are added). "
+                   "Batches and shards never cross a chunk: fresh runs with other process counts write the same "
+                   "bytes with the same N")
     t = p.add_argument_group("captions")
     t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
                    help="cache prompt embeddings of each caption with this pipeline's text encoder (e.g. the "
