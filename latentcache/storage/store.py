@@ -114,21 +114,29 @@ def url_size(url: str) -> int:
     return int(info["size"])
 
 
-def read_url(url: str, limit: int | None = None) -> bytes:
-    """The whole object (at most limit + 1 bytes, so a caller can tell "more than limit"), in one GET."""
+def read_url(url: str, limit: int | None = None, *, size: int | None = None) -> bytes:
+    """The whole object (at most limit + 1 bytes, so a caller can tell "more than limit").
+
+    With a limit, every request is bounded by what storage says the object holds (one HEAD, unless the caller
+    passes the `size` it just asked for), never by the limit alone: a limit read from a stranger's file (a
+    manifest claiming 2**40 bytes for a 0.5 MB shard) must cost the requests the real object needs, not 131,072
+    ranged GETs or a list of 2**37 part offsets."""
     fs, path = filesystem(url)
     if limit is None:
         return fs.cat_file(path)
-    if limit + 1 > 2 * PART_SIZE:
+    want = min(url_size(url) if size is None else size, limit + 1)
+    if want <= 0:
+        return b""
+    if want > 2 * PART_SIZE:
         # A shard of many MB: parts fetched concurrently (one connection to S3 gives ~100 MB/s, several give more).
-        starts = list(range(0, limit + 1, PART_SIZE))
-        ends = [min(s + PART_SIZE, limit + 1) for s in starts]
+        starts = list(range(0, want, PART_SIZE))
+        ends = [min(s + PART_SIZE, want) for s in starts]
         try:
             parts = fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
             return b"".join(parts)
         except (OSError, ValueError):
-            pass  # an object shorter than a part's start (not what the manifest says): one GET tells how long
-    return fs.cat_file(path, start=0, end=limit + 1)
+            pass  # the object shrank since the HEAD (replaced mid-read): one GET tells how long it is now
+    return fs.cat_file(path, start=0, end=want)
 
 
 def join(url: str, *parts: str) -> str:

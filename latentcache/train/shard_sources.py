@@ -314,8 +314,18 @@ def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
         if problem:
             raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
                                    "refused")
-    if store.in_object_store(shard.url):
-        return _read_object(shard.url, limit)
+    try:
+        if store.in_object_store(shard.url):
+            return _read_object(shard.url, limit)
+        return _read_stream(shard, limit, buffer)
+    except FileNotFoundError:
+        where = f"of {shard.root}/manifest.json" if shard.root is not None else "named by the manifest"
+        raise ShardFormatError(f"{shard.url}: shard {shard.path!r} {where} is missing from storage; the dataset "
+                               "is incomplete (copied in part?): copy the whole output, or run `latentcache verify` "
+                               "on it") from None
+
+
+def _read_stream(shard: ShardRef, limit: int, buffer: bytearray | None) -> memoryview:
     with open_url(shard.url) as stream:
         if _local_path(shard.url) is None:  # a remote stream: its size is known only once it ends
             data = _read_chunks(stream, limit + 1)
@@ -397,9 +407,14 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
 
 
 def _read_object(url: str, limit: int) -> memoryview:
-    """The whole shard from object storage, refused when larger than the manifest says (no byte past limit + 1 is
-    fetched). The next shards' reads are started early by `prefetched`, so this wait overlaps decoding."""
-    data = store.read_url(url, limit)
+    """The whole shard from object storage, refused when larger than the manifest says: storage's own size (one
+    HEAD) is checked first, and no request asks for more than it holds. The next shards' reads are started early
+    by `prefetched`, so this wait overlaps decoding."""
+    size = store.url_size(url)
+    if size > limit:
+        raise ShardFormatError(f"{url}: {size} bytes, the manifest lists {limit}; the shard was replaced or "
+                               "appended to. Run `latentcache verify` and re-encode it")
+    data = store.read_url(url, limit, size=size)
     if len(data) > limit:
         raise ShardFormatError(f"{url}: more than the {limit} bytes the manifest lists; the shard was "
                                "replaced or appended to. Run `latentcache verify` and re-encode it")

@@ -76,7 +76,7 @@ def test_checksum_missing_shard_and_count(damaged: Path, capsys) -> None:
     text = "\n".join(report.problems)
     names = [s["path"] for s in manifest["shards"]]
     assert f"{names[0]}: sha256" in text
-    assert f"{names[1]}: cannot read" in text
+    assert f"{names[1]}: shard '{names[1]}' of {damaged}/manifest.json is missing from storage" in text
     assert f"{names[2]}: 2 samples, the manifest lists 5" in text
     assert "counts.samples is 8, its shards list 11" in text
     assert main(["verify", str(damaged)]) == 3
