@@ -16,6 +16,8 @@ EXPORTS = {
     "musubi": ("latentcache.tools.export_musubi", "export_musubi", ("arch", "dtype", "seed"),
                "musubi-tuner's latent (and Wan T5) cache files: Wan 2.1/2.2 A14B, HunyuanVideo, HunyuanVideo 1.5, "
                "Kandinsky 5"),
+    "ltx2": ("latentcache.tools.export_ltx2", "export_ltx2", (),
+             "the LTX-2 trainer's .precomputed/latents/*.pt and the dataset file its process_captions.py reads"),
 }
 # Trainers people ask for whose cache latentcache does not write, and why (docs/trainer.md "Per trainer").
 NOT_EXPORTED = {
