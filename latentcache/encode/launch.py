@@ -66,17 +66,24 @@ def launch(argv: Sequence[str], processes: int) -> int:
     """Run `latentcache <argv>` in `processes` processes on this machine; the main (rank 0) one's exit code, or 1
     when any process crashed."""
     port = _free_port()
-    children = []
-    for rank in range(processes):
-        env = {**os.environ, CHILD_ENV: "1", "RANK": str(rank), "WORLD_SIZE": str(processes),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        children.append(subprocess.Popen([sys.executable, "-m", "latentcache.cli", *argv], env=env))
+    children: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # a SLURM preemption: the processes below are stopped, then this one
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
+        for rank in range(processes):
+            env = {**os.environ, CHILD_ENV: "1", "RANK": str(rank), "WORLD_SIZE": str(processes),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            children.append(subprocess.Popen([sys.executable, "-m", "latentcache.cli", *argv], env=env))
         codes = _wait_all(children)
     except BaseException:
         _stop(children)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if any(c < 0 or c == EXIT_CRASH for c in codes):  # a bug's traceback, or a process killed by a signal
         return EXIT_CRASH
     return codes[0] or next((c for c in codes if c), 0)
