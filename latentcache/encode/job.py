@@ -12,6 +12,8 @@ exit code (the library modules it calls only log).
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -223,14 +225,17 @@ def report_finalize(out: Path) -> int:
 
     reported = _reported_failures(out)
     manifest, outcome = finalize_with_outcome(out)
-    new_failures = _new_failures(out, reported)
+    lines = (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()
+    new_failures = tally(json.loads(line) for line in lines if reported is None or line not in reported).failed_total
     counts, counted = manifest["counts"], outcome["tally"]
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
           f"{counts['samples']} written of {counts['planned_clips']} planned; {counted.describe()}"
           + (f" (details in {out / 'failures.jsonl'})" if counted.skipped or counted.failed else ""))
     if counts["samples"] == 0:
-        why = nothing_written_hint(counted, outcome["clip"], outcome["videos"])
+        why = nothing_written_hint(counted, outcome["clip"], outcome["videos"],
+                                   temporal_compression=manifest["latent_spec"].get("temporal_compression"),
+                                   longest=_longest_too_short(lines))
         print(f"error: {out}: no sample was written. {why}", file=sys.stderr)
         return EXIT_NO_SAMPLES
     if counted.failed_total and not new_failures:
@@ -250,28 +255,43 @@ def _reported_failures(out: Path) -> set[str] | None:
     return set(path.read_text(encoding="utf-8").splitlines())
 
 
-def _new_failures(out: Path, reported: set[str] | None) -> int:
-    """Failed (not skipped) records in failures.jsonl now that were not in `reported`."""
-    import json
+def _longest_too_short(lines: list[str]) -> float | None:
+    """The longest duration among the inputs skipped as too short (their records' `seconds`), None if none says."""
+    seconds = [r.get("seconds") for r in map(json.loads, lines) if r.get("reason") == "too short"]
+    known = [x for x in seconds if isinstance(x, int | float)]
+    return max(known) if known else None
 
-    lines = (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()
-    return tally(json.loads(line) for line in lines if reported is None or line not in reported).failed_total
 
-
-def nothing_written_hint(counted: Tally, clip: dict[str, Any], inputs: int) -> str:
+def nothing_written_hint(counted: Tally, clip: dict[str, Any], inputs: int, *,
+                         temporal_compression: int | None = None, longest: float | None = None) -> str:
     """Why an output holds no sample, and the flag that would change it: the most common skip or failure."""
     reasons = (counted.skipped + counted.failed).most_common(1)
     if not reasons:
         return f"{inputs} input(s) gave no clip to encode."
     reason, n = reasons[0]
     if reason == "too short" and counted.skipped[reason]:
-        frames, fps = clip.get("frames"), clip.get("fps")
-        need = f" ({(frames - 1) / fps:.1f} s)" if isinstance(frames, int) and isinstance(fps, int | float) else ""
-        who = f"All {inputs} input(s)" if n == inputs else f"{n} of {inputs} input(s)"
-        return (f"{who} are shorter than {frames} frames at {fps:g} fps"
-                f"{need}; try fewer --frames (e.g. 17), --frame-buckets 33,17, a lower --fps or --short pad.")
+        who = f"All {inputs} input(s) are" if n == inputs else f"{n} of {inputs} input(s) are"
+        return f"{who} {too_short_hint(clip, temporal_compression, longest)}"
     word = "skipped" if counted.skipped[reason] else "failed"
     return f"Most common: {n} {word}, {reason}; see failures.jsonl in the output for each input and why."
+
+
+def too_short_hint(clip: dict[str, Any], k: int | None, longest: float | None) -> str:
+    """'shorter than ...; try ...', with numbers that fit: the largest frame count of the VAE's frame rule (k*n+1)
+    that the longest skipped input holds, and the --fps from which the clip in use fits it (a clip of F frames
+    at R fps spans (F-1)/R seconds and fits a video strictly longer than that, as `plan.clip_starts` decides)."""
+    frames, fps = int(clip.get("frames") or 1), float(clip.get("fps") or 1.0)
+    smallest = min([frames, *(int(f) for f in clip.get("frame_buckets") or ())])
+    said = f"shorter than {smallest} frames at {fps:g} fps ({(smallest - 1) / fps:.1f} s)"
+    if longest is None or not k or longest <= 0:
+        return f"{said}; try fewer --frames or --frame-buckets, a higher --fps or --short pad."
+    n = math.ceil(longest * fps / k) - 1
+    faster = math.floor((smallest - 1) / longest) + 1
+    holds = (f"holds {k * n + 1} frames at {fps:g} fps ({k}k+1 for this VAE)" if n >= 1 else
+             f"holds no clip of this VAE's {k}k+1 frames at {fps:g} fps")
+    tries = [f"--frame-buckets {k * n + 1} (or --frames {k * n + 1})"] if n >= 1 else []
+    return (f"{said}; the longest is {longest:.2f} s and {holds}: try "
+            + ", ".join([*tries, f"--fps {faster}", "--short pad"]) + ".")
 
 
 def _on_every_rank(world: World, step: Callable[[], Any]) -> tuple[Any, bool]:

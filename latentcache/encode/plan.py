@@ -451,7 +451,10 @@ def make_plan(
             if strict and not e.skipped:
                 raise
             # A row's problem names the row (list file and row number), beside the video's path.
-            rejected.append(failure_record(e) | ({"row": video.origin} if video.origin else {}))
+            record = failure_record(e) | ({"row": video.origin} if video.origin else {})
+            if e.skipped and video.spans is None and isinstance(result, VideoInfo):
+                record["seconds"] = round(result.duration, 3)  # what a too-short skip's hint computes from
+            rejected.append(record)
             log.log(logging.INFO if e.skipped else logging.WARNING, "%s: %s", e.path, e.reason)
             continue
         for i, (bucket, start, k) in enumerate(placed):

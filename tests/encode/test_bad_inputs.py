@@ -208,7 +208,8 @@ def test_a_run_that_writes_no_sample_exits_4_saying_why(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == EXIT_NO_SAMPLES == 4, captured.out
     assert (f"error: {out}: no sample was written. All 2 input(s) are shorter than 49 frames at 8 fps (6.0 s); "
-            "try fewer --frames (e.g. 17), --frame-buckets 33,17") in captured.err
+            "the longest is 5.00 s and holds 37 frames at 8 fps (4k+1 for this VAE): try --frame-buckets 37 (or "
+            "--frames 37), --fps 10, --short pad.") in captured.err
     assert main(["verify", str(out)]) == EXIT_SOME_FAILED
     assert f"{out}: no samples" in capsys.readouterr().out
     with pytest.raises(ShardFormatError, match="no samples"):
@@ -457,3 +458,25 @@ def test_a_frame_over_the_limit_met_while_decoding_is_refused(tmp_path, monkeypa
     with pytest.raises(InputError, match=r"a frame is 192x128: 0 megapixels a frame, over the 0-megapixel limit") as e:
         decode_clip(video, 0.0, TINY_CLIP)
     assert e.value.stage == "decode"
+
+
+def test_the_exit_4_hint_is_computed_from_the_inputs_and_the_frame_rule(tmp_path, capsys):
+    """A 2 s video at --frames 17 or 49 (8 fps): the hint names 13 frames (4k+1, spans 1.5 s) and --fps 9 or 25,
+    never the value in use; and what it suggests does write a sample."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_video(d / "short_2s", codec="h264", num_frames=16, fps=8, height=64, width=96)
+
+    def encode(out: str, *extra: str) -> int:
+        return main(["encode", str(d), "--out", str(tmp_path / out), "--vae", "tiny-random-cogvideox", "--height",
+                     "64", "--width", "96", "--workers", "0", "--device", "cpu", *extra])
+
+    for frames, fps in (("17", 9), ("49", 25)):
+        assert encode(f"out{frames}", "--frames", frames) == EXIT_NO_SAMPLES
+        err = capsys.readouterr().err
+        assert (f"shorter than {frames} frames at 8 fps; ".replace("; ", f" ({(int(frames) - 1) / 8:.1f} s); ")
+                + "the longest is 2.00 s and holds 13 frames at 8 fps (4k+1 for this VAE): try --frame-buckets 13 "
+                f"(or --frames 13), --fps {fps}, --short pad.") in err, err
+    assert encode("out13", "--frames", "13") == 0
+    assert encode("fps9", "--frames", "17", "--fps", "9") == 0
+    assert encode("buckets", "--frames", "49", "--frame-buckets", "13") == 0
