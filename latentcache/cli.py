@@ -405,9 +405,9 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check_config)
     p = sub.add_parser("export", formatter_class=HelpFormatter,
                        help="write another trainer's cache files from a latentcache output",
-                       description="latentcache export TRAINER OUT --to DIR: TRAINER is musubi or ltx2 (more in "
-                       "docs/trainer.md); an unknown one is answered with the list of those supported")
-    p.add_argument("trainer", help="the trainer whose cache files to write: musubi or ltx2")
+                       description="latentcache export TRAINER OUT --to DIR: TRAINER is musubi, ltx2 or fastvideo "
+                       "(docs/trainer.md); an unknown one is answered with the list of those supported")
+    p.add_argument("trainer", help="the trainer whose cache files to write: musubi, ltx2 or fastvideo")
     p.add_argument("dir", type=path_or_url, help="latentcache output directory")
     p.add_argument("--to", type=Path, required=True, help="the folder to write the trainer's files into")
     p.add_argument("--arch", default=None,

@@ -18,6 +18,8 @@ EXPORTS = {
                "Kandinsky 5"),
     "ltx2": ("latentcache.tools.export_ltx2", "export_ltx2", (),
              "the LTX-2 trainer's .precomputed/latents/*.pt and the dataset file its process_captions.py reads"),
+    "fastvideo": ("latentcache.tools.export_fastvideo", "export_fastvideo", (),
+                  "FastVideo's training_dataset/ zstd Parquet rows (Wan, with cached UMT5 prompt embeddings)"),
 }
 # Trainers people ask for whose cache latentcache does not write, and why (docs/trainer.md "Per trainer").
 NOT_EXPORTED = {
