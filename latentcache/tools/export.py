@@ -23,6 +23,9 @@ EXPORTS = {
 }
 # Trainers people ask for whose cache latentcache does not write, and why (docs/trainer.md "Per trainer").
 NOT_EXPORTED = {
+    "ai-toolkit": "its cache file is named by an md5 of its own bucketing (scale and crop) and frame settings, and "
+                  "by default its frames are spread over the whole video (or start at a random frame), which a "
+                  "latentcache clip does not match; docs/trainer.md has the evidence",
     "diffusion-pipe": "it caches into torch.save'd shards indexed by an SQLite table whose fingerprint hashes its own "
                       "dataset and caching function; a cache written from outside is cleared",
     "finetrainers": "its precomputed files hold whatever each model specification's processors return, per model",

@@ -224,3 +224,10 @@ def test_unknown_trainer_or_architecture_lists_what_is_supported(wan, tmp_path, 
     assert main(["export", "musubi", str(wan), "--to", str(tmp_path / "c"), "--arch", "hv"]) == 2
     assert "musubi-tuner's hunyuan_video cache holds hunyuanvideo VAE latents" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_ai_toolkit_is_answered_with_why_not(wan, tmp_path, capsys):
+    assert main(["export", "ai-toolkit", str(wan), "--to", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "its cache file is named by an md5 of its own bucketing" in err and "Supported: musubi:" in err
+    assert "ltx2:" in err and "fastvideo:" in err
