@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode import decode
+from latentcache.encode import decode, reencode
 from latentcache.encode.input_stats import Change, Stat, _compare_all, changed_error, input_stats
 from latentcache.encode.inputs import duplicate_error, warn_duplicate
 from latentcache.encode.plan import InputVideo, Plan, PlannedClip, PlannedShard, clip_key, input_id, make_plan
@@ -50,7 +50,7 @@ from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.buckets import Bucket
-from latentcache.format.shards import _tmp_name, remove_temporaries, sidecar_path, write_text_atomic
+from latentcache.format.shards import _tmp_name, write_text_atomic
 from latentcache.storage import store
 
 log = logging.getLogger(__name__)
@@ -517,7 +517,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
             items.extend(zip((v.path for v in read_chunk_inputs(out, ref)), stats, strict=True))
     results = iter(_compare_all(items, workers))
     changes: list[Change] = []
-    redo: set[int] = set()
+    redo: dict[int, list[tuple[Change | None, Stat]]] = {}
     refresh: list[tuple[ChunkRef, Plan, list[Stat]]] = []
     for ref, chunk, stats in found:
         if chunk is None or stats is None:
@@ -526,7 +526,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
         mine = [c for c, _ in now if c is not None]
         if mine:
             changes.extend(mine)
-            redo.add(ref.index)
+            redo[ref.index] = now
         elif any(new is not old for (_, new), old in zip(now, stats, strict=True)):
             refresh.append((ref, chunk, [new for _, new in now]))
     if changes and not reencode_changed:
@@ -541,24 +541,25 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
     plans = []
     for ref, chunk, _ in found:
         if chunk is not None and ref.index in redo:
-            discard_chunk(out, ref, chunk)
-            chunk = None
+            chunk = _reencode(out, plan, ref, settings, chunk, redo[ref.index], probe_fn=probe_fn, strict=strict)
         plans.append(chunk if chunk is not None else
                      _make_and_write(out, plan, ref, settings, probe_fn=probe_fn, strict=strict))
     return plans
 
 
-def discard_chunk(out: Path, ref: ChunkRef, chunk: Plan) -> None:
-    """Remove a chunk's shards, then its plan: sidecars first (a shard is done while its sidecar exists), so a kill
-    anywhere in here leaves shards a rerun writes again, and the chunk plan last, so a rerun still knows them."""
-    for shard in chunk.shards:
-        path = out / shard.relpath
-        sidecar_path(path).unlink(missing_ok=True)
-    for shard in chunk.shards:
-        path = out / shard.relpath
-        remove_temporaries(path)
-        path.unlink(missing_ok=True)
-    (out / ref.plan_name).unlink(missing_ok=True)
+def _reencode(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, chunk: Plan,
+              now: list[tuple[Change | None, Stat]], *, probe_fn: Callable[[str], decode.VideoInfo] | None,
+              strict: bool) -> Plan:
+    """Only the changed inputs of the chunk planned and encoded again; the others' samples kept (`reencode`)."""
+    inputs = read_chunk_inputs(out, ref)
+    changed = {c.path for c, _ in now if c is not None}
+    stats = reencode.changed_stats(inputs, [s for _, s in now], changed)
+    new = reencode.replan(chunk, (ref.part, ref.chunk), inputs, changed, settings, probe_fn=probe_fn, strict=strict)
+
+    def write(p: Plan, stats: list[Stat]) -> None:
+        write_text_atomic(out / ref.plan_name, chunk_plan_json(plan, ref, p, stats))
+
+    return reencode.reencode_chunk(out, (ref.part, ref.chunk), chunk, new, stats, changed, write)
 
 
 def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> Plan:

@@ -127,6 +127,9 @@ def clear_outputs(out: Path, plan: JobPlan) -> None:
                 remove(path)
                 remove(sidecar_path(path))
                 folders.add(path.parent)
+            carry = chunk_file.with_name(chunk_file.stem + ".carry.tar")  # --reencode-changed's (reencode.py)
+            remove(sidecar_path(carry))
+            remove(carry)
         remove(chunk_file)
         folders.add(chunk_file.parent)
     for part in plan.parts:

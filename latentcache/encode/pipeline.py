@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from latentcache.encode import chunks, rerun_inputs
+from latentcache.encode import chunks, reencode, rerun_inputs
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
 from latentcache.encode.loader import ClipStream, default_workers
@@ -42,6 +42,7 @@ from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format.manifest import write_manifest
 from latentcache.format.outcomes import tally
 from latentcache.format.shards import (
+    CarriedSample,
     EncodedClip,
     pause_point,
     read_done,
@@ -388,10 +389,13 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
     windows = [(g, g.windows(batch_size)) for g in groups]
     by_key: dict[str, PlannedClip] = {}
+    carried: set[str] = set()  # clips of unchanged inputs kept by --reencode-changed: never decoded again
     for g in groups:
         by_key.update(g.chunk.clip_map())
+        carried |= reencode.carry_keys(out, g.chunk)
     # One stream over all of this rank's windows, so decode workers run ahead across shard and group boundaries.
-    decoded = iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w], settings.clip,
+    decoded = iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w if k not in carried],
+                              settings.clip,
                               workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check,
                               held=batch_size))
 
@@ -412,11 +416,14 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         software = software_record(vae.device, text_encoder=texts is not None, batch_size=batch_size)
         for group, group_windows in windows:
             shard_of = {k: s for s in group.shards if s.relpath in group.pending for k in s.keys}
-            results: dict[str, EncodedClip | InputError] = {}
+            results: dict[str, EncodedClip | InputError | reencode.Carried] = {}
+            results.update(reencode.read_carry(out, group.chunk, carried.intersection(shard_of)))
             left = [s for s in group.shards if s.relpath in group.pending]
             for window in group_windows:
                 batch: list[tuple[PlannedClip, Clip]] = []
                 for expected_key in window:
+                    if expected_key in carried:
+                        continue
                     p, result = next(decoded)
                     if p.key != expected_key:
                         raise RuntimeError(f"decode stream out of order: got {p.key}, expected {expected_key}")
@@ -437,13 +444,15 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
                             raise error  # type: ignore[misc]
                 on_clip(sum(1 for k in window if k in shard_of))
                 # Every shard whose clips are all encoded goes to the writer, in plan order.
-                while left and left[0].keys[-1] in results:
+                while left and all(k in results for k in left[0].keys):
                     shard = left.pop(0)
                     mine = [results.pop(k) for k in shard.keys]
-                    encoded = [r for r in mine if isinstance(r, EncodedClip)]
-                    failures = [failure_record(r) | {"key": k} for k, r in zip(shard.keys, mine, strict=True)
-                                if isinstance(r, InputError)]
+                    encoded = [r for r in mine if isinstance(r, EncodedClip | CarriedSample)]
+                    failures = [r if isinstance(r, dict) else failure_record(r) | {"key": k}
+                                for k, r in zip(shard.keys, mine, strict=True) if isinstance(r, InputError | dict)]
                     writer.submit(write(shard, encoded, failures))
+    for chunk in chunk_plans:
+        reencode.drop_carry(out, chunk)  # once its chunk is done (a rerun that finds nothing to do drops it too)
     summary.seconds = time.perf_counter() - started
     return summary
 

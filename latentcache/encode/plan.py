@@ -462,16 +462,22 @@ def make_plan(
             span = None if k is None else _span_bounds(video.spans[k], result)  # type: ignore[index]
             clips.append(PlannedClip(clip_key(ident, i), video.path, ident, i, start, bucket,
                                      caption if isinstance(caption, str) else None, span, k, video.extra))
+    fingerprint = hash_json({"settings": settings.output_affecting(), "vae": vae_identity})
+    return Plan(fingerprint, settings.output_affecting(), vae_identity, clips,
+                lay_out_shards(clips, settings.samples_per_shard), rejected)
+
+
+def lay_out_shards(clips: list[PlannedClip], samples_per_shard: int) -> list[PlannedShard]:
+    """Bucket-pure shards of `clips`: by bucket name, each bucket's keys in clip order, `samples_per_shard` a shard."""
     shards: list[PlannedShard] = []
     by_bucket: dict[str, list[str]] = {}
     for c in clips:
         by_bucket.setdefault(c.bucket, []).append(c.key)
     for bucket in sorted(by_bucket):
         keys = by_bucket[bucket]
-        for i in range(0, len(keys), settings.samples_per_shard):
-            shards.append(PlannedShard(len(shards), bucket, keys[i : i + settings.samples_per_shard]))
-    fingerprint = hash_json({"settings": settings.output_affecting(), "vae": vae_identity})
-    return Plan(fingerprint, settings.output_affecting(), vae_identity, clips, shards, rejected)
+        for i in range(0, len(keys), samples_per_shard):
+            shards.append(PlannedShard(len(shards), bucket, keys[i : i + samples_per_shard]))
+    return shards
 
 
 def _try_probe(video: InputVideo, probe_fn: Callable[[str], VideoInfo]) -> VideoInfo | InputError:

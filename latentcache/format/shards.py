@@ -53,8 +53,18 @@ class EncodedClip:
 
 
 
+@dataclass(slots=True, frozen=True)
+class CarriedSample:
+    """A sample taken over byte for byte from a shard written earlier (`--reencode-changed` keeps the samples of
+    unchanged inputs whose shard is rewritten): its members as they were, in their order."""
 
-def sample_members(clip: EncodedClip) -> list[tuple[str, bytes]]:
+    key: str
+    members: tuple[tuple[str, bytes], ...]
+
+
+def sample_members(clip: EncodedClip | CarriedSample) -> list[tuple[str, bytes]]:
+    if isinstance(clip, CarriedSample):
+        return list(clip.members)
     tensors = {"mean": clip.mean.contiguous()}
     if clip.logvar is not None:
         tensors["logvar"] = clip.logvar.contiguous()
@@ -131,12 +141,13 @@ def _tmp_name(path: Path) -> Path:
 _TMP_TAIL = r"\.(?P<host>.+)\.(?P<pid>[0-9]+)\.tmp"
 # The files latentcache writes through a temporary, by the folder of OUT they are written in: the final names of
 # output.PLAN_FILE, the manifest, failures.jsonl and plan.OUTPUT_MARKER; chunks.inputs_name / keys_name;
-# chunks.chunk_plan_name; PlannedShard.relpath and its sidecar. Only temporaries of these names, in these folders,
-# are ever swept: any other file, even `OUT/shards/<bucket>/notes.tmp`, is a user's.
+# chunks.chunk_plan_name and a chunk's carry (encode/reencode.py) with its sidecar; PlannedShard.relpath and its
+# sidecar. Only temporaries of these names, in these folders, are ever swept: any other file, even
+# `OUT/shards/<bucket>/notes.tmp`, is a user's.
 _ROOT_FILES = re.compile(rf"(?:plan\.json|manifest\.json|failures\.jsonl|\.latentcache){_TMP_TAIL}")
 _INPUTS_FILES = re.compile(rf"part-[0-9]{{4,}}\.(?:jsonl|keys\.npy){_TMP_TAIL}")
 _CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
-_CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.json{_TMP_TAIL}")
+_CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.(?:json|carry\.tar(?:\.json)?){_TMP_TAIL}")
 _SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
 # The share markers (encode/share_markers.py): chunks/done/<plan digest>/complete and
 # chunks/done/<plan digest>/w<world size>/r<rank>. The pipeline finds its markers by these names too.
@@ -180,7 +191,8 @@ def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
             yield from listed(world, _RANK_FILES)
 
 
-def write_shard(path: Path, clips: list[EncodedClip], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_shard(path: Path, clips: list[EncodedClip | CarriedSample], *,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the whole shard atomically, then its sidecar. Returns the sidecar record.
 
     In object storage (`path` a store.UrlPath) the tar is built in memory and PUT once: no rename exists there and

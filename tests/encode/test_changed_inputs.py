@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from conftest import tree_bytes
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
-from latentcache.encode import chunks, input_stats
+from latentcache.encode import chunks, input_stats, reencode
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 
@@ -280,7 +281,7 @@ def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[
         raise RuntimeError("killed")
 
     with monkeypatch.context() as m:
-        m.setattr(chunks, "remove_temporaries", killed)
+        m.setattr(reencode, "remove_temporaries", killed)
         with pytest.raises(RuntimeError, match="killed"):
             main(["encode", str(videos), "--out", str(out), *ARGS, "--reencode-changed"])
     assert not (out / "manifest.json").exists()  # readers find no manifest naming a shard that is going
@@ -338,3 +339,100 @@ def test_a_caption_changed_in_a_list_or_a_sidecar_is_refused_by_name(tmp_path: P
     (videos / "v0.txt").write_text("a red ball, at rest")
     assert main(["encode", str(paths_list), "--out", str(paths_out), *ARGS]) == 2
     assert "v0.mp4 (caption was 'a red ball, rolling', now 'a red ball, at rest')" in capsys.readouterr().err
+
+
+# Two samples a shard and one chunk: a changed input's shard also holds another input's sample, which is carried over.
+SHARED = [*ARGS[: ARGS.index("--samples-per-shard")], "--samples-per-shard", "2", "--chunk-size", "8",
+          "--batch-size", "1"]
+
+
+def _members(out: Path) -> dict[str, bytes]:
+    """Every sample member of every shard, by member name: what a trainer reads, wherever a sample lies."""
+    found = {}
+    for tar in sorted((out / "shards").rglob("*.tar")):
+        with tarfile.open(tar) as t:
+            found.update({m.name: t.extractfile(m).read() for m in t.getmembers()})
+    return found
+
+
+def _of_source(members: dict[str, bytes], out: Path) -> dict[str, set[str]]:
+    """Member names by the sample's source video."""
+    by = {}
+    for s in LatentShardDataset(out):
+        by.setdefault(s["meta"]["source"], set()).update(n for n in members if n.startswith(s["key"] + "."))
+    return by
+
+
+def _deleted_and_replaced(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """Four videos of a list encoded into one chunk of two-sample shards; then two of them deleted (the cache kept,
+    the sources gone) and one other replaced. Returns the list, the output and its members before."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, frames in enumerate((24, 28, 32, 36)):
+        write_video(folder / f"v{i}", codec="h264", num_frames=frames, height=64, width=96, fps=8)
+    videos = tmp_path / "videos.txt"
+    videos.write_text("".join(f"videos/v{i}.mp4\n" for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["encode", str(videos), "--out", str(out), *SHARED]) == 0
+    before = _members(out)
+    (folder / "v0.mp4").unlink()
+    (folder / "v2.mp4").unlink()
+    _replace(folder / "v1.mp4")
+    return videos, out, before
+
+
+def test_reencode_changed_keeps_the_samples_of_deleted_inputs(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the changed input's clips are encoded again: the samples of the deleted (unchanged) inputs of its chunk,
+    and of its shard, stay byte for byte, and nothing is recorded as failed."""
+    videos, out, before = _deleted_and_replaced(tmp_path)
+    by_source = _of_source(before, out)
+    assert main(["encode", str(videos), "--out", str(out), *SHARED]) == 2  # v1 changed; gone ones are not changes
+    assert main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"]) == 0
+    after = _members(out)
+    for name in ("videos/v0.mp4", "videos/v2.mp4", "videos/v3.mp4"):
+        assert {n: after.get(n) for n in by_source[name]} == {n: before[n] for n in by_source[name]}, name
+    assert any(after[n] != before[n] for n in by_source["videos/v1.mp4"] if n.endswith(".safetensors"))
+    assert (out / "failures.jsonl").read_text() == ""
+    assert not list((out / "chunks").rglob("*.carry.tar*"))  # the carry goes once its chunk is done
+    # v1's new latents are what a fresh encode of the new file gives (under the same key: a list in the same folder).
+    alone = tmp_path / "v1.txt"
+    alone.write_text("videos/v1.mp4\n")
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(alone), "--out", str(fresh), *SHARED]) == 0
+    (new,) = LatentShardDataset(fresh)
+    served = {s["meta"]["source"]: s for s in LatentShardDataset(out)}
+    assert served.keys() == {f"videos/v{i}.mp4" for i in range(4)}
+    assert (served["videos/v1.mp4"]["latents"] == new["latents"]).all()
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["encode", str(videos), "--out", str(out), *SHARED]) == 0
+    assert "nothing to encode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["carried", "removed", "planned", "written"])
+def test_reencode_changed_killed_at_each_step_ends_as_an_uninterrupted_run(tmp_path: Path, stage: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the carry is written, after the old shards went, after the new chunk plan, or after the shards
+    were written but before the carry went: the same command again gives the tree an uninterrupted run gives."""
+    videos, out, _ = _deleted_and_replaced(tmp_path)
+    whole = tmp_path / "whole"
+    shutil.copytree(out, whole)
+    assert main(["encode", str(videos), "--out", str(whole), *SHARED, "--reencode-changed"]) == 0
+    target = {"carried": (reencode, "sidecar_path"), "removed": (reencode, "remove_temporaries"),
+              "planned": (reencode.log, "warning"), "written": (reencode, "drop_carry")}[stage]
+    real = getattr(*target)
+    calls = {"n": 0}
+
+    def killed(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if stage == "removed" and calls["n"] == 1:
+            return real(*args, **kwargs)  # one old shard gone, the next not yet
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(*target, killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"])
+    assert main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"]) == 0
+    assert tree_bytes(out) == tree_bytes(whole)
