@@ -103,7 +103,7 @@ def test_a_replaced_video_is_refused_by_name_and_reencode_changed_redoes_only_it
     assert (served[key]["latents"] == expected[key]["latents"]).all()
     assert main(["verify", str(out)]) == 0
     capsys.readouterr()
-    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # done now: nothing changed since
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 0  # done now; its failure reported before
     assert "nothing to encode" in capsys.readouterr().out
 
 
@@ -128,7 +128,7 @@ def test_a_touched_file_stays_done_and_is_not_read_again(encoded: tuple[Path, Pa
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # `touch`: same bytes, new mtime
     capsys.readouterr()
-    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # broken.mp4's failure, as before
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 0  # broken.mp4's failure was reported before
     assert "nothing to encode" in capsys.readouterr().out
     assert _shards(out) == shards_before
     # The new stat was recorded: the next run compares stats only and never reads a byte of any input.
@@ -137,7 +137,7 @@ def test_a_touched_file_stays_done_and_is_not_read_again(encoded: tuple[Path, Pa
         raise AssertionError(f"{path} was read")
 
     monkeypatch.setattr(input_stats, "_content", no_read)
-    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 0
     assert _shards(out) == shards_before
 
 
