@@ -193,6 +193,8 @@ class ExportTarget:
         self._this_run: dict[str, str] = {}
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--to {self.root}: is a file, not a folder; choose another --to")
+        self.legacy = False  # a marker of an earlier version: names without hashes
+        self._hashes: dict[str, str | None] = {}  # name -> sha256 of the file there now, each file read once
         self.recorded, self._temporaries = self._load_record()
         self._opened = False
 
@@ -223,6 +225,7 @@ class ExportTarget:
                                   "it, or export into another folder") from None
             listed = record.get("files") if isinstance(record, dict) else None
             # A marker of an earlier version lists names without hashes: those files cannot be proven ours.
+            self.legacy = isinstance(listed, list)
             if isinstance(listed, dict):
                 files.update({k: v for k, v in listed.items() if isinstance(k, str) and isinstance(v, str)})
         journal = self.root / JOURNAL
@@ -262,7 +265,12 @@ class ExportTarget:
         recorded)."""
         digest = self.recorded.get(name)
         path = self.root / name
-        return digest is not None and not path.is_symlink() and _file_sha256(path) == digest
+        return digest is not None and not path.is_symlink() and self._present(name) == digest
+
+    def _present(self, name: str) -> str | None:
+        if name not in self._hashes:
+            self._hashes[name] = _file_sha256(self.root / name)
+        return self._hashes[name]
 
     # ---------------------------------------------------------------------------------------- writing
 
@@ -287,7 +295,7 @@ class ExportTarget:
                                       "as well; the two would overwrite each other")
         path = self.root / name
         digest = sha256(data)
-        present = _file_sha256(path) if path.exists() or path.is_symlink() else None
+        present = self._present(name) if path.exists() or path.is_symlink() else None
         if present is not None or path.is_symlink():
             mine = self.recorded.get(name) == present
             if present == digest and (mine or not path.is_symlink()):
@@ -327,6 +335,7 @@ class ExportTarget:
             tmp.unlink(missing_ok=True)
             raise os_error(path, e, "write") from None
         self.recorded[name] = digest
+        self._hashes[name] = digest
 
     def finish(self, extra: dict[str, Any] | None = None) -> ExportResult:
         """Remove the files earlier exports wrote here that this one did not write again (and only those whose

@@ -242,9 +242,11 @@ def _refuse_foreign_caches(target: ExportTarget, arch: MusubiArch) -> None:
     theirs = sorted(p.name for p in target.root.iterdir()
                     if musubi_discovers(p.name, arch.short) and not target.owns(p.name))
     if theirs:
+        legacy = (" Its export marker is from an earlier latentcache version, which recorded no hashes: if they are "
+                  "that export's files, remove them yourself" if target.legacy else "")
         raise ConfigError(f"{target.root}: holds {len(theirs)} musubi {arch.short} latent cache file(s) latentcache "
                           f"did not export (e.g. {theirs[0]}); musubi trains on every latent cache file of its "
-                          "directory: export into another --to (the trainer's text caches may stay)")
+                          f"directory: export into another --to (the trainer's text caches may stay).{legacy}")
 
 
 def export_musubi(source: str | os.PathLike, to: str | os.PathLike, *, arch: str | None = None,

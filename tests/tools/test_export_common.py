@@ -231,3 +231,16 @@ def test_ai_toolkit_is_answered_with_why_not(wan, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "its cache file is named by an md5 of its own bucketing" in err and "Supported: musubi:" in err
     assert "ltx2:" in err and "fastvideo:" in err
+
+
+def test_an_earlier_versions_export_is_not_removed_but_named(wan, tmp_path):
+    """Markers of the earlier `export musubi` list names without hashes: those files cannot be proven the export's,
+    so they are left alone, and the refusal says where they came from."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = cache / "red_clip_00000-013_0096x0064_wan.safetensors"
+    old.write_bytes(b"written by an earlier version, metadata in another order")
+    (cache / MARKER).write_text(json.dumps({"source": "x", "complete": True, "files": [old.name]}))
+    with pytest.raises(ConfigError, match="earlier latentcache version, which recorded no hashes"):
+        export_musubi(wan, cache)
+    assert old.read_bytes().startswith(b"written by an earlier version")
