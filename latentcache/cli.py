@@ -193,8 +193,10 @@ def _image_latents(args: argparse.Namespace, family: str) -> bool:
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
     from latentcache.encode.families import family_of
-    from latentcache.encode.vae import family_for_source
+    from latentcache.encode.vae import check_source_name, family_for_source
 
+    if args.vae:
+        check_source_name(args.vae)
     family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
                                          revision=args.revision))
     tiling = None

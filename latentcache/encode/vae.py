@@ -339,6 +339,63 @@ def family_for_source(source: str | None, family: str | None = None, *, subfolde
     return detected
 
 
+def check_source_name(source: str) -> None:
+    """Refuse in a moment a --vae that can name nothing: a near miss of a built-in name (`tiny-cogvideox`: "did you
+    mean tiny-random-cogvideox"), a path that does not exist, or a text that is not a hub id (OWNER/NAME). Checked
+    before any import of diffusers and before the hub is asked (offline, a wrong id costs a minute of retries)."""
+    import difflib
+
+    builtins = [TINY_RANDOM_SUFFIX + f for f in FAMILIES]
+    path = Path(source).expanduser()
+    if source in builtins or path.is_dir():
+        return
+    close = difflib.get_close_matches(source, builtins, n=1, cutoff=0.6)
+    if close or source.startswith("tiny"):
+        guess = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"--vae {source}: not a local directory, nor a built-in name; {guess}The built-in tiny "
+                          f"random VAEs are {', '.join(builtins)}")
+    if path.exists():
+        raise ConfigError(f"--vae {source}: a file; pass the directory holding the VAE's config.json and weights (or "
+                          "a pipeline directory with a vae/ folder), or a hub id such as THUDM/CogVideoX-2b")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1 or not all(source.split("/")):
+        raise ConfigError(f"--vae {source}: no such directory, and not a hub id (OWNER/NAME, e.g. THUDM/CogVideoX-2b)")
+
+
+def check_hub_reachable(source: str, subfolder: str | None, revision: str | None) -> None:
+    """For a hub id whose config is not in the local Hugging Face cache: one quick request, so that an unreachable
+    hub, an id that does not exist or an offline machine (HF_HUB_OFFLINE=1) is refused in a second, not after the
+    loader's minute of retries. A cached id, a local directory or a built-in name is left alone."""
+    if source.startswith(TINY_RANDOM_SUFFIX) or Path(source).expanduser().is_dir():
+        return
+    if _config_class_name(source, subfolder, revision) is not None:
+        return
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"--vae {source}: not in the Hugging Face cache here ({constants.HF_HUB_CACHE}), and "
+                          "HF_HUB_OFFLINE=1 forbids downloading it; download it on a machine with access "
+                          f"(`hf download {source}`) into that cache, or pass a local directory")
+    try:
+        huggingface_hub.HfApi().model_info(source, revision=revision, timeout=10)  # HF_ENDPOINT as set now
+    except GatedRepoError:
+        return  # the loader says what access it needs
+    except RevisionNotFoundError:
+        raise ConfigError(f"--vae {source}: the hub has no revision {revision!r} of it") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"--vae {source}: no such model on the hub (or it is private: log in with `hf auth "
+                          "login`); a local directory must exist here") from None
+    except Exception as e:  # the hub's client raises its HTTP library's own errors for a network that fails
+        if getattr(getattr(e, "response", None), "status_code", None) is not None:
+            return  # the hub answered (e.g. rate limited): the loader reports it exactly
+        raise ConfigError(f"--vae {source}: the hub cannot be reached from here ({type(e).__name__}: {e}) and it is "
+                          f"not in the local cache ({constants.HF_HUB_CACHE}); download it on a machine with access, "
+                          "or pass a local directory. HF_HUB_OFFLINE=1 makes hub look-ups fail at once") from None
+
+
 def _config_class_name(source: str, subfolder: str | None, revision: str | None) -> tuple[str, str] | None:
     """(where, `_class_name`) of the VAE config for `source`, or None when there is none to read offline."""
     candidates: list[Path] = []
@@ -461,6 +518,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         raise ConfigError(f"--vae {settings.source} with --family {family.name}: the built-in tiny VAEs are "
                           f"{', '.join(TINY_RANDOM_SUFFIX + f for f in FAMILIES)}{hint}")
     else:
+        check_hub_reachable(settings.source, settings.subfolder, settings.revision)
         model, subfolder = _from_pretrained(cls, family, settings)
         provenance = weights_provenance(settings.source, subfolder, settings.revision)
         # What was loaded, not what was asked for: the hub commit the revision (default: main) resolved to; None

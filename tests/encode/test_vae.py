@@ -166,3 +166,35 @@ def test_the_spec_read_from_the_config_alone_is_the_loaded_vaes_or_none(family: 
     assert early is None or early == load_vae(settings, "cpu").spec
     if family in ("cogvideox", "wan", "hunyuanvideo"):
         assert early is not None  # the families whose frame rule users get wrong most
+
+
+def test_a_vae_typo_or_an_unreachable_hub_is_refused_in_seconds(video_dir, tmp_path, monkeypatch, capsys):
+    """`--vae tiny-cogvideox` offline cost a minute of hub retries: a near miss of a built-in name is named, a hub
+    id with HF_HUB_OFFLINE=1 or an unreachable hub (a closed local port as the endpoint) fails at once, and none of
+    them leaves an output folder behind."""
+    import time
+
+    import huggingface_hub.constants as constants
+
+    from latentcache.cli import main
+
+    out = tmp_path / "out"
+
+    def encode(vae: str) -> tuple[int, str, float]:
+        started = time.monotonic()
+        code = main(["encode", str(video_dir), "--out", str(out), "--vae", vae, "--device", "cpu"])
+        return code, capsys.readouterr().err, time.monotonic() - started
+
+    code, err, _ = encode("tiny-cogvideox")
+    assert code == 2 and "did you mean tiny-random-cogvideox?" in err
+    code, err, _ = encode("./no/such/vae")
+    assert code == 2 and "no such directory, and not a hub id" in err
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, err, seconds = encode("someone/SomeVideoVAE")
+    assert code == 2 and "HF_HUB_OFFLINE=1 forbids downloading it" in err and seconds < 20
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    code, err, seconds = encode("someone/SomeVideoVAE")
+    assert code == 2 and "the hub cannot be reached from here" in err and seconds < 20, err
+    assert not out.exists()
