@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from latentcache.encode.settings import TilingSettings
 from latentcache.errors import ConfigError
+from latentcache.format.buckets import FrameRule
 from latentcache.format.spec import LatentSpec
 
-TilingStyle = Literal["overlap", "stride"]
+TilingStyle = Literal["overlap", "stride", "widened"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,6 +68,15 @@ def _enable_single_overlap_tiling(model: Any, tiling: TilingSettings) -> None:
     model.tile_overlap_factor = tiling.overlap  # diffusers treats 0 as "unset" (`or` default)
 
 
+def _enable_widened_tiling(model: Any, tiling: TilingSettings) -> None:
+    # MiniMax-H3: tile size and a minimum overlap in pixels, which diffusers widens in whole latents until the tiles
+    # cover the frame exactly (`_split_tiles`); blended, then cropped.
+    model.enable_tiling(tile_sample_min_height=tiling.tile_height, tile_sample_min_width=tiling.tile_width)
+    # Set directly: diffusers treats an overlap of 0 as "unset" (`or` default).
+    model.tile_sample_min_overlap_height = int(tiling.tile_height * tiling.overlap)
+    model.tile_sample_min_overlap_width = int(tiling.tile_width * tiling.overlap)
+
+
 OVERLAP_TILING = TilingAdapter("overlap", _enable_overlap_tiling)
 
 
@@ -77,6 +87,18 @@ STRIDE_TILING = TilingAdapter("stride", _enable_stride_tiling)
 
 
 PATCHED_STRIDE_TILING = TilingAdapter("stride", _enable_patched_stride_tiling)
+
+
+WIDENED_TILING = TilingAdapter("widened", _enable_widened_tiling)
+
+
+@dataclass(slots=True, frozen=True)
+class PixelConvention:
+    """What the encoder takes for RGB pixels in [0, 1]: (x - mean) / std per channel. Every family but MiniMax-H3
+    takes [-1, 1] (mean = std = 0.5), which VideoVAE computes as x / 127.5 - 1 (`pixels=None`)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,6 +141,11 @@ class VAEFamily:
     # False where diffusers' encode fails on a batch of more than one clip: VideoVAE.encode then calls it one clip at
     # a time (the same latents, one call per clip), whatever --batch-size says.
     batchable: bool = True
+    # How pixels enter the encoder (and leave the decoder); None: [-1, 1].
+    pixels: PixelConvention | None = None
+    # The released latents are spatially tiled (diffusers' class tiles by default): without --tiling the model's own
+    # tiling stays on, never switched off (MiniMax-H3).
+    tiled_as_released: bool = False
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -210,6 +237,25 @@ def _hunyuan15_spec(model: Any) -> LatentSpec:
         spatial_compression=int(config.spatial_compression_ratio),
         # HunyuanVideo15ImageToVideoPipeline: image_latents * scaling_factor; decode: latents / scaling_factor.
         scaling_factor=float(config.scaling_factor),
+    )
+
+
+def _minimax_h3_spec(model: Any) -> LatentSpec:
+    config = model.config
+    # `clip_length` frames per encoder chunk, `tokens_chunk_size` latent frames each, `token_drop` dropped at the end:
+    # clip_length * n + chunk frames -> chunk * n + (chunk - token_drop) latent frames (17n+5 -> 5n+2), what
+    # MiniMaxH3ModularPipeline's align_num_frames / video_latent_num_frames compute from the same attributes.
+    chunk = int(model.tokens_chunk_size)
+    rule = FrameRule(int(config.clip_length), chunk, chunk, chunk - int(config.token_drop))
+    return LatentSpec(
+        family="minimax-h3",
+        channels=int(config.latent_channels),
+        temporal_compression=int(model.temporal_compression_ratio),
+        spatial_compression=int(model.spatial_compression_ratio),
+        # The pipeline's encode_vae_condition: (z - latents_mean) / latents_std, per channel from the config.
+        latents_mean=_optional_tuple(config.latents_mean),
+        latents_std=_optional_tuple(config.latents_std),
+        frame_mapping=str(rule),
     )
 
 
@@ -341,6 +387,26 @@ FAMILIES: dict[str, VAEFamily] = {
         text_unsupported="LTX-2 conditions on Gemma 3 hidden states through its own text connectors, which "
         "latentcache does not cache yet",
     ),
+    "minimax-h3": VAEFamily(
+        name="minimax-h3",
+        class_name="AutoencoderKLMiniMaxH3",
+        default_source="MiniMaxAI/MiniMax-H3",
+        default_subfolder="vae",
+        # The real down-sampling schedule (16x spatial, 4x temporal over six blocks), 24 channels, a one-layer ViT
+        # decoder; per-channel statistics that are not the identity, so normalising is visible.
+        tiny_config=dict(block_out_channels=(8, 8, 16, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                         decoder_num_layers=1, decoder_num_attention_heads=2, decoder_attention_head_dim=8,
+                         decoder_ffn_mult=2, latents_mean=tuple(round(0.05 * (i - 12), 2) for i in range(24)),
+                         latents_std=tuple(round(0.5 + 0.05 * i, 2) for i in range(24))),
+        spec_from_model=_minimax_h3_spec,
+        tiling=WIDENED_TILING,
+        transformer_class="MiniMaxH3Transformer3DModel",
+        text_unsupported="MiniMax-H3 conditions on Qwen3-VL hidden states (layer 50) packed into one sequence with "
+        "the media rows, which latentcache does not cache yet",
+        # MiniMaxH3ModularPipeline.pixel_mean / pixel_std: ImageNet's, over [0, 1].
+        pixels=PixelConvention(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        tiled_as_released=True,
+    ),
 }
 
 
@@ -361,13 +427,17 @@ def tile_problem(tiling: TilingSettings, spatial: int, style: TilingStyle = "ove
     style "stride" (Wan, HunyuanVideo, LTX-Video): diffusers steps by a stride in pixels, keeps stride // spatial
     latents per tile and crops the result, so it is exact when the stride int(tile * (1 - overlap)) is a
     multiple of the spatial compression (otherwise the latents come out too small).
+
+    style "widened" (MiniMax-H3): diffusers takes a tile size and a minimum overlap int(tile * overlap) in pixels,
+    which it widens in whole latents until the tiles cover the frame; exact when that minimum is a multiple of the
+    spatial compression.
     """
     for name, tile in (("height", tiling.tile_height), ("width", tiling.tile_width)):
         if tile % spatial or tile < 2 * spatial:
             return f"tile {name} {tile} must be a multiple of {spatial} and at least {2 * spatial}"
         if not 0.0 <= tiling.overlap < 1.0:
             return f"tile overlap {tiling.overlap} must be in [0, 1)"
-        exact = _tile_exact if style == "overlap" else _stride_exact
+        exact = {"overlap": _tile_exact, "stride": _stride_exact, "widened": _widened_exact}[style]
         if not exact(tile, tiling.overlap, spatial):
             stride_pixels = int(tile * (1 - tiling.overlap))
             good = [o for o in (0.125, 0.25, 1 / 3, 0.5) if exact(tile, o, spatial)]
@@ -375,6 +445,10 @@ def tile_problem(tiling: TilingSettings, spatial: int, style: TilingStyle = "ove
                 latent_tile = tile // spatial
                 kept = latent_tile - int(latent_tile * tiling.overlap)
                 why = f"keeps {kept} latents ({kept * spatial} pixels) per tile"
+            elif style == "widened":
+                return (f"tile {name} {tile} with overlap {tiling.overlap:g} overlaps {int(tile * tiling.overlap)} "
+                        f"pixels, not a multiple of the spatial compression {spatial}, so the tiles leave the latent "
+                        f"grid; exact overlaps for this tile: {', '.join(f'{o:g}' for o in good) or 'none'}")
             else:
                 why = f"that is not a multiple of the spatial compression {spatial}"
             return (
@@ -393,3 +467,8 @@ def _stride_exact(tile: int, overlap: float, spatial: int) -> bool:
 def _tile_exact(tile: int, overlap: float, spatial: int) -> bool:
     latent_tile = tile // spatial
     return int(tile * (1 - overlap)) == (latent_tile - int(latent_tile * overlap)) * spatial
+
+
+def _widened_exact(tile: int, overlap: float, spatial: int) -> bool:
+    # MiniMax-H3 widens overlaps in whole latents from this minimum: exact when the minimum is on the latent grid.
+    return int(tile * overlap) % spatial == 0

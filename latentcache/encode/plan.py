@@ -21,7 +21,7 @@ from typing import Any
 from latentcache.encode.decode import VideoInfo, probe
 from latentcache.encode.settings import ClipSettings, EncodeSettings, hash_json
 from latentcache.errors import ConfigError, InputError
-from latentcache.format.buckets import Bucket, frame_rule, nearest_frame_counts
+from latentcache.format.buckets import Bucket, FrameRule
 from latentcache.format.outcomes import make_record
 
 log = logging.getLogger(__name__)
@@ -277,10 +277,11 @@ def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
     if not spec:
         return
     k, s = int(spec.get("temporal_compression", 1)), int(spec.get("spatial_compression", 1))
+    rule = FrameRule.parse(spec["frame_rule"]) if spec.get("frame_rule") else FrameRule(k)
     for f in clip.frame_buckets:
-        nearest = nearest_frame_counts(f, k)
+        nearest = rule.nearest(f)
         if nearest is not None:
-            raise ConfigError(f"--frame-buckets {f} does not fit the VAE, which needs {frame_rule(k)} frames; "
+            raise ConfigError(f"--frame-buckets {f} does not fit the VAE, which needs {rule} frames; "
                               f"nearest valid: {nearest[0]} or {nearest[1]}")
     if clip.buckets:
         for h, w in sizes:

@@ -112,6 +112,8 @@ class VideoVAE:
         self.dtype = dtype
         # The tiling in force, so an out-of-memory retry with smaller tiles can restore it afterwards.
         self.tiling: TilingSettings | None = None
+        # The class's own tile settings, for a family whose released latents are tiled (see `_released_tiling`).
+        self._released: dict[str, Any] | None = None
         # The host buffer batches are gathered into (`stage`), kept between batches: page-locked on CUDA, where a
         # fresh pinned allocation per batch costs more than the copy, and a fresh one on any device faults in its
         # pages (~140 ms a 49x480x720 clip against ~4 ms to copy into a buffer already touched).
@@ -124,6 +126,8 @@ class VideoVAE:
             if problem:
                 raise ConfigError(f"--tiling: {problem}")
             family.tiling.enable(self.model, tiling)
+        elif family.tiled_as_released:
+            self._released_tiling()
         else:
             self.model.disable_tiling()
         self.tiling = tiling
@@ -139,6 +143,17 @@ class VideoVAE:
                     f"(the {self.spec.family} encoder keeps a causal cache across chunks of that size)"
                 )
             setattr(self.model, family.frame_chunk_attr, frame_chunk)
+
+    def _released_tiling(self) -> None:
+        """The tiling the family was released with (its diffusers class's defaults), restored after an out-of-memory
+        retry with smaller tiles: a fresh instance's tile settings, not this one's, which a retry may have changed."""
+        fresh = self._released
+        if fresh is None:
+            with torch.device("meta"):
+                model = type(self.model).from_config(self.model.config)
+            fresh = self._released = {k: v for k, v in vars(model).items() if k.startswith(("use_tiling", "tile_"))}
+        for name, value in fresh.items():
+            setattr(self.model, name, value)
 
     def tune(self, *, compile_encoder: bool = False) -> None:
         """GPU speed options users of these VAEs reach for; each leaves the latents' values as they are."""
@@ -230,11 +245,11 @@ class VideoVAE:
         params = self._encode(x, self.dtype, condition)
         if not torch.isfinite(params).all() and self.dtype != torch.float32:
             log.warning("non-finite latents in %s for %s; re-encoding in fp32", self.dtype, sources or "a batch")
-            self.model.to(torch.float32)
+            cast_keeping_fp32_modules(self.model, torch.float32)
             try:
                 params = self._encode(x, torch.float32, condition)
             finally:
-                self.model.to(self.dtype)
+                cast_keeping_fp32_modules(self.model, self.dtype)
             if torch.isfinite(params).all():
                 cast = params.to(self.dtype)
                 if not torch.isfinite(cast).all():
@@ -261,8 +276,15 @@ class VideoVAE:
         non_blocking = self.device.type == "cuda"
         if non_blocking and not x.is_pinned():
             x = x.pin_memory()
-        # uint8 crosses the bus (4x fewer bytes than fp32), then [B,T,H,W,3] -> [B,3,T,H,W] in [-1, 1] on device.
-        x = x.to(self.device, non_blocking=non_blocking).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+        # uint8 crosses the bus (4x fewer bytes than fp32), then [B,T,H,W,3] -> [B,3,T,H,W] in the family's pixel
+        # convention on device: [-1, 1], or (x / 255 - mean) / std in fp32 as MiniMax-H3's pipeline computes it.
+        x = x.to(self.device, non_blocking=non_blocking).permute(0, 4, 1, 2, 3)
+        pixels = family_of(self.spec.family).pixels
+        if pixels is None:
+            x = x.to(dtype) / 127.5 - 1.0
+        else:
+            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1, 1) for v in (pixels.mean, pixels.std))
+            x = ((x.to(torch.float32) / 255.0 - mean) / std).to(_encoder_dtype(self.model, dtype))
         if condition == "video":
             # WanImageToVideoPipeline: cat([image, zeros(num_frames - 1)]) in the VAE's input range, where 0 is mid
             # grey (not representable in uint8, hence built here).
@@ -270,8 +292,11 @@ class VideoVAE:
             x = torch.cat([x, x.new_zeros(b, c, frames - 1, h, w)], dim=2)
         if len(x) > 1 and not family_of(self.spec.family).batchable:
             # The family record says diffusers' encode cannot take a batch: one clip per call.
-            return torch.cat([self.model.encode(one).latent_dist.parameters for one in x.split(1)])
-        return self.model.encode(x).latent_dist.parameters
+            params = torch.cat([self.model.encode(one).latent_dist.parameters for one in x.split(1)])
+        else:
+            params = self.model.encode(x).latent_dist.parameters
+        # An encoder pinned to fp32 (MiniMax-H3) returns fp32: store what --dtype says, as every other family does.
+        return params.to(dtype)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -282,8 +307,34 @@ class VideoVAE:
             # LTX-Video 0.9.1+ decoders are timestep-conditioned; LTXPipeline decodes clean latents at timestep 0.
             kwargs["temb"] = torch.zeros(z.shape[0], device=self.device, dtype=self.dtype)
         video = self.model.decode(z, **kwargs).sample
-        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        pixels = family_of(self.spec.family).pixels
+        if pixels is None:
+            video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        else:
+            # MiniMax-H3's decode step: sample * std + mean, clamped to [0, 1].
+            mean, std = (torch.tensor(v, device=video.device).view(1, 3, 1, 1, 1) for v in (pixels.mean, pixels.std))
+            video = ((video.float() * std + mean).clamp(0, 1) * 255.0).round().to(torch.uint8)
         return video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def cast_keeping_fp32_modules(model: Any, dtype: torch.dtype) -> Any:
+    """`model.to(dtype)`, keeping in fp32 the parameters and buffers its class pins there (`_keep_in_fp32_modules`:
+    MiniMax-H3's encoder), matched by name part as diffusers' from_pretrained(torch_dtype=...) matches them."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if not keep:
+        return model.to(dtype)
+    # Tensor by tensor: the pinned ones are never rounded to `dtype` on the way (a cast there and back loses bits).
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            pinned = any(part in keep for part in name.split("."))
+            tensor.data = tensor.data.to(torch.float32 if pinned else dtype)
+    return model
+
+
+def _encoder_dtype(model: Any, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the encoder's weights are in: `dtype`, or fp32 where the class pins it there."""
+    first = next(model.encoder.parameters(), None)
+    return first.dtype if first is not None else dtype
 
 
 # On a CPU, clips per VAE call never exceed this: past it the per-call overhead is already paid off.
@@ -529,7 +580,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
     spec = family.spec_from_model(model)
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
-        model = model.to(dev, dtype).eval().requires_grad_(False)
+        model = cast_keeping_fp32_modules(model.to(dev), dtype).eval().requires_grad_(False)
     identity = VAEIdentity(
         class_name=family.class_name,
         source=settings.source,

@@ -52,15 +52,64 @@ class Bucket:
         return f"{self.frames}x{self.height}x{self.width}"
 
 
+# "4k+1" (k*n+1 frames -> n+1 latent frames) or "17k+5->5k+2" (a*n+b frames -> c*n+d latent frames).
+_RULE = re.compile(r"([1-9][0-9]{0,3})k\+([0-9]{1,4})(?:->([1-9][0-9]{0,3})k\+([0-9]{1,4}))?")
+
+
+@dataclass(slots=True, frozen=True)
+class FrameRule:
+    """How a VAE counts frames: `frames_step * n + frames_offset` pixel frames (n = 0, 1, 2, ...) encode to
+    `latents_step * n + latents_offset` latent frames. Most VAEs compress time by k with one leading frame of their
+    own (`k*n+1 -> n+1`, written "4k+1"); MiniMax-H3 encodes 17-frame chunks into 5 latent frames and drops 3 at
+    the end (`17n+5 -> 5n+2`, written "17k+5->5k+2"). A single frame (an image) is one latent frame under every
+    rule."""
+
+    frames_step: int
+    frames_offset: int = 1
+    latents_step: int = 1
+    latents_offset: int = 1
+
+    @staticmethod
+    def parse(text: Any) -> FrameRule:
+        """"4k+1" or "17k+5->5k+2" -> FrameRule. Raises ValueError quoting the text otherwise."""
+        match = _RULE.fullmatch(text) if isinstance(text, str) else None
+        if match is None or int(match[2]) < 1 or (match[4] is not None and int(match[4]) < 1):
+            raise ValueError(f"frame rule {str(text)[:80]!r} is not 'Ak+B' (such as 4k+1) or 'Ak+B->Ck+D' (such as "
+                             "17k+5->5k+2) with B, D >= 1")
+        if match[3] is None:
+            return FrameRule(int(match[1]), int(match[2]))
+        return FrameRule(int(match[1]), int(match[2]), int(match[3]), int(match[4]))
+
+    def __str__(self) -> str:
+        text = f"{self.frames_step}k+{self.frames_offset}"
+        if (self.latents_step, self.latents_offset) != (1, 1):
+            text += f"->{self.latents_step}k+{self.latents_offset}"
+        return text
+
+    def fits(self, frames: int) -> bool:
+        return frames == 1 or (frames >= self.frames_offset and (frames - self.frames_offset) % self.frames_step == 0)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of `frames` frames that `fits` the rule."""
+        if frames == 1:
+            return 1
+        return (frames - self.frames_offset) // self.frames_step * self.latents_step + self.latents_offset
+
+    def nearest(self, frames: int) -> tuple[int, int] | None:
+        """None when `frames` fits; else the valid counts just below and above it."""
+        if self.fits(frames):
+            return None
+        a, b = self.frames_step, self.frames_offset
+        lower = max(b, (frames - b) // a * a + b) if frames >= b else (1 if b > 1 else b)
+        upper = lower + a if lower >= b else b
+        return lower, upper
+
+
 def frame_rule(temporal_compression: int) -> str:
     """How a VAE that compresses time by k counts frames: 'kk+1' (4k+1: 1, 5, 9, ..., 49)."""
-    return f"{temporal_compression}k+1"
+    return str(FrameRule(temporal_compression))
 
 
 def nearest_frame_counts(frames: int, temporal_compression: int) -> tuple[int, int] | None:
     """None when `frames` fits the frame rule (k*n + 1 frames); else the valid counts just below and above it."""
-    k = temporal_compression
-    if frames >= 1 and (frames - 1) % k == 0:
-        return None
-    lower = max(1, (frames - 1) // k * k + 1)
-    return lower, lower + k
+    return FrameRule(temporal_compression).nearest(frames)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from latentcache.format.buckets import Bucket
+from latentcache.format.buckets import Bucket, FrameRule
 from latentcache.format.spec import LatentSpec
 
 # What the encoder may have stored: the dtypes `--dtype` offers.
@@ -44,6 +44,11 @@ def spec_problems(spec: Any) -> list[str]:
     problems = [f"latent_spec.{name} is {spec.get(name)!r}, expected a positive integer"
                 for name in ("channels", "temporal_compression", "spatial_compression")
                 if not _positive_int(spec.get(name))]
+    if spec.get("frame_rule") is not None:
+        try:
+            FrameRule.parse(spec["frame_rule"])
+        except ValueError as e:
+            problems.append(f"latent_spec.{e}")
     if not isinstance(spec.get("family"), str):
         problems.append(f"latent_spec.family is {spec.get('family')!r}, expected a name such as 'cogvideox'")
     for name in ("scaling_factor", "shift_factor"):

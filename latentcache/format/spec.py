@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from latentcache.errors import ConfigError
-from latentcache.format.buckets import frame_rule, nearest_frame_counts
+from latentcache.format.buckets import FrameRule
 
 
 class ClipShape(Protocol):
@@ -40,22 +40,31 @@ class LatentSpec:
     latents_std: tuple[float, ...] | None = None
     # CogVideoX 1.5 image-to-video divides by the scaling factor instead of multiplying.
     invert_scale_latents: bool = False
+    # The frame rule where it is not `k*n+1 -> n+1` for `temporal_compression` k, as `FrameRule` writes it
+    # ("17k+5->5k+2", MiniMax-H3); None: that usual rule. The manifest states the rule either way as `frame_rule`.
+    frame_mapping: str | None = None
+
+    @property
+    def rule(self) -> FrameRule:
+        if self.frame_mapping is not None:
+            return FrameRule.parse(self.frame_mapping)
+        return FrameRule(self.temporal_compression)
 
     @property
     def frame_rule(self) -> str:
-        return frame_rule(self.temporal_compression)
+        return str(self.rule)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (
             self.channels,
-            (frames - 1) // self.temporal_compression + 1,
+            self.rule.latent_frames(frames),
             height // self.spatial_compression,
             width // self.spatial_compression,
         )
 
     def check_clip(self, clip: ClipShape) -> None:
         """Refuse frame counts and sizes this VAE cannot encode exactly, offering the nearest valid values."""
-        nearest = nearest_frame_counts(clip.frames, self.temporal_compression)
+        nearest = self.rule.nearest(clip.frames)
         if nearest is not None:
             raise ConfigError(
                 f"--frames {clip.frames} does not fit the {self.family} VAE, which needs {self.frame_rule} frames; "
@@ -72,13 +81,18 @@ class LatentSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        del d["frame_mapping"]  # `frame_rule` states it, in the words older manifests already use
         d["frame_rule"] = self.frame_rule
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LatentSpec:
-        names = {f.name for f in dataclasses.fields(LatentSpec)}
+        names = {f.name for f in dataclasses.fields(LatentSpec)} - {"frame_mapping"}
         kwargs = {k: v for k, v in d.items() if k in names}
+        # Manifests before general frame rules state "Kk+1" for their temporal_compression K: no mapping to keep.
+        stated = d.get("frame_rule")
+        if stated is not None and FrameRule.parse(stated) != FrameRule(int(d.get("temporal_compression") or 1)):
+            kwargs["frame_mapping"] = str(FrameRule.parse(stated))
         for k in ("latents_mean", "latents_std"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(kwargs[k])

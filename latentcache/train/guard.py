@@ -124,7 +124,7 @@ def _bucket_problems(get: Any, spec: LatentSpec, bucket: str, pad_frames: bool =
     frames, sh, sw = get("sample_frames"), get("sample_height"), get("sample_width")
     if frames is None or sh is None or sw is None:
         return problems
-    model_t = (int(frames) - 1) // spec.temporal_compression + 1
+    model_t = spec.rule.latent_frames(int(frames))
     mismatch = [f"{n} {have} vs the config's {want}" for n, have, want in
                 (("latent frames", t, model_t), ("latent height", h, sh), ("latent width", w, sw)) if have != want]
     if not mismatch:

@@ -240,8 +240,7 @@ def _frame_problems(config: TrainerConfig, spec: LatentSpec, frames: int) -> lis
         problems.append(f"{w['time_compressed_rate']}: {rate}, the shards' VAE compresses time by "
                         f"{spec.temporal_compression}. Fix: set time_compressed_rate: {spec.temporal_compression}")
     if config.num_frames is not None and config.num_frames != frames:
-        latent = (frames - 1) // spec.temporal_compression + 1
-        want = (config.num_frames - 1) // spec.temporal_compression + 1
+        latent, want = spec.rule.latent_frames(frames), spec.rule.latent_frames(config.num_frames)
         problems.append(f"{w['num_frames']}: {config.num_frames} frames ({want} latent frames), the shards hold "
                         f"{frames}-frame clips ({latent} latent frames). Fix: set {w['num_frames'].split('.')[-1]}: "
                         f"{frames}, or encode with --frames {config.num_frames}")

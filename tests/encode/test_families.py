@@ -25,7 +25,7 @@ from latentcache.train.dataset import LatentShardDataset
 FAMILY_NAMES = sorted(FAMILIES)
 # 17 frames fit 4k+1 and LTX's 8k+1 (Mochi's 6k+1: 13); 64x96 fits 8x, 16x and LTX's 32x spatial compression.
 CLIP = ["--frames", "17", "--fps", "8", "--height", "64", "--width", "96"]
-FRAMES = {"mochi": 13}  # else 17
+FRAMES = {"mochi": 13, "minimax-h3": 22}  # else 17; MiniMax-H3 takes 17k+5
 EXPECTED = {  # channels, latent frames, height, width of a 17x64x96 clip (Mochi: 13x64x96)
     "cogvideox": (16, 5, 8, 12),
     "wan": (16, 5, 8, 12),
@@ -34,11 +34,13 @@ EXPECTED = {  # channels, latent frames, height, width of a 17x64x96 clip (Mochi
     "mochi": (12, 3, 8, 12),
     "hunyuanvideo15": (32, 5, 4, 6),
     "ltx2": (128, 3, 2, 3),
+    "minimax-h3": (24, 7, 4, 6),  # 22 = 17 + 5 frames -> 5 + 2 latent frames
 }
 COMPRESSION = {  # temporal, spatial, frame rule
     "ltx": (8, 32, "8k+1"), "ltx2": (8, 32, "8k+1"), "mochi": (6, 8, "6k+1"), "hunyuanvideo15": (4, 16, "4k+1"),
+    "minimax-h3": (4, 16, "17k+5->5k+2"),
 }
-PER_CHANNEL = ("wan", "ltx", "mochi", "ltx2")  # normalised by per-channel mean/std
+PER_CHANNEL = ("wan", "ltx", "mochi", "ltx2", "minimax-h3")  # normalised by per-channel mean/std
 
 
 def clip_args(family: str) -> list[str]:
@@ -49,7 +51,7 @@ CAPTION = "a red square crosses the frame"
 @pytest.fixture(scope="module")
 def family_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("family_videos")
-    write_video(d / "walk", codec="h264", num_frames=60, height=96, width=128)
+    write_video(d / "walk", codec="h264", num_frames=72, height=96, width=128)  # 3 s: 22 frames at 8 fps
     (d / "walk.txt").write_text(CAPTION, encoding="utf-8")
     return d
 
@@ -143,6 +145,11 @@ def tiny_transformer(family: str, in_channels: int) -> torch.nn.Module:
                 in_channels=2 * in_channels + 1, out_channels=in_channels, num_attention_heads=2,
                 attention_head_dim=8, num_layers=1, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=16,
                 image_embed_dim=16, rope_axes_dim=(2, 2, 4))
+        if family == "minimax-h3":
+            return diffusers.MiniMaxH3Transformer3DModel(
+                num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1,
+                ffn_dim=64, in_channels=in_channels, audio_in_channels=8, text_dim=16, freq_dim=16,
+                time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2)
         if family == "ltx2":
             return diffusers.LTX2VideoTransformer3DModel(
                 in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=8,
@@ -178,10 +185,33 @@ def forward(family: str, model: torch.nn.Module, latents: torch.Tensor) -> torch
             return model(hidden_states=model_input, timestep=t.float(), encoder_hidden_states=text,
                          encoder_attention_mask=mask, encoder_hidden_states_2=text,
                          encoder_attention_mask_2=mask, image_embeds=torch.zeros(b, 4, 16)).sample
+        if family == "minimax-h3":
+            return _minimax_h3_forward(model, latents, text)
         _, _, frames, height, width = latents.shape
         packed = diffusers.LTXPipeline._pack_latents(latents, 1, 1)  # LTX takes [B, tokens, C]
         return model(hidden_states=packed, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
                      num_frames=frames, height=height, width=width).sample
+
+
+def _minimax_h3_forward(model: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """MiniMax-H3's one packed sequence [text | audio | video], laid out by its pipeline's own layout step and
+    patchified by its own helper; no audio latents (latentcache has no audio VAE), so one silent audio row."""
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import (
+        MiniMaxH3PrepareLayoutStep,
+        patchify_video_latents,
+    )
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import MINIMAX_H3_AUDIO_TAG, MINIMAX_H3_VIDEO_TAG
+
+    b, _, frames, height, width = latents.shape
+    patch = tuple(model.config.patch_size)
+    position_ids, tags, video_idx, audio_idx, text_idx, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        torch.ones(text.shape[1], dtype=torch.long), frames, height, width, 1, patch, 1, MINIMAX_H3_AUDIO_TAG,
+        MINIMAX_H3_VIDEO_TAG)
+    rows = patchify_video_latents(latents, patch).view(b, -1, latents.shape[1] * int(np.prod(patch)))
+    return model(hidden_states=rows, audio_hidden_states=torch.zeros(b, 1, 8), encoder_hidden_states=text,
+                 timestep=torch.tensor([0.5]), timestep_indices=torch.zeros(len(tags), dtype=torch.long),
+                 token_tags=tags, position_ids=position_ids, video_indices=video_idx, audio_indices=audio_idx,
+                 text_indices=text_idx).sample
 
 
 def test_for_transformer_feeds_a_tiny_transformer_of_the_family(encoded):
@@ -244,6 +274,12 @@ def test_normalize_matches_the_diffusers_pipeline_formula(family):
                                                                model.config.scaling_factor)
         decoded = diffusers.LTX2Pipeline._denormalize_latents(expected, model.latents_mean, model.latents_std,
                                                                 model.config.scaling_factor)
+    elif family == "minimax-h3":
+        # MiniMax-H3's encode_vae_condition / MiniMaxH3VideoDecodeStep: (z - latents_mean) / latents_std, inverted.
+        mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
+        expected = (z - mean) / std
+        decoded = expected * std + mean
     elif family == "hunyuanvideo":
         # HunyuanVideoImageToVideoPipeline.prepare_latents / HunyuanVideoPipeline.__call__ before vae.decode.
         expected = z * model.config.scaling_factor
@@ -353,7 +389,7 @@ def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, 
         recipe_for("custom")
     assert {f: FAMILIES[f].tiling.style for f in FAMILY_NAMES} == {
         "cogvideox": "overlap", "hunyuanvideo": "stride", "hunyuanvideo15": "overlap", "ltx": "stride",
-        "ltx2": "stride", "mochi": "stride", "wan": "stride"}
+        "ltx2": "stride", "minimax-h3": "widened", "mochi": "stride", "wan": "stride"}
     assert [(f, FAMILIES[f].text_recipe.max_length) for f in FAMILY_NAMES if FAMILIES[f].text_recipe] == [
         ("cogvideox", 226), ("ltx", 128), ("wan", 512)]
 
