@@ -30,18 +30,28 @@ def parse_bucket(bucket: Any) -> Bucket | None:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A number a float32 holds (a stranger's 10**30 int or 1e300 would overflow the tensors built from it)."""
+    try:
+        return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                and abs(value) <= FLOAT32_MAX)
+    except OverflowError:  # an int past a float's range
+        return False
+
+
+# No VAE has more latent channels or compresses more than this; a larger value (10**30 channels) is no spec, and
+# tensors of its size cannot be built.
+MAX_SPEC_INT = 4096
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SPEC_INT
 
 
 def spec_problems(spec: Any) -> list[str]:
     """Why a manifest's `latent_spec` cannot normalise latents into finite numbers; [] if it can."""
     if not isinstance(spec, dict):
         return [f"latent_spec is a {type(spec).__name__}, expected an object"]
-    problems = [f"latent_spec.{name} is {spec.get(name)!r}, expected a positive integer"
+    problems = [f"latent_spec.{name} is {spec.get(name)!r}, expected a positive integer up to {MAX_SPEC_INT}"
                 for name in ("channels", "temporal_compression", "spatial_compression")
                 if not _positive_int(spec.get(name))]
     if spec.get("frame_rule") is not None:

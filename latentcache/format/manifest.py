@@ -11,6 +11,7 @@ from typing import Any
 from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.layout import FORMAT_VERSION, SHA256_HEX
+from latentcache.format.manifest_fields import field_problems, normalized
 from latentcache.format.reader import _is_int, _shown, open_regular
 from latentcache.format.shards import write_json_atomic
 
@@ -46,7 +47,7 @@ def read_manifest(root: Path | str) -> dict[str, Any]:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ShardFormatError(f"{path}: {'; '.join(problems[:3])}{more}. Not a manifest latentcache wrote: "
                                "rebuild it with `latentcache finalize DIR`")
-    return manifest
+    return normalized(manifest)
 
 
 def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
@@ -83,12 +84,10 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
 
     if "latent_spec" not in manifest:
         return ["no latent_spec"]
-    problems = spec_problems(manifest["latent_spec"])
-    for name in ("vae", "counts", "settings", "buckets"):
-        if manifest.get(name) is not None and not isinstance(manifest[name], dict):
-            problems.append(f"{name} is a {type(manifest[name]).__name__}, expected an object")
-    problems += [f"buckets has {_shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
-                 for b in (manifest.get("buckets") or {}) if parse_bucket(b) is None][:1]
+    problems = spec_problems(manifest["latent_spec"]) + field_problems(manifest)
+    if isinstance(manifest.get("buckets"), dict):
+        problems += [f"buckets has {_shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+                     for b in manifest["buckets"] if parse_bucket(b) is None][:1]
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         return [*problems, f"shards is {_shown(shards)}, expected a list of shard records"]
@@ -102,6 +101,16 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
             break  # one bad entry says enough; a million-line report does not help
         seen.add(entry["path"])
     return problems
+
+
+def counts_problem(manifest: dict[str, Any], where: str | Path) -> str | None:
+    """When the manifest's `counts.samples` disagrees with its shards' sample counts: the message naming both.
+    `verify` reports it and the dataset refuses it, alike."""
+    recorded = (manifest.get("counts") or {}).get("samples")
+    listed = sum(s["samples"] for s in manifest["shards"])
+    if recorded is not None and recorded != listed:
+        return f"{where}/manifest.json: counts.samples is {recorded}, its shards list {listed}"
+    return None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -110,18 +110,18 @@ class LatentSpec:
         # Video latents are always multiplied by the scaling factor (every CogVideoX pipeline decodes
         # `latents / scaling_factor`). `invert_scale_latents` (CogVideoX 1.5) only changes how the image-to-video
         # pipeline scales the *conditioning image* latents, so it is recorded but not applied here.
-        return self.scaling_factor if self.scaling_factor is not None else 1.0
+        return float(self.scaling_factor) if self.scaling_factor is not None else 1.0  # float(): JSON may give an int
 
     def affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(gain, offset), each [C, 1, 1, 1]: model-space latents are `z * gain + offset`, per channel."""
         scale = self._scale()
         if self.latents_mean is not None and self.latents_std is not None:
-            mean = torch.tensor(self.latents_mean, dtype=torch.float64)
-            gain = scale / torch.tensor(self.latents_std, dtype=torch.float64)
+            mean = torch.tensor([float(v) for v in self.latents_mean], dtype=torch.float64)
+            gain = scale / torch.tensor([float(v) for v in self.latents_std], dtype=torch.float64)
             offset = -mean * gain
         else:
             gain = torch.full((self.channels,), scale, dtype=torch.float64)
-            offset = torch.full((self.channels,), -(self.shift_factor or 0.0) * scale, dtype=torch.float64)
+            offset = torch.full((self.channels,), -float(self.shift_factor or 0.0) * scale, dtype=torch.float64)
         return gain.to(dtype).view(-1, 1, 1, 1), offset.to(dtype).view(-1, 1, 1, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems
+from latentcache.format.manifest import counts_problem
 from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
@@ -212,13 +213,11 @@ def _shard_bytes(shard: ShardRef) -> int:
 
 
 def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyReport) -> None:
-    counts = manifest.get("counts", {})
     if not any(s["samples"] for s in manifest["shards"]):
         report.problems.append(f"{root}: no samples in {len(manifest['shards'])} shard(s): a trainer would run zero "
                                "steps on it (every input was skipped or failed: see its failures.jsonl)")
-    if counts.get("samples") is not None and counts["samples"] != sum(s["samples"] for s in manifest["shards"]):
-        report.problems.append(f"{root}/manifest.json: counts.samples is {counts['samples']}, its shards list "
-                               f"{sum(s['samples'] for s in manifest['shards'])}")
+    if counts_problem(manifest, root):
+        report.problems.append(counts_problem(manifest, root))
     listed = {s["path"] for s in manifest["shards"]}
     if store.is_url(root):
         base = str(root).rstrip("/") + "/"
@@ -252,7 +251,7 @@ def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = 
     if low <= std <= high:
         return
     suggestion = ""
-    if spec.latents_std is None and spec.scaling_factor:
+    if spec.latents_std is None and spec.scaling_factor and std > 0:
         # With a scalar factor, the factor that would give std 1 is the current one divided by the std seen.
         suggestion = f" (a factor of {spec.scaling_factor / std:.4g} would give std 1)"
     report.warnings.append(

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
 from latentcache.format.checks import latent_problems
+from latentcache.format.manifest import counts_problem
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
 from latentcache.train.guard import bucket_latent_shape, check_transformer, transformer_problems
@@ -211,11 +212,15 @@ class LatentShardDataset(IterableDataset):
             raise ShardFormatError(f"{', '.join(str(s.root) for s in self.sources)}: no samples in "
                                    f"{len(self.shards)} shard(s): every input was skipped or failed when it was "
                                    "encoded (see failures.jsonl there, or `latentcache info`)")
+        for s in self.sources:  # what `verify` refuses in a manifest, the dataset refuses too
+            if counts_problem(s.manifest, s.root):
+                raise ShardFormatError(f"{counts_problem(s.manifest, s.root)}: damaged or edited; rebuild it with "
+                                       "`latentcache finalize DIR`")
         self.manifest, self.root = self.sources[0].manifest, self.sources[0].root
         self.spec = LatentSpec.from_dict(self.manifest["latent_spec"])
         if expected_channels is not None and self.spec.channels != expected_channels:
             raise LatentMismatchError(
-                f"{self.root}: latents have {self.spec.channels} channels ({self.manifest['vae']['class_name']}), "
+                f"{self.root}: latents have {self.spec.channels} channels ({self.manifest['vae'].get('class_name')}), "
                 f"the model expects {expected_channels}. Encode with the VAE your model was trained with, or fix "
                 "the model's in_channels."
             )

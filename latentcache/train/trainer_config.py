@@ -216,7 +216,7 @@ def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str
                 "image latents in the training step, or use the text-to-video config")
         else:
             problems.append(f"{w['in_channels']}: {config.in_channels}, the shards hold {spec.channels}-channel "
-                            f"latents ({manifest['vae']['class_name']}). Fix: encode with the VAE this model uses")
+                            f"latents ({manifest['vae'].get('class_name')}). Fix: encode with the VAE this model uses")
     if config.z_channels is not None and config.z_channels != spec.channels:
         problems.append(f"{w['z_channels']}: {config.z_channels}, the shards' VAE has {spec.channels} latent channels. "
                         "Fix: the trainer's first_stage_config must be the VAE the shards were encoded with")

@@ -231,11 +231,12 @@ def test_count_and_checksum_mismatch(encoded_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(encoded_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["shards"][1]["samples"] = 3
+    manifest["counts"]["samples"] = 9  # the manifest agrees with itself: the shard's own count is what is wrong
     (copy / "manifest.json").write_text(json.dumps(manifest))
     name = re.escape(Path(manifest["shards"][1]["path"]).name)
     with pytest.raises(ShardFormatError, match=rf"/{name}: 2 samples, the manifest lists 3"):
         list(LatentShardDataset(copy))
-    manifest["shards"][1]["samples"] = 2
+    manifest["shards"][1]["samples"], manifest["counts"]["samples"] = 2, 8
     (copy / "manifest.json").write_text(json.dumps(manifest))
     shard = copy / manifest["shards"][2]["path"]
     data = bytearray(shard.read_bytes())
@@ -379,6 +380,7 @@ def test_miscounted_shard_delivers_no_sample(encoded_dir: Path, tmp_path: Path) 
     root = _copy(encoded_dir, tmp_path)
     manifest = read_manifest(root)
     manifest["shards"][0]["samples"] = 3
+    manifest["counts"]["samples"] = 9  # the manifest agrees with itself: the shard's own count is what is wrong
     (root / "manifest.json").write_text(json.dumps(manifest))
     assert _delivered(LatentShardDataset(root), r"000000\.tar: 2 samples, the manifest lists 3") == []
 
