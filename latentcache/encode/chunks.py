@@ -460,6 +460,11 @@ def read_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef) -> Plan:
     return _read_chunk_file(out, plan, ref)[0]
 
 
+def read_chunk_stats(out: Path, plan: JobPlan, ref: ChunkRef) -> list[Stat] | None:
+    """What the chunk's inputs were when probed, in its input order (None: a chunk plan made before they were)."""
+    return _read_chunk_file(out, plan, ref)[1]
+
+
 def _read_chunk_file(out: Path, plan: JobPlan, ref: ChunkRef) -> tuple[Plan, list[Stat] | None]:
     """The chunk plan and its inputs' recorded stats (None: a chunk plan made before they were recorded)."""
     path = out / ref.plan_name

@@ -17,7 +17,7 @@ from latentcache.errors import ConfigError
 from latentcache.storage import sources, store
 
 # What an input was when its chunk was probed, as the chunk plan records it (None: it could not be read then):
-#   a local file   {"size", "mtime_ns", "sha256"}
+#   a local file   {"size", "mtime_ns", "sha256"}, plus "target" (the file it names) where the path is a link
 #   a tar member   {"tar_size", "tar_mtime_ns"} of the tar, {"size", "sha256"} of the member's bytes
 #   an object      {"size", "etag"} (or "modified" where the store gives no ETag): one HEAD, never a download
 # A rerun compares the cheap fields first (one stat, one HEAD) and reads bytes only where they differ, so a file only
@@ -45,12 +45,17 @@ def _quick_stat(path: str) -> Stat:
                 return {"size": int(info["size"]), "etag": str(etag)}
             modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
             return {"size": int(info["size"]), "modified": None if modified is None else str(modified)}
-        st = os.stat(split[0] if split else path)
+        local = split[0] if split else path
+        st = os.lstat(local)
+        # A link (git-annex, DVC, a farm of links) is the file it names now: its target is part of what it is, so a
+        # link repointed at a file of the same size and mtime is read, not taken as unchanged.
+        link = {"target": os.path.realpath(local)} if stat.S_ISLNK(st.st_mode) else {}
+        st = os.stat(local) if link else st
         if not stat.S_ISREG(st.st_mode):
             return None
         if split:
-            return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns, **link}
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **link}
     except (OSError, ValueError, KeyError):
         return None
 
@@ -101,7 +106,7 @@ def compare_stat(path: str, old: Stat) -> tuple[Change | None, Stat]:
         return None, old
     if old is None:
         return Change(path, "unreadable when planned, readable now"), None
-    if all(old.get(k) == v for k, v in quick.items()):
+    if all(old.get(k) == v for k, v in quick.items()) and old.get("target") == quick.get("target"):
         return None, old
     if "size" in quick and "size" in old and quick["size"] != old["size"]:
         return Change(path, f"size {old['size']} -> {quick['size']} bytes"), None

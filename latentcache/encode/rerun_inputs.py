@@ -14,6 +14,7 @@ import numpy as np
 
 from latentcache.encode import chunks
 from latentcache.encode.chunks import InputTable, JobPlan
+from latentcache.encode.input_stats import NAMED_CHANGES, compare_stat
 from latentcache.encode.plan import input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
@@ -45,6 +46,7 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
     only when its bytes differ (the absolute path may: a dataset moved keeps its keys and stays valid)."""
     changed: list[str] = []
     count = 0
+    moved = _MovedInputs(out, plan)
     for part in plan.parts:
         positions = np.searchsorted(table.digests, chunks.part_digests(out, part))
         path = out / chunks.inputs_name(part.index)
@@ -56,6 +58,8 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
                 chunk, at = divmod(n - 1, part.chunk_size)
                 before = chunks.read_input_line(line, path, at + 1, f" of chunk {chunk}")
                 now = chunks.input_from_line(strictjson.loads(given))
+                if now.path != before.path:
+                    moved.add(part.index, chunk, at, before.path, now.path)
                 fields = [name for name in _HELD_FIELDS if getattr(before, name) != getattr(now, name)]
                 if fields:
                     count += 1
@@ -63,11 +67,61 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
                         said = "; ".join(f"{name} was {getattr(before, name)!r}, now {getattr(now, name)!r}"
                                          for name in fields)
                         changed.append(f"{now.relpath} ({said})")
+    moved.check()
     if count:
         raise ConfigError(f"{count} input(s) planned in {out} are given now with another caption or extra columns, "
                           f"e.g. {', '.join(changed)}. Their shards hold the values they were planned with, and a "
                           "planned input is never changed in place (--reencode-changed redoes changed video files, "
                           "not captions): give the earlier values again, or encode into a new --out directory.")
+
+
+class _MovedInputs:
+    """Planned inputs that the inputs given now name at another path (a moved dataset, a repointed folder link, a
+    link of git-annex or DVC given through a folder, whose listing resolves it): what each names now is held against
+    what its chunk plan recorded, since the planned path may still hold the old bytes or nothing at all. Checked a
+    chunk at a time (one chunk plan in memory); a changed one is refused by name, also with --reencode-changed, which
+    reads the planned path."""
+
+    def __init__(self, out: Path, plan: JobPlan) -> None:
+        self.out, self.plan = out, plan
+        self.refs = {(r.part, r.chunk): r for r in plan.chunk_refs()}
+        self.pending: list[tuple[int, str, str]] = []
+        self.where: tuple[int, int] | None = None
+        self.changes: list[tuple[str, str, str]] = []
+
+    def add(self, part: int, chunk: int, at: int, planned: str, now: str) -> None:
+        if self.where != (part, chunk):
+            self._check_chunk()
+            self.where = (part, chunk)
+        self.pending.append((at, planned, now))
+
+    def _check_chunk(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending or self.where is None:
+            return
+        ref = self.refs[self.where]
+        if not (self.out / ref.plan_name).is_file():
+            return  # not probed yet: it is planned from the inputs file when its turn comes
+        stats = chunks.read_chunk_stats(self.out, self.plan, ref)
+        if stats is None:
+            return
+        for at, planned, now in pending:
+            change, _ = compare_stat(now, stats[at])
+            if change is not None:
+                self.changes.append((now, planned, change.how))
+
+    def check(self) -> None:
+        self._check_chunk()
+        if not self.changes:
+            return
+        named = "; ".join(f"{now} ({how}; planned as {planned})" for now, planned, how in self.changes[:NAMED_CHANGES])
+        more = f"; and {len(self.changes) - NAMED_CHANGES} more" if len(self.changes) > NAMED_CHANGES else ""
+        raise ConfigError(
+            f"{self.out}: {len(self.changes)} input(s) are given now at another path than they were planned at (a "
+            f"moved dataset or a repointed link) and hold other bytes than were encoded: {named}{more}. Their "
+            "shards hold latents of the old bytes. Re-encoding reads the planned path, so --reencode-changed cannot "
+            "take them from here: put the dataset (or the links) back as planned and run with --reencode-changed, "
+            "or encode into a new --out directory.")
 
 
 def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:

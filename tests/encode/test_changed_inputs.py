@@ -436,3 +436,88 @@ def test_reencode_changed_killed_at_each_step_ends_as_an_uninterrupted_run(tmp_p
             main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"])
     assert main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"]) == 0
     assert tree_bytes(out) == tree_bytes(whole)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=shutil.copy2)  # same bytes and mtimes: a mirror, a moved copy
+
+
+@pytest.mark.parametrize("how", ["folder link repointed", "dataset moved", "file links repointed"])
+def test_an_input_is_checked_at_what_it_names_now(tmp_path: Path, how: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A replaced video reached through a repointed folder link, a dataset moved with one video replaced, or a
+    git-annex/DVC-style link of a folder repointed at another object: refused by name (the planned path still holds
+    the old bytes, or nothing), never "already done" with the old latents; --reencode-changed refuses it too, since
+    it reads the planned path."""
+    first = _videos(tmp_path / "first")
+    data = tmp_path / "data"
+    if how == "file links repointed":
+        objects = tmp_path / "objects"
+        _copy_folder(first, objects)
+        data.mkdir()
+        for f in sorted(objects.iterdir()):
+            (data / f.name).symlink_to(f)
+    else:
+        data.symlink_to(first)
+    out = tmp_path / "out"
+    assert main(["encode", str(data), "--out", str(out), *ARGS]) == 3  # broken.mp4
+    given = data
+    if how == "folder link repointed":
+        second = tmp_path / "second"
+        _copy_folder(first, second)
+        _replace(second / "v1.mp4")
+        data.unlink()
+        data.symlink_to(second)
+        changed = second / "v1.mp4"
+    elif how == "dataset moved":
+        given = tmp_path / "moved"
+        os.rename(first, given)
+        _replace(given / "v1.mp4")
+        changed = given / "v1.mp4"
+    else:
+        _replace(objects / "v1.mp4")
+        new_object = objects / "v1.mp4"
+        os.rename(new_object, objects / "other.mp4")
+        (data / "v1.mp4").unlink()
+        (data / "v1.mp4").symlink_to(objects / "other.mp4")
+        changed = objects / "other.mp4"
+        # The old object stays where the plan recorded it, unchanged (an annex keeps every version).
+        shutil.copy2(first / "v1.mp4", objects / "v1.mp4")
+    before = tree_bytes(out)
+    for extra in ([], ["--reencode-changed"]):
+        capsys.readouterr()
+        assert main(["encode", str(given), "--out", str(out), *ARGS, *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(changed) in err and "another path than they were planned at" in err
+        assert tree_bytes(out) == before
+
+
+def test_a_listed_link_repointed_at_a_file_of_the_same_size_and_mtime_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A list names a link (git-annex, DVC): repointed at another object of the same size and mtime, its bytes are
+    read and compared, where a stat of what it names would call it unchanged."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    one = write_video(objects / "one", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    other = objects / "other.mp4"
+    data = bytearray(one.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    other.write_bytes(bytes(data))
+    st = one.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    link = tmp_path / "v.mp4"
+    link.symlink_to(one)
+    listed = tmp_path / "videos.txt"
+    listed.write_text("v.mp4\n")
+    out = tmp_path / "out"
+    assert main(["encode", str(listed), "--out", str(out), *ARGS]) == 0
+    link.unlink()
+    link.symlink_to(other)
+    capsys.readouterr()
+    assert main(["encode", str(listed), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert str(link) in err and "sha256 differs" in err
+    assert main(["encode", str(listed), "--out", str(out), *ARGS, "--reencode-changed"]) == 0
+    link.unlink()
+    link.symlink_to(one)  # back: the same link target and bytes as the stat recorded first
+    assert main(["encode", str(listed), "--out", str(out), *ARGS]) == 2
