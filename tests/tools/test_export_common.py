@@ -223,6 +223,8 @@ def test_unknown_trainer_or_architecture_lists_what_is_supported(wan, tmp_path, 
     assert "--arch fp: not exported: FramePack's cache" in capsys.readouterr().err
     assert main(["export", "musubi", str(wan), "--to", str(tmp_path / "c"), "--arch", "hv"]) == 2
     assert "musubi-tuner's hunyuan_video cache holds hunyuanvideo VAE latents" in capsys.readouterr().err
+    assert main(["export", "ltx2", str(wan), "--to", str(tmp_path / "c"), "--arch", "wan"]) == 2
+    assert "export ltx2: --arch is not an option of this export" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 

@@ -325,3 +325,31 @@ def test_hunyuan15_and_kandinsky5_match_musubis_writers_and_are_read_by_its_data
     assert len(batches) == 2 and all(b["latents"].dtype == torch.float16 for b in batches)
     assert sorted(tuple(b["latents"].shape) for b in batches) == sorted(
         (1, *s["mean"].shape) for s in _samples(out).values())
+
+
+def test_two_buckets_are_read_by_musubis_dataset(musubi, tmp_path):
+    """A wide and a tall clip (two latentcache buckets) exported for Wan: musubi's VideoDataset reads both, each with
+    latents equal to the normalised posterior mean in bf16."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "wide", codec="h264", num_frames=30, height=64, width=96)
+    write_video(videos / "tall", codec="h264", num_frames=30, height=96, width=64)
+    out = _encode(videos, tmp_path / "out", "wan", "--buckets", "64x96,96x64")
+    samples = _samples(out)
+    assert {s["meta"]["bucket"] for s in samples.values()} == {"13x64x96", "13x96x64"}
+    cache = tmp_path / "cache"
+    export_musubi(out, cache)
+    for source in samples:
+        te = musubi.dataset.ItemInfo(Path(source).stem, "c", (96, 64))
+        te.text_encoder_output_cache_path = str(cache / f"{Path(source).stem}_wan_te.safetensors")
+        musubi.cache_io.save_text_encoder_output_cache_wan(te, torch.zeros(3, 8, dtype=torch.bfloat16))
+    spec = json.loads((out / "manifest.json").read_text())["latent_spec"]
+    m = torch.tensor(spec["latents_mean"]).view(-1, 1, 1, 1)
+    s = torch.tensor(spec["latents_std"]).view(-1, 1, 1, 1)
+    expected = {tuple(x["mean"].shape): ((x["mean"].float() - m) / s).to(torch.bfloat16) for x in samples.values()}
+    batches = _read_with_musubi(musubi, cache, videos, "wan")
+    assert len(batches) == 2
+    for batch in batches:
+        latent = batch["latents"][0]
+        torch.testing.assert_close(latent, expected[tuple(latent.shape)], rtol=0, atol=0)
+    assert len({tuple(b["latents"].shape) for b in batches}) == 2
