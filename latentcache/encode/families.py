@@ -1,7 +1,7 @@
 """Everything that differs between VAE families, one `FAMILIES` record each: the diffusers class, where the
 normalisation is read from (config or weights), how the encoder tiles, a tiny config for tests, the transformer
-trained on its latents and the text recipe. Adding a family adds one entry here (and, for image-to-video, one line
-in `format.spec.IMAGE_CONDITIONS`)."""
+trained on its latents. Adding a family adds one entry here (and, for image-to-video, one line in
+`format.spec.IMAGE_CONDITIONS`; for `--text-encoder`, one in `text_families.TEXT_FAMILIES`)."""
 
 from __future__ import annotations
 
@@ -102,18 +102,6 @@ class PixelConvention:
 
 
 @dataclass(slots=True, frozen=True)
-class TextRecipe:
-    """How a family's pipeline turns a prompt into `prompt_embeds` (see its `_get_t5_prompt_embeds`); text.py
-    follows it to cache the same tensors."""
-
-    encoder_class: str  # the transformers class of the pipeline's text_encoder
-    max_length: int  # the pipeline's default max_sequence_length
-    # WanPipeline passes the mask to the encoder, cuts each embedding to its prompt's length and pads with zeros;
-    # CogVideoX and LTX-Video run the encoder on the padded ids alone.
-    wan_style: bool = False
-
-
-@dataclass(slots=True, frozen=True)
 class VAEFamily:
     """Everything that differs between VAE families; adding a family adds one `FAMILIES` entry.
 
@@ -135,9 +123,6 @@ class VAEFamily:
     frame_chunk_attr: str | None = None
     # The diffusers transformer trained on these latents, for docs and `for_transformer` checks.
     transformer_class: str | None = None
-    # How the family's pipeline embeds prompts (`--text-encoder`); None with `text_unsupported` saying why.
-    text_recipe: TextRecipe | None = None
-    text_unsupported: str = "latentcache has no text recipe for it yet"
     # False where diffusers' encode fails on a batch of more than one clip: VideoVAE.encode then calls it one clip at
     # a time (the same latents, one call per clip), whatever --batch-size says.
     batchable: bool = True
@@ -297,7 +282,6 @@ FAMILIES: dict[str, VAEFamily] = {
         tiling=OVERLAP_TILING,
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
-        text_recipe=TextRecipe("T5EncoderModel", 226),
     ),
     "wan": VAEFamily(
         name="wan",
@@ -310,7 +294,6 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_wan_spec,
         tiling=PATCHED_STRIDE_TILING,
         transformer_class="WanTransformer3DModel",
-        text_recipe=TextRecipe("UMT5EncoderModel", 512, wan_style=True),
     ),
     "hunyuanvideo": VAEFamily(
         name="hunyuanvideo",
@@ -321,8 +304,6 @@ FAMILIES: dict[str, VAEFamily] = {
                          latent_channels=16),
         spec_from_model=_hunyuan_spec,
         transformer_class="HunyuanVideoTransformer3DModel",
-        text_unsupported="HunyuanVideo conditions on two encoders (a LLaVA-Llama with a prompt template, plus "
-        "CLIP's pooled output), which latentcache does not cache yet",
     ),
     "ltx": VAEFamily(
         name="ltx",
@@ -335,7 +316,6 @@ FAMILIES: dict[str, VAEFamily] = {
                          decoder_layers_per_block=(1, 1, 1, 1, 1)),
         spec_from_model=_ltx_spec,
         transformer_class="LTXVideoTransformer3DModel",
-        text_recipe=TextRecipe("T5EncoderModel", 128),
     ),
     "mochi": VAEFamily(
         name="mochi",
@@ -348,8 +328,6 @@ FAMILIES: dict[str, VAEFamily] = {
                          layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5),
         spec_from_model=_mochi_spec,
         transformer_class="MochiTransformer3DModel",
-        text_unsupported="MochiPipeline passes the attention mask to its T5 and keeps the padded positions, a recipe "
-        "latentcache does not implement yet",
     ),
     "hunyuanvideo15": VAEFamily(
         name="hunyuanvideo15",
@@ -366,8 +344,6 @@ FAMILIES: dict[str, VAEFamily] = {
         # raises (diffusers 0.42), so latentcache encodes its clips one at a time.
         batchable=False,
         transformer_class="HunyuanVideo15Transformer3DModel",
-        text_unsupported="HunyuanVideo 1.5 conditions on a Qwen2.5-VL with a prompt template plus a ByT5 glyph "
-        "encoder, which latentcache does not cache yet",
     ),
     "ltx2": VAEFamily(
         name="ltx2",
@@ -384,8 +360,6 @@ FAMILIES: dict[str, VAEFamily] = {
                          spatial_compression_ratio=32, temporal_compression_ratio=8),
         spec_from_model=_ltx2_spec,
         transformer_class="LTX2VideoTransformer3DModel",
-        text_unsupported="LTX-2 conditions on Gemma 3 hidden states through its own text connectors, which "
-        "latentcache does not cache yet",
     ),
     "minimax-h3": VAEFamily(
         name="minimax-h3",
@@ -401,8 +375,6 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_minimax_h3_spec,
         tiling=WIDENED_TILING,
         transformer_class="MiniMaxH3Transformer3DModel",
-        text_unsupported="MiniMax-H3 conditions on Qwen3-VL hidden states (layer 50) packed into one sequence with "
-        "the media rows, which latentcache does not cache yet",
         # MiniMaxH3ModularPipeline.pixel_mean / pixel_std: ImageNet's, over [0, 1].
         pixels=PixelConvention(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
         tiled_as_released=True,

@@ -273,7 +273,8 @@ def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: Pl
             continue
         # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
         text = texts.embed(p.caption) if texts is not None else None
-        out.append((p, EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text, *image)))
+        out.append((p, EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text, *image,
+                                   text_trimmed=texts.trimmed if texts is not None else None)))
     return out
 
 

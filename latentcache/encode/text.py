@@ -1,10 +1,9 @@
 """Captions -> prompt embeddings, cached next to the latents as `<key>.text.safetensors`.
 
-Each family's diffusers pipeline encodes prompts its own way (tokenizer length, whether the attention mask reaches
-the encoder, Wan's zeroed padding); each family's `text_recipe` (in families.FAMILIES) copies those choices so a
-trainer that reads the cached `prompt_embeds` gets exactly what the pipeline's `encode_prompt` would give. Each
-distinct caption is encoded once (an LRU cache: clips of one video share a caption and sit next to each other in
-the plan).
+Each family's diffusers pipeline encodes prompts its own way (templates, second encoders, masks, pooled outputs);
+its `TextFamily` (encode/text_families.py) says how, so a trainer that reads the cached tensors gets exactly what
+the pipeline's `encode_prompt` hands its transformer, under the same names. Each distinct caption is encoded once
+(an LRU cache: clips of one video share a caption and sit next to each other in the plan).
 
 `transformers` is the optional extra `text`: `pip install 'latentcache[text]'`.
 """
@@ -18,8 +17,9 @@ from typing import Any
 
 import torch
 
-from latentcache.encode.families import FAMILIES, TextRecipe, family_of
+from latentcache.encode.families import family_of
 from latentcache.encode.settings import TextSettings
+from latentcache.encode.text_families import TEXT_FAMILIES, TextFamily
 from latentcache.encode.vae import resolve_device, resolve_dtype
 from latentcache.errors import ConfigError, MissingDependency
 
@@ -29,15 +29,15 @@ CACHE_SIZE = 128  # distinct captions kept; CogVideoX's 226x4096 bf16 embedding 
 EMPTY_PROMPT = ""  # what a clip without a caption is embedded as: the pipelines' unconditional prompt
 
 
-def recipe_for(family: str) -> TextRecipe:
-    """The family's text recipe (`VAEFamily.text_recipe`); a ConfigError saying why for a family without one."""
-    found = family_of(family)
-    if found.text_recipe is None:
-        known = ", ".join(f.name for f in FAMILIES.values() if f.text_recipe is not None)
-        raise ConfigError(f"--text-encoder with --family {family}: {found.text_unsupported} (text recipes: "
-                          f"{known}); drop --text-encoder (captions are still stored) and encode prompts in the "
-                          "training loop")
-    return found.text_recipe
+def text_family(family: str) -> TextFamily:
+    """The family's prompt recipe (`text_families.TEXT_FAMILIES`); a ConfigError naming those there are."""
+    family_of(family)  # an unknown family is named as such
+    found = TEXT_FAMILIES.get(family)
+    if found is None:
+        raise ConfigError(f"--text-encoder with --family {family}: latentcache has no prompt recipe for it yet "
+                          f"(recipes: {', '.join(sorted(TEXT_FAMILIES))}); drop --text-encoder (captions are still "
+                          "stored) and encode prompts in the training loop")
+    return found
 
 
 def _import_transformers() -> Any:
@@ -51,17 +51,24 @@ def _import_transformers() -> Any:
     return transformers
 
 
-class TextEncoder:
-    """A tokenizer and encoder that give each caption the tensors `prompt_embeds` and `attention_mask`."""
+TINY_RANDOM = "tiny-random"  # `--text-encoder tiny-random`: the family's text components with random weights
 
-    def __init__(self, tokenizer: Any, model: Any, recipe: TextRecipe, max_length: int, device: torch.device) -> None:
-        self.tokenizer = tokenizer
-        self.model = model
-        self.recipe = recipe
+
+class TextEncoder:
+    """A family's text components, in its pipeline, giving each caption the tensors its transformer is handed."""
+
+    def __init__(self, pipe: Any, family: TextFamily, max_length: int, device: torch.device) -> None:
+        self.pipe = pipe
+        self.family = family
         self.max_length = max_length
         self.device = device
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.encoded_prompts = 0  # forward passes' worth of prompts, for tests and logs
+
+    @property
+    def trimmed(self) -> dict[str, str]:
+        """Tensors stored only at their mask's positions (name -> mask name), for the writer's metadata."""
+        return self.family.trimmed
 
     def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor]]:
         """One dict per caption, encoding only captions not seen recently.
@@ -72,7 +79,7 @@ class TextEncoder:
         """
         prompts = [EMPTY_PROMPT if c is None else c for c in captions]
         todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh = dict(zip(todo, self._encode(todo), strict=True)) if todo else {}
+        fresh = {p: self._encode(p) for p in todo}
         out = []
         for prompt in prompts:
             tensors = fresh.get(prompt)
@@ -91,24 +98,15 @@ class TextEncoder:
         return self.embed_many([caption])[0]
 
     @torch.inference_mode()
-    def _encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
-        if self.recipe.wan_style:
-            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-            prompts = [prompt_clean(p) for p in prompts]
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device)
-        if self.recipe.wan_style:
-            embeds = self.model(ids, mask).last_hidden_state
-            # Positions past each prompt's length are zeros, as WanPipeline makes them.
-            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
-        else:
-            embeds = self.model(ids)[0]
-        self.encoded_prompts += len(prompts)
-        return [{"prompt_embeds": e.contiguous().cpu(), "attention_mask": m.bool().cpu()}
-                for e, m in zip(embeds, mask, strict=True)]
+    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        """One prompt per call, as the pipeline encodes one prompt: nothing depends on which captions are new
+        together (a batch would pad or, in MochiPipeline with force_zeros_for_empty_prompt, zero by its last)."""
+        batched = self.family.encode(self.pipe, [prompt], self.max_length, self.device)
+        self.encoded_prompts += 1
+        out = {name: t[0].contiguous().cpu() for name, t in batched.items()}
+        for name, mask in self.family.trimmed.items():
+            out[name] = out[name][out[mask].bool()].contiguous()
+        return out
 
 
 def _load_part(cls: Any, source: str, subfolder: str, revision: str | None, **kwargs: Any) -> Any:
@@ -122,25 +120,99 @@ def _load_part(cls: Any, source: str, subfolder: str, revision: str | None, **kw
         return cls.from_pretrained(source, revision=revision, **kwargs)
 
 
-def load_text_encoder(settings: TextSettings, family: str, device: torch.device | str = "cpu") -> TextEncoder:
-    """The family's text encoder and tokenizer from a local directory or hub id (pipeline layout or bare)."""
-    recipe = recipe_for(family)
+def _pipeline_config(cls: Any, source: str, revision: str | None) -> dict[str, Any]:
+    """The pipeline's own settings from its model_index.json, if the source has one (e.g. MochiPipeline's
+    force_zeros_for_empty_prompt); components are passed separately."""
+    try:
+        config = cls.load_config(source, revision=revision)
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+
+
+def build_pipeline(family: TextFamily, parts: dict[str, Any], config: dict[str, Any] | None = None,
+                   vae_family: str | None = None) -> Any:
+    """The family's diffusers pipeline holding only `parts` (its text components); every other module None.
+
+    HunyuanVideo15Pipeline's __init__ reads `vae.config` even when the VAE is None: for such a pipeline the VAE
+    family's tiny random VAE stands in while __init__ runs and is dropped after (prompt encoding never uses it).
+    """
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline)
+    signature = inspect.signature(cls.__init__).parameters
+    kwargs = {p: None for p, v in signature.items() if p != "self" and v.default is inspect.Parameter.empty}
+    kwargs.update({k: v for k, v in (config or {}).items() if k in signature})
+    try:
+        return cls(**{**kwargs, **parts})
+    except AttributeError:
+        if vae_family is None or "vae" not in kwargs:
+            raise
+    vae_record = family_of(vae_family)
+    with torch.random.fork_rng(devices=[]):
+        vae = getattr(diffusers, vae_record.class_name)(**vae_record.tiny_config)
+    pipe = cls(**{**kwargs, **parts, "vae": vae})
+    pipe.register_modules(vae=None)
+    return pipe
+
+
+def _check_config(transformers: Any, cls: Any, source: str, name: str, revision: str | None) -> None:
+    """Refuse another model's config before loading weights: a class built from a foreign config falls back to its
+    defaults (a LlamaModel from a T5 config is a 7B-parameter Llama)."""
+    config = _load_part(transformers.AutoConfig, source, name, revision)
+    expected = cls.config_class.model_type
+    # Qwen2_5_VLTextModel (qwen2_5_vl_text) may come with the whole Qwen2.5-VL's config (qwen2_5_vl).
+    if not (expected.startswith(config.model_type) or config.model_type.startswith(expected)):
+        raise ValueError(f"its config is a {config.model_type} model, {cls.__name__} takes {expected}")
+
+
+def _load_parts(settings: TextSettings, family: TextFamily, dtype: torch.dtype) -> dict[str, Any]:
     transformers = _import_transformers()
+    parts = {}
+    for name, class_name in family.components.items():
+        cls = getattr(transformers, class_name)
+        kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype}
+        try:
+            if not name.startswith("tokenizer"):
+                _check_config(transformers, cls, settings.source, name, settings.revision)
+            parts[name] = _load_part(cls, settings.source, name, settings.revision, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"--text-encoder {settings.source}: could not load {name} ({class_name}) for {family.pipeline} "
+                f"({e}). Pass the pipeline (with {'/, '.join(family.components)}/ subfolders) as a local path or a "
+                f"hub id reachable from here, or `--text-encoder {TINY_RANDOM}` to try it with random weights."
+            ) from e
+    return parts
+
+
+def load_text_encoder(settings: TextSettings, family: str, device: torch.device | str = "cpu") -> TextEncoder:
+    """The family's text components from a local directory or hub id (pipeline layout or bare), or the built-in
+    `tiny-random` ones, in the family's pipeline."""
+    recipe = text_family(family)
+    _import_transformers()
     dev = resolve_device(str(device))
     # T5 and UMT5 were trained in bf16 and overflow in fp16.
     dtype = resolve_dtype(settings.dtype, dev, gpu_default=torch.bfloat16, flag="text encoder dtype")
-    encoder_cls = getattr(transformers, recipe.encoder_class)
-    try:
-        tokenizer = _load_part(transformers.AutoTokenizer, settings.source, "tokenizer", settings.revision)
-        model = _load_part(encoder_cls, settings.source, "text_encoder", settings.revision, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"--text-encoder {settings.source}: could not load a tokenizer and {recipe.encoder_class} ({e}). "
-            "Pass a pipeline (with text_encoder/ and tokenizer/) or a directory holding both, as a local path or "
-            "a hub id reachable from here."
-        ) from e
-    model = model.to(dev).eval().requires_grad_(False)
+    if settings.source == TINY_RANDOM:
+        parts, config = recipe.tiny(), None
+        log.warning("--text-encoder %s: random weights, for demos and tests only; its embeddings mean nothing",
+                    TINY_RANDOM)
+    else:
+        parts = _load_parts(settings, recipe, dtype)
+        config = _pipeline_config(getattr(_import_diffusers(), recipe.pipeline), settings.source, settings.revision)
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    pipe = build_pipeline(recipe, parts, config, vae_family=family)
     max_length = settings.max_length or recipe.max_length
-    log.info("text encoder %s (%s, %s, max length %d) on %s", settings.source, recipe.encoder_class,
+    log.info("text encoder %s (%s, %s, max length %d) on %s", settings.source, recipe.pipeline,
              str(dtype).split(".")[-1], max_length, dev)
-    return TextEncoder(tokenizer, model, recipe, max_length, dev)
+    return TextEncoder(pipe, recipe, max_length, dev)
+
+
+def _import_diffusers() -> Any:
+    import diffusers
+
+    return diffusers

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, KNOWN_MEMBERS, LATENTS, TEXT_EMBEDS
+from latentcache.format.text import read_text
 
 
 def open_regular(path: str | os.PathLike, where: str) -> BinaryIO:
@@ -126,14 +127,16 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     if LATENTS not in sample:
         raise ShardFormatError(f"{where}: sample {_shown(key)} has no {LATENTS} member")
     out: dict[str, Any] = {"key": key, "url": where}
-    for member in (LATENTS, TEXT_EMBEDS):
-        if member in sample:
-            safetensors_header(sample[member], f"{where}: member {key}.{member}")
+    headers = {member: safetensors_header(sample[member], f"{where}: member {key}.{member}")
+               for member in (LATENTS, TEXT_EMBEDS) if member in sample}
     try:
         tensors = load_safetensors(sample[LATENTS])
         out["meta"] = strictjson.loads(sample["json"]) if "json" in sample else {}
         out["caption"] = sample["txt"].decode("utf-8") if "txt" in sample else None
-        out["text"] = load_safetensors(sample[TEXT_EMBEDS]) if TEXT_EMBEDS in sample else None
+        out["text"] = (read_text(sample[TEXT_EMBEDS], headers[TEXT_EMBEDS], f"{where}: member {key}.{TEXT_EMBEDS}")
+                       if TEXT_EMBEDS in sample else None)
+    except ShardFormatError:
+        raise
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ShardFormatError(f"{where}: sample {_shown(key)} does not decode: {type(e).__name__}: {e}") from e
     video = set(tensors) - set(IMAGE_TENSORS)

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, LATENTS, TEXT_EMBEDS
+from latentcache.format.text import text_member
 from latentcache.storage import store
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class EncodedClip:
     # encode_image_condition`): [C, 1, H, W] for CogVideoX, [C, T, H, W] for Wan (no log-variance: it uses the mode).
     image_mean: torch.Tensor | None = None
     image_logvar: torch.Tensor | None = None
+    # Text tensors stored only at their mask's positions (name -> mask name; format/text.py).
+    text_trimmed: dict[str, str] | None = None
 
 
 
@@ -78,7 +81,7 @@ def sample_members(clip: EncodedClip | CarriedSample) -> list[tuple[str, bytes]]
     if clip.caption is not None:
         members.append((f"{clip.key}.txt", clip.caption.encode("utf-8")))
     if clip.text is not None:
-        members.append((f"{clip.key}.{TEXT_EMBEDS}", save_safetensors(clip.text)))
+        members.append((f"{clip.key}.{TEXT_EMBEDS}", text_member(clip.text, clip.text_trimmed)))
     return members
 
 

@@ -35,6 +35,7 @@ from latentcache.format.checks import latent_problems
 from latentcache.format.manifest import counts_problem
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
+from latentcache.format.text import collate_text, item_text
 from latentcache.train.guard import bucket_latent_shape, check_transformer, transformer_problems
 from latentcache.train.partition import (
     Share,
@@ -68,6 +69,9 @@ __all__ = ["LAYOUTS", "MANIFEST_SEARCH_DEPTH", "MAX_SHARD_BYTES", "PIXEL_SUFFIXE
            "raw_shape", "read_bytes", "read_shard", "resolve_source", "transformer_problems"]
 
 log = logging.getLogger(__name__)
+
+# What every item holds besides its prompt tensors (`prompt_embeds`... under the family's pipeline names).
+_ITEM_KEYS = frozenset({"latents", "key", "meta", "caption", "image_latents"})
 
 LAYOUTS = ("BCTHW", "BTCHW")
 # Settings that decide the order of items: a resume position only means something under the same ones.
@@ -136,9 +140,10 @@ class LatentShardDataset(IterableDataset):
     `weights=[...]`, mixed in those proportions), or shard urls: a path, a glob, a brace list
     (`shards/{000000..000099}.tar`), a list of shard paths, `file://...`, or anything webdataset's gopen opens
     (then pass `manifest=`; for local shards it is found above them). Yields dicts with `latents` (float tensor
-    [C, T, H, W], normalised for the model), `key`, `meta`, `caption` and `prompt_embeds` when cached. With
-    `batch_size=B`, yields batches of one bucket: `latents` is [B, C, T, H, W] (or [B, T, C, H, W] with
-    `layout="BTCHW"`, what diffusers' CogVideoX transformer takes).
+    [C, T, H, W], normalised for the model), `key`, `meta`, `caption` and, when cached, the prompt tensors under
+    the family's pipeline names (`prompt_embeds`...). With `batch_size=B`, yields batches of one bucket:
+    `latents` is [B, C, T, H, W] (or [B, T, C, H, W] with `layout="BTCHW"`, what diffusers' CogVideoX transformer
+    takes).
 
     Every sample is seen exactly once per epoch across DDP ranks and DataLoader workers (`latentcache.train.partition`):
     shards are split between them when there are enough, samples otherwise. `shuffle=True` permutes shards per
@@ -489,8 +494,7 @@ class LatentShardDataset(IterableDataset):
             image = self._image_latents(sample)
             out["image_latents"] = image.permute(1, 0, 2, 3) if self.layout == "BTCHW" else image
         if sample["text"] is not None:
-            out["prompt_embeds"] = sample["text"].get("prompt_embeds")
-            out["prompt_attention_mask"] = sample["text"].get("attention_mask")
+            out.update(item_text(sample["text"]))
         return out
 
     def _image_latents(self, sample: dict[str, Any]) -> torch.Tensor:
@@ -535,10 +539,8 @@ class LatentShardDataset(IterableDataset):
                  "meta": [s["meta"] for s in samples], "caption": [s["caption"] for s in samples]}
         if all("image_latents" in s for s in samples):
             batch["image_latents"] = torch.stack([s["image_latents"] for s in samples])
-        if all(s.get("prompt_embeds") is not None for s in samples):
-            batch["prompt_embeds"] = torch.stack([s["prompt_embeds"] for s in samples])
-            if all(s.get("prompt_attention_mask") is not None for s in samples):
-                batch["prompt_attention_mask"] = torch.stack([s["prompt_attention_mask"] for s in samples])
+        # The prompt tensors (`--text-encoder`): whatever else an item holds, under the pipeline's names.
+        batch.update(collate_text([{k: v for k, v in s.items() if k not in _ITEM_KEYS} for s in samples]))
         return batch
 
 

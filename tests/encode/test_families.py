@@ -366,32 +366,35 @@ def test_stride_tiling_refuses_a_stride_off_the_latent_grid():
     assert tile_problem(TilingSettings(tile_height=64, tile_width=64, overlap=0.5), 32, "stride") is None
 
 
-def test_a_new_family_is_one_entry_with_its_text_recipe_and_tiling(monkeypatch, tiny_vae):
-    """What differs between families (text recipe, tiling adapter) is read from the family's FAMILIES entry only."""
+def test_a_new_family_is_one_entry_with_its_tiling_and_text_recipe(monkeypatch, tiny_vae):
+    """What differs between families is read from the family's FAMILIES entry (tiling adapter) and its
+    TEXT_FAMILIES entry (prompt recipe) only."""
     import dataclasses
 
-    from latentcache.encode.families import TextRecipe, TilingAdapter
-    from latentcache.encode.text import recipe_for
+    from latentcache.encode.families import TilingAdapter
+    from latentcache.encode.text import text_family
+    from latentcache.encode.text_families import TEXT_FAMILIES
     from latentcache.encode.vae import VideoVAE
 
     seen = []
-    custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom", text_recipe=TextRecipe("UMT5EncoderModel", 77),
+    custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom",
                                  tiling=TilingAdapter("stride", lambda model, tiling: seen.append(tiling)))
     monkeypatch.setitem(FAMILIES, "custom", custom)
-    assert recipe_for("custom") == TextRecipe("UMT5EncoderModel", 77)
     vae = VideoVAE(tiny_vae.model, dataclasses.replace(tiny_vae.spec, family="custom"), tiny_vae.identity,
                    tiny_vae.device, tiny_vae.dtype)
     tiling = TilingSettings(tile_height=32, tile_width=32, overlap=0.25)  # exact for a stride, not for an overlap
     vae.configure(tiling, None)
     assert seen == [tiling]
-    monkeypatch.setitem(FAMILIES, "custom", dataclasses.replace(custom, text_recipe=None))
-    with pytest.raises(ConfigError, match="--family custom: latentcache has no text recipe for it yet"):
-        recipe_for("custom")
+    with pytest.raises(ConfigError, match="--family custom: latentcache has no prompt recipe for it yet"):
+        text_family("custom")
+    monkeypatch.setitem(TEXT_FAMILIES, "custom", TEXT_FAMILIES["wan"])
+    assert text_family("custom") is TEXT_FAMILIES["wan"]
     assert {f: FAMILIES[f].tiling.style for f in FAMILY_NAMES} == {
         "cogvideox": "overlap", "hunyuanvideo": "stride", "hunyuanvideo15": "overlap", "ltx": "stride",
         "ltx2": "stride", "minimax-h3": "widened", "mochi": "stride", "wan": "stride"}
-    assert [(f, FAMILIES[f].text_recipe.max_length) for f in FAMILY_NAMES if FAMILIES[f].text_recipe] == [
-        ("cogvideox", 226), ("ltx", 128), ("wan", 512)]
+    assert {f: TEXT_FAMILIES[f].max_length for f in FAMILY_NAMES if f in TEXT_FAMILIES} == {
+        "cogvideox": 226, "hunyuanvideo": 256, "hunyuanvideo15": 1000, "ltx": 128, "ltx2": 1024, "mochi": 256,
+        "wan": 512}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "cogvideox"])

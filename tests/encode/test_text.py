@@ -69,7 +69,7 @@ def umt5_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _as_pipeline(encoder: TextEncoder) -> SimpleNamespace:
     """What a diffusers pipeline's `_get_t5_prompt_embeds` reads from `self`."""
-    return SimpleNamespace(tokenizer=encoder.tokenizer, text_encoder=encoder.model,
+    return SimpleNamespace(tokenizer=encoder.pipe.tokenizer, text_encoder=encoder.pipe.text_encoder,
                            _execution_device=torch.device("cpu"))
 
 
@@ -98,7 +98,7 @@ def test_ltx_embeddings_and_mask_match_the_pipeline(t5_pipeline):
 
 def test_wan_embeddings_are_zero_past_the_prompt_like_the_pipeline(umt5_pipeline):
     encoder = load_text_encoder(TextSettings(source=str(umt5_pipeline), max_length=MAX_LENGTH), "wan")
-    assert type(encoder.model).__name__ == "UMT5EncoderModel"
+    assert type(encoder.pipe.text_encoder).__name__ == "UMT5EncoderModel"
     got = encoder.embed(CAPTIONS["red"])
     expected = diffusers.WanPipeline._get_t5_prompt_embeds(
         _as_pipeline(encoder), CAPTIONS["red"], max_sequence_length=MAX_LENGTH, dtype=torch.float32)
@@ -148,11 +148,13 @@ def test_without_transformers_the_error_names_the_extra(t5_pipeline, monkeypatch
         load_text_encoder(TextSettings(source=str(t5_pipeline)), "cogvideox")
 
 
-def test_hunyuanvideo_and_bad_sources_are_refused_with_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="two encoders.*drop --text-encoder"):
-        load_text_encoder(TextSettings(source=str(tmp_path)), "hunyuanvideo")
-    with pytest.raises(ConfigError, match=r"(?s)could not load a tokenizer and T5EncoderModel .*text_encoder/ and "):
+def test_bad_sources_are_refused_with_the_fix(tmp_path, t5_pipeline):
+    with pytest.raises(ConfigError, match=r"(?s)could not load tokenizer \(AutoTokenizer\) for CogVideoXPipeline .*"
+                                          r"tokenizer/, text_encoder/ subfolders.*--text-encoder tiny-random"):
         load_text_encoder(TextSettings(source=str(tmp_path)), "cogvideox")
+    # A T5 pipeline for HunyuanVideo, whose pipeline needs a Llama and a CLIP: the component that is missing is named.
+    with pytest.raises(ConfigError, match=r"could not load text_encoder \(LlamaModel\) for HunyuanVideoPipeline"):
+        load_text_encoder(TextSettings(source=str(t5_pipeline)), "hunyuanvideo")
 
 
 # ------------------------------------------------------------------------ captions and embeddings in the shards
@@ -211,9 +213,9 @@ def test_encode_caches_prompt_embeddings_once_per_caption(captioned_videos, t5_p
     encoded: list[str] = []
     real = TextEncoder._encode
 
-    def spy(self, prompts):
-        encoded.extend(prompts)
-        return real(self, prompts)
+    def spy(self, prompt):
+        encoded.append(prompt)
+        return real(self, prompt)
 
     monkeypatch.setattr(TextEncoder, "_encode", spy)
     out = tmp_path / "out"
@@ -244,8 +246,9 @@ def test_encode_caches_prompt_embeddings_once_per_caption(captioned_videos, t5_p
                                 "dtype": "auto"}
 
 
-def test_hunyuanvideo_text_encoder_is_refused_before_any_work(captioned_videos, t5_pipeline, tmp_path, capsys):
+def test_a_text_encoder_of_another_family_is_refused_before_any_work(captioned_videos, t5_pipeline, tmp_path,
+                                                                      capsys):
     code = main(["encode", str(captioned_videos), "--out", str(tmp_path / "out"), "--text-encoder", str(t5_pipeline),
                  *[a if a != "tiny-random-cogvideox" else "tiny-random-hunyuanvideo" for a in CLIP]])
-    assert code == 2 and "two encoders" in capsys.readouterr().err
+    assert code == 2 and "could not load text_encoder (LlamaModel) for HunyuanVideoPipeline" in capsys.readouterr().err
     assert not (tmp_path / "out" / "shards").exists()
