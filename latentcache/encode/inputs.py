@@ -419,6 +419,19 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
                               "KEY.mp4; captions, json and latents are not videos)")
 
 
+def check_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
+                 images: bool = False) -> None:
+    """Refuse now what `iter_inputs` would refuse when the plan reads it: each local input is read up to its first
+    video only (a path that does not exist, a folder or list with nothing to encode), so a typo costs a second, not
+    a VAE load. Object-storage urls are left to the plan (a listing may be slow), and so are lists that exist: a
+    rerun does not read an unchanged list at all (`rerun_inputs.lists_unchanged`)."""
+    excluded = list(exclude)
+    for raw in paths:
+        if store.is_url(raw) or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
+            continue
+        next(iter_inputs([raw], excluded, images=images), None)
+
+
 def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) -> Iterator[InputVideo]:
     """The inputs of one given (or pattern-matched) path; `rel`: its path relative to the pattern's root, which
     prefixes the relative paths of what it holds (None: given by itself)."""

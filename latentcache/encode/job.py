@@ -97,7 +97,13 @@ def run(settings: JobSettings, world: World = World()) -> int:
         return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
                                           chunk_size=settings.chunk_size, lists=lists, world_size=world.world_size)
 
-    plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
+    new_out = not out.exists()
+    try:
+        plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
+    except LatentcacheError:
+        if new_out and world.is_main:
+            release_output(out)  # refused before anything was planned: no OUT holding only `.latentcache`
+        raise
     if failed:
         return EXIT_USAGE  # the main process prints why
     if not world.is_main:
@@ -165,14 +171,30 @@ def run(settings: JobSettings, world: World = World()) -> int:
     return report_finalize(out)
 
 
+def release_output(out: Path) -> None:
+    """Undo `claim_output` on an OUT this run created and planned nothing into: its marker, then the folder if
+    nothing else is in it. Only that file, which this run wrote, is removed."""
+    from latentcache.encode.plan import OUTPUT_MARKER
+
+    try:
+        (out / OUTPUT_MARKER).unlink(missing_ok=True)
+        if not any(out.iterdir()):
+            out.rmdir()
+    except OSError:  # never made (under a file), not empty after all (another process), or object storage
+        pass
+
+
 def check_before_loading(settings: JobSettings) -> None:
-    """What can be refused in a second is refused before a multi-GB VAE loads or any input is probed: frame counts
+    """What can be refused in a second is refused before a multi-GB VAE loads or any input is probed: inputs that do
+    not exist or hold nothing to encode (each read up to its first video; before diffusers is imported), frame counts
     and sizes the VAE cannot encode (from its config alone), buckets, --out holding someone else's files, and an
     output made with other settings."""
+    from latentcache.encode.inputs import check_inputs
     from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
     from latentcache.encode.plan import check_buckets
     from latentcache.encode.vae import peek_spec
 
+    check_inputs(settings.inputs, exclude=[settings.out], images=settings.encode.clip.images)
     spec = peek_spec(settings.encode.vae)
     if spec is not None:
         spec.check_clip(settings.encode.clip)

@@ -87,3 +87,41 @@ def test_exit_3_reports_failures_once_and_a_rerun_that_adds_none_exits_0(small_v
     assert "1 failed input(s) or clip(s) new" in capsys.readouterr().out
     assert read_manifest(out)["counts"]["failed"] == 2
     assert encode() == job.EXIT_OK
+
+
+def test_mistakes_are_refused_before_diffusers_loads_and_leave_no_output(small_videos, tmp_path, capsys):
+    """A mistyped input path or an empty folder is refused before diffusers is imported (it took 8-10 s), and a
+    refused run leaves no OUT holding only `.latentcache`, also when the refusal comes while the plan reads the
+    inputs (two inputs with one relative path)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    from latentcache.cli import main
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    # One fresh interpreter for both mistakes: whether diffusers was imported is a fact of that process alone.
+    script = ("import sys; from latentcache.cli import main\n"
+              "for given in sys.argv[2:]:\n"
+              "    code = main(['encode', given, '--out', sys.argv[1], '--vae', 'tiny-random-cogvideox', '--device', "
+              "'cpu'])\n"
+              "    print('exit', code)\n"
+              "print('diffusers loaded:', 'diffusers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "no_such_dir"),
+                           str(tmp_path / "empty")], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("exit 2") == 2, done.stdout + done.stderr
+    assert "does not exist" in done.stderr and "holds no files to encode" in done.stderr
+    assert "diffusers loaded: False" in done.stdout
+    assert not out.exists()
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        shutil.copy(small_videos / "v0.mp4", tmp_path / d)
+    assert main(["encode", str(tmp_path / "d1"), str(tmp_path / "d2"), "--out", str(out), "--vae",
+                 "tiny-random-cogvideox", "--device", "cpu"]) == 2
+    assert "share the relative path" in capsys.readouterr().err
+    assert not out.exists()
