@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from latentcache.encode import decoded_identity
 from latentcache.encode.decode import Clip, decode_clip
+from latentcache.encode.input_stats import Stat
 from latentcache.encode.plan import PlannedClip, clip_settings_for
 from latentcache.encode.settings import ClipSettings
 from latentcache.errors import ConfigError, InputError
@@ -72,12 +74,19 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def decode_planned(planned: PlannedClip, clip: ClipSettings, nvdec: bool = False,
-                   decode_check: str = "auto", threads: int = 0, out: np.ndarray | None = None) -> Clip | InputError:
+                   decode_check: str = "auto", threads: int = 0, out: np.ndarray | None = None,
+                   recorded: Stat = None) -> Clip | InputError:
     """Decode one planned clip at its own bucket's frames and size; a bad input is returned, not raised.
-    `out`: the buffer the frames are written into (`decode_clip`)."""
+    `out`: the buffer the frames are written into (`decode_clip`). `recorded`: what its chunk plan recorded of the
+    source, checked before and after decoding (`decoded_identity`)."""
     try:
-        return decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key,
-                           nvdec=nvdec, check=decode_check, threads=threads, out=out)
+        if recorded is not None:
+            decoded_identity.check(planned.source, recorded, "before it was decoded")
+        decoded = decode_clip(planned.source, planned.start, clip_settings_for(planned.bucket, clip), key=planned.key,
+                              nvdec=nvdec, check=decode_check, threads=threads, out=out)
+        if recorded is not None:
+            decoded_identity.check(planned.source, recorded, "while it was decoded")
+        return decoded
     except InputError as e:
         return e
 
@@ -161,7 +170,8 @@ class FrameRing:
 
 class _DecodeDataset(Dataset):
     def __init__(self, clips: list[PlannedClip], clip: ClipSettings, nvdec: bool, decode_check: str = "auto",
-                 ring: FrameRing | None = None, threads: int = 0) -> None:
+                 ring: FrameRing | None = None, threads: int = 0, recorded: dict[str, Stat] | None = None) -> None:
+        self.recorded = recorded or {}
         self.clips = clips
         self.clip = clip
         self.nvdec = nvdec
@@ -175,7 +185,9 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Clip | InputError, tuple[int, ...] | None]:
         in_worker = get_worker_info() is not None
         out = self.ring.slot(index) if in_worker and self.ring is not None else None
-        result = decode_planned(self.clips[index], self.clip, self.nvdec, self.decode_check, self.threads, out)
+        planned = self.clips[index]
+        result = decode_planned(planned, self.clip, self.nvdec, self.decode_check, self.threads, out,
+                                self.recorded.get(planned.source))
         if isinstance(result, Clip) and in_worker:
             if self.ring is None:
                 shape = None
@@ -212,10 +224,15 @@ class ClipStream:
     `prefetch`: clips dispatched ahead per worker; None: enough that the workers hold the whole next batch while
     the consumer encodes this one (`prefetch_for`).
 
-    `threads`: each decoder's threads; None: its share of the cores (`decoder_threads`)."""
+    `threads`: each decoder's threads; None: its share of the cores (`decoder_threads`).
+
+    `recorded`: each source's stat as its chunk plan recorded it: a source that differs before or after its clip is
+    decoded gives a `decoded_identity.ChangedWhileEncoding` (None: not checked)."""
 
     def __init__(self, clips: list[PlannedClip], clip: ClipSettings, *, workers: int = 0, prefetch: int | None = None,
-                 nvdec: bool = False, decode_check: str = "auto", held: int = 1, threads: int | None = None) -> None:
+                 nvdec: bool = False, decode_check: str = "auto", held: int = 1, threads: int | None = None,
+                 recorded: dict[str, Stat] | None = None) -> None:
+        self.recorded = recorded
         self.clips = clips
         self.clip = clip
         self.workers = workers
@@ -229,13 +246,15 @@ class ClipStream:
         if not self.clips:
             return
         if self.workers == 0:
-            dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, threads=self.threads)
+            dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, threads=self.threads,
+                                     recorded=self.recorded)
             for i in range(len(dataset)):
                 _, result, _ = dataset[i]
                 yield self.clips[i], result
             return
         ring = FrameRing(FrameRing.size_for(self.workers, self.prefetch, self.held), slot_bytes(self.clips, self.clip))
-        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, ring, self.threads)
+        dataset = _DecodeDataset(self.clips, self.clip, self.nvdec, self.decode_check, ring, self.threads,
+                                 self.recorded)
         loader = DataLoader(
             dataset,
             batch_size=None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from latentcache.encode import chunks, reencode, rerun_inputs
+from latentcache.encode import chunks, decoded_identity, reencode, rerun_inputs
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decode import Clip, VideoInfo
 from latentcache.encode.loader import ClipStream, default_workers
@@ -395,8 +395,10 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
         by_key.update(g.chunk.clip_map())
         carried |= reencode.carry_keys(out, g.chunk)
     # One stream over all of this rank's windows, so decode workers run ahead across shard and group boundaries.
+    # What each source was when its chunk was planned: a source that differs when it is decoded stops the run.
+    recorded = decoded_identity.planned_stats(out, plan, [g.chunk for g in groups])
     decoded = iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w if k not in carried],
-                              settings.clip,
+                              settings.clip, recorded=recorded,
                               workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check,
                               held=batch_size))
 
@@ -429,6 +431,8 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
                     if p.key != expected_key:
                         raise RuntimeError(f"decode stream out of order: got {p.key}, expected {expected_key}")
                     if isinstance(result, InputError):
+                        if result.error_type == decoded_identity.ChangedWhileEncoding.__name__:
+                            raise decoded_identity.stop(out, result)  # before any shard holds its latents
                         results[p.key] = result
                     else:
                         batch.append((p, result))

@@ -20,7 +20,7 @@ from conftest import tree_bytes
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
-from latentcache.encode import chunks, input_stats, reencode
+from latentcache.encode import chunks, input_stats, loader, reencode
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 
@@ -521,3 +521,50 @@ def test_a_listed_link_repointed_at_a_file_of_the_same_size_and_mtime_is_read(
     link.unlink()
     link.symlink_to(one)  # back: the same link target and bytes as the stat recorded first
     assert main(["encode", str(listed), "--out", str(out), *ARGS]) == 2
+
+
+@pytest.mark.parametrize("when", ["before its clip is decoded", "while its clip is decoded"])
+def test_a_video_replaced_while_its_chunk_is_encoded_and_put_back_later_keeps_no_other_latents(
+        tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Replaced after its chunk was planned, then put back as it was after the run: the run stops (exit 2, naming it)
+    before any shard holds the other video's latents, and the rerun encodes the bytes that were planned."""
+    videos = _videos(tmp_path / "videos")
+    target = videos / "v1.mp4"
+    saved = tmp_path / "saved.mp4"
+    shutil.copy2(target, saved)  # same bytes and mtime: putting it back restores what the plan recorded
+    name = "decode_planned" if when.startswith("before") else "decode_clip"
+    real = getattr(loader, name)
+
+    def swapping(first: object, *args: object, **kwargs: object) -> object:
+        source = first.source if name == "decode_planned" else first  # type: ignore[attr-defined]
+        if source == str(target) and not target.with_name("swapped").exists():
+            target.with_name("swapped").touch()
+            _replace(target)
+        return real(first, *args, **kwargs)
+
+    out = tmp_path / "out"
+    # While: in a decode worker process (the error crosses the worker queue), before: in this process.
+    workers = ["--workers", "1" if name == "decode_clip" else "0"]
+    with monkeypatch.context() as m:
+        m.setattr(loader, name, swapping)
+        capsys.readouterr()
+        assert main(["encode", str(videos), "--out", str(out), *ARGS, *workers]) == 2
+    err = capsys.readouterr().err
+    assert f"{target} changed" in err and "nothing of it was written" in err
+    key = chunks.clip_key("v1.mp4", 0)
+    assert not any(key in s for s in _members_names(out))
+    shutil.copy2(saved, tmp_path / "back.mp4")
+    os.replace(tmp_path / "back.mp4", target)  # put back later
+    assert main(["encode", str(videos), "--out", str(out), *ARGS]) == 3  # broken.mp4
+    fresh = tmp_path / "fresh"
+    assert main(["encode", str(videos), "--out", str(fresh), *ARGS]) == 3
+    served, expected = _latents(out), _latents(fresh)
+    assert (served[key]["latents"] == expected[key]["latents"]).all()
+
+
+def _members_names(out: Path) -> list[str]:
+    names = []
+    for tar in (out / "shards").rglob("*.tar"):
+        with tarfile.open(tar) as t:
+            names += t.getnames()
+    return names
