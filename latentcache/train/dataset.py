@@ -41,10 +41,12 @@ from latentcache.train.partition import (
     Share,
     Slot,
     check_weights,
+    grouped_items,
     mix_sources,
     mixed_draws,
     seed_of,
     shard_order,
+    share_counts,
     share_of,
     share_samples,
 )
@@ -178,6 +180,7 @@ class LatentShardDataset(IterableDataset):
         check_sha256: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -240,6 +243,7 @@ class LatentShardDataset(IterableDataset):
         # then takes the same number of steps, and no rank waits forever in a collective at the end of an epoch.
         self.epoch_items = epoch_items
         self.rank, self.world_size = rank, world_size
+        self.num_workers = whole_number("num_workers", num_workers, 0)  # the DataLoader's: only len() reads it
         self.epoch = 0
         # Direct iteration's resume state: where the next pass starts (load_state_dict), and what the last pass
         # delivered. A StatefulLoader keeps its own.
@@ -271,11 +275,32 @@ class LatentShardDataset(IterableDataset):
     def num_samples(self) -> int:
         """Samples in the selected shards, all ranks together.
 
-        There is deliberately no `__len__`: how many items one rank yields depends on batching by bucket, the split
-        between ranks and DataLoader workers, and `epoch_items`; a wrong `len(loader)` would silently mis-size a
-        learning-rate schedule. Step-based training sets `resampled=True, epoch_items=N` and knows N.
+        `len(dataset)` is this rank's items instead (`rank_items`).
         """
         return sum(s.samples for s in self.shards)
+
+    def __len__(self) -> int:  # this rank's items over the `num_workers` given (docs/trainer.md#length)
+        return self.rank_items(self.num_workers)
+
+    def rank_items(self, num_workers: int = 0) -> int:
+        """Items (samples; batches with batch_size: one bucket each, a bucket's last short unless drop_last) this
+        rank yields in the current epoch over `num_workers` DataLoader workers, from the manifest's counts alone
+        (shards split by rank and worker, so both change it). TypeError where no count holds before drawing."""
+        rank, world = self._rank_world()
+        workers = max(1, num_workers)
+        if self.resampled or (self.weights is not None and self.batch_size):
+            if self.epoch_items is None or not self.resampled:
+                raise TypeError("no len(): the stream is endless (resampled) or its batches depend on weighted "
+                                "draws; pass resampled=True, epoch_items=N: each worker then yields N items")
+            return self.epoch_items * workers
+        shapes = [(s.samples, bucket_latent_shape(self.spec, s.bucket)) for s in self.shards]
+        total = 0
+        for worker in range(workers):
+            slot = Slot.of(rank, world, worker, workers)
+            n = (self.slot_samples(slot) or 0) if self.weights is not None else grouped_items(
+                share_counts(self._shares(slot, 0)[0][1], shapes).values(), self.batch_size, self.drop_last)
+            total += n if self.epoch_items is None else min(n, self.epoch_items)
+        return total
 
     def set_epoch(self, epoch: int) -> None:
         """A new pass: new shard order, new buffer shuffle, new posterior noise.
@@ -344,12 +369,14 @@ class LatentShardDataset(IterableDataset):
     def current_slot(self) -> Slot:
         """This process's slot: its rank (the constructor's, else torch.distributed's, else RANK/WORLD_SIZE) and
         DataLoader worker."""
-        rank, world = _rank_and_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
+        rank, world = self._rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return Slot.of(rank, world, worker, workers)
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = _rank_and_world()
+        return (self.rank if self.rank is not None else rank, self.world_size if self.world_size is not None else world)
 
     def slot_samples(self, slot: Slot) -> int | None:
         """Samples `slot` reads in the current epoch, from the manifest's counts alone (None: endless)."""
@@ -607,6 +634,9 @@ class StatefulLoader:
             state.consumed[int(slot)] = int(index) + 1
             state.next_worker = (int(slot) + 1) % workers
             yield item
+
+    def __len__(self) -> int:
+        return self.dataset.rank_items(self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.dataset.order_settings(), **self.state.to_dict()}

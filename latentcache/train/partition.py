@@ -15,7 +15,8 @@ import hashlib
 import itertools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,26 @@ def share_samples(share: Share, samples: Sequence[int]) -> int:
     """How many samples a share yields, from the per-shard counts (`samples[i]` for shard i) alone."""
     total = sum(samples[i] for i in share.shards)
     return total if share.stride == 1 else len(range(share.offset, total, share.stride))
+
+
+def share_counts(share: Share, shards: Sequence[tuple[int, Hashable]]) -> Counter[Hashable]:
+    """Samples a share yields per group (e.g. latent shape), from each shard's (samples, group) alone."""
+    counts: Counter[Hashable] = Counter()
+    n = 0
+    for i in share.shards:
+        samples, group = shards[i]
+        counts[group] += len(range(share.offset, n + samples, share.stride)) - len(range(share.offset, n,
+                                                                                         share.stride))
+        n += samples
+    return counts
+
+
+def grouped_items(counts: Iterable[int], batch_size: int | None, drop_last: bool) -> int:
+    """Items `stages.grouped` makes of these per-group sample counts: samples, or batches of one group each (the
+    last of a group short, or dropped with drop_last)."""
+    if not batch_size:
+        return sum(counts)
+    return sum(c // batch_size if drop_last else -(-c // batch_size) for c in counts)
 
 
 def check_weights(weights: Sequence[float], sources: int) -> list[float]:

@@ -469,3 +469,29 @@ def test_extreme_but_fitting_values_stream_finite(encoded_dir: Path, tmp_path: P
 def test_bad_numbers_are_refused_naming_them(encoded_dir: Path, kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         LatentShardDataset(encoded_dir, **kwargs)
+
+
+def test_len_is_this_ranks_items_as_iterated(two_bucket_dir: Path) -> None:
+    """len(dataset): this rank's samples, or batches when batching (one bucket each, short last ones unless
+    drop_last), over its DataLoader workers, for the current epoch; compared with what each rank x worker slot
+    really yields on 6 shards of unequal size in two buckets. A real DataLoader's len() agrees with its pass."""
+    from torch.utils.data import DataLoader
+
+    from latentcache.train.partition import Slot
+
+    for world in (1, 2, 4):
+        for rank in range(world):
+            for workers in (0, 2, 4):
+                for batch, drop in ((None, False), (3, False), (3, True)):
+                    ds = LatentShardDataset(two_bucket_dir, rank=rank, world_size=world, num_workers=workers,
+                                            batch_size=batch, drop_last=drop, shuffle=True, seed=3)
+                    ds.set_epoch(1)
+                    seen = sum(1 for w in range(max(1, workers))
+                               for _ in ds.iter_slot(Slot.of(rank, world, w, max(1, workers))))
+                    assert len(ds) == seen, (world, rank, workers, batch, drop)
+    ds = LatentShardDataset(two_bucket_dir, rank=1, world_size=2, num_workers=2, batch_size=2)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert len(loader) == len(list(loader)) == len(StatefulLoader(ds, num_workers=2))
+    with pytest.raises(TypeError, match="epoch_items"):
+        len(LatentShardDataset(two_bucket_dir, resampled=True))
+    assert len(LatentShardDataset(two_bucket_dir, resampled=True, epoch_items=5, num_workers=2)) == 10
