@@ -57,7 +57,7 @@ TINY_RANDOM = "tiny-random"  # `--text-encoder tiny-random`: the family's text c
 class TextEncoder:
     """A family's text components, in its pipeline, giving each caption the tensors its transformer is handed."""
 
-    def __init__(self, pipe: Any, family: TextFamily, max_length: int, device: torch.device) -> None:
+    def __init__(self, pipe: Any, family: TextFamily, max_length: int | None, device: torch.device) -> None:
         self.pipe = pipe
         self.family = family
         self.max_length = max_length
@@ -70,18 +70,24 @@ class TextEncoder:
         """Tensors stored only at their mask's positions (name -> mask name), for the writer's metadata."""
         return self.family.trimmed
 
-    def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor]]:
+    def embed_many(self, captions: list[str | None]) -> list[dict[str, torch.Tensor] | None]:
         """One dict per caption, encoding only captions not seen recently.
 
         A clip without a caption gets the embedding of the empty prompt "", exactly what the pipelines compute for
         `prompt=""` (the same tokenizer call and encoder pass): every clip of a run has `prompt_embeds`, so a batch
-        never loses them because one of its clips had no caption.
+        never loses them because one of its clips had no caption. Where the pipeline cannot encode "" (MiniMax-H3,
+        `TextFamily.encodes_empty`), such a clip gets None: no prompt tensors.
         """
         prompts = [EMPTY_PROMPT if c is None else c for c in captions]
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if not self.family.encodes_empty:
+            prompts = [p or None for p in prompts]
+        todo = list(dict.fromkeys(p for p in prompts if p is not None and p not in self._cache))
         fresh = {p: self._encode(p) for p in todo}
         out = []
         for prompt in prompts:
+            if prompt is None:
+                out.append(None)
+                continue
             tensors = fresh.get(prompt)
             if tensors is None:
                 tensors = self._cache[prompt]
@@ -94,7 +100,7 @@ class TextEncoder:
                 self._cache.popitem(last=False)
         return out
 
-    def embed(self, caption: str | None) -> dict[str, torch.Tensor]:
+    def embed(self, caption: str | None) -> dict[str, torch.Tensor] | None:
         return self.embed_many([caption])[0]
 
     @torch.inference_mode()
@@ -141,6 +147,8 @@ def build_pipeline(family: TextFamily, parts: dict[str, Any], config: dict[str, 
 
     import diffusers
 
+    if family.build is not None:
+        return family.build(parts)
     cls = getattr(diffusers, family.pipeline)
     signature = inspect.signature(cls.__init__).parameters
     kwargs = {p: None for p, v in signature.items() if p != "self" and v.default is inspect.Parameter.empty}
@@ -173,11 +181,15 @@ def _load_parts(settings: TextSettings, family: TextFamily, dtype: torch.dtype) 
     parts = {}
     for name, class_name in family.components.items():
         cls = getattr(transformers, class_name)
-        kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype}
+        model = not name.startswith(("tokenizer", "processor"))
+        kwargs = {"dtype": dtype} if model else {}
         try:
-            if not name.startswith("tokenizer"):
+            if model:
                 _check_config(transformers, cls, settings.source, name, settings.revision)
             parts[name] = _load_part(cls, settings.source, name, settings.revision, **kwargs)
+        except ImportError as e:  # Qwen3-VL's processor needs torchvision
+            raise MissingDependency(f"--text-encoder {settings.source}: loading {name} ({class_name}) needs a package "
+                                    f"that is not installed: {e}") from e
         except (OSError, ValueError) as e:
             raise ConfigError(
                 f"--text-encoder {settings.source}: could not load {name} ({class_name}) for {family.pipeline} "
@@ -191,6 +203,10 @@ def load_text_encoder(settings: TextSettings, family: str, device: torch.device 
     """The family's text components from a local directory or hub id (pipeline layout or bare), or the built-in
     `tiny-random` ones, in the family's pipeline."""
     recipe = text_family(family)
+    if recipe.max_length is None and settings.max_length is not None:
+        raise ConfigError(f"--text-max-length {settings.max_length} with --family {family}: its pipeline "
+                          f"({recipe.pipeline}) takes each prompt whole, untruncated and unpadded; drop "
+                          "--text-max-length")
     _import_transformers()
     dev = resolve_device(str(device))
     # T5 and UMT5 were trained in bf16 and overflow in fp16.
@@ -201,13 +217,14 @@ def load_text_encoder(settings: TextSettings, family: str, device: torch.device 
                     TINY_RANDOM)
     else:
         parts = _load_parts(settings, recipe, dtype)
-        config = _pipeline_config(getattr(_import_diffusers(), recipe.pipeline), settings.source, settings.revision)
+        pipeline_cls = getattr(_import_diffusers(), recipe.pipeline, None)
+        config = _pipeline_config(pipeline_cls, settings.source, settings.revision) if recipe.build is None else None
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     pipe = build_pipeline(recipe, parts, config, vae_family=family)
     max_length = settings.max_length or recipe.max_length
-    log.info("text encoder %s (%s, %s, max length %d) on %s", settings.source, recipe.pipeline,
+    log.info("text encoder %s (%s, %s, max length %s) on %s", settings.source, recipe.pipeline,
              str(dtype).split(".")[-1], max_length, dev)
     return TextEncoder(pipe, recipe, max_length, dev)
 

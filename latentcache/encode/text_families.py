@@ -31,15 +31,23 @@ class TextFamily:
     pipeline: str
     # Its text components: pipeline attribute (also the subfolder of a pipeline directory) -> transformers class.
     components: dict[str, str]
-    # The pipeline's default number of tokens per prompt (`--text-max-length` overrides it).
-    max_length: int
+    # The pipeline's default number of tokens per prompt (`--text-max-length` overrides it); None where the
+    # pipeline takes the prompt whole (MiniMax-H3).
+    max_length: int | None
     # (pipeline, prompts, max_length, device) -> the tensors it hands the transformer, batched, by their names.
-    encode: Callable[[Any, list[str], int, torch.device], Tensors]
+    encode: Callable[[Any, list[str], int | None, torch.device], Tensors]
     # The built-in `--text-encoder tiny-random`: the same components, random weights, built offline.
     tiny: Callable[[], dict[str, Any]]
     # Tensors stored only at the positions their mask keeps (name -> mask name); readers put them back, zeros
     # elsewhere. Only where everything downstream masks those positions out first (see each family's entry).
     trimmed: dict[str, str] = field(default_factory=dict)
+    # Builds the pipeline from the loaded parts where it is not a plain diffusers pipeline class (MiniMax-H3's
+    # modular text encoder block); None: `pipeline` names the class.
+    build: Callable[[dict[str, Any]], Any] | None = None
+    # Whether the pipeline encodes the empty prompt, what a clip without a caption gets. MiniMax-H3's does not (a
+    # prompt of no tokens fails in its Qwen3-VL; the checkpoint is guidance-distilled, with no unconditional branch):
+    # such a clip gets no prompt tensors.
+    encodes_empty: bool = True
 
 
 def _t5_recipe(wan_style: bool) -> Callable[[Any, list[str], int, torch.device], Tensors]:
@@ -86,6 +94,20 @@ def _hunyuanvideo15(pipe: Any, prompts: list[str], max_length: int, device: torc
             "prompt_embeds_mask_2": mask_2}
 
 
+def _minimax_h3(pipe: Any, prompts: list[str], max_length: int | None, device: torch.device) -> Tensors:
+    (prompt,) = prompts  # its block takes one prompt: MiniMax-H3 packs one request into one sequence
+    out = pipe(prompt=prompt, output=["prompt_embeds", "text_token_tags"])
+    return {"prompt_embeds": out["prompt_embeds"], "text_token_tags": out["text_token_tags"][None]}
+
+
+def _minimax_h3_block(parts: dict[str, Any]) -> Any:
+    from diffusers.modular_pipelines.minimax_h3.encoders import MiniMaxH3TextEncoderStep
+
+    pipe = MiniMaxH3TextEncoderStep().init_pipeline()
+    pipe.update_components(**parts)
+    return pipe
+
+
 T5 = {"tokenizer": "AutoTokenizer", "text_encoder": "T5EncoderModel"}
 
 TEXT_FAMILIES: dict[str, TextFamily] = {
@@ -107,4 +129,10 @@ TEXT_FAMILIES: dict[str, TextFamily] = {
         "HunyuanVideo15Pipeline", {"tokenizer": "AutoTokenizer", "text_encoder": "Qwen2_5_VLTextModel",
                                    "tokenizer_2": "AutoTokenizer", "text_encoder_2": "T5EncoderModel"},
         1000, _hunyuanvideo15, tiny_text.tiny_hunyuanvideo15),
+    # MiniMaxH3ModularPipeline's text encoder block (MiniMaxH3TextEncoderStep): the prompt verbatim (no template, no
+    # special tokens, no padding) through Qwen3-VL, `hidden_states[50]`, and each row's modality tag (all text).
+    "minimax-h3": TextFamily(
+        "MiniMaxH3TextEncoderStep", {"tokenizer": "AutoTokenizer", "text_encoder": "Qwen3VLForConditionalGeneration",
+                                     "processor": "AutoProcessor"},
+        None, _minimax_h3, tiny_text.tiny_minimax_h3, build=_minimax_h3_block, encodes_empty=False),
 }

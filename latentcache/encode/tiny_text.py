@@ -208,3 +208,33 @@ def tiny_ltx2() -> dict[str, Any]:
             boi_token_index=len(tok) + 11, eoi_token_index=len(tok) + 12))
         return {"tokenizer": tok, "text_encoder": gemma}
     return _seeded(build)
+
+
+def tiny_minimax_h3() -> dict[str, Any]:
+    """MiniMax-H3's text encoder block: a Qwen3VLForConditionalGeneration with 51 text layers (its pipeline reads
+    `hidden_states[50]`, and refuses a stack without a layer after it), a Qwen tokenizer and a Qwen3VLProcessor.
+
+    The processor's only use on a text prompt is `create_mm_token_type_ids` (every token text); its image and video
+    processors need torchvision, which latentcache does not install, so the tiny processor is the real class
+    without them (built without its __init__, the tokenizer and the vision token ids set as __init__ sets them).
+    """
+    import transformers
+
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+    def build() -> dict[str, Any]:
+        tok = _tokenizer(["<|im_start|>", "<|im_end|>", *vision], [], single="$A", pad="<|endoftext|>",
+                         unk="<unk>", eos_token="<|im_end|>")
+        image_id, video_id = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
+        text = dict(vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=51,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+        vision_config = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=WIDTH,
+                             patch_size=16, deepstack_visual_indexes=[0])
+        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(
+            text_config=text, vision_config=vision_config, image_token_id=image_id, video_token_id=video_id))
+        processor = transformers.Qwen3VLProcessor.__new__(transformers.Qwen3VLProcessor)
+        processor.tokenizer = tok
+        processor.image_token_ids, processor.video_token_ids, processor.audio_token_ids = [image_id], [video_id], []
+        return {"tokenizer": tok, "text_encoder": model, "processor": processor}
+    return _seeded(build)

@@ -65,16 +65,24 @@ def item_text(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def collate_text(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack each prompt tensor every item has. All of one family's tensors share their length (the pipelines pad
-    to max_length), so this is the pipeline's own batch; a tensor of another length in some item is refused."""
+    """Stack each prompt tensor every item has, as the pipeline's batch: the pipelines pad every prompt to their
+    max_length, so one family's tensors share their shapes. MiniMax-H3's pipeline takes each prompt whole (one
+    request is one packed sequence): its tensors vary in length along the first axis, so they are zero-padded to the
+    longest and `<name>_lengths` [B] says how many rows of each are the prompt's (slice them back per sample)."""
     out = {}
     for name in items[0] if items else ():
         found = [i.get(name) for i in items]
         if any(t is None for t in found):
             continue
-        shapes = {tuple(t.shape) for t in found}
-        if len(shapes) > 1:
-            raise ShardFormatError(f"prompt tensor {name} comes in shapes {sorted(shapes)} within one batch; the "
-                                   "samples were encoded with different text settings")
-        out[name] = torch.stack(found)
+        if len({tuple(t.shape[1:]) for t in found}) > 1 or any(t.ndim == 0 for t in found):
+            raise ShardFormatError(f"prompt tensor {name} comes in shapes {sorted({tuple(t.shape) for t in found})} "
+                                   "within one batch; the samples were encoded with different text settings")
+        lengths = [t.shape[0] for t in found]
+        if len(set(lengths)) == 1:
+            out[name] = torch.stack(found)
+            continue
+        padded = found[0].new_zeros((len(found), max(lengths), *found[0].shape[1:]))
+        for row, t in zip(padded, found, strict=True):
+            row[: t.shape[0]] = t
+        out[name], out[f"{name}_lengths"] = padded, torch.tensor(lengths)
     return out

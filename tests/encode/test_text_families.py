@@ -30,8 +30,8 @@ pytest.importorskip("transformers")
 
 LENGTH = 32  # tokens per prompt (LTX-2's connectors need a multiple of their 8 registers)
 CAPTIONS = {"red": "a red square crosses the frame", "sign": 'a white sign reads "hello" at night', "plain": None}
-FRAMES = {"mochi": 13}  # Mochi's 6k+1; else 17 (4k+1 and 8k+1)
-FAMILY_NAMES = ["cogvideox", "wan", "ltx", "hunyuanvideo", "mochi", "ltx2", "hunyuanvideo15"]
+FRAMES = {"mochi": 13, "minimax-h3": 22}  # Mochi's 6k+1, MiniMax-H3's 17k+5; else 17 (4k+1 and 8k+1)
+FAMILY_NAMES = ["cogvideox", "wan", "ltx", "hunyuanvideo", "mochi", "ltx2", "hunyuanvideo15", "minimax-h3"]
 # latentcache's own copy of these pipelines' T5 recipe, stored as `prompt_embeds` and the tokenizer's
 # `attention_mask` (bool), which the dataset yields as `prompt_attention_mask` (CogVideoX's and Wan's pipelines
 # return no mask).
@@ -40,6 +40,12 @@ T5_RECIPE = ("cogvideox", "wan", "ltx")
 
 def _pipeline(family: str, parts: dict) -> object:
     """The family's diffusers pipeline around the tiny text components, every other module None."""
+    if family == "minimax-h3":
+        from diffusers.modular_pipelines.minimax_h3.encoders import MiniMaxH3TextEncoderStep
+
+        pipe = MiniMaxH3TextEncoderStep().init_pipeline()
+        pipe.update_components(**parts)
+        return pipe
     if family in T5_RECIPE:
         cls = {"cogvideox": diffusers.CogVideoXPipeline, "wan": diffusers.WanPipeline, "ltx": diffusers.LTXPipeline}
         return cls[family](transformer=None, vae=None, scheduler=None, **parts)
@@ -59,6 +65,9 @@ def _pipeline(family: str, parts: dict) -> object:
 
 def _encode_prompt(family: str, pipe: object, prompt: str) -> dict[str, torch.Tensor]:
     """What the pipeline's `encode_prompt` returns for one prompt, by the names its __call__ passes on."""
+    if family == "minimax-h3":  # its text encoder block's outputs
+        out = pipe(prompt=prompt, output=["prompt_embeds", "text_token_tags"])
+        return {"prompt_embeds": out["prompt_embeds"], "text_token_tags": out["text_token_tags"][None]}
     if family in ("cogvideox", "wan"):
         embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=LENGTH)
         return {"prompt_embeds": embeds}
@@ -78,7 +87,7 @@ def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three videos: two captioned (one with a quoted glyph text, which HunyuanVideo 1.5's ByT5 encodes), one not."""
     d = tmp_path_factory.mktemp("captioned_videos")
     for name, caption in CAPTIONS.items():
-        write_video(d / name, codec="h264", num_frames=60, height=96, width=128)
+        write_video(d / name, codec="h264", num_frames=90, height=96, width=128)
         if caption is not None:
             (d / f"{name}.txt").write_text(caption, encoding="utf-8")
     return d
@@ -90,9 +99,12 @@ def encoded(request: pytest.FixtureRequest, captioned: Path, tmp_path_factory: p
     out = tmp_path_factory.mktemp(f"text_{family}") / "out"
     code = main(["encode", str(captioned), "--out", str(out), "--vae", f"tiny-random-{family}", "--device", "cpu",
                  "--frames", str(FRAMES.get(family, 17)), "--fps", "8", "--height", "64", "--width", "96",
-                 "--text-encoder", "tiny-random", "--text-max-length", str(LENGTH)])
+                 "--text-encoder", "tiny-random",
+                 # MiniMax-H3's pipeline takes the prompt whole: no length to set.
+                 *(["--text-max-length", str(LENGTH)] if family != "minimax-h3" else [])])
     assert code == 0
-    encoder = load_text_encoder(TextSettings(source="tiny-random", max_length=LENGTH), family)
+    encoder = load_text_encoder(TextSettings(source="tiny-random",
+                                             max_length=None if family == "minimax-h3" else LENGTH), family)
     return family, out, encoder
 
 
@@ -114,8 +126,11 @@ def test_cached_tensors_are_the_pipelines_encode_prompt(encoded):
     items = list(LatentShardDataset(out))
     assert sorted(i["caption"] or "" for i in items) == sorted(c or "" for c in CAPTIONS.values())
     for item in items:
-        expected = _encode_prompt(family, pipe, item["caption"] or "")
         got = {k: v for k, v in item.items() if k not in ("latents", "key", "meta", "caption")}
+        if family == "minimax-h3" and item["caption"] is None:
+            assert got == {}  # its pipeline cannot encode an empty prompt: no prompt tensors for this clip
+            continue
+        expected = _encode_prompt(family, pipe, item["caption"] or "")
         if family in T5_RECIPE:
             assert got["prompt_attention_mask"].dtype == torch.bool
             if family == "ltx":
@@ -158,6 +173,11 @@ def _tiny_transformer(family: str, channels: int) -> torch.nn.Module:
     """The smallest transformer of each family, its text widths those of the tiny text encoders (16; CLIP 8)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        if family == "minimax-h3":
+            return diffusers.MiniMaxH3Transformer3DModel(
+                num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1,
+                ffn_dim=64, in_channels=channels, audio_in_channels=8, text_dim=16, freq_dim=16,
+                time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2).eval()
         if family == "cogvideox":
             return diffusers.CogVideoXTransformer3DModel(
                 num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=channels,
@@ -209,6 +229,8 @@ def _forward(family: str, model: torch.nn.Module, batch: dict) -> torch.Tensor:
     latents = batch["latents"]
     b = latents.shape[0]
     t = torch.full((b,), 500)
+    if family == "minimax-h3":
+        return _minimax_h3_forward(model, latents, batch["prompt_embeds"], batch["text_token_tags"][0])
     if family == "cogvideox":
         return model(hidden_states=latents, encoder_hidden_states=batch["prompt_embeds"], timestep=t).sample
     if family == "wan":
@@ -245,11 +267,41 @@ def _forward(family: str, model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return video
 
 
+def _minimax_h3_forward(model: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor,
+                        text_tags: torch.Tensor) -> torch.Tensor:
+    """One packed sequence [text | audio | video] laid out by its pipeline's own layout step, the text rows tagged
+    with the cached `text_token_tags`; one silent audio row (latentcache has no audio VAE)."""
+    import numpy as np
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import (
+        MiniMaxH3PrepareLayoutStep,
+        patchify_video_latents,
+    )
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import MINIMAX_H3_AUDIO_TAG, MINIMAX_H3_VIDEO_TAG
+
+    b, _, frames, height, width = latents.shape
+    patch = tuple(model.config.patch_size)
+    position_ids, tags, video_idx, audio_idx, text_idx, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        text_tags, frames, height, width, 1, patch, 1, MINIMAX_H3_AUDIO_TAG, MINIMAX_H3_VIDEO_TAG)
+    rows = patchify_video_latents(latents, patch).view(b, -1, latents.shape[1] * int(np.prod(patch)))
+    return model(hidden_states=rows, audio_hidden_states=torch.zeros(b, 1, 8), encoder_hidden_states=text,
+                 timestep=torch.tensor([0.5]), timestep_indices=torch.zeros(len(tags), dtype=torch.long),
+                 token_tags=tags, position_ids=position_ids, video_indices=video_idx, audio_indices=audio_idx,
+                 text_indices=text_idx).sample
+
+
 def test_a_streamed_batch_feeds_a_tiny_transformer_of_the_family(encoded):
     family, out, encoder = encoded
     channels = {"cogvideox": 16, "wan": 16, "ltx": 128, "hunyuanvideo": 16, "mochi": 12, "hunyuanvideo15": 32,
-                "ltx2": 128}[family]
+                "ltx2": 128, "minimax-h3": 24}[family]
     model = _tiny_transformer(family, channels)
+    if family == "minimax-h3":
+        # One request is one packed sequence: a batch of one captioned clip, its prompt rows as cached.
+        batches = list(LatentShardDataset.for_transformer(model, out, batch_size=1))
+        batch = next(b for b in batches if b["caption"][0] is not None)
+        with torch.no_grad():
+            pred = _forward(family, model, batch)
+        assert torch.isfinite(pred).all() and pred.numel() == batch["latents"].numel()
+        return
     layout = "BTCHW" if family == "cogvideox" else "BCTHW"  # what CogVideoXTransformer3DModel takes
     (batch,) = list(LatentShardDataset.for_transformer(model, out, batch_size=3, layout=layout))
     assert batch["prompt_embeds"].shape[:2] == (3, LENGTH)
@@ -296,3 +348,27 @@ def test_a_damaged_trimmed_text_member_names_the_shard_and_the_reason():
                                                r"names 'prompt_embeds' cut to mask 'missing'"):
         decode_sample(sample(text_member({"prompt_embeds": torch.ones(3, 2)}, {"prompt_embeds": "missing"})),
                       "s.tar")
+
+
+def test_prompts_of_different_lengths_are_padded_with_their_lengths():
+    """MiniMax-H3's prompt rows are each prompt's own length (its pipeline neither pads nor truncates): a batch
+    zero-pads them to the longest and says each one's length; equal lengths stack as they are."""
+    from latentcache.errors import ShardFormatError
+    from latentcache.format.text import collate_text
+
+    short, long = torch.ones(2, 4), torch.full((3, 4), 2.0)
+    batch = collate_text([{"prompt_embeds": short, "text_token_tags": torch.zeros(2, dtype=torch.long)},
+                          {"prompt_embeds": long, "text_token_tags": torch.zeros(3, dtype=torch.long)}])
+    assert batch["prompt_embeds"].shape == (2, 3, 4) and batch["prompt_embeds_lengths"].tolist() == [2, 3]
+    assert torch.equal(batch["prompt_embeds"][0, :2], short) and not batch["prompt_embeds"][0, 2:].any()
+    assert torch.equal(batch["prompt_embeds"][1], long) and batch["text_token_tags_lengths"].tolist() == [2, 3]
+    assert set(collate_text([{"prompt_embeds": short}, {"prompt_embeds": short}])) == {"prompt_embeds"}
+    with pytest.raises(ShardFormatError, match=r"prompt tensor prompt_embeds comes in shapes \[\(2, 4\), \(2, 5\)\]"):
+        collate_text([{"prompt_embeds": short}, {"prompt_embeds": torch.ones(2, 5)}])
+
+
+def test_minimax_h3_takes_no_max_length():
+    from latentcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--text-max-length 32 with --family minimax-h3: its pipeline .*whole"):
+        load_text_encoder(TextSettings(source="tiny-random", max_length=32), "minimax-h3")
