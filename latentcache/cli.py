@@ -100,12 +100,16 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "corpora you trust (transcoded by you). Does not change what an intact clip decodes to")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
-    c.add_argument("--frames", type=int, default=defaults.frames,
+    c.add_argument("--frames", type=int, default=None,
                    help="frames per clip; the VAE's frame rule applies (4k+1 for CogVideoX, Wan and HunyuanVideo, "
-                   "8k+1 for LTX-Video, 6k+1 for Mochi: docs/families.md)")
+                   "8k+1 for LTX-Video, 6k+1 for Mochi: docs/families.md); default: the family's pipeline's "
+                   f"(CogVideoX {defaults.frames})")
     c.add_argument("--fps", type=float, default=defaults.fps, help="frame rate clips are sampled at")
-    c.add_argument("--height", type=int, default=defaults.height, help="clip height in pixels (crop or fit to it)")
-    c.add_argument("--width", type=int, default=defaults.width, help="clip width in pixels")
+    c.add_argument("--height", type=int, default=None,
+                   help="clip height in pixels (crop or fit to it); default: the family's pipeline's (CogVideoX "
+                   f"{defaults.height})")
+    c.add_argument("--width", type=int, default=None, help=f"clip width in pixels; default: as --height's "
+                   f"(CogVideoX {defaults.width})")
     c.add_argument("--clips", default=defaults.strategy,
                    help="first | uniform:K | random:K (seeded by --seed) | sliding:SECONDS | all")
     c.add_argument("--seed", type=int, default=defaults.seed, help="seed of random:K clip starts")
@@ -209,9 +213,12 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     source = args.vae or family.default_source
     # A pipeline repo keeps its VAE in a subfolder; load_vae falls back to the root for a VAE-only repo or dir.
     subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
-    for name in ("frames", "samples_per_shard"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    # Geometry not given follows the family (its pipeline's own defaults, docs/families.md).
+    frames, height, width = (given if given is not None else default for given, default in
+                             zip((args.frames, args.height, args.width), family.default_clip, strict=True))
+    for name, value in (("frames", frames), ("samples_per_shard", args.samples_per_shard)):
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.fps <= 0:
         raise ConfigError(f"--fps must be positive, got {args.fps}")
     if getattr(args, "estimate", 0) and not getattr(args, "dry_run", False):
@@ -221,7 +228,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     encode = EncodeSettings(
-        clip=ClipSettings(frames=args.frames, fps=args.fps, height=args.height, width=args.width,
+        clip=ClipSettings(frames=frames, fps=args.fps, height=height, width=width,
                           strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
                           buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets),
                           images=args.images),

@@ -131,6 +131,9 @@ class VAEFamily:
     # The released latents are spatially tiled (diffusers' class tiles by default): without --tiling the model's own
     # tiling stays on, never switched off (MiniMax-H3).
     tiled_as_released: bool = False
+    # Frames, height and width of a clip when the command line names none: the family's pipeline's own defaults
+    # (tested against each pipeline in tests/encode/test_geometry_defaults.py).
+    default_clip: tuple[int, int, int] = (49, 480, 720)
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -282,6 +285,7 @@ FAMILIES: dict[str, VAEFamily] = {
         tiling=OVERLAP_TILING,
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
+        default_clip=(49, 480, 720),  # CogVideoXPipeline: the transformer's sample_frames/height/width x 8
     ),
     "wan": VAEFamily(
         name="wan",
@@ -294,6 +298,7 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_wan_spec,
         tiling=PATCHED_STRIDE_TILING,
         transformer_class="WanTransformer3DModel",
+        default_clip=(81, 480, 832),
     ),
     "hunyuanvideo": VAEFamily(
         name="hunyuanvideo",
@@ -304,6 +309,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          latent_channels=16),
         spec_from_model=_hunyuan_spec,
         transformer_class="HunyuanVideoTransformer3DModel",
+        default_clip=(129, 720, 1280),
     ),
     "ltx": VAEFamily(
         name="ltx",
@@ -316,6 +322,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          decoder_layers_per_block=(1, 1, 1, 1, 1)),
         spec_from_model=_ltx_spec,
         transformer_class="LTXVideoTransformer3DModel",
+        default_clip=(161, 512, 704),
     ),
     "mochi": VAEFamily(
         name="mochi",
@@ -328,6 +335,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5),
         spec_from_model=_mochi_spec,
         transformer_class="MochiTransformer3DModel",
+        default_clip=(19, 480, 848),
     ),
     "hunyuanvideo15": VAEFamily(
         name="hunyuanvideo15",
@@ -344,6 +352,7 @@ FAMILIES: dict[str, VAEFamily] = {
         # raises (diffusers 0.42), so latentcache encodes its clips one at a time.
         batchable=False,
         transformer_class="HunyuanVideo15Transformer3DModel",
+        default_clip=(121, 480, 848),  # HunyuanVideo15Pipeline: 16:9 at its default target size 640
     ),
     "ltx2": VAEFamily(
         name="ltx2",
@@ -360,6 +369,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          spatial_compression_ratio=32, temporal_compression_ratio=8),
         spec_from_model=_ltx2_spec,
         transformer_class="LTX2VideoTransformer3DModel",
+        default_clip=(121, 512, 768),  # LTX2Pipeline: 121 frames for checkpoints without a duration head
     ),
     "minimax-h3": VAEFamily(
         name="minimax-h3",
@@ -375,6 +385,7 @@ FAMILIES: dict[str, VAEFamily] = {
         spec_from_model=_minimax_h3_spec,
         tiling=WIDENED_TILING,
         transformer_class="MiniMaxH3Transformer3DModel",
+        default_clip=(124, 768, 1344),  # MiniMaxH3Blocks: 124 frames on its 16:9 canvas
         # MiniMaxH3ModularPipeline.pixel_mean / pixel_std: ImageNet's, over [0, 1].
         pixels=PixelConvention(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
         tiled_as_released=True,

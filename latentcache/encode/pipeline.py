@@ -29,6 +29,7 @@ from latentcache.encode.plan import (
     Plan,
     PlannedClip,
     PlannedShard,
+    aspect_sizes,
     check_buckets,
     failure_record,
 )
@@ -483,7 +484,9 @@ def resolve_batch_size(batch_size: int | None, vae: VideoVAE, settings: EncodeSe
     if batch_size is not None:
         return batch_size
     clip = settings.clip
-    return vae.auto_batch_size(clip.frames, clip.height, clip.width)
+    # With --buckets (which replace --height/--width) the largest bucket, the one that needs the most memory.
+    height, width = max(aspect_sizes(clip), key=lambda size: size[0] * size[1])
+    return vae.auto_batch_size(clip.frames, height, width)
 
 
 def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:

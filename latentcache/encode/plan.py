@@ -243,7 +243,8 @@ def clip_settings_for(bucket: str, clip: ClipSettings) -> ClipSettings:
     return dataclasses.replace(clip, frames=b.frames, height=b.height, width=b.width)
 
 
-def _aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
+def aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
+    """(height, width) of every --buckets entry, or of --height/--width without buckets."""
     sizes = []
     for b in clip.buckets:
         try:
@@ -259,7 +260,7 @@ def _aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
 def nearest_size(width: int, height: int, clip: ClipSettings) -> tuple[int, int]:
     """The aspect bucket (height, width) nearest the displayed aspect of a width x height video (first on ties)."""
     aspect = math.log(width / height)
-    return min(_aspect_sizes(clip), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+    return min(aspect_sizes(clip), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
 
 
 def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
@@ -269,7 +270,7 @@ def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
     something the VAE encodes exactly, as `--frames/--height/--width` are.
     """
     parse_strategy(clip.strategy)
-    sizes = _aspect_sizes(clip)
+    sizes = aspect_sizes(clip)
     for f in clip.frame_buckets:
         if not 1 <= f <= clip.frames:
             raise ConfigError(f"--frame-buckets {f} is not between 1 and --frames {clip.frames}: frame buckets are the "

@@ -23,6 +23,7 @@ class ClipShape(Protocol):
     frames: int
     height: int
     width: int
+    buckets: tuple[str, ...]  # "HxW" sizes that replace height x width when given (checked by the plan)
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +72,8 @@ class LatentSpec:
                 f"nearest valid: {nearest[0]} or {nearest[1]}"
             )
         s = self.spatial_compression
-        for name, value in (("height", clip.height), ("width", clip.width)):
+        # --buckets replace --height/--width: their sizes are checked instead (encode.plan.check_buckets).
+        for name, value in (() if clip.buckets else (("height", clip.height), ("width", clip.width))):
             if value < s or value % s:
                 lower = max(s, value // s * s)
                 raise ConfigError(
