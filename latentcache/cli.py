@@ -100,16 +100,16 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "corpora you trust (transcoded by you). Does not change what an intact clip decodes to")
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
-    c.add_argument("--frames", type=int, default=None,
+    # Geometry left out follows the family (settings_from_args); SUPPRESS keeps "(default: None)" out of the help.
+    c.add_argument("--frames", type=int, default=argparse.SUPPRESS,
                    help="frames per clip; the VAE's frame rule applies (4k+1 for CogVideoX, Wan and HunyuanVideo, "
-                   "8k+1 for LTX-Video, 6k+1 for Mochi: docs/families.md); default: the family's pipeline's "
-                   f"(CogVideoX {defaults.frames})")
+                   "8k+1 for LTX-Video, 6k+1 for Mochi: docs/families.md) (default: the family pipeline's, "
+                   f"CogVideoX {defaults.frames})")
     c.add_argument("--fps", type=float, default=defaults.fps, help="frame rate clips are sampled at")
-    c.add_argument("--height", type=int, default=None,
-                   help="clip height in pixels (crop or fit to it); default: the family's pipeline's (CogVideoX "
-                   f"{defaults.height})")
-    c.add_argument("--width", type=int, default=None, help=f"clip width in pixels; default: as --height's "
-                   f"(CogVideoX {defaults.width})")
+    c.add_argument("--height", type=int, default=argparse.SUPPRESS, help="clip height in pixels (crop or fit to "
+                   f"it) (default: the family pipeline's, CogVideoX {defaults.height})")
+    c.add_argument("--width", type=int, default=argparse.SUPPRESS,
+                   help=f"clip width in pixels (default: the family pipeline's, CogVideoX {defaults.width})")
     c.add_argument("--clips", default=defaults.strategy,
                    help="first | uniform:K | random:K (seeded by --seed) | sliding:SECONDS | all")
     c.add_argument("--seed", type=int, default=defaults.seed, help="seed of random:K clip starts")
@@ -215,7 +215,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
     # Geometry not given follows the family (its pipeline's own defaults, docs/families.md).
     frames, height, width = (given if given is not None else default for given, default in
-                             zip((args.frames, args.height, args.width), family.default_clip, strict=True))
+                             zip((getattr(args, n, None) for n in ("frames", "height", "width")),
+                                 family.default_clip, strict=True))
     for name, value in (("frames", frames), ("samples_per_shard", args.samples_per_shard)):
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

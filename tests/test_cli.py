@@ -28,7 +28,9 @@ def test_every_encode_option_has_help_and_the_defaults_are_printed(capsys):
     with pytest.raises(SystemExit):
         main(["encode", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for option, default in (("--frames", "49"), ("--fps", "8.0"), ("--height", "480"), ("--width", "720"),
+    for option, default in (("--frames", "the family pipeline's, CogVideoX 49"), ("--fps", "8.0"),
+                            ("--height", "the family pipeline's, CogVideoX 480"),
+                            ("--width", "the family pipeline's, CogVideoX 720"),
                             ("--samples-per-shard", "64"), ("--clips", "first"), ("--resize", "crop"),
                             ("--seed", "0"), ("--dtype", "auto"), ("--device", "auto")):
         listing = text[text.index("options:"):]
