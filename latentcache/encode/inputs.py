@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.encode.image import IMAGE_SUFFIXES
+from latentcache.encode.paired_lists import paired_rows, prompts_beside
 from latentcache.encode.plan import OUTPUT_MARKER, InputVideo, input_id
 from latentcache.errors import ConfigError, MissingDependency
 from latentcache.format import strictjson
@@ -59,6 +60,13 @@ def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
     """The list's rows, streamed: a list of millions of videos is never held whole. Lists are UTF-8 text (a
     byte-order mark is allowed); anything else is a ConfigError naming the first byte that is not UTF-8."""
     suffix = list_file.suffix.lower()
+    prompts = prompts_beside(list_file)
+    if prompts is not None:
+        try:
+            yield from paired_rows(list_file, prompts)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{list_file} or {prompts}: not UTF-8 text") from None
+        return
     if suffix == ".parquet":
         yield from _parquet_rows(list_file)
         return
@@ -189,6 +197,9 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
     naming the row. A row listed twice is kept once, from its first copy; a repeat with another caption is
     reported, never silently chosen.
     """
+    # Captions from prompts.txt can change while videos.txt does not: flagged like .txt sidecars, so that a rerun
+    # reads the lists again (`rerun_inputs`).
+    paired = prompts_beside(list_file) is not None
     # Plain string operations, not Path objects: this runs once per input, millions of times.
     base = os.path.abspath(list_file.parent)
     prefix = base.rstrip(os.sep) + os.sep
@@ -224,7 +235,8 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
                                     if k is not None and k not in READ_COLUMNS}
         if "url" in row and row.get("path"):
             extra = {**(extra or {}), "url": _jsonable(row["url"])}
-        yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None, from_sidecar)
+        yield InputVideo(p, rel, caption, spans, extra or None, where if spans is not None else None,
+                         from_sidecar or paired)
 
 
 def _row_caption(value: Any, per_span: bool) -> str | tuple[str | None, ...] | None:
@@ -417,19 +429,6 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
                 raise ConfigError(f"input list {str(p)!r} names no videos")
             raise ConfigError(f"input {str(raw)!r} gives no video to encode (a tar needs video members such as "
                               "KEY.mp4; captions, json and latents are not videos)")
-
-
-def check_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = (), *,
-                 images: bool = False) -> None:
-    """Refuse now what `iter_inputs` would refuse when the plan reads it: each local input is read up to its first
-    video only (a path that does not exist, a folder or list with nothing to encode), so a typo costs a second, not
-    a VAE load. Object-storage urls are left to the plan (a listing may be slow), and so are lists that exist: a
-    rerun does not read an unchanged list at all (`rerun_inputs.lists_unchanged`)."""
-    excluded = list(exclude)
-    for raw in paths:
-        if store.is_url(raw) or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
-            continue
-        next(iter_inputs([raw], excluded, images=images), None)
 
 
 def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) -> Iterator[InputVideo]:

@@ -171,6 +171,20 @@ def run(settings: JobSettings, world: World = World()) -> int:
     return report_finalize(out)
 
 
+def check_inputs(paths: tuple[str, ...], exclude: list[Any], *, images: bool = False) -> None:
+    """Refuse now what `iter_inputs` would refuse when the plan reads it: each local input is read up to its first
+    video only (a path that does not exist, a folder or list with nothing to encode), so a typo costs a second, not
+    a VAE load. Object-storage urls are left to the plan (a listing may be slow), and so are lists that exist: a
+    rerun does not read an unchanged list at all (`rerun_inputs.lists_unchanged`)."""
+    from latentcache.encode.inputs import LIST_SUFFIXES, iter_inputs
+    from latentcache.storage import store
+
+    for raw in paths:
+        if store.is_url(raw) or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
+            continue
+        next(iter_inputs([raw], exclude, images=images), None)
+
+
 def release_output(out: Path) -> None:
     """Undo `claim_output` on an OUT this run created and planned nothing into: its marker, then the folder if
     nothing else is in it. Only that file, which this run wrote, is removed."""
@@ -189,7 +203,6 @@ def check_before_loading(settings: JobSettings) -> None:
     not exist or hold nothing to encode (each read up to its first video; before diffusers is imported), frame counts
     and sizes the VAE cannot encode (from its config alone), buckets, --out holding someone else's files, and an
     output made with other settings."""
-    from latentcache.encode.inputs import check_inputs
     from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
     from latentcache.encode.plan import check_buckets
     from latentcache.encode.vae import peek_spec
