@@ -372,3 +372,29 @@ def test_minimax_h3_takes_no_max_length():
 
     with pytest.raises(ConfigError, match="--text-max-length 32 with --family minimax-h3: its pipeline .*whole"):
         load_text_encoder(TextSettings(source="tiny-random", max_length=32), "minimax-h3")
+
+
+@pytest.mark.parametrize("family", ["hunyuanvideo", "ltx2", "hunyuanvideo15"])
+def test_a_pipeline_directory_loads_to_the_same_embeddings(family, tmp_path):
+    """The text components saved in the pipeline layout (`text_encoder/`, `tokenizer/`, `*_2/`) load through
+    `from_pretrained` and give the tiny-random encoder's tensors exactly."""
+    tiny = load_text_encoder(TextSettings(source="tiny-random", max_length=LENGTH), family)
+    for name in TEXT_FAMILIES[family].components:
+        getattr(tiny.pipe, name).save_pretrained(tmp_path / name)
+    loaded = load_text_encoder(TextSettings(source=str(tmp_path), max_length=LENGTH), family)
+    ours, theirs = tiny.embed(CAPTIONS["sign"]), loaded.embed(CAPTIONS["sign"])
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_the_pipelines_own_settings_are_read_from_its_model_index(tmp_path):
+    """MochiPipeline's force_zeros_for_empty_prompt, set in a pipeline's model_index.json, reaches the pipeline
+    latentcache builds: the empty prompt's ids and mask are zeroed as that pipeline zeroes them."""
+    tiny = load_text_encoder(TextSettings(source="tiny-random", max_length=LENGTH), "mochi")
+    for name in TEXT_FAMILIES["mochi"].components:
+        getattr(tiny.pipe, name).save_pretrained(tmp_path / name)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "MochiPipeline",
+                                                           "force_zeros_for_empty_prompt": True}))
+    loaded = load_text_encoder(TextSettings(source=str(tmp_path), max_length=LENGTH), "mochi")
+    assert loaded.pipe.config.force_zeros_for_empty_prompt
+    assert not loaded.embed(None)["prompt_attention_mask"].any() and tiny.embed(None)["prompt_attention_mask"].any()
+    assert torch.equal(loaded.embed(CAPTIONS["red"])["prompt_embeds"], tiny.embed(CAPTIONS["red"])["prompt_embeds"])
