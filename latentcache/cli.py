@@ -203,6 +203,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         check_source_name(args.vae)
     family = family_of(family_for_source(args.vae, args.family, subfolder=args.subfolder or "vae",
                                          revision=args.revision))
+    _apply_musubi_toml(args, family.name)
     tiling = None
     if args.tiling:
         try:
@@ -249,6 +250,29 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
                        reencode_changed=getattr(args, "reencode_changed", False),
                        repair=getattr(args, "repair", False),
                        dry_run=getattr(args, "dry_run", False), estimate=getattr(args, "estimate", 0))
+
+
+def _apply_musubi_toml(args: argparse.Namespace, family: str) -> None:
+    """A musubi-tuner dataset TOML given as the input: its folders become the inputs and its clip settings these
+    arguments (encode/musubi_config.py says what maps and what is refused); each mapping is logged."""
+    from latentcache.encode.musubi_config import read_musubi_toml
+
+    if not any(str(i).lower().endswith(".toml") for i in args.inputs):
+        return
+    if len(args.inputs) != 1:
+        raise ConfigError("a musubi-tuner dataset TOML is the only input of an encode: its video_directory entries "
+                          "are the inputs")
+    argv = getattr(args, "argv", None) or []
+    fps_given = any(a == "--fps" or a.startswith("--fps=") for a in argv)
+    m = read_musubi_toml(Path(args.inputs[0]), family, args.fps if fps_given else None)
+    log.info("%s: inputs %s; --frames %d --fps %g --width %d --height %d --clips %s%s", args.inputs[0],
+             ", ".join(m.inputs), m.frames, m.fps, m.width, m.height, m.clips,
+             f" --buckets {','.join(m.buckets)}" if m.buckets else "")
+    for note in m.notes:
+        log.info("%s", note)
+    args.inputs = list(m.inputs)
+    args.frames, args.fps, args.width, args.height, args.clips = m.frames, m.fps, m.width, m.height, m.clips
+    args.buckets = ",".join(m.buckets)
 
 
 def _bucket_list(text: str) -> tuple[str, ...]:
