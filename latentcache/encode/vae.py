@@ -306,7 +306,12 @@ class VideoVAE:
         if self.model.config.get("timestep_conditioning"):
             # LTX-Video 0.9.1+ decoders are timestep-conditioned; LTXPipeline decodes clean latents at timestep 0.
             kwargs["temb"] = torch.zeros(z.shape[0], device=self.device, dtype=self.dtype)
-        video = self.model.decode(z, **kwargs).sample
+        try:
+            video = self.model.decode(z, **kwargs).sample
+        except ValueError as e:
+            # diffusers 0.42's MiniMax-H3 decoder cannot decode its shortest clips (5 frames: 2 latent frames).
+            raise ConfigError(f"the {self.spec.family} VAE's decoder cannot decode latents of shape "
+                              f"{tuple(z.shape)} ({e}); preview longer clips") from e
         pixels = family_of(self.spec.family).pixels
         if pixels is None:
             video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
