@@ -140,6 +140,10 @@ def test_ltx23_compression_is_read_from_its_config_not_ltx2_0s_layout(tmp_path):
     spec = json.loads((out / "manifest.json").read_text())["latent_spec"]
     assert (spec["family"], spec["spatial_compression"], spec["temporal_compression"]) == ("ltx2", 32, 8)
     from latentcache.tools.preview import preview
+    from latentcache.train.dataset import LatentShardDataset
+
+    (item,) = list(LatentShardDataset(out, sample_posterior=False))
+    assert tuple(item["latents"].shape) == (128, 3, 2, 3)
 
     result = preview(out, tmp_path / "preview.mp4")
     assert result.frames == 17 and result.size == (2 * 96, 64)
