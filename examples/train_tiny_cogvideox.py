@@ -7,11 +7,11 @@ the checkpoint. The model is tiny (random init, CPU-friendly); the loop is the o
     # latents from your videos with the built-in tiny random VAE (CPU, seconds)
     latentcache encode videos/ --out latents --vae tiny-random-cogvideox --frames 17 --height 64 --width 96
     # one process (CPU or one GPU)
-    python examples/train_tiny_cogvideox.py --data latents --steps 300
+    python examples/train_tiny_cogvideox.py --data latents --steps 300 --checkpoint runs/ckpt.pt
     # one node, 8 GPUs: each rank reads its own shards (LatentShardDataset reads RANK/WORLD_SIZE)
     torchrun --nproc_per_node 8 examples/train_tiny_cogvideox.py --data latents --steps 300
     # resume from the checkpoint it wrote: the data continues where it stopped
-    python examples/train_tiny_cogvideox.py --data latents --steps 600 --resume ckpt.pt
+    python examples/train_tiny_cogvideox.py --data latents --steps 600 --resume runs/ckpt.pt
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def save_checkpoint(path: Path, model, optimizer, loader: StatefulLoader, step: 
         data = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(data, loader.state_dict())
     if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data": data, "step": step},
                    path)
 
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"])
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--checkpoint", type=Path, default=Path("ckpt.pt"))
+    # No default: a demo run must not leave a file in whatever directory it was started from.
+    p.add_argument("--checkpoint", type=Path, default=None, help="where to save the final checkpoint (default: none)")
     p.add_argument("--resume", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                    num_workers=args.workers, checkpoint=args.checkpoint, resume=args.resume)
     if _rank() == 0:
         print(f"fixed-noise eval loss: {result.eval_before:.4f} before, {result.eval_after:.4f} after "
-              f"{len(result.losses)} steps; checkpoint {args.checkpoint}")
+              f"{len(result.losses)} steps" + (f"; checkpoint {args.checkpoint}" if args.checkpoint else ""))
     if distributed:
         torch.distributed.destroy_process_group()
     return 0

@@ -195,7 +195,8 @@ def _open_error(e: Exception, path: str, stage: str) -> Exception:
 def _video_stream(container: av.container.InputContainer, path: str, stage: str) -> av.video.stream.VideoStream:
     fmt = container.format.name
     if fmt == _STILL_IMAGE_FORMATS[0] or fmt.endswith(_STILL_IMAGE_FORMATS[1]):
-        raise InputError(path, stage, f"a still image ({fmt} format), not a video") from NotAVideo()
+        raise InputError(path, stage, f"a still image ({fmt} format), not a video; pass --images to encode still "
+                         "images as 1-frame samples") from NotAVideo()
     # The first *video* stream: many files put audio first. Cover art in music files is a "video" stream of one
     # picture, marked as attached.
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]

@@ -340,14 +340,19 @@ def _walk(root: Path, exclude: frozenset[Path] = frozenset(), images: bool = Fal
         here = Path(folder)
         dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_output(here / d, exclude)]
         found.extend(here / f for f in files if not f.startswith("."))
+    left_images = 0
     for f in sorted(found):
         if not f.is_file():
             continue
         if f.suffix.lower() in NOT_VIDEO_SUFFIXES and not (images and f.suffix.lower() in IMAGE_SUFFIXES):
             # Caption sidecars, lists, thumbnails: never videos. Anything else is probed, whatever its extension.
             log.debug("not a video by its extension, not probed: %s", f)
+            left_images += f.suffix.lower() in IMAGE_SUFFIXES
             continue
         yield f
+    if left_images:  # said, not silent: the dry run's input count would otherwise just be smaller than the folder's
+        log.warning("%s: %d image file(s) not taken (pass --images to encode still images as 1-frame samples)",
+                    root, left_images)
 
 
 def _from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]:

@@ -67,6 +67,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier between them.
     """
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from latentcache.encode import chunks, pipeline, share_markers
     from latentcache.encode.input_stats import list_identity
@@ -87,8 +88,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
         from latentcache.encode.text import load_text_encoder
 
         texts = load_text_encoder(encode.text, encode.vae.family, vae.device)
-    if vae.identity.random_weights and world.is_main:
-        print(f"NOTE: {encode.vae.source} has random weights: these latents are for demos and tests only.")
+    # A VAE with random weights is said once, by load_vae's warning (a second note here printed it twice).
     def make_plan() -> chunks.JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
@@ -134,9 +134,11 @@ def run(settings: JobSettings, world: World = World()) -> int:
     total = sum(len(s.keys) for s in mine)
     # One bar per rank at its own line; done shards count from the start so clips/s and the ETA stay honest.
     # Without a terminal (SLURM logs) a bar line every 30 s is a heartbeat, not noise.
-    with tqdm(total=total, initial=sum(len(s.keys) for s in mine if s.relpath not in pending), unit="clip",
-              desc=label, position=world.local_rank, dynamic_ncols=True, leave=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+    # Log lines go through tqdm.write while the bar is up, so a warning never splits a bar's line.
+    with logging_redirect_tqdm(), tqdm(total=total, initial=sum(len(s.keys) for s in mine
+                                                                if s.relpath not in pending),
+                                       unit="clip", desc=label, position=world.local_rank, dynamic_ncols=True,
+                                       leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
                                texts=texts, chunk_plans=chunk_plans, runtime=runtime, redo=redo)
     # This run's work on this rank's share: inputs refused by the planning it did, clips refused at decode or encode.

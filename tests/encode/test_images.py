@@ -261,3 +261,23 @@ def test_image_size_reads_each_header_as_pillow_does(tmp_path, fmt, kwargs):
     with open(path, "rb") as f:
         kind, width, height = image_size(f)
     assert (kind.upper(), width, height) == (fmt, 53, 37)
+
+
+def test_images_left_out_without_images_are_said_and_a_named_one_hints_images(tmp_path: Path, caplog) -> None:
+    """A folder's pictures are not taken without --images: a warning says how many and the flag (the dry run's
+    count was silently smaller than the folder's); a picture named on its own fails with the flag in its reason."""
+    import logging
+
+    from PIL import Image
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.new("RGB", (96, 64)).save(d / "a.jpg")
+    Image.new("RGB", (96, 64)).save(d / "b.png")
+    (d / "notes.txt").write_text("not an image", encoding="utf-8")
+    write_video(d / "v", codec="h264", num_frames=24, height=64, width=96, fps=8)
+    with caplog.at_level(logging.WARNING, logger="latentcache"):
+        assert len(discover_inputs([d])) == 1
+    assert f"{d}: 2 image file(s) not taken (pass --images to encode still images" in caplog.text
+    with pytest.raises(InputError, match="a still image .*; pass --images to encode still images as 1-frame"):
+        probe(str(d / "a.jpg"))

@@ -125,3 +125,12 @@ def test_mistakes_are_refused_before_diffusers_loads_and_leave_no_output(small_v
                  "tiny-random-cogvideox", "--device", "cpu"]) == 2
     assert "share the relative path" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_random_weights_note_is_said_once(video_dir, tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="latentcache"):
+        assert job.run(_settings(video_dir / "sub", tmp_path / "out")) == job.EXIT_OK
+    said = capsys.readouterr().out.count("random weights") + caplog.text.count("random weights")
+    assert said == 1

@@ -35,8 +35,13 @@ def test_loss_falls_well_below_its_start(example, encoded_dir: Path) -> None:
     assert sum(result.losses[-20:]) / 20 < sum(result.losses[:20]) / 20
 
 
-def test_checkpoint_and_resume(example, encoded_dir: Path, tmp_path: Path, capsys) -> None:
-    ckpt = tmp_path / "ckpt.pt"
+def test_checkpoint_and_resume(example, encoded_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert example.main(["--data", str(encoded_dir), "--steps", "2"]) == 0
+    assert not list(elsewhere.iterdir())  # no --checkpoint: nothing left in the directory it was started from
+    ckpt = tmp_path / "runs" / "ckpt.pt"
     assert example.main(["--data", str(encoded_dir), "--steps", "6", "--checkpoint", str(ckpt)]) == 0
     assert "fixed-noise eval loss" in capsys.readouterr().out
     resumed = example.train(encoded_dir, steps=10, resume=ckpt, checkpoint=tmp_path / "again.pt", log_every=0)
