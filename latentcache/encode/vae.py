@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentcache.encode import vae_checks
 from latentcache.encode.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
 from latentcache.encode.provenance import weights_provenance
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
@@ -478,6 +479,7 @@ def _config_class_name(source: str, subfolder: str | None, revision: str | None)
             config = strictjson.loads(path.read_bytes())  # a model folder's file: any content is an error, not a bug
         except (OSError, ValueError) as e:
             raise ConfigError(f"--vae {source}: cannot read {path}: {e}") from e
+        vae_checks.check_config(config, f"--vae {source}: {path}")
         if isinstance(config, dict) and "_class_name" in config:
             return str(path), config["_class_name"]
     return None
@@ -498,6 +500,7 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
             subfolder = None  # a hub repo that is the VAE itself
             tried += f" and {source}"
             config = cls.load_config(source, revision=revision)
+        vae_checks.check_config(config, f"--vae {tried}: config.json")
         found = config.get("_class_name")
         if not found or found == family.class_name:
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision), subfolder
@@ -582,7 +585,7 @@ def load_vae(settings: VAESettings, device: str = "auto") -> VideoVAE:
         revision = provenance.commit
     # Before the cast to the encode dtype: LTX-Video's latents_mean/latents_std are buffers that `.to(dtype)` would
     # round (bf16 keeps 8 bits), and the manifest's normalisation must not depend on --dtype.
-    spec = family.spec_from_model(model)
+    spec = vae_checks.checked_spec(model, family, str(Path(settings.source) / (subfolder or "")))
     with _quiet("diffusers.models.modeling_utils"):
         # diffusers warns about fp32-only modules even when there are none ("should be kept in float32: []").
         model = cast_keeping_fp32_modules(model.to(dev), dtype).eval().requires_grad_(False)

@@ -81,6 +81,9 @@ def spec_problems(spec: Any) -> list[str]:
                         "non-finite gains or offsets (a zero latents_std?)")
     elif float(torch.maximum(gain.abs(), offset.abs()).max()) > FLOAT32_MAX:
         problems.append("latent_spec normalisation gains or offsets overflow float32")
+    elif bool((gain == 0).any()):
+        problems.append(f"latent_spec normalisation ({LatentSpec.from_dict(spec).describe_normalization()}) has a "
+                        "zero gain (a scaling_factor of 0?): every latent of that channel becomes the same number")
     return problems
 
 

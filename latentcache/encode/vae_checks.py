@@ -1,0 +1,105 @@
+"""A VAE's config and loaded weights checked before anything is encoded, so a degenerate one is refused (exit 2,
+naming the file and the field) before OUT is claimed, not after an encode of hours that every reader then refuses.
+
+- The config (`check_config`), where it is first read (a local directory, the hub cache, a downloaded config): a
+  `_class_name` that is not a name; counts (`latent_channels`, `z_dim`, compression ratios, block widths) that are
+  not positive whole numbers of a believable size (2**31 channels would allocate 14 TB before any message);
+  `scaling_factor` 0, NaN or null; `latents_mean`/`latents_std` that are not one finite number per latent channel,
+  or a `latents_std` holding a value <= 0.
+- The loaded model (`checked_spec`): every parameter and buffer has a value (a weights file missing a tensor leaves
+  it on the meta device: "Cannot copy out of meta tensor" later), and its latent spec (normalisation read from the
+  config or, for LTX-Video, from buffers in the weights) passes the very check every reader runs on a manifest
+  (`format.checks.spec_problems`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from latentcache.errors import ConfigError
+from latentcache.format.checks import spec_problems
+from latentcache.format.spec import LatentSpec
+
+# Believable sizes: the largest VAEs known have 128 latent channels, 1024-wide blocks and 32x compression.
+_MAX_CHANNELS = 1 << 16
+_MAX_COMPRESSION = 64
+_COUNTS = ("in_channels", "out_channels", "latent_channels", "z_dim", "base_dim", "layers_per_block",
+           "temporal_compression_ratio", "spatial_compression_ratio", "patch_size", "patch_size_t")
+_COUNT_LISTS = ("block_out_channels", "decoder_block_out_channels", "dim_mult", "layers_per_block")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    """Why this VAE config cannot give usable latents; [] when it can."""
+    problems = []
+    name = config.get("_class_name")
+    if name is not None and not isinstance(name, str):
+        problems.append(f"_class_name is {str(name)[:100]}, expected a class name such as AutoencoderKLWan")
+    for key in _COUNTS:
+        most = _MAX_COMPRESSION if "compression" in key or key.startswith("patch") else _MAX_CHANNELS
+        if key in config and config[key] is not None and not isinstance(config[key], list | tuple) \
+                and not _count(config[key], most):
+            problems.append(f"{key} is {str(config[key])[:60]}, expected a whole number from 1 to {most}")
+    for key in _COUNT_LISTS:
+        values, least = config.get(key), 0 if key.startswith("layers") else 1  # a block may have no layers
+        if isinstance(values, list | tuple) and not all(_count(v, _MAX_CHANNELS) or (least == 0 and v == 0)
+                                                        for v in values):
+            problems.append(f"{key} is {str(values)[:100]}, expected whole numbers from {least} to {_MAX_CHANNELS}")
+    if "scaling_factor" in config and not (_real(config["scaling_factor"]) and config["scaling_factor"] > 0):
+        shown = "NaN or null" if config["scaling_factor"] is None else repr(config["scaling_factor"])
+        problems.append(f"scaling_factor is {shown}, expected a finite number > 0 (0 makes every latent zero)")
+    if "shift_factor" in config and config["shift_factor"] is not None and not _real(config["shift_factor"]):
+        problems.append(f"shift_factor is {config['shift_factor']!r}, expected a finite number or null")
+    channels = config.get("z_dim", config.get("latent_channels"))
+    for key in ("latents_mean", "latents_std"):
+        values = config.get(key)
+        if values is None:
+            continue
+        if not (isinstance(values, list | tuple) and all(_real(v) for v in values)):
+            problems.append(f"{key} is {str(values)[:100]}, expected a list of finite numbers")
+        elif _count(channels, _MAX_CHANNELS) and len(values) != channels:
+            problems.append(f"{key} has {len(values)} values for {channels} latent channels")
+        elif key == "latents_std" and not all(v > 0 for v in values):
+            problems.append(f"latents_std holds {min(values)!r}, expected every value > 0 (latents are divided by it)")
+    return problems
+
+
+def check_config(config: Any, where: str) -> None:
+    """Refuse, naming `where` (the config file) and each bad field, a config that cannot give usable latents."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: a VAE config is a JSON object, found {type(config).__name__}")
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}. Fix the VAE's config.json (or pass the VAE it was "
+                          "copied from)")
+
+
+def checked_spec(model: Any, family: Any, where: str) -> LatentSpec:
+    """`family.spec_from_model(model)`, after refusing a model with tensors its weights did not fill, and before one
+    whose latent spec a reader would refuse."""
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        found = sorted(p.name for p in Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
+        files = f" ({', '.join(found)})" if found else ""
+        raise ConfigError(f"--vae {where}: the weights{files} hold no value for {len(empty)} tensor(s) its config "
+                          f"needs, e.g. {', '.join(empty[:3])}: the weights file is incomplete or belongs to another "
+                          "config")
+    try:
+        spec = family.spec_from_model(model)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"--vae {where}: cannot read the VAE's latent spec from its config ({e})") from None
+    problems = spec_problems(json.loads(json.dumps(spec.to_dict())))  # as the manifest will hold it: lists, not tuples
+    if problems:
+        raise ConfigError(f"--vae {where}: {'; '.join(problems)}; no reader could use these latents. Fix the VAE's "
+                          "config (or weights), or pass another VAE")
+    return spec
