@@ -87,6 +87,16 @@ def spec_problems(spec: Any) -> list[str]:
     return problems
 
 
+def meta_problems(meta: dict[str, Any], bucket: str | None, label: str) -> list[str]:
+    """Why a sample's JSON contradicts its shard; [] if it does not. `verify`, the dataset and the exports all apply
+    it: a sample whose JSON names another bucket is refused by each alike."""
+    said = meta.get("bucket")
+    if said is not None and bucket is not None and said != bucket:
+        shown = repr(said) if len(repr(said)) <= 80 else repr(said)[:77] + "..."
+        return [f"{label} says bucket {shown}, its shard is in bucket {bucket}"]
+    return []
+
+
 def latent_problems(mean: torch.Tensor, logvar: torch.Tensor | None, spec: LatentSpec, bucket: str,
                     label: str) -> list[str]:
     """Why this stored posterior is not a latent of `bucket` that samples and normalises to finite float32; [].

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_save
 
-from latentcache.errors import ConfigError, LatentMismatchError
+from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
 from latentcache.format import strictjson
-from latentcache.format.checks import latent_problems
+from latentcache.format.checks import latent_problems, meta_problems
+from latentcache.format.manifest import counts_problem
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
 from latentcache.train.shard_sources import read_shard, resolve_source
@@ -79,7 +80,8 @@ class Source:
                     raise refused(where, f"latents of shape {list(mean.shape)}, the manifest says "
                                          f"{self.spec.channels} channels, [C, T, H, W]; the dataset and `verify` "
                                          "refuse it, so it is not exported")
-                problems = latent_problems(mean, sample["logvar"], self.spec, shard.bucket, where)
+                problems = (latent_problems(mean, sample["logvar"], self.spec, shard.bucket, where)
+                            or meta_problems(sample["meta"], shard.bucket, where))
                 if problems:
                     raise LatentMismatchError(f"{problems[0]}; the dataset and `verify` refuse it, so it is not "
                                               "exported")
@@ -109,6 +111,8 @@ def open_source(source: str | os.PathLike) -> Source:
         manifest, root, shards = resolve_source(source)
     except OSError as e:
         raise ConfigError(f"{source}: cannot read ({e.strerror or e})") from None
+    if counts_problem(manifest, root):  # what verify reports and the dataset refuses
+        raise ShardFormatError(f"{counts_problem(manifest, root)}; not exported")
     spec = LatentSpec.from_dict(manifest["latent_spec"])
     return Source(str(root), manifest, spec, sum(s.samples for s in shards), shards)
 

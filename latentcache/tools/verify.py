@@ -19,7 +19,7 @@ import torch
 
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
-from latentcache.format.checks import latent_problems
+from latentcache.format.checks import latent_problems, meta_problems
 from latentcache.format.manifest import counts_problem
 from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
@@ -156,9 +156,7 @@ class _Checker:
         if problems:
             self.report.problems += problems
             return
-        bucket = sample["meta"].get("bucket")
-        if bucket is not None and bucket != shard.bucket:
-            self.report.problems.append(f"{where}: {key} says bucket {bucket}, its shard is in bucket {shard.bucket}")
+        self.report.problems += meta_problems(sample["meta"], shard.bucket, f"{where}: {key}")
         z = mean.float().flatten(1)
         var, channel_mean = torch.var_mean(z, dim=1, correction=0)
         self.report.stats.add(channel_mean, var, z.shape[1])
@@ -189,9 +187,6 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
             report.problems.append(f"{shard.url}: does not read as a latentcache shard ({type(e).__name__}: {e})")
         else:
             report.bytes += _shard_bytes(shard)
-        if check_sha256 and not shard.sha256:
-            report.problems.append(f"{shard.url}: the manifest has no sha256 for it, so its content cannot be "
-                                   "checked; run `latentcache finalize` to rebuild the manifest from the sidecars")
     _check_totals(manifest, mroot, report)
     _check_stats(spec, report, bool(manifest.get("vae", {}).get("random_weights")))
     if trainer_config is not None:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
-from latentcache.format.checks import latent_problems
+from latentcache.format.checks import latent_problems, meta_problems
 from latentcache.format.manifest import counts_problem
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec, image_condition_channels, image_condition_of
@@ -492,8 +492,9 @@ class LatentShardDataset(IterableDataset):
                                       f"the manifest says {self.expected_channels}.{hint}")
         # The check `latentcache verify` applies: dtype, the bucket's shape, finite, and finite once sampled and
         # normalised in float32. A sample that fails it never reaches the trainer.
-        problems = latent_problems(mean, logvar, self.spec, sample["bucket"],
-                                   f"{sample['url']}: sample {sample['key']}")
+        label = f"{sample['url']}: sample {sample['key']}"
+        problems = (latent_problems(mean, logvar, self.spec, sample["bucket"], label)
+                    or meta_problems(sample["meta"], sample["bucket"], label))
         if problems:
             raise ShardFormatError(f"{problems[0]}. Run `latentcache verify` on the dataset and re-encode the shard")
         # In-place arithmetic on tensors this sample owns (decoded just now): a 49x480x720 clip's latents are 4.5 MB

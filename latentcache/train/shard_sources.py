@@ -381,6 +381,10 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
     shard delivers nothing; no byte is read twice from disk, and memory holds the shard plus the samples in
     flight, not a second copy of the shard. `data`: the shard's bytes when already fetched (`prefetched`).
     """
+    if check_sha256 and not shard.sha256:  # what verify reports, the readers refuse: nothing unchecked is delivered
+        raise ShardFormatError(f"{shard.url}: the manifest has no sha256 for it, so its content cannot be checked; "
+                               "run `latentcache finalize` to rebuild the manifest from the sidecars, or pass "
+                               "check_sha256=False")
     data = read_bytes(shard, buffer) if data is None else data
     try:
         if check_sha256 and shard.sha256:
