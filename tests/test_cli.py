@@ -135,3 +135,24 @@ def test_other_settings_are_refused_before_the_vae_loads(tmp_path: Path, capsys,
         assert main(["encode", str(d), "--out", str(foreign), *TINY, "--frames", "17", *extra]) == EXIT_USAGE
         assert "is not empty and was not made by latentcache" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_dry_run_on_an_existing_output_describes_the_append(three_videos: Path, tmp_path: Path, capsys):
+    """On an output that exists, --dry-run says what a rerun would add (only the new inputs are planned and
+    probed), and still writes nothing there."""
+    from conftest import tree_bytes
+
+    (three_videos / "broken.mp4").unlink()
+    out = tmp_path / "out"
+    args = ["encode", str(three_videos), "--out", str(out), *TINY, "--frames", "33"]
+    assert main(args) == EXIT_OK
+    before = tree_bytes(out)
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == EXIT_OK
+    assert f"{out} holds 3 input(s) already; a run would add none" in capsys.readouterr().out
+    write_video(three_videos / "d", codec="h264", num_frames=40, fps=8, height=64, width=96)
+    assert main([*args, "--dry-run"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert f"{out} holds 3 input(s) already; a run would add 1 new input(s)" in printed
+    assert "inputs: 1; clips: 1 in 1 shard(s)" in printed and "bucket 33x64x96: 1 clip(s)" in printed
+    assert tree_bytes(out) == before

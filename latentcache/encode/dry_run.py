@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latentcache.encode import chunks
 from latentcache.encode.plan import Plan, PlannedClip, clip_settings_for
 from latentcache.encode.settings import EncodeSettings, JobSettings
 from latentcache.encode.vae import DTYPES, VideoVAE
@@ -39,6 +40,8 @@ class DryRun:
     estimated_clips: int = 0
     decode_seconds_per_clip: float | None = None
     encode_seconds_per_clip: float | None = None
+    # On an existing output: the inputs it holds already; the counts above are then what an append would add.
+    existing_inputs: int | None = None
 
     @property
     def clips(self) -> int:
@@ -49,8 +52,13 @@ class DryRun:
         return sum(self.bytes_per_bucket.values())
 
     def lines(self, out: object, device: str) -> list[str]:
-        rows = [f"dry run: nothing was written to {out}",
-                f"inputs: {self.inputs}; clips: {self.clips} in {self.shards} shard(s); {self.outcomes.describe()}"]
+        rows = [f"dry run: nothing was written to {out}"]
+        if self.existing_inputs is not None:
+            rows.append(f"{out} holds {self.existing_inputs} input(s) already; a run would add {self.inputs} new "
+                        "input(s) (an append), described below" if self.inputs else
+                        f"{out} holds {self.existing_inputs} input(s) already; a run would add none")
+        rows.append(f"inputs: {self.inputs}; clips: {self.clips} in {self.shards} shard(s); "
+                    f"{self.outcomes.describe()}")
         for bucket, n in sorted(self.clips_per_bucket.items()):
             rows.append(f"  bucket {bucket}: {n} clip(s), about {_size(self.bytes_per_bucket[bucket])}")
         rows.append(f"estimated output: about {_size(self.total_bytes)} (latents as stored, without prompt "
@@ -95,11 +103,15 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_si
     result = DryRun()
     with tempfile.TemporaryDirectory(prefix="latentcache-dry-run-") as tmp:
         scratch = Path(tmp) / "out"
+        before = _seed_from_output(settings.out, scratch) if not settings.overwrite else None
         inputs = iter_inputs(settings.inputs, exclude=[settings.out], images=encode.clip.images)
         plan = pipeline.load_or_make_plan(scratch, inputs, encode, vae, chunk_size=settings.chunk_size,
                                           world_size=world_size)
-        chunk_plans = pipeline.plan_chunks(scratch, plan, encode)
-    result.inputs = plan.inputs
+        # On an existing output only the parts this run would add are planned (probed): what an append adds.
+        refs = [r for r in plan.chunk_refs() if before is None or r.part >= len(before.parts)]
+        chunk_plans = chunks.plan_share(scratch, plan, refs, encode)
+    result.inputs = plan.inputs - (before.inputs if before is not None else 0)
+    result.existing_inputs = before.inputs if before is not None else None
     result.outcomes = tally(r for chunk in chunk_plans for r in chunk.rejected)
     shards_per_bucket: Counter[str] = Counter()
     for chunk in chunk_plans:
@@ -111,6 +123,24 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_si
     if estimate > 0:
         _estimate(result, chunk_plans, vae, encode, estimate)
     return result
+
+
+def _seed_from_output(out: Path, scratch: Path) -> chunks.JobPlan | None:
+    """An existing local output's plan, with links to its inputs files, in `scratch`: planning there appends exactly
+    what a real run would, and reads --out without writing to it. None for a new output (or one in object
+    storage, planned as new)."""
+    from latentcache.encode.output import PLAN_FILE
+    from latentcache.storage import store
+
+    if store.in_object_store(out) or not (out / PLAN_FILE).is_file():
+        return None
+    plan = chunks.read_job_plan(out)
+    (scratch / "inputs").mkdir(parents=True)
+    (scratch / PLAN_FILE).write_bytes((out / PLAN_FILE).read_bytes())
+    for f in (out / "inputs").iterdir():
+        if f.is_file() and not f.name.endswith(".tmp"):
+            (scratch / "inputs" / f.name).symlink_to(f.resolve())
+    return plan
 
 
 def _estimate(result: DryRun, chunk_plans: list[Plan], vae: VideoVAE, settings: EncodeSettings, n: int) -> None:
