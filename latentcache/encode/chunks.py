@@ -360,6 +360,12 @@ def part_digests(out: Path, part: Part) -> np.ndarray:
 def find_input(out: Path, key: str) -> InputVideo | None:
     """The input a clip key came from (its absolute path now), by a binary search of each part's sorted key digests and
     one chunk read: O(log inputs), not a scan of the dataset. None when no part holds it."""
+    found = find_input_record(out, key)
+    return None if found is None else found[0]
+
+
+def find_input_record(out: Path, key: str) -> tuple[InputVideo, Stat] | None:
+    """`find_input`, with what the input was when its chunk was probed (None when not recorded or not probed)."""
     if not KEY.fullmatch(key):
         return None
     digest = np.uint64(int(key[:16], 16))
@@ -371,7 +377,9 @@ def find_input(out: Path, key: str) -> InputVideo | None:
         if i < len(digests) and digests[i] == digest:
             chunk = i // part.chunk_size
             ref = next(r for r in refs if r.part == part.index and r.chunk == chunk)
-            return read_chunk_inputs(out, ref)[i - chunk * part.chunk_size]
+            at = i - chunk * part.chunk_size
+            stats = read_chunk_stats(out, plan, ref) if (out / ref.plan_name).is_file() else None
+            return read_chunk_inputs(out, ref)[at], None if stats is None else stats[at]
     return None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode.chunks import find_input
+from latentcache.encode.chunks import find_input_record
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format import strictjson
@@ -80,18 +80,67 @@ def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:
 
 
 def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
-    """Where the sample's video is now: the output's inputs files have the absolute path (found by the key's digest);
-    meta has the path under the input root."""
+    """Where the sample's video is now, if it is still the file that was encoded: the output's inputs files have the
+    absolute path (found by the key's digest), meta has the path under the input root.
+
+    Both are data, perhaps a stranger's, and neither is shown on its word alone: a plan's path must be a local file, a
+    member of a local tar or an s3:// object, and be now what its chunk plan recorded when it was probed (size and
+    sha256, or the object's ETag), so neither a file the plan merely names nor a video replaced since encoding is shown
+    beside the latents; a sample's own `source` must be a plain relative path under the working directory whose size
+    is the `source_size_bytes` the sample records."""
     if (root / "plan.json").is_file():
         try:
-            found = find_input(root, key)
+            found = find_input_record(root, key)
         except (OSError, ValueError, ConfigError, ShardFormatError) as e:
             log.info("%s: cannot look the source up in %s (%s)", key, root, e)
             found = None
-        if found is not None and _readable(found.path):
-            return found.path
+        if found is not None:
+            why = _not_the_encoded_file(found[0].path, found[1], meta)
+            if why is None:
+                return found[0].path
+            log.warning("%s: not showing %s as its source: %s", key, found[0].path[:300], why)
     source = meta.get("source")
-    return source if _plain_relative(source) and Path(source).is_file() else None
+    if not (_plain_relative(source) and Path(source).is_file()):
+        return None
+    size = meta.get("source_size_bytes")
+    if isinstance(size, int) and not isinstance(size, bool) and Path(source).stat().st_size == size:
+        return source
+    log.warning("%s: not showing %s as its source: its size is not the %r bytes the sample records", key, source, size)
+    return None
+
+
+def _plan_path_allowed(path: Any) -> bool:
+    """A plan's input path that may be opened at all: an absolute local path (or a member of a tar at one) or an
+    s3:// object, no control characters; never another scheme (`pipe:`, `http:`, `concat:`)."""
+    from latentcache.storage import sources
+
+    if not isinstance(path, str) or not path or any(ord(c) < 32 for c in path):
+        return False
+    if path.startswith("s3://"):
+        return True
+    split = sources.split_tar_path(path)
+    local = str(split[0]) if split else path
+    return "://" not in path and ":" not in local and os.path.isabs(local)
+
+
+def _not_the_encoded_file(path: str, recorded: Any, meta: dict[str, Any]) -> str | None:
+    """Why the plan's `path` is not shown as the source (None: it is the file that was encoded)."""
+    from latentcache.encode.input_stats import input_stat
+
+    if not _plan_path_allowed(path):
+        return "the plan names no local file, tar member or s3:// object there"
+    if not isinstance(recorded, dict):
+        return "its chunk plan records no identity to check it against"
+    size = meta.get("source_size_bytes")
+    if recorded.get("size") is not None and size is not None and recorded.get("size") != size:
+        return f"the plan records {recorded.get('size')} bytes, the sample {size}: they are not of one input"
+    now = input_stat(path)
+    if now is None:
+        return "it is gone or unreadable"
+    fields = [k for k in ("size", "sha256", "etag", "modified") if k in recorded]
+    if not fields or any(now.get(k) != recorded[k] for k in fields):
+        return f"it is not the file that was encoded ({', '.join(fields) or 'nothing'} recorded; changed since)"
+    return None
 
 
 def _plain_relative(source: Any) -> bool:
@@ -104,19 +153,6 @@ def _plain_relative(source: Any) -> bool:
         return False
     path = Path(source)
     return not path.is_absolute() and ".." not in path.parts
-
-
-def _readable(path: str) -> bool:
-    """Whether the input is still there, asked of the source opener: a tar member or an object in S3 is an input as
-    much as a local file (a plain is_file() said no for them, so their previews lost the source side)."""
-    from latentcache.storage import sources
-
-    if sources.is_local(path):
-        return Path(path).is_file()
-    try:
-        return sources.source_size(path) > 0
-    except (OSError, ValueError):
-        return False
 
 
 def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -> np.ndarray | None:

@@ -133,7 +133,58 @@ def test_a_samples_own_source_path_is_looked_up_only_under_the_working_directory
     no_plan = tmp_path / "shards_only"
     no_plan.mkdir()
     elsewhere = str(video_dir / "c_h264.mp4")
-    assert _source_path(no_plan, "k", {"source": "videos/a.mp4"}) == "videos/a.mp4"
+    size = (work / "videos" / "a.mp4").stat().st_size
+    assert _source_path(no_plan, "k", {"source": "videos/a.mp4", "source_size_bytes": size}) == "videos/a.mp4"
+    # Its own source is shown only with the size the sample recorded: not a file that took its name since.
+    assert _source_path(no_plan, "k", {"source": "videos/a.mp4", "source_size_bytes": size + 1}) is None
+    assert _source_path(no_plan, "k", {"source": "videos/a.mp4"}) is None
     for hostile in (elsewhere, "../work/videos/a.mp4", "videos/../videos/a.mp4", "file:videos/a.mp4",
                     "concat:videos/a.mp4", "videos/a.mp4\n", 7, None, ""):
-        assert _source_path(no_plan, "k", {"source": hostile}) is None, hostile
+        assert _source_path(no_plan, "k", {"source": hostile, "source_size_bytes": size}) is None, hostile
+
+
+def _one_video_encoded(video_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(video_dir / "a_h264.mp4", videos / "a.mp4")
+    data = tmp_path / "latents"
+    assert main(["encode", str(videos), "--out", str(data), "--vae", "tiny-random-cogvideox", "--device", "cpu",
+                 "--frames", "17", "--height", "64", "--width", "96"]) == 0
+    return videos, data
+
+
+def test_a_video_replaced_since_encoding_is_not_shown_beside_the_old_latents(video_dir: Path, tmp_path: Path,
+                                                                             caplog) -> None:
+    """The plan's path holds another video now (same name): the preview shows the reconstruction alone and says why,
+    never the new video as if it were what was encoded."""
+    videos, data = _one_video_encoded(video_dir, tmp_path)
+    assert preview(data, tmp_path / "before.mp4", random_count=1).with_source == [True]
+    shutil.copy(video_dir / "c_h264.mp4", videos / "a.mp4")
+    result = preview(data, tmp_path / "after.mp4", random_count=1)
+    assert result.with_source == [False]
+    assert "it is not the file that was encoded" in caplog.text
+
+
+def test_a_file_a_plan_names_is_shown_only_if_it_is_the_encoded_one(video_dir: Path, tmp_path: Path) -> None:
+    """A stranger's output whose plan names another file on this machine (its inputs file and plan.json rewritten to
+    agree, its chunk plans left out): nothing records that file's identity, so it is not decoded into the preview;
+    nor is a path under another scheme."""
+    import hashlib
+    import json
+
+    _, data = _one_video_encoded(video_dir, tmp_path)
+    secret = tmp_path / "private" / "holiday.mp4"
+    secret.parent.mkdir()
+    shutil.copy(video_dir / "c_h264.mp4", secret)
+    for named in (str(secret), f"concat:{secret}", "pipe:cat"):
+        inputs = data / "inputs" / "part-0000.jsonl"
+        row = json.loads(inputs.read_text())
+        row["path"] = named
+        line = (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode()
+        inputs.write_bytes(line)
+        plan = json.loads((data / "plan.json").read_text())
+        digest = hashlib.sha256(line).hexdigest()
+        plan["parts"][0]["sha256"], plan["parts"][0]["chunks"] = digest, [[0, len(line), digest]]
+        (data / "plan.json").write_text(json.dumps(plan))
+        shutil.rmtree(data / "chunks", ignore_errors=True)
+        assert preview(data, tmp_path / "crafted.mp4", random_count=1).with_source == [False], named
