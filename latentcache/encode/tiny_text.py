@@ -68,8 +68,8 @@ def _fitted(build: Callable[[tuple[str, ...]], Any], prefix: Callable[[Any], int
             break
         split = (*split, word)
         tok = build(split)
-    if prefix(tok) != target:
-        raise AssertionError(f"tiny tokenizer prefix is {prefix(tok)} tokens, the pipeline crops {target}")
+    if prefix(tok) != target:  # a diffusers release with another template: this module needs updating
+        raise RuntimeError(f"the tiny tokenizer's template prefix is {prefix(tok)} tokens, the pipeline crops {target}")
     return tok
 
 
@@ -174,7 +174,8 @@ def tiny_hunyuanvideo15() -> dict[str, Any]:
         rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "type": "default"}
         qwen = transformers.Qwen2_5_VLTextModel(transformers.Qwen2_5_VLTextConfig(
             vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=2048, rope_scaling=rope))
+            num_key_value_heads=1, max_position_embeddings=2048, rope_scaling=rope, bos_token_id=None,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
         byt5_tok = transformers.ByT5Tokenizer()
         byt5 = t5_encoder(len(byt5_tok))
         return {"tokenizer": tok, "text_encoder": qwen, "tokenizer_2": byt5_tok, "text_encoder_2": byt5}
