@@ -339,8 +339,9 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
     result = preview(args.dir, args.out, keys=args.key, random_count=args.random, seed=args.seed,
                      device=args.device)
-    for key, with_source in zip(result.keys, result.with_source, strict=True):
-        print(f"{key}: {'source | reconstruction' if with_source else 'reconstruction only (source not found)'}")
+    for key, with_source, (source, start) in zip(result.keys, result.with_source, result.sources, strict=True):
+        print(f"{source} from {start:.2f}s ({key}): "
+              f"{'source | reconstruction' if with_source else 'reconstruction only (source not found)'}")
     print(f"wrote {result.out}: {result.frames} frames, {result.size[0]}x{result.size[1]}")
     return EXIT_OK
 

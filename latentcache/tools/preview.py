@@ -33,6 +33,8 @@ class PreviewResult:
     out: Path
     keys: list[str] = field(default_factory=list)
     with_source: list[bool] = field(default_factory=list)
+    # Each sample's source file (as its JSON names it) and clip start in seconds: what a user recognises.
+    sources: list[tuple[str, float]] = field(default_factory=list)
     frames: int = 0
     size: tuple[int, int] = (0, 0)  # width, height of the video
 
@@ -265,6 +267,9 @@ def preview(root: str | os.PathLike, out: str | os.PathLike, *, keys: list[str] 
         decoded = vae.decode(sample["mean"].float()[None])[0]
         pairs.append((decoded, source_frames(mroot, sample, decoded.shape[1], decoded.shape[2])))
         result.keys.append(sample["key"])
+        meta = sample["meta"]
+        start = meta.get("clip_start")
+        result.sources.append((str(meta.get("source")), float(start) if isinstance(start, int | float) else 0.0))
         result.with_source.append(pairs[-1][1] is not None)
     side_by_side = any(result.with_source)
     segments = [compose(decoded, source, side_by_side) for decoded, source in pairs]

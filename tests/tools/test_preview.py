@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -188,3 +189,11 @@ def test_a_file_a_plan_names_is_shown_only_if_it_is_the_encoded_one(video_dir: P
         (data / "plan.json").write_text(json.dumps(plan))
         shutil.rmtree(data / "chunks", ignore_errors=True)
         assert preview(data, tmp_path / "crafted.mp4", random_count=1).with_source == [False], named
+
+
+def test_preview_names_each_sample_by_its_source_file(encoded_dir: Path, tmp_path: Path, capsys) -> None:
+    """A user knows their videos, not the keys: each previewed sample is named by its source file and start."""
+    assert main(["preview", str(encoded_dir), "--random", "2", "--out", str(tmp_path / "p.mp4")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "reconstruction" in line]
+    assert len(lines) == 2
+    assert all(re.match(r"\S+\.(mp4|webm) from \d+\.\d\ds \([0-9a-f]{16}_\d+\): ", line) for line in lines), lines
