@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from latentcache.errors import ConfigError, LatentMismatchError
+from latentcache.format.buckets import Bucket
 from latentcache.train.dataset import LatentShardDataset
 from latentcache.train.partition import Slot
 from latentcache.train.shard_sources import resolve_source
@@ -80,7 +81,7 @@ class SATLatentDataset(Dataset):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ConfigError(f"SATLatentDataset: data.params.{name} is {value!r}: it must be a whole number >= 1")
         manifest, root, refs = resolve_source(data_dir)
-        self.bucket = _choose_bucket(root, sorted({r.bucket for r in refs}), video_size, max_num_frames)
+        self.bucket = _choose_bucket(root, sorted({r.bucket for r in refs}), video_size, max_num_frames, bucket)
         self.num_frames = int(self.bucket.split("x")[0])
         clip_fps = manifest.get("settings", {}).get("clip", {}).get("fps")
         if fps is not None and clip_fps is not None and not math.isclose(float(fps), float(clip_fps)):
@@ -192,7 +193,23 @@ class SATLatentDataset(Dataset):
             epoch += 1
 
 
-def _choose_bucket(root: Path, buckets: list[str], video_size: Any, frames: int | None) -> str:
+def _choose_bucket(root: Path, buckets: list[str], video_size: Any, frames: int | None,
+                   bucket: str | None = None) -> str:
+    """The one bucket of the dataset: `bucket` (data.params.bucket), else the one `video_size` and `max_num_frames`
+    ask for, else the only one the shards hold. A bucket the shards do not hold is refused, naming those they do."""
+    if bucket is not None:
+        parsed = Bucket.parse_or_none(bucket)
+        if parsed is None:
+            raise ConfigError(f"{root}: data.params.bucket is {str(bucket)[:80]!r}, not FRAMESxHEIGHTxWIDTH; the "
+                              f"shards hold {', '.join(buckets)}")
+        want = str(parsed)
+        if want not in buckets:
+            raise ConfigError(f"{root}: data.params.bucket {want}: the shards hold {', '.join(buckets)}; set bucket to "
+                              "one of those, or encode that size")
+        if video_size is not None and frames is not None and want != f"{int(frames)}x{'x'.join(map(str, video_size))}":
+            raise ConfigError(f"{root}: data.params.bucket {want} disagrees with video_size {list(video_size)} and "
+                              f"max_num_frames {frames}; give one of them, or make them agree")
+        return want
     if video_size is not None and frames is not None:
         h, w = (int(v) for v in video_size)
         want = f"{int(frames)}x{h}x{w}"

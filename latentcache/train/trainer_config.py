@@ -47,6 +47,7 @@ class TrainerConfig:
     fps: float | None = None
     data_target: str | None = None  # data.target: the dataset class SAT builds batches with
     data_normalized: bool = False  # data.params.normalize of a LatentShardDataset target (its default: True)
+    bucket: str | None = None  # data.params.bucket: the one bucket SATLatentDataset reads
     where: dict[str, str] = field(default_factory=dict)
 
 
@@ -170,6 +171,8 @@ def load_trainer_config(*paths: str | os.PathLike) -> TrainerConfig:
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         config.data_normalized = (config.data_target.rsplit(".", 1)[-1] == "LatentShardDataset"
                                   and _coerce("latent_input", params.get("normalize", True), path, "normalize"))
+        if params.get("bucket") is not None:
+            config.bucket, config.where["bucket"] = str(params["bucket"]), "data.params.bucket"
     return config
 
 
@@ -208,6 +211,11 @@ def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str
     buckets = sorted(manifest.get("buckets") or {s["bucket"] for s in manifest["shards"]})
     w = config.where
     problems = _input_problems(config, spec)
+    if config.bucket is not None:  # the dataset reads that bucket alone: the others are no concern of this config
+        if config.bucket not in buckets:
+            problems.append(f"{w['bucket']}: {config.bucket}, the shards hold {', '.join(buckets)}. Fix: set bucket "
+                            "to one of those, or encode that size")
+        buckets = [config.bucket] if config.bucket in buckets else buckets
     if config.in_channels is not None and config.in_channels != spec.channels:
         if config.in_channels == 2 * spec.channels:
             problems.append(

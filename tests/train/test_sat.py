@@ -185,6 +185,38 @@ def test_one_bucket_per_dataset(two_bucket_dir: Path) -> None:
         SATLatentDataset(two_bucket_dir, video_size=[480, 720], max_num_frames=49)
 
 
+def test_bucket_selects_that_bucket_and_refuses_one_the_output_does_not_hold(two_bucket_dir: Path,
+                                                                            encoded_dir: Path) -> None:
+    """data.params.bucket picks the bucket: every item is of it; a bucket the shards do not hold (or not a bucket
+    name) is refused naming those they hold, also where the output holds just one."""
+    for bucket, count in (("17x64x64", 2), ("17x64x96", 8)):
+        dataset = SATLatentDataset(two_bucket_dir, bucket=bucket, shuffle=False, sample_posterior=False)
+        assert dataset.bucket == bucket and len(dataset) == count
+        latents = [dataset[i]["mp4"] for i in range(count)]
+        assert {tuple(t.shape[-2:]) for t in latents} == {(8, 8) if bucket == "17x64x64" else (8, 12)}
+    for root, held in ((two_bucket_dir, "17x64x64, 17x64x96"), (encoded_dir, "17x64x96")):
+        with pytest.raises(ConfigError, match=f"bucket 49x480x720: the shards hold {held}"):
+            SATLatentDataset(root, bucket="49x480x720")
+        with pytest.raises(ConfigError, match=f"not FRAMESxHEIGHTxWIDTH; the shards hold {held}"):
+            SATLatentDataset(root, bucket="480x720")
+    with pytest.raises(ConfigError, match="disagrees with video_size"):
+        SATLatentDataset(two_bucket_dir, bucket="17x64x64", video_size=[64, 96], max_num_frames=17)
+
+
+def test_check_config_checks_the_bucket_the_dataset_reads(encoded_dir: Path, two_bucket_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """check-config reads data.params.bucket as the dataset does: a bucket the shards lack is a problem naming those
+    they hold; with one chosen, the other buckets are not the config's concern."""
+    tree = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    params = {**tree["data"].get("params", {}), "bucket": "49x480x720"}
+    (p,) = _problems(encoded_dir, tmp_path, data={"params": params})
+    assert "data.params.bucket: 49x480x720, the shards hold 17x64x96" in p
+    assert _problems(encoded_dir, tmp_path, data={"params": {**params, "bucket": "17x64x96"}}) == []
+    mixed = _problems(two_bucket_dir, tmp_path)
+    chosen = _problems(two_bucket_dir, tmp_path, data={"params": {**params, "bucket": "17x64x96"}})
+    assert any("bucket 17x64x64" in p for p in mixed) and not any("17x64x64" in p for p in chosen)
+
+
 def test_sat_refuses_a_config_that_does_not_fit_before_training(encoded_dir: Path, tmp_path: Path) -> None:
     tree = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     tree["model"]["latent_input"] = False
