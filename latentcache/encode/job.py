@@ -164,13 +164,43 @@ def run(settings: JobSettings, world: World = World()) -> int:
               f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "
               "are done)")
         return EXIT_OK
+    return _finish(out, plan)
+
+
+def _finish(out: Path, plan: Any) -> int:
+    """Finalize when nothing is left of the plan as it is on disk now: an append started while this run worked
+    (docs/distributed.md allows one) adds a part that this run never saw, and the run that appended it finishes it
+    and writes the manifest. So this run's own inputs being done, it exits 0 saying so, also when the append lands
+    between its check and its finalize."""
+    from latentcache.encode import chunks, pipeline
+    from latentcache.errors import ShardFormatError
+
     left, unplanned = pipeline.pending_in_job(out, plan)
     if left or unplanned:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
         print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
               f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
         return EXIT_OK
-    return report_finalize(out)
+    current = chunks.read_job_plan(out)
+    if len(current.parts) > len(plan.parts):
+        left, unplanned = pipeline.pending_in_job(out, current)
+        if left or unplanned:
+            print(_appended_since(out, plan, current, f"{left} shard(s) and {unplanned} unplanned chunk(s)"))
+            return EXIT_OK
+    try:
+        return report_finalize(out)
+    except ShardFormatError:
+        now = chunks.read_job_plan(out)
+        if len(now.parts) <= len(current.parts):
+            raise
+        print(_appended_since(out, plan, now, "its new inputs"))
+        return EXIT_OK
+
+
+def _appended_since(out: Path, plan: Any, current: Any, left: str) -> str:
+    return (f"{out}: every input of this run is done; another run appended {len(current.parts) - len(plan.parts)} "
+            f"part(s) of inputs since this one read the plan, and {left} of them are still being worked on: the run "
+            f"that appended them writes the manifest when it ends (or run `latentcache finalize {out}` once it has)")
 
 
 def check_inputs(paths: tuple[str, ...], exclude: list[Any], *, images: bool = False) -> None:
