@@ -45,9 +45,10 @@ def run_target(target: str, base: Path, seconds: float, per_round: int) -> tuple
 
             try:
                 case()
-            except Exception as e:  # the shrunk failure, with hypothesis' reproduce line in its notes
-                notes = "\n".join(getattr(e, "__notes__", []))
-                return outcomes, f"seed {round_seed}: {type(e).__name__}: {e}\n{notes}"
+            except Exception as e:  # the shrunk failure(s), with hypothesis' reproduce line in their notes
+                found = list(getattr(e, "exceptions", None) or [e])  # several distinct ones come as a group
+                return outcomes, f"seed {round_seed}:\n" + "\n".join(
+                    f"{type(x).__name__}: {str(x)[:2000]}\n" + "\n".join(getattr(x, "__notes__", [])) for x in found)
     return outcomes, None
 
 

@@ -503,8 +503,13 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
         vae_checks.check_config(config, f"--vae {tried}: config.json")
         found = config.get("_class_name")
         if not found or found == family.class_name:
+            wrong = vae_checks.default_type_problems(config, cls)
+            if wrong:
+                raise ConfigError(f"--vae {tried}: config.json: {'; '.join(wrong[:3])}. Fix the VAE's config.json")
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision), subfolder
-    except (OSError, ValueError) as e:
+    # A config whose fields disagree (a temperal_downsample shorter than dim_mult) fails inside the model's
+    # constructor with whatever error its code meets first: the config's problem, named as such.
+    except (OSError, ValueError, TypeError, IndexError, KeyError, NameError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(
             f"could not load {family.class_name} from {tried}: {str(e).rstrip('.')}. Pass a local directory "
             "holding config.json and weights (or a pipeline with a vae/ folder), or a hub id reachable from here "

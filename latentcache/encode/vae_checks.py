@@ -84,6 +84,40 @@ def check_config(config: Any, where: str) -> None:
                           "copied from)")
 
 
+def default_type_problems(config: dict[str, Any], cls: Any) -> list[str]:
+    """Fields of `config` whose JSON type is not the type of the class's own default (`num_res_blocks` an object
+    where the class takes an int): diffusers would fail building the model with a TypeError, or worse build it.
+    Fields whose default is None, and fields the class does not take, are left to the checks above."""
+    import inspect
+
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty and p.default is not None}
+    except (TypeError, ValueError):
+        return []
+    problems = []
+    for key, default in defaults.items():
+        value = config.get(key)
+        if value is None or key not in config:
+            continue
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, int):
+            fits = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_CHANNELS
+        elif isinstance(default, float):
+            fits = _real(value) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53)
+        elif isinstance(default, str):
+            fits = isinstance(value, str)
+        elif isinstance(default, list | tuple):
+            fits = isinstance(value, list | tuple) and bool(value) >= bool(default) and len(value) <= 64 and all(
+                isinstance(v, bool | str) or _real(v) and abs(v) <= _MAX_CHANNELS for v in value)
+        else:
+            continue
+        if not fits:
+            problems.append(f"{key} is {str(value)[:60]}, expected a value like {default!r}")
+    return problems
+
+
 def checked_spec(model: Any, family: Any, where: str) -> LatentSpec:
     """`family.spec_from_model(model)`, after refusing a model with tensors its weights did not fill, and before one
     whose latent spec a reader would refuse."""

@@ -176,11 +176,14 @@ def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -
         return None
 
 
-def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu") -> Any:
+def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu", where: str = "manifest.json") -> Any:
     """The VAE recorded in the manifest (tiny-random-* is rebuilt with the same seeded weights)."""
     from latentcache.encode.vae import load_vae
 
     identity, spec = manifest["vae"], manifest["latent_spec"]
+    if not (isinstance(identity.get("source"), str) and identity["source"]):
+        raise ConfigError(f"{where}: vae.source is {repr(identity.get('source'))[:80]}: the manifest does not say "
+                          "which VAE made these latents, so they cannot be decoded for a preview")
     _refuse_pickled_weights(identity)
     settings = VAESettings(source=identity["source"], family=spec["family"], subfolder=identity.get("subfolder"),
                            revision=identity.get("revision"), dtype="fp32")
@@ -258,7 +261,7 @@ def preview(root: str | os.PathLike, out: str | os.PathLike, *, keys: list[str] 
     """Decode the chosen samples back to video and write them, side by side with their sources, to `out`."""
     manifest, mroot, shards = resolve_source(root)
     samples = pick_samples(shards, keys, random_count if not keys else None, seed)
-    vae = load_manifest_vae(manifest, device)
+    vae = load_manifest_vae(manifest, device, f"{mroot}/manifest.json")
     if not samples:
         raise ConfigError(f"{root}: no sample to preview (the dataset is empty)")
     result = PreviewResult(out=Path(out))

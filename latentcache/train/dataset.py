@@ -87,14 +87,14 @@ def _number(name: str, value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name}: {value!r} is not a number") from None
+        raise ConfigError(f"{name}: {repr(value)[:80]} is not a number") from None
 
 
 def whole_number(name: str, value: Any, minimum: int) -> int:
     """A user's count or index: an int (not a bool, float, inf or nan) >= minimum; ValueError quoting it."""
     if not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum:
         return int(value)  # numpy's integers too
-    raise ValueError(f"{name} is {value!r}: it must be a whole number >= {minimum}")
+    raise ConfigError(f"{name} is {repr(value)[:80]}: it must be a whole number >= {minimum}")
 
 
 def _identity(spelling: str) -> str:
@@ -184,7 +184,7 @@ class LatentShardDataset(IterableDataset):
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
-            raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise ConfigError(f"layout {repr(layout)[:80]} is not one of {', '.join(LAYOUTS)}")
         if batch_size is not None:
             batch_size = whole_number("batch_size (or None for single samples)", batch_size, 1)
         if epoch_items is not None:
@@ -214,7 +214,7 @@ class LatentShardDataset(IterableDataset):
         # A weighted source with no samples at all is never drawn (`_mix_weights`); all of them empty: nothing to
         # draw from.
         if weights is not None and not any(w > 0 and self._source_total(i) for i, w in enumerate(weights)):
-            raise ValueError(f"weights {weights}: every source with a weight > 0 holds no samples")
+            raise ConfigError(f"weights {weights}: every source with a weight > 0 holds no samples")
         if not any(self._source_total(i) for i in range(len(self.sources))):
             # A trainer started on it would run zero steps without a word.
             raise ShardFormatError(f"{', '.join(str(s.root) for s in self.sources)}: no samples in "

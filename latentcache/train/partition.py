@@ -20,6 +20,8 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from latentcache.errors import ConfigError
+
 
 def seed_of(*parts: Any) -> int:
     """A 64-bit seed from any parts; the same on every machine and Python (unlike hash())."""
@@ -37,7 +39,7 @@ class Slot:
     @staticmethod
     def of(rank: int, world: int, worker: int = 0, workers: int = 1) -> Slot:
         if not (0 <= rank < world and 0 <= worker < workers):
-            raise ValueError(f"rank {rank} of {world}, worker {worker} of {workers}: out of range")
+            raise ConfigError(f"rank {rank} of {world}, worker {worker} of {workers}: out of range")
         return Slot(rank * workers + worker, world * workers, workers)
 
 
@@ -99,14 +101,14 @@ def check_weights(weights: Sequence[float], sources: int) -> list[float]:
     """The weights as fractions of their largest (so 1e308s do not overflow a sum); ValueError, quoting the bad
     value, unless there is one finite number >= 0 per source and at least one is > 0."""
     if len(weights) != sources:
-        raise ValueError(f"{len(weights)} weights for {sources} sources")
+        raise ConfigError(f"{len(weights)} weights for {sources} sources")
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"weights[{i}] is {w!r}: each weight must be a finite, non-negative number "
+            raise ConfigError(f"weights[{i}] is {w!r}: each weight must be a finite, non-negative number "
                              f"(weights {list(weights)})")
     top = max(weights, default=0)
     if not top > 0:
-        raise ValueError(f"weights {list(weights)} must be non-negative numbers with a positive sum")
+        raise ConfigError(f"weights {list(weights)} must be non-negative numbers with a positive sum")
     return [w / top for w in weights]  # each in [0, 1]: their sum is at most `sources`, always finite
 
 

@@ -76,6 +76,9 @@ class SATLatentDataset(Dataset):
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps)
                                 or fps <= 0):
             raise ConfigError(f"SATLatentDataset: data.params.fps is {fps!r}: it must be a finite number > 0")
+        if video_size is not None and not (isinstance(video_size, list | tuple) and len(video_size) == 2):
+            raise ConfigError(f"SATLatentDataset: data.params.video_size is {repr(video_size)[:80]}: it must be "
+                              "[height, width]")
         for name, value in (("max_num_frames", max_num_frames), ("batch_size", batch_size),
                             *((f"video_size[{i}]", v) for i, v in enumerate(video_size or ()))):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
@@ -90,9 +93,12 @@ class SATLatentDataset(Dataset):
         self.fps = float(clip_fps if clip_fps is not None else fps or 0)
         shards = [str(root / r.path) for r in refs if r.bucket == self.bucket]
         # Raw latents: SAT multiplies by its own scale_factor; normalising here would scale them twice.
-        self.stream = LatentShardDataset(shards, manifest=root / "manifest.json", sample_posterior=sample_posterior,
-                                        normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                                        check_sha256=check_sha256, rank=rank, world_size=world_size)
+        try:
+            self.stream = LatentShardDataset(shards, manifest=root / "manifest.json", sample_posterior=sample_posterior,
+                                            normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                                            check_sha256=check_sha256, rank=rank, world_size=world_size)
+        except ConfigError as e:  # a data.params value of the training YAML: named as such
+            raise ConfigError(f"SATLatentDataset ({root}): data.params: {e}") from None
         self.root, self.manifest = root, manifest
         self.batch_size, self.args = batch_size, args
         self._items: Iterator[dict[str, Any]] | None = None

@@ -413,10 +413,81 @@ def target_input_list(data: Any, out: Path, checker: Checker) -> None:
     checker.call("encode input list", lambda: list(discover_inputs([str(path)])))
 
 
+def target_preview(data: Any, out: Path, checker: Checker) -> None:
+    """`latentcache preview` of an output whose manifest or a sample's JSON lies (its source path, fps, bucket):
+    an mp4 written where asked and nowhere else, or a latentcache error naming the output."""
+    from latentcache.tools.preview import preview
+
+    if data.draw(st.booleans(), label="manifest"):
+        manifest = json.loads((out / "manifest.json").read_text())
+        (out / "manifest.json").write_bytes(dump_json(mutate_json(data, manifest)))
+    else:
+        _edit_member(data, out, ".json", lambda b: dump_json(mutate_json(data, json.loads(b), most=4)))
+    before = tree(out.parent)
+    target = out.parent / "preview.mp4"
+    ok, _ = checker.call("preview", lambda: preview(out, target, random_count=1))
+    after = tree(out.parent)
+    written = set(after) - set(before)
+    assert written <= {"preview.mp4"} and all(after[k] == v for k, v in before.items()), (
+        f"preview wrote outside its output: {sorted(written)}")
+    assert not ok or "preview.mp4" in written
+
+
+def target_sat(data: Any, out: Path, checker: Checker) -> None:
+    """SATLatentDataset's data.params of other types and sizes (video_size, max_num_frames, fps, bucket, ...)."""
+    from latentcache.sat import SATLatentDataset
+
+    params = mutate_json(data, {"video_size": [64, 96], "max_num_frames": 13, "fps": 24, "bucket": "13x64x96",
+                                "shuffle": False, "seed": 0, "shuffle_buffer": 4, "sample_posterior": True,
+                                "check_sha256": True}, most=3)
+    if not isinstance(params, dict):
+        params = {"video_size": params}
+    names = checker.names
+    checker.names = (*names, "SATLatentDataset")
+
+    def epoch() -> list:
+        dataset = SATLatentDataset(str(out), **{str(k): v for k, v in params.items()})
+        return [dataset[i] for i in range(min(len(dataset), 8))]
+
+    checker.call("SATLatentDataset(params)", epoch)
+    checker.names = names
+
+
+def target_vae_dir(data: Any, out: Path, checker: Checker) -> None:
+    """A local --vae directory whose config.json holds other types and sizes: the family is detected and the VAE
+    loaded, or a ConfigError names the directory, before anything is encoded."""
+    from latentcache.encode.settings import VAESettings
+    from latentcache.encode.vae import family_for_source, load_vae
+
+    vae = out.parent / "vae"
+    shutil.copytree(_tiny_vae_dir(out.parents[1]), vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_bytes(dump_json(mutate_json(data, config, most=3)))
+    checker.names = (*checker.names, str(vae))
+
+    def load() -> Any:
+        family = family_for_source(str(vae), subfolder=None)
+        return load_vae(VAESettings(source=str(vae), family=family, subfolder=None), "cpu")
+
+    checker.call("--vae DIR", load)
+
+
+def _tiny_vae_dir(scratch: Path) -> Path:
+    """The tiny random Wan VAE saved as a local directory (config.json + safetensors), once per scratch folder."""
+    folder = scratch / "tiny_vae"
+    if not (folder / "config.json").is_file():
+        from latentcache.encode.settings import VAESettings
+        from latentcache.encode.vae import load_vae
+
+        load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu").model.save_pretrained(
+            folder)
+    return folder
+
+
 TARGETS: dict[str, Callable[[Any, Path, Checker], None]] = {
     "manifest": target_manifest, "sample_json": target_sample_json, "safetensors": target_safetensors,
     "tar": target_tar, "resume": target_resume, "check_config": target_check_config,
-    "input_list": target_input_list,
+    "input_list": target_input_list, "preview": target_preview, "sat": target_sat, "vae_dir": target_vae_dir,
 }
 
 

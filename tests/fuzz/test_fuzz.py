@@ -16,9 +16,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 FAST_EXAMPLES = {"manifest": 25, "sample_json": 15, "safetensors": 15, "tar": 15, "resume": 25, "check_config": 25,
-                 "input_list": 40}
-# The slow tier's cases per target: about 15-25 s each on one core.
-SLOW_EXAMPLES = int(os.environ.get("LATENTCACHE_FUZZ_EXAMPLES", "120"))
+                 "input_list": 40, "preview": 8, "sat": 25, "vae_dir": 15}
+# The slow tier's cases per target (about 3 minutes in all on one core); LATENTCACHE_FUZZ_EXAMPLES=N runs N of each.
+SLOW_EXAMPLES = {**{target: 120 for target in TARGETS}, "preview": 30, "vae_dir": 60}
+if os.environ.get("LATENTCACHE_FUZZ_EXAMPLES"):
+    SLOW_EXAMPLES = dict.fromkeys(TARGETS, int(os.environ["LATENTCACHE_FUZZ_EXAMPLES"]))
 
 # No shrinking in the tiers: a failure is reported as found (with its reproduce blob); bench/fuzz.py shrinks.
 settings.register_profile("latentcache-fuzz", derandomize=True, deadline=None, database=None, print_blob=True,
@@ -43,7 +45,7 @@ def test_fuzz_short(target: str, fuzz_base: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_fuzz_long(target: str, fuzz_base: Path, tmp_path: Path) -> None:
-    _run(target, SLOW_EXAMPLES, fuzz_base, tmp_path)
+    _run(target, SLOW_EXAMPLES[target], fuzz_base, tmp_path)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -73,3 +74,65 @@ def test_counts_samples_disagreeing_with_the_shards_is_not_exported(out: Path) -
         LatentShardDataset(out)
     code, err = _export(out)
     assert code == 2 and "counts.samples is 0" in err
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"seed": {"a": 1}}, r"SATLatentDataset \(.*\): data.params: seed is \{'a': 1\}"),
+    ({"shuffle_buffer": [1]}, r"SATLatentDataset \(.*\): data.params: shuffle_buffer is \[1\]"),
+    ({"video_size": 336064}, r"SATLatentDataset: data.params.video_size is 336064: it must be \[height, width\]"),
+])
+def test_sat_params_of_other_types_are_config_errors_naming_sat(fuzz_base: Path, params: dict, named: str) -> None:
+    """sat target: a data.params seed of another type raised a bare ValueError naming only "seed", an int
+    video_size a TypeError."""
+    from latentcache.errors import ConfigError
+    from latentcache.sat import SATLatentDataset
+
+    with pytest.raises(ConfigError, match=named):
+        SATLatentDataset(str(fuzz_base), **params)
+
+
+def test_dataset_arguments_of_other_types_are_config_errors(fuzz_base: Path) -> None:
+    """The same class in LatentShardDataset's own arguments: typed (ConfigError, still a ValueError)."""
+    from latentcache.errors import ConfigError
+
+    for kwargs in ({"seed": {}}, {"batch_size": "2"}, {"layout": ["BCTHW"]}, {"weights": ["x"]}, {"rank": 3,
+                                                                                             "world_size": 2}):
+        with pytest.raises(ConfigError):
+            list(LatentShardDataset(fuzz_base, **kwargs))
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"num_res_blocks": {}}, "num_res_blocks is {}, expected a value like"),
+    ({"temperal_downsample": []}, "temperal_downsample is [], expected a value like"),
+    ({"temperal_downsample": [True]}, "list index out of range"),
+    ({"dim_mult": []}, "dim_mult is [], expected a value like"),
+])
+def test_a_vae_directory_whose_config_fields_disagree_is_a_config_error(tmp_path: Path, change: dict,
+                                                                        named: str) -> None:
+    """vae_dir target: a config field of another type (an object for a count) or fields that disagree (a
+    temperal_downsample shorter than dim_mult) failed inside diffusers' constructor: TypeError, IndexError."""
+    from fuzz_targets import _tiny_vae_dir
+
+    from latentcache.encode.settings import VAESettings
+    from latentcache.encode.vae import load_vae
+    from latentcache.errors import ConfigError
+
+    vae = tmp_path / "vae"
+    shutil.copytree(_tiny_vae_dir(tmp_path), vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=f"{vae}.*{re.escape(named)}"):
+        load_vae(VAESettings(source=str(vae), family="wan", subfolder=None), "cpu")
+
+
+def test_preview_of_a_manifest_without_a_vae_source_names_it(out: Path, tmp_path: Path) -> None:
+    """preview target: a manifest whose vae is null (read as {}) raised KeyError: 'source'."""
+    from latentcache.errors import ConfigError
+    from latentcache.tools.preview import preview
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["vae"] = None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=f"{out}/manifest.json: vae.source is None"):
+        preview(out, tmp_path / "p.mp4", random_count=1)
+    assert not (tmp_path / "p.mp4").exists()
