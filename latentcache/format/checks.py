@@ -70,7 +70,7 @@ def spec_problems(spec: Any) -> list[str]:
             continue
         if not (isinstance(values, list) and all(_finite_number(v) for v in values)):
             problems.append(f"latent_spec.{name} is {str(values)[:200]}, expected a list of finite numbers")
-        elif values and len(values) != spec.get("channels"):
+        elif len(values) != spec.get("channels"):  # [] too: the per-channel arithmetic needs one per channel
             problems.append(f"latent_spec.{name} has {len(values)} values, latent_spec.channels is "
                             f"{spec.get('channels')}")
     if problems:

@@ -136,3 +136,14 @@ def test_preview_of_a_manifest_without_a_vae_source_names_it(out: Path, tmp_path
     with pytest.raises(ConfigError, match=f"{out}/manifest.json: vae.source is None"):
         preview(out, tmp_path / "p.mp4", random_count=1)
     assert not (tmp_path / "p.mp4").exists()
+
+
+def test_an_empty_latents_mean_is_refused_when_the_manifest_is_read(out: Path) -> None:
+    """manifest target (bench/fuzz.py): latents_mean [] passed the spec check, then every reader raised a bare
+    RuntimeError (tensor sizes 0 and 16) normalising."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["latent_spec"]["latents_mean"] = []
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for reader in (verify, LatentShardDataset):
+        with pytest.raises(ShardFormatError, match="latent_spec.latents_mean has 0 values, latent_spec.channels is 16"):
+            reader(out)
