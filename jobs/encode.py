@@ -1,6 +1,8 @@
 """Encode videos into latent shards on every device you have: the entry point for `accelerate launch` and SLURM.
 
-Same arguments as `latentcache encode` (see `python jobs/encode.py --help`). Run from the repository root.
+Same arguments as `latentcache encode` (see `python jobs/encode.py --help`). Run from the repository root. On one
+machine a plain `latentcache encode` already starts one process per visible GPU (latentcache/encode/launch.py);
+this entry point is for several machines, SLURM, or an accelerate config of your own.
 
 One GPU (or the CPU):
     python jobs/encode.py /data/videos --out /data/latents --vae THUDM/CogVideoX-2b
