@@ -19,6 +19,7 @@ uninterrupted run writes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.format.shards import CarriedSample, read_done, remove_temporaries, sidecar_path, write_shard
+from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +152,17 @@ def _write_carry(out: Path, path: Path, old: Plan, wanted: set[str]) -> None:
 def _read_samples(path: Path, record: dict[str, Any], need: set[str]) -> dict[str, Carried]:
     found: dict[str, Carried] = {}
     stats = TarStats()
+    # In object storage (`--out s3://...`) the shard is one GET, checked in memory; on disk it streams.
+    whole = path.read_bytes() if store.in_object_store(path) else None
     try:
-        for sample in iter_tar(path, stats=stats):
+        for sample in iter_tar(whole if whole is not None else path, str(path), stats=stats):
             key = sample.pop("__key__")
             if key in need:
                 found[key] = CarriedSample(key, tuple((f"{key}.{ext}", data) for ext, data in sample.items()))
-    except ShardFormatError as e:
+    except (ShardFormatError, OSError) as e:
         raise ConfigError(f"cannot carry the unchanged samples of {path} over: {e}; nothing was removed") from None
-    if stats.sha256 != record.get("sha256"):
+    digest = hashlib.sha256(whole).hexdigest() if whole is not None else stats.sha256
+    if digest != record.get("sha256"):
         raise ConfigError(f"{path} does not match its sidecar's sha256, so its unchanged samples cannot be carried "
                           "over; nothing was removed. Restore the shard, or encode into a new --out directory")
     for failure in record.get("failures", []):

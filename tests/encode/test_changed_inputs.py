@@ -568,3 +568,32 @@ def _members_names(out: Path) -> list[str]:
         with tarfile.open(tar) as t:
             names += t.getnames()
     return names
+
+
+def test_reencode_changed_carries_samples_over_in_object_storage(s3_endpoint: str, tmp_path: Path) -> None:
+    """`--out s3://...`: the old shards are read back from the store (one GET each, checked against their sidecars'
+    sha256) and the deleted inputs' samples carried over, as on disk."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, frames in enumerate((24, 28, 32, 36)):
+        write_video(folder / f"v{i}", codec="h264", num_frames=frames, height=64, width=96, fps=8)
+    videos = tmp_path / "videos.txt"
+    videos.write_text("".join(f"videos/v{i}.mp4\n" for i in range(4)))
+    out = make_bucket("carried") + "/latents"
+    assert main(["encode", str(videos), "--out", out, *SHARED]) == 0
+
+    def served() -> dict[str, object]:
+        return {s["meta"]["source"]: s for s in LatentShardDataset(out, sample_posterior=False)}
+
+    before = served()
+    (folder / "v0.mp4").unlink()
+    (folder / "v2.mp4").unlink()
+    _replace(folder / "v1.mp4")
+    assert main(["encode", str(videos), "--out", out, *SHARED, "--reencode-changed"]) == 0
+    after = served()
+    assert after.keys() == before.keys()
+    for name in ("videos/v0.mp4", "videos/v2.mp4", "videos/v3.mp4"):
+        assert (after[name]["latents"] == before[name]["latents"]).all(), name
+    assert not (after["videos/v1.mp4"]["latents"].shape == before["videos/v1.mp4"]["latents"].shape
+                and (after["videos/v1.mp4"]["latents"] == before["videos/v1.mp4"]["latents"]).all())
+    assert main(["verify", out]) == 0
