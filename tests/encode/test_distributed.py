@@ -193,3 +193,24 @@ def test_a_refused_plan_stops_every_process(small_videos: Path, encoded_referenc
     text = log.read_text()
     assert "made with other settings" in text and time.monotonic() - started < HANG_S
     assert tree_bytes(out) == before  # nothing written by either rank
+
+
+@pytest.mark.slow
+def test_failure_records_do_not_depend_on_the_process_count(bad_inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Every kind of broken input (truncated, corrupt, not a video) gets the same failure records, labels included,
+    from 1 and 2 processes of a plain `latentcache encode` at the default chunk size (issue 36 saw TruncatedVideo
+    vs CorruptVideo). The default chunking follows the process count, so the records' order may differ (they are
+    written chunk by chunk); with the same --chunk-size the file is the same bytes."""
+    folder = next(iter(bad_inputs.values())).parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
+    i = ENCODE_SMALL.index("--chunk-size")
+    args = [*ENCODE_SMALL[:i], *ENCODE_SMALL[i + 2:], "--clips", "all"]
+    records = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        done = subprocess.run([sys.executable, "-m", "latentcache.cli", "encode", str(folder), "--out", str(out),
+                               *args, "--processes", str(n)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 3, done.stdout + done.stderr
+        records[n] = sorted((out / "failures.jsonl").read_text().splitlines())
+    assert records[1] == records[2]
+    assert any("TruncatedVideo" in r for r in records[1]) and any("CorruptVideo" in r for r in records[1])
