@@ -217,3 +217,14 @@ def s3_endpoint() -> Iterator[str]:
 
     with running_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def fuzz_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fuzz tier's base output, encoded once per session (tests/fuzz/fuzz_targets.py's build_base).
+
+    Here rather than in a tests/fuzz/conftest.py: a second module named `conftest` would shadow this one for the
+    test modules that `from conftest import ...` and stop the whole suite's collection."""
+    from fuzz_targets import build_base  # tests/fuzz is on sys.path once one of its modules is collected
+
+    return build_base(tmp_path_factory.mktemp("fuzz_base"))
