@@ -69,7 +69,7 @@ def run(settings: JobSettings, world: World = World()) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from latentcache.encode import chunks, pipeline, share_markers
+    from latentcache.encode import chunks, pipeline, repair, share_markers
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
@@ -120,10 +120,16 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if failed:
         return EXIT_USAGE  # the rank that refused prints why
     mine = [s for chunk in chunk_plans for s in chunk.shards]
-    redo = frozenset(s.relpath for s in share_markers.damaged_shards(out, mine)) if settings.repair else frozenset()
+    redo, kept = frozenset[str](), {}
     if settings.repair:
-        print(f"[{'rank ' + str(rank) if world_size > 1 else 'repair'}] {len(redo)} of {len(mine)} shard(s) do not "
-              f"match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
+        damaged = share_markers.damaged_shards(out, mine)
+        kept = repair.unrepairable(out, plan, chunk_plans, damaged)
+        redo = frozenset(s.relpath for s in damaged if s.relpath not in kept)
+        print(f"[{'rank ' + str(rank) if world_size > 1 else 'repair'}] {len(damaged)} of {len(mine)} shard(s) do "
+              f"not match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
+        for relpath, why in kept.items():
+            print(f"{out / relpath}: damaged, and kept as it is: {why}, so its samples cannot be made again. Put the "
+                  "sources back as they were and rerun with --repair (or restore the shard from a copy)")
     pending = {s.relpath for s in share_markers.pending_shards(out, mine)} | redo
     label = f"rank {rank}" if world_size > 1 else "encode"
     if not mine:
@@ -153,18 +159,25 @@ def run(settings: JobSettings, world: World = World()) -> int:
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
     share_markers.mark_share_done(out, plan, rank, world_size, mine)
     totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
-                               summary.shards_written, summary.shards_redone, summary.seconds])
+                               summary.shards_written, summary.shards_redone, summary.seconds, len(kept)])
     world.barrier()
     if not world.is_main:
         return EXIT_OK
+    *totals, kept_total = totals
     print_job_summary(totals, time.perf_counter() - started, device_words(vae.device))
     waiting = share_markers.first_share_pending(out, plan, world_size)
     if waiting is not None:
         print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
               f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "
               "are done)")
-        return EXIT_OK
-    return _finish(out, plan)
+        code = EXIT_OK
+    else:
+        code = _finish(out, plan)
+    if kept_total:
+        # The output stays damaged: a run that leaves a shard `verify` refuses never exits 0 (nor 3, "inputs failed").
+        print(f"{out}: {int(kept_total)} damaged shard(s) could not be repaired (named above); kept as they are")
+        return EXIT_USAGE if code in (EXIT_OK, EXIT_SOME_FAILED) else code
+    return code
 
 
 def _finish(out: Path, plan: Any) -> int:

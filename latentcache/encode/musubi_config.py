@@ -78,7 +78,8 @@ def read_musubi_toml(path: Path, family: str, fps: float | None) -> MusubiDatase
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            raise MissingDependency(f"{path}: reading TOML on Python 3.10 needs tomli (a dependency there: reinstall latentcache)") from None
+            raise MissingDependency(f"{path}: reading TOML on Python 3.10 needs tomli, a dependency of latentcache "
+                                    "there: `pip install tomli`") from None
     try:
         config = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -54,3 +54,56 @@ def test_repair_rewrites_exactly_the_damaged_shard_to_its_original_bytes(small_v
     assert _encode(videos, out, "--repair") == 0
     assert "[repair] 0 of 2 shard(s)" in capsys.readouterr().out
     assert tree_bytes(out) == original
+
+
+def test_repair_keeps_a_damaged_shard_whose_source_is_gone(small_videos: Path, tmp_path: Path, capsys) -> None:
+    """Deleting the videos once their latents exist is the point of a latent cache: --repair then cannot make a
+    damaged shard's samples again, so it keeps that shard exactly as it is (never turning its samples into failures),
+    names the missing source, repairs the shards it can, and exits 2 while the output stays damaged."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for name in ("v0.mp4", "v1.mp4"):
+        shutil.copy(small_videos / name, videos)
+    # A list names the inputs: a listed video that is gone is an input whose latents are of the bytes it had (a
+    # folder would list it no more, and a rerun refuses a folder that lost planned inputs).
+    listed = tmp_path / "videos.txt"
+    listed.write_text("".join(f"{videos / n}\n" for n in ("v0.mp4", "v1.mp4")), encoding="utf-8")
+    out = tmp_path / "out"
+    assert _encode(listed, out) == 0
+    original = tree_bytes(out)
+    shards = sorted(out.rglob("*.tar"))
+    damaged_bytes = {}
+    for shard in shards:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        damaged_bytes[shard] = bytes(data)
+    gone = next(s for s in shards if "v0" in _source_of(s))
+    (videos / "v0.mp4").rename(tmp_path / "away.mp4")  # a rename keeps its size and mtime for the end
+    failures_before = (out / "failures.jsonl").read_bytes() if (out / "failures.jsonl").exists() else b""
+    capsys.readouterr()
+
+    assert _encode(listed, out, "--repair") == 2
+    printed = capsys.readouterr().out
+    assert "[repair] 2 of 2 shard(s) do not match" in printed
+    assert f"{gone}: damaged, and kept as it is: {videos / 'v0.mp4'} is gone" in printed
+    assert gone.read_bytes() == damaged_bytes[gone]  # kept, not re-encoded into failures
+    repaired = next(s for s in shards if s != gone)
+    assert repaired.read_bytes() == original[str(repaired.relative_to(out))]
+    failures_after = (out / "failures.jsonl").read_bytes() if (out / "failures.jsonl").exists() else b""
+    assert failures_after == failures_before
+
+    # The source put back as it was: --repair now makes the kept shard again, to its original bytes.
+    (tmp_path / "away.mp4").rename(videos / "v0.mp4")
+    assert _encode(listed, out, "--repair") == 0
+    assert tree_bytes(out) == original
+
+
+def _source_of(shard: Path) -> str:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                return tar.extractfile(member).read().decode()
+    return ""
