@@ -162,18 +162,36 @@ def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -
     from latentcache.encode.decode import decode_clip
 
     meta = sample["meta"]
+    start, frames, fps = (_number(meta.get(k), most) for k, most in (("clip_start", 1e7), ("frames", 1e4),
+                                                                       ("fps", 1e3)))
+    if start is None or not frames or frames != int(frames) or not fps or meta.get("resize", "crop") not in (
+            "crop", "fit"):
+        # A sample's JSON is data, perhaps a stranger's: clip bounds that are no numbers show no source.
+        log.info("%s: the sample's JSON has no usable clip bounds; previewing the reconstruction alone", sample["key"])
+        return None
     path = _source_path(root, sample["key"], meta)
-    if path is None or "clip_start" not in meta:
+    if path is None:
         log.info("%s: source video not found; previewing the reconstruction alone", sample["key"])
         return None
-    clip = ClipSettings(frames=int(meta["frames"]), fps=float(meta["fps"]), height=height, width=width,
-                        resize=meta.get("resize", "crop"), short="pad")
+    clip = ClipSettings(frames=int(frames), fps=fps, height=height, width=width, resize=meta.get("resize", "crop"),
+                        short="pad")
     try:
-        return decode_clip(path, float(meta["clip_start"]), clip, key=sample["key"]).frames
+        return decode_clip(path, start, clip, key=sample["key"]).frames
     except InputError as e:
         log.warning("%s: source %s no longer decodes (%s); previewing the reconstruction alone",
                     sample["key"], path, e.reason)
         return None
+
+
+def _number(value: Any, most: float) -> float | None:
+    """A number from a sample's JSON, when it is a finite one in [0, most]; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if 0 <= number <= most else None
 
 
 def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu", where: str = "manifest.json") -> Any:
@@ -271,12 +289,11 @@ def preview(root: str | os.PathLike, out: str | os.PathLike, *, keys: list[str] 
         pairs.append((decoded, source_frames(mroot, sample, decoded.shape[1], decoded.shape[2])))
         result.keys.append(sample["key"])
         meta = sample["meta"]
-        start = meta.get("clip_start")
-        result.sources.append((str(meta.get("source")), float(start) if isinstance(start, int | float) else 0.0))
+        result.sources.append((str(meta.get("source"))[:300], _number(meta.get("clip_start"), 1e7) or 0.0))
         result.with_source.append(pairs[-1][1] is not None)
     side_by_side = any(result.with_source)
     segments = [compose(decoded, source, side_by_side) for decoded, source in pairs]
-    fps = float(samples[0]["meta"].get("fps") or 8.0)
+    fps = _number(samples[0]["meta"].get("fps"), 240.0) or 8.0
     result.size = write_mp4(result.out, segments, fps)
     result.frames = sum(len(s) for s in segments)
     return result

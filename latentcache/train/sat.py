@@ -76,7 +76,8 @@ class SATLatentDataset(Dataset):
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps)
                                 or fps <= 0):
             raise ConfigError(f"SATLatentDataset: data.params.fps is {fps!r}: it must be a finite number > 0")
-        if video_size is not None and not (isinstance(video_size, list | tuple) and len(video_size) == 2):
+        if video_size is not None and not (isinstance(video_size, list | tuple) and len(video_size) == 2
+                                           and None not in video_size):
             raise ConfigError(f"SATLatentDataset: data.params.video_size is {repr(video_size)[:80]}: it must be "
                               "[height, width]")
         for name, value in (("max_num_frames", max_num_frames), ("batch_size", batch_size),

@@ -80,6 +80,7 @@ def test_counts_samples_disagreeing_with_the_shards_is_not_exported(out: Path) -
     ({"seed": {"a": 1}}, r"SATLatentDataset \(.*\): data.params: seed is \{'a': 1\}"),
     ({"shuffle_buffer": [1]}, r"SATLatentDataset \(.*\): data.params: shuffle_buffer is \[1\]"),
     ({"video_size": 336064}, r"SATLatentDataset: data.params.video_size is 336064: it must be \[height, width\]"),
+    ({"video_size": [None, 96]}, r"data.params.video_size is \[None, 96\]: it must be \[height, width\]"),
 ])
 def test_sat_params_of_other_types_are_config_errors_naming_sat(fuzz_base: Path, params: dict, named: str) -> None:
     """sat target: a data.params seed of another type raised a bare ValueError naming only "seed", an int
@@ -147,3 +148,24 @@ def test_an_empty_latents_mean_is_refused_when_the_manifest_is_read(out: Path) -
     for reader in (verify, LatentShardDataset):
         with pytest.raises(ShardFormatError, match="latent_spec.latents_mean has 0 values, latent_spec.channels is 16"):
             reader(out)
+
+
+@pytest.mark.parametrize("change", [{"clip_start": None}, {"clip_start": [1]}, {"clip_start": 8.76e152},
+                                    {"clip_start": 10**400}, {"frames": None}, {"fps": [24]}, {"fps": "x"}])
+def test_preview_of_a_sample_whose_clip_bounds_are_no_numbers(out: Path, tmp_path: Path, change: dict) -> None:
+    """preview target (bench/fuzz.py): a sample JSON's clip_start None, a list or 8.8e152, frames missing or fps a
+    list raised TypeError, KeyError or OverflowError; such a sample is previewed without its source."""
+    from latentcache.tools.preview import preview
+
+    index, blob = first_shard(out)
+    members = _members(blob)
+    for i, (info, payload) in enumerate(members):
+        if info.name.endswith(".json"):
+            meta = {**json.loads(payload), **change}
+            members[i] = (info, json.dumps({k: v for k, v in meta.items() if v is not None}).encode())
+    rewrite_shard(out, index, _tar(members))
+    manifest = json.loads((out / "manifest.json").read_text())
+    keys = [m.name.split(".")[0] for m, _ in members if m.name.endswith(".json")]
+    assert manifest["shards"][0]["samples"] == len(set(keys))
+    result = preview(out, tmp_path / "p.mp4", keys=keys[:1])
+    assert result.keys == keys[:1] and result.with_source == [False] and (tmp_path / "p.mp4").stat().st_size
