@@ -32,7 +32,10 @@ _COUNT_LISTS = ("block_out_channels", "decoder_block_out_channels", "dim_mult", 
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int past a float's range (10**400 in a config.json)
+        return False
 
 
 def _count(value: Any, most: int) -> bool:

@@ -107,6 +107,7 @@ def test_dataset_arguments_of_other_types_are_config_errors(fuzz_base: Path) -> 
     ({"temperal_downsample": []}, "temperal_downsample is [], expected a value like"),
     ({"temperal_downsample": [True]}, "list index out of range"),
     ({"dim_mult": []}, "dim_mult is [], expected a value like"),
+    ({"latents_mean": [10**400] + [0.0] * 15, "latents_std": [1.0] * 16}, "latents_mean is [1000"),
 ])
 def test_a_vae_directory_whose_config_fields_disagree_is_a_config_error(tmp_path: Path, change: dict,
                                                                         named: str) -> None:
