@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from latentcache.encode.captions import MAX_CAPTION_BYTES, local_caption, object_caption
 from latentcache.encode.image import IMAGE_SUFFIXES
 from latentcache.encode.paired_lists import paired_rows, prompts_beside
 from latentcache.encode.plan import OUTPUT_MARKER, InputVideo, input_id
@@ -36,16 +37,6 @@ NOT_VIDEO_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md", ".srt", ".vtt", 
                       ".parquet"}
 
 
-def _read_caption(video: Path) -> str | None:
-    sidecar = video.with_suffix(".txt")
-    try:
-        if sidecar.is_file():
-            return sidecar.read_text(encoding="utf-8", errors="replace").strip() or None
-    except (OSError, ValueError):
-        pass  # a name the OS cannot even look up (too long): no sidecar; the input itself fails when probed
-    return None
-
-
 # How deep a list row (or a cell's JSON) may nest: the inputs lines and sample JSON made from it nest it a level or
 # two deeper, and are read back under strictjson.MAX_DEPTH.
 MAX_ROW_DEPTH = 32
@@ -53,7 +44,7 @@ MAX_ROW_DEPTH = 32
 
 # The longest CSV cell read (the csv module's default, 131,072 characters, is below what a detailed caption or a
 # span table's caption list can hold). Past it, a ConfigError naming the line.
-MAX_CSV_CELL = 16 << 20
+MAX_CSV_CELL = MAX_CAPTION_BYTES
 
 
 def _list_rows(list_file: Path) -> Iterator[dict[str, Any]]:
@@ -229,7 +220,7 @@ def _from_list(list_file: Path) -> Iterator[InputVideo]:
         caption = _row_caption(row.get("caption"), spans is not None)
         from_sidecar = False
         if caption is None:
-            caption = _read_caption(Path(p)) if sources.is_local(p) else None
+            caption = local_caption(Path(p)) if sources.is_local(p) else None
             from_sidecar = caption is not None
         extra = None if plain else {str(k): _jsonable(v) for k, v in row.items()
                                     if k is not None and k not in READ_COLUMNS}
@@ -385,7 +376,7 @@ def _from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]
         caption_rel = os.path.splitext(rel)[0] + ".txt"
         caption = None
         if caption_rel in names:
-            caption = store.read_url(store.join(root, caption_rel)).decode("utf-8", errors="replace").strip() or None
+            caption = object_caption(store.join(root, caption_rel))
         given += 1
         yield InputVideo(store.join(root, rel), rel, caption)
     if not given:
@@ -452,13 +443,13 @@ def _inputs_at(p: Path, rel: str | None, skip: frozenset[Path], images: bool) ->
             if f.suffix.lower() == ".tar":
                 yield from _tar_inputs(f, name)
             else:
-                yield InputVideo(str(f.resolve()), name, _read_caption(f))
+                yield InputVideo(str(f.resolve()), name, local_caption(f))
     elif p.is_file() and p.suffix.lower() == ".tar":
         yield from _tar_inputs(p, rel or p.name)
     elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
         yield from _from_list(p)
     elif p.is_file():
-        yield InputVideo(str(p.resolve()), rel or p.name, _read_caption(p))
+        yield InputVideo(str(p.resolve()), rel or p.name, local_caption(p))
     else:
         raise ConfigError(f"input {str(p)!r} does not exist")
 
