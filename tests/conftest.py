@@ -166,6 +166,20 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def shard_members(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {member extension: bytes}, across every shard an output's manifest lists."""
+    import json
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in json.loads((out / "manifest.json").read_text())["shards"]:
+        with tarfile.open(out / shard["path"]) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
 @pytest.fixture(scope="session")
 def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One good video and every kind of broken input a scraped corpus holds, in one folder."""

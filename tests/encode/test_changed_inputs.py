@@ -363,15 +363,22 @@ def _of_source(members: dict[str, bytes], out: Path) -> dict[str, set[str]]:
     return by
 
 
-def _deleted_and_replaced(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
-    """Four videos of a list encoded into one chunk of two-sample shards; then two of them deleted (the cache kept,
-    the sources gone) and one other replaced. Returns the list, the output and its members before."""
+def _four_listed_videos(tmp_path: Path) -> Path:
+    """videos/v0..v3.mp4 (24 to 36 frames) and the list videos.txt that names them."""
     folder = tmp_path / "videos"
     folder.mkdir()
     for i, frames in enumerate((24, 28, 32, 36)):
         write_video(folder / f"v{i}", codec="h264", num_frames=frames, height=64, width=96, fps=8)
     videos = tmp_path / "videos.txt"
     videos.write_text("".join(f"videos/v{i}.mp4\n" for i in range(4)))
+    return videos
+
+
+def _deleted_and_replaced(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """Four videos of a list encoded into one chunk of two-sample shards; then two of them deleted (the cache kept,
+    the sources gone) and one other replaced. Returns the list, the output and its members before."""
+    videos = _four_listed_videos(tmp_path)
+    folder = tmp_path / "videos"
     out = tmp_path / "out"
     assert main(["encode", str(videos), "--out", str(out), *SHARED]) == 0
     before = _members(out)
@@ -573,12 +580,8 @@ def _members_names(out: Path) -> list[str]:
 def test_reencode_changed_carries_samples_over_in_object_storage(s3_endpoint: str, tmp_path: Path) -> None:
     """`--out s3://...`: the old shards are read back from the store (one GET each, checked against their sidecars'
     sha256) and the deleted inputs' samples carried over, as on disk."""
+    videos = _four_listed_videos(tmp_path)
     folder = tmp_path / "videos"
-    folder.mkdir()
-    for i, frames in enumerate((24, 28, 32, 36)):
-        write_video(folder / f"v{i}", codec="h264", num_frames=frames, height=64, width=96, fps=8)
-    videos = tmp_path / "videos.txt"
-    videos.write_text("".join(f"videos/v{i}.mp4\n" for i in range(4)))
     out = make_bucket("carried") + "/latents"
     assert main(["encode", str(videos), "--out", out, *SHARED]) == 0
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import diffusers
 import pytest
 import torch
+from conftest import shard_members
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
@@ -168,15 +168,6 @@ def captioned_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _members(out: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {member extension: bytes}, across every shard of the manifest."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in json.loads((out / "manifest.json").read_text())["shards"]:
-        with tarfile.open(out / shard["path"]) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def test_csv_and_sidecar_captions_round_trip(captioned_videos, tmp_path):
@@ -189,7 +180,7 @@ def test_csv_and_sidecar_captions_round_trip(captioned_videos, tmp_path):
     out = tmp_path / "out"
     assert main(["encode", str(listing), "--out", str(out), *CLIP]) == 0
     captions = {Path(s["source"]).name: s.get("txt") for s in
-                ({**json.loads(m["json"]), "txt": m.get("txt")} for m in _members(out).values())}
+                ({**json.loads(m["json"]), "txt": m.get("txt")} for m in shard_members(out).values())}
     assert captions == {"one.mp4": "ünïcode, commas, \"quotes\" ✓".encode(), "plain.mp4": None}
     by_source = {Path(item["meta"]["source"]).name: item["caption"] for item in LatentShardDataset(out)}
     assert by_source == {"one.mp4": "ünïcode, commas, \"quotes\" ✓", "plain.mp4": None}
@@ -225,7 +216,7 @@ def test_encode_caches_prompt_embeddings_once_per_caption(captioned_videos, t5_p
     assert sorted(encoded) == sorted([*CAPTIONS.values(), ""])
 
     reference = load_text_encoder(TextSettings(source=str(t5_pipeline), max_length=MAX_LENGTH), "cogvideox")
-    samples = _members(out)
+    samples = shard_members(out)
     assert len(samples) == 4
     for members in samples.values():
         caption = members["txt"].decode() if "txt" in members else None

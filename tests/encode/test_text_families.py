@@ -10,12 +10,12 @@ from the defaults, to keep the tiny runs short.
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import diffusers
 import pytest
 import torch
+from conftest import shard_members
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
@@ -108,14 +108,6 @@ def encoded(request: pytest.FixtureRequest, captioned: Path, tmp_path_factory: p
     return family, out, encoder
 
 
-def _members(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in json.loads((out / "manifest.json").read_text())["shards"]:
-        with tarfile.open(out / shard["path"]) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def test_cached_tensors_are_the_pipelines_encode_prompt(encoded):
@@ -164,7 +156,7 @@ def test_ltx2_stores_only_the_prompts_tokens(encoded):
     family, out, _ = encoded
     if family != "ltx2":
         pytest.skip("LTX-2 only")
-    for members in _members(out).values():
+    for members in shard_members(out).values():
         stored = load_safetensors(members["text.safetensors"])
         assert stored["prompt_embeds"].shape[0] == stored["prompt_attention_mask"].sum() < LENGTH
 
