@@ -197,7 +197,7 @@ def _image_latents(args: argparse.Namespace, family: str) -> bool:
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
     from latentcache.encode.families import family_of
-    from latentcache.encode.vae import check_source_name, family_for_source
+    from latentcache.encode.vae_source import check_source_name, family_for_source
 
     if args.vae:
         check_source_name(args.vae)

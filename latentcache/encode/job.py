@@ -250,7 +250,7 @@ def check_before_loading(settings: JobSettings) -> None:
     output made with other settings."""
     from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
     from latentcache.encode.plan import check_buckets
-    from latentcache.encode.vae import peek_spec
+    from latentcache.encode.vae_source import peek_spec
 
     check_inputs(settings.inputs, exclude=[settings.out], images=settings.encode.clip.images)
     spec = peek_spec(settings.encode.vae)

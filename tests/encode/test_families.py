@@ -17,7 +17,8 @@ from safetensors.torch import load as load_safetensors
 from latentcache.cli import main
 from latentcache.encode.families import FAMILIES, tile_problem
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import family_for_source, load_vae
+from latentcache.encode.vae import load_vae
+from latentcache.encode.vae_source import family_for_source
 from latentcache.errors import ConfigError, LatentMismatchError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset

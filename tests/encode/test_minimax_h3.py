@@ -22,7 +22,8 @@ from diffusers.modular_pipelines.minimax_h3.modular_pipeline import (
 from latentcache.cli import main
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import family_for_source, load_vae
+from latentcache.encode.vae import load_vae
+from latentcache.encode.vae_source import family_for_source
 from latentcache.errors import ConfigError
 from latentcache.format.buckets import FrameRule
 from latentcache.format.spec import LatentSpec

@@ -159,7 +159,7 @@ def test_normalisation_round_trips_and_follows_the_config():
 def test_the_spec_read_from_the_config_alone_is_the_loaded_vaes_or_none(family: str) -> None:
     """The early check (before the weights load) may know less, never something else: a spec that disagreed would
     refuse settings the VAE can encode, or let through ones it cannot."""
-    from latentcache.encode.vae import peek_spec
+    from latentcache.encode.vae_source import peek_spec
 
     settings = VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None, dtype="fp32")
     early = peek_spec(settings)

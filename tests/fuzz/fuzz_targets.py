@@ -460,7 +460,8 @@ def target_vae_dir(data: Any, out: Path, checker: Checker) -> None:
     """A local --vae directory whose config.json holds other types and sizes: the family is detected and the VAE
     loaded, or a ConfigError names the directory, before anything is encoded."""
     from latentcache.encode.settings import VAESettings
-    from latentcache.encode.vae import family_for_source, load_vae
+    from latentcache.encode.vae import load_vae
+    from latentcache.encode.vae_source import family_for_source
 
     vae = out.parent / "vae"
     shutil.copytree(_tiny_vae_dir(out.parents[1]), vae)
