@@ -254,8 +254,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
 
 def _apply_musubi_toml(args: argparse.Namespace, family: str) -> None:
     """A musubi-tuner dataset TOML given as the input: its folders become the inputs and its clip settings these
-    arguments (encode/musubi_config.py says what maps and what is refused); each mapping is logged."""
-    from latentcache.encode.musubi_config import read_musubi_toml
+    arguments (encode/inputs/musubi_config.py says what maps and what is refused); each mapping is logged."""
+    from latentcache.encode.inputs.musubi_config import read_musubi_toml
 
     if not any(str(i).lower().endswith(".toml") for i in args.inputs):
         return

@@ -1,4 +1,4 @@
-"""Caption sidecars are read up to a bound (latentcache/encode/captions.py): a `.txt` beside a video that is far
+"""Caption sidecars are read up to a bound (latentcache/encode/inputs/captions.py): a `.txt` beside a video that is far
 longer than any caption is refused naming it, in a folder and under an object prefix, instead of being read whole."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
-from latentcache.encode import captions
-from latentcache.encode.inputs import iter_inputs
+from latentcache.encode.inputs import captions, iter_inputs
 from latentcache.errors import ConfigError
 from latentcache.tools.synthetic import write_video
 

@@ -236,16 +236,16 @@ def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Pa
 @pytest.fixture
 def list_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every input list the code under test reads, through the real reader."""
-    import latentcache.encode.inputs as inputs_module
+    import latentcache.encode.inputs.lists as lists_module
 
     seen: list[str] = []
-    real = inputs_module._from_list
+    real = lists_module.from_list
 
     def counting(list_file: Path):
         seen.append(str(list_file))
         return real(list_file)
 
-    monkeypatch.setattr(inputs_module, "_from_list", counting)
+    monkeypatch.setattr(lists_module, "from_list", counting)
     return seen
 
 

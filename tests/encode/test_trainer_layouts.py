@@ -86,7 +86,7 @@ def test_a_musubi_dataset_toml_is_an_input(tmp_path: Path, caplog, capsys) -> No
     target_frames [9] at the model's rate (source_fps set: 16 for Wan), head -> the first clip, resolution
     [W, H], and enable_bucket's buckets exactly as musubi's BucketSelector builds them; what cannot be mapped is
     refused naming it."""
-    from latentcache.encode.musubi_config import musubi_buckets
+    from latentcache.encode.inputs.musubi_config import musubi_buckets
     from latentcache.format.manifest import read_manifest
 
     videos = tmp_path / "videos"

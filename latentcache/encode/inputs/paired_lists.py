@@ -1,6 +1,6 @@
 """The CogVideoX-finetune layout of a dataset, as diffusers' CogVideoX training scripts and cogvideox-factory read
 it: ROOT/videos.txt lists video paths relative to ROOT, and line i of ROOT/prompts.txt beside it is the caption of
-line i. `inputs._list_rows` reads such a `videos.txt` through `paired_rows`."""
+line i. `lists._list_rows` reads such a `videos.txt` through `paired_rows`."""
 
 from __future__ import annotations
 
