@@ -32,7 +32,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from latentcache.encode import pipeline  # noqa: E402
+from latentcache.encode import execute, planning  # noqa: E402
 from latentcache.encode.decode import decode_clip  # noqa: E402
 from latentcache.encode.families import FAMILIES  # noqa: E402
 from latentcache.encode.inputs import discover_inputs  # noqa: E402
@@ -96,10 +96,10 @@ def latentcache_run(inputs: list[str], settings: EncodeSettings, runtime: Runtim
                     out: Path) -> tuple[float, int]:
     # Planning (probing) happens before the clock starts, as it did when the plan was one file: the figure is the
     # decode -> encode -> write loop.
-    plan = pipeline.load_or_make_plan(out, discover_inputs(inputs), settings, vae)
-    chunk_plans = pipeline.plan_chunks(out, plan, settings)
+    plan = planning.load_or_make_plan(out, discover_inputs(inputs), settings, vae)
+    chunk_plans = planning.plan_chunks(out, plan, settings)
     started = time.perf_counter()
-    summary = pipeline.run(out, plan, vae, settings, runtime=runtime, chunk_plans=chunk_plans)
+    summary = execute.run(out, plan, vae, settings, runtime=runtime, chunk_plans=chunk_plans)
     _sync(vae.device)
     seconds = time.perf_counter() - started
     assert summary.clips_written == sum(len(c.clips) for c in chunk_plans), summary
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def null_vae(args: argparse.Namespace) -> int:
-    """`pipeline.run` over real decoded video with `vae.encode` returning zeros of the latent shape at once: what is
+    """`execute.run` over real decoded video with `vae.encode` returning zeros of the latent shape at once: what is
     left is the main process's own cost (batching, metadata, handing shards to the writer) plus its waits on the
     decode workers. A GPU at ~0.3 s per 49x480x720 clip idles for every millisecond of the first."""
     clip = (ClipSettings(frames=17, fps=8.0, height=64, width=96) if args.tiny else
@@ -252,7 +252,7 @@ def null_vae(args: argparse.Namespace) -> int:
     vae.encode = encode  # type: ignore[method-assign]
     waits = [0.0]
     first_batch = [0.0]  # start-up: the wait for the first batch's clips, paid once per run
-    real_stream = pipeline.ClipStream
+    real_stream = execute.ClipStream
 
     class TimedStream(real_stream):  # type: ignore[misc, valid-type]
         def __iter__(self):
@@ -272,10 +272,10 @@ def null_vae(args: argparse.Namespace) -> int:
                     waits[0] += waited
                 yield item
 
-    pipeline.ClipStream = TimedStream  # type: ignore[misc]
+    execute.ClipStream = TimedStream  # type: ignore[misc]
     # The last shard's write waits at the end of the run (nothing is left to overlap it): timed on its own.
     tail = [0.0]
-    real_writer = pipeline.ShardWriter
+    real_writer = execute.ShardWriter
 
     class TimedWriter(real_writer):  # type: ignore[misc, valid-type]
         def __exit__(self, *exc):
@@ -285,7 +285,7 @@ def null_vae(args: argparse.Namespace) -> int:
             finally:
                 tail[0] += time.perf_counter() - started
 
-    pipeline.ShardWriter = TimedWriter  # type: ignore[misc]
+    execute.ShardWriter = TimedWriter  # type: ignore[misc]
     batch = int(args.batch_size or 4)
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
     per_shard = args.samples_per_shard or batch
@@ -297,7 +297,7 @@ def null_vae(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_videos(tmp / "videos", n, *src, seconds=(clip.frames - 1) / clip.fps + 0.5)
-        real_run = pipeline.run
+        real_run = execute.run
         run_cpu = [0.0]
 
         def timed_run(*a, **kw):
@@ -307,13 +307,13 @@ def null_vae(args: argparse.Namespace) -> int:
             finally:
                 run_cpu[0] += time.thread_time() - started
 
-        pipeline.run = timed_run  # type: ignore[assignment]
+        execute.run = timed_run  # type: ignore[assignment]
         try:
             wall, _ = latentcache_run([str(tmp / "videos")], settings, runtime, vae, tmp / "out")
             main_cpu = run_cpu[0] - vae_cpu[0]
         finally:
-            pipeline.ClipStream, pipeline.ShardWriter = real_stream, real_writer  # type: ignore[misc]
-            pipeline.run = real_run  # type: ignore[assignment]
+            execute.ClipStream, execute.ShardWriter = real_stream, real_writer  # type: ignore[misc]
+            execute.run = real_run  # type: ignore[assignment]
     outside = (wall - in_vae[0]) / n
     own = (wall - in_vae[0] - first_batch[0] - waits[0] - tail[0]) / n
     print(f"per clip: {1000 * outside:.1f} ms outside the VAE call: {1000 * first_batch[0] / n:.1f} ms start-up "

@@ -10,8 +10,8 @@ plans), except the probe: an injected one returns a synthetic VideoInfo (a size 
 hash, spread over 18 aspect buckets) instead of opening a video. Each step runs in its own process, which reports its
 wall time and peak resident memory (ru_maxrss; the ~0.5 GB of importing torch is in every figure).
 
-Rows: the top-level plan (`pipeline.load_or_make_plan` from the list: no video opened); one task's share
-(`pipeline.plan_chunks` for task 0 of --tasks: probe + bucket layout + atomic chunk-plan writes); opening a
+Rows: the top-level plan (`planning.load_or_make_plan` from the list: no video opened); one task's share
+(`planning.plan_chunks` for task 0 of --tasks: probe + bucket layout + atomic chunk-plan writes); opening a
 LatentShardDataset on a synthetic manifest of as many samples; streaming the same samples from full shards and
 from the tiny shards rare buckets leave in each chunk.
 
@@ -76,7 +76,7 @@ def args_for(work: Path, n: int, chunk_size: int):
 
 def step_top(work: Path, n: int, chunk_size: int) -> dict:
     from latentcache.cli import settings_from_args
-    from latentcache.encode import pipeline
+    from latentcache.encode import planning
     from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
 
@@ -84,7 +84,7 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
     settings = settings_from_args(args).encode
     vae = load_vae(settings.vae, "cpu")
     started = time.perf_counter()
-    plan = pipeline.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size)
+    plan = planning.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size)
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     return {"seconds": seconds, "inputs": plan.inputs, "chunks": len(plan.chunk_refs()), "bytes": size}
@@ -92,14 +92,14 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
 
 def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     from latentcache.cli import settings_from_args
-    from latentcache.encode import chunks, pipeline
+    from latentcache.encode import chunks
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
     started = time.perf_counter()
     plan = chunks.read_job_plan(args.out)
     read_seconds = time.perf_counter() - started
-    mine = pipeline.chunks.chunks_for_rank(plan, 0, tasks)
+    mine = chunks.chunks_for_rank(plan, 0, tasks)
     plans = [chunks.load_or_make_chunk_plan(args.out, plan, ref, settings, probe_fn=fake_probe) for ref in mine]
     seconds = time.perf_counter() - started
     shards = [s for p in plans for s in p.shards]
@@ -207,7 +207,7 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
     """A rerun's top-level plan from an unchanged list: read again and compared (skip 0: before), or skipped once
     its identity matches what plan.json recorded (skip 1: after)."""
     from latentcache.cli import settings_from_args
-    from latentcache.encode import pipeline
+    from latentcache.encode import planning
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
     from latentcache.encode.vae import load_vae
@@ -217,7 +217,7 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
     vae = load_vae(settings.vae, "cpu")
     started = time.perf_counter()
     lists = list_identity([str(i) for i in args.inputs]) if skip else None
-    plan = pipeline.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size,
+    plan = planning.load_or_make_plan(args.out, iter_inputs(args.inputs), settings, vae, chunk_size=chunk_size,
                                       lists=lists)
     seconds = time.perf_counter() - started
     if not skip:  # put back the record the "before" run (no identity given) removed, for the "after" run
@@ -230,17 +230,17 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
 def step_end_check(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     """Task 0's end-of-run check, the other tasks still working: every chunk plan read (before), or its own
     shards' sidecars stat'ed and the first other task's done marker looked for (after)."""
-    from latentcache.encode import chunks, pipeline, share_markers
+    from latentcache.encode import chunks, finalize
 
     out = args_for(work, n, chunk_size).out
     plan = chunks.read_job_plan(out)
     started = time.perf_counter()
-    pipeline.pending_in_job(out, plan)
+    finalize.pending_in_job(out, plan)
     before = time.perf_counter() - started
     started = time.perf_counter()
     mine = [s for ref in chunks.chunks_for_rank(plan, 0, tasks) for s in chunks.read_chunk_plan(out, plan, ref).shards]
-    share_markers.mark_share_done(out, plan, 0, tasks, mine)
-    waiting = share_markers.first_share_pending(out, plan, tasks)
+    finalize.mark_share_done(out, plan, 0, tasks, mine)
+    waiting = finalize.first_share_pending(out, plan, tasks)
     return {"before": before, "after": time.perf_counter() - started, "waiting": waiting}
 
 

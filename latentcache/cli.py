@@ -57,12 +57,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
+    """`latentcache encode`'s arguments, group by group in the order --help lists them."""
     p.add_argument("inputs", nargs="+",
                    help="what to encode, any mix of: video files; folders (searched recursively); glob or brace "
                    "patterns; list files (.txt of paths, .csv/.jsonl/.parquet tables with path, caption and clip "
                    "start/end columns); webdataset .tar files of videos; s3:// (or gs://, az://) urls of any of these")
     p.add_argument("--out", required=True, type=path_or_url_out,
                    help="output directory (shards, manifest, failures), or an object-storage url (s3://bucket/prefix)")
+    _add_vae_arguments(p)
+    _add_clip_arguments(p)
+    _add_caption_arguments(p)
+    _add_output_arguments(p)
+
+
+def _add_vae_arguments(p: argparse.ArgumentParser) -> None:
+    """The VAE, and how fast it runs: device, processes, batch size, decode workers."""
     g = p.add_argument_group("VAE")
     g.add_argument("--vae", default=None, help="local dir, hub id, or tiny-random-<family> "
                    "(default: the family's hub id, e.g. THUDM/CogVideoX-2b)")
@@ -98,6 +107,10 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default): decode HEVC and VP9 clips a second time with another decoder, to drop clips "
                    "with damage those decoders conceal (about twice their decode CPU); off: skip that decode, for "
                    "corpora you trust (transcoded by you). Does not change what an intact clip decodes to")
+
+
+def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
+    """What a clip is (frames, fps, size, strategy, buckets), and how clips are grouped into shards and chunks."""
     c = p.add_argument_group("clips")
     defaults = ClipSettings()
     # Geometry left out follows the family (settings_from_args); SUPPRESS keeps "(default: None)" out of the help.
@@ -133,12 +146,21 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
                    "docs/distributed.md; fixed once planned, new inputs use the value given when they are added). "
                    "Batches and shards never cross a chunk: fresh runs with other process counts write the same "
                    "bytes with the same N")
+
+
+def _add_caption_arguments(p: argparse.ArgumentParser) -> None:
+    """Prompt embeddings cached beside the latents."""
     t = p.add_argument_group("captions")
     t.add_argument("--text-encoder", default=None, metavar="DIR_OR_HUB_ID",
                    help="cache prompt embeddings of each caption with this pipeline's text encoder (e.g. the "
                    "--vae pipeline); needs `pip install 'latentcache[text]'`")
     t.add_argument("--text-max-length", type=int, default=None,
                    help="tokens per prompt (default: the family's pipeline: CogVideoX 226, Wan 512, LTX 128)")
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """What is stored, and what a run does with an existing --out (overwrite, re-encode changed inputs, repair,
+    dry run)."""
     p.add_argument("--store", default="posterior", choices=["posterior", "mean"],
                    help="posterior: mean + logvar (re-sampled each epoch); mean: half the bytes")
     p.add_argument("--store-dtype", default="encode", choices=["encode", "fp16", "bf16", "fp32"],

@@ -96,7 +96,7 @@ def sample_bytes(vae: VideoVAE, settings: EncodeSettings, bucket: str) -> int:
 def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_size: int = 1) -> DryRun:
     """Plan `settings` over their inputs in a temporary directory and describe the run; --out is only read.
     `world_size`: the process count the run will have, which the default chunking (and so the shards) follows."""
-    from latentcache.encode import pipeline
+    from latentcache.encode import planning
     from latentcache.encode.inputs import iter_inputs
 
     encode = settings.encode
@@ -105,7 +105,7 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_si
         scratch = Path(tmp) / "out"
         before = _seed_from_output(settings.out, scratch) if not settings.overwrite else None
         inputs = iter_inputs(settings.inputs, exclude=[settings.out], images=encode.clip.images)
-        plan = pipeline.load_or_make_plan(scratch, inputs, encode, vae, chunk_size=settings.chunk_size,
+        plan = planning.load_or_make_plan(scratch, inputs, encode, vae, chunk_size=settings.chunk_size,
                                           world_size=world_size)
         # On an existing output only the parts this run would add are planned (probed): what an append adds.
         refs = [r for r in plan.chunk_refs() if before is None or r.part >= len(before.parts)]

@@ -19,11 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentcache.encode.settings import JobSettings
 from latentcache.errors import LatentcacheError
 from latentcache.format.outcomes import Tally, tally
+
+if TYPE_CHECKING:  # imported where used: `latentcache --help` loads neither torch nor diffusers
+    from latentcache.encode.chunks import JobPlan
+    from latentcache.encode.execute import RunSummary
+    from latentcache.encode.plan import Plan, PlannedShard
+    from latentcache.encode.text import TextEncoder
+    from latentcache.encode.vae import VideoVAE
 
 # Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error, 3 finished but some
 # inputs failed (see OUT/failures.jsonl), 4 finished but the output holds no sample at all (every input skipped or
@@ -66,19 +73,29 @@ def run(settings: JobSettings, world: World = World()) -> int:
 
     Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier between them.
     """
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from latentcache.encode import chunks, pipeline, repair, share_markers
-    from latentcache.encode.input_stats import list_identity
-    from latentcache.encode.inputs import iter_inputs
-    from latentcache.encode.vae import load_vae
-
     started = time.perf_counter()
-    encode, runtime, out = settings.encode, settings.runtime, settings.out
     check_before_loading(settings)
     if settings.dry_run:
         return print_dry_run(settings, world) if world.is_main else EXIT_OK
+    vae, texts = _load_encoders(settings, world)
+    plan, failed = _job_plan(settings, world, vae)
+    if failed:
+        return EXIT_USAGE  # the main process prints why
+    share, failed = _on_every_rank(world, lambda: _Share.make(settings, world, plan))
+    if failed:
+        return EXIT_USAGE  # the rank that refused prints why
+    redo, kept = _damaged(settings, world, share) if settings.repair else (frozenset[str](), {})
+    summary = _encode_share(settings, world, share, vae, texts, redo)
+    clips = share.tally(summary.failures)
+    _print_share_summary(settings, world, summary, clips, vae)
+    return _end_of_share(settings, world, share, summary, clips, len(kept), vae, started)
+
+
+def _load_encoders(settings: JobSettings, world: World) -> tuple[VideoVAE, TextEncoder | None]:
+    """The VAE on this process's device, tuned, and the text encoder when prompt embeddings are cached (else None)."""
+    from latentcache.encode.vae import load_vae
+
+    encode, runtime = settings.encode, settings.runtime
     vae = load_vae(encode.vae, world.device or runtime.device)
     if encode.image_latents:
         vae.check_image_condition()  # the family is known before loading; the VAE's own layout only now
@@ -89,12 +106,24 @@ def run(settings: JobSettings, world: World = World()) -> int:
 
         texts = load_text_encoder(encode.text, encode.vae.family, vae.device)
     # A VAE with random weights is said once, by load_vae's warning (a second note here printed it twice).
+    return vae, texts
+
+
+def _job_plan(settings: JobSettings, world: World, vae: VideoVAE) -> tuple[JobPlan, bool]:
+    """The job's top-level plan, made (or read and extended) by the main process and read back by the others;
+    (plan, True) when the main process refused it (it prints why)."""
+    from latentcache.encode import chunks, planning
+    from latentcache.encode.input_stats import list_identity
+    from latentcache.encode.inputs import iter_inputs
+
+    out = settings.out
+
     def make_plan() -> chunks.JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
-        inputs = iter_inputs(settings.inputs, exclude=[out], images=encode.clip.images)
+        inputs = iter_inputs(settings.inputs, exclude=[out], images=settings.encode.clip.images)
         # Taken before the lists are read: unchanged lists are not read again (`rerun_inputs.lists_unchanged`).
         lists = list_identity([str(i) for i in settings.inputs])
-        return pipeline.load_or_make_plan(out, inputs, encode, vae, overwrite=settings.overwrite,
+        return planning.load_or_make_plan(out, inputs, settings.encode, vae, overwrite=settings.overwrite,
                                           chunk_size=settings.chunk_size, lists=lists, world_size=world.world_size)
 
     new_out = not out.exists()
@@ -104,34 +133,76 @@ def run(settings: JobSettings, world: World = World()) -> int:
         if new_out and world.is_main:
             release_output(out)  # refused before anything was planned: no OUT holding only `.latentcache`
         raise
-    if failed:
-        return EXIT_USAGE  # the main process prints why
-    if not world.is_main:
+    if not failed and not world.is_main:
         plan = chunks.read_job_plan(out)
-    rank, world_size = world.rank, world.world_size
+    return plan, failed
+
+
+@dataclass(slots=True)
+class _Share:
+    """This rank's share of the job: its chunk plans, and which of them this run planned (probed) itself."""
+
+    plan: JobPlan
+    chunk_plans: list[Plan]
     # Chunks this run plans (probes) itself: their refused inputs are this run's work; read-back ones were counted
     # by the run that planned them.
-    fresh = [not (out / ref.plan_name).is_file() for ref in chunks.chunks_for_rank(plan, rank, world_size)]
-    # Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that its
-    # inputs did not change since).
-    chunk_plans, failed = _on_every_rank(world, lambda: pipeline.plan_chunks(
-        out, plan, encode, rank=rank, world_size=world_size, strict=runtime.strict,
-        reencode_changed=settings.reencode_changed))
-    if failed:
-        return EXIT_USAGE  # the rank that refused prints why
-    mine = [s for chunk in chunk_plans for s in chunk.shards]
-    redo, kept = frozenset[str](), {}
-    if settings.repair:
-        damaged = share_markers.damaged_shards(out, mine)
-        kept = repair.unrepairable(out, plan, chunk_plans, damaged)
-        redo = frozenset(s.relpath for s in damaged if s.relpath not in kept)
-        print(f"[{'rank ' + str(rank) if world_size > 1 else 'repair'}] {len(damaged)} of {len(mine)} shard(s) do "
-              f"not match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
-        for relpath, why in kept.items():
-            print(f"{out / relpath}: damaged, and kept as it is: {why}, so its samples cannot be made again. Put the "
-                  "sources back as they were and rerun with --repair (or restore the shard from a copy)")
-    pending = {s.relpath for s in share_markers.pending_shards(out, mine)} | redo
-    label = f"rank {rank}" if world_size > 1 else "encode"
+    fresh: list[bool]
+
+    @staticmethod
+    def make(settings: JobSettings, world: World, plan: JobPlan) -> _Share:
+        """Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that
+        its inputs did not change since)."""
+        from latentcache.encode import chunks, planning
+
+        out = settings.out
+        fresh = [not (out / ref.plan_name).is_file() for ref in chunks.chunks_for_rank(plan, world.rank,
+                                                                                      world.world_size)]
+        chunk_plans = planning.plan_chunks(out, plan, settings.encode, rank=world.rank, world_size=world.world_size,
+                                           strict=settings.runtime.strict, reencode_changed=settings.reencode_changed)
+        return _Share(plan, chunk_plans, fresh)
+
+    @property
+    def shards(self) -> list[PlannedShard]:
+        return [s for chunk in self.chunk_plans for s in chunk.shards]
+
+    def tally(self, failures: list[dict[str, Any]]) -> Tally:
+        """This run's work on this rank's share: inputs refused by the planning it did, clips refused at decode or
+        encode."""
+        return tally([*(r for chunk, new in zip(self.chunk_plans, self.fresh, strict=True) if new
+                        for r in chunk.rejected), *failures])
+
+
+def _label(world: World) -> str:
+    return f"rank {world.rank}" if world.world_size > 1 else "encode"
+
+
+def _damaged(settings: JobSettings, world: World, share: _Share) -> tuple[frozenset[str], dict[str, str]]:
+    """--repair: the damaged done shards of this share to write again, and those kept as they are (with why)."""
+    from latentcache.encode import finalize, repair
+
+    out, mine = settings.out, share.shards
+    damaged = finalize.damaged_shards(out, mine)
+    kept = repair.unrepairable(out, share.plan, share.chunk_plans, damaged)
+    redo = frozenset(s.relpath for s in damaged if s.relpath not in kept)
+    print(f"[{'rank ' + str(world.rank) if world.world_size > 1 else 'repair'}] {len(damaged)} of {len(mine)} "
+          f"shard(s) do not match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
+    for relpath, why in kept.items():
+        print(f"{out / relpath}: damaged, and kept as it is: {why}, so its samples cannot be made again. Put the "
+              "sources back as they were and rerun with --repair (or restore the shard from a copy)")
+    return redo, kept
+
+
+def _encode_share(settings: JobSettings, world: World, share: _Share, vae: VideoVAE, texts: TextEncoder | None,
+                  redo: frozenset[str]) -> RunSummary:
+    """Encode the share's pending shards (and `redo`) under a progress bar; returns execute's RunSummary."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from latentcache.encode import execute, finalize
+
+    out, mine, world_size = settings.out, share.shards, world.world_size
+    pending = {s.relpath for s in finalize.pending_shards(out, mine)} | redo
+    label = _label(world)
     if not mine:
         print(f"{out}: no clip to encode in {'the share of ' + label if world_size > 1 else 'the planned inputs'}")
     elif not pending:
@@ -145,27 +216,38 @@ def run(settings: JobSettings, world: World = World()) -> int:
                                                                 if s.relpath not in pending),
                                        unit="clip", desc=label, position=world.local_rank, dynamic_ncols=True,
                                        leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
-        summary = pipeline.run(out, plan, vae, encode, rank=rank, world_size=world_size, on_clip=bar.update,
-                               texts=texts, chunk_plans=chunk_plans, runtime=runtime, redo=redo)
-    # This run's work on this rank's share: inputs refused by the planning it did, clips refused at decode or encode.
-    clips = tally([*(r for chunk, new in zip(chunk_plans, fresh, strict=True) if new for r in chunk.rejected),
-                   *summary.failures])
-    print(f"[{label}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
+        return execute.run(out, share.plan, vae, settings.encode, rank=world.rank, world_size=world_size,
+                           on_clip=bar.update, texts=texts, chunk_plans=share.chunk_plans, runtime=settings.runtime,
+                           redo=redo)
+
+
+def _print_share_summary(settings: JobSettings, world: World, summary: RunSummary, clips: Tally,
+                         vae: VideoVAE) -> None:
+    print(f"[{_label(world)}] {summary.clips_written} clips in {summary.shards_written} shard(s) written "
           f"({summary.shards_redone} left unfinished by an earlier run"
           f"{f', {summary.shards_repaired} repaired' if settings.repair else ''}), "
           f"{summary.shards_skipped} shard(s) already done, {clips.describe()}, {summary.seconds:.1f}s "
           f"({summary.clips_per_second:.2f} clips/s on {vae.device}, {str(vae.dtype).split('.')[-1]})")
+
+
+def _end_of_share(settings: JobSettings, world: World, share: _Share, summary: RunSummary, clips: Tally,
+                  kept: int, vae: VideoVAE, started: float) -> int:
+    """Mark this share done, sum the job's totals over the processes launched together; the main process prints
+    them and finalizes once no share is left anywhere. Returns the exit code."""
+    from latentcache.encode import finalize
+
+    out, plan, world_size = settings.out, share.plan, world.world_size
     # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
-    share_markers.mark_share_done(out, plan, rank, world_size, mine)
+    finalize.mark_share_done(out, plan, world.rank, world_size, share.shards)
     totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
-                               summary.shards_written, summary.shards_redone, summary.seconds, len(kept)])
+                               summary.shards_written, summary.shards_redone, summary.seconds, kept])
     world.barrier()
     if not world.is_main:
         return EXIT_OK
     *totals, kept_total = totals
     print_job_summary(totals, time.perf_counter() - started, device_words(vae.device))
-    waiting = share_markers.first_share_pending(out, plan, world_size)
+    waiting = finalize.first_share_pending(out, plan, world_size)
     if waiting is not None:
         print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
               f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "
@@ -180,15 +262,15 @@ def run(settings: JobSettings, world: World = World()) -> int:
     return code
 
 
-def _finish(out: Path, plan: Any) -> int:
+def _finish(out: Path, plan: JobPlan) -> int:
     """Finalize when nothing is left of the plan as it is on disk now: an append started while this run worked
     (docs/distributed.md allows one) adds a part that this run never saw, and the run that appended it finishes it
     and writes the manifest. So this run's own inputs being done, it exits 0 saying so, also when the append lands
     between its check and its finalize."""
-    from latentcache.encode import chunks, pipeline
+    from latentcache.encode import chunks, finalize
     from latentcache.errors import ShardFormatError
 
-    left, unplanned = pipeline.pending_in_job(out, plan)
+    left, unplanned = finalize.pending_in_job(out, plan)
     if left or unplanned:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
         print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
@@ -196,7 +278,7 @@ def _finish(out: Path, plan: Any) -> int:
         return EXIT_OK
     current = chunks.read_job_plan(out)
     if len(current.parts) > len(plan.parts):
-        left, unplanned = pipeline.pending_in_job(out, current)
+        left, unplanned = finalize.pending_in_job(out, current)
         if left or unplanned:
             print(_appended_since(out, plan, current, f"{left} shard(s) and {unplanned} unplanned chunk(s)"))
             return EXIT_OK
@@ -210,7 +292,7 @@ def _finish(out: Path, plan: Any) -> int:
         return EXIT_OK
 
 
-def _appended_since(out: Path, plan: Any, current: Any, left: str) -> str:
+def _appended_since(out: Path, plan: JobPlan, current: JobPlan, left: str) -> str:
     return (f"{out}: every input of this run is done; another run appended {len(current.parts) - len(plan.parts)} "
             f"part(s) of inputs since this one read the plan, and {left} of them are still being worked on: the run "
             f"that appended them writes the manifest when it ends (or run `latentcache finalize {out}` once it has)")
@@ -301,7 +383,7 @@ def report_finalize(out: Path) -> int:
     records a failure that the output's failures.jsonl did not hold before (one no finished run reported yet: this
     run's, or a killed run's it resumed), else 0. So a rerun of a finished job, which adds nothing, exits 0 however
     many inputs failed earlier, and a run that finishes a job with failures exits 3 exactly once per failure."""
-    from latentcache.encode.pipeline import finalize_with_outcome
+    from latentcache.encode.finalize import finalize_with_outcome
 
     reported = _reported_failures(out)
     manifest, outcome = finalize_with_outcome(out)

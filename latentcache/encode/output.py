@@ -66,7 +66,7 @@ def refuse_foreign_output(out: Path) -> None:
 
 def refuse_changed_settings(out: Path, settings: EncodeSettings, overwrite: bool) -> None:
     """An output planned with other settings is refused before any model loads (the VAE itself is compared once it
-    is loaded, in `pipeline.load_or_make_plan`)."""
+    is loaded, in `planning.load_or_make_plan`)."""
     if overwrite or not (out / PLAN_FILE).is_file():
         return
     existing = chunks.read_job_plan(out)

@@ -132,7 +132,7 @@ class RuntimeSettings:
 
     device: str = "auto"
     # Clips per VAE call; None: auto (`VideoVAE.auto_batch_size`, from the clip size and the device's memory),
-    # resolved by `pipeline.run` once the VAE is loaded.
+    # resolved by `execute.run` once the VAE is loaded.
     batch_size: int | None = 1
     workers: int | None = None  # decode worker processes; None: from the CPU count
     # torch threads of the encode on CPU; None: all cores for one process, an equal share each under jobs/encode.py.

@@ -152,8 +152,8 @@ _INPUTS_FILES = re.compile(rf"part-[0-9]{{4,}}\.(?:jsonl|keys\.npy){_TMP_TAIL}")
 _CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
 _CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.(?:json|carry\.tar(?:\.json)?){_TMP_TAIL}")
 _SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
-# The share markers (encode/share_markers.py): chunks/done/<plan digest>/complete and
-# chunks/done/<plan digest>/w<world size>/r<rank>. The pipeline finds its markers by these names too.
+# The share markers (encode/finalize.py): chunks/done/<plan digest>/complete and
+# chunks/done/<plan digest>/w<world size>/r<rank>. The encode finds its markers by these names too.
 SHARE_PLAN_FOLDER = re.compile(r"[0-9a-f]{16}")
 SHARE_WORLD_FOLDER = re.compile(r"w[0-9]{6}")
 SHARE_RANK_MARKER = re.compile(r"r[0-9]{6}")

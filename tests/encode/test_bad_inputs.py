@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
-from latentcache.encode import pipeline
+from latentcache.encode import execute, planning
 from latentcache.encode.decode import decode_clip, probe
 from latentcache.encode.inputs import discover_inputs
 from latentcache.errors import ConfigError, InputError
@@ -229,11 +229,11 @@ def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, c
         write_video(d / name, codec="h264", num_frames=72)
     out = tmp_path / "out"
     settings = tiny_settings(samples_per_shard=8)
-    plan = pipeline.load_or_make_plan(out, discover_inputs([d]), settings, tiny_vae)
-    chunk_plans = pipeline.plan_chunks(out, plan, settings)  # probed here
+    plan = planning.load_or_make_plan(out, discover_inputs([d]), settings, tiny_vae)
+    chunk_plans = planning.plan_chunks(out, plan, settings)  # probed here
     assert sum(len(c.clips) for c in chunk_plans) == 3
     (d / "a.mp4").unlink()  # deleted during the run
-    pipeline.run(out, plan, tiny_vae, settings, chunk_plans=chunk_plans)
+    execute.run(out, plan, tiny_vae, settings, chunk_plans=chunk_plans)
     assert report_finalize(out) == EXIT_SOME_FAILED
     failures = read_failures(out)
     assert (failures["a.mp4"]["stage"], failures["a.mp4"]["error"]) == ("decode", "FileNotFoundError")
@@ -241,11 +241,11 @@ def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, c
     assert "0 skipped, 1 failed (decode/FileNotFoundError: 1)" in capsys.readouterr().out
 
     out2 = tmp_path / "out2"
-    plan = pipeline.load_or_make_plan(out2, discover_inputs([d]), settings, tiny_vae)
-    chunk_plans = pipeline.plan_chunks(out2, plan, settings)
+    plan = planning.load_or_make_plan(out2, discover_inputs([d]), settings, tiny_vae)
+    chunk_plans = planning.plan_chunks(out2, plan, settings)
     (d / "b.mp4").write_text("replaced by an error page", encoding="utf-8")  # rewritten during the run
     with pytest.raises(ConfigError, match=r"b\.mp4 changed before it was decoded"):
-        pipeline.run(out2, plan, tiny_vae, settings, chunk_plans=chunk_plans)
+        execute.run(out2, plan, tiny_vae, settings, chunk_plans=chunk_plans)
     assert not list(out2.rglob("*.tar"))
 
 

@@ -15,7 +15,7 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
 import latentcache.encode.decode
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
-from latentcache.encode import chunks, job, pipeline, rerun_inputs, share_markers
+from latentcache.encode import chunks, finalize, job, planning, rerun_inputs
 from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import InputVideo, clip_key
@@ -156,8 +156,8 @@ def test_append_encodes_only_the_new_videos(small_videos: Path, tmp_path: Path, 
 def test_crafted_plans_cannot_name_paths_outside_out(small_videos: Path, tmp_path: Path, tiny_vae) -> None:
     out = tmp_path / "out"
     settings = tiny_settings(samples_per_shard=1)
-    plan = pipeline.load_or_make_plan(out, discover_inputs([small_videos / "v0.mp4"]), settings, tiny_vae)
-    (chunk,) = pipeline.plan_chunks(out, plan, settings)
+    plan = planning.load_or_make_plan(out, discover_inputs([small_videos / "v0.mp4"]), settings, tiny_vae)
+    (chunk,) = planning.plan_chunks(out, plan, settings)
     (ref,) = plan.chunk_refs()
     path = out / ref.plan_name
     good = json.loads(path.read_text())
@@ -221,8 +221,8 @@ def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Pa
     real = latentcache.encode.decode.probe(video)
     long_info = dataclasses.replace(real, duration=10_500 * (settings.clip.frames + 1) / settings.clip.fps,
                                     frames=0)
-    plan = pipeline.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)
-    (chunk,) = pipeline.plan_chunks(out, plan, settings, probe_fn=lambda path: long_info)
+    plan = planning.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)
+    (chunk,) = planning.plan_chunks(out, plan, settings, probe_fn=lambda path: long_info)
     assert len(chunk.clips) > 10_000
     (ref,) = plan.chunk_refs()
     again = read_chunk_plan(out, plan, ref)
@@ -307,13 +307,13 @@ def test_a_task_that_is_not_the_last_checks_its_own_share_only(small_videos: Pat
     reading every chunk plan; the last checks everything and finalizes. A marker is a hint: a shard removed after
     its share was marked done is still found by the full check."""
     whole: list[int] = []
-    real = pipeline.pending_in_job
+    real = finalize.pending_in_job
 
     def counting(out: Path, plan):
         whole.append(1)
         return real(out, plan)
 
-    monkeypatch.setattr(pipeline, "pending_in_job", counting)
+    monkeypatch.setattr(finalize, "pending_in_job", counting)
     out = tmp_path / "out"
     for rank in range(3):
         capsys.readouterr()
@@ -364,7 +364,7 @@ def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkey
 def _clear_markers_repeatedly(out: str, times: int) -> None:
     plan = read_job_plan(Path(out))
     for _ in range(times):
-        share_markers.clear_share_markers(Path(out), plan)
+        finalize.clear_share_markers(Path(out), plan)
 
 
 @pytest.mark.slow
@@ -403,6 +403,6 @@ def test_tasks_finalizing_at_once_never_remove_each_others_markers(small_videos:
     (earlier / "w000001").mkdir(parents=True)
     (earlier / "w000001" / "r000000").write_text("")
     (earlier / "complete").write_text("")
-    pipeline.finalize(out)
+    finalize.finalize(out)
     assert sorted(p.relative_to(done) for p in done.rglob("*")) == sorted(
         p.relative_to(done) for p in (complete.parent, complete, live))

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT, TINY_VAE, tree_bytes
 
 from latentcache.cli import main
-from latentcache.encode import chunks, job, pipeline
+from latentcache.encode import chunks, job, planning
 from latentcache.encode.inputs import iter_inputs
 from latentcache.encode.settings import EncodeSettings
 from latentcache.encode.vae import load_vae
@@ -97,7 +97,7 @@ def test_an_append_landing_between_the_check_and_the_finalize_is_not_an_error(
         if found is None:
             return real(path)
         # The append lands now: its part planned (plan.json written), nothing of it encoded yet.
-        pipeline.load_or_make_plan(out, iter_inputs([str(first), str(more)], exclude=[out]), _settings(out), vae)
+        planning.load_or_make_plan(out, iter_inputs([str(first), str(more)], exclude=[out]), _settings(out), vae)
         return found
 
     monkeypatch.setattr(chunks, "read_job_plan", racing)

@@ -255,19 +255,19 @@ def test_spans_are_part_of_the_planned_work(six_seconds: Path, tmp_path: Path, t
     the same --out, naming the input; a plain input's line is what it was before spans existed."""
     from conftest import tiny_settings
 
-    from latentcache.encode import pipeline
+    from latentcache.encode import planning
     from latentcache.encode.plan import InputVideo
 
     assert set(input_line(InputVideo("/d/a.mp4", "a.mp4", "c"))) == {"caption", "path", "relpath"}
     table = six_seconds / "one.jsonl"
     out, settings = tmp_path / "out", tiny_settings()
     table.write_text(json.dumps({"path": "v.mp4", "start": 0, "end": 2.5}) + "\n")
-    plan = pipeline.load_or_make_plan(out, iter_inputs([table]), settings, tiny_vae)
+    plan = planning.load_or_make_plan(out, iter_inputs([table]), settings, tiny_vae)
     line = json.loads((out / "inputs" / "part-0000.jsonl").read_text())
     assert line["spans"] == [[0.0, 2.5]] and line["origin"] == "one.jsonl row 1"
     table.write_text(json.dumps({"path": "v.mp4", "start": 0, "end": 3.0}) + "\n")
     with pytest.raises(ConfigError, match=r"1 planned input\(s\) are missing, e\.g\. v\.mp4#"):
-        pipeline.load_or_make_plan(out, iter_inputs([table]), settings, tiny_vae)
+        planning.load_or_make_plan(out, iter_inputs([table]), settings, tiny_vae)
     assert len(plan.parts) == 1
 
 
