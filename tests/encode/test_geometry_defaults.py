@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from latentcache.cli import build_parser, main, settings_from_args
-from latentcache.encode.families import FAMILIES
 from latentcache.encode.execute import resolve_batch_size
+from latentcache.encode.families import FAMILIES
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError

@@ -16,9 +16,9 @@ import torch
 from conftest import REPO_ROOT, tiny_settings, tree_bytes
 
 from latentcache.cli import main
+from latentcache.encode.execute import cpu_threads, run
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.execute import cpu_threads, run
 from latentcache.encode.planning import load_or_make_plan
 from latentcache.encode.provenance import (
     file_sha256,

@@ -23,10 +23,10 @@ import torch
 from conftest import ENCODE_SMALL, SMALL_VIDEOS, TINY_VAE, tiny_settings, tree_bytes
 
 from latentcache.cli import main
-from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.memory import fallback_tilings
 from latentcache.encode.execute import run
 from latentcache.encode.finalize import finalize
+from latentcache.encode.inputs import discover_inputs
+from latentcache.encode.memory import fallback_tilings
 from latentcache.encode.planning import load_or_make_plan
 from latentcache.encode.settings import RuntimeSettings
 from latentcache.encode.vae import VideoVAE, load_vae
