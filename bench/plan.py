@@ -46,8 +46,8 @@ SETTINGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "-
 
 
 def fake_probe(path: str):
-    """A deterministic stand-in for decode.probe: size and duration from the path's hash."""
-    from latentcache.encode.decode import VideoInfo
+    """A deterministic stand-in for probing.probe: size and duration from the path's hash."""
+    from latentcache.encode.probing import VideoInfo
 
     h = hashlib.blake2b(path.encode(), digest_size=8).digest()
     # Widths and heights spread over every aspect from 9:28 to 28:9, so every bucket gets some videos and the

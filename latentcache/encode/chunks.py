@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode import decode, reencode
+from latentcache.encode import probing, reencode
 from latentcache.encode.input_stats import Change, Stat, _compare_all, changed_error, input_stats
 from latentcache.encode.inputs import duplicate_error, warn_duplicate
 from latentcache.encode.plan import InputVideo, Plan, PlannedClip, PlannedShard, clip_key, input_id, make_plan
@@ -414,12 +414,12 @@ def read_input_line(line: bytes, path: Path, n: int, where: str = "") -> InputVi
 
 
 def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
-                    probe_fn: Callable[[str], decode.VideoInfo] | None = None, workers: int = 8,
+                    probe_fn: Callable[[str], probing.VideoInfo] | None = None, workers: int = 8,
                     strict: bool = False, inputs: list[InputVideo] | None = None) -> Plan:
     """Probe the chunk's inputs and lay their clips out in bucket-pure shards named from the chunk's numbers.
     `inputs`: the chunk's inputs when the caller has read them already."""
     inputs = read_chunk_inputs(out, ref) if inputs is None else inputs
-    probe_fn = probe_fn or functools.partial(decode.probe, images=settings.clip.images)
+    probe_fn = probe_fn or functools.partial(probing.probe, images=settings.clip.images)
     chunk = make_plan(inputs, settings, plan.vae, probe_fn=probe_fn, workers=workers, strict=strict)
     if chunk.fingerprint != plan.fingerprint:
         raise ConfigError(f"{out}: the settings now give fingerprint {chunk.fingerprint}, plan.json was made with "
@@ -442,7 +442,7 @@ def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: Plan, stats: list[Stat]
 
 
 def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
-                            probe_fn: Callable[[str], decode.VideoInfo] | None = None, strict: bool = False) -> Plan:
+                            probe_fn: Callable[[str], probing.VideoInfo] | None = None, strict: bool = False) -> Plan:
     """The chunk's plan from OUT/chunks/, or made now and written atomically (the same bytes whoever makes it).
     Reads an existing one as it is: `plan_share` is the rerun that also checks the inputs against it."""
     path = out / ref.plan_name
@@ -452,7 +452,7 @@ def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: E
 
 
 def _make_and_write(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
-                    probe_fn: Callable[[str], decode.VideoInfo] | None, strict: bool) -> Plan:
+                    probe_fn: Callable[[str], probing.VideoInfo] | None, strict: bool) -> Plan:
     inputs = read_chunk_inputs(out, ref)
     # Before probing: a file replaced after its stat was taken is seen as changed on the next run, never missed.
     stats = input_stats([v.path for v in inputs])
@@ -512,7 +512,7 @@ def _read_chunk_file(out: Path, plan: JobPlan, ref: ChunkRef) -> tuple[Plan, lis
 
 
 def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeSettings, *,
-               probe_fn: Callable[[str], decode.VideoInfo] | None = None, strict: bool = False,
+               probe_fn: Callable[[str], probing.VideoInfo] | None = None, strict: bool = False,
                reencode_changed: bool = False, workers: int = 8) -> list[Plan]:
     """The chunk plans of `refs` (one rank's share): read, or made now. An existing plan's inputs are checked
     against the stats it recorded: a changed input is refused (ConfigError naming each) before anything is written,
@@ -561,7 +561,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
 
 
 def _reencode(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, chunk: Plan,
-              now: list[tuple[Change | None, Stat]], *, probe_fn: Callable[[str], decode.VideoInfo] | None,
+              now: list[tuple[Change | None, Stat]], *, probe_fn: Callable[[str], probing.VideoInfo] | None,
               strict: bool) -> Plan:
     """Only the changed inputs of the chunk planned and encoded again; the others' samples kept (`reencode`)."""
     inputs = read_chunk_inputs(out, ref)

@@ -19,7 +19,7 @@ import torch
 
 from latentcache.encode import decoded_identity, reencode
 from latentcache.encode.chunks import JobPlan
-from latentcache.encode.decode import Clip
+from latentcache.encode.frames import Clip
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
 from latentcache.encode.output import PLAN_FILE, _writing

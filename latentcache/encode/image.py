@@ -1,6 +1,6 @@
 """Still images as 1-frame inputs (`--images`): which files are images, and how their EXIF orientation is shown.
 
-Decoding itself goes through PyAV like a video (decode.probe_image / decode.decode_image); this module only holds
+Decoding itself goes through PyAV like a video (probing.probe_image / still_image.decode_image); this module only holds
 what needs no decoder, so that plan and decode can both use it without importing each other.
 
 EXIF orientation: FFmpeg exports it as a display matrix, but PyAV only reports that matrix's rotation angle (and

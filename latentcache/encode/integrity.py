@@ -1,8 +1,9 @@
 """How a decode sees damage it would otherwise pass on: decoder errors and swallowed packets taint frames until the next
-clean keyframe (`_Integrity`), Matroska cluster CRC-32s are checked (`_MatroskaCRC`), and HEVC and VP9 clips are
-decoded a second time with a differently built decoder and compared (`_second_decoder`).
+clean keyframe (`Integrity`), Matroska cluster CRC-32s are checked (`MatroskaCRC`), and HEVC and VP9 clips are
+decoded a second time with a differently built decoder and compared (`second_opinion`).
 
-Private to `decode`, which drives these from its one demux/decode loop."""
+`decode_loop` drives `Integrity` and `MatroskaCRC` from its one demux/decode loop; `Decoded` is each frame's
+verdict, which `frames` takes or refuses."""
 
 from __future__ import annotations
 
@@ -17,21 +18,16 @@ from typing import Any
 import av
 import numpy as np
 
+from latentcache.encode.video_file import why
 from latentcache.storage import sources, store
 
 log = logging.getLogger(__name__)
 
 
-
-_SEEK_START = "decoding started between keyframes"
-
-
-def _why(e: BaseException) -> str:
-    """'InvalidDataError: Invalid data found when processing input', without FFmpeg's errno and file name."""
-    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+SEEK_START = "decoding started between keyframes"
 
 
-class _Integrity:
+class Integrity:
     """Whether the decoder's output can be trusted right now.
 
     Damage (a packet the demuxer flags corrupt, a packet the decoder rejects, a hole in the timestamps of a stream
@@ -43,7 +39,7 @@ class _Integrity:
         self.period = period
         self.detect_holes = detect_holes
         # After a seek, frames are only trusted from the first keyframe on.
-        self.reason: str | None = _SEEK_START if after_seek else None
+        self.reason: str | None = SEEK_START if after_seek else None
         self.tainted_from = float("-inf")  # frames shown from here on are not trusted...
         self.clean_after = float("-inf")  # ...until a keyframe shown after the latest damage
         self.last_t: float | None = None
@@ -95,7 +91,7 @@ class _Integrity:
             self.damage(self.last_t, f"the decoder returned no frame for the packet at {self.pending[-1]:.3f}s "
                         "(it dropped a damaged frame)")
 
-    def check(self, t: float, frame: av.VideoFrame) -> _Decoded:
+    def check(self, t: float, frame: av.VideoFrame) -> Decoded:
         """Updates the state with a decoded frame and says whether it is intact and whether frames are missing
         right before it."""
         hole_from = None
@@ -124,42 +120,18 @@ class _Integrity:
         elif t >= self.tainted_from:
             # Frame threading and B-frame reordering deliver frames shown before the damage after it: intact.
             damaged = self.reason
-        return _Decoded(t, frame, damaged, hole_from)
+        return Decoded(t, frame, damaged, hole_from)
 
 
 @dataclass(slots=True)
-class _Decoded:
+class Decoded:
     t: float  # seconds from the stream start
     frame: av.VideoFrame
     damaged: str | None  # why this frame is not intact, None when it is
     hole_from: float | None = None  # frames are missing from here up to this frame (stream containers only)
 
 
-# Codecs whose FFmpeg decoder conceals damage and reports nothing, and the differently built decode that is compared
-# with the first one. Both are exact on an intact stream; on a damaged one they part ways:
-# - hevc: slice threads decode each CTU row from its WPP entry point (the offset the slice header gives), the frame-
-#   threaded decoder carries on from wherever the previous row's arithmetic decoder stopped. Damage that desyncs a
-#   row shows as a difference. (Streams without entry points, or damage in the last row, are not caught.)
-# - vp9: libvpx notices when a tile's arithmetic decoder reads past the tile's end and drops the frame (FFmpeg's
-#   own decoder reads on silently); both are bit-exact on every frame they do decode.
-_SECOND_OPINION = {"hevc": "slice-threads", "vp9": "libvpx-vp9"}
-
-
-def _second_decoder(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Any:
-    """The other decoder of `_SECOND_OPINION`: a codec context with a `decode(packet)` method."""
-    kind = _SECOND_OPINION[stream.codec_context.name]
-    if kind == "slice-threads":
-        stream.thread_type = "SLICE"
-        stream.codec_context.thread_count = 2  # WPP needs two threads or more; more cost their start-up
-        return stream.codec_context
-    ctx = av.CodecContext.create(kind, "r")
-    ctx.extradata = stream.codec_context.extradata
-    ctx.thread_count = 1
-    ctx.open()
-    return ctx
-
-
-class _MatroskaCRC:
+class MatroskaCRC:
     """Checks the CRC-32 that Matroska muxers (FFmpeg's mkv muxer by default) put at the head of each cluster.
 
     FFmpeg's demuxer does not check cluster CRCs, and VP9/AV1 decoders decode damaged data without a word, so this
@@ -186,7 +158,7 @@ class _MatroskaCRC:
                         break
                     pos = data + size
         except OSError as e:
-            log.debug("%s: no Matroska CRC check (%s)", path, _why(e))
+            log.debug("%s: no Matroska CRC check (%s)", path, why(e))
 
     def _handle(self) -> Any:
         if store.is_url(self.path):

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from latentcache.encode.decode import VideoInfo, probe
+from latentcache.encode.probing import VideoInfo, probe
 from latentcache.encode.settings import ClipSettings, EncodeSettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket, FrameRule

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import decode
+from latentcache.encode import probing
 from latentcache.encode.input_stats import Stat, input_stats
 from latentcache.encode.plan import InputVideo, Plan, PlannedClip, input_id, lay_out_shards, make_plan
 from latentcache.encode.settings import EncodeSettings
@@ -57,7 +57,7 @@ def _row_of(record: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def replan(old: Plan, where: tuple[int, int], inputs: list[InputVideo], changed: set[str],
-           settings: EncodeSettings, *, probe_fn: Callable[[str], decode.VideoInfo] | None, strict: bool) -> Plan:
+           settings: EncodeSettings, *, probe_fn: Callable[[str], probing.VideoInfo] | None, strict: bool) -> Plan:
     """The chunk's plan with the inputs at `changed` paths probed and planned again and every other input's clips
     and refusals as `old` has them: what a fresh plan of the chunk gives when the unchanged inputs probe as before.
     `where`: the chunk's (part, chunk) numbers, which its shards are named from."""

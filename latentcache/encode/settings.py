@@ -122,7 +122,7 @@ class EncodeSettings:
 
 
 # --decode-check: "auto" decodes HEVC and VP9 clips a second time to catch damage their decoders conceal
-# (integrity._SECOND_OPINION); "off" trusts the corpus and skips that decode.
+# (second_opinion.SECOND_OPINION); "off" trusts the corpus and skips that decode.
 DECODE_CHECKS = ("auto", "off")
 
 

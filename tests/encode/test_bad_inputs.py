@@ -18,8 +18,9 @@ from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
 from latentcache.encode import execute, planning
-from latentcache.encode.decode import decode_clip, probe
+from latentcache.encode.decode import decode_clip
 from latentcache.encode.inputs import discover_inputs
+from latentcache.encode.probing import probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.tools.synthetic import square_origin, write_video
 
@@ -456,11 +457,11 @@ def test_a_video_declaring_a_huge_frame_is_refused_before_any_frame_is_decoded(t
 def test_a_frame_over_the_limit_met_while_decoding_is_refused(tmp_path, monkeypatch):
     """A stream may change its resolution mid-way: a frame of a new size is checked when it is met (here the
     limit is lowered between the declared 96x64 and a later frame's 192x128)."""
-    from latentcache.encode import decode
+    from latentcache.encode import video_file
 
     video = tmp_path / "grows.avi"
     _mjpeg_avi(video, ((96, 64),) * 4 + ((192, 128),) * 20)
-    monkeypatch.setattr(decode, "MAX_VIDEO_PIXELS", 96 * 64)
+    monkeypatch.setattr(video_file, "MAX_VIDEO_PIXELS", 96 * 64)
     info = probe(video)
     assert (info.width, info.height) == (96, 64)
     with pytest.raises(InputError, match=r"a frame is 192x128: 0 megapixels a frame, over the 0-megapixel limit") as e:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
-import latentcache.encode.decode
+import latentcache.encode.probing
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.encode import chunks, finalize, job, planning, rerun_inputs
 from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
@@ -77,13 +77,13 @@ def _args(videos: Path | list[Path], out: Path, *extra: str):
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every video the code under test probes, through the real probe."""
     seen: list[str] = []
-    real = latentcache.encode.decode.probe
+    real = latentcache.encode.probing.probe
 
     def counting(path: str, **kwargs):
         seen.append(path)
         return real(path, **kwargs)
 
-    monkeypatch.setattr(latentcache.encode.decode, "probe", counting)
+    monkeypatch.setattr(latentcache.encode.probing, "probe", counting)
     return seen
 
 
@@ -218,7 +218,7 @@ def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Pa
     settings = tiny_settings(samples_per_shard=4096)
     settings = dataclasses.replace(settings, clip=dataclasses.replace(settings.clip, strategy="all"))
     video = small_videos / "v0.mp4"
-    real = latentcache.encode.decode.probe(video)
+    real = latentcache.encode.probing.probe(video)
     long_info = dataclasses.replace(real, duration=10_500 * (settings.clip.frames + 1) / settings.clip.fps,
                                     frames=0)
     plan = planning.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)

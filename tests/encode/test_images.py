@@ -13,10 +13,11 @@ import torch
 from conftest import TINY_CLIP
 
 from latentcache.cli import main
-from latentcache.encode.decode import decode_clip, probe
+from latentcache.encode.decode import decode_clip
 from latentcache.encode.families import FAMILIES
 from latentcache.encode.image import ORIENTATIONS, exif_orientation
 from latentcache.encode.inputs import discover_inputs
+from latentcache.encode.probing import probe
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.encode.vae import load_vae
 from latentcache.errors import InputError
@@ -226,11 +227,11 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
     """A 16000x16000 PNG that compresses to a few KB: refused before decoding (it would take ~1 GB), a failure
     naming the file, its size and the limit, in probe and decode, with or without --images. "Before decoding" is
     checked directly: FFmpeg never opens the file (a spy on `av.open`, which would otherwise demux and decode it)."""
-    from latentcache.encode import decode
+    from latentcache.encode import video_file
 
     opened: list[object] = []
-    real_open = decode.av.open
-    monkeypatch.setattr(decode.av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    real_open = video_file.av.open
+    monkeypatch.setattr(video_file.av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     path = _huge_png(tmp_path / "huge.png", 16000, 16000)
     assert path.stat().st_size < 1 << 20
     for call in (lambda: probe(path, images=True), lambda: probe(path),

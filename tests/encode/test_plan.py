@@ -11,7 +11,6 @@ from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import main
 from latentcache.encode.chunks import InputTable
-from latentcache.encode.decode import VideoInfo, probe
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import (
     check_buckets,
@@ -22,6 +21,7 @@ from latentcache.encode.plan import (
     parse_strategy,
     plan_video,
 )
+from latentcache.encode.probing import VideoInfo, probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket
 from latentcache.tools.synthetic import write_video

@@ -471,14 +471,14 @@ def test_out_inside_the_input_directory_reruns(small_videos: Path, tmp_path: Pat
 
 def test_out_that_is_a_file_is_refused_before_probing(small_videos: Path, tmp_path: Path, capsys,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import latentcache.encode.decode
     import latentcache.encode.plan
+    import latentcache.encode.probing
 
     def no_probing(*args, **kwargs):
         raise AssertionError("an input was probed before --out was checked")
 
     # Told by a probe that must not run, not by a time bound that a loaded machine could exceed (issue 20.8).
-    monkeypatch.setattr(latentcache.encode.decode, "probe", no_probing)
+    monkeypatch.setattr(latentcache.encode.probing, "probe", no_probing)
     monkeypatch.setattr(latentcache.encode.plan, "probe", no_probing)
     out = tmp_path / "out.txt"
     out.write_text("a file")

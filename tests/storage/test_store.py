@@ -171,7 +171,7 @@ def test_a_late_clip_of_an_mp4_with_moov_at_the_end_is_read_with_range_requests(
     packets; neither downloads the object. Counted on the files PyAV reads through, with 64 KiB blocks."""
     import s3fs
 
-    from latentcache.encode import decode
+    from latentcache.encode import decode, probing
     from latentcache.encode.settings import ClipSettings
     from latentcache.storage import store
     from latentcache.tools.synthetic import write_video
@@ -190,7 +190,7 @@ def test_a_late_clip_of_an_mp4_with_moov_at_the_end_is_read_with_range_requests(
         return f
 
     monkeypatch.setattr(store, "_fs_open", counted)
-    info = decode.probe(url)
+    info = probing.probe(url)
     assert abs(info.duration - 60.0) < 0.1
     probed = sum(c.total_requested_bytes for c in opened)
     opened.clear()
