@@ -6,6 +6,7 @@ trained on its latents. Adding a family adds one entry here (and, for image-to-v
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -134,6 +135,10 @@ class VAEFamily:
     # Frames, height and width of a clip when the command line names none: the family's pipeline's own defaults
     # (tested against each pipeline in tests/encode/test_geometry_defaults.py).
     default_clip: tuple[int, int, int] = (49, 480, 720)
+    # The spec's geometry (channels, compressions, frame rule) from the VAE's config with its class's defaults filled
+    # in, without building the model: the early checks of --frames and sizes, before diffusers is imported. Its
+    # normalisation is left unset; only `spec_from_model` knows it (tested to agree in tests/encode/test_vae.py).
+    geometry_from_config: Callable[[dict[str, Any]], LatentSpec] | None = None
 
 
 def _optional_tuple(value: Any) -> tuple[float, ...] | None:
@@ -252,6 +257,53 @@ def _ltx2_spec(model: Any) -> LatentSpec:
     return dataclasses.replace(_ltx_spec(model), family="ltx2")
 
 
+def _geometry(family: str, channels: Any, temporal: Any, spatial: Any, rule: FrameRule | None = None) -> LatentSpec:
+    return LatentSpec(family=family, channels=int(channels), temporal_compression=int(temporal),
+                      spatial_compression=int(spatial), frame_mapping=None if rule is None else str(rule))
+
+
+# What each class's constructor derives from its config (diffusers 0.42), as the `_*_spec` functions above read it
+# off the built model.
+def _cogvideox_geometry(c: dict[str, Any]) -> LatentSpec:
+    return _geometry("cogvideox", c["latent_channels"], c["temporal_compression_ratio"],
+                     2 ** (len(c["block_out_channels"]) - 1))
+
+
+def _wan_geometry(c: dict[str, Any]) -> LatentSpec:
+    temporal = c.get("scale_factor_temporal") or 2 ** sum(c["temperal_downsample"])
+    spatial = c.get("scale_factor_spatial") or 2 ** (len(c["dim_mult"]) - 1) * (c.get("patch_size") or 1)
+    return _geometry("wan", c["z_dim"], temporal, spatial)
+
+
+def _config_ratios_geometry(family: str) -> Callable[[dict[str, Any]], LatentSpec]:
+    # HunyuanVideo and HunyuanVideo 1.5: both ratios are config fields.
+    return lambda c: _geometry(family, c["latent_channels"], c["temporal_compression_ratio"],
+                               c["spatial_compression_ratio"])
+
+
+def _ltx_geometry(family: str) -> Callable[[dict[str, Any]], LatentSpec]:
+    # AutoencoderKLLTXVideo and AutoencoderKLLTX2Video: patch sizes times the spatio-temporal down blocks, unless the
+    # config sets the ratios.
+    def geometry(c: dict[str, Any]) -> LatentSpec:
+        scaled = 2 ** sum(bool(s) for s in c["spatio_temporal_scaling"])
+        temporal, spatial = c.get("temporal_compression_ratio"), c.get("spatial_compression_ratio")
+        return _geometry(family, c["latent_channels"], temporal if temporal is not None else c["patch_size_t"] * scaled,
+                         spatial if spatial is not None else c["patch_size"] * scaled)
+    return geometry
+
+
+def _mochi_geometry(c: dict[str, Any]) -> LatentSpec:
+    return _geometry("mochi", c["latent_channels"], math.prod(c["temporal_expansions"]),
+                     math.prod(c["spatial_expansions"]))
+
+
+def _minimax_h3_geometry(c: dict[str, Any]) -> LatentSpec:
+    temporal = math.prod(c["temporal_downsample_factors"])
+    chunk = math.ceil(int(c["clip_length"]) / temporal)  # the model's tokens_chunk_size
+    rule = FrameRule(int(c["clip_length"]), chunk, chunk, chunk - int(c["token_drop"]))
+    return _geometry("minimax-h3", c["latent_channels"], temporal, math.prod(c["spatial_downsample_factors"]), rule)
+
+
 # VAEs latentcache refuses, by diffusers class, with the reason (`--vae` naming one is a ConfigError saying it).
 UNSUPPORTED: dict[str, str] = {
     "AutoencoderKLCosmos": "its encode returns an IdentityDistribution (a deterministic latent), not a Gaussian "
@@ -282,6 +334,7 @@ FAMILIES: dict[str, VAEFamily] = {
             sample_width=96,
         ),
         spec_from_model=_cogvideox_spec,
+        geometry_from_config=_cogvideox_geometry,
         tiling=OVERLAP_TILING,
         frame_chunk_attr="num_sample_frames_batch_size",
         transformer_class="CogVideoXTransformer3DModel",
@@ -296,6 +349,7 @@ FAMILIES: dict[str, VAEFamily] = {
         tiny_config=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                          temperal_downsample=[False, True, True]),
         spec_from_model=_wan_spec,
+        geometry_from_config=_wan_geometry,
         tiling=PATCHED_STRIDE_TILING,
         transformer_class="WanTransformer3DModel",
         default_clip=(81, 480, 832),
@@ -308,6 +362,7 @@ FAMILIES: dict[str, VAEFamily] = {
         tiny_config=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
                          latent_channels=16),
         spec_from_model=_hunyuan_spec,
+        geometry_from_config=_config_ratios_geometry("hunyuanvideo"),
         transformer_class="HunyuanVideoTransformer3DModel",
         default_clip=(129, 720, 1280),
     ),
@@ -321,6 +376,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          decoder_block_out_channels=(8, 8, 16, 16), layers_per_block=(1, 1, 1, 1, 1),
                          decoder_layers_per_block=(1, 1, 1, 1, 1)),
         spec_from_model=_ltx_spec,
+        geometry_from_config=_ltx_geometry("ltx"),
         transformer_class="LTXVideoTransformer3DModel",
         default_clip=(161, 512, 704),
     ),
@@ -334,6 +390,7 @@ FAMILIES: dict[str, VAEFamily] = {
         tiny_config=dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
                          layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5),
         spec_from_model=_mochi_spec,
+        geometry_from_config=_mochi_geometry,
         transformer_class="MochiTransformer3DModel",
         default_clip=(19, 480, 848),
     ),
@@ -346,6 +403,7 @@ FAMILIES: dict[str, VAEFamily] = {
         # smallest the encoder's channel-averaging shortcut allows.
         tiny_config=dict(block_out_channels=(16, 16, 32, 32, 64), layers_per_block=1),
         spec_from_model=_hunyuan15_spec,
+        geometry_from_config=_config_ratios_geometry("hunyuanvideo15"),
         tiling=SINGLE_OVERLAP_TILING,
         # Its mid-block attention (in the released VAE too) expands a [B, N, N] causal mask that
         # scaled_dot_product_attention broadcasts against [B, 1, N, C] queries as [B, B, N, N]: any batch > 1
@@ -368,6 +426,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
                          spatial_compression_ratio=32, temporal_compression_ratio=8),
         spec_from_model=_ltx2_spec,
+        geometry_from_config=_ltx_geometry("ltx2"),
         transformer_class="LTX2VideoTransformer3DModel",
         default_clip=(121, 512, 768),  # LTX2Pipeline: 121 frames for checkpoints without a duration head
     ),
@@ -383,6 +442,7 @@ FAMILIES: dict[str, VAEFamily] = {
                          decoder_ffn_mult=2, latents_mean=tuple(round(0.05 * (i - 12), 2) for i in range(24)),
                          latents_std=tuple(round(0.5 + 0.05 * i, 2) for i in range(24))),
         spec_from_model=_minimax_h3_spec,
+        geometry_from_config=_minimax_h3_geometry,
         tiling=WIDENED_TILING,
         transformer_class="MiniMaxH3Transformer3DModel",
         default_clip=(124, 768, 1344),  # MiniMaxH3Blocks: 124 frames on its 16:9 canvas

@@ -5,6 +5,9 @@ so that a clip it cannot encode is refused before a multi-GB VAE loads. Loading 
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -141,14 +144,12 @@ def _config_class_name(source: str, subfolder: str | None, revision: str | None)
 
 
 def peek_spec(settings: VAESettings) -> LatentSpec | None:
-    """The latent spec of the VAE `settings` name, from its config alone (no weights read, nothing downloaded for a
-    hub id that is not cached): so a --frames or --height it cannot encode is refused in a second, before a
-    multi-GB VAE loads. None when the config cannot be read offline; `load_vae` then checks as before."""
-    import diffusers
-    import torch
-
+    """The geometry of the VAE `settings` name (channels, compressions, frame rule; no normalisation), from its config
+    alone and its class's defaults, without importing torch's model code or diffusers, reading no weights and
+    downloading nothing for a hub id that is not cached: so a --frames or --height it cannot encode is refused in a
+    second, before a multi-GB VAE loads. None when the config cannot be read offline; `load_vae` then checks as
+    before."""
     family = family_of(settings.family)
-    cls = getattr(diffusers, family.class_name)
     try:
         if settings.source == TINY_RANDOM_SUFFIX + family.name:
             config: dict[str, Any] = dict(family.tiny_config)
@@ -157,10 +158,45 @@ def peek_spec(settings: VAESettings) -> LatentSpec | None:
             if found is None or found[1] != family.class_name:
                 return None  # load_vae names what is wrong with it
             config = strictjson.loads(Path(found[0]).read_bytes())
-        # The meta device: the module's shapes without memory or initialisation.
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        return family.spec_from_model(model)
+        defaults = class_defaults(family.class_name)
+        if defaults is None or family.geometry_from_config is None:
+            return None
+        return family.geometry_from_config({**defaults, **config})
     except Exception as e:  # best effort only: any surprise here leaves the check to load_vae, which is exact
         log.debug("no early latent spec for %s: %s", settings.source, e)
         return None
+
+
+@functools.cache
+def class_defaults(class_name: str) -> dict[str, Any] | None:
+    """The constructor defaults of the installed diffusers' VAE class `class_name` (what its registered config holds
+    for a field a config.json leaves out), read from its source file without importing diffusers (seconds of imports
+    for a check that takes a millisecond). Defaults that are not literals (`(0.0,) * 24`) are left out; None when the
+    class is not found."""
+    spec = importlib.util.find_spec("diffusers")  # finding a top-level package runs none of its code
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models" / "autoencoders"
+    marker = f"class {class_name}("
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if marker not in text:
+            continue
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.ClassDef) and node.name == class_name:
+                init = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+                return _literal_defaults(init.args) if init is not None else None
+    return None
+
+
+def _literal_defaults(args: ast.arguments) -> dict[str, Any]:
+    positional = args.posonlyargs + args.args
+    pairs = [*zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True),
+             *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None)]
+    defaults: dict[str, Any] = {}
+    for arg, node in pairs:
+        try:
+            defaults[arg.arg] = ast.literal_eval(node)
+        except ValueError:
+            continue
+    return defaults

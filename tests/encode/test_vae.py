@@ -14,6 +14,8 @@ from latentcache.errors import ConfigError
 from latentcache.format.spec import LatentSpec
 from tests.conftest import TINY_CLIP
 
+TINY_VAE_LTX = VAESettings(source="tiny-random-ltx", family="ltx", subfolder=None)
+
 
 @pytest.fixture(scope="module")
 def clip_frames(video_dir) -> np.ndarray:
@@ -155,17 +157,79 @@ def test_normalisation_round_trips_and_follows_the_config():
         assert torch.allclose(spec.denormalize(spec.normalize(z)), z, atol=1e-5)
 
 
+GEOMETRY = ("family", "channels", "temporal_compression", "spatial_compression", "frame_rule")
+# Per family, a config with the fields the geometry comes from set away from the tiny config's and the class's
+# defaults (a Wan 2.2 VAE, fewer down blocks, other expansions, a MiniMax-H3 of 9-frame chunks...).
+GEOMETRY_VARIANTS = {
+    "cogvideox": dict(block_out_channels=(16, 16, 32), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                      up_block_types=("CogVideoXUpBlock3D",) * 3),
+    "wan": dict(z_dim=48, is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12,
+                latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+    "hunyuanvideo": dict(block_out_channels=(8, 8, 16, 16, 16), down_block_types=("HunyuanVideoDownBlock3D",) * 5,
+                         up_block_types=("HunyuanVideoUpBlock3D",) * 5, spatial_compression_ratio=16),
+    "ltx": dict(spatio_temporal_scaling=(True, True, False, False), patch_size_t=2),
+    "mochi": dict(temporal_expansions=(1, 2, 2)),
+    "hunyuanvideo15": dict(block_out_channels=(16, 16, 32, 64), spatial_compression_ratio=8),
+    "ltx2": dict(spatial_compression_ratio=None, temporal_compression_ratio=None),
+    "minimax-h3": dict(clip_length=9, token_drop=1),
+}
+
+
+def _geometry(spec: LatentSpec) -> dict:
+    d = spec.to_dict()
+    return {k: d[k] for k in GEOMETRY}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_spec_read_from_the_config_alone_is_the_loaded_vaes_or_none(family: str) -> None:
-    """The early check (before the weights load) may know less, never something else: a spec that disagreed would
-    refuse settings the VAE can encode, or let through ones it cannot."""
+def test_the_geometry_read_from_the_config_alone_is_the_loaded_vaes(family: str, tmp_path) -> None:
+    """The early check (before diffusers is imported or the weights load) reads channels, compressions and frame
+    rule from the config and the class's defaults: they must be what the built model says, or it would refuse
+    settings the VAE can encode, or let through ones it cannot. It guesses no normalisation."""
+    import diffusers
+
     from latentcache.encode.vae_source import peek_spec
 
     settings = VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None, dtype="fp32")
-    early = peek_spec(settings)
-    assert early is None or early == load_vae(settings, "cpu").spec
-    if family in ("cogvideox", "wan", "hunyuanvideo"):
-        assert early is not None  # the families whose frame rule users get wrong most
+    early, vae = peek_spec(settings), load_vae(settings, "cpu")
+    assert early is not None and _geometry(early) == _geometry(vae.spec)
+    assert (early.scaling_factor, early.shift_factor, early.latents_mean, early.latents_std) == (None,) * 4
+    # A saved config (every field written out, as a hub repo's is), and one with the geometry's fields changed.
+    vae.model.save_config(tmp_path / "saved")
+    model = getattr(diffusers, FAMILIES[family].class_name)(**{**FAMILIES[family].tiny_config,
+                                                               **GEOMETRY_VARIANTS[family]})
+    model.save_config(tmp_path / "variant")
+    for folder, expected in (("saved", vae.spec), ("variant", FAMILIES[family].spec_from_model(model))):
+        early = peek_spec(VAESettings(source=str(tmp_path / folder), family=family, subfolder=None))
+        assert early is not None and _geometry(early) == _geometry(expected), folder
+    assert _geometry(expected) != _geometry(vae.spec)  # the variant is another geometry
+
+
+def test_a_frame_count_the_vae_refuses_is_refused_before_diffusers_is_imported(tmp_path, video_dir) -> None:
+    """`--frames 16` took ~10 s: the frame rule was known only once diffusers was imported. In a fresh process,
+    the refusal now comes with diffusers never imported, for a built-in name and for a local VAE folder, and
+    leaves no OUT behind."""
+    import json
+    import subprocess
+    import sys
+
+    vae_dir = tmp_path / "vae"
+    load_vae(TINY_VAE_LTX, "cpu").model.save_config(vae_dir)
+    script = """
+import json, sys
+from latentcache.cli import main
+codes = [main(["encode", sys.argv[1], "--out", sys.argv[2], "--vae", vae, "--frames", frames, "--height", "64",
+               "--width", "96", "--device", "cpu"]) for vae, frames in (("tiny-random-cogvideox", "16"),
+                                                                       (sys.argv[3], "21"))]
+print(json.dumps({"codes": codes, "diffusers": sorted(m for m in sys.modules if m.split(".")[0] == "diffusers")}))
+"""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, str(video_dir), str(out), str(vae_dir)], capture_output=True,
+                          text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2, 2], "diffusers": []}, done.stderr
+    assert "--frames 16 does not fit the cogvideox VAE, which needs 4k+1 frames; nearest valid: 13 or 17" in done.stderr
+    assert "--frames 21 does not fit the ltx VAE, which needs 8k+1 frames; nearest valid: 17 or 25" in done.stderr
+    assert not out.exists()
 
 
 def test_a_vae_typo_or_an_unreachable_hub_is_refused_in_seconds(video_dir, tmp_path, monkeypatch, capsys):
