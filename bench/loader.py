@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentcache import LatentShardDataset  # noqa: E402
 from latentcache.tools.synthetic import write_latent_dataset  # noqa: E402
-from latentcache.train.dataset import StatefulLoader  # noqa: E402
+from latentcache.train.resume import StatefulLoader  # noqa: E402
 
 SHAPE = (16, 5, 60, 90)  # CogVideoX latents of a 17x480x720 clip
 

@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import latentcache.train.dataset as dataset_module  # noqa: E402
+import latentcache.train.decoder as decoder_module  # noqa: E402
 from latentcache import LatentShardDataset, ShardFormatError  # noqa: E402
 from latentcache.format.manifest import write_manifest
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.format.shards import EncodedClip, write_shard  # noqa: E402
-from latentcache.train.dataset import ShardRef, open_url, read_shard  # noqa: E402
+from latentcache.train.decoder import SampleDecoder  # noqa: E402
+from latentcache.train.shard_sources import ShardRef, open_url, read_shard  # noqa: E402
 
 SHAPE = (16, 13, 60, 90)  # CogVideoX latent of a 49x480x720 clip
 
@@ -77,9 +78,7 @@ def streamed_read_shard(shard: ShardRef, *, check_sha256: bool = True):
     """The reading before issue 12: samples leave while the tar streams; count and sha256 are checked at the end."""
     stats = TarStats()
     with open_url(shard.url) as stream:
-        for raw in iter_tar(stream, shard.url, stats, sha256=check_sha256 and bool(shard.sha256)):
-            raw["__url__"], raw["__bucket__"] = shard.url, shard.bucket
-            yield raw
+        yield from iter_tar(stream, shard.url, stats, sha256=check_sha256 and bool(shard.sha256))
     if stats.samples != shard.samples or (check_sha256 and shard.sha256 and stats.sha256 != shard.sha256):
         raise ShardFormatError(f"{shard.url}: count or sha256 mismatch")
 
@@ -90,18 +89,24 @@ class StreamedDataset(LatentShardDataset):
     def __init__(self, *args, latent_check: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.latent_check = latent_check
+        if not latent_check:
+            d = self.decoder
+            self.decoder = UncheckedDecoder(d.spec, sample_posterior=d.sample_posterior, normalize=d.normalize,
+                                            layout=d.layout, dtype=d.dtype, seed=d.seed)
 
     def _read(self, shard: ShardRef, buffer=None):
         return streamed_read_shard(shard, check_sha256=self.check_sha256)
 
-    def _latents(self, sample):
-        if self.latent_check:
-            return super()._latents(sample)
-        check, dataset_module.latent_problems = dataset_module.latent_problems, lambda *a: []
+
+class UncheckedDecoder(SampleDecoder):
+    """The decoder without the per-sample latent check (`checks.latent_problems`), as before issue 12."""
+
+    def latents(self, sample, epoch):
+        check, decoder_module.latent_problems = decoder_module.latent_problems, lambda *a: []
         try:
-            return super()._latents(sample)
+            return super().latents(sample, epoch)
         finally:
-            dataset_module.latent_problems = check
+            decoder_module.latent_problems = check
 
 
 def raw_tar_reader(urls: list[str]):

@@ -158,7 +158,7 @@ def test_the_public_import_paths_are_kept():
     from latentcache.dataset import LatentShardDataset as Shimmed
     from latentcache.dataset import StatefulLoader
     from latentcache.sat import SATLatentDataset
-    from latentcache.train.dataset import StatefulLoader as Real
+    from latentcache.train.resume import StatefulLoader as Real
     from latentcache.train.sat import SATLatentDataset as RealSAT
 
     assert LatentShardDataset is Shimmed and StatefulLoader is Real and SATLatentDataset is RealSAT

@@ -3,21 +3,35 @@ stranger, so every field is checked for its type and range before it decides any
 
 A position says how many items each rank x worker slot delivered in one epoch. A count larger than the slot can
 deliver would make the resumed epoch yield nothing (every item "already seen"), so counts are bounded by what the
-dataset's manifest says the slot holds (`bound_consumed`).
+dataset's manifest says the slot holds (`bound_consumed`), and a position is refused under other order settings
+(`check_order`).
+
+`StatefulLoader` is the DataLoader that keeps such a position for a `LatentShardDataset` read by worker processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch.utils.data import DataLoader, IterableDataset
 
 from latentcache.errors import ConfigError
+from latentcache.train.partition import Slot
+
+if TYPE_CHECKING:
+    from latentcache.train.dataset import LatentShardDataset
+    from latentcache.train.shard_sources import ShardRef
 
 # The largest epoch, slot count or item count a position may hold: int64, what every trainer's counters fit in.
 MAX_COUNT = 2**63 - 1
 _FIELDS = ("epoch", "slots", "consumed", "next_worker")
+# Settings that decide the order of items: a resume position only means something under the same ones.
+ORDER_SETTINGS = ("seed", "shards", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "resampled",
+                  "epoch_items", "weights")
 
 
 def _count(name: str, value: Any, minimum: int, maximum: int = MAX_COUNT) -> int:
@@ -90,3 +104,94 @@ class ResumeState:
             if limit is not None and count > limit:
                 raise ConfigError(f"resume state: slot {slot} delivered {count} items, yet it holds at most {limit} "
                                   f"in an epoch of this dataset; the state belongs to another dataset or is damaged")
+
+
+def shards_fingerprint(shards: Sequence[ShardRef]) -> str:
+    """What the shards are, in order (path and sha256 of each), in 16 hex digits: an order setting."""
+    return hashlib.sha1("\n".join(f"{s.path}:{s.sha256}" for s in shards).encode()).hexdigest()[:16]
+
+
+def check_order(state: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse a saved state whose order settings (ORDER_SETTINGS) are not `mine`: its skip counts would then point
+    at other samples."""
+    for name in ORDER_SETTINGS:
+        if state.get(name) != mine[name]:
+            raise ConfigError(f"resume state has {name}={state.get(name)!r:.80}, this dataset {mine[name]!r}: "
+                              "build the dataset with the settings and shards of the saved run")
+
+
+class _Tagged(IterableDataset):
+    """What a StatefulLoader's DataLoader iterates: the dataset's items tagged with (slot, index), which the loader
+    strips off again, so that the trainer's batches carry no bookkeeping."""
+
+    def __init__(self, dataset: LatentShardDataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.skip: dict[int, int] = {}  # the resume position, read when iteration starts (in each worker)
+        self.rotation = 0  # worker w serves the rank's slot (w + rotation) % workers
+
+    def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        here = self.dataset.current_slot()
+        first = here.index - here.index % here.workers
+        slot = Slot(first + (here.index - first + self.rotation) % here.workers, here.count, here.workers)
+        return self._items(slot, self.skip.get(slot.index, 0))  # the skip taken now, not at the first next()
+
+    def _items(self, slot: Slot, skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        for index, item in self.dataset.iter_slot(slot, skip):
+            yield slot.index, index, item
+
+
+class StatefulLoader:
+    """A DataLoader over a LatentShardDataset that remembers what each worker delivered, for mid-epoch resume.
+
+    `loader.state_dict()` after k batches, saved with the model; a restarted run builds the same dataset and loader,
+    calls `load_state_dict`, and continues with batch k+1 (same world size and num_workers). The loader owns the
+    position (`state`, a ResumeState); the dataset only checks that a saved one fits its settings.
+    """
+
+    def __init__(self, dataset: LatentShardDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            # Persistent workers keep their first copy of the dataset: set_epoch and load_state_dict never reach
+            # them, so every epoch would repeat the first one's order and noise.
+            raise ValueError("StatefulLoader does not support persistent_workers=True: workers must see set_epoch "
+                             "and load_state_dict")
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.state = ResumeState(dataset.epoch)
+        self._resume: ResumeState | None = None  # a loaded position, for the next pass of its epoch
+        self._tagged = _Tagged(dataset)
+        # The dataset batches by bucket itself, so the DataLoader must not batch again.
+        self.loader = DataLoader(self._tagged, batch_size=None, num_workers=num_workers, **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.dataset.epoch
+        # In this process current_slot() counts one worker per rank.
+        slots = self.dataset.current_slot().count * max(1, self.num_workers)
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.epoch != epoch:
+            resume = None  # a position of another epoch: this pass starts afresh
+        if resume is not None:
+            resume.check_slots(slots)
+        state = self.state = ResumeState(epoch, slots, dict(resume.consumed) if resume else {},
+                                         resume.next_worker if resume else 0)
+        workers = max(1, self.num_workers)
+        self._tagged.skip, self._tagged.rotation = dict(state.consumed), state.next_worker
+        iterator = iter(self.loader)
+        # The workers (or the in-process iterator) took their copy; later passes start afresh.
+        self._tagged.skip, self._tagged.rotation = {}, 0
+        for slot, index, item in iterator:
+            state.consumed[int(slot)] = int(index) + 1
+            state.next_worker = (int(slot) + 1) % workers
+            yield item
+
+    def __len__(self) -> int:
+        return self.dataset.rank_items(self.num_workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.dataset.order_settings(), **self.state.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = self.dataset.check_state(state)
+        self.dataset.epoch = position.epoch
+        self._resume = position
+        self.state = ResumeState(position.epoch, position.slots, dict(position.consumed), position.next_worker)

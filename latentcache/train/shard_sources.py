@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import LatentMismatchError, ShardFormatError
-from latentcache.format.layout import LATENTS
 from latentcache.format.manifest import read_manifest
-from latentcache.format.reader import TarStats, iter_tar, open_regular, safetensors_header
+from latentcache.format.reader import TarStats, iter_tar, open_regular
 from latentcache.storage import store
 
 PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v", ".png", ".jpg", ".jpeg",
@@ -400,9 +399,7 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
         if stats.samples != shard.samples:
             raise ShardFormatError(f"{shard.url}: {stats.samples} samples, the manifest lists {shard.samples}; the "
                                    "shard was replaced or cut short. Run `latentcache verify` and re-encode it")
-        for raw in iter_tar(data, shard.url, sha256=False):
-            raw["__url__"], raw["__bucket__"] = shard.url, shard.bucket
-            yield raw
+        yield from iter_tar(data, shard.url, sha256=False)
     finally:
         data.release()  # lets the buffer grow for the next shard
 
@@ -467,15 +464,3 @@ def _object_store_source(source: Any, manifest: str | os.PathLike | None
     data = read_manifest(mroot)
     urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
     return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]
-
-
-def raw_shape(raw: dict[str, Any]) -> tuple[int, ...]:
-    """The latent shape of a raw sample, from its safetensors header only (no tensor is built)."""
-    where = f"{raw.get('__url__', '?')}: member {raw.get('__key__')}.{LATENTS}"
-    if LATENTS not in raw:
-        raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r} has no {LATENTS} member")
-    mean = safetensors_header(raw[LATENTS], where).get("mean")
-    if not isinstance(mean, dict) or not isinstance(mean.get("shape"), list):
-        raise ShardFormatError(f"{where}: no 'mean' tensor")
-    return tuple(int(d) for d in mean["shape"])
-

@@ -2,23 +2,22 @@
 
     read_share (or resample) -> [mixed, over sources] -> shuffled -> grouped -> [skip] -> decode + collate
 
-All of them pass raw samples (bytes and safetensors headers), so a resumed run skips what it saw without decoding.
+All of them pass `RawSample`s (bytes and safetensors headers), so a resumed run skips what it saw without decoding.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 from latentcache.train.partition import Share
-from latentcache.train.shard_sources import ShardRef, prefetched, raw_shape
+from latentcache.train.raw import RawSample, raw_shape
+from latentcache.train.shard_sources import ShardRef, prefetched
 
-Raw = dict[str, Any]
-Reader = Callable[..., Iterable[Raw]]  # read(shard) or read(shard, prefetched bytes)
+Reader = Callable[..., Iterable[RawSample]]  # read(shard) or read(shard, prefetched bytes)
 
 
-def read_share(shards: Sequence[ShardRef], share: Share, read: Reader) -> Iterator[Raw]:
+def read_share(shards: Sequence[ShardRef], share: Share, read: Reader) -> Iterator[RawSample]:
     """The raw samples of one slot's share: whole shards, or every share.stride-th sample of them. Shards in object
     storage are fetched a few ahead (`prefetched`), `read(shard, data)` then parses the fetched bytes."""
     ordered = prefetched([shards[i] for i in share.shards])
@@ -34,18 +33,17 @@ def read_share(shards: Sequence[ShardRef], share: Share, read: Reader) -> Iterat
             n += 1
 
 
-def resample(shards: Sequence[ShardRef], rng: random.Random, read: Reader, tag: str) -> Iterator[Raw]:
-    """Shards drawn with replacement, forever. Each draw is numbered (`__draw__`), so a sample drawn twice in one
-    epoch gets fresh posterior noise each time, still reproducible."""
+def resample(shards: Sequence[ShardRef], rng: random.Random, read: Reader, tag: str) -> Iterator[RawSample]:
+    """Shards drawn with replacement, forever. Each draw is numbered (`RawSample.draw`), so a sample drawn twice in
+    one epoch gets fresh posterior noise each time, still reproducible."""
     draw = 0
     while shards:
         for raw in read(rng.choice(shards)):
-            raw["__draw__"] = f"{tag}:{draw}"
+            yield raw.drawn(f"{tag}:{draw}")
             draw += 1
-            yield raw
 
 
-def mixed(streams: Sequence[Callable[[int], Iterator[Raw]]], choices: Iterable[int]) -> Iterator[Raw]:
+def mixed(streams: Sequence[Callable[[int], Iterator[RawSample]]], choices: Iterable[int]) -> Iterator[RawSample]:
     """Samples of several sources in the order `choices` names them; `streams[i](p)` is source i's p-th pass, and a
     source that runs out starts its next pass (a source weighted above its size repeats within the epoch); one that
     is empty even then is an error, never a short epoch."""
@@ -65,12 +63,12 @@ def mixed(streams: Sequence[Callable[[int], Iterator[Raw]]], choices: Iterable[i
             raise RuntimeError(f"source {i} yielded no sample in two passes; weighted epochs must not end early")
 
 
-def shuffled(raws: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw]:
+def shuffled(raws: Iterable[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
     """A buffer shuffle of `size` items (size <= 1: unchanged)."""
     if size <= 1:
         yield from raws
         return
-    buffer: list[Raw] = []
+    buffer: list[RawSample] = []
     for raw in raws:
         buffer.append(raw)
         if len(buffer) >= size:
@@ -81,14 +79,14 @@ def shuffled(raws: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw
     yield from buffer
 
 
-def grouped(raws: Iterable[Raw], batch_size: int | None, drop_last: bool) -> Iterator[list[Raw]]:
+def grouped(raws: Iterable[RawSample], batch_size: int | None, drop_last: bool) -> Iterator[list[RawSample]]:
     """Samples grouped by latent shape (one bucket per batch), decided from headers alone; batch_size None: one
     sample per group."""
     if not batch_size:
         for raw in raws:
             yield [raw]
         return
-    pending: dict[tuple[int, ...], list[Raw]] = {}
+    pending: dict[tuple[int, ...], list[RawSample]] = {}
     for raw in raws:
         shape = raw_shape(raw)
         group = pending.setdefault(shape, [])

@@ -25,6 +25,7 @@ from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatErro
 from latentcache.format.reader import decode_sample
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
+from latentcache.train.raw import RawSample
 
 FRAMES, HEIGHT, WIDTH = 17, 64, 96
 CLIP = ClipSettings(frames=FRAMES, fps=8.0, height=HEIGHT, width=WIDTH)
@@ -236,7 +237,7 @@ def test_dataset_refuses_image_latents_of_the_other_familys_shape(wan_out):
     bad = _with_tensors(raw, image_mean=tensors["image_mean"][:, :1].contiguous())
     dataset = LatentShardDataset(wan_out)
     with pytest.raises(LatentMismatchError, match=r"image_mean \[16, 1, 8, 12\].*wan.*\[16, 5, 8, 12\]"):
-        dataset._decode({**bad, "__url__": "shard", "__bucket__": f"{FRAMES}x{HEIGHT}x{WIDTH}"})
+        dataset.decoder.decode(RawSample(bad["__key__"], "shard", f"{FRAMES}x{HEIGHT}x{WIDTH}", bad), dataset.epoch)
 
 
 def test_image_latents_live_in_the_latents_member(cog_out):

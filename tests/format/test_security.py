@@ -384,7 +384,7 @@ def test_chained_or_web_urls_are_refused_as_inputs(tmp_path: Path) -> None:
 def test_a_file_named_like_a_pipe_url_matched_by_a_glob_is_read_as_a_file(tmp_path: Path, monkeypatch) -> None:
     """A stranger's file named `pipe:touch pwned; echo .tar` matched by the user's glob `*.tar` is a local file:
     expand_urls keeps it local (./ prefix), and open_url reads its bytes instead of running it."""
-    from latentcache.train.dataset import expand_urls, open_url
+    from latentcache.train.shard_sources import expand_urls, open_url
 
     name = "pipe:touch pwned; echo .tar"
     (tmp_path / name).write_bytes(b"the file's own bytes")

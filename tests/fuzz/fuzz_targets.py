@@ -337,7 +337,8 @@ def target_tar(data: Any, out: Path, checker: Checker) -> None:
 def target_resume(data: Any, out: Path, checker: Checker) -> None:
     """A saved resume state of other types and ranges, loaded by the dataset and by StatefulLoader; accepted, the
     resumed epoch ends, delivering at most what the dataset holds."""
-    from latentcache.train.dataset import LatentShardDataset, StatefulLoader
+    from latentcache.train.dataset import LatentShardDataset
+    from latentcache.train.resume import StatefulLoader
 
     dataset = LatentShardDataset(out, seed=3)
     for i, _ in enumerate(dataset):

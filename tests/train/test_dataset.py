@@ -18,7 +18,8 @@ from latentcache.format.manifest import read_manifest
 from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.format.spec import LatentSpec
-from latentcache.train.dataset import StatefulLoader, transformer_problems
+from latentcache.train.guard import transformer_problems
+from latentcache.train.resume import StatefulLoader
 
 
 def all_keys(root: Path) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from latentcache import LatentMismatchError, LatentShardDataset, ShardFormatError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.reader import iter_tar
-from latentcache.train.dataset import StatefulLoader
+from latentcache.train.resume import StatefulLoader
 from tests.conftest import ENCODE_TINY
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from latentcache.errors import ConfigError
-from latentcache.train.dataset import LatentShardDataset, StatefulLoader
+from latentcache.train.dataset import LatentShardDataset
+from latentcache.train.resume import StatefulLoader
 
 
 def _saved(encoded_dir: Path, items: int = 1) -> dict:
