@@ -115,6 +115,29 @@ def test_decoding_never_imports_the_vae():
     assert "latentcache.encode.vae" not in seen
 
 
+def _private_imports() -> list[tuple[str, str, str]]:
+    """(importing module, imported module, name) of every `from latentcache.x import _name` in the package."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentcache") and not node.level:
+                found += [(name, node.module, a.name) for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_decoding_and_the_input_readers_share_only_public_names():
+    """Probing, decoding and reading inputs talk to other modules through public names only, both ways: a private
+    name is what its module may change without looking elsewhere."""
+    side = (*DECODING, "latentcache.encode.inputs", "latentcache.encode.loader", "latentcache.encode.decoded_identity",
+            "latentcache.encode.image", "latentcache.storage.sources")
+
+    def on_side(module: str) -> bool:
+        return any(module == m or module.startswith(m + ".") for m in side)
+
+    assert [i for i in _private_imports() if on_side(i[0]) or on_side(i[1])] == []
+
+
 def test_no_module_imports_one_that_imports_it_back_even_lazily():
     graph = _graph()
     cycles, done = [], set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from latentcache.encode.chunks import JobPlan, read_chunk_inputs, read_chunk_stats
-from latentcache.encode.input_stats import Stat, _quick_stat
+from latentcache.encode.input_stats import Stat, quick_stat
 from latentcache.encode.plan import Plan
 from latentcache.errors import ConfigError, InputError
 
@@ -40,7 +40,7 @@ def planned_stats(out: Path, plan: JobPlan, chunk_plans: list[Plan]) -> dict[str
 def differs(path: str, recorded: Stat) -> str | None:
     """How the source at `path` differs now from `recorded` in its cheap fields; None when it does not (or when it
     cannot be statted: then decoding it fails on its own, as a failure record)."""
-    now = _quick_stat(path)
+    now = quick_stat(path)
     if recorded is None or now is None:
         return None
     fields = sorted(set(now) | ({"target"} if "target" in recorded else set()))

@@ -31,7 +31,7 @@ NAMED_CHANGES = 10
 _HASH_BLOCK = 1 << 20
 
 
-def _quick_stat(path: str) -> Stat:
+def quick_stat(path: str) -> Stat:
     """The fields that are cheap to get: one stat (of the file, or of a member's tar), or one HEAD of an object.
     None: it is gone or is not a regular file now (devices, fifos and folders are never read here)."""
     try:
@@ -79,7 +79,7 @@ def _content(path: str, quick: dict[str, Any]) -> Stat:
 
 def input_stat(path: str) -> Stat:
     """What the input at `path` is now, as a chunk plan records it (see `Stat`); reads its bytes once."""
-    quick = _quick_stat(path)
+    quick = quick_stat(path)
     return None if quick is None else _content(path, quick)
 
 
@@ -101,7 +101,7 @@ class Change:
 def compare_stat(path: str, old: Stat) -> tuple[Change | None, Stat]:
     """(how the input changed or None, the stat to record now). Reads its bytes only when the cheap fields differ
     and the size does not already tell. An input gone now is not a change: its latents are of the bytes it had."""
-    quick = _quick_stat(path)
+    quick = quick_stat(path)
     if quick is None:
         return None, old
     if old is None:

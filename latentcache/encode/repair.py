@@ -12,7 +12,7 @@ from pathlib import Path
 
 from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decoded_identity import differs, planned_stats
-from latentcache.encode.input_stats import _quick_stat
+from latentcache.encode.input_stats import quick_stat
 from latentcache.encode.plan import Plan, PlannedShard
 
 
@@ -27,7 +27,7 @@ def unrepairable(out: Path, plan: JobPlan, chunk_plans: list[Plan], damaged: lis
     for shard in damaged:
         problems = []
         for source in sorted({by_key[k].source for k in shard.keys if k in by_key}):
-            if _quick_stat(source) is None:
+            if quick_stat(source) is None:
                 problems.append(f"{source} is gone")
             elif (how := differs(source, recorded.get(source))) is not None:
                 problems.append(f"{source} changed since it was encoded ({how})")
