@@ -12,6 +12,7 @@ A trainer that imports `LatentShardDataset` must not pay for the encoder side: c
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,82 @@ def test_the_public_import_paths_are_kept():
     from latentcache.train.sat import SATLatentDataset as RealSAT
 
     assert LatentShardDataset is Shimmed and StatefulLoader is Real and SATLatentDataset is RealSAT
+
+
+# The output's file names (format/out_layout.py builds and matches every one): no module outside format/ spells one.
+OUT_FILES = {"manifest.json", "plan.json", "failures.jsonl", ".latentcache"}
+OUT_FOLDERS = {"chunks", "inputs", "shards"}
+# Endings and pieces of OUT's names. `.tar` and `.jsonl` end inputs too (webdataset tars, input lists): `NOT_OUT`.
+OUT_NAME_PIECES = re.compile(r"\.tar$|\.tar\.json|\.carry\.tar|\.keys\.npy|\.jsonl$|part-"
+                             r"|(?:^|/)(?:chunks|inputs|shards)/")
+# What the check finds that names no file of OUT, by module or package (a folder/): each with why it is not one.
+NOT_OUT = {
+    "encode/inputs/": {"'.jsonl'": "an input list (JSON lines) given to encode",
+                       "'.tar'": "a webdataset tar of input videos"},
+    "storage/sources.py": {"'.tar'": "a webdataset tar of input videos"},
+    "tools/export_musubi.py": {"f'{item_name(sample)}_{start:05d}-{frames:03d}_{width:04d}x{height:04d}_"
+                               "{arch.short}.safetensors'": "a cache file named as musubi-tuner names it"},
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def _output_names_built(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, code) where a module spells a name of OUT: one of its files, a path under one of its folders or a name
+    ending like one of its files, a folder of it joined with `/`, `.json` appended (a sidecar), or a number formatted
+    into a file name or a path part as shards, chunks and share markers are (`:04d`, `:06d`). Text with a space in it
+    is a message, not a name, and a docstring documents."""
+    skip = _docstrings(tree)
+
+    def operands(op: type[ast.operator]) -> set[int]:
+        return {id(side) for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, op)
+                for side in (node.left, node.right)}
+
+    joined, appended = operands(ast.Div), operands(ast.Add)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            name = node.value
+            if (" " not in name and (name.rsplit("/", 1)[-1] in OUT_FILES or OUT_NAME_PIECES.search(name))
+                    or (id(node) in joined and name in OUT_FOLDERS) or (id(node) in appended and name == ".json")):
+                found.add((node.lineno, repr(name)))
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            specs = {ast.unparse(v.format_spec) for v in node.values
+                     if isinstance(v, ast.FormattedValue) and v.format_spec is not None}
+            if " " not in text and {"f'04d'", "f'06d'"} & specs and ("/" in text or "." in text or id(node) in joined):
+                found.add((node.lineno, ast.unparse(node)))
+    return sorted(found)
+
+
+def test_no_module_outside_format_builds_or_matches_an_output_file_name():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+        if not module.startswith("format/"):
+            allowed = {code for where, codes in NOT_OUT.items() if module.startswith(where) for code in codes}
+            found += [f"{module} line {line}: {code}" for line, code in _output_names_built(ast.parse(
+                path.read_text(encoding="utf-8"))) if code not in allowed]
+    assert found == []
+
+
+def test_the_output_name_check_sees_each_way_of_spelling_a_name():
+    code = '''
+def f(out, part, chunk, rank, digest, index):
+    """Writes OUT/manifest.json and chunks/p0000/c000000.json."""
+    a = out / "manifest.json"
+    b = f"chunks/p{part:04d}/c{chunk:06d}.json"
+    c = out / "shards"
+    d = path.with_name(path.name + ".tar.json"), Path(url + ".json")
+    e = folder / f"r{rank:06d}"
+    g = [p for p in out.rglob("*.tar")]
+    h = str(manifest).removesuffix("/manifest.json")
+    raise ValueError(f"{out}: no manifest.json, see failures.jsonl; {d!r}")
+    key = f"{digest}_{index:04d}"
+    row = {"shards": [], "inputs": 3}
+'''
+    assert sorted({line for line, _ in _output_names_built(ast.parse(code))}) == [4, 5, 6, 7, 8, 9, 10]

@@ -50,7 +50,16 @@ from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.buckets import Bucket
-from latentcache.format.shards import _tmp_name, write_text_atomic
+from latentcache.format.out_layout import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    chunk_plan_name,
+    inputs_name,
+    keys_name,
+    plan_path,
+    temporary_of,
+)
+from latentcache.format.shards import write_text_atomic
 from latentcache.storage import store
 
 log = logging.getLogger(__name__)
@@ -92,18 +101,6 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 def key_digest(relpath: str) -> int:
     """The 8 bytes `clip_key` shows as 16 hex digits, as an integer: ordering by it is ordering by key."""
     return int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:8], "big")
-
-
-def inputs_name(part: int) -> str:
-    return f"inputs/part-{part:04d}.jsonl"
-
-
-def keys_name(part: int) -> str:
-    return f"inputs/part-{part:04d}.keys.npy"
-
-
-def chunk_plan_name(part: int, chunk: int) -> str:
-    return f"chunks/p{part:04d}/c{chunk:06d}.json"
 
 
 # --------------------------------------------------------------------------------------------------- the inputs
@@ -241,7 +238,7 @@ class JobPlan:
                           allow_nan=False)
 
     @staticmethod
-    def from_json(text: str, where: str = "plan.json") -> JobPlan:
+    def from_json(text: str, where: str = PLAN_FILE) -> JobPlan:
         """Parse and check plan.json: every number a path or a seek is made from must be what make wrote."""
         try:
             d = strictjson.loads(text)
@@ -289,7 +286,7 @@ def _read_part(d: Any, index: int, where: str) -> Part:
 
 
 def read_job_plan(out: Path) -> JobPlan:
-    path = out / "plan.json"
+    path = plan_path(out)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -310,7 +307,7 @@ def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:
         path.write_bytes(b"".join(pieces))
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temporary_of(path)
     with open(tmp, "wb") as f:
         for piece in pieces:
             f.write(piece)
@@ -550,7 +547,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
         log.warning("%d changed input(s) in %d chunk(s): planning and encoding those chunks again", len(changes),
                     len(redo))
         # Readers start at the manifest: it goes before any shard it names, and finalize writes it again.
-        (out / "manifest.json").unlink(missing_ok=True)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
     plans = []
     for ref, chunk, _ in found:
         if chunk is not None and ref.index in redo:

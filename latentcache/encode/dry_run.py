@@ -129,17 +129,17 @@ def _seed_from_output(out: Path, scratch: Path) -> chunks.JobPlan | None:
     """An existing local output's plan, with links to its inputs files, in `scratch`: planning there appends exactly
     what a real run would, and reads --out without writing to it. None for a new output (or one in object
     storage, planned as new)."""
-    from latentcache.encode.output import PLAN_FILE
+    from latentcache.format.out_layout import INPUTS_DIR, PLAN_FILE, TMP_SUFFIX
     from latentcache.storage import store
 
     if store.in_object_store(out) or not (out / PLAN_FILE).is_file():
         return None
     plan = chunks.read_job_plan(out)
-    (scratch / "inputs").mkdir(parents=True)
+    (scratch / INPUTS_DIR).mkdir(parents=True)
     (scratch / PLAN_FILE).write_bytes((out / PLAN_FILE).read_bytes())
-    for f in (out / "inputs").iterdir():
-        if f.is_file() and not f.name.endswith(".tmp"):
-            (scratch / "inputs" / f.name).symlink_to(f.resolve())
+    for f in (out / INPUTS_DIR).iterdir():
+        if f.is_file() and not f.name.endswith(TMP_SUFFIX):
+            (scratch / INPUTS_DIR / f.name).symlink_to(f.resolve())
     return plan
 
 

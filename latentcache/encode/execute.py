@@ -22,7 +22,7 @@ from latentcache.encode.chunks import JobPlan
 from latentcache.encode.frames import Clip
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
-from latentcache.encode.output import PLAN_FILE, _writing
+from latentcache.encode.output import _writing
 from latentcache.encode.plan import Plan, PlannedClip, PlannedShard, aspect_sizes, failure_record
 from latentcache.encode.planning import plan_chunks
 from latentcache.encode.provenance import software_record, vae_change
@@ -31,6 +31,7 @@ from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.encode.writer import ShardWriter
 from latentcache.errors import ConfigError, InputError
+from latentcache.format.out_layout import PLAN_FILE
 from latentcache.format.shards import CarriedSample, EncodedClip, read_done, remove_temporaries, write_shard
 
 log = logging.getLogger(__name__)

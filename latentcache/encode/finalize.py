@@ -18,21 +18,26 @@ from typing import Any
 
 from latentcache.encode import chunks
 from latentcache.encode.chunks import JobPlan
-from latentcache.encode.output import PLAN_FILE, _writing
+from latentcache.encode.output import _writing
 from latentcache.encode.plan import PlannedShard
 from latentcache.encode.provenance import merge_software
 from latentcache.errors import ShardFormatError
 from latentcache.format.manifest import write_manifest
-from latentcache.format.outcomes import tally
-from latentcache.format.shards import (
-    SHARE_COMPLETE,
+from latentcache.format.out_layout import (
+    FAILURES_FILE,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    SHARE_COMPLETE_FILE,
+    SHARE_MARKERS_DIR,
     SHARE_PLAN_FOLDER,
     SHARE_RANK_MARKER,
     SHARE_WORLD_FOLDER,
-    read_done,
-    remove_stale_temporaries,
-    write_text_atomic,
+    share_complete,
+    share_rank_marker,
+    share_world_folder,
 )
+from latentcache.format.outcomes import tally
+from latentcache.format.shards import read_done, remove_stale_temporaries, write_text_atomic
 from latentcache.storage import store
 
 # ----------------------------------------------------------------------------------------------- what is done
@@ -62,14 +67,9 @@ def damaged_shards(out: Path, shards: Iterable[PlannedShard]) -> list[PlannedSha
     return damaged
 
 
-def _share_markers(out: Path, plan: JobPlan, world_size: int) -> Path:
-    # Named by a digest of plan.json: an append (a new part) makes every earlier marker stale at once.
-    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
-    return out / f"chunks/done/{digest}/w{world_size:06d}"
-
-
-def _share_marker(folder: Path, rank: int) -> Path:
-    return folder / f"r{rank:06d}"
+def _plan_digest(plan: JobPlan) -> str:
+    # Markers are named by a digest of plan.json: an append (a new part) makes every earlier marker stale at once.
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
 
 
 def mark_share_done(out: Path, plan: JobPlan, rank: int, world_size: int, shards: list[PlannedShard]) -> bool:
@@ -77,7 +77,7 @@ def mark_share_done(out: Path, plan: JobPlan, rank: int, world_size: int, shards
     marker saying so. Returns whether it did."""
     if pending_shards(out, shards):
         return False
-    marker = _share_marker(_share_markers(out, plan, world_size), rank)
+    marker = share_rank_marker(share_world_folder(out, _plan_digest(plan), world_size), rank)
     if not marker.is_file():
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, "")
@@ -89,11 +89,12 @@ def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None
     first missing marker, so a task that is not the last one to finish pays about one stat, not a read of every
     chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
     marker left from before shards were removed by hand costs that check, nothing worse)."""
-    folder = _share_markers(out, plan, world_size)
-    if (folder.parent / SHARE_COMPLETE).is_file():
+    digest = _plan_digest(plan)
+    folder = share_world_folder(out, digest, world_size)
+    if share_complete(out, digest).is_file():
         return None
     for rank in range(world_size):
-        if not _share_marker(folder, rank).is_file():
+        if not share_rank_marker(folder, rank).is_file():
             return rank
     return None
 
@@ -107,10 +108,10 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
     the markers themselves (every plan's rank markers, an earlier plan's `complete`) and the folders they leave
     empty. Removing the whole folder took another task's `complete`, or the temporary it was renaming into place
     (a FileNotFoundError that failed that task)."""
-    complete = _share_markers(out, plan, 1).parent / SHARE_COMPLETE
+    complete = share_complete(out, _plan_digest(plan))
     complete.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(complete, "")
-    done = out / "chunks" / "done"
+    done = out / SHARE_MARKERS_DIR
     try:
         found = [p for p in done.rglob("*") if p != complete and _is_share_marker(p)]
     except FileNotFoundError:  # a folder another task emptied and removed while this one walked it
@@ -127,7 +128,7 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
 
 def _is_share_marker(path: Path) -> bool:
     """A rank marker (`<plan digest>/w<world size>/r<rank>`) or a plan's `complete`, never a temporary."""
-    if path.name == SHARE_COMPLETE:
+    if SHARE_COMPLETE_FILE.fullmatch(path.name):
         return SHARE_PLAN_FOLDER.fullmatch(path.parent.name) is not None
     return (SHARE_RANK_MARKER.fullmatch(path.name) is not None
             and SHARE_WORLD_FOLDER.fullmatch(path.parent.name) is not None
@@ -199,7 +200,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ShardFormatError(f"{out}: {len(missing)} planned chunk(s) or shard(s) are not finished, e.g. "
                                f"{missing[0]}; run the same `latentcache encode` again to complete them")
     failures_text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in failures)
-    _writing(out / "failures.jsonl", write_text_atomic, out / "failures.jsonl", failures_text)
+    _writing(out / FAILURES_FILE, write_text_atomic, out / FAILURES_FILE, failures_text)
     buckets: dict[str, int] = {}
     for s in shards:
         buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + s["samples"]
@@ -219,7 +220,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # Each distinct software record of the processes that wrote the shards, with their shard counts.
         "software": merge_software(software),
     }
-    _writing(out / "manifest.json", write_manifest, out, manifest)
+    _writing(out / MANIFEST_FILE, write_manifest, out, manifest)
     clear_share_markers(out, plan)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, "tally": counted,
                       "clip": plan.settings.get("clip", {})}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from latentcache.encode.settings import JobSettings
 from latentcache.errors import LatentcacheError
+from latentcache.format.out_layout import FAILURES_FILE, MANIFEST_FILE
 from latentcache.format.outcomes import Tally, tally
 
 if TYPE_CHECKING:  # imported where used: `latentcache --help` loads neither torch nor diffusers
@@ -315,7 +316,7 @@ def check_inputs(paths: tuple[str, ...], exclude: list[Any], *, images: bool = F
 def release_output(out: Path) -> None:
     """Undo `claim_output` on an OUT this run created and planned nothing into: its marker, then the folder if
     nothing else is in it. Only that file, which this run wrote, is removed."""
-    from latentcache.encode.plan import OUTPUT_MARKER
+    from latentcache.format.out_layout import OUTPUT_MARKER
 
     try:
         (out / OUTPUT_MARKER).unlink(missing_ok=True)
@@ -387,13 +388,13 @@ def report_finalize(out: Path) -> int:
 
     reported = _reported_failures(out)
     manifest, outcome = finalize_with_outcome(out)
-    lines = (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (out / FAILURES_FILE).read_text(encoding="utf-8").splitlines()
     new_failures = tally(json.loads(line) for line in lines if reported is None or line not in reported).failed_total
     counts, counted = manifest["counts"], outcome["tally"]
-    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / 'manifest.json'}")
+    print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / MANIFEST_FILE}")
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
           f"{counts['samples']} written of {counts['planned_clips']} planned; {counted.describe()}"
-          + (f" (details in {out / 'failures.jsonl'})" if counted.skipped or counted.failed else ""))
+          + (f" (details in {out / FAILURES_FILE})" if counted.skipped or counted.failed else ""))
     if counts["samples"] == 0:
         why = nothing_written_hint(counted, outcome["clip"], outcome["videos"],
                                    temporal_compression=manifest["latent_spec"].get("temporal_compression"),
@@ -411,8 +412,8 @@ def report_finalize(out: Path) -> int:
 def _reported_failures(out: Path) -> set[str] | None:
     """The records of failures.jsonl as a finished run left them, or None when no run finished (no manifest: a
     first run, a killed one, or one whose finalize died before the manifest, written after failures.jsonl)."""
-    path = out / "failures.jsonl"
-    if not ((out / "manifest.json").is_file() and path.is_file()):
+    path = out / FAILURES_FILE
+    if not ((out / MANIFEST_FILE).is_file() and path.is_file()):
         return None
     return set(path.read_text(encoding="utf-8").splitlines())
 

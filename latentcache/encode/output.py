@@ -13,38 +13,39 @@ from typing import Any
 
 from latentcache.encode import chunks
 from latentcache.encode.chunks import JobPlan
-from latentcache.encode.plan import (
-    OUTPUT_MARKER,
-)
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
-from latentcache.format.shards import (
-    remove_temporaries,
-    sidecar_path,
-    write_text_atomic,
+from latentcache.format.out_layout import (
+    FAILURES_FILE,
+    MANIFEST_FILE,
+    OUTPUT_MARKER,
+    OUTPUTS,
+    PLAN_FILE,
+    SHARD_SUFFIX,
+    carry_name,
+    inputs_name,
+    keys_name,
+    marker_path,
+    plan_path,
+    sidecar_of,
 )
-
-PLAN_FILE = "plan.json"
+from latentcache.format.shards import remove_temporaries, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-# Everything latentcache writes into OUT besides the plan; `--overwrite` removes exactly these.
-OUTPUTS = ("shards", "chunks", "inputs", "manifest.json", "failures.jsonl")
 
 
 def claim_output(out: Path) -> None:
     """Make sure OUT is latentcache's, marking it so, and writable; refuse a directory of someone else's files.
 
-    Ours: it holds OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
+    Ours: it holds its OUTPUT_MARKER, or it is empty or new (the marker is written first), or it was made before the
     marker existed (it holds a plan.json latentcache can read). Anything else could hold a user's manifest.json or
     shards/ that the run, or --overwrite, would replace.
     """
     refuse_foreign_output(out)
     # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
     _writing(out, out.mkdir, parents=True, exist_ok=True)
-    marker = out / OUTPUT_MARKER
+    marker = marker_path(out)
     _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
 
 
@@ -52,7 +53,7 @@ def refuse_foreign_output(out: Path) -> None:
     """`claim_output`'s check alone, writing nothing (--dry-run, and the checks made before the VAE loads)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; pass a new or latentcache-made directory")
-    marker = out / OUTPUT_MARKER
+    marker = marker_path(out)
     # Another process's marker being written (SLURM array tasks start together) does not make OUT someone else's.
     others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
     if others and not marker.is_file():
@@ -67,7 +68,7 @@ def refuse_foreign_output(out: Path) -> None:
 def refuse_changed_settings(out: Path, settings: EncodeSettings, overwrite: bool) -> None:
     """An output planned with other settings is refused before any model loads (the VAE itself is compared once it
     is loaded, in `planning.load_or_make_plan`)."""
-    if overwrite or not (out / PLAN_FILE).is_file():
+    if overwrite or not plan_path(out).is_file():
         return
     existing = chunks.read_job_plan(out)
     wanted = JobPlan(existing.fingerprint, settings.output_affecting(), existing.vae, [])
@@ -125,20 +126,20 @@ def clear_outputs(out: Path, plan: JobPlan) -> None:
             for shard in chunks.read_chunk_plan(out, plan, ref).shards:
                 path = out / shard.relpath
                 remove(path)
-                remove(sidecar_path(path))
+                remove(sidecar_of(path))
                 folders.add(path.parent)
-            carry = chunk_file.with_name(chunk_file.stem + ".carry.tar")  # --reencode-changed's (reencode.py)
-            remove(sidecar_path(carry))
+            carry = out / carry_name(ref.part, ref.chunk)  # --reencode-changed's (reencode.py)
+            remove(sidecar_of(carry))
             remove(carry)
         remove(chunk_file)
         folders.add(chunk_file.parent)
     for part in plan.parts:
-        for name in (chunks.inputs_name(part.index), chunks.keys_name(part.index)):
+        for name in (inputs_name(part.index), keys_name(part.index)):
             remove(out / name)
             folders.add((out / name).parent)
-    for name in ("manifest.json", "failures.jsonl", PLAN_FILE):
+    for name in (MANIFEST_FILE, FAILURES_FILE, PLAN_FILE):
         remove(out / name)
-    tars = sum(p.suffix == ".tar" for p in removed)
+    tars = sum(p.suffix == SHARD_SUFFIX for p in removed)
     # Said, not only done: the user sees what --overwrite took (and that nothing else went).
     log.warning("--overwrite: removed %d file(s) that latentcache wrote in %s (%d shard tar(s) with their sidecars, "
                 "the plan, chunk plans, inputs files, manifest, failures), e.g. %s; nothing else was touched",

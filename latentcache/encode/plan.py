@@ -22,15 +22,10 @@ from latentcache.encode.probing import VideoInfo, probe
 from latentcache.encode.settings import ClipSettings, EncodeSettings, hash_json
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket, FrameRule
+from latentcache.format.out_layout import shard_name
 from latentcache.format.outcomes import make_record
 
 log = logging.getLogger(__name__)
-
-# Files that are obviously not videos are not even probed (captions, lists, images next to videos).
-# Written first into every output directory latentcache makes: marks it as ours (safe to resume, to clear with
-# --overwrite) and keeps it out of input discovery.
-OUTPUT_MARKER = ".latentcache"
-
 
 @dataclass(slots=True, frozen=True)
 class InputVideo:
@@ -94,9 +89,7 @@ class PlannedShard:
 
     @property
     def relpath(self) -> str:
-        if self.chunk is not None:
-            return f"shards/{self.bucket}/p{self.part:04d}-c{self.chunk:06d}-{self.shard_id:06d}.tar"
-        return f"shards/{self.bucket}/{self.shard_id:06d}.tar"
+        return shard_name(self.bucket, self.shard_id, self.part, self.chunk)
 
 
 @dataclass(slots=True)

@@ -13,13 +13,14 @@ from typing import Any
 
 from latentcache.encode import chunks, rerun_inputs
 from latentcache.encode.chunks import JobPlan
-from latentcache.encode.output import PLAN_FILE, _writing, claim_output, clear_outputs, differences
+from latentcache.encode.output import _writing, claim_output, clear_outputs, differences
 from latentcache.encode.plan import InputVideo, Plan, check_buckets
 from latentcache.encode.probing import VideoInfo
 from latentcache.encode.provenance import vae_change
 from latentcache.encode.settings import EncodeSettings, hash_json
 from latentcache.encode.vae import VideoVAE
 from latentcache.errors import ConfigError
+from latentcache.format.out_layout import PLAN_FILE
 from latentcache.format.shards import pause_point, write_text_atomic
 
 log = logging.getLogger(__name__)

@@ -30,18 +30,15 @@ from latentcache.encode.input_stats import Stat, input_stats
 from latentcache.encode.plan import InputVideo, Plan, PlannedClip, input_id, lay_out_shards, make_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
+from latentcache.format.out_layout import carry_name, sidecar_of
 from latentcache.format.reader import TarStats, iter_tar
-from latentcache.format.shards import CarriedSample, read_done, remove_temporaries, sidecar_path, write_shard
+from latentcache.format.shards import CarriedSample, read_done, remove_temporaries, write_shard
 from latentcache.storage import store
 
 log = logging.getLogger(__name__)
 
 # A carried clip: its sample, or the failure record its shard's sidecar held for it.
 Carried = CarriedSample | dict[str, Any]
-
-
-def carry_name(part: int, chunk: int) -> str:
-    return f"chunks/p{part:04d}/c{chunk:06d}.carry.tar"
 
 
 def carry_path(out: Path, chunk: Plan) -> Path | None:
@@ -112,7 +109,7 @@ def reencode_chunk(out: Path, where: tuple[int, int], old: Plan, new: Plan, stat
     _write_carry(out, out / carry_name(*where), old, wanted)
     for shard in old.shards:
         if shard.relpath not in kept:
-            sidecar_path(out / shard.relpath).unlink(missing_ok=True)
+            sidecar_of(out / shard.relpath).unlink(missing_ok=True)
     for shard in old.shards:
         if shard.relpath not in kept:
             remove_temporaries(out / shard.relpath)
@@ -139,7 +136,7 @@ def _write_carry(out: Path, path: Path, old: Plan, wanted: set[str]) -> None:
         found.update(_read_samples(out / shard.relpath, record, need))
     if not found:
         # None to carry: a carry an earlier run left must not stand in for the clips planned now.
-        sidecar_path(path).unlink(missing_ok=True)
+        sidecar_of(path).unlink(missing_ok=True)
         remove_temporaries(path)
         path.unlink(missing_ok=True)
         return
@@ -192,9 +189,9 @@ def read_carry(out: Path, chunk: Plan, keys: set[str]) -> dict[str, Carried]:
 def drop_carry(out: Path, chunk: Plan) -> None:
     """Step 4: the carry goes once every shard of its chunk is done (sidecar first: without it, it is unfinished)."""
     path = carry_path(out, chunk)
-    if path is None or not (path.exists() or sidecar_path(path).exists()):
+    if path is None or not (path.exists() or sidecar_of(path).exists()):
         return
     if all(read_done(out / s.relpath) is not None for s in chunk.shards):
-        sidecar_path(path).unlink(missing_ok=True)
+        sidecar_of(path).unlink(missing_ok=True)
         remove_temporaries(path)
         path.unlink(missing_ok=True)

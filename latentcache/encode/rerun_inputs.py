@@ -18,6 +18,7 @@ from latentcache.encode.input_stats import NAMED_CHANGES, compare_stat
 from latentcache.encode.plan import input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
+from latentcache.format.out_layout import INPUT_LISTS_RECORD, inputs_name
 from latentcache.format.shards import write_text_atomic
 
 
@@ -49,7 +50,7 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
     moved = _MovedInputs(out, plan)
     for part in plan.parts:
         positions = np.searchsorted(table.digests, chunks.part_digests(out, part))
-        path = out / chunks.inputs_name(part.index)
+        path = out / inputs_name(part.index)
         with path.open("rb") as f:
             for n, (line, position) in enumerate(zip(f, positions, strict=False), 1):
                 given = table.line(int(position))
@@ -127,16 +128,13 @@ class _MovedInputs:
 def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
     found = []
     for part in plan.parts:
-        path = out / chunks.inputs_name(part.index)
+        path = out / inputs_name(part.index)
         with path.open("rb") as f:
             for n, line in enumerate(f, 1):
                 ident = input_id(chunks.read_input_line(line, path, n))
                 if chunks.key_digest(ident) in digests:
                     found.append(ident)
     return sorted(found)
-
-
-LISTS_NAME = "inputs/lists.json"
 
 
 def _lists_record(plan: JobPlan, identity: list[dict[str, Any]]) -> dict[str, Any]:
@@ -152,7 +150,7 @@ def lists_unchanged(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | N
     if identity is None or not plan.parts:
         return False
     try:
-        recorded = strictjson.loads((out / LISTS_NAME).read_bytes())
+        recorded = strictjson.loads((out / INPUT_LISTS_RECORD).read_bytes())
     except (OSError, ValueError):
         return False
     return recorded == _lists_record(plan, identity)
@@ -161,7 +159,7 @@ def lists_unchanged(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | N
 def record_lists(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> None:
     """After plan.json holds every input of the lists: what they were (taken before they were read, so a list
     changed while it was read does not match next time). None: forget any earlier record."""
-    path = out / LISTS_NAME
+    path = out / INPUT_LISTS_RECORD
     if identity is None:
         path.unlink(missing_ok=True)
         return

@@ -12,13 +12,14 @@ from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.layout import FORMAT_VERSION, SHA256_HEX
 from latentcache.format.manifest_fields import field_problems, normalized
+from latentcache.format.out_layout import MANIFEST_FILE
 from latentcache.format.reader import _is_int, _shown, open_regular
 from latentcache.format.shards import write_json_atomic
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
     """No timestamp: the manifest is a function of the shards, so a resumed run's is byte-identical to a clean one's."""
-    path = out / "manifest.json"
+    path = out / MANIFEST_FILE
     write_json_atomic(path, {"format_version": FORMAT_VERSION, **manifest})
     return path
 
@@ -57,14 +58,14 @@ def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
     missing = (f"{root}: no manifest.json (is this a latentcache output directory, and did `latentcache encode` "
                "finish? `latentcache finalize DIR` writes it from the shards)")
     if store.is_url(root):
-        url = store.join(str(root), "manifest.json")
+        url = store.join(str(root), MANIFEST_FILE)
         try:
             return url, store.read_url(url, MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise ShardFormatError(missing) from None
         except OSError as e:
             raise ShardFormatError(f"{url}: cannot read ({e})") from e
-    path = Path(root) / "manifest.json"
+    path = Path(root) / MANIFEST_FILE
     if not path.exists():
         raise ShardFormatError(missing)
     try:

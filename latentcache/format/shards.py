@@ -29,13 +29,33 @@ from safetensors.torch import save as save_safetensors
 
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, LATENTS, TEXT_EMBEDS
+from latentcache.format.out_layout import (
+    CARRY_FILE,
+    CHUNK_FOLDER,
+    CHUNK_PLAN_FILE,
+    CHUNKS_DIR,
+    INPUTS_DIR,
+    INPUTS_FILE,
+    KEYS_FILE,
+    ROOT_FILE,
+    SHARD_FILE,
+    SHARDS_DIR,
+    SHARE_COMPLETE_FILE,
+    SHARE_MARKERS_DIR,
+    SHARE_PLAN_FOLDER,
+    SHARE_RANK_MARKER,
+    SHARE_WORLD_FOLDER,
+    TMP_SUFFIX,
+    any_of,
+    sidecar_of,
+    sidecar_pattern,
+    temporaries,
+    temporary_of,
+)
 from latentcache.format.text import text_member
 from latentcache.storage import store
 
 log = logging.getLogger(__name__)
-
-TMP_SUFFIX = ".tmp"
-
 
 @dataclass(slots=True)
 class EncodedClip:
@@ -130,36 +150,15 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def sidecar_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + ".json")
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name unique to this writer: two processes that ever write the same file (a requeued SLURM task
-    overlapping its old self, two array tasks making the plan) never write into one inode; the rename decides."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
-
-
-# What `_tmp_name` appends to a final name: `.<host>.<pid>.tmp` (a host name may hold dots, a pid is digits).
-_TMP_TAIL = r"\.(?P<host>.+)\.(?P<pid>[0-9]+)\.tmp"
-# The files latentcache writes through a temporary, by the folder of OUT they are written in: the final names of
-# output.PLAN_FILE, the manifest, failures.jsonl and plan.OUTPUT_MARKER; chunks.inputs_name / keys_name;
-# chunks.chunk_plan_name and a chunk's carry (encode/reencode.py) with its sidecar; PlannedShard.relpath and its
-# sidecar. Only temporaries of these names, in these folders, are ever swept: any other file, even
+# The files latentcache writes through a temporary, by the folder of OUT they are written in (format/out_layout.py
+# names each). Only temporaries of these names, in these folders, are ever swept: any other file, even
 # `OUT/shards/<bucket>/notes.tmp`, is a user's.
-_ROOT_FILES = re.compile(rf"(?:plan\.json|manifest\.json|failures\.jsonl|\.latentcache){_TMP_TAIL}")
-_INPUTS_FILES = re.compile(rf"part-[0-9]{{4,}}\.(?:jsonl|keys\.npy){_TMP_TAIL}")
-_CHUNK_FOLDER = re.compile(r"p[0-9]{4,}")
-_CHUNK_FILES = re.compile(rf"c[0-9]{{6,}}\.(?:json|carry\.tar(?:\.json)?){_TMP_TAIL}")
-_SHARD_FILES = re.compile(rf"(?:p[0-9]{{4,}}-c[0-9]{{6,}}-)?[0-9]{{6,}}\.tar(?:\.json)?{_TMP_TAIL}")
-# The share markers (encode/finalize.py): chunks/done/<plan digest>/complete and
-# chunks/done/<plan digest>/w<world size>/r<rank>. The encode finds its markers by these names too.
-SHARE_PLAN_FOLDER = re.compile(r"[0-9a-f]{16}")
-SHARE_WORLD_FOLDER = re.compile(r"w[0-9]{6}")
-SHARE_RANK_MARKER = re.compile(r"r[0-9]{6}")
-SHARE_COMPLETE = "complete"
-_COMPLETE_FILES = re.compile(rf"{SHARE_COMPLETE}{_TMP_TAIL}")
-_RANK_FILES = re.compile(rf"{SHARE_RANK_MARKER.pattern}{_TMP_TAIL}")
+_ROOT_FILES = temporaries(ROOT_FILE)
+_INPUTS_FILES = temporaries(any_of(INPUTS_FILE, KEYS_FILE))
+_CHUNK_FILES = temporaries(any_of(CHUNK_PLAN_FILE, CARRY_FILE, sidecar_pattern(CARRY_FILE)))
+_SHARD_FILES = temporaries(any_of(SHARD_FILE, sidecar_pattern(SHARD_FILE)))
+_COMPLETE_FILES = temporaries(SHARE_COMPLETE_FILE)
+_RANK_FILES = temporaries(SHARE_RANK_MARKER)
 
 
 def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
@@ -183,12 +182,12 @@ def _own_temporaries(root: Path) -> Iterator[tuple[Path, re.Match[str]]]:
         return [d for d in entries(folder) if ok(d.name) and d.is_dir()]
 
     yield from listed(root, _ROOT_FILES)
-    yield from listed(root / "inputs", _INPUTS_FILES)
-    for folder in subfolders(root / "chunks", _CHUNK_FOLDER.fullmatch):
+    yield from listed(root / INPUTS_DIR, _INPUTS_FILES)
+    for folder in subfolders(root / CHUNKS_DIR, CHUNK_FOLDER.fullmatch):
         yield from listed(folder, _CHUNK_FILES)
-    for folder in subfolders(root / "shards", lambda name: parse_bucket(name) is not None):
+    for folder in subfolders(root / SHARDS_DIR, lambda name: parse_bucket(name) is not None):
         yield from listed(folder, _SHARD_FILES)
-    for folder in subfolders(root / "chunks" / "done", SHARE_PLAN_FOLDER.fullmatch):
+    for folder in subfolders(root / SHARE_MARKERS_DIR, SHARE_PLAN_FOLDER.fullmatch):
         yield from listed(folder, _COMPLETE_FILES)
         for world in subfolders(folder, SHARE_WORLD_FOLDER.fullmatch):
             yield from listed(world, _RANK_FILES)
@@ -202,7 +201,7 @@ def write_shard(path: Path, clips: list[EncodedClip | CarriedSample], *,
     none is needed, a PUT is atomic. The sidecar is PUT after it, so "done" means the same thing as on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remote = store.in_object_store(path)
-    tmp = _tmp_name(path) if not remote else None
+    tmp = temporary_of(path) if not remote else None
     digest = hashlib.sha256()
     with io.BytesIO() if remote else open(tmp, "wb") as raw:
 
@@ -236,9 +235,9 @@ def write_shard(path: Path, clips: list[EncodedClip | CarriedSample], *,
         "sha256": digest.hexdigest(),
         **(extra or {}),
     }
-    _notify("sidecar", sidecar_path(path))
-    write_json_atomic(sidecar_path(path), record)
-    _notify("sidecar-written", sidecar_path(path))
+    _notify("sidecar", sidecar_of(path))
+    write_json_atomic(sidecar_of(path), record)
+    _notify("sidecar-written", sidecar_of(path))
     return record
 
 
@@ -253,7 +252,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     if store.in_object_store(path):
         path.write_text(text)
         return
-    tmp = _tmp_name(path)
+    tmp = temporary_of(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -263,7 +262,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def read_done(path: Path) -> dict[str, Any] | None:
     """The sidecar of a finished shard, or None when the shard must be (re)done."""
-    side = sidecar_path(path)
+    side = sidecar_of(path)
     if not (path.is_file() and side.is_file()):
         return None
     try:
@@ -283,7 +282,8 @@ def remove_temporaries(shard: Path) -> list[Path]:
         return []  # writes there are single PUTs: no temporary is ever left behind
     # The tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`), and no other name: a user's
     # `000017.tar.notes.tmp` is not one of ours.
-    ours = re.compile(rf"{re.escape(shard.name)}(?:\.json)?{_TMP_TAIL}")
+    exact = re.compile(re.escape(shard.name))
+    ours = temporaries(any_of(exact, sidecar_pattern(exact)))
     removed = [p for p in sorted(shard.parent.glob(f"{shard.name}.*{TMP_SUFFIX}"))
                if ours.fullmatch(p.name) and not p.is_symlink()]
     for tmp in removed:
@@ -327,52 +327,3 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

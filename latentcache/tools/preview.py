@@ -22,6 +22,7 @@ from latentcache.encode.chunks import find_input_record
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format import strictjson
+from latentcache.format.out_layout import MANIFEST_FILE, PLAN_FILE, sidecar_of
 from latentcache.format.reader import decode_sample
 from latentcache.train.shard_sources import ShardRef, read_shard, resolve_source
 
@@ -72,7 +73,7 @@ def pick_samples(shards: list[ShardRef], keys: list[str] | None, count: int | No
 def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:
     """Shards whose sidecar lists a wanted key first, so a preview of one key reads one shard, not all."""
     def holds(shard: ShardRef) -> bool:
-        side = Path(shard.url + ".json")
+        side = sidecar_of(Path(shard.url))
         try:
             return bool(wanted & set(strictjson.loads(side.read_bytes()).get("keys", [])))
         except (OSError, ValueError, AttributeError, TypeError):
@@ -90,7 +91,7 @@ def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
     sha256, or the object's ETag), so neither a file the plan merely names nor a video replaced since encoding is shown
     beside the latents; a sample's own `source` must be a plain relative path under the working directory whose size
     is the `source_size_bytes` the sample records."""
-    if (root / "plan.json").is_file():
+    if (root / PLAN_FILE).is_file():
         try:
             found = find_input_record(root, key)
         except (OSError, ValueError, ConfigError, ShardFormatError) as e:
@@ -194,7 +195,7 @@ def _number(value: Any, most: float) -> float | None:
     return number if 0 <= number <= most else None
 
 
-def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu", where: str = "manifest.json") -> Any:
+def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu", where: str = MANIFEST_FILE) -> Any:
     """The VAE recorded in the manifest (tiny-random-* is rebuilt with the same seeded weights)."""
     from latentcache.encode.vae import load_vae
 
@@ -279,7 +280,7 @@ def preview(root: str | os.PathLike, out: str | os.PathLike, *, keys: list[str] 
     """Decode the chosen samples back to video and write them, side by side with their sources, to `out`."""
     manifest, mroot, shards = resolve_source(root)
     samples = pick_samples(shards, keys, random_count if not keys else None, seed)
-    vae = load_manifest_vae(manifest, device, f"{mroot}/manifest.json")
+    vae = load_manifest_vae(manifest, device, f"{mroot}/{MANIFEST_FILE}")
     if not samples:
         raise ConfigError(f"{root}: no sample to preview (the dataset is empty)")
     result = PreviewResult(out=Path(out))

@@ -208,6 +208,7 @@ def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[
     import torch
 
     from latentcache.format.manifest import write_manifest
+    from latentcache.format.out_layout import shard_name
     from latentcache.format.shards import EncodedClip, write_shard
 
     gen = torch.Generator().manual_seed(0)
@@ -216,7 +217,7 @@ def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[
         clips = [EncodedClip(f"{i:016x}_0000", torch.randn(shape, generator=gen).half(),
                              (torch.randn(shape, generator=gen) + logvar_shift).half(), {"frames": 17})
                  for i in range(start, min(start + per_shard, samples))]
-        path = Path(root) / "shards" / "17x480x720" / f"{shard_id:06d}.tar"
+        path = Path(root) / shard_name("17x480x720", shard_id)
         record = write_shard(path, clips)
         shards.append({"path": path.relative_to(root).as_posix(), "bucket": "17x480x720", "samples": record["samples"],
                        "bytes": record["bytes"], "sha256": record["sha256"]})

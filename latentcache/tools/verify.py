@@ -21,6 +21,7 @@ from latentcache.encode.provenance import describe_software, describe_vae, softw
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems, meta_problems
 from latentcache.format.manifest import counts_problem
+from latentcache.format.out_layout import SHARD_SUFFIX, SHARDS_DIR
 from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
@@ -216,11 +217,11 @@ def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyRepo
     listed = {s["path"] for s in manifest["shards"]}
     if store.is_url(root):
         base = str(root).rstrip("/") + "/"
-        stray = [u[len(base):] for u in store.list_files(store.join(str(root), "shards"))
-                 if u.endswith(".tar") and u[len(base):] not in listed]
+        stray = [u[len(base):] for u in store.list_files(store.join(str(root), SHARDS_DIR))
+                 if u.endswith(SHARD_SUFFIX) and u[len(base):] not in listed]
     else:
-        stray = sorted(p.relative_to(root).as_posix() for p in (root / "shards").rglob("*.tar")
-                       if p.relative_to(root).as_posix() not in listed) if (root / "shards").is_dir() else []
+        stray = sorted(p.relative_to(root).as_posix() for p in (root / SHARDS_DIR).rglob(f"*{SHARD_SUFFIX}")
+                       if p.relative_to(root).as_posix() not in listed) if (root / SHARDS_DIR).is_dir() else []
     if stray:
         report.warnings.append(f"{len(stray)} shard(s) on disk are not in the manifest (e.g. {stray[0]}): left over "
                                "from another run? The dataset ignores them")

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from latentcache.errors import ConfigError, LatentMismatchError
 from latentcache.format.buckets import Bucket
+from latentcache.format.out_layout import MANIFEST_FILE
 from latentcache.train.dataset import LatentShardDataset
 from latentcache.train.partition import Slot
 from latentcache.train.shard_sources import resolve_source
@@ -95,7 +96,7 @@ class SATLatentDataset(Dataset):
         shards = [str(root / r.path) for r in refs if r.bucket == self.bucket]
         # Raw latents: SAT multiplies by its own scale_factor; normalising here would scale them twice.
         try:
-            self.stream = LatentShardDataset(shards, manifest=root / "manifest.json", sample_posterior=sample_posterior,
+            self.stream = LatentShardDataset(shards, manifest=root / MANIFEST_FILE, sample_posterior=sample_posterior,
                                             normalize=False, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                                             check_sha256=check_sha256, rank=rank, world_size=world_size)
         except ConfigError as e:  # a data.params value of the training YAML: named as such

@@ -25,6 +25,7 @@ from typing import Any
 
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.manifest import read_manifest
+from latentcache.format.out_layout import MANIFEST_FILE, SHARD_SUFFIX
 from latentcache.format.reader import TarStats, iter_tar, open_regular
 from latentcache.storage import store
 
@@ -111,7 +112,7 @@ def _find_manifest_dir(urls: list[str]) -> Path:
                                "the training script) so the dataset knows the latent spec and the shard checksums")
     here = Path(local).resolve().parent
     for folder in [here, *here.parents][:MANIFEST_SEARCH_DEPTH]:
-        if (folder / "manifest.json").is_file():
+        if (folder / MANIFEST_FILE).is_file():
             return folder
     raise ShardFormatError(f"no manifest.json in {here} or the {MANIFEST_SEARCH_DEPTH - 1} folders above it: pass "
                            "manifest=OUT/manifest.json, the one `latentcache encode` wrote with these shards")
@@ -120,7 +121,7 @@ def _find_manifest_dir(urls: list[str]) -> Path:
 def _read_manifest_arg(manifest: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     path = Path(manifest)
     root = path if path.is_dir() else path.parent
-    if path.is_file() and path.name != "manifest.json":
+    if path.is_file() and path.name != MANIFEST_FILE:
         raise ShardFormatError(f"manifest={manifest}: expected a file named manifest.json or its directory")
     return read_manifest(root), root
 
@@ -182,7 +183,7 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
         return remote
     if isinstance(source, str | os.PathLike) and Path(source).is_dir():
         root = Path(source)
-        if manifest is None and not (root / "manifest.json").is_file():
+        if manifest is None and not (root / MANIFEST_FILE).is_file():
             message = _pixels_message(root)
             if message:
                 raise LatentMismatchError(message)
@@ -318,7 +319,7 @@ def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
             return _read_object(shard.url, limit)
         return _read_stream(shard, limit, buffer)
     except FileNotFoundError:
-        where = f"of {shard.root}/manifest.json" if shard.root is not None else "named by the manifest"
+        where = f"of {shard.root}/{MANIFEST_FILE}" if shard.root is not None else "named by the manifest"
         raise ShardFormatError(f"{shard.url}: shard {shard.path!r} {where} is missing from storage; the dataset "
                                "is incomplete (copied in part?): copy the whole output, or run `latentcache verify` "
                                "on it") from None
@@ -455,12 +456,12 @@ def _object_store_source(source: Any, manifest: str | os.PathLike | None
                          ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
     """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
     for anything else (local paths, shard urls, lists)."""
-    if not (isinstance(source, str) and store.in_object_store(source)) or source.endswith(".tar"):
+    if not (isinstance(source, str) and store.in_object_store(source)) or source.endswith(SHARD_SUFFIX):
         return None
     if any(c in source for c in "{*?"):
         return None
     root = source.rstrip("/")
-    mroot = str(manifest).rstrip("/").removesuffix("/manifest.json") if manifest is not None else root
+    mroot = str(manifest).rstrip("/").removesuffix(f"/{MANIFEST_FILE}") if manifest is not None else root
     data = read_manifest(mroot)
     urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
     return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]

@@ -426,7 +426,7 @@ def test_reencode_changed_killed_at_each_step_ends_as_an_uninterrupted_run(tmp_p
     whole = tmp_path / "whole"
     shutil.copytree(out, whole)
     assert main(["encode", str(videos), "--out", str(whole), *SHARED, "--reencode-changed"]) == 0
-    target = {"carried": (reencode, "sidecar_path"), "removed": (reencode, "remove_temporaries"),
+    target = {"carried": (reencode, "sidecar_of"), "removed": (reencode, "remove_temporaries"),
               "planned": (reencode.log, "warning"), "written": (reencode, "drop_carry")}[stage]
     real = getattr(*target)
     calls = {"n": 0}

@@ -21,6 +21,7 @@ from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.plan import InputVideo, clip_key
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.manifest import read_manifest
+from latentcache.format.out_layout import INPUT_LISTS_RECORD, inputs_name
 
 
 def _plan(counts: list[int], chunk_size: int) -> JobPlan:
@@ -178,7 +179,7 @@ def test_crafted_plans_cannot_name_paths_outside_out(small_videos: Path, tmp_pat
     with pytest.raises(ConfigError, match="part 0 names '../../etc/passwd'"):
         JobPlan.from_json(json.dumps(top))
     # The inputs file changed after planning: the chunk's sha256 no longer matches.
-    inputs = out / chunks.inputs_name(0)
+    inputs = out / inputs_name(0)
     inputs.write_bytes(inputs.read_bytes().replace(b"v0.mp4", b"v9.mp4"))
     with pytest.raises(ConfigError, match="do not match plan.json's sha256"):
         chunks.read_chunk_inputs(out, ref)
@@ -256,7 +257,7 @@ def test_an_unchanged_list_is_not_read_again_and_a_changed_one_is(small_videos: 
     out = tmp_path / "out"
     assert encode_job(_args(listed, out)) == 0
     assert list_reads == [str(listed)]
-    record = json.loads((out / rerun_inputs.LISTS_NAME).read_text())
+    record = json.loads((out / INPUT_LISTS_RECORD).read_text())
     assert record["lists"][0]["path"] == str(listed.resolve()) and record["lists"][0]["size"] == listed.stat().st_size
 
     list_reads.clear()

@@ -32,7 +32,7 @@ from latentcache.encode.settings import VAESettings
 from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import read_manifest
-from latentcache.format.shards import sidecar_path
+from latentcache.format.out_layout import sidecar_of
 from latentcache.tools.synthetic import write_video
 from latentcache.tools.verify import info_lines, verify
 from latentcache.train.dataset import LatentShardDataset
@@ -239,7 +239,7 @@ def test_software_is_in_sidecars_and_manifest_not_in_the_tars(one_video: Path, t
     manifest = read_manifest(out)
     assert manifest["software"] == [{**expected, "shards": 1}]
     tar = next(out.rglob("*.tar"))
-    assert json.loads(sidecar_path(tar).read_text())["software"] == expected
+    assert json.loads(sidecar_of(tar).read_text())["software"] == expected
     assert b"diffusers" not in tar.read_bytes()  # tar bytes do not depend on the software record
     for key in ("hostname", "pid", "time"):
         assert not any(key in k for k in expected)
@@ -255,10 +255,10 @@ def test_a_shard_redone_with_another_thread_count_is_named_by_verify(video_dir: 
     tars = sorted(out.rglob("*.tar"))
     assert len(tars) >= 2
     tars[-1].unlink()
-    sidecar_path(tars[-1]).unlink()
+    sidecar_of(tars[-1]).unlink()
     assert main([*encode, "--cpu-threads", "2"]) == 0
-    assert json.loads(sidecar_path(tars[-1]).read_text())["software"]["cpu_threads"] == 2
-    assert {json.loads(sidecar_path(t).read_text())["software"]["cpu_threads"] for t in tars[:-1]} == {1}
+    assert json.loads(sidecar_of(tars[-1]).read_text())["software"]["cpu_threads"] == 2
+    assert {json.loads(sidecar_of(t).read_text())["software"]["cpu_threads"] for t in tars[:-1]} == {1}
     report = verify(out)
     warning = next(w for w in report.warnings if "different software" in w)
     assert f"cpu_threads 1 ({len(tars) - 1} shard{'s' if len(tars) > 2 else ''}) / 2 (1 shard)" in warning

@@ -32,8 +32,9 @@ from latentcache.encode.settings import RuntimeSettings
 from latentcache.encode.vae import VideoVAE, load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import read_manifest
+from latentcache.format.out_layout import sidecar_of
 from latentcache.format.reader import decode_sample, iter_tar
-from latentcache.format.shards import PAUSE_ENV, remove_stale_temporaries, sidecar_path
+from latentcache.format.shards import PAUSE_ENV, remove_stale_temporaries
 
 RANK_LINE = re.compile(r"\[rank (\d+)\] (\d+) clips in (\d+) shard\(s\) written \((\d+) left unfinished by an "
                        r"earlier run\), (\d+) shard\(s\) already done")
@@ -43,7 +44,7 @@ def _tar_tmp(out: Path) -> list[Path]:
 
 
 def _tars_without_sidecar(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*.tar") if not sidecar_path(p).exists()]
+    return [p for p in out.rglob("*.tar") if not sidecar_of(p).exists()]
 
 
 def _sidecars(out: Path) -> list[Path]:

@@ -18,8 +18,8 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
 from latentcache.encode.chunks import chunks_for_rank, read_chunk_plan, read_job_plan
 from latentcache.format.manifest import read_manifest
+from latentcache.format.out_layout import sidecar_of
 from latentcache.format.reader import decode_sample, iter_tar
-from latentcache.format.shards import sidecar_path
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ def test_array_one_task_at_a_time_then_a_cancelled_task_resubmitted(slurm: dict[
     states = wait_ended(env, array)
     assert states == {**{str(t): "COMPLETED" for t in range(TASKS)}, str(CANCELLED): "CANCELLED"}, states
     owned = _owned(resumed_out, CANCELLED)
-    done = [sidecar_path(resumed_out / s.relpath).exists() for s in owned]
+    done = [sidecar_of(resumed_out / s.relpath).exists() for s in owned]
     assert sorted(done) == [False, True], "the cancel was to land between the task's two shards"
     # Nobody else takes a cancelled task's shards, so no task found the work finished and wrote the manifest; the
     # dependent finalize ran once the array ended and refused, naming what is missing.

@@ -13,7 +13,8 @@ from latentcache.encode.image import IMAGE_SUFFIXES
 from latentcache.encode.inputs.captions import local_caption
 from latentcache.encode.inputs.names import NOT_VIDEO_SUFFIXES, is_text, warn_not_utf8
 from latentcache.encode.inputs.tars import tar_inputs
-from latentcache.encode.plan import OUTPUT_MARKER, InputVideo
+from latentcache.encode.plan import InputVideo
+from latentcache.format.out_layout import OUTPUT_MARKER
 
 log = logging.getLogger(__name__)
 
