@@ -273,12 +273,15 @@ class LatentShardDataset(IterableDataset):
     def iter_slot(self, slot: Slot, skip: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, item) of `slot`'s pass through the current epoch, from item `skip` on: the items before it are
         grouped from headers and passed over, never decoded."""
-        buffer = bytearray()  # this pass's shard buffer, reused shard after shard (never shared between passes)
+        # This pass's shard buffers, reused shard after shard (never shared between passes): one per source, since a
+        # weighted mix reads a shard of one source while another source's shard is still being parsed from its own.
+        buffers: dict[int, bytearray] = {}
         multi = len(self.sources) > 1
 
         def read(shard: ShardRef, data: memoryview | None = None) -> Iterator[RawSample]:
             # The same key in two outputs still gets its own posterior noise.
             draw = f"s{shard.source}" if multi else None
+            buffer = buffers.setdefault(shard.source, bytearray())
             for members in read_shard(shard, check_sha256=self.check_sha256, buffer=buffer, data=data):
                 yield RawSample(members["__key__"], shard.url, shard.bucket, members, draw)
 

@@ -224,3 +224,33 @@ def test_a_link_to_another_outputs_shard_is_not_read_twice(encoded_dir: Path, se
     link.symlink_to(target)
     with pytest.raises(ShardFormatError, match="same shard is given twice|link"):
         list(LatentShardDataset([encoded_dir, copy]))
+
+
+@pytest.fixture(scope="module")
+def paired_output(video_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """video_dir/sub encoded like encoded_dir (17x64x96, 2 samples a shard): shards of about its shards' size."""
+    from latentcache.cli import main
+
+    out = tmp_path_factory.mktemp("paired") / "out"
+    assert main(["encode", str(video_dir / "sub"), "--out", str(out), "--clips", "uniform:2",
+                 "--samples-per-shard", "2", *ENCODE_TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_interleaved_sources_each_read_their_own_shard_bytes(encoded_dir: Path, paired_output: Path,
+                                                             resampled: bool) -> None:
+    """A weighted mix reads a shard of one output while a shard of the other is half delivered: each sample is still
+    the one its own shard holds (one shard buffer shared by the two streams was overwritten under the first)."""
+    expected = {}
+    for root in (encoded_dir, paired_output):
+        for item in LatentShardDataset(root, sample_posterior=False, normalize=False):
+            expected[item["key"]] = item["latents"]
+    assert len(expected) == 10
+    for sources in ([encoded_dir, paired_output], [paired_output, encoded_dir]):
+        dataset = LatentShardDataset(sources, weights=[1.0, 1.0], sample_posterior=False, normalize=False,
+                                     resampled=resampled, epoch_items=24 if resampled else None)
+        items = list(dataset)
+        assert len(items) == (24 if resampled else 10)
+        assert {i["key"] for i in items} <= set(expected)
+        assert all(torch.equal(i["latents"], expected[i["key"]]) for i in items)
