@@ -92,14 +92,14 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
 
 def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     from latentcache.cli import settings_from_args
-    from latentcache.encode import chunks
+    from latentcache.encode import chunks, job_plan
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
     started = time.perf_counter()
-    plan = chunks.read_job_plan(args.out)
+    plan = job_plan.read_job_plan(args.out)
     read_seconds = time.perf_counter() - started
-    mine = chunks.chunks_for_rank(plan, 0, tasks)
+    mine = job_plan.chunks_for_rank(plan, 0, tasks)
     plans = [chunks.load_or_make_chunk_plan(args.out, plan, ref, settings, probe_fn=fake_probe) for ref in mine]
     seconds = time.perf_counter() - started
     shards = [s for p in plans for s in p.shards]
@@ -156,11 +156,11 @@ def write_files(work: Path, n: int) -> None:
 
 def step_plan_all(work: Path, n: int, chunk_size: int) -> dict:
     from latentcache.cli import settings_from_args
-    from latentcache.encode import chunks
+    from latentcache.encode import chunks, job_plan
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
-    plan = chunks.read_job_plan(args.out)
+    plan = job_plan.read_job_plan(args.out)
     started = time.perf_counter()
     refs = plan.chunk_refs()
     chunks.plan_share(args.out, plan, refs, settings, probe_fn=fake_probe)
@@ -170,11 +170,11 @@ def step_plan_all(work: Path, n: int, chunk_size: int) -> dict:
 def step_recheck(work: Path, n: int, chunk_size: int) -> dict:
     """A rerun's planning of all chunks by one process: chunk plans read only, then read and every input checked."""
     from latentcache.cli import settings_from_args
-    from latentcache.encode import chunks
+    from latentcache.encode import chunks, job_plan
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
-    plan = chunks.read_job_plan(args.out)
+    plan = job_plan.read_job_plan(args.out)
     refs = plan.chunk_refs()
     started = time.perf_counter()
     for ref in refs:
@@ -230,15 +230,16 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
 def step_end_check(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
     """Task 0's end-of-run check, the other tasks still working: every chunk plan read (before), or its own
     shards' sidecars stat'ed and the first other task's done marker looked for (after)."""
-    from latentcache.encode import chunks, finalize
+    from latentcache.encode import chunks, finalize, job_plan
 
     out = args_for(work, n, chunk_size).out
-    plan = chunks.read_job_plan(out)
+    plan = job_plan.read_job_plan(out)
     started = time.perf_counter()
     finalize.pending_in_job(out, plan)
     before = time.perf_counter() - started
     started = time.perf_counter()
-    mine = [s for ref in chunks.chunks_for_rank(plan, 0, tasks) for s in chunks.read_chunk_plan(out, plan, ref).shards]
+    mine = [s for ref in job_plan.chunks_for_rank(plan, 0, tasks)
+            for s in chunks.read_chunk_plan(out, plan, ref).shards]
     finalize.mark_share_done(out, plan, 0, tasks, mine)
     waiting = finalize.first_share_pending(out, plan, tasks)
     return {"before": before, "after": time.perf_counter() - started, "waiting": waiting}

@@ -102,7 +102,7 @@ def codec_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 SMALL_VIDEOS = 6
 ENCODE_SMALL = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "--height", "64", "--width", "96",
                 "--clips", "first", "--samples-per-shard", "1", "--chunk-size", "1", "--cpu-threads", "1"]
-# --chunk-size 1: the default chunk size follows the first planner's world size (chunks.auto_chunk_size), and these
+# --chunk-size 1: the default chunk size follows the first planner's world size (job_plan.auto_chunk_size), and these
 # runs compare outputs planned by 1, 2 and 6 processes byte for byte, which holds for the same plan. --cpu-threads 1:
 # each shard's software record holds the thread count (the latents' last bits depend on it), and these runs compare
 # one process with several, each of which would otherwise take its own share of the cores.

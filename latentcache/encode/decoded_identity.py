@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentcache.encode.chunks import JobPlan, read_chunk_inputs, read_chunk_stats
+from latentcache.encode.chunks import read_chunk_inputs, read_chunk_stats
 from latentcache.encode.input_stats import Stat, quick_stat
-from latentcache.encode.plan import Plan
+from latentcache.encode.job_plan import JobPlan
+from latentcache.encode.plan import ChunkPlan
 from latentcache.errors import ConfigError, InputError
 
 
@@ -22,7 +23,7 @@ class ChangedWhileEncoding(InputError):
     """A clip's source is not what its chunk plan recorded when it was decoded. Not a failure record: the run stops."""
 
 
-def planned_stats(out: Path, plan: JobPlan, chunk_plans: list[Plan]) -> dict[str, Stat]:
+def planned_stats(out: Path, plan: JobPlan, chunk_plans: list[ChunkPlan]) -> dict[str, Stat]:
     """Each source path of `chunk_plans` with the stat its chunk plan recorded (chunk plans made before stats were
     recorded give none: their sources are not checked)."""
     refs = {(r.part, r.chunk): r for r in plan.chunk_refs()}

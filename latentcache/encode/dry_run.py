@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentcache.encode import chunks
-from latentcache.encode.plan import Plan, PlannedClip, clip_settings_for
+from latentcache.encode import chunks, job_plan
+from latentcache.encode.plan import ChunkPlan, PlannedClip, clip_settings_for
 from latentcache.encode.settings import EncodeSettings, JobSettings
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.format.buckets import Bucket
@@ -125,7 +125,7 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_si
     return result
 
 
-def _seed_from_output(out: Path, scratch: Path) -> chunks.JobPlan | None:
+def _seed_from_output(out: Path, scratch: Path) -> job_plan.JobPlan | None:
     """An existing local output's plan, with links to its inputs files, in `scratch`: planning there appends exactly
     what a real run would, and reads --out without writing to it. None for a new output (or one in object
     storage, planned as new)."""
@@ -134,7 +134,7 @@ def _seed_from_output(out: Path, scratch: Path) -> chunks.JobPlan | None:
 
     if store.in_object_store(out) or not (out / PLAN_FILE).is_file():
         return None
-    plan = chunks.read_job_plan(out)
+    plan = job_plan.read_job_plan(out)
     (scratch / INPUTS_DIR).mkdir(parents=True)
     (scratch / PLAN_FILE).write_bytes((out / PLAN_FILE).read_bytes())
     for f in (out / INPUTS_DIR).iterdir():
@@ -143,7 +143,7 @@ def _seed_from_output(out: Path, scratch: Path) -> chunks.JobPlan | None:
     return plan
 
 
-def _estimate(result: DryRun, chunk_plans: list[Plan], vae: VideoVAE, settings: EncodeSettings, n: int) -> None:
+def _estimate(result: DryRun, chunk_plans: list[ChunkPlan], vae: VideoVAE, settings: EncodeSettings, n: int) -> None:
     """Decode and encode up to `n` planned clips one at a time (the first is a warm-up, not counted, when there are
     more), timing each stage."""
     from latentcache.encode.decode import decode_clip

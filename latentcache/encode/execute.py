@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from latentcache.encode import decoded_identity, reencode
-from latentcache.encode.chunks import JobPlan
 from latentcache.encode.frames import Clip
+from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
 from latentcache.encode.output import _writing
-from latentcache.encode.plan import Plan, PlannedClip, PlannedShard, aspect_sizes, failure_record
+from latentcache.encode.plan import ChunkPlan, PlannedClip, PlannedShard, aspect_sizes, failure_record
 from latentcache.encode.planning import plan_chunks
 from latentcache.encode.provenance import software_record, vae_change
 from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings
@@ -82,7 +82,7 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
     return results
 
 
-def _sample_meta(p: PlannedClip, clip: Clip, plan: Plan, tiling: TilingSettings | None) -> dict[str, Any]:
+def _sample_meta(p: PlannedClip, clip: Clip, plan: ChunkPlan, tiling: TilingSettings | None) -> dict[str, Any]:
     # frames_decoded measures the decode's cost (it differs between CPU and NVDEC decoding), not the sample: it stays
     # out of the shard so any decoder writes the same bytes.
     kept = {k: v for k, v in clip.meta.items() if k != "frames_decoded"}
@@ -146,7 +146,7 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
     return results
 
 
-def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: Plan, settings: EncodeSettings,
+def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: ChunkPlan, settings: EncodeSettings,
                   texts: TextEncoder | None) -> list[tuple[PlannedClip, EncodedClip | InputError]]:
     """One VAE batch (plus its image conditions and prompt embeddings): each clip's EncodedClip or its InputError."""
     if not batch:
@@ -184,7 +184,7 @@ class EncodeGroup:
     taken together, so a batch crosses shard boundaries and what a batch holds is a function of the chunk plan and
     the batch size alone, never of which shards an earlier run finished (a rerun writes the same bytes)."""
 
-    chunk: Plan
+    chunk: ChunkPlan
     shards: list[PlannedShard]
     pending: set[str]  # relpaths of the shards to write
 
@@ -196,7 +196,7 @@ class EncodeGroup:
         return [w for w in windows if wanted.intersection(w)]
 
 
-def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary,
+def encode_groups(chunk_plans: list[ChunkPlan], out: Path, summary: RunSummary,
                   redo: frozenset[str] = frozenset()) -> list[EncodeGroup]:
     """This rank's encode groups that have a shard to write; counts the finished shards in `summary`. `redo`: the
     relpaths of done shards to write again all the same (damaged ones, `finalize.damaged_shards`)."""
@@ -224,7 +224,7 @@ def encode_groups(chunk_plans: list[Plan], out: Path, summary: RunSummary,
 
 def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
         on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
-        chunk_plans: list[Plan] | None = None, runtime: RuntimeSettings | None = None,
+        chunk_plans: list[ChunkPlan] | None = None, runtime: RuntimeSettings | None = None,
         redo: frozenset[str] = frozenset()) -> RunSummary:
     """Produce every shard of this rank's chunks that is not already done; `on_clip` counts clips actually worked on.
 

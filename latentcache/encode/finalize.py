@@ -16,8 +16,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks
-from latentcache.encode.chunks import JobPlan
+from latentcache.encode import chunks, job_plan
+from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.output import _writing
 from latentcache.encode.plan import PlannedShard
 from latentcache.encode.provenance import merge_software
@@ -161,7 +161,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
-    plan = chunks.read_job_plan(out)
+    plan = job_plan.read_job_plan(out)
     remove_stale_temporaries(out)
     shards: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []

@@ -27,9 +27,9 @@ from latentcache.format.out_layout import FAILURES_FILE, MANIFEST_FILE
 from latentcache.format.outcomes import Tally, tally
 
 if TYPE_CHECKING:  # imported where used: `latentcache --help` loads neither torch nor diffusers
-    from latentcache.encode.chunks import JobPlan
     from latentcache.encode.execute import RunSummary
-    from latentcache.encode.plan import Plan, PlannedShard
+    from latentcache.encode.job_plan import JobPlan
+    from latentcache.encode.plan import ChunkPlan, PlannedShard
     from latentcache.encode.text import TextEncoder
     from latentcache.encode.vae import VideoVAE
 
@@ -113,13 +113,13 @@ def _load_encoders(settings: JobSettings, world: World) -> tuple[VideoVAE, TextE
 def _job_plan(settings: JobSettings, world: World, vae: VideoVAE) -> tuple[JobPlan, bool]:
     """The job's top-level plan, made (or read and extended) by the main process and read back by the others;
     (plan, True) when the main process refused it (it prints why)."""
-    from latentcache.encode import chunks, planning
+    from latentcache.encode import job_plan, planning
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
 
     out = settings.out
 
-    def make_plan() -> chunks.JobPlan:
+    def make_plan() -> job_plan.JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=settings.encode.clip.images)
         # Taken before the lists are read: unchanged lists are not read again (`rerun_inputs.lists_unchanged`).
@@ -135,7 +135,7 @@ def _job_plan(settings: JobSettings, world: World, vae: VideoVAE) -> tuple[JobPl
             release_output(out)  # refused before anything was planned: no OUT holding only `.latentcache`
         raise
     if not failed and not world.is_main:
-        plan = chunks.read_job_plan(out)
+        plan = job_plan.read_job_plan(out)
     return plan, failed
 
 
@@ -144,7 +144,7 @@ class _Share:
     """This rank's share of the job: its chunk plans, and which of them this run planned (probed) itself."""
 
     plan: JobPlan
-    chunk_plans: list[Plan]
+    chunk_plans: list[ChunkPlan]
     # Chunks this run plans (probes) itself: their refused inputs are this run's work; read-back ones were counted
     # by the run that planned them.
     fresh: list[bool]
@@ -153,10 +153,10 @@ class _Share:
     def make(settings: JobSettings, world: World, plan: JobPlan) -> _Share:
         """Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that
         its inputs did not change since)."""
-        from latentcache.encode import chunks, planning
+        from latentcache.encode import job_plan, planning
 
         out = settings.out
-        fresh = [not (out / ref.plan_name).is_file() for ref in chunks.chunks_for_rank(plan, world.rank,
+        fresh = [not (out / ref.plan_name).is_file() for ref in job_plan.chunks_for_rank(plan, world.rank,
                                                                                       world.world_size)]
         chunk_plans = planning.plan_chunks(out, plan, settings.encode, rank=world.rank, world_size=world.world_size,
                                            strict=settings.runtime.strict, reencode_changed=settings.reencode_changed)
@@ -268,7 +268,7 @@ def _finish(out: Path, plan: JobPlan) -> int:
     (docs/distributed.md allows one) adds a part that this run never saw, and the run that appended it finishes it
     and writes the manifest. So this run's own inputs being done, it exits 0 saying so, also when the append lands
     between its check and its finalize."""
-    from latentcache.encode import chunks, finalize
+    from latentcache.encode import finalize, job_plan
     from latentcache.errors import ShardFormatError
 
     left, unplanned = finalize.pending_in_job(out, plan)
@@ -277,7 +277,7 @@ def _finish(out: Path, plan: JobPlan) -> int:
         print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
               f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
         return EXIT_OK
-    current = chunks.read_job_plan(out)
+    current = job_plan.read_job_plan(out)
     if len(current.parts) > len(plan.parts):
         left, unplanned = finalize.pending_in_job(out, current)
         if left or unplanned:
@@ -286,7 +286,7 @@ def _finish(out: Path, plan: JobPlan) -> int:
     try:
         return report_finalize(out)
     except ShardFormatError:
-        now = chunks.read_job_plan(out)
+        now = job_plan.read_job_plan(out)
         if len(now.parts) <= len(current.parts):
             raise
         print(_appended_since(out, plan, now, "its new inputs"))

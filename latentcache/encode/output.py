@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks
-from latentcache.encode.chunks import JobPlan
+from latentcache.encode import chunks, job_plan
+from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
@@ -58,7 +58,7 @@ def refuse_foreign_output(out: Path) -> None:
     others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
     if others and not marker.is_file():
         try:
-            chunks.read_job_plan(out)
+            job_plan.read_job_plan(out)
         except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
             raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
                               f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
@@ -70,7 +70,7 @@ def refuse_changed_settings(out: Path, settings: EncodeSettings, overwrite: bool
     is loaded, in `planning.load_or_make_plan`)."""
     if overwrite or not plan_path(out).is_file():
         return
-    existing = chunks.read_job_plan(out)
+    existing = job_plan.read_job_plan(out)
     wanted = JobPlan(existing.fingerprint, settings.output_affecting(), existing.vae, [])
     # Through JSON, as plan.json holds them (a tuple now is the list it became there).
     if json.loads(json.dumps(wanted.settings, default=str)) != existing.settings:

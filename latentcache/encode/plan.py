@@ -1,7 +1,7 @@
 """The work, as data: inputs -> probed videos -> clips -> shards.
 
 The plan is a pure function of the inputs and the settings. Ranks, accelerate and SLURM only decide which shard ids a
-process takes (`chunks.chunks_for_rank`); any process can produce any shard, and produces the same bytes.
+process takes (`job_plan.chunks_for_rank`); any process can produce any shard, and produces the same bytes.
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ class PlannedShard:
 
 
 @dataclass(slots=True)
-class Plan:
+class ChunkPlan:
+    """One chunk's plan: its clips laid out in bucket-pure shards, and the inputs it rejected. The whole job's plan
+    (plan.json) is `job_plan.JobPlan`; each chunk plan is written as chunks.py says."""
+
     fingerprint: str
     settings: dict[str, Any]
     vae: dict[str, Any]
@@ -420,7 +423,7 @@ def make_plan(
     probe_fn: Callable[[str], VideoInfo] | None = None,
     workers: int = 8,
     strict: bool = False,
-) -> Plan:
+) -> ChunkPlan:
     """Probe every input (in parallel, container metadata only) and lay its clips out in shards, one bucket each.
 
     With `strict`, the first input that cannot be probed raises its InputError (skips are not failures).
@@ -458,7 +461,7 @@ def make_plan(
             clips.append(PlannedClip(clip_key(ident, i), video.path, ident, i, start, bucket,
                                      caption if isinstance(caption, str) else None, span, k, video.extra))
     fingerprint = hash_json({"settings": settings.output_affecting(), "vae": vae_identity})
-    return Plan(fingerprint, settings.output_affecting(), vae_identity, clips,
+    return ChunkPlan(fingerprint, settings.output_affecting(), vae_identity, clips,
                 lay_out_shards(clips, settings.samples_per_shard), rejected)
 
 

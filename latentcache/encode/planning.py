@@ -1,7 +1,7 @@
 """Planning: the job's top-level plan (OUT/plan.json, made without opening a video) and this process's chunk plans.
 
 Safe for processes that cannot wait for each other (SLURM array tasks): each makes the same plan from the same
-inputs, and each probes only its own chunks (`chunks.chunks_for_rank`).
+inputs, and each probes only its own chunks (`job_plan.chunks_for_rank`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks, rerun_inputs
-from latentcache.encode.chunks import JobPlan
+from latentcache.encode import chunks, job_plan, rerun_inputs
+from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.output import _writing, claim_output, clear_outputs, differences
-from latentcache.encode.plan import InputVideo, Plan, check_buckets
+from latentcache.encode.plan import ChunkPlan, InputVideo, check_buckets
 from latentcache.encode.probing import VideoInfo
 from latentcache.encode.provenance import vae_change
 from latentcache.encode.settings import EncodeSettings, hash_json
@@ -43,7 +43,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     `lists`: the identity of the input lists (`input_stats.list_identity`, taken before `inputs` is read). When it
     is the one recorded for plan.json, `inputs` is never read: the lists hold nothing new (see docs/distributed.md
     "Changed inputs").
-    `chunk_size`: None for `chunks.auto_chunk_size` over the new inputs and `world_size` (all processes of the job).
+    `chunk_size`: None for `job_plan.auto_chunk_size` over the new inputs and `world_size` (all processes of the job).
     """
     vae.spec.check_clip(settings.clip)
     claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
@@ -54,7 +54,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     wanted = JobPlan(hash_json({"settings": settings.output_affecting(), "vae": record}), settings.output_affecting(),
                      record, [])
     if path.is_file():
-        existing = chunks.read_job_plan(out)
+        existing = job_plan.read_job_plan(out)
         changed = vae_change(existing.vae.get("identity"), record["identity"], str(path))
         if changed and not overwrite:
             raise ConfigError(f"{out}: {changed}")
@@ -65,12 +65,12 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             if rerun_inputs.lists_unchanged(out, existing, lists):
                 log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
                 return existing
-            return _append_and_record(out, existing, chunks.InputTable(inputs), chunk_size, world_size, lists)
+            return _append_and_record(out, existing, job_plan.InputTable(inputs), chunk_size, world_size, lists)
         clear_outputs(out, existing)
-    return _append_and_record(out, wanted, chunks.InputTable(inputs), chunk_size, world_size, lists)
+    return _append_and_record(out, wanted, job_plan.InputTable(inputs), chunk_size, world_size, lists)
 
 
-def _append_and_record(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,
+def _append_and_record(out: Path, plan: JobPlan, table: job_plan.InputTable, chunk_size: int | None,
                        world_size: int, lists: list[dict[str, Any]] | None) -> JobPlan:
     grown = _append(out, plan, table, chunk_size, world_size)
     # Captions read from sidecar files can change while the lists do not: then the lists are read on every run.
@@ -78,7 +78,7 @@ def _append_and_record(out: Path, plan: JobPlan, table: chunks.InputTable, chunk
     return grown
 
 
-def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int | None,
+def _append(out: Path, plan: JobPlan, table: job_plan.InputTable, chunk_size: int | None,
             world_size: int = 1) -> JobPlan:
     """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
     new = rerun_inputs.new_inputs(out, plan, table)
@@ -89,8 +89,8 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
                  len(plan.parts), len(plan.parts))
     # A function of the new inputs and the world size alone: every task of the job agrees. The part records it, so
     # an output planned under an earlier rule resumes with its own chunk size.
-    size = chunk_size or chunks.auto_chunk_size(len(new), world_size)
-    part = chunks.make_part(out, len(plan.parts), table, new, size)
+    size = chunk_size or job_plan.auto_chunk_size(len(new), world_size)
+    part = job_plan.make_part(out, len(plan.parts), table, new, size)
     grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
     # plan.json last: it names the part, whose files are in place by now.
     _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
@@ -100,9 +100,9 @@ def _append(out: Path, plan: JobPlan, table: chunks.InputTable, chunk_size: int 
 
 def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
                 probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False,
-                reencode_changed: bool = False) -> list[Plan]:
+                reencode_changed: bool = False) -> list[ChunkPlan]:
     """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
     `strict`: the first input that cannot be probed raises (see `plan.make_plan`). An input changed since its chunk
     was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
-    return chunks.plan_share(out, plan, chunks.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
+    return chunks.plan_share(out, plan, job_plan.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
                              strict=strict, reencode_changed=reencode_changed)

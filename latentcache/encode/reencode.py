@@ -27,7 +27,7 @@ from typing import Any
 
 from latentcache.encode import probing
 from latentcache.encode.input_stats import Stat, input_stats
-from latentcache.encode.plan import InputVideo, Plan, PlannedClip, input_id, lay_out_shards, make_plan
+from latentcache.encode.plan import ChunkPlan, InputVideo, PlannedClip, input_id, lay_out_shards, make_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.out_layout import carry_name, sidecar_of
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 Carried = CarriedSample | dict[str, Any]
 
 
-def carry_path(out: Path, chunk: Plan) -> Path | None:
+def carry_path(out: Path, chunk: ChunkPlan) -> Path | None:
     """Where the carry of a chunk plan's chunk is; None for a plan with no shard (nothing to carry into)."""
     if not chunk.shards or chunk.shards[0].chunk is None:
         return None
@@ -53,8 +53,8 @@ def _row_of(record: dict[str, Any]) -> tuple[Any, Any]:
     return record.get("path"), record.get("row")
 
 
-def replan(old: Plan, where: tuple[int, int], inputs: list[InputVideo], changed: set[str],
-           settings: EncodeSettings, *, probe_fn: Callable[[str], probing.VideoInfo] | None, strict: bool) -> Plan:
+def replan(old: ChunkPlan, where: tuple[int, int], inputs: list[InputVideo], changed: set[str],
+           settings: EncodeSettings, *, probe_fn: Callable[[str], probing.VideoInfo] | None, strict: bool) -> ChunkPlan:
     """The chunk's plan with the inputs at `changed` paths probed and planned again and every other input's clips
     and refusals as `old` has them: what a fresh plan of the chunk gives when the unchanged inputs probe as before.
     `where`: the chunk's (part, chunk) numbers, which its shards are named from."""
@@ -85,7 +85,7 @@ def replan(old: Plan, where: tuple[int, int], inputs: list[InputVideo], changed:
     shards = lay_out_shards(clips, settings.samples_per_shard)
     for shard in shards:
         shard.part, shard.chunk = where
-    return Plan(old.fingerprint, old.settings, old.vae, clips, shards, rejected)
+    return ChunkPlan(old.fingerprint, old.settings, old.vae, clips, shards, rejected)
 
 
 def changed_stats(inputs: list[InputVideo], stats: list[Stat], changed: set[str]) -> list[Stat]:
@@ -95,8 +95,8 @@ def changed_stats(inputs: list[InputVideo], stats: list[Stat], changed: set[str]
     return [fresh[v.path] if v.path in changed else s for v, s in zip(inputs, stats, strict=True)]
 
 
-def reencode_chunk(out: Path, where: tuple[int, int], old: Plan, new: Plan, stats: list[Stat], changed: set[str],
-                   write_plan: Callable[[Plan, list[Stat]], None]) -> Plan:
+def reencode_chunk(out: Path, where: tuple[int, int], old: ChunkPlan, new: ChunkPlan, stats: list[Stat],
+                   changed: set[str], write_plan: Callable[[ChunkPlan, list[Stat]], None]) -> ChunkPlan:
     """Put `new` (from `replan`) in place of `old` in the steps the module's docstring gives. `stats`: what each
     input is now (`changed_stats`)."""
     changed_keys = {c.key for c in new.clips if c.source in changed} | {c.key for c in old.clips if c.source in changed}
@@ -121,7 +121,7 @@ def reencode_chunk(out: Path, where: tuple[int, int], old: Plan, new: Plan, stat
     return new
 
 
-def _write_carry(out: Path, path: Path, old: Plan, wanted: set[str]) -> None:
+def _write_carry(out: Path, path: Path, old: ChunkPlan, wanted: set[str]) -> None:
     """Step 1: every sample (or failure record) of `wanted` that the old chunk's done shards or an earlier carry
     hold, in one carry shard. Refuses, having removed nothing, when a shard it needs does not match its sidecar."""
     record = read_done(path)
@@ -168,7 +168,7 @@ def _read_samples(path: Path, record: dict[str, Any], need: set[str]) -> dict[st
     return found
 
 
-def carry_keys(out: Path, chunk: Plan) -> set[str]:
+def carry_keys(out: Path, chunk: ChunkPlan) -> set[str]:
     """The keys a chunk's carry holds (samples and failures); empty when it has none."""
     path = carry_path(out, chunk)
     record = read_done(path) if path is not None else None
@@ -177,7 +177,7 @@ def carry_keys(out: Path, chunk: Plan) -> set[str]:
     return set(record["keys"]) | {f["key"] for f in record.get("failures", []) if isinstance(f, dict)}
 
 
-def read_carry(out: Path, chunk: Plan, keys: set[str]) -> dict[str, Carried]:
+def read_carry(out: Path, chunk: ChunkPlan, keys: set[str]) -> dict[str, Carried]:
     """The carried samples and failure records of `keys` that the chunk's carry holds."""
     path = carry_path(out, chunk)
     record = read_done(path) if path is not None else None
@@ -186,7 +186,7 @@ def read_carry(out: Path, chunk: Plan, keys: set[str]) -> dict[str, Carried]:
     return _read_samples(path, record, keys)
 
 
-def drop_carry(out: Path, chunk: Plan) -> None:
+def drop_carry(out: Path, chunk: ChunkPlan) -> None:
     """Step 4: the carry goes once every shard of its chunk is done (sidecar first: without it, it is unfinished)."""
     path = carry_path(out, chunk)
     if path is None or not (path.exists() or sidecar_of(path).exists()):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentcache.encode.chunks import JobPlan
 from latentcache.encode.decoded_identity import differs, planned_stats
 from latentcache.encode.input_stats import quick_stat
-from latentcache.encode.plan import Plan, PlannedShard
+from latentcache.encode.job_plan import JobPlan
+from latentcache.encode.plan import ChunkPlan, PlannedShard
 
 
-def unrepairable(out: Path, plan: JobPlan, chunk_plans: list[Plan], damaged: list[PlannedShard]) -> dict[str, str]:
+def unrepairable(out: Path, plan: JobPlan, chunk_plans: list[ChunkPlan], damaged: list[PlannedShard]) -> dict[str, str]:
     """relpath -> why, for each of `damaged` one of whose clips' sources is gone or not what its chunk plan
     recorded (size and mtime, a link's target, a tar's stat, an object's ETag)."""
     if not damaged:

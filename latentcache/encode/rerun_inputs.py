@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode import chunks
-from latentcache.encode.chunks import InputTable, JobPlan
+from latentcache.encode import chunks, job_plan
 from latentcache.encode.input_stats import NAMED_CHANGES, compare_stat
+from latentcache.encode.job_plan import InputTable, JobPlan
 from latentcache.encode.plan import input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
@@ -24,7 +24,7 @@ from latentcache.format.shards import write_text_atomic
 
 def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
     """Positions in `table` of inputs no part holds yet. Refuses, naming them, inputs planned before but not given."""
-    planned = np.sort(np.concatenate([chunks.part_digests(out, p) for p in plan.parts] or [np.zeros(0, np.uint64)]))
+    planned = np.sort(np.concatenate([job_plan.part_digests(out, p) for p in plan.parts] or [np.zeros(0, np.uint64)]))
     removed = planned[~np.isin(planned, table.digests, assume_unique=True)]
     if len(removed):
         examples = _relpaths_of(out, plan, set(removed[:5].tolist()))
@@ -49,7 +49,7 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
     count = 0
     moved = _MovedInputs(out, plan)
     for part in plan.parts:
-        positions = np.searchsorted(table.digests, chunks.part_digests(out, part))
+        positions = np.searchsorted(table.digests, job_plan.part_digests(out, part))
         path = out / inputs_name(part.index)
         with path.open("rb") as f:
             for n, (line, position) in enumerate(zip(f, positions, strict=False), 1):
@@ -58,7 +58,7 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
                     continue
                 chunk, at = divmod(n - 1, part.chunk_size)
                 before = chunks.read_input_line(line, path, at + 1, f" of chunk {chunk}")
-                now = chunks.input_from_line(strictjson.loads(given))
+                now = job_plan.input_from_line(strictjson.loads(given))
                 if now.path != before.path:
                     moved.add(part.index, chunk, at, before.path, now.path)
                 fields = [name for name in _HELD_FIELDS if getattr(before, name) != getattr(now, name)]
@@ -132,7 +132,7 @@ def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
         with path.open("rb") as f:
             for n, line in enumerate(f, 1):
                 ident = input_id(chunks.read_input_line(line, path, n))
-                if chunks.key_digest(ident) in digests:
+                if job_plan.key_digest(ident) in digests:
                     found.append(ident)
     return sorted(found)
 

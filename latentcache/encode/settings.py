@@ -163,7 +163,7 @@ class JobSettings:
     # --repair: hash every done shard of this process's share and write again those that no longer match their
     # sidecar's sha256 (same bytes as before the damage); an ordinary rerun only stats them. Outside every fingerprint.
     repair: bool = False
-    # Inputs per planning chunk; None: from the number of new inputs (`chunks.auto_chunk_size`).
+    # Inputs per planning chunk; None: from the number of new inputs (`job_plan.auto_chunk_size`).
     chunk_size: int | None = None
     # --dry-run: plan and describe the run, write nothing into OUT; --estimate N: also time N clips here.
     dry_run: bool = False

@@ -362,7 +362,7 @@ def test_hostile_cells_through_every_list_reader(tmp_path, column):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from latentcache.encode.chunks import input_line
+    from latentcache.encode.job_plan import input_line
     from latentcache.errors import ConfigError
 
     for i, cell in enumerate(HOSTILE_CELLS):

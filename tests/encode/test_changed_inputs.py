@@ -20,7 +20,7 @@ from conftest import tree_bytes
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
-from latentcache.encode import chunks, input_stats, loader, reencode
+from latentcache.encode import chunks, input_stats, job_plan, loader, reencode
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 
@@ -54,7 +54,7 @@ def _shards(out: Path) -> dict[str, str]:
 
 def _chunk_of(out: Path, name: str) -> set[str]:
     """The shard paths (tars and sidecars) of the chunk holding input `name`."""
-    plan = chunks.read_job_plan(out)
+    plan = job_plan.read_job_plan(out)
     for ref in plan.chunk_refs():
         if any(v.relpath == name for v in chunks.read_chunk_inputs(out, ref)):
             shards = chunks.read_chunk_plan(out, plan, ref).shards

@@ -15,9 +15,10 @@ from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
 import latentcache.encode.probing
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
-from latentcache.encode import chunks, finalize, job, planning, rerun_inputs
-from latentcache.encode.chunks import InputTable, JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
+from latentcache.encode import chunks, finalize, job, job_plan, planning, rerun_inputs
+from latentcache.encode.chunks import read_chunk_plan
 from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.job_plan import InputTable, JobPlan, Part, chunks_for_rank, read_job_plan
 from latentcache.encode.plan import InputVideo, clip_key
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.manifest import read_manifest
@@ -186,7 +187,7 @@ def test_crafted_plans_cannot_name_paths_outside_out(small_videos: Path, tmp_pat
 
 
 def test_key_digests_are_the_keys_prefix() -> None:
-    digest = chunks.key_digest("some/video.mp4")
+    digest = job_plan.key_digest("some/video.mp4")
     assert f"{digest:016x}" == clip_key("some/video.mp4", 0).split("_")[0]
     assert np.uint64(digest) == digest
 

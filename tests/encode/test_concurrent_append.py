@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT, TINY_VAE, tree_bytes
 
 from latentcache.cli import main
-from latentcache.encode import chunks, job, planning
+from latentcache.encode import job, job_plan, planning
 from latentcache.encode.inputs import iter_inputs
 from latentcache.encode.settings import EncodeSettings
 from latentcache.encode.vae import load_vae
@@ -87,12 +87,12 @@ def test_an_append_landing_between_the_check_and_the_finalize_is_not_an_error(
     first, more = _folders(tmp_path / "videos")
     out = tmp_path / "out"
     assert main(["encode", str(first), "--out", str(out), *ARGS]) == 0
-    mine = chunks.read_job_plan(out)
+    mine = job_plan.read_job_plan(out)
     vae = load_vae(TINY_VAE, "cpu")
     stale = iter([mine])
-    real = chunks.read_job_plan
+    real = job_plan.read_job_plan
 
-    def racing(path: Path) -> chunks.JobPlan:
+    def racing(path: Path) -> job_plan.JobPlan:
         found = next(stale, None)
         if found is None:
             return real(path)
@@ -100,7 +100,7 @@ def test_an_append_landing_between_the_check_and_the_finalize_is_not_an_error(
         planning.load_or_make_plan(out, iter_inputs([str(first), str(more)], exclude=[out]), _settings(out), vae)
         return found
 
-    monkeypatch.setattr(chunks, "read_job_plan", racing)
+    monkeypatch.setattr(job_plan, "read_job_plan", racing)
     capsys.readouterr()
     assert job._finish(out, mine) == 0
     assert "another run appended 1 part(s)" in capsys.readouterr().out

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
-from latentcache.encode.chunks import JobPlan, Part, chunks_for_rank, read_chunk_plan, read_job_plan
+from latentcache.encode.chunks import read_chunk_plan
+from latentcache.encode.job_plan import JobPlan, Part, chunks_for_rank, read_job_plan
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.reader import decode_sample, iter_tar

@@ -63,7 +63,7 @@ def test_batched_encode_matches_one_clip_at_a_time_to_float_precision(video_dir,
 
 
 def test_default_chunk_size_follows_the_input_count_and_the_world_size():
-    from latentcache.encode.chunks import auto_chunk_size
+    from latentcache.encode.job_plan import auto_chunk_size
 
     assert auto_chunk_size(24) == 24  # one process: one chunk, so batches fill
     assert auto_chunk_size(24, 2) == 12  # every rank has work

@@ -15,9 +15,9 @@ from conftest import ENCODE_SMALL, TINY_CLIP
 
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.encode import job
-from latentcache.encode.chunks import InputTable, input_from_line, input_line
 from latentcache.encode.decode import decode_clip
 from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.job_plan import InputTable, input_from_line, input_line
 from latentcache.encode.plan import clip_key, input_id
 from latentcache.encode.probing import probe
 from latentcache.errors import ConfigError, InputError

@@ -10,8 +10,8 @@ import pytest
 from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import main
-from latentcache.encode.chunks import InputTable
 from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.job_plan import InputTable
 from latentcache.encode.plan import (
     check_buckets,
     clip_settings_for,

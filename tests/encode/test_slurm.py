@@ -16,7 +16,8 @@ import pytest
 import slurm_cluster
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tree_bytes
 
-from latentcache.encode.chunks import chunks_for_rank, read_chunk_plan, read_job_plan
+from latentcache.encode.chunks import read_chunk_plan
+from latentcache.encode.job_plan import chunks_for_rank, read_job_plan
 from latentcache.format.manifest import read_manifest
 from latentcache.format.out_layout import sidecar_of
 from latentcache.format.reader import decode_sample, iter_tar

@@ -96,7 +96,7 @@ def discover_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | 
                     images: bool = False) -> list[InputVideo]:
     """Files, directories (recursive) and list files -> input videos, sorted, each with a root-relative path.
 
-    Holds every input in memory: for millions of inputs, `chunks.InputTable` takes `iter_inputs` instead."""
+    Holds every input in memory: for millions of inputs, `job_plan.InputTable` takes `iter_inputs` instead."""
     by_rel: dict[str, InputVideo] = {}
     for v in iter_inputs(paths, exclude, images=images):
         other = by_rel.setdefault(input_id(v), v)
