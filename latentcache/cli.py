@@ -412,17 +412,17 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def path_or_url(text: str) -> Path | str:
     """A local path, or an object-storage url (s3://bucket/prefix) kept as text: Path() would fold its '//'."""
-    from latentcache.storage.store import is_url
+    from latentcache.storage.location import argument
 
-    return text if is_url(text) else Path(text)
+    return argument(text)
 
 
 def path_or_url_out(text: str) -> Any:
-    """--out: a local Path, or a store.UrlPath that the pipeline writes through with single PUTs."""
-    from latentcache.storage.store import as_path
+    """--out: a local Path, or a location.ObjectPath that the pipeline writes through with single PUTs."""
+    from latentcache.storage.location import output_location
 
     try:
-        return as_path(text)
+        return output_location(text)
     except LatentcacheError as e:
         # argparse shows this text ("argument --out: ..."), where a ValueError gives only "invalid value".
         raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None

@@ -75,7 +75,7 @@ def _area(module: str) -> str:
 def test_the_graph_is_read():
     graph = _graph()
     assert "latentcache.train.dataset" in graph["latentcache"]
-    assert {"latentcache.format.reader", "latentcache.storage.store"} <= graph["latentcache.train.shard_sources"]
+    assert {"latentcache.format.reader", "latentcache.storage.location"} <= graph["latentcache.train.shard_sources"]
 
 
 def test_each_area_imports_only_what_the_layout_allows():
@@ -157,6 +157,55 @@ def test_no_module_imports_one_that_imports_it_back_even_lazily():
     cycles = [c for c in cycles if not any(b.startswith(a + ".") for a, b in zip(c, c[1:], strict=False))]
     assert cycles == []
     assert not any(_area(d) == "cli" for deps in graph.values() for d in deps)
+
+
+def _local_or_remote_tests(tree: ast.AST) -> list[str]:
+    """Where code tells a local path from a url by itself: a test of a scheme's text (`"://" in x`,
+    `x.startswith("s3://")`, `x.split("://")`), or a call of storage's own predicates (`is_url`,
+    `in_object_store`)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, ast.In | ast.NotIn) for op in node.ops):
+            texts = [node.left, *node.comparators]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "startswith", "endswith", "split", "rsplit", "partition", "find", "index", "removeprefix"):
+            texts = list(node.args)
+        elif isinstance(node, ast.Name | ast.Attribute):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            if name in ("is_url", "in_object_store"):
+                found.append(f"line {node.lineno}: {name}")
+            continue
+        else:
+            continue
+        for text in texts:
+            for const in ast.walk(text):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str) and "://" in const.value:
+                    found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_no_module_outside_storage_asks_whether_a_path_is_local():
+    """storage/location.py resolves a string to a location (a local Path or an ObjectPath) and does what differs
+    between the two; the trust rule for strangers' paths lives there too. Every other module takes what it gives."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if _area(_module_name(path)) == "storage":
+            continue
+        found += [f"{path.relative_to(PACKAGE.parent)} {where}"
+                  for where in _local_or_remote_tests(ast.parse(path.read_text(encoding="utf-8")))]
+    assert found == []
+
+
+def test_every_open_url_call_in_the_package_says_whom_the_url_comes_from():
+    """`open_url(url)` trusts its url by default (the public `latentcache.dataset.open_url`): the package's own calls
+    say `trusted=` each time, so a string read from a file never reaches webdataset's gopen by omission."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "open_url"
+                    and not any(k.arg == "trusted" for k in node.keywords)):
+                found.append(f"{path.relative_to(PACKAGE.parent)} line {node.lineno}")
+    assert found == []
 
 
 def test_no_module_is_over_about_600_lines_without_a_reason_at_its_top():

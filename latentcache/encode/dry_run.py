@@ -130,9 +130,9 @@ def _seed_from_output(out: Path, scratch: Path) -> job_plan.JobPlan | None:
     what a real run would, and reads --out without writing to it. None for a new output (or one in object
     storage, planned as new)."""
     from latentcache.format.out_layout import INPUTS_DIR, PLAN_FILE, TMP_SUFFIX
-    from latentcache.storage import store
+    from latentcache.storage import location
 
-    if store.in_object_store(out) or not (out / PLAN_FILE).is_file():
+    if not location.linkable(out) or not (out / PLAN_FILE).is_file():
         return None
     plan = job_plan.read_job_plan(out)
     (scratch / INPUTS_DIR).mkdir(parents=True)

@@ -38,7 +38,7 @@ from latentcache.format.out_layout import (
 )
 from latentcache.format.outcomes import tally
 from latentcache.format.shards import read_done, remove_stale_temporaries, write_text_atomic
-from latentcache.storage import store
+from latentcache.storage import location
 
 # ----------------------------------------------------------------------------------------------- what is done
 
@@ -118,7 +118,7 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
         found = []
     for marker in found:
         marker.unlink(missing_ok=True)
-    if not store.in_object_store(done):
+    if location.has_folders(done):
         # Deepest first: the world-size folders, then an earlier plan's folder. One still in use stays.
         for folder in sorted({m.parent for m in found} | {m.parent.parent for m in found}, key=lambda f: -len(f.parts)):
             if folder != complete.parent and folder != done:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import ConfigError
-from latentcache.storage import sources, store
+from latentcache.storage import location, sources
 
 # What an input was when its chunk was probed, as the chunk plan records it (None: it could not be read then):
 #   a local file   {"size", "mtime_ns", "sha256"}, plus "target" (the file it names) where the path is a link
@@ -36,15 +36,9 @@ def quick_stat(path: str) -> Stat:
     None: it is gone or is not a regular file now (devices, fifos and folders are never read here)."""
     try:
         split = sources.split_tar_path(path)
-        if store.is_url(path) and split is None:
-            fs, key = store.filesystem(path)
-            fs.invalidate_cache(key)  # another writer's PUT since this process listed the prefix
-            info = fs.info(key)
-            etag = info.get("ETag") or info.get("etag")
-            if etag is not None:
-                return {"size": int(info["size"]), "etag": str(etag)}
-            modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
-            return {"size": int(info["size"]), "modified": None if modified is None else str(modified)}
+        found = sources.object_stat(path)  # one HEAD for an object; None for a local file or a tar member
+        if found is not None:
+            return found
         local = split[0] if split else path
         st = os.lstat(local)
         # A link (git-annex, DVC, a farm of links) is the file it names now: its target is part of what it is, so a
@@ -189,7 +183,7 @@ def list_identity(inputs: list[str]) -> list[dict[str, Any]] | None:
     found = []
     for raw in inputs:
         raw = str(raw)
-        if store.is_url(raw) or Path(raw).suffix.lower() not in LIST_SUFFIXES:
+        if location.local(raw) is None or Path(raw).suffix.lower() not in LIST_SUFFIXES:
             return None
         path = os.path.abspath(raw)  # relative rows resolve against the list's folder: the same path, the same rows
         try:

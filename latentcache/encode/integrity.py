@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from latentcache.encode.video_file import why
-from latentcache.storage import sources, store
+from latentcache.storage import sources
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class MatroskaCRC:
             log.debug("%s: no Matroska CRC check (%s)", path, why(e))
 
     def _handle(self) -> Any:
-        if store.is_url(self.path):
+        if not sources.reopens_cheaply(self.path):
             if self._remote is None:
                 self._remote = sources.open_source(self.path)
             return contextlib.nullcontext(self._remote)

@@ -305,10 +305,10 @@ def check_inputs(paths: tuple[str, ...], exclude: list[Any], *, images: bool = F
     a VAE load. Object-storage urls are left to the plan (a listing may be slow), and so are lists that exist: a
     rerun does not read an unchanged list at all (`rerun_inputs.lists_unchanged`)."""
     from latentcache.encode.inputs import LIST_SUFFIXES, iter_inputs
-    from latentcache.storage import store
+    from latentcache.storage import location
 
     for raw in paths:
-        if store.is_url(raw) or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
+        if location.local(raw) is None or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
             continue
         next(iter_inputs([raw], exclude, images=images), None)
 

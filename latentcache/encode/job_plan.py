@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 from array import array
 from collections.abc import Iterable, Iterator
@@ -45,7 +44,7 @@ from latentcache.format.out_layout import (
     plan_path,
     temporary_of,
 )
-from latentcache.storage import store
+from latentcache.storage import location
 
 PLAN_FORMAT = 2
 DEFAULT_CHUNK_SIZE = 1000
@@ -286,17 +285,10 @@ def chunks_for_rank(plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]
 def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:
     """Like shards.write_text_atomic, for a file too big to build in memory first (in object storage it is built in
     memory all the same: one PUT is the only atomic write there)."""
-    if store.in_object_store(path):
-        path.write_bytes(b"".join(pieces))
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_of(path)
-    with open(tmp, "wb") as f:
+    with location.atomic_writer(path, temporary_of) as f:
         for piece in pieces:
             f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make_part(out: Path, index: int, table: InputTable, positions: np.ndarray, chunk_size: int) -> Part:

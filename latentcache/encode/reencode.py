@@ -33,7 +33,7 @@ from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.out_layout import carry_name, sidecar_of
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.format.shards import CarriedSample, read_done, remove_temporaries, write_shard
-from latentcache.storage import store
+from latentcache.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _read_samples(path: Path, record: dict[str, Any], need: set[str]) -> dict[st
     found: dict[str, Carried] = {}
     stats = TarStats()
     # In object storage (`--out s3://...`) the shard is one GET, checked in memory; on disk it streams.
-    whole = path.read_bytes() if store.in_object_store(path) else None
+    whole = path.read_bytes() if location.read_whole_first(path) else None
     try:
         for sample in iter_tar(whole if whole is not None else path, str(path), stats=stats):
             key = sample.pop("__key__")

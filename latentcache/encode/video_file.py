@@ -71,10 +71,11 @@ def open_video(path: str, stage: str) -> Iterator[av.container.InputContainer]:
     before anything decodes it."""
     with contextlib.ExitStack() as stack:
         try:
-            if sources.is_local(path):
+            name = sources.ffmpeg_name(path)
+            if name is not None:
                 with sources.open_source(path) as f:
                     _check_image_size(f, path, stage)
-                source: Any = "file:" + path
+                source: Any = name
             else:
                 source = stack.enter_context(sources.open_source(path))
                 _check_image_size(source, path, stage)

@@ -13,8 +13,9 @@ from latentcache.format import strictjson
 from latentcache.format.layout import FORMAT_VERSION, SHA256_HEX
 from latentcache.format.manifest_fields import field_problems, normalized
 from latentcache.format.out_layout import MANIFEST_FILE
-from latentcache.format.reader import _is_int, _shown, open_regular
+from latentcache.format.reader import _is_int, _shown
 from latentcache.format.shards import write_json_atomic
+from latentcache.storage import location
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
@@ -53,24 +54,14 @@ def read_manifest(root: Path | str) -> dict[str, Any]:
 
 def _manifest_bytes(root: Path | str) -> tuple[str | Path, bytes]:
     """(where, up to MAX_MANIFEST_BYTES + 1 bytes of manifest.json) from a directory or an object-storage url."""
-    from latentcache.storage import store
-
     missing = (f"{root}: no manifest.json (is this a latentcache output directory, and did `latentcache encode` "
                "finish? `latentcache finalize DIR` writes it from the shards)")
-    if store.is_url(root):
-        url = store.join(str(root), MANIFEST_FILE)
-        try:
-            return url, store.read_url(url, MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            raise ShardFormatError(missing) from None
-        except OSError as e:
-            raise ShardFormatError(f"{url}: cannot read ({e})") from e
-    path = Path(root) / MANIFEST_FILE
-    if not path.exists():
-        raise ShardFormatError(missing)
+    path: str | Path = location.join(str(root), MANIFEST_FILE)
     try:
-        with open_regular(path, str(path)) as f:
-            return path, f.read(MAX_MANIFEST_BYTES + 1)
+        path = location.resolve(str(root)) / MANIFEST_FILE
+        return path, location.read(path, MAX_MANIFEST_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardFormatError(missing) from None
     except OSError as e:
         raise ShardFormatError(f"{path}: cannot read ({e.strerror or e})") from e
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,24 +20,7 @@ from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, KNOWN_MEMBERS, LATENTS, TEXT_EMBEDS
 from latentcache.format.text import read_text
-
-
-def open_regular(path: str | os.PathLike, where: str) -> BinaryIO:
-    """Open a regular file for reading, refusing anything else (a FIFO would block forever, /dev/zero never ends).
-
-    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the type is then checked on
-    the opened descriptor, so a file swapped between a check and the open cannot slip through.
-    """
-    # A missing or unreadable file stays an OSError (naming the path): the caller says what is incomplete.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise ShardFormatError(f"{where}: is {kind}; latentcache reads only regular files")
-    return os.fdopen(fd, "rb")
+from latentcache.storage.location import open_regular
 
 
 def _shown(value: Any, limit: int = 120) -> str:

@@ -53,7 +53,7 @@ from latentcache.format.out_layout import (
     temporary_of,
 )
 from latentcache.format.text import text_member
-from latentcache.storage import store
+from latentcache.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,12 @@ def write_shard(path: Path, clips: list[EncodedClip | CarriedSample], *,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the whole shard atomically, then its sidecar. Returns the sidecar record.
 
-    In object storage (`path` a store.UrlPath) the tar is built in memory and PUT once: no rename exists there and
-    none is needed, a PUT is atomic. The sidecar is PUT after it, so "done" means the same thing as on disk."""
+    In object storage (`path` a location.ObjectPath) the tar is built in memory and PUT once: no rename exists there
+    and none is needed, a PUT is atomic (see `location.atomic_writer`). The sidecar is PUT after it, so "done" means
+    the same thing as on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    remote = store.in_object_store(path)
-    tmp = temporary_of(path) if not remote else None
     digest = hashlib.sha256()
-    with io.BytesIO() if remote else open(tmp, "wb") as raw:
+    with location.atomic_writer(path, temporary_of) as raw:
 
         class _Hashing(io.RawIOBase):
             def writable(self) -> bool:
@@ -218,13 +217,6 @@ def write_shard(path: Path, clips: list[EncodedClip | CarriedSample], *,
                 for name, data in sample_members(clip):
                     _add(tar, name, data)
                     _notify("member", path)
-        if remote:
-            path.write_bytes(raw.getbuffer())
-        else:
-            raw.flush()
-            os.fsync(raw.fileno())
-    if not remote:
-        os.replace(tmp, path)
     # Only the rename makes the tar visible, and only the sidecar makes it count: a kill between the two leaves a
     # complete tar without a sidecar, which `read_done` treats as unfinished and the next run rewrites (same bytes).
     record = {
@@ -249,15 +241,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under this process's temporary name, fsync, rename: readers see the old file or the new, never half.
     In object storage, one PUT, which gives the same guarantee."""
-    if store.in_object_store(path):
-        path.write_text(text)
-        return
-    tmp = temporary_of(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with location.atomic_writer(path, temporary_of) as f:
+        f.write(text.encode("utf-8"))
 
 
 def read_done(path: Path) -> dict[str, Any] | None:
@@ -278,7 +263,7 @@ def remove_temporaries(shard: Path) -> list[Path]:
     Only the shard's owner calls this, right before writing it, so in a normal run no live writer is hurt. (Two
     overlapping runs into one directory could remove each other's file; the loser's rename then fails loudly.)
     """
-    if store.in_object_store(shard):
+    if not location.renames_into_place(shard):
         return []  # writes there are single PUTs: no temporary is ever left behind
     # The tar's temporaries and its sidecar's (`000017.tar.json.<host>.<pid>.tmp`), and no other name: a user's
     # `000017.tar.notes.tmp` is not one of ours.
@@ -298,8 +283,8 @@ def remove_stale_temporaries(root: Path, *, max_age_s: float = 3600.0) -> list[P
     than an hour (a writer on another host cannot be asked). Run once no live writer should remain, e.g. when
     finalizing. Only names `_tmp_name` builds for files latentcache writes, in the folders it writes them in, are
     candidates (see `_own_temporaries`): a user's `OUT/my_notes/draft.tmp` stays, however old."""
-    if store.in_object_store(root):
-        return []
+    if not location.renames_into_place(root):
+        return []  # writes there are single PUTs: no temporary is ever left behind
     host = socket.gethostname()
     removed = []
     for tmp, match in _own_temporaries(root):

@@ -6,9 +6,10 @@ A source is named by one string, so it travels through the plan, the inputs file
 - `/data/shards/00003.tar::000031.mp4`: member `000031.mp4` of a tar (video2dataset's layout), decoded straight from
   the tar's bytes (no extraction): `open_source` returns a file object restricted to the member's byte range.
 
-`open_source(path)` and `source_size(path)` dispatch on that form; another kind (an object store's `s3://...`) adds
-one branch to each. `is_local` says when FFmpeg can open the path itself (its own file protocol is faster than
-Python-level reads).
+- `s3://bucket/videos/a.mp4`: an object in a store, read with range requests (`location.open_url`).
+
+`open_source(path)` and `source_size(path)` dispatch on that form; `ffmpeg_name` says when FFmpeg can open the path
+itself (its own file protocol is faster than Python-level reads).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import io
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from latentcache.storage import store
+from latentcache.storage.location import is_url, open_url, size
+from latentcache.storage.store import filesystem
 
 # Separates a tar's path from a member's name: "shards/00003.tar::000031.mp4".
 TAR_SEP = "::"
@@ -48,9 +51,52 @@ def split_tar_path(path: str) -> tuple[str, str] | None:
     return path[:cut], path[cut + len(TAR_SEP):]
 
 
-def is_local(path: str) -> bool:
-    """A plain file FFmpeg can open by name."""
-    return split_tar_path(path) is None and "://" not in path
+def ffmpeg_name(path: str) -> str | None:
+    """The name FFmpeg opens a plain local file by (`file:PATH`: FFmpeg reads a bare name's `xxx:` prefix as a
+    protocol, `pipe:`, `concat:`, `http:`..., and paths come from lists, plans and tars that may be a stranger's;
+    its own file protocol is faster than Python-level reads); None for a source read through `open_source` (a tar
+    member, an object)."""
+    return "file:" + path if split_tar_path(path) is None and "://" not in path else None
+
+
+def reopens_cheaply(path: str) -> bool:
+    """Whether opening the source again costs only a system call (a local file, a tar member), not a request (an
+    object: a HEAD each time), so a reader that seeks back and forth may reopen it instead of keeping it open."""
+    return not is_url(path)
+
+
+def object_stat(path: str) -> dict[str, Any] | None:
+    """What an object is now (size and ETag, or modification time where the store has no ETag), from one HEAD;
+    None for a source that is no object (a local file, a tar member). FileNotFoundError when it is gone."""
+    if split_tar_path(path) is not None or not is_url(path):
+        return None
+    fs, key = filesystem(path)
+    fs.invalidate_cache(key)  # another writer's PUT since this process listed the prefix
+    info = fs.info(key)
+    etag = info.get("ETag") or info.get("etag")
+    if etag is not None:
+        return {"size": int(info["size"]), "etag": str(etag)}
+    modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    return {"size": int(info["size"]), "modified": None if modified is None else str(modified)}
+
+
+def openable_from_file(path: Any) -> bool:
+    """Whether a source path read from a file (a plan a stranger may have written) may be opened at all: an
+    absolute local path (or a member of a tar at one) or an s3:// object, no control characters; never another
+    scheme (`pipe:`, `http:`, `concat:`)."""
+    if not isinstance(path, str) or not path or any(ord(c) < 32 for c in path):
+        return False
+    if path.startswith("s3://"):
+        return True
+    split = split_tar_path(path)
+    local = str(split[0]) if split else path
+    return "://" not in path and ":" not in local and os.path.isabs(local)
+
+
+def local_source(path: str) -> Path | None:
+    """The local file of a source that is one (a folder's file, a list's row), for what lies beside it (its
+    caption sidecar); None for a tar member or an object."""
+    return Path(path) if split_tar_path(path) is None and "://" not in path else None
 
 
 def member_problem(info: tarfile.TarInfo) -> str | None:
@@ -157,8 +203,9 @@ def open_source(path: str) -> BinaryIO:
         raw = open(tar, "rb")  # noqa: SIM115 (closed with the RangeFile)
         # Buffered: PyAV asks for its buffer size, the CRC check for a few bytes at a time.
         return io.BufferedReader(RangeFile(raw, entry.offset, entry.size, path), buffer_size=1 << 16)
-    if store.is_url(path):
-        return store.open_url(path)  # object storage: range requests through fsspec, no download
+    if is_url(path):
+        # object storage: range requests through fsspec, no download; a url read from a file opens nothing else
+        return open_url(path, trusted=False)
     return open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
@@ -166,6 +213,4 @@ def source_size(path: str) -> int:
     """The source's size in bytes. Raises OSError as open_source does."""
     if split_tar_path(path) is not None:
         return _member(path)[1].size
-    if store.is_url(path):
-        return store.url_size(path)
-    return os.path.getsize(path)
+    return size(path)

@@ -1,12 +1,13 @@
 """Object storage (`s3://bucket/prefix`, the schemes in OBJECT_SCHEMES): reading inputs and shards, writing an output.
 
-Inputs are never downloaded whole: `open_url` hands PyAV (or a tar reader) a seekable file object whose reads are
+Inputs are never downloaded whole: `open_object` hands PyAV (or a tar reader) a seekable file object whose reads are
 HTTP range requests, so a probe reads the container's header and a clip reads the packets it decodes. Whether a
 container needs more than that is up to its layout (see docs/storage.md).
 
 An output in object storage has no rename. It does not need one: a single PUT is atomic (an object exists whole or
 not at all), so every file is built in memory and PUT once, and "done" is still defined by the object written last
-(a shard's sidecar after its shard, the manifest after every sidecar).
+(a shard's sidecar after its shard, the manifest after every sidecar). `location.ObjectPath` is such an output's
+location.
 
 Credentials come from the standard chain (AWS_* environment variables, ~/.aws/config and credentials, instance
 roles; AWS_ENDPOINT_URL for a non-AWS endpoint): no url, plan or manifest ever carries them.
@@ -14,38 +15,20 @@ roles; AWS_ENDPOINT_URL for a non-AWS endpoint): no url, plan or manifest ever c
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import os
-from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from latentcache.errors import ConfigError, MissingDependency
+from latentcache.errors import MissingDependency
 
 log = logging.getLogger(__name__)
 
 # Schemes read through fsspec (every other url is refused by `filesystem`). http(s) and pipe: shard urls that a user
-# types are opened by webdataset's gopen (shard_sources.open_url); strings read from files never reach it.
+# types are opened by webdataset's gopen (location.open_url); strings read from files never reach it.
 OBJECT_SCHEMES = frozenset({"s3", "gs", "gcs", "az", "abfs", "memory"})
 # Whole-object reads (shards) larger than two parts are fetched as concurrent ranges of this size.
 PART_SIZE = 8 << 20
 # Range reads of this size: a probe costs one or two requests, a clip's packets a few, a shard one per 16 MiB.
 BLOCK_SIZE = 16 << 20
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """True for object-storage urls (s3://, gs://, memory://...); plain paths and file:// are local."""
-    text = path if isinstance(path, str) else str(path)  # str(), not fspath(): UrlPath is not os.PathLike
-    return "://" in text and not text.startswith("file://")
-
-
-def in_object_store(location: Any) -> bool:
-    """True for a location in object storage: a `UrlPath` (an output there), or a url whose scheme fsspec serves
-    here (s3://...). The one test of it; plain paths and file:// are local."""
-    if isinstance(location, UrlPath):
-        return True
-    text = str(location)
-    return "://" in text and text.split("://", 1)[0] in OBJECT_SCHEMES
 
 
 class UnsupportedUrl(OSError):
@@ -96,12 +79,10 @@ def _fs_open(url: str, block_size: int = BLOCK_SIZE) -> BinaryIO:
     return f
 
 
-def open_url(url: str) -> BinaryIO:
-    """A seekable binary file object over the object at `url`, read with range requests. Its `name` is the url:
-    PyAV takes a container's name (and its format guess) from it."""
-    f = _fs_open(url)
-    f.name = url
-    return f
+def open_object(url: str) -> BinaryIO:
+    """A seekable binary file object over the object at `url`, read with range requests (`location.open_url` is
+    the opener the package calls)."""
+    return _fs_open(url)
 
 
 def url_size(url: str) -> int:
@@ -149,173 +130,3 @@ def list_files(url: str) -> list[str]:
     protocol = url.split("://", 1)[0]
     fs.invalidate_cache(path)
     return sorted(f"{protocol}://{p}" for p in fs.find(path))
-
-
-# ----------------------------------------------------------------------------------------------- output
-
-
-class UrlPath:
-    """The part of pathlib.Path the writer uses (`out / name`, is_file, read_text, stat, unlink...), over object
-    storage, so `--out s3://bucket/latents` runs the same pipeline code as a local directory.
-
-    It is deliberately not os.PathLike: a call to open() or os.replace() on it fails loudly instead of writing a
-    local file named "s3:/...". Writes go through `write_bytes`, one PUT each (see `shards.write_text_atomic`).
-    Directories do not exist in object storage: mkdir and rmdir do nothing, a "directory" exists while an object
-    lies under it.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    # -------- names
-    def __str__(self) -> str:
-        return self.url
-
-    def __repr__(self) -> str:
-        return f"UrlPath({self.url!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, UrlPath) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-    def __lt__(self, other: UrlPath) -> bool:
-        return self.url < other.url
-
-    def __truediv__(self, relpath: str | os.PathLike) -> UrlPath:
-        return UrlPath(join(self.url, os.fspath(relpath).replace(os.sep, "/")))
-
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-    @property
-    def suffix(self) -> str:
-        return os.path.splitext(self.name)[1]
-
-    @property
-    def parent(self) -> UrlPath:
-        return UrlPath(self.url.rsplit("/", 1)[0])
-
-    def with_name(self, name: str) -> UrlPath:
-        return self.parent / name
-
-    def relative_to(self, other: UrlPath | str) -> PurePosixPath:
-        base = str(other).rstrip("/") + "/"
-        if not self.url.startswith(base):
-            raise ValueError(f"{self.url} is not under {other}")
-        return PurePosixPath(self.url[len(base):])
-
-    def resolve(self) -> UrlPath:
-        return self
-
-    # -------- the server
-    @property
-    def _fs(self) -> Any:
-        return filesystem(self.url)[0]
-
-    @property
-    def _key(self) -> str:
-        return filesystem(self.url)[1]
-
-    def _info(self) -> dict[str, Any] | None:
-        fs, key = filesystem(self.url)
-        fs.invalidate_cache(key)  # never answer from a listing made before another writer's PUT
-        try:
-            return fs.info(key)
-        except FileNotFoundError:
-            return None
-
-    def is_file(self) -> bool:
-        info = self._info()
-        return info is not None and info.get("type") == "file"
-
-    def is_dir(self) -> bool:
-        fs, key = filesystem(self.url)
-        fs.invalidate_cache(key)
-        try:
-            return bool(fs.ls(key, detail=False)) and not self.is_file()
-        except FileNotFoundError:
-            return False
-
-    def exists(self) -> bool:
-        return self.is_file() or self.is_dir()
-
-    def stat(self) -> os.stat_result:
-        info = self._info()
-        if info is None:
-            raise FileNotFoundError(self.url)
-        modified = info.get("LastModified")
-        mtime = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
-        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime)
-        return os.stat_result((0o100644, 0, 0, 1, 0, 0, int(info["size"]), mtime, mtime, mtime))
-
-    def iterdir(self) -> list[UrlPath]:
-        fs, key = filesystem(self.url)
-        fs.invalidate_cache(key)
-        try:
-            names = fs.ls(key, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(self / n.rstrip("/").rsplit("/", 1)[-1] for n in names)
-
-    def rglob(self, pattern: str) -> list[UrlPath]:
-        fs, key = filesystem(self.url)
-        fs.invalidate_cache(key)
-        try:
-            found = fs.find(key)
-        except FileNotFoundError:
-            return []
-        return sorted(self / p[len(key) + 1:] for p in found if fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern))
-
-    def glob(self, pattern: str) -> list[UrlPath]:
-        return [p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern)]
-
-    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        """Nothing to make: object storage has no directories."""
-
-    def rmdir(self) -> None:
-        """Nothing to remove: a "directory" goes away with its last object."""
-
-    def open(self, mode: str = "rb") -> BinaryIO:
-        if mode != "rb":
-            raise ValueError(f"{self.url}: object storage is written whole with write_bytes, not opened as {mode!r}")
-        return open_url(self.url)
-
-    def read_bytes(self) -> bytes:
-        fs, key = filesystem(self.url)
-        return fs.cat_file(key)
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
-
-    def write_bytes(self, data: bytes) -> None:
-        """One PUT: the object appears whole or not at all (the S3 API has no partial writes, and no rename)."""
-        fs, key = filesystem(self.url)
-        fs.pipe_file(key, bytes(data))
-        fs.invalidate_cache(key)
-
-    def write_text(self, text: str, encoding: str = "utf-8") -> None:
-        self.write_bytes(text.encode(encoding))
-
-    def unlink(self, missing_ok: bool = False) -> None:
-        fs, key = filesystem(self.url)
-        try:
-            fs.rm_file(key)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise
-        fs.invalidate_cache(key)
-
-
-def as_path(text: str | os.PathLike) -> Any:
-    """An output location: UrlPath for an object-storage url, pathlib.Path otherwise. Another url (http://...) is
-    refused here, as a usage error, before anything is planned."""
-    if not is_url(text):
-        return Path(text)
-    try:
-        check_url(str(text))
-    except UnsupportedUrl as e:
-        raise ConfigError(f"--out {e}") from None
-    return UrlPath(str(text))

@@ -112,25 +112,12 @@ def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _plan_path_allowed(path: Any) -> bool:
-    """A plan's input path that may be opened at all: an absolute local path (or a member of a tar at one) or an
-    s3:// object, no control characters; never another scheme (`pipe:`, `http:`, `concat:`)."""
-    from latentcache.storage import sources
-
-    if not isinstance(path, str) or not path or any(ord(c) < 32 for c in path):
-        return False
-    if path.startswith("s3://"):
-        return True
-    split = sources.split_tar_path(path)
-    local = str(split[0]) if split else path
-    return "://" not in path and ":" not in local and os.path.isabs(local)
-
-
 def _not_the_encoded_file(path: str, recorded: Any, meta: dict[str, Any]) -> str | None:
     """Why the plan's `path` is not shown as the source (None: it is the file that was encoded)."""
     from latentcache.encode.input_stats import input_stat
+    from latentcache.storage.sources import openable_from_file
 
-    if not _plan_path_allowed(path):
+    if not openable_from_file(path):
         return "the plan names no local file, tar member or s3:// object there"
     if not isinstance(recorded, dict):
         return "its chunk plan records no identity to check it against"

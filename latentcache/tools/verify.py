@@ -25,7 +25,7 @@ from latentcache.format.out_layout import SHARD_SUFFIX, SHARDS_DIR
 from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
-from latentcache.storage import store
+from latentcache.storage import location
 from latentcache.train.guard import bucket_latent_shape
 from latentcache.train.shard_sources import ShardRef, read_shard, resolve_source
 
@@ -200,12 +200,12 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
 
 
 def _shard_bytes(shard: ShardRef) -> int:
-    if store.is_url(shard.url):  # read whole and checked against the manifest's size already
-        return shard.bytes or 0
     try:
-        return Path(shard.url).stat().st_size
+        size = location.local_size(shard.url)
     except OSError:
         return 0
+    # Not local: read whole and checked against the manifest's size already (asking the store would cost a request).
+    return shard.bytes or 0 if size is None else size
 
 
 def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyReport) -> None:
@@ -215,13 +215,8 @@ def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyRepo
     if counts_problem(manifest, root):
         report.problems.append(counts_problem(manifest, root))
     listed = {s["path"] for s in manifest["shards"]}
-    if store.is_url(root):
-        base = str(root).rstrip("/") + "/"
-        stray = [u[len(base):] for u in store.list_files(store.join(str(root), SHARDS_DIR))
-                 if u.endswith(SHARD_SUFFIX) and u[len(base):] not in listed]
-    else:
-        stray = sorted(p.relative_to(root).as_posix() for p in (root / SHARDS_DIR).rglob(f"*{SHARD_SUFFIX}")
-                       if p.relative_to(root).as_posix() not in listed) if (root / SHARDS_DIR).is_dir() else []
+    found = location.files_under(location.join(str(root), SHARDS_DIR), SHARD_SUFFIX) or []
+    stray = [f"{SHARDS_DIR}/{name}" for name in found if f"{SHARDS_DIR}/{name}" not in listed]
     if stray:
         report.warnings.append(f"{len(stray)} shard(s) on disk are not in the manifest (e.g. {stray[0]}): left over "
                                "from another run? The dataset ignores them")

@@ -13,18 +13,10 @@ from typing import Any
 
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.manifest import counts_problem
+from latentcache.storage import location
 from latentcache.train.options import checked_weights
 from latentcache.train.partition import check_weights
 from latentcache.train.shard_sources import ShardRef, resolve_sources
-
-
-def _identity(spelling: str) -> str:
-    """What a spelling of an output or shard resolves to: the real path (links and `./` resolved) of local ones,
-    the url without repeated or trailing slashes for remote ones (`s3://b/out/` and `s3://b//out` are one)."""
-    if "://" in spelling and not spelling.startswith("file://"):
-        scheme, rest = spelling.split("://", 1)
-        return f"{scheme.lower()}://" + "/".join(part for part in rest.split("/") if part not in ("", "."))
-    return os.path.realpath(spelling[len("file://"):] if spelling.startswith("file://") else spelling)
 
 
 def refuse_duplicates(outputs: Sequence[tuple[str, Any]], shards: Sequence[tuple[str, str]]) -> None:
@@ -33,7 +25,7 @@ def refuse_duplicates(outputs: Sequence[tuple[str, Any]], shards: Sequence[tuple
     for kind, items in (("output", outputs), ("shard", shards)):
         seen: dict[str, str] = {}
         for spelling, label in items:
-            key = _identity(str(spelling))
+            key = location.identity(str(spelling))
             if key in seen:
                 raise ShardFormatError(f"{label}: the same {kind} is given twice ({seen[key]!r} and {spelling!r} are "
                                        f"both {key}); its samples would come twice per epoch: name it once")

@@ -2,19 +2,19 @@
 bytes of one shard, checked whole (size, sha256, tar structure, sample count) before any sample leaves.
 
 `verify`, `preview`, `sat` and the trainer's dataset all read shards through here. Every url form (plain paths,
-file://, globs, brace lists, remote urls for webdataset's gopen) is told apart in one place, `_local_path`.
+file://, globs, brace lists, remote urls for webdataset's gopen) is told apart in storage/location.py.
 
 Who a url comes from decides how it may be opened. A url the user typed (`LatentShardDataset("pipe:...")`, a
 `latentcache verify https://...` argument) is theirs, like a shell command, and may name anything webdataset's gopen
 opens. A shard path read from a file (a manifest, which may come from a stranger) never reaches gopen: it must be a
 plain relative name under the dataset's own root (`_inside`), and is opened by latentcache's own reader, a local
-regular file reached without a symbolic link below the root, or the root's own object store (`read_bytes`).
+regular file reached without a symbolic link below the root, or the root's own object store
+(`location.own_file_problem`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import os
 import re
@@ -26,8 +26,9 @@ from typing import Any
 from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.out_layout import MANIFEST_FILE, SHARD_SUFFIX
-from latentcache.format.reader import TarStats, iter_tar, open_regular
-from latentcache.storage import store
+from latentcache.format.reader import TarStats, iter_tar
+from latentcache.storage import location
+from latentcache.storage.location import open_url  # noqa: F401 (the public latentcache.dataset.open_url)
 
 PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v", ".png", ".jpg", ".jpeg",
                   ".webp", ".bmp"}
@@ -72,15 +73,6 @@ def _pixels_message(root: Path) -> str | None:
 # ------------------------------------------------------------------------------------------ finding shards
 
 
-def _local_path(url: str) -> str | None:
-    """The filesystem path of a local url (plain path or file://), None for remote ones (http, pipe:, s3...)."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url or url.startswith("pipe:"):
-        return None
-    return url
-
-
 def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Brace lists (`{000000..000099}`), `::`-joined lists, globs and file:// urls -> a list of urls."""
     import webdataset as wds
@@ -89,16 +81,10 @@ def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     urls: list[str] = []
     for item in items:
         for url in wds.shardlists.expand_urls(str(item)):
-            local = _local_path(url)
-            if local is not None and glob.has_magic(local):
-                matches = sorted(glob.glob(local))
-                if not matches:
-                    raise ShardFormatError(f"{url}: the pattern matches no file")
-                # Matches are local files: one whose name reads as a url (`pipe:x.tar`, a stranger's file name) is
-                # kept local by a ./ prefix, so it can never be handed to gopen as a command.
-                urls.extend(m if _local_path(m) == m else os.path.join(".", m) for m in matches)
-            else:
-                urls.append(local if local is not None else url)
+            matches = location.expand_pattern(url)  # a local glob's matches, each kept local (never to gopen)
+            if not matches:
+                raise ShardFormatError(f"{url}: the pattern matches no file")
+            urls.extend(matches)
     if not urls:
         raise ShardFormatError(f"{source!r} names no shard")
     return urls
@@ -106,7 +92,7 @@ def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 def _find_manifest_dir(urls: list[str]) -> Path:
     """The directory holding manifest.json, searched upwards from the first local shard."""
-    local = _local_path(urls[0])
+    local = location.local_path(urls[0])
     if local is None:
         raise ShardFormatError(f"{urls[0]} is remote: pass manifest=PATH_OR_URL_OF/manifest.json (copy it next to "
                                "the training script) so the dataset knows the latent spec and the shard checksums")
@@ -131,7 +117,7 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -
     by_path = {s["path"]: s for s in manifest["shards"]}
     refs = []
     for url in urls:
-        local = _local_path(url)
+        local = location.local_path(url)
         entry = None
         if local is not None:
             try:
@@ -235,7 +221,8 @@ def _lists_directories(items: list[Any]) -> bool:
     """Whether a list names output directories (True) or shard files/urls (False), told by its first item (a list of
     shard files costs no stat per file); a list that mixes both is refused."""
     def is_dir(item: Any) -> bool:
-        return isinstance(item, str | os.PathLike) and _local_path(str(item)) is not None and Path(item).is_dir()
+        local = isinstance(item, str | os.PathLike) and location.local_path(str(item)) is not None
+        return local and Path(item).is_dir()
 
     if not items or not is_dir(items[0]):
         return False
@@ -269,105 +256,34 @@ def source_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return problems
 
 
-def open_url(url: str) -> Any:
-    """A binary stream for a shard url: local regular files directly (a FIFO or device is refused, never waited
-    on), object storage (s3://...) through fsspec, the rest through webdataset's gopen."""
-    local = _local_path(url)
-    if local is not None:
-        return open_regular(local, url)
-    if store.in_object_store(url):
-        return store.open_url(url)
-    import webdataset as wds
-
-    return wds.gopen(url, "rb")
-
-
-def _own_opener_problem(shard: ShardRef) -> str | None:
-    """Why a shard named by a manifest cannot be opened by latentcache's own reader, or None: its url must be the
-    root's own object store, or a regular local file under the root reached without a symbolic link below it (a link
-    to another output's shard would give that shard's samples twice when outputs are combined)."""
-    if store.in_object_store(shard.url):
-        in_root = shard.root is not None and store.in_object_store(shard.root)
-        return None if in_root else "is not under the dataset's root"
-    local = _local_path(shard.url)
-    if local is None:  # cannot happen for a path _inside let through; refused all the same, never handed to gopen
-        return "is not a local file or an object in the dataset's store"
-    # Resolved at each read (a few lstat calls next to reading megabytes): a relative root follows the current folder.
-    if os.path.realpath(local) != os.path.join(os.path.realpath(shard.root or "."), shard.path):
-        return (f"is reached through a symbolic link (it resolves to {os.path.realpath(local)}); shards of an output "
-                "must be regular files inside it: copy the file instead of linking it")
-    return None
-
-
 def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
     """The whole shard, read once; refused, before anything is read, when larger than the manifest says.
 
     A shard named by a manifest (`shard.root` set) is opened only by latentcache's own reader, never by gopen: see
-    `_own_opener_problem`.
-
-    A local shard is read straight into `buffer` when one is given (grown as needed): a reader going through many
-    shards then reuses one warm buffer instead of faulting in fresh pages for every shard (6x faster here).
+    `location.own_file_problem`. A local shard is read straight into `buffer` when one is given (grown as needed):
+    see `location.read_whole`. A shard in object storage costs one HEAD (its size, checked first) and GETs of no
+    more than it holds; `prefetched` starts the next shards' reads early, so that wait overlaps decoding.
     """
     limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
     if shard.root is not None:
-        problem = _own_opener_problem(shard)
+        problem = location.own_file_problem(shard.url, shard.root, shard.path)
         if problem:
             raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
                                    "refused")
     try:
-        if store.in_object_store(shard.url):
-            return _read_object(shard.url, limit)
-        return _read_stream(shard, limit, buffer)
+        data = location.read_whole(shard.url, limit, buffer)
+    except location.TooLarge as e:
+        raise ShardFormatError(f"{shard.url}: {e.size} bytes, the manifest lists {limit}; the shard was replaced or "
+                               "appended to. Run `latentcache verify` and re-encode it") from None
     except FileNotFoundError:
         where = f"of {shard.root}/{MANIFEST_FILE}" if shard.root is not None else "named by the manifest"
         raise ShardFormatError(f"{shard.url}: shard {shard.path!r} {where} is missing from storage; the dataset "
                                "is incomplete (copied in part?): copy the whole output, or run `latentcache verify` "
                                "on it") from None
-
-
-def _read_stream(shard: ShardRef, limit: int, buffer: bytearray | None) -> memoryview:
-    with open_url(shard.url) as stream:
-        if _local_path(shard.url) is None:  # a remote stream: its size is known only once it ends
-            data = _read_chunks(stream, limit + 1)
-        else:
-            size = os.fstat(stream.fileno()).st_size
-            if size > limit:
-                raise ShardFormatError(f"{shard.url}: {size} bytes, the manifest lists {limit}; the shard was "
-                                       "replaced or appended to. Run `latentcache verify` and re-encode it")
-            # A byte past the size fstat gave says the file grew since: more than the manifest lists, or not.
-            data = _read_into(stream, size + 1, buffer)
     if len(data) > limit:
         raise ShardFormatError(f"{shard.url}: more than the {limit} bytes the manifest lists; the shard was "
                                "replaced or appended to. Run `latentcache verify` and re-encode it")
     return memoryview(data)
-
-
-def _read_into(stream: Any, most: int, buffer: bytearray | None) -> memoryview | bytes:
-    if buffer is None:
-        return stream.read(most)
-    try:
-        if len(buffer) < most:
-            buffer += bytes(most - len(buffer))
-    except BufferError:  # still exported by a reader of an earlier shard: use a buffer of its own
-        return stream.read(most)
-    view, got = memoryview(buffer)[:most], 0
-    while got < most:
-        n = stream.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return view[:got]
-
-
-def _read_chunks(stream: Any, most: int) -> bytes:
-    chunks, total = [], 0
-    while total < most:
-        chunk = stream.read(min(64 << 20, most - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None,
@@ -405,24 +321,6 @@ def read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray 
         data.release()  # lets the buffer grow for the next shard
 
 
-# ------------------------------------------------------------- object storage (s3://...): one dispatch, see store.py
-
-
-def _read_object(url: str, limit: int) -> memoryview:
-    """The whole shard from object storage, refused when larger than the manifest says: storage's own size (one
-    HEAD) is checked first, and no request asks for more than it holds. The next shards' reads are started early
-    by `prefetched`, so this wait overlaps decoding."""
-    size = store.url_size(url)
-    if size > limit:
-        raise ShardFormatError(f"{url}: {size} bytes, the manifest lists {limit}; the shard was replaced or "
-                               "appended to. Run `latentcache verify` and re-encode it")
-    data = store.read_url(url, limit, size=size)
-    if len(data) > limit:
-        raise ShardFormatError(f"{url}: more than the {limit} bytes the manifest lists; the shard was "
-                               "replaced or appended to. Run `latentcache verify` and re-encode it")
-    return memoryview(data)
-
-
 # Shards fetched ahead of the one being decoded, per reader: object storage answers in tens of ms and a shard takes
 # a while to download; two in flight keep a reader busy while costing two shards of memory.
 PREFETCH_SHARDS = 2
@@ -431,37 +329,17 @@ PREFETCH_SHARDS = 2
 def prefetched(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, memoryview | None]]:
     """(shard, its bytes or None). Shards in object storage are downloaded PREFETCH_SHARDS ahead in threads, so a
     remote reader decodes one shard while the next arrive; local shards are read where they are used (None)."""
-    if not any(store.in_object_store(s.url) for s in shards):
-        yield from ((s, None) for s in shards)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    def fetch(s: ShardRef) -> memoryview | None:
-        return read_bytes(s) if store.in_object_store(s.url) else None
-
-    with ThreadPoolExecutor(PREFETCH_SHARDS, thread_name_prefix="latentcache-prefetch") as pool:
-        pending = [pool.submit(fetch, s) for s in shards[:PREFETCH_SHARDS]]
-        try:
-            for i, shard in enumerate(shards):
-                data = pending.pop(0).result()
-                if i + PREFETCH_SHARDS < len(shards):
-                    pending.append(pool.submit(fetch, shards[i + PREFETCH_SHARDS]))
-                yield shard, data
-        finally:
-            for future in pending:  # a reader that stops early (a break, a closed generator) fetches no more
-                future.cancel()
+    return location.read_ahead(shards, lambda s: s.url, read_bytes, PREFETCH_SHARDS)
 
 
 def _object_store_source(source: Any, manifest: str | os.PathLike | None
                          ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
     """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
     for anything else (local paths, shard urls, lists)."""
-    if not (isinstance(source, str) and store.in_object_store(source)) or source.endswith(SHARD_SUFFIX):
+    root = location.object_url(source)
+    if root is None or source.endswith(SHARD_SUFFIX) or any(c in source for c in "{*?"):
         return None
-    if any(c in source for c in "{*?"):
-        return None
-    root = source.rstrip("/")
     mroot = str(manifest).rstrip("/").removesuffix(f"/{MANIFEST_FILE}") if manifest is not None else root
     data = read_manifest(mroot)
-    urls = [store.join(root, _inside(s["path"], root)) for s in data["shards"]]
+    urls = [location.join(root, _inside(s["path"], root)) for s in data["shards"]]
     return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]

@@ -23,7 +23,7 @@ from latentcache.encode.inputs.tars import tar_inputs
 from latentcache.encode.inputs.urls import from_url
 from latentcache.encode.plan import InputVideo, input_id
 from latentcache.errors import ConfigError
-from latentcache.storage import store
+from latentcache.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
     `images` (--images): image files in directories are inputs too (else skipped like thumbnails).
     A directory, list, tar or pattern that gives no input at all is a ConfigError naming it.
     """
-    skip = frozenset(Path(e).resolve() for e in exclude if not store.is_url(e))
+    skip = frozenset(local.resolve() for e in exclude if (local := location.local(e)) is not None)
     for raw in paths:
-        if store.is_url(raw):
-            yield from from_url(str(raw), {str(e).rstrip("/") for e in exclude if store.is_url(e)}, images)
+        if location.local(raw) is None:
+            excluded = {str(e).rstrip("/") for e in exclude if location.local(e) is None}
+            yield from from_url(str(raw), excluded, images)
             continue
         p = Path(raw)
         if not p.exists() and is_pattern(str(raw)):

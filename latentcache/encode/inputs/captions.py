@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from latentcache.errors import ConfigError
-from latentcache.storage import store
+from latentcache.storage import location
 
 # The longest caption read, from a sidecar or a CSV cell (a detailed caption, or a span table's list of them).
 MAX_CAPTION_BYTES = 16 << 20
@@ -37,4 +37,4 @@ def local_caption(video: Path) -> str | None:
 
 def object_caption(url: str) -> str | None:
     """The caption in the object `url` (a sidecar listed beside a video under an object prefix)."""
-    return _caption(store.read_url(url, limit=MAX_CAPTION_BYTES), url)
+    return _caption(location.read(url, MAX_CAPTION_BYTES), url)

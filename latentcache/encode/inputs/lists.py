@@ -23,7 +23,7 @@ from latentcache.encode.inputs.paired_lists import paired_rows, prompts_beside
 from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError, MissingDependency
 from latentcache.format import strictjson
-from latentcache.storage import sources
+from latentcache.storage import location, sources
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,10 @@ def from_list(list_file: Path) -> Iterator[InputVideo]:
             # No file has such a name: refused before anything is planned, so a fixed list can be run again.
             raise ConfigError(f"{list_file}: row {n}: the path {raw[:200]!r} holds a NUL byte, which no file name "
                               "can; fix the list")
-        if "://" in raw:
+        rel = location.url_name(raw)
+        if rel is not None:
             # An object store or web address: opened by `sources`, keyed by what follows the scheme.
-            p, rel = raw, raw.split("://", 1)[1]
+            p = raw
         else:
             # Keys come from the path relative to the list, not through symlinks: the same list gives the same keys
             # wherever it is mounted.
@@ -214,7 +215,8 @@ def from_list(list_file: Path) -> Iterator[InputVideo]:
         caption = _row_caption(row.get("caption"), spans is not None)
         from_sidecar = False
         if caption is None:
-            caption = local_caption(Path(p)) if sources.is_local(p) else None
+            local = sources.local_source(p)
+            caption = local_caption(local) if local is not None else None
             from_sidecar = caption is not None
         extra = None if plain else {str(k): _jsonable(v) for k, v in row.items()
                                     if k is not None and k not in READ_COLUMNS}
