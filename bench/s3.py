@@ -7,7 +7,7 @@
 The server runs in its own process. Two rows, each S3 against the same bytes read from local files (warm page
 cache), with the same workers:
 - decode: `ClipStream` (the encode stage's prefetched decoding) over clips of h264 videos, by path vs by s3:// url.
-  PyAV reads the url through a seekable file object (range requests, `store.open_url`); nothing is downloaded.
+  PyAV reads the url through a seekable file object (range requests, `location.open_url`); nothing is downloaded.
 - stream: `LatentShardDataset` over a dataset directory vs the same dataset uploaded to s3://. Remote shards are
   fetched `dataset.PREFETCH_SHARDS` ahead in threads while the current one is decoded.
 Target: S3 >= 0.8x local. Needs `pip install 'latentcache[s3]' 'moto[server]'` (both in the test extra).

@@ -265,9 +265,8 @@ def resolve(text: str | os.PathLike | ObjectPath) -> Location:
         return text
     if not is_url(text):
         return Path(text)
-    url = str(text).rstrip("/")
-    check_url(url)
-    return ObjectPath(url)
+    check_url(str(text))
+    return ObjectPath(str(text))
 
 
 def output_location(text: str | os.PathLike) -> Location:
@@ -351,8 +350,9 @@ def files_under(location: str | Location, suffix: str = "") -> list[str] | None:
     """Every file under the folder `location` whose name ends in `suffix`, as names relative to it, sorted; None
     when there is no such folder (an object prefix always exists: it lists no object then)."""
     if in_object_store(location):
-        base = str(location).rstrip("/") + "/"
-        return [u[len(base):] for u in store.list_files(str(location)) if u.endswith(suffix)]
+        fs, key = filesystem(str(location).rstrip("/"))
+        fs.invalidate_cache(key)  # never answer from a listing made before another writer's PUT
+        return sorted(p[len(key) + 1:] for p in fs.find(key) if p.endswith(suffix))
     root = Path(location)
     if not root.is_dir():
         return None
