@@ -206,16 +206,6 @@ def _batch_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
 
 
-def _image_latents(args: argparse.Namespace, family: str) -> bool:
-    """--image-latents, refused before any work for a family whose I2V conditioning is not cached."""
-    from latentcache.format.spec import image_condition_of
-
-    if getattr(args, "image_latents", False):
-        image_condition_of(family)
-        return True
-    return False
-
-
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
     from latentcache.encode.families import family_of
@@ -240,17 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     frames, height, width = (given if given is not None else default for given, default in
                              zip((getattr(args, n, None) for n in ("frames", "height", "width")),
                                  family.default_clip, strict=True))
-    for name, value in (("frames", frames), ("samples_per_shard", args.samples_per_shard)):
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.fps <= 0:
-        raise ConfigError(f"--fps must be positive, got {args.fps}")
-    if getattr(args, "estimate", 0) and not getattr(args, "dry_run", False):
-        raise ConfigError("--estimate goes with --dry-run (it times a few clips instead of encoding the run)")
-    if getattr(args, "estimate", 0) < 0:
-        raise ConfigError(f"--estimate must be 0 or more clips, got {args.estimate}")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    # The values are checked by the settings records themselves (encode/settings.py), as a hand-built one is.
     encode = EncodeSettings(
         clip=ClipSettings(frames=frames, fps=args.fps, height=height, width=width,
                           strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
@@ -262,7 +242,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         text=TextSettings(source=args.text_encoder, max_length=args.text_max_length) if args.text_encoder else None,
         store=args.store,
         store_dtype=args.store_dtype,
-        image_latents=_image_latents(args, family.name),
+        image_latents=getattr(args, "image_latents", False),
     )
     runtime = RuntimeSettings(device=args.device, batch_size=args.batch_size, workers=args.workers,
                               cpu_threads=args.cpu_threads, compile=args.compile, nvdec=args.nvdec, strict=args.strict,

@@ -23,10 +23,10 @@ from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.loader import ClipStream, default_workers
 from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
 from latentcache.encode.output import _writing
-from latentcache.encode.plan import ChunkPlan, PlannedClip, PlannedShard, aspect_sizes, failure_record
+from latentcache.encode.plan import ChunkPlan, PlannedClip, PlannedShard, failure_record
 from latentcache.encode.planning import plan_chunks
 from latentcache.encode.provenance import software_record, vae_change
-from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings
+from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, aspect_sizes
 from latentcache.encode.text import TextEncoder
 from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.encode.writer import ShardWriter

@@ -75,10 +75,10 @@ def run(settings: JobSettings, world: World = World()) -> int:
     Any process may finalize once no planned shard is left, so SLURM array tasks need no barrier between them.
     """
     started = time.perf_counter()
-    check_before_loading(settings)
+    fits_checked = check_before_loading(settings)
     if settings.dry_run:
-        return print_dry_run(settings, world) if world.is_main else EXIT_OK
-    vae, texts = _load_encoders(settings, world)
+        return print_dry_run(settings, world, fits_checked) if world.is_main else EXIT_OK
+    vae, texts = _load_encoders(settings, world, fits_checked)
     plan, failed = _job_plan(settings, world, vae)
     if failed:
         return EXIT_USAGE  # the main process prints why
@@ -92,12 +92,22 @@ def run(settings: JobSettings, world: World = World()) -> int:
     return _end_of_share(settings, world, share, summary, clips, len(kept), vae, started)
 
 
-def _load_encoders(settings: JobSettings, world: World) -> tuple[VideoVAE, TextEncoder | None]:
-    """The VAE on this process's device, tuned, and the text encoder when prompt embeddings are cached (else None)."""
+def _load_vae(settings: JobSettings, world: World, fits_checked: bool) -> VideoVAE:
+    """The VAE on this process's device. The clip settings are checked against it here when its config could not be
+    read before it loaded (`check_before_loading`), so they are checked once either way."""
+    from latentcache.encode.plan import check_fits_vae
     from latentcache.encode.vae import load_vae
 
+    vae = load_vae(settings.encode.vae, world.device or settings.runtime.device)
+    if not fits_checked:
+        check_fits_vae(settings.encode.clip, vae.spec)
+    return vae
+
+
+def _load_encoders(settings: JobSettings, world: World, fits_checked: bool) -> tuple[VideoVAE, TextEncoder | None]:
+    """The VAE on this process's device, tuned, and the text encoder when prompt embeddings are cached (else None)."""
     encode, runtime = settings.encode, settings.runtime
-    vae = load_vae(encode.vae, world.device or runtime.device)
+    vae = _load_vae(settings, world, fits_checked)
     if encode.image_latents:
         vae.check_image_condition()  # the family is known before loading; the VAE's own layout only now
     vae.tune(compile_encoder=runtime.compile)
@@ -326,29 +336,29 @@ def release_output(out: Path) -> None:
         pass
 
 
-def check_before_loading(settings: JobSettings) -> None:
+def check_before_loading(settings: JobSettings) -> bool:
     """What can be refused in a second is refused before a multi-GB VAE loads or any input is probed: inputs that do
     not exist or hold nothing to encode (each read up to its first video; before diffusers is imported), frame counts
     and sizes the VAE cannot encode (from its config alone), buckets, --out holding someone else's files, and an
-    output made with other settings."""
+    output made with other settings. Returns whether the clip settings were checked against the VAE (False: its
+    config could not be read before loading; `_load_vae` checks them then)."""
     from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
-    from latentcache.encode.plan import check_buckets
+    from latentcache.encode.plan import check_fits_vae
     from latentcache.encode.vae_source import peek_spec
 
     check_inputs(settings.inputs, exclude=[settings.out], images=settings.encode.clip.images)
     spec = peek_spec(settings.encode.vae)
     if spec is not None:
-        spec.check_clip(settings.encode.clip)
-        check_buckets(settings.encode.clip, spec.to_dict())
+        check_fits_vae(settings.encode.clip, spec)
     refuse_foreign_output(settings.out)
     refuse_changed_settings(settings.out, settings.encode, settings.overwrite)
+    return spec is not None
 
 
-def print_dry_run(settings: JobSettings, world: World) -> int:
+def print_dry_run(settings: JobSettings, world: World, fits_checked: bool = False) -> int:
     from latentcache.encode.dry_run import dry_run
-    from latentcache.encode.vae import load_vae
 
-    vae = load_vae(settings.encode.vae, world.device or settings.runtime.device)
+    vae = _load_vae(settings, world, fits_checked)
     result = dry_run(settings, vae, estimate=settings.estimate, world_size=world.world_size)
     for line in result.lines(settings.out, str(vae.device)):
         print(line)

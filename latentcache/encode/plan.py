@@ -16,14 +16,17 @@ import random
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentcache.encode.probing import VideoInfo, probe
-from latentcache.encode.settings import ClipSettings, EncodeSettings, hash_json
+from latentcache.encode.settings import ClipSettings, EncodeSettings, aspect_sizes, hash_json, parse_strategy
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket, FrameRule
 from latentcache.format.out_layout import shard_name
 from latentcache.format.outcomes import make_record
+
+if TYPE_CHECKING:
+    from latentcache.format.spec import LatentSpec
 
 log = logging.getLogger(__name__)
 
@@ -180,25 +183,6 @@ def clip_key(relpath: str, index: int) -> str:
     return f"{digest}_{index:04d}"
 
 
-STRATEGIES = "first, uniform:K, sliding:SECONDS, all, random:K"
-
-
-def parse_strategy(strategy: str) -> tuple[str, float]:
-    """'uniform:4' -> ('uniform', 4); raises ConfigError naming the valid forms."""
-    kind, sep, arg = strategy.partition(":")
-    try:
-        if kind in ("first", "all") and not sep:
-            return kind, 0.0
-        if kind in ("uniform", "random") and int(arg) >= 1 and float(arg) == int(arg):
-            return kind, float(int(arg))
-        if kind == "sliding" and float(arg) > 0:
-            return kind, float(arg)
-    except ValueError:
-        pass
-    raise ConfigError(f"--clips {strategy!r} is not one of {STRATEGIES} (K a whole number >= 1, SECONDS > 0), "
-                      "e.g. uniform:4 or sliding:2.5")
-
-
 def clip_starts(duration: float, clip: ClipSettings, salt: str = "") -> list[float]:
     """Start times (seconds) of the clips taken from a video of `duration` seconds; [] when no clip fits.
 
@@ -234,23 +218,10 @@ def clip_starts(duration: float, clip: ClipSettings, salt: str = "") -> list[flo
 
 
 def clip_settings_for(bucket: str, clip: ClipSettings) -> ClipSettings:
-    """The clip settings a planned clip is decoded with: its own bucket's frames and size, the rest shared."""
+    """The clip settings a planned clip is decoded with: its own bucket's frames and size, the rest shared (its frame
+    buckets, a planning choice already made, are dropped: they need not fit the bucket's shorter frame count)."""
     b = Bucket.parse(bucket)
-    return dataclasses.replace(clip, frames=b.frames, height=b.height, width=b.width)
-
-
-def aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
-    """(height, width) of every --buckets entry, or of --height/--width without buckets."""
-    sizes = []
-    for b in clip.buckets:
-        try:
-            h, w = (int(x) for x in b.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"--buckets {b!r}: expected HEIGHTxWIDTH such as 480x720") from None
-        if h < 1 or w < 1:
-            raise ConfigError(f"--buckets {b!r}: height and width must be positive")
-        sizes.append((h, w))
-    return sizes or [(clip.height, clip.width)]
+    return dataclasses.replace(clip, frames=b.frames, height=b.height, width=b.width, frame_buckets=())
 
 
 def nearest_size(width: int, height: int, clip: ClipSettings) -> tuple[int, int]:
@@ -259,18 +230,21 @@ def nearest_size(width: int, height: int, clip: ClipSettings) -> tuple[int, int]
     return min(aspect_sizes(clip), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
 
 
-def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
-    """Refuse strategies and buckets that cannot work, before any video is probed.
+def check_fits_vae(clip: ClipSettings, spec: LatentSpec) -> None:
+    """Refuse frame counts and sizes the VAE cannot encode exactly (--frames, --height/--width, --frame-buckets,
+    --buckets), offering the nearest valid values: once a run, before any video is probed (job.py calls it, from the
+    VAE's config before it loads where that can be read, else once it is loaded). What cannot work whatever the VAE
+    (a strategy, a bucket's spelling, a frame bucket longer than --frames) the settings refuse when they are made."""
+    spec.check_clip(clip)
+    check_buckets(clip, spec.to_dict())
 
-    `spec` is the VAE's latent spec (temporal and spatial compression): every aspect bucket and frame bucket must be
-    something the VAE encodes exactly, as `--frames/--height/--width` are.
+
+def check_buckets(clip: ClipSettings, spec: dict[str, Any] | None) -> None:
+    """Refuse aspect and frame buckets the VAE cannot encode exactly, as `--frames/--height/--width` are.
+
+    `spec` is the VAE's latent spec (temporal and spatial compression); None: nothing to check against.
     """
-    parse_strategy(clip.strategy)
     sizes = aspect_sizes(clip)
-    for f in clip.frame_buckets:
-        if not 1 <= f <= clip.frames:
-            raise ConfigError(f"--frame-buckets {f} is not between 1 and --frames {clip.frames}: frame buckets are the "
-                              "shorter clips a video too short for --frames falls back to")
     if not spec:
         return
     k, s = int(spec.get("temporal_compression", 1)), int(spec.get("spatial_compression", 1))
@@ -332,7 +306,8 @@ def plan_video(info: VideoInfo, clip: ClipSettings, salt: str = "") -> tuple[str
     fallbacks = sorted((f for f in clip.frame_buckets if f < clip.frames), reverse=True)
     for frames in (clip.frames, *fallbacks):
         try:
-            starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames), salt)
+            # Its frame buckets dropped: the settings refuse a frame bucket longer than their frames.
+            starts = clip_starts(info.duration, dataclasses.replace(clip, frames=frames, frame_buckets=()), salt)
         except ValueError as e:
             raise InputError(info.path, "plan", f"broken timestamps: {e}") from None
         if starts:
@@ -429,7 +404,6 @@ def make_plan(
     With `strict`, the first input that cannot be probed raises its InputError (skips are not failures).
     """
     clip = settings.clip
-    check_buckets(clip, vae_identity.get("spec"))
     probe_fn = probe_fn or functools.partial(probe, images=clip.images)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probed = list(pool.map(lambda v: _try_probe(v, probe_fn), inputs))

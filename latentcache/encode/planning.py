@@ -14,7 +14,7 @@ from typing import Any
 from latentcache.encode import chunks, job_plan, rerun_inputs
 from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.output import _writing, claim_output, clear_outputs, differences
-from latentcache.encode.plan import ChunkPlan, InputVideo, check_buckets
+from latentcache.encode.plan import ChunkPlan, InputVideo
 from latentcache.encode.probing import VideoInfo
 from latentcache.encode.provenance import vae_change
 from latentcache.encode.settings import EncodeSettings, hash_json
@@ -45,12 +45,9 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     "Changed inputs").
     `chunk_size`: None for `job_plan.auto_chunk_size` over the new inputs and `world_size` (all processes of the job).
     """
-    vae.spec.check_clip(settings.clip)
     claim_output(out)  # before any probing: a wrong --out fails in a second, not after an hour of probes
     path = out / PLAN_FILE
     record = vae_record(vae)
-    # No video is probed here, but settings that cannot work are refused before any file is written.
-    check_buckets(settings.clip, record.get("spec"))
     wanted = JobPlan(hash_json({"settings": settings.output_affecting(), "vae": record}), settings.output_affecting(),
                      record, [])
     if path.is_file():

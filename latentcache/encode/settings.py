@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from latentcache.errors import ConfigError
+
 # The string choices of the settings, as the command line offers them.
 ResizeMode = Literal["crop", "fit"]
 ShortPolicy = Literal["skip", "pad"]
@@ -42,6 +44,20 @@ class ClipSettings:
     # Still images (jpg, png, webp) as 1-frame samples in their own `1xHxW` bucket (--images); off: refused as not
     # videos, and image files in input folders are not even probed.
     images: bool = False
+
+    def __post_init__(self) -> None:
+        # Refused when made, by the CLI or by hand (a test, the demo, a script): what cannot work whatever the VAE.
+        # What the VAE cannot encode exactly is plan.check_fits_vae's, once its spec is known.
+        if self.frames < 1:
+            raise ConfigError(f"--frames must be at least 1, got {self.frames}")
+        if self.fps <= 0:
+            raise ConfigError(f"--fps must be positive, got {self.fps}")
+        parse_strategy(self.strategy)
+        aspect_sizes(self)
+        for f in self.frame_buckets:
+            if not 1 <= f <= self.frames:
+                raise ConfigError(f"--frame-buckets {f} is not between 1 and --frames {self.frames}: frame buckets are "
+                                  "the shorter clips a video too short for --frames falls back to")
 
     @property
     def bucket(self) -> str:
@@ -98,6 +114,16 @@ class EncodeSettings:
     # Also store each clip's first frame encoded as the family's image-to-video pipeline conditions on it
     # (`image_mean`, and `image_logvar` for CogVideoX) (--image-latents).
     image_latents: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"--samples-per-shard must be at least 1, got {self.samples_per_shard}")
+        if self.image_latents:
+            # Refused before any work for a family whose I2V conditioning is not cached (format/ imports torch: here
+            # only when asked, so `latentcache --help` stays light).
+            from latentcache.format.spec import image_condition_of
+
+            image_condition_of(self.vae.family)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +194,48 @@ class JobSettings:
     # --dry-run: plan and describe the run, write nothing into OUT; --estimate N: also time N clips here.
     dry_run: bool = False
     estimate: int = 0
+
+    def __post_init__(self) -> None:
+        if self.estimate and not self.dry_run:
+            raise ConfigError("--estimate goes with --dry-run (it times a few clips instead of encoding the run)")
+        if self.estimate < 0:
+            raise ConfigError(f"--estimate must be 0 or more clips, got {self.estimate}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+
+
+STRATEGIES = "first, uniform:K, sliding:SECONDS, all, random:K"
+
+
+def parse_strategy(strategy: str) -> tuple[str, float]:
+    """'uniform:4' -> ('uniform', 4); raises ConfigError naming the valid forms."""
+    kind, sep, arg = strategy.partition(":")
+    try:
+        if kind in ("first", "all") and not sep:
+            return kind, 0.0
+        if kind in ("uniform", "random") and int(arg) >= 1 and float(arg) == int(arg):
+            return kind, float(int(arg))
+        if kind == "sliding" and float(arg) > 0:
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"--clips {strategy!r} is not one of {STRATEGIES} (K a whole number >= 1, SECONDS > 0), "
+                      "e.g. uniform:4 or sliding:2.5")
+
+
+def aspect_sizes(clip: ClipSettings) -> list[tuple[int, int]]:
+    """(height, width) of every --buckets entry, or of --height/--width without buckets."""
+    sizes = []
+    for b in clip.buckets:
+        try:
+            h, w = (int(x) for x in b.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--buckets {b!r}: expected HEIGHTxWIDTH such as 480x720") from None
+        if h < 1 or w < 1:
+            raise ConfigError(f"--buckets {b!r}: height and width must be positive")
+        sizes.append((h, w))
+    return sizes or [(clip.height, clip.width)]
+
 
 
 def hash_json(obj: Any) -> str:

@@ -134,3 +134,29 @@ def test_the_random_weights_note_is_said_once(video_dir, tmp_path, capsys, caplo
         assert job.run(_settings(video_dir / "sub", tmp_path / "out")) == job.EXIT_OK
     said = capsys.readouterr().out.count("random weights") + caplog.text.count("random weights")
     assert said == 1
+
+
+def test_the_clip_settings_are_checked_against_the_vae_once_a_run(video_dir, tmp_path, monkeypatch):
+    """Before the VAE loads when its config can be read, else once it has loaded; never again per plan or chunk."""
+    import dataclasses
+
+    import pytest
+
+    from latentcache.encode import plan, vae_source
+    from latentcache.errors import ConfigError
+
+    checked = []
+    real = plan.check_buckets
+    monkeypatch.setattr(plan, "check_buckets", lambda *a: (checked.append(a), real(*a))[1])
+    assert job.run(_settings(video_dir, tmp_path / "out")) == job.EXIT_OK
+    assert len(checked) == 1
+    # A config that cannot be read before loading (peek_spec None): checked once the VAE is loaded, before any plan.
+    monkeypatch.setattr(vae_source, "peek_spec", lambda settings: None)
+    assert job.run(_settings(video_dir, tmp_path / "again")) == job.EXIT_OK
+    assert len(checked) == 2
+    odd = _settings(video_dir, tmp_path / "odd")
+    odd = dataclasses.replace(odd, encode=dataclasses.replace(odd.encode, clip=dataclasses.replace(TINY_CLIP,
+                                                                                                   frames=18)))
+    with pytest.raises(ConfigError, match="--frames 18 does not fit the cogvideox VAE"):
+        job.run(odd)
+    assert not (tmp_path / "odd").exists()

@@ -18,10 +18,10 @@ from latentcache.encode.plan import (
     clip_starts,
     make_plan,
     nearest_size,
-    parse_strategy,
     plan_video,
 )
 from latentcache.encode.probing import VideoInfo, probe
+from latentcache.encode.settings import parse_strategy
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket
 from latentcache.tools.synthetic import write_video
