@@ -112,16 +112,17 @@ def step_share(work: Path, n: int, chunk_size: int, tasks: int) -> dict:
 def step_open(work: Path, n: int) -> dict:
     """A synthetic manifest of n samples in shards of 64 (files not written: opening reads the manifest only)."""
     from latentcache import LatentShardDataset
-    from latentcache.format.manifest import write_manifest
+    from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
+    from latentcache.format.out_layout import shard_name
 
     root = work / f"manifest_{n}"
     root.mkdir(exist_ok=True)
-    shards = [{"path": f"shards/17x480x720/p0000-c{i // 16:06d}-{i % 16:06d}.tar", "bucket": "17x480x720",
-               "samples": min(64, n - i * 64), "bytes": 1 << 20, "sha256": "0" * 64} for i in range(-(-n // 64))]
-    write_manifest(root, {"latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4,
-                                          "spatial_compression": 8, "scaling_factor": 1.15258426},
-                          "vae": {"class_name": "AutoencoderKLCogVideoX"}, "dtype": "float16",
-                          "counts": {"samples": n, "shards": len(shards)}, "shards": shards})
+    shards = tuple(ShardEntry(shard_name("17x480x720", i % 16, 0, i // 16), "17x480x720", min(64, n - i * 64), 1 << 20,
+                              "0" * 64) for i in range(-(-n // 64)))
+    write_manifest(root, Manifest(latent_spec={"family": "cogvideox", "channels": 16, "temporal_compression": 4,
+                                               "spatial_compression": 8, "scaling_factor": 1.15258426},
+                                  vae={"class_name": "AutoencoderKLCogVideoX"}, dtype="float16",
+                                  counts={"samples": n, "shards": len(shards)}, shards=shards))
     started = time.perf_counter()
     dataset = LatentShardDataset(root)
     seconds = time.perf_counter() - started

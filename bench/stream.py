@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latentcache.train.decoder as decoder_module  # noqa: E402
 from latentcache import LatentShardDataset, ShardFormatError  # noqa: E402
-from latentcache.format.manifest import write_manifest
+from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.format.shards import EncodedClip, write_shard  # noqa: E402
 from latentcache.train.decoder import SampleDecoder  # noqa: E402
@@ -48,15 +48,15 @@ def make_dataset(root: Path, samples: int, per_shard: int, store_logvar: bool) -
             clips.append(EncodedClip(f"clip{i:06d}", mean, logvar, {"frames": 49}))
         path = root / "shards" / "49x480x720" / f"{shard_id:06d}.tar"
         record = write_shard(path, clips)
-        shards.append({"path": str(path.relative_to(root)), "bucket": "49x480x720", "samples": record["samples"],
-                       "bytes": record["bytes"], "sha256": record["sha256"]})
-    write_manifest(root, {
-        "latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4, "spatial_compression": 8,
-                        "scaling_factor": 1.15258426},
-        "vae": {"class_name": "AutoencoderKLCogVideoX"},
-        "counts": {"samples": samples, "shards": len(shards)},
-        "shards": shards,
-    })
+        shards.append(ShardEntry(str(path.relative_to(root)), "49x480x720", record["samples"], record["bytes"],
+                                 record["sha256"]))
+    write_manifest(root, Manifest(
+        latent_spec={"family": "cogvideox", "channels": 16, "temporal_compression": 4, "spatial_compression": 8,
+                     "scaling_factor": 1.15258426},
+        vae={"class_name": "AutoencoderKLCogVideoX"},
+        counts={"samples": samples, "shards": len(shards)},
+        shards=tuple(shards),
+    ))
 
 
 def make_pt_folder(root: Path, folder: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from latentcache.encode.settings import hash_json
-from latentcache.format.manifest import write_manifest
+from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
 from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.format.spec import LatentSpec
 from latentcache.tools.verify import verify
@@ -42,14 +42,13 @@ def make_dataset(out: Path, samples: int, per_shard: int, dtype: torch.dtype) ->
             clips.append(EncodedClip(f"bench{i:06d}_0000", mean, logvar, {"bucket": BUCKET, "frames": 49}))
         relpath = f"shards/{BUCKET}/{shard_id:06d}.tar"
         record = write_shard(out / relpath, clips)
-        shards.append({"path": relpath, "bucket": BUCKET, "samples": record["samples"], "bytes": record["bytes"],
-                       "sha256": record["sha256"]})
+        shards.append(ShardEntry(relpath, BUCKET, record["samples"], record["bytes"], record["sha256"]))
     identity = {"class_name": "AutoencoderKLCogVideoX", "source": "bench", "subfolder": None, "revision": None,
                 "config_hash": hash_json(shape), "random_weights": True}
-    write_manifest(out, {"latent_spec": spec.to_dict(), "vae": identity, "dtype": str(dtype).split(".")[-1],
-                         "settings": {"clip": {"frames": 49, "height": 480, "width": 720, "fps": 8.0}},
-                         "counts": {"samples": samples, "shards": len(shards), "failures": 0},
-                         "buckets": {BUCKET: samples}, "shards": shards})
+    write_manifest(out, Manifest(latent_spec=spec.to_dict(), vae=identity, dtype=str(dtype).split(".")[-1],
+                                 settings={"clip": {"frames": 49, "height": 480, "width": 720, "fps": 8.0}},
+                                 counts={"samples": samples, "shards": len(shards), "failures": 0},
+                                 buckets={BUCKET: samples}, shards=tuple(shards)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -378,11 +378,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from latentcache.format.manifest import read_manifest
+    from latentcache.format.manifest import Manifest
     from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     config = load_trainer_config(*args.config)
-    problems = config_problems(config, read_manifest(args.data))
+    problems = config_problems(config, Manifest.read(args.data))
     for problem in problems:
         print(f"PROBLEM: {problem}")
     print(f"{config.path}: fits {args.data}" if not problems else

@@ -22,7 +22,7 @@ from latentcache.encode.output import _writing
 from latentcache.encode.plan import PlannedShard
 from latentcache.encode.provenance import merge_software
 from latentcache.errors import ShardFormatError
-from latentcache.format.manifest import write_manifest
+from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
 from latentcache.format.out_layout import (
     FAILURES_FILE,
     MANIFEST_FILE,
@@ -151,19 +151,19 @@ def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
     return shards, unplanned
 
 
-def finalize(out: Path) -> dict[str, Any]:
+def finalize(out: Path) -> Manifest:
     """Merge the sidecars into manifest.json and failures.jsonl, checking that every planned clip is there once."""
     return finalize_with_outcome(out)[0]
 
 
-def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def finalize_with_outcome(out: Path) -> tuple[Manifest, dict[str, Any]]:
     """`finalize`, plus what the run did (videos, skips and failures by reason), counted chunk by chunk."""
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
     plan = job_plan.read_job_plan(out)
     remove_stale_temporaries(out)
-    shards: list[dict[str, Any]] = []
+    shards: list[ShardEntry] = []
     failures: list[dict[str, Any]] = []
     software: list[Any] = []
     missing: list[str] = []
@@ -185,8 +185,7 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             seen.update(record["keys"])
             chunk_failures.extend(record.get("failures", []))
             software.append(record.get("software"))
-            shards.append({"path": shard.relpath, "bucket": shard.bucket, "samples": record["samples"],
-                           "bytes": record["bytes"], "sha256": record["sha256"]})
+            shards.append(ShardEntry(shard.relpath, shard.bucket, record["samples"], record["bytes"], record["sha256"]))
         failures.extend(chunk_failures)
         failed_keys = {f["key"] for f in chunk_failures if "key" in f}
         lost = [c.key for c in chunk.clips if c.key not in seen and c.key not in failed_keys]
@@ -203,23 +202,23 @@ def finalize_with_outcome(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     _writing(out / FAILURES_FILE, write_text_atomic, out / FAILURES_FILE, failures_text)
     buckets: dict[str, int] = {}
     for s in shards:
-        buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + s["samples"]
+        buckets[s.bucket] = buckets.get(s.bucket, 0) + s.samples
     counted = tally(failures)
-    manifest = {
-        "latent_spec": plan.vae["spec"],
-        "vae": plan.vae["identity"],
-        "dtype": plan.vae["dtype"],
-        "settings": plan.settings,
-        "fingerprint": plan.fingerprint,
-        "counts": {"samples": samples, "shards": len(shards), "planned_clips": planned_clips,
-                   "skipped": counted.skipped_total, "failed": counted.failed_total,
-                   "skipped_by_reason": dict(counted.skipped.most_common()),
-                   "failed_by_reason": dict(counted.failed.most_common())},
-        "buckets": buckets,
-        "shards": shards,
+    manifest = Manifest(
+        latent_spec=plan.vae["spec"],
+        vae=plan.vae["identity"],
+        dtype=plan.vae["dtype"],
+        settings=plan.settings,
+        fingerprint=plan.fingerprint,
+        counts={"samples": samples, "shards": len(shards), "planned_clips": planned_clips,
+                "skipped": counted.skipped_total, "failed": counted.failed_total,
+                "skipped_by_reason": dict(counted.skipped.most_common()),
+                "failed_by_reason": dict(counted.failed.most_common())},
+        buckets=buckets,
+        shards=tuple(shards),
         # Each distinct software record of the processes that wrote the shards, with their shard counts.
-        "software": merge_software(software),
-    }
+        software=merge_software(software),
+    )
     _writing(out / MANIFEST_FILE, write_manifest, out, manifest)
     clear_share_markers(out, plan)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, "tally": counted,

@@ -400,14 +400,14 @@ def report_finalize(out: Path) -> int:
     manifest, outcome = finalize_with_outcome(out)
     lines = (out / FAILURES_FILE).read_text(encoding="utf-8").splitlines()
     new_failures = tally(json.loads(line) for line in lines if reported is None or line not in reported).failed_total
-    counts, counted = manifest["counts"], outcome["tally"]
+    counts, counted = manifest.counts, outcome["tally"]
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shard(s); manifest at {out / MANIFEST_FILE}")
     print(f"videos: {outcome['videos']} input(s), {outcome['videos_with_clips']} with clips written; clips: "
           f"{counts['samples']} written of {counts['planned_clips']} planned; {counted.describe()}"
           + (f" (details in {out / FAILURES_FILE})" if counted.skipped or counted.failed else ""))
     if counts["samples"] == 0:
         why = nothing_written_hint(counted, outcome["clip"], outcome["videos"],
-                                   temporal_compression=manifest["latent_spec"].get("temporal_compression"),
+                                   temporal_compression=manifest.latent_spec.get("temporal_compression"),
                                    longest=_longest_too_short(lines))
         print(f"error: {out}: no sample was written. {why}", file=sys.stderr)
         return EXIT_NO_SAMPLES

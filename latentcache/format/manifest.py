@@ -1,12 +1,14 @@
-"""manifest.json: written last, after every sidecar; the one file readers start from. Writing, reading (bounded) and
-the structural check of a manifest read from a stranger."""
+"""manifest.json: written last, after every sidecar; the one file readers start from. `Manifest` is its typed record:
+finalize fills one and `write_manifest` writes it; `Manifest.read` reads one (bounded) and parses it once, after the
+structural check of a manifest read from a stranger (`read_manifest`, which gives the checked JSON object itself)."""
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
@@ -18,17 +20,92 @@ from latentcache.format.shards import write_json_atomic
 from latentcache.storage import location
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+class ShardEntry(NamedTuple):
+    """One shard as the manifest lists it. A NamedTuple: an output of 156k shards makes 156k of these when opened."""
+
+    path: str  # relative to the output's root (format/out_layout.py's shard_name)
+    bucket: str
+    samples: int
+    bytes: int
+    sha256: str | None = None  # every manifest latentcache writes has it; a stranger's may leave it out
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {"path": self.path, "bucket": self.bucket, "samples": self.samples, "bytes": self.bytes}
+        return entry if self.sha256 is None else {**entry, "sha256": self.sha256}
+
+
+# The manifest's fields in the order finalize has always written them (the file's keys are sorted all the same).
+FIELDS = ("latent_spec", "vae", "dtype", "settings", "fingerprint", "counts", "buckets", "shards", "software")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """manifest.json as a record. Read (`Manifest.read`), the informational objects are always there (`{}`, `[]`
+    where the file leaves them out or null: manifest_fields.normalized); keys this latentcache does not know are kept
+    in `extra`, as they always were, and read by nothing. Written, a field left None is left out of the file (the
+    benchmarks' synthetic outputs write only some)."""
+
+    latent_spec: dict[str, Any]
+    shards: tuple[ShardEntry, ...]
+    vae: dict[str, Any] | None = None
+    dtype: str | None = None
+    settings: dict[str, Any] | None = None
+    fingerprint: Any = None  # the settings' hash; not checked, as nothing reads it back
+    counts: dict[str, Any] | None = None
+    buckets: dict[str, int] | None = None
+    software: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clip(self) -> dict[str, Any]:
+        """settings.clip: frames, fps, size and resize mode of the encoded clips ({} where not recorded)."""
+        return (self.settings or {}).get("clip") or {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written: format_version, then every field that is set, then `extra`."""
+        document: dict[str, Any] = {"format_version": FORMAT_VERSION}
+        for name in FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                document[name] = [s.to_json() for s in value] if name == "shards" else value
+        return {**document, **self.extra}
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> Manifest:
+        """The record of a manifest `read_manifest` checked and normalized."""
+        known = {name: document[name] for name in FIELDS if name in document and name != "shards"}
+        shards = tuple(ShardEntry(s["path"], s["bucket"], s["samples"], s["bytes"], s.get("sha256"))
+                       for s in document["shards"])
+        extra = {k: v for k, v in document.items() if k not in FIELDS and k != "format_version"}
+        return cls(shards=shards, extra=extra, **known)
+
+    @classmethod
+    def read(cls, root: Path | str) -> Manifest:
+        """The manifest of the dataset in `root` (a directory or an object-storage url), checked and parsed once;
+        refused with the file and the reason unless latentcache wrote it (see `read_manifest`)."""
+        return cls.from_document(read_manifest(root))
+
+    def counts_problem(self, where: str | Path) -> str | None:
+        """When `counts.samples` disagrees with the shards' sample counts: the message naming both. `verify` reports
+        it and the dataset refuses it, alike."""
+        recorded = (self.counts or {}).get("samples")
+        listed = sum(s.samples for s in self.shards)
+        if recorded is not None and recorded != listed:
+            return f"{where}/{MANIFEST_FILE}: counts.samples is {recorded}, its shards list {listed}"
+        return None
+
+
+def write_manifest(out: Path, manifest: Manifest) -> Path:
     """No timestamp: the manifest is a function of the shards, so a resumed run's is byte-identical to a clean one's."""
     path = out / MANIFEST_FILE
-    write_json_atomic(path, {"format_version": FORMAT_VERSION, **manifest})
+    write_json_atomic(path, manifest.to_json())
     return path
 
 
 def read_manifest(root: Path | str) -> dict[str, Any]:
-    """The manifest of the dataset in `root` (a directory, or an object-storage url such as s3://bucket/latents),
-    refused with the file and the reason unless it is one latentcache wrote: an object with format_version 1, a
-    usable latent spec, and a list of well-formed shard entries."""
+    """The manifest of the dataset in `root` (a directory, or an object-storage url such as s3://bucket/latents) as
+    the JSON object it holds, refused with the file and the reason unless it is one latentcache wrote: an object with
+    format_version 1, a usable latent spec, and a list of well-formed shard entries. Readers take `Manifest.read`."""
     path, data = _manifest_bytes(root)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ShardFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest latentcache wrote")
@@ -93,16 +170,6 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
             break  # one bad entry says enough; a million-line report does not help
         seen.add(entry["path"])
     return problems
-
-
-def counts_problem(manifest: dict[str, Any], where: str | Path) -> str | None:
-    """When the manifest's `counts.samples` disagrees with its shards' sample counts: the message naming both.
-    `verify` reports it and the dataset refuses it, alike."""
-    recorded = (manifest.get("counts") or {}).get("samples")
-    listed = sum(s["samples"] for s in manifest["shards"])
-    if recorded is not None and recorded != listed:
-        return f"{where}/manifest.json: counts.samples is {recorded}, its shards list {listed}"
-    return None
 
 
 @functools.lru_cache(maxsize=4096)

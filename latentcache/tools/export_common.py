@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_save
 from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.checks import latent_problems, meta_problems
-from latentcache.format.manifest import counts_problem
+from latentcache.format.manifest import Manifest
 from latentcache.format.reader import decode_sample
 from latentcache.format.spec import LatentSpec
 from latentcache.train.shard_sources import read_shard, resolve_source
@@ -63,7 +63,7 @@ class Source:
     """A latentcache output opened for export: its manifest, latent spec and sample count (for a progress bar)."""
 
     root: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     spec: LatentSpec
     total: int
     shards: list[Any]
@@ -106,14 +106,14 @@ def refused(where: str, reason: str) -> LatentMismatchError:
 
 
 def open_source(source: str | os.PathLike) -> Source:
-    """The output, with its manifest checked as every reader checks it (read_manifest runs spec_problems)."""
+    """The output, with its manifest checked as every reader checks it (Manifest.read runs spec_problems)."""
     try:
         manifest, root, shards = resolve_source(source)
     except OSError as e:
         raise ConfigError(f"{source}: cannot read ({e.strerror or e})") from None
-    if counts_problem(manifest, root):  # what verify reports and the dataset refuses
-        raise ShardFormatError(f"{counts_problem(manifest, root)}; not exported")
-    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    if manifest.counts_problem(root):  # what verify reports and the dataset refuses
+        raise ShardFormatError(f"{manifest.counts_problem(root)}; not exported")
+    spec = LatentSpec.from_dict(manifest.latent_spec)
     return Source(str(root), manifest, spec, sum(s.samples for s in shards), shards)
 
 

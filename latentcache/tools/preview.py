@@ -22,6 +22,7 @@ from latentcache.encode.chunks import find_input_record
 from latentcache.encode.settings import ClipSettings, VAESettings
 from latentcache.errors import ConfigError, InputError, ShardFormatError
 from latentcache.format import strictjson
+from latentcache.format.manifest import Manifest
 from latentcache.format.out_layout import MANIFEST_FILE, PLAN_FILE, sidecar_of
 from latentcache.format.reader import decode_sample
 from latentcache.train.shard_sources import ShardRef, read_shard, resolve_source
@@ -182,11 +183,11 @@ def _number(value: Any, most: float) -> float | None:
     return number if 0 <= number <= most else None
 
 
-def load_manifest_vae(manifest: dict[str, Any], device: str = "cpu", where: str = MANIFEST_FILE) -> Any:
+def load_manifest_vae(manifest: Manifest, device: str = "cpu", where: str = MANIFEST_FILE) -> Any:
     """The VAE recorded in the manifest (tiny-random-* is rebuilt with the same seeded weights)."""
     from latentcache.encode.vae import load_vae
 
-    identity, spec = manifest["vae"], manifest["latent_spec"]
+    identity, spec = manifest.vae, manifest.latent_spec
     if not (isinstance(identity.get("source"), str) and identity["source"]):
         raise ConfigError(f"{where}: vae.source is {repr(identity.get('source'))[:80]}: the manifest does not say "
                           "which VAE made these latents, so they cannot be decoded for a preview")

@@ -207,7 +207,7 @@ def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[
     shards of `per_shard`, with its manifest: what the streaming benchmarks read, without encoding anything."""
     import torch
 
-    from latentcache.format.manifest import write_manifest
+    from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
     from latentcache.format.out_layout import shard_name
     from latentcache.format.shards import EncodedClip, write_shard
 
@@ -219,9 +219,9 @@ def write_latent_dataset(root: Path, samples: int, per_shard: int, shape: tuple[
                  for i in range(start, min(start + per_shard, samples))]
         path = Path(root) / shard_name("17x480x720", shard_id)
         record = write_shard(path, clips)
-        shards.append({"path": path.relative_to(root).as_posix(), "bucket": "17x480x720", "samples": record["samples"],
-                       "bytes": record["bytes"], "sha256": record["sha256"]})
-    write_manifest(Path(root), {"latent_spec": {"family": "cogvideox", "channels": 16, "temporal_compression": 4,
-                                                "spatial_compression": 8, "scaling_factor": 1.15258426},
-                                "vae": {"class_name": "AutoencoderKLCogVideoX"},
-                                "counts": {"samples": samples, "shards": len(shards)}, "shards": shards})
+        shards.append(ShardEntry(path.relative_to(root).as_posix(), "17x480x720", record["samples"], record["bytes"],
+                                 record["sha256"]))
+    write_manifest(Path(root), Manifest(latent_spec={"family": "cogvideox", "channels": 16, "temporal_compression": 4,
+                                                     "spatial_compression": 8, "scaling_factor": 1.15258426},
+                                        vae={"class_name": "AutoencoderKLCogVideoX"},
+                                        counts={"samples": samples, "shards": len(shards)}, shards=tuple(shards)))

@@ -20,7 +20,7 @@ import torch
 from latentcache.encode.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems, meta_problems
-from latentcache.format.manifest import counts_problem
+from latentcache.format.manifest import Manifest
 from latentcache.format.out_layout import SHARD_SUFFIX, SHARDS_DIR
 from latentcache.format.outcomes import manifest_counts
 from latentcache.format.reader import decode_sample
@@ -169,7 +169,7 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
     """Read every shard of the dataset once and report what does not match the manifest."""
     started = time.perf_counter()
     manifest, mroot, shards = resolve_source(root)
-    spec = LatentSpec.from_dict(manifest["latent_spec"])
+    spec = LatentSpec.from_dict(manifest.latent_spec)
     report = VerifyReport(root=str(root), spec=spec)
     _check_software(manifest, report)
     checker = _Checker(spec, report)
@@ -189,7 +189,7 @@ def verify(root: str | os.PathLike, *, trainer_config: str | os.PathLike | list 
         else:
             report.bytes += _shard_bytes(shard)
     _check_totals(manifest, mroot, report)
-    _check_stats(spec, report, bool(manifest.get("vae", {}).get("random_weights")))
+    _check_stats(spec, report, bool(manifest.vae.get("random_weights")))
     if trainer_config is not None:
         from latentcache.train.trainer_config import config_problems, load_trainer_config
 
@@ -208,13 +208,13 @@ def _shard_bytes(shard: ShardRef) -> int:
     return shard.bytes or 0 if size is None else size
 
 
-def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyReport) -> None:
-    if not any(s["samples"] for s in manifest["shards"]):
-        report.problems.append(f"{root}: no samples in {len(manifest['shards'])} shard(s): a trainer would run zero "
+def _check_totals(manifest: Manifest, root: Path | str, report: VerifyReport) -> None:
+    if not any(s.samples for s in manifest.shards):
+        report.problems.append(f"{root}: no samples in {len(manifest.shards)} shard(s): a trainer would run zero "
                                "steps on it (every input was skipped or failed: see its failures.jsonl)")
-    if counts_problem(manifest, root):
-        report.problems.append(counts_problem(manifest, root))
-    listed = {s["path"] for s in manifest["shards"]}
+    if manifest.counts_problem(root):
+        report.problems.append(manifest.counts_problem(root))
+    listed = {s.path for s in manifest.shards}
     found = location.files_under(location.join(str(root), SHARDS_DIR), SHARD_SUFFIX) or []
     stray = [f"{SHARDS_DIR}/{name}" for name in found if f"{SHARDS_DIR}/{name}" not in listed]
     if stray:
@@ -222,8 +222,8 @@ def _check_totals(manifest: dict[str, Any], root: Path | str, report: VerifyRepo
                                "from another run? The dataset ignores them")
 
 
-def _check_software(manifest: dict[str, Any], report: VerifyReport) -> None:
-    software = manifest.get("software") or []
+def _check_software(manifest: Manifest, report: VerifyReport) -> None:
+    software = manifest.software or []
     report.software = [describe_software(s) for s in software]
     differences = software_differences(software)
     if differences:
@@ -258,28 +258,28 @@ def _check_stats(spec: LatentSpec, report: VerifyReport, random_weights: bool = 
 def info_lines(root: str | os.PathLike) -> list[str]:
     """A short table of the dataset, from the manifest alone (no shard is read)."""
     manifest, mroot, shards = resolve_source(root)
-    spec = LatentSpec.from_dict(manifest["latent_spec"])
-    vae = manifest.get("vae", {})
-    total = sum(s["bytes"] for s in manifest["shards"])
-    samples = sum(s["samples"] for s in manifest["shards"])
-    clip = manifest.get("settings", {}).get("clip", {})
+    spec = LatentSpec.from_dict(manifest.latent_spec)
+    vae = manifest.vae
+    total = sum(s.bytes for s in manifest.shards)
+    samples = sum(s.samples for s in manifest.shards)
+    clip = manifest.clip
     rows = [
         ("dataset", str(mroot)),
-        ("samples", f"{samples} in {len(manifest['shards'])} shard(s)"),
+        ("samples", f"{samples} in {len(manifest.shards)} shard(s)"),
         ("VAE", f"{vae.get('class_name')} from {vae.get('source')}"
-                f"{' (random weights: demo only)' if vae.get('random_weights') else ''}, {manifest.get('dtype')}"),
+                f"{' (random weights: demo only)' if vae.get('random_weights') else ''}, {manifest.dtype}"),
         ("VAE weights", describe_vae(vae)),
         ("latents", f"{spec.channels} channels, /{spec.temporal_compression} time, /{spec.spatial_compression} "
                     f"space, normalised as {spec.describe_normalization()}"),
         ("clips", f"{clip.get('frames')} frames at {clip.get('fps')} fps, {clip.get('resize')}"),
         ("size on disk", f"{_size(total)}, {_size(total / samples) if samples else '-'} per sample"),
     ]
-    counted = manifest_counts(manifest.get("counts", {}))
+    counted = manifest_counts(manifest.counts)
     for word, by_reason in (("skipped", counted.skipped), ("failed", counted.failed)):
         reasons = ", ".join(f"{k}: {n}" for k, n in by_reason.most_common())
         rows.append((word, f"{sum(by_reason.values())}" + (f" ({reasons})" if reasons else "")))
-    rows += [("written by", describe_software(s)) for s in manifest.get("software") or []]
-    buckets = manifest.get("buckets") or {}
+    rows += [("written by", describe_software(s)) for s in manifest.software or []]
+    buckets = manifest.buckets or {}
     for bucket, n in sorted(buckets.items()):
         rows.append((f"bucket {bucket}", f"{n} samples, latents {list(bucket_latent_shape(spec, bucket))}"))
     width = max(len(k) for k, _ in rows)

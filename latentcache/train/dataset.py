@@ -114,10 +114,10 @@ class LatentShardDataset(IterableDataset):
         self.selection: Selection = select(source, manifest, weights)
         self.sources, self.shards, self.weights = self.selection.sources, self.selection.shards, self.selection.weights
         self.manifest, self.root = self.sources[0].manifest, self.sources[0].root
-        self.spec = LatentSpec.from_dict(self.manifest["latent_spec"])
+        self.spec = LatentSpec.from_dict(self.manifest.latent_spec)
         if expected_channels is not None and self.spec.channels != expected_channels:
             raise LatentMismatchError(
-                f"{self.root}: latents have {self.spec.channels} channels ({self.manifest['vae'].get('class_name')}), "
+                f"{self.root}: latents have {self.spec.channels} channels ({self.manifest.vae.get('class_name')}), "
                 f"the model expects {expected_channels}. Encode with the VAE your model was trained with, or fix "
                 "the model's in_channels."
             )
@@ -148,7 +148,7 @@ class LatentShardDataset(IterableDataset):
         shards that do not fit it, naming each number."""
         dataset = cls(source, **kwargs)
         # With --image-latents the concatenated channel count is known exactly: 2C (CogVideoX), 2C + 4 (Wan).
-        cached = (dataset.manifest.get("settings") or {}).get("image_latents")
+        cached = (dataset.manifest.settings or {}).get("image_latents")
         check_transformer(transformer_or_config, dataset.spec, {s.bucket for s in dataset.shards}, dataset.root,
                           image_to_video=image_to_video, pad_frames=pad_frames,
                           image_channels=image_condition_channels(dataset.spec) if cached else None)
@@ -158,7 +158,7 @@ class LatentShardDataset(IterableDataset):
     def vae_identity(self) -> dict[str, Any]:
         """Which VAE made these latents, from the manifest: class, source, hub commit, sha256 of each weights file,
         config hash. Log it next to checkpoints: a model trained on these latents decodes with that VAE only."""
-        return copy.deepcopy(self.manifest.get("vae") or {})
+        return copy.deepcopy(self.manifest.vae or {})
 
     @property
     def num_samples(self) -> int:

@@ -88,7 +88,7 @@ class SATLatentDataset(Dataset):
         manifest, root, refs = resolve_source(data_dir)
         self.bucket = _choose_bucket(root, sorted({r.bucket for r in refs}), video_size, max_num_frames, bucket)
         self.num_frames = int(self.bucket.split("x")[0])
-        clip_fps = manifest.get("settings", {}).get("clip", {}).get("fps")
+        clip_fps = manifest.clip.get("fps")
         if fps is not None and clip_fps is not None and not math.isclose(float(fps), float(clip_fps)):
             raise ConfigError(f"{root}: data.params.fps is {fps:g}, the shards were sampled at {clip_fps:g} fps. "
                               f"Set fps: {clip_fps:g}, or encode with --fps {fps:g}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import ConfigError, ShardFormatError
-from latentcache.format.manifest import counts_problem
+from latentcache.format.manifest import Manifest
 from latentcache.storage import location
 from latentcache.train.options import checked_weights
 from latentcache.train.partition import check_weights
@@ -37,7 +37,7 @@ class Source:
     """One output directory of a multi-source dataset: its shards are `dataset.shards[first:first + count]`."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     first: int
     count: int
 
@@ -91,7 +91,7 @@ def select(source: str | os.PathLike | Iterable[str | os.PathLike], manifest: st
                                f"{len(shards)} shard(s): every input was skipped or failed when it was "
                                "encoded (see failures.jsonl there, or `latentcache info`)")
     for s in sources:  # what `verify` refuses in a manifest, the dataset refuses too
-        if counts_problem(s.manifest, s.root):
-            raise ShardFormatError(f"{counts_problem(s.manifest, s.root)}: damaged or edited; rebuild it with "
+        if s.manifest.counts_problem(s.root):
+            raise ShardFormatError(f"{s.manifest.counts_problem(s.root)}: damaged or edited; rebuild it with "
                                    "`latentcache finalize DIR`")
     return selection

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import LatentMismatchError, ShardFormatError
-from latentcache.format.manifest import read_manifest
+from latentcache.format.manifest import Manifest
 from latentcache.format.out_layout import MANIFEST_FILE, SHARD_SUFFIX
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.storage import location
@@ -104,17 +104,17 @@ def _find_manifest_dir(urls: list[str]) -> Path:
                            "manifest=OUT/manifest.json, the one `latentcache encode` wrote with these shards")
 
 
-def _read_manifest_arg(manifest: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+def _read_manifest_arg(manifest: str | os.PathLike) -> tuple[Manifest, Path]:
     path = Path(manifest)
     root = path if path.is_dir() else path.parent
     if path.is_file() and path.name != MANIFEST_FILE:
         raise ShardFormatError(f"manifest={manifest}: expected a file named manifest.json or its directory")
-    return read_manifest(root), root
+    return Manifest.read(root), root
 
 
-def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -> list[ShardRef]:
+def _match_shards(urls: list[str], manifest: Manifest, root: Path | str) -> list[ShardRef]:
     """Pair each url with its manifest entry; a shard the manifest does not list is refused."""
-    by_path = {s["path"]: s for s in manifest["shards"]}
+    by_path = {s.path: s for s in manifest.shards}
     refs = []
     for url in urls:
         local = location.local_path(url)
@@ -133,12 +133,12 @@ def _match_shards(urls: list[str], manifest: dict[str, Any], root: Path | str) -
         if entry is None:
             raise ShardFormatError(f"{url} is not listed in {root}/manifest.json ({len(by_path)} shards, e.g. "
                                    f"{next(iter(by_path), 'none')}): pass the manifest these shards were written with")
-        path = _inside(entry["path"], root)
+        path = _inside(entry.path, root)
         # The url names the file where the manifest puts it (SAT's shard lists, a glob over OUT/shards): opened by
         # the own-reader rules of a manifest-named shard, links refused (see read_bytes).
         own = local is not None and os.path.normpath(local) == os.path.normpath(os.path.join(str(root), path))
-        refs.append(ShardRef(url, path, entry["bucket"], int(entry["samples"]), entry.get("sha256"),
-                             int(entry["bytes"]), root=str(root) if own else None))
+        refs.append(ShardRef(url, path, entry.bucket, int(entry.samples), entry.sha256,
+                             int(entry.bytes), root=str(root) if own else None))
     return refs
 
 
@@ -161,7 +161,7 @@ def _inside(path: str, root: Path | str) -> str:
 
 
 def resolve_source(source: Any, manifest: str | os.PathLike | None = None
-                   ) -> tuple[dict[str, Any], Path | str, list[ShardRef]]:
+                   ) -> tuple[Manifest, Path | str, list[ShardRef]]:
     """A dataset directory, or shard urls (paths, globs, brace lists, file://, anything webdataset opens)
     -> (manifest, manifest directory, shards). A dataset in object storage (`s3://bucket/latents`) gives its url."""
     remote = _object_store_source(source, manifest)
@@ -176,7 +176,7 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
         data, mroot = _read_manifest_arg(manifest or root)
         if manifest is None or Path(mroot).resolve() == root.resolve():
             return data, mroot, _directory_shards(data, root)
-        urls = [str(root / _inside(s["path"], root)) for s in data["shards"]]
+        urls = [str(root / _inside(s.path, root)) for s in data.shards]
         return data, mroot, [dataclasses.replace(r, root=str(root)) for r in _match_shards(urls, data, mroot)]
     urls = expand_urls(source)
     data, mroot = _read_manifest_arg(manifest) if manifest is not None else _read_manifest_arg(
@@ -184,19 +184,19 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
     return data, mroot, _match_shards(urls, data, mroot)
 
 
-def _directory_shards(manifest: dict[str, Any], root: Path) -> list[ShardRef]:
+def _directory_shards(manifest: Manifest, root: Path) -> list[ShardRef]:
     """The shards of an output directory, straight from its manifest: string work only, no Path or stat per shard
     (a 10M-sample output lists ~156k shards, and opening it must take seconds, not minutes)."""
     prefix = str(root).rstrip("/") + "/" if str(root) not in ("", ".") else ""
     make, inside, top = ShardRef, _inside, str(root)  # locals: this loop runs once per shard
     # read_manifest checked every entry (samples and bytes are ints, buckets well formed); _inside that each path is
     # a plain relative name, so prefix + path is a local path even where the prefix is empty (root "." or "").
-    return [make(prefix + inside(s["path"], root), s["path"], s["bucket"], s["samples"], s.get("sha256"), s["bytes"],
-                 root=top) for s in manifest["shards"]]
+    return [make(prefix + inside(s.path, root), s.path, s.bucket, s.samples, s.sha256, s.bytes,
+                 root=top) for s in manifest.shards]
 
 
 def resolve_sources(source: Any, manifest: str | os.PathLike | None = None
-                    ) -> list[tuple[dict[str, Any], Path, list[ShardRef]]]:
+                    ) -> list[tuple[Manifest, Path, list[ShardRef]]]:
     """`resolve_source` for one source, or for each of a list of output directories (a list of shard files or
     urls is one source). Several outputs must share the latent spec and the VAE; each ShardRef says its source."""
     if isinstance(source, str | os.PathLike) or not _lists_directories(source := list(source)):
@@ -238,15 +238,15 @@ def _lists_directories(items: list[Any]) -> bool:
 VAE_FIELDS = ("class_name", "revision", "config_hash", "weights", "random_weights")
 
 
-def source_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def source_mismatch(a: Manifest, b: Manifest) -> list[str]:
     """Why latents of manifests `a` and `b` cannot be trained on together (the latent spec or the VAE differ),
     naming each differing field; [] when they can."""
     problems = []
-    spec_a, spec_b = a.get("latent_spec") or {}, b.get("latent_spec") or {}
+    spec_a, spec_b = a.latent_spec or {}, b.latent_spec or {}
     for name in sorted(set(spec_a) | set(spec_b)):
         if spec_a.get(name) != spec_b.get(name):
             problems.append(f"latent_spec {name} is {spec_a.get(name)!r} vs {spec_b.get(name)!r}")
-    vae_a, vae_b = a.get("vae") or {}, b.get("vae") or {}
+    vae_a, vae_b = a.vae or {}, b.vae or {}
     fields = VAE_FIELDS if vae_a.get("weights") and vae_b.get("weights") else (*VAE_FIELDS, "source")
     for name in fields:
         if vae_a.get(name) != vae_b.get(name):
@@ -333,13 +333,13 @@ def prefetched(shards: list[ShardRef]) -> Iterator[tuple[ShardRef, memoryview | 
 
 
 def _object_store_source(source: Any, manifest: str | os.PathLike | None
-                         ) -> tuple[dict[str, Any], str, list[ShardRef]] | None:
+                         ) -> tuple[Manifest, str, list[ShardRef]] | None:
     """`s3://bucket/latents` (a dataset in object storage): its manifest and the shards it lists, as urls. None
     for anything else (local paths, shard urls, lists)."""
     root = location.object_url(source)
     if root is None or source.endswith(SHARD_SUFFIX) or any(c in source for c in "{*?"):
         return None
     mroot = str(manifest).rstrip("/").removesuffix(f"/{MANIFEST_FILE}") if manifest is not None else root
-    data = read_manifest(mroot)
-    urls = [location.join(root, _inside(s["path"], root)) for s in data["shards"]]
+    data = Manifest.read(mroot)
+    urls = [location.join(root, _inside(s.path, root)) for s in data.shards]
     return data, mroot, [dataclasses.replace(r, root=root) for r in _match_shards(urls, data, mroot)]

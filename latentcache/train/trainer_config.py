@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import ConfigError
+from latentcache.format.manifest import Manifest
 from latentcache.format.spec import LatentSpec
 
 log = logging.getLogger(__name__)
@@ -203,12 +204,12 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
-def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str]:
+def config_problems(config: TrainerConfig, manifest: Manifest) -> list[str]:
     """One line per mismatch between the training config and the latent shards, each with its fix."""
-    spec = LatentSpec.from_dict(manifest["latent_spec"])
-    clip = manifest.get("settings", {}).get("clip", {})
+    spec = LatentSpec.from_dict(manifest.latent_spec)
+    clip = manifest.clip
     # Buckets (FxHxW in pixels) say what the shards hold, also when one encode wrote several sizes.
-    buckets = sorted(manifest.get("buckets") or {s["bucket"] for s in manifest["shards"]})
+    buckets = sorted(manifest.buckets or {s.bucket for s in manifest.shards})
     w = config.where
     problems = _input_problems(config, spec)
     if config.bucket is not None:  # the dataset reads that bucket alone: the others are no concern of this config
@@ -224,7 +225,7 @@ def config_problems(config: TrainerConfig, manifest: dict[str, Any]) -> list[str
                 "image latents in the training step, or use the text-to-video config")
         else:
             problems.append(f"{w['in_channels']}: {config.in_channels}, the shards hold {spec.channels}-channel "
-                            f"latents ({manifest['vae'].get('class_name')}). Fix: encode with the VAE this model uses")
+                            f"latents ({manifest.vae.get('class_name')}). Fix: encode with the VAE this model uses")
     if config.z_channels is not None and config.z_channels != spec.channels:
         problems.append(f"{w['z_channels']}: {config.z_channels}, the shards' VAE has {spec.channels} latent channels. "
                         "Fix: the trainer's first_stage_config must be the VAE the shards were encoded with")

@@ -599,7 +599,7 @@ def test_check_config_names_a_per_channel_family_sat_cannot_scale(encoded, tmp_p
     """SAT scales by one factor: raw latents of a per-channel family can never be right, and says so by name."""
     import yaml
 
-    from latentcache.format.manifest import read_manifest
+    from latentcache.format.manifest import Manifest
     from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     family, out = encoded
@@ -614,7 +614,7 @@ def test_check_config_names_a_per_channel_family_sat_cannot_scale(encoded, tmp_p
     def problems(**data: object) -> list[str]:
         path = tmp_path / "trainer.yaml"
         path.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], **data}}))
-        return config_problems(load_trainer_config(path), read_manifest(out))
+        return config_problems(load_trainer_config(path), Manifest.read(out))
 
     (p,) = problems()
     assert f"the shards' {family} VAE normalises them per channel" in p and "LatentShardDataset" in p

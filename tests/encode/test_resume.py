@@ -31,7 +31,7 @@ from latentcache.encode.planning import load_or_make_plan
 from latentcache.encode.settings import RuntimeSettings
 from latentcache.encode.vae import VideoVAE, load_vae
 from latentcache.errors import ConfigError
-from latentcache.format.manifest import read_manifest
+from latentcache.format.manifest import Manifest, read_manifest
 from latentcache.format.out_layout import sidecar_of
 from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.format.shards import PAUSE_ENV, remove_stale_temporaries
@@ -287,7 +287,7 @@ def test_new_inputs_are_a_new_part_and_a_missing_one_is_refused(small_videos: Pa
 # ---------------------------------------------------------------------------------------------- faults in a run
 
 
-def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, batch_size: int = 1, **overrides) -> dict:
+def _encode_dir(out: Path, videos: list[Path], vae: VideoVAE, batch_size: int = 1, **overrides) -> Manifest:
     settings = tiny_settings(**overrides)
     # One chunk: these tests are about batches and shards of several clips.
     plan = load_or_make_plan(out, discover_inputs(videos), settings, vae, chunk_size=1000)
@@ -332,7 +332,7 @@ def test_out_of_memory_is_retried_with_smaller_tiles(small_videos: Path, tmp_pat
     vae.model.encode = encode_within_memory
     manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4"], vae)
     assert tried == [None, (32, 48), (16, 24)]
-    assert manifest["counts"]["samples"] == 1 and _failures(tmp_path) == []
+    assert manifest.counts["samples"] == 1 and _failures(tmp_path) == []
     (sample,) = _samples(tmp_path).values()
     assert sample["meta"]["tiling_fallback"] == {"tile_height": 16, "tile_width": 24, "overlap": 0.0,
                                                  "reason": "out of memory"}
@@ -361,7 +361,7 @@ def test_a_clip_that_never_fits_is_a_failure_and_the_rank_goes_on(small_videos: 
     assert failure["error"] == "OutOfMemoryError"
     # The batch [v0, v1] failed, then v0 alone untiled and at each of its 3 tile sizes; v1 and v2 were written.
     assert sum(any(s.endswith("v0.mp4") for s in c) for c in calls) == 1 + 1 + 3
-    assert manifest["counts"] == {"samples": 2, "shards": 1, "planned_clips": 3, "skipped": 0, "failed": 1,
+    assert manifest.counts == {"samples": 2, "shards": 1, "planned_clips": 3, "skipped": 0, "failed": 1,
                                   "skipped_by_reason": {}, "failed_by_reason": {"encode/OutOfMemoryError": 1}}
     assert len(_samples(tmp_path)) == 2
 
@@ -381,7 +381,7 @@ def test_nan_in_half_precision_is_re_encoded_in_fp32(small_videos: Path, tmp_pat
     vae = load_vae(dataclasses.replace(TINY_VAE, dtype="bf16"), "cpu")
     _nan_encoder(vae, only=torch.bfloat16)
     manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4"], vae)
-    assert manifest["counts"]["samples"] == 1
+    assert manifest.counts["samples"] == 1
     (sample,) = _samples(tmp_path).values()
     assert sample["mean"].dtype == torch.bfloat16 and torch.isfinite(sample["mean"].float()).all()
     assert vae.model.dtype == torch.bfloat16  # back in its own dtype after the fp32 retry
@@ -391,7 +391,7 @@ def test_nan_latents_are_never_written(small_videos: Path, tmp_path: Path) -> No
     vae = load_vae(TINY_VAE, "cpu")
     _nan_encoder(vae)
     manifest = _encode_dir(tmp_path, [small_videos / "v0.mp4", small_videos / "v1.mp4"], vae, samples_per_shard=2)
-    assert {k: manifest["counts"][k] for k in ("samples", "shards", "planned_clips", "skipped", "failed")} == {
+    assert {k: manifest.counts[k] for k in ("samples", "shards", "planned_clips", "skipped", "failed")} == {
         "samples": 0, "shards": 1, "planned_clips": 2, "skipped": 0, "failed": 2}
     assert _samples(tmp_path) == {}
     assert {f["stage"] for f in _failures(tmp_path)} == {"encode"}

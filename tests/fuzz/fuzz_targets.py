@@ -359,7 +359,7 @@ def target_check_config(data: Any, out: Path, checker: Checker) -> None:
     import yaml
 
     from latentcache.cli import main
-    from latentcache.format.manifest import read_manifest
+    from latentcache.format.manifest import Manifest
     from latentcache.train.trainer_config import config_problems, load_trainer_config
 
     example = Path(__file__).resolve().parents[2] / "examples" / "configs" / "cogvideox_tiny_sat.yaml"
@@ -368,7 +368,7 @@ def target_check_config(data: Any, out: Path, checker: Checker) -> None:
     config.write_text(json.dumps(tree_) if data.draw(st.booleans(), label="json") else yaml.safe_dump(tree_))
     names = checker.names
     checker.names = (*names, str(config))
-    checker.call("check-config", lambda: config_problems(load_trainer_config(config), read_manifest(out)))
+    checker.call("check-config", lambda: config_problems(load_trainer_config(config), Manifest.read(out)))
     checker.names = names
     with bounded(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         code = main(["check-config", str(config), "--data", str(out)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from latentcache.cli import main
 from latentcache.encode.settings import VAESettings
 from latentcache.encode.vae import load_vae
-from latentcache.format.manifest import read_manifest
+from latentcache.format.manifest import Manifest, read_manifest
 from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.tools.preview import preview
 
@@ -75,9 +76,9 @@ def test_preview_uses_the_manifest_vae(encoded_dir: Path, tmp_path: Path, count:
     """The VAE is rebuilt from the manifest's identity (tiny-random: same seeded weights as at encode time)."""
     from latentcache.tools.preview import load_manifest_vae
 
-    manifest = read_manifest(encoded_dir)
+    manifest = Manifest.read(encoded_dir)
     vae = load_manifest_vae(manifest)
-    assert vae.identity.config_hash == manifest["vae"]["config_hash"]
+    assert vae.identity.config_hash == manifest.vae["config_hash"]
     again = load_vae(VAESettings(source="tiny-random-cogvideox", subfolder=None, dtype="fp32"), "cpu")
     for a, b in zip(vae.model.parameters(), again.model.parameters(), strict=True):
         assert (a == b).all()
@@ -90,18 +91,18 @@ def test_preview_refuses_pickled_vae_weights(encoded_dir: Path, tmp_path: Path, 
     from latentcache.errors import ConfigError
     from latentcache.tools.preview import load_manifest_vae
 
-    manifest = read_manifest(encoded_dir)
+    manifest = Manifest.read(encoded_dir)
     pickled, safe = tmp_path / "pickled", tmp_path / "safe"
     tiny_vae.model.save_pretrained(pickled, safe_serialization=False)
     tiny_vae.model.save_pretrained(safe)
     for folder in (pickled, safe):
-        manifest["vae"] = {**manifest["vae"], "source": str(folder), "subfolder": None}
+        manifest = dataclasses.replace(manifest, vae={**manifest.vae, "source": str(folder), "subfolder": None})
         if folder is pickled:
             with pytest.raises(ConfigError, match=r"no diffusion_pytorch_model.safetensors \(found: config.json, "
                                                   r"diffusion_pytorch_model.bin\); preview loads safetensors"):
                 load_manifest_vae(manifest)
         else:
-            assert load_manifest_vae(manifest).identity.config_hash == manifest["vae"]["config_hash"]
+            assert load_manifest_vae(manifest).identity.config_hash == manifest.vae["config_hash"]
 
 
 @pytest.mark.slow

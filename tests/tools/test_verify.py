@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from latentcache.cli import main
-from latentcache.format.manifest import read_manifest
+from latentcache.format.manifest import Manifest, read_manifest
 from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.tools.verify import verify
@@ -154,7 +154,7 @@ def test_check_config_latent_input_false(encoded_dir: Path, tmp_path: Path, caps
     assert "model.latent_input: False" in lines[0] and "conv error" in lines[0]
     assert "Fix: set model.latent_input: true" in lines[0]
     unset = _config(tmp_path, model__latent_input=None)
-    assert "SAT defaults to False" in config_problems(load_trainer_config(unset), read_manifest(encoded_dir))[0]
+    assert "SAT defaults to False" in config_problems(load_trainer_config(unset), Manifest.read(encoded_dir))[0]
 
 
 def test_check_config_one_line_per_mismatch(encoded_dir: Path, tmp_path: Path, capsys) -> None:

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from latentcache.cli import main
 from latentcache.errors import ConfigError
-from latentcache.format.manifest import read_manifest
+from latentcache.format.manifest import Manifest
 from latentcache.train.dataset import LatentShardDataset
 from latentcache.train.sat import SATLatentDataset
 from latentcache.train.trainer_config import config_problems, load_trainer_config
@@ -236,7 +236,7 @@ def _problems(encoded_dir: Path, tmp_path: Path, model: dict | None = None, data
     tree["model"] = {k: v for k, v in tree["model"].items() if v is not None}
     path = tmp_path / "trainer.yaml"
     path.write_text(yaml.safe_dump(tree))
-    return config_problems(load_trainer_config(path), read_manifest(encoded_dir))
+    return config_problems(load_trainer_config(path), Manifest.read(encoded_dir))
 
 
 def test_check_config_names_each_sat_mismatch_and_its_consequence(encoded_dir: Path, tmp_path: Path) -> None:
