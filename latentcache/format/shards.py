@@ -34,6 +34,7 @@ from latentcache.format.out_layout import (
     CHUNK_FOLDER,
     CHUNK_PLAN_FILE,
     CHUNKS_DIR,
+    INPUT_LISTS_FILE,
     INPUTS_DIR,
     INPUTS_FILE,
     KEYS_FILE,
@@ -154,7 +155,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # names each). Only temporaries of these names, in these folders, are ever swept: any other file, even
 # `OUT/shards/<bucket>/notes.tmp`, is a user's.
 _ROOT_FILES = temporaries(ROOT_FILE)
-_INPUTS_FILES = temporaries(any_of(INPUTS_FILE, KEYS_FILE))
+_INPUTS_FILES = temporaries(any_of(INPUTS_FILE, KEYS_FILE, INPUT_LISTS_FILE))
 _CHUNK_FILES = temporaries(any_of(CHUNK_PLAN_FILE, CARRY_FILE, sidecar_pattern(CARRY_FILE)))
 _SHARD_FILES = temporaries(any_of(SHARD_FILE, sidecar_pattern(SHARD_FILE)))
 _COMPLETE_FILES = temporaries(SHARE_COMPLETE_FILE)

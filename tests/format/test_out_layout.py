@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -52,3 +53,26 @@ def test_the_names_are_the_documented_ones() -> None:
     tmp = L.temporaries(L.SHARD_FILE).fullmatch("000005.tar.my.host.42.tmp")
     assert tmp and (tmp["host"], tmp["pid"]) == ("my.host", "42")
     assert not L.temporaries(L.SHARD_FILE).fullmatch("000005.tar.notes.tmp")
+
+
+def test_the_sweep_takes_a_killed_writers_input_lists_record(tmp_path: Path) -> None:
+    """inputs/lists.json is written through a temporary like the part files beside it: a writer killed while writing
+    it leaves `lists.json.<host>.<pid>.tmp`, which the sweep takes (it was left forever, so a killed run's tree was
+    not an uninterrupted one's). A user's `lists.json.notes.tmp` stays."""
+    import socket
+    import subprocess
+
+    from latentcache.format.shards import remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    inputs = tmp_path / L.INPUTS_DIR
+    inputs.mkdir()
+    ours = [L.temporary_of(tmp_path / L.INPUT_LISTS_RECORD), L.temporary_of(tmp_path / L.inputs_name(0))]
+    ours = [p.with_name(p.name.replace(f".{os.getpid()}.", f".{dead.pid}.")) for p in ours]
+    users = inputs / "lists.json.notes.tmp"
+    for path in [*ours, users]:
+        path.write_bytes(b"partial")
+    assert all(socket.gethostname() in p.name for p in ours)
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(ours)
+    assert [p.name for p in inputs.iterdir()] == [users.name]
