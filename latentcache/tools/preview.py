@@ -62,13 +62,26 @@ def pick_samples(shards: list[ShardRef], keys: list[str] | None, count: int | No
             raise ConfigError(f"key(s) {', '.join(missing)} are not in the dataset; `latentcache verify` lists "
                               "none, but each shard's .tar.json sidecar lists its keys")
         return [found[k] for k in keys]
-    rng, chosen = random.Random(seed), []
-    for n, (shard, raw) in enumerate(_iter_raw(shards)):
-        if len(chosen) < (count or 1):
-            chosen.append((shard, raw))
-        elif (j := rng.randrange(n + 1)) < len(chosen):
-            chosen[j] = (shard, raw)
-    return [decode_sample(raw, shard.url) for shard, raw in chosen]
+    # Reservoir sampling over the samples' places (shard, position), counted from the manifest: the same choice as
+    # over the samples themselves, but only the shards holding a chosen sample are read (each is checked whole, and
+    # reading all of them for one sample took minutes on a large output).
+    rng, chosen, n = random.Random(seed), [], 0
+    for index, shard in enumerate(shards):
+        for position in range(shard.samples):
+            if len(chosen) < (count or 1):
+                chosen.append((index, position))
+            elif (j := rng.randrange(n + 1)) < len(chosen):
+                chosen[j] = (index, position)
+            n += 1
+    found = {}
+    for index in sorted({i for i, _ in chosen}):
+        wanted = {p for i, p in chosen if i == index}
+        for position, raw in enumerate(read_shard(shards[index])):
+            if position in wanted:
+                found[index, position] = decode_sample(raw, shards[index].url)
+                if position == max(wanted):
+                    break
+    return [found[place] for place in chosen]
 
 
 def _shards_first(shards: list[ShardRef], wanted: set[str]) -> list[ShardRef]:

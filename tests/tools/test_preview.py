@@ -64,6 +64,36 @@ def test_preview_random_samples_and_missing_source(video_dir: Path, tmp_path: Pa
     assert frames[gone * 17 : gone * 17 + 17, :, 96:].mean() > 20
 
 
+@pytest.mark.parametrize(("count", "seed"), [(1, 0), (1, 5), (3, 2)])
+def test_random_samples_are_read_from_their_shards_alone(encoded_dir: Path, tmp_path: Path, count: int,
+                                                         seed: int) -> None:
+    """`--random N` drew its samples by reading (and hashing) every shard, minutes on a large output for one sample:
+    now the manifest's counts choose them, the same ones for a seed, and only their shards are read. Every other
+    shard is damaged here: reading one would be refused."""
+    import random
+
+    from latentcache.tools.preview import pick_samples
+    from latentcache.train.shard_sources import resolve_source
+
+    data = tmp_path / "data"
+    shutil.copytree(encoded_dir, data)
+    manifest = read_manifest(data)
+    places = [(shard["path"], sample["__key__"]) for shard in manifest["shards"]
+              for sample in iter_tar(data / shard["path"])]
+    rng, expected = random.Random(seed), []  # the reservoir over every sample, as it was drawn before
+    for n, place in enumerate(places):
+        if len(expected) < count:
+            expected.append(place)
+        elif (j := rng.randrange(n + 1)) < len(expected):
+            expected[j] = place
+    for shard in {path for path, _ in places} - {path for path, _ in expected}:
+        damaged = bytearray((data / shard).read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        (data / shard).write_bytes(bytes(damaged))
+    _, _, shards = resolve_source(data)
+    assert [s["key"] for s in pick_samples(shards, None, count, seed)] == [key for _, key in expected]
+
+
 def test_preview_unknown_key(encoded_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["preview", str(encoded_dir), "--key", "nosuchkey_0000", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "nosuchkey_0000" in capsys.readouterr().err
