@@ -62,6 +62,7 @@ def test_full_tiny_needs_full():
         bench("encode").main(["--tiny"])
 
 
+@pytest.mark.slow
 def test_stream_bench(capsys):
     assert bench("stream").main(["--samples", "4", "--per-shard", "2"]) == 0
     out = capsys.readouterr().out
@@ -95,6 +96,7 @@ def test_decode_bench_cpu_seconds(capsys):
     assert re.search(r"ffmpeg CLI: [0-9.]+ CPU-s per clip", out)
 
 
+@pytest.mark.slow
 def test_loader_bench_resumes_exactly_with_both_loaders(capsys):
     """bench/loader.py: our StatefulLoader and torchdata's StatefulDataLoader, stopped and resumed (with workers)."""
     pytest.importorskip("torchdata")

@@ -577,6 +577,7 @@ def _members_names(out: Path) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_reencode_changed_carries_samples_over_in_object_storage(s3_endpoint: str, tmp_path: Path) -> None:
     """`--out s3://...`: the old shards are read back from the store (one GET each, checked against their sidecars'
     sha256) and the deleted inputs' samples carried over, as on disk."""

@@ -176,6 +176,7 @@ def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_hub_id_from_an_offline_cache_records_its_commit_and_weights(one_video: Path, tmp_path: Path, hub_cache,
                                                                       monkeypatch, capsys) -> None:
     home, commits = hub_cache

@@ -209,8 +209,11 @@ def test_a_frame_count_the_vae_refuses_is_refused_before_diffusers_is_imported(t
     the refusal now comes with diffusers never imported, for a built-in name and for a local VAE folder, and
     leaves no OUT behind."""
     import json
+    import os
     import subprocess
     import sys
+
+    from conftest import REPO_ROOT
 
     vae_dir = tmp_path / "vae"
     load_vae(TINY_VAE_LTX, "cpu").model.save_config(vae_dir)
@@ -224,7 +227,7 @@ print(json.dumps({"codes": codes, "diffusers": sorted(m for m in sys.modules if 
 """
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", script, str(video_dir), str(out), str(vae_dir)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"codes": [2, 2], "diffusers": []}, done.stderr
     assert "--frames 16 does not fit the cogvideox VAE, which needs 4k+1 frames; nearest valid: 13 or 17" in done.stderr
