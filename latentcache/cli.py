@@ -223,7 +223,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
             tiling = TilingSettings(tile_height=int(h), tile_width=int(w), overlap=float(overlap))
         except ValueError:
             raise ConfigError(f"--tiling {args.tiling!r}: expected H,W,OVERLAP such as 256,384,0.25") from None
-    source = args.vae or family.default_source
+    vae_source = args.vae or family.default_source
     # A pipeline repo keeps its VAE in a subfolder; load_vae falls back to the root for a VAE-only repo or dir.
     subfolder = args.subfolder if args.subfolder is not None else family.default_subfolder
     # Geometry not given follows the family (its pipeline's own defaults, docs/families.md).
@@ -236,7 +236,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
                           strategy=args.clips, seed=args.seed, resize=args.resize, short=args.short,
                           buckets=_bucket_list(args.buckets), frame_buckets=_frame_bucket_list(args.frame_buckets),
                           images=args.images),
-        vae=VAESettings(source=source, family=family.name, subfolder=subfolder, revision=args.revision,
+        vae=VAESettings(source=vae_source, family=family.name, subfolder=subfolder, revision=args.revision,
                         dtype=args.dtype, tiling=tiling, frame_chunk=args.frame_chunk),
         samples_per_shard=args.samples_per_shard,
         text=TextSettings(source=args.text_encoder, max_length=args.text_max_length) if args.text_encoder else None,

@@ -107,26 +107,26 @@ def read_input_line(line: bytes, path: Path, n: int, where: str = "") -> InputVi
                           "was damaged: use a new --out directory") from None
 
 
-def make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
+def make_chunk_plan(out: Path, job_plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
                     probe_fn: Callable[[str], probing.VideoInfo] | None = None, workers: int = 8,
                     strict: bool = False, inputs: list[InputVideo] | None = None) -> ChunkPlan:
     """Probe the chunk's inputs and lay their clips out in bucket-pure shards named from the chunk's numbers.
     `inputs`: the chunk's inputs when the caller has read them already."""
     inputs = read_chunk_inputs(out, ref) if inputs is None else inputs
     probe_fn = probe_fn or functools.partial(probing.probe, images=settings.clip.images)
-    chunk = make_plan(inputs, settings, plan.vae, probe_fn=probe_fn, workers=workers, strict=strict)
-    if chunk.fingerprint != plan.fingerprint:
+    chunk = make_plan(inputs, settings, job_plan.vae, probe_fn=probe_fn, workers=workers, strict=strict)
+    if chunk.fingerprint != job_plan.fingerprint:
         raise ConfigError(f"{out}: the settings now give fingerprint {chunk.fingerprint}, plan.json was made with "
-                          f"{plan.fingerprint}; run with the settings the directory was made with")
+                          f"{job_plan.fingerprint}; run with the settings the directory was made with")
     for shard in chunk.shards:
         shard.part, shard.chunk = ref.part, ref.chunk
     return chunk
 
 
-def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: ChunkPlan, stats: list[Stat] | None = None) -> str:
+def chunk_plan_json(job_plan: JobPlan, ref: ChunkRef, chunk: ChunkPlan, stats: list[Stat] | None = None) -> str:
     """The chunk plan's bytes. `stats`: what each input was when probed (`input_stat`), in the chunk's input order;
     left out when None (chunk plans made before they were recorded read back the same)."""
-    d: dict[str, Any] = {"fingerprint": plan.fingerprint, "part": ref.part, "chunk": ref.chunk,
+    d: dict[str, Any] = {"fingerprint": job_plan.fingerprint, "part": ref.part, "chunk": ref.chunk,
                          "inputs_sha256": ref.sha256, "clips": [asdict(c) for c in chunk.clips],
                          "shards": [{"bucket": s.bucket, "index": s.shard_id, "keys": s.keys} for s in chunk.shards],
                          "rejected": chunk.rejected}
@@ -135,45 +135,45 @@ def chunk_plan_json(plan: JobPlan, ref: ChunkRef, chunk: ChunkPlan, stats: list[
     return json.dumps(d, indent=0, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-def load_or_make_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
+def load_or_make_chunk_plan(out: Path, job_plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
                             probe_fn: Callable[[str], probing.VideoInfo] | None = None,
                             strict: bool = False) -> ChunkPlan:
     """The chunk's plan from OUT/chunks/, or made now and written atomically (the same bytes whoever makes it).
     Reads an existing one as it is: `plan_share` is the rerun that also checks the inputs against it."""
     path = out / ref.plan_name
     if path.is_file():
-        return read_chunk_plan(out, plan, ref)
-    return _make_and_write(out, plan, ref, settings, probe_fn=probe_fn, strict=strict)
+        return read_chunk_plan(out, job_plan, ref)
+    return _make_and_write(out, job_plan, ref, settings, probe_fn=probe_fn, strict=strict)
 
 
-def _make_and_write(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
+def _make_and_write(out: Path, job_plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, *,
                     probe_fn: Callable[[str], probing.VideoInfo] | None, strict: bool) -> ChunkPlan:
     inputs = read_chunk_inputs(out, ref)
     # Before probing: a file replaced after its stat was taken is seen as changed on the next run, never missed.
     stats = input_stats([v.path for v in inputs])
-    chunk = make_chunk_plan(out, plan, ref, settings, probe_fn=probe_fn, strict=strict, inputs=inputs)
+    chunk = make_chunk_plan(out, job_plan, ref, settings, probe_fn=probe_fn, strict=strict, inputs=inputs)
     path = out / ref.plan_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, chunk_plan_json(plan, ref, chunk, stats))
+    write_text_atomic(path, chunk_plan_json(job_plan, ref, chunk, stats))
     return chunk
 
 
-def read_chunk_plan(out: Path, plan: JobPlan, ref: ChunkRef) -> ChunkPlan:
+def read_chunk_plan(out: Path, job_plan: JobPlan, ref: ChunkRef) -> ChunkPlan:
     """Parse and check a chunk plan: keys, buckets and numbers become shard paths and tar member names."""
-    return _read_chunk_file(out, plan, ref)[0]
+    return _read_chunk_file(out, job_plan, ref)[0]
 
 
-def read_chunk_stats(out: Path, plan: JobPlan, ref: ChunkRef) -> list[Stat] | None:
+def read_chunk_stats(out: Path, job_plan: JobPlan, ref: ChunkRef) -> list[Stat] | None:
     """What the chunk's inputs were when probed, in its input order (None: a chunk plan made before they were)."""
-    return _read_chunk_file(out, plan, ref)[1]
+    return _read_chunk_file(out, job_plan, ref)[1]
 
 
-def _read_chunk_file(out: Path, plan: JobPlan, ref: ChunkRef) -> tuple[ChunkPlan, list[Stat] | None]:
+def _read_chunk_file(out: Path, job_plan: JobPlan, ref: ChunkRef) -> tuple[ChunkPlan, list[Stat] | None]:
     """The chunk plan and its inputs' recorded stats (None: a chunk plan made before they were recorded)."""
     path = out / ref.plan_name
     try:
         d = strictjson.loads(path.read_bytes())
-        chunk = _chunk_from_dict(d, plan, ref)
+        chunk = _chunk_from_dict(d, job_plan, ref)
         stats = d.get("input_stats")
         if stats is not None and not (isinstance(stats, list) and len(stats) == ref.count
                                       and all(s is None or isinstance(s, dict) for s in stats)):
@@ -186,7 +186,7 @@ def _read_chunk_file(out: Path, plan: JobPlan, ref: ChunkRef) -> tuple[ChunkPlan
 
 
 
-def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeSettings, *,
+def plan_share(out: Path, job_plan: JobPlan, refs: list[ChunkRef], settings: EncodeSettings, *,
                probe_fn: Callable[[str], probing.VideoInfo] | None = None, strict: bool = False,
                reencode_changed: bool = False, workers: int = 8) -> list[ChunkPlan]:
     """The chunk plans of `refs` (one rank's share): read, or made now. An existing plan's inputs are checked
@@ -199,7 +199,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
         if not (out / ref.plan_name).is_file():
             found.append((ref, None, None))
             continue
-        chunk, stats = _read_chunk_file(out, plan, ref)
+        chunk, stats = _read_chunk_file(out, job_plan, ref)
         found.append((ref, chunk, stats))
         if stats is not None:
             items.extend(zip((v.path for v in read_chunk_inputs(out, ref)), stats, strict=True))
@@ -220,7 +220,7 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
     if changes and not reencode_changed:
         raise changed_error(out, changes, len(redo))
     for ref, chunk, stats in refresh:
-        write_text_atomic(out / ref.plan_name, chunk_plan_json(plan, ref, chunk, stats))
+        write_text_atomic(out / ref.plan_name, chunk_plan_json(job_plan, ref, chunk, stats))
     if changes:
         log.warning("%d changed input(s) in %d chunk(s): planning and encoding those chunks again", len(changes),
                     len(redo))
@@ -229,13 +229,13 @@ def plan_share(out: Path, plan: JobPlan, refs: list[ChunkRef], settings: EncodeS
     plans = []
     for ref, chunk, _ in found:
         if chunk is not None and ref.index in redo:
-            chunk = _reencode(out, plan, ref, settings, chunk, redo[ref.index], probe_fn=probe_fn, strict=strict)
+            chunk = _reencode(out, job_plan, ref, settings, chunk, redo[ref.index], probe_fn=probe_fn, strict=strict)
         plans.append(chunk if chunk is not None else
-                     _make_and_write(out, plan, ref, settings, probe_fn=probe_fn, strict=strict))
+                     _make_and_write(out, job_plan, ref, settings, probe_fn=probe_fn, strict=strict))
     return plans
 
 
-def _reencode(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, chunk: ChunkPlan,
+def _reencode(out: Path, job_plan: JobPlan, ref: ChunkRef, settings: EncodeSettings, chunk: ChunkPlan,
               now: list[tuple[Change | None, Stat]], *, probe_fn: Callable[[str], probing.VideoInfo] | None,
               strict: bool) -> ChunkPlan:
     """Only the changed inputs of the chunk planned and encoded again; the others' samples kept (`reencode`)."""
@@ -245,13 +245,13 @@ def _reencode(out: Path, plan: JobPlan, ref: ChunkRef, settings: EncodeSettings,
     new = reencode.replan(chunk, (ref.part, ref.chunk), inputs, changed, settings, probe_fn=probe_fn, strict=strict)
 
     def write(p: ChunkPlan, stats: list[Stat]) -> None:
-        write_text_atomic(out / ref.plan_name, chunk_plan_json(plan, ref, p, stats))
+        write_text_atomic(out / ref.plan_name, chunk_plan_json(job_plan, ref, p, stats))
 
     return reencode.reencode_chunk(out, (ref.part, ref.chunk), chunk, new, stats, changed, write)
 
 
-def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> ChunkPlan:
-    if d["fingerprint"] != plan.fingerprint or d["inputs_sha256"] != ref.sha256:
+def _chunk_from_dict(d: dict[str, Any], job_plan: JobPlan, ref: ChunkRef) -> ChunkPlan:
+    if d["fingerprint"] != job_plan.fingerprint or d["inputs_sha256"] != ref.sha256:
         raise ValueError("made under another plan.json (fingerprint or inputs differ)")
     if d["part"] != ref.part or d["chunk"] != ref.chunk:
         raise ValueError(f"it says part {d['part']!r} chunk {d['chunk']!r}")
@@ -281,4 +281,4 @@ def _chunk_from_dict(d: dict[str, Any], plan: JobPlan, ref: ChunkRef) -> ChunkPl
     rejected = d["rejected"]
     if not (isinstance(rejected, list) and all(isinstance(r, dict) for r in rejected)):
         raise ValueError("rejected is not a list of records")
-    return ChunkPlan(plan.fingerprint, plan.settings, plan.vae, clips, shards, rejected)
+    return ChunkPlan(job_plan.fingerprint, job_plan.settings, job_plan.vae, clips, shards, rejected)

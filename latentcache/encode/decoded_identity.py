@@ -23,16 +23,16 @@ class ChangedWhileEncoding(InputError):
     """A clip's source is not what its chunk plan recorded when it was decoded. Not a failure record: the run stops."""
 
 
-def planned_stats(out: Path, plan: JobPlan, chunk_plans: list[ChunkPlan]) -> dict[str, Stat]:
+def planned_stats(out: Path, job_plan: JobPlan, chunk_plans: list[ChunkPlan]) -> dict[str, Stat]:
     """Each source path of `chunk_plans` with the stat its chunk plan recorded (chunk plans made before stats were
     recorded give none: their sources are not checked)."""
-    refs = {(r.part, r.chunk): r for r in plan.chunk_refs()}
+    refs = {(r.part, r.chunk): r for r in job_plan.chunk_refs()}
     found: dict[str, Stat] = {}
     for chunk in {id(c): c for c in chunk_plans}.values():  # a chunk's encode groups share its plan
         if not chunk.shards or chunk.shards[0].chunk is None:
             continue
         ref = refs.get((chunk.shards[0].part, chunk.shards[0].chunk))
-        stats = read_chunk_stats(out, plan, ref) if ref is not None else None
+        stats = read_chunk_stats(out, job_plan, ref) if ref is not None else None
         if stats is not None:
             found.update((v.path, s) for v, s in zip(read_chunk_inputs(out, ref), stats, strict=True))
     return found

@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentcache.encode import chunks, job_plan
+from latentcache.encode import chunks
+from latentcache.encode.job_plan import JobPlan, read_job_plan
 from latentcache.encode.plan import ChunkPlan, PlannedClip, clip_settings_for
 from latentcache.encode.settings import EncodeSettings, JobSettings
 from latentcache.encode.vae import DTYPES, VideoVAE
@@ -125,7 +126,7 @@ def dry_run(settings: JobSettings, vae: VideoVAE, *, estimate: int = 0, world_si
     return result
 
 
-def _seed_from_output(out: Path, scratch: Path) -> job_plan.JobPlan | None:
+def _seed_from_output(out: Path, scratch: Path) -> JobPlan | None:
     """An existing local output's plan, with links to its inputs files, in `scratch`: planning there appends exactly
     what a real run would, and reads --out without writing to it. None for a new output (or one in object
     storage, planned as new)."""
@@ -134,7 +135,7 @@ def _seed_from_output(out: Path, scratch: Path) -> job_plan.JobPlan | None:
 
     if not location.linkable(out) or not (out / PLAN_FILE).is_file():
         return None
-    plan = job_plan.read_job_plan(out)
+    plan = read_job_plan(out)
     (scratch / INPUTS_DIR).mkdir(parents=True)
     (scratch / PLAN_FILE).write_bytes((out / PLAN_FILE).read_bytes())
     for f in (out / INPUTS_DIR).iterdir():

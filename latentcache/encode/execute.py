@@ -82,13 +82,13 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
     return results
 
 
-def _sample_meta(p: PlannedClip, clip: Clip, plan: ChunkPlan, tiling: TilingSettings | None) -> dict[str, Any]:
+def _sample_meta(p: PlannedClip, clip: Clip, chunk_plan: ChunkPlan, tiling: TilingSettings | None) -> dict[str, Any]:
     # frames_decoded measures the decode's cost (it differs between CPU and NVDEC decoding), not the sample: it stays
     # out of the shard so any decoder writes the same bytes.
     kept = {k: v for k, v in clip.meta.items() if k != "frames_decoded"}
     meta = {**kept, "key": p.key, "source": p.relpath, "clip_index": p.index, "bucket": p.bucket,
             "caption_source": "given" if p.caption is not None else None,
-            "vae": plan.vae["identity"], "dtype": plan.vae["dtype"]}
+            "vae": chunk_plan.vae["identity"], "dtype": chunk_plan.vae["dtype"]}
     if p.span is not None:
         # The key is made from the input's id (its path plus a digest of its spans); the source stays the path.
         meta["source"] = p.relpath.rpartition("#")[0]
@@ -146,7 +146,7 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
     return results
 
 
-def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: ChunkPlan, settings: EncodeSettings,
+def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], chunk_plan: ChunkPlan, settings: EncodeSettings,
                   texts: TextEncoder | None) -> list[tuple[PlannedClip, EncodedClip | InputError]]:
     """One VAE batch (plus its image conditions and prompt embeddings): each clip's EncodedClip or its InputError."""
     if not batch:
@@ -173,7 +173,7 @@ def _encode_clips(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]], plan: Ch
             continue
         # Prompt embeddings (`--text-encoder`), computed once per distinct caption by the encoder's cache.
         text = texts.embed(p.caption) if texts is not None else None
-        out.append((p, EncodedClip(p.key, mean, logvar, _sample_meta(p, c, plan, tiling), p.caption, text, *image,
+        out.append((p, EncodedClip(p.key, mean, logvar, _sample_meta(p, c, chunk_plan, tiling), p.caption, text, *image,
                                    text_trimmed=texts.trimmed if texts is not None else None)))
     return out
 
@@ -222,7 +222,7 @@ def encode_groups(chunk_plans: list[ChunkPlan], out: Path, summary: RunSummary,
     return [g for g in groups if g.pending]
 
 
-def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+def run(out: Path, job_plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
         on_clip: Callable[[int], None] = lambda n: None, texts: TextEncoder | None = None,
         chunk_plans: list[ChunkPlan] | None = None, runtime: RuntimeSettings | None = None,
         redo: frozenset[str] = frozenset()) -> RunSummary:
@@ -239,18 +239,18 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     summary = RunSummary()
     started = time.perf_counter()
     # Every process checks its own VAE against the plan: a node whose local copy of the weights differs refuses.
-    changed = vae_change(plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
+    changed = vae_change(job_plan.vae.get("identity"), vae.identity.to_dict(), str(out / PLAN_FILE))
     if changed:
         raise ConfigError(f"{out}: {changed}")
     if chunk_plans is None:
-        chunk_plans = plan_chunks(out, plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
+        chunk_plans = plan_chunks(out, job_plan, settings, rank=rank, world_size=world_size, strict=runtime.strict)
     groups = encode_groups(chunk_plans, out, summary, redo)
     batch_size = resolve_batch_size(runtime.batch_size, vae, settings)
     windows = [(g, g.windows(batch_size)) for g in groups]
     carried: set[str] = set()  # clips of unchanged inputs kept by --reencode-changed: never decoded again
     for g in groups:
         carried |= reencode.carry_keys(out, g.chunk)
-    decoded = _decode_stream(out, plan, windows, carried, settings, runtime, batch_size)
+    decoded = _decode_stream(out, job_plan, windows, carried, settings, runtime, batch_size)
     with cpu_threads(vae.device, runtime.cpu_threads), ShardWriter(depth=1) as writer:
         # In the sidecar, never in the tar: byte identity is promised within one software record, not across them.
         software = software_record(vae.device, text_encoder=texts is not None, batch_size=batch_size)
@@ -267,7 +267,7 @@ def run(out: Path, plan: JobPlan, vae: VideoVAE, settings: EncodeSettings, *, ra
     return summary
 
 
-def _decode_stream(out: Path, plan: JobPlan, windows: list[tuple[EncodeGroup, list[list[str]]]], carried: set[str],
+def _decode_stream(out: Path, job_plan: JobPlan, windows: list[tuple[EncodeGroup, list[list[str]]]], carried: set[str],
                    settings: EncodeSettings, runtime: RuntimeSettings, batch_size: int
                    ) -> Iterator[tuple[PlannedClip, Clip | InputError]]:
     """One stream over all of this rank's windows, so decode workers run ahead across shard and group boundaries."""
@@ -276,7 +276,7 @@ def _decode_stream(out: Path, plan: JobPlan, windows: list[tuple[EncodeGroup, li
         by_key.update(g.chunk.clip_map())
     workers = default_workers() if runtime.workers is None else runtime.workers
     # What each source was when its chunk was planned: a source that differs when it is decoded stops the run.
-    recorded = decoded_identity.planned_stats(out, plan, [g.chunk for g, _ in windows])
+    recorded = decoded_identity.planned_stats(out, job_plan, [g.chunk for g, _ in windows])
     return iter(ClipStream([by_key[k] for _, ws in windows for w in ws for k in w if k not in carried],
                            settings.clip, recorded=recorded,
                            workers=workers, nvdec=runtime.nvdec, decode_check=runtime.decode_check,

@@ -16,8 +16,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks, job_plan
-from latentcache.encode.job_plan import JobPlan
+from latentcache.encode import chunks
+from latentcache.encode.job_plan import JobPlan, read_job_plan
 from latentcache.encode.output import _writing
 from latentcache.encode.plan import PlannedShard
 from latentcache.encode.provenance import merge_software
@@ -67,29 +67,29 @@ def damaged_shards(out: Path, shards: Iterable[PlannedShard]) -> list[PlannedSha
     return damaged
 
 
-def _plan_digest(plan: JobPlan) -> str:
+def _plan_digest(job_plan: JobPlan) -> str:
     # Markers are named by a digest of plan.json: an append (a new part) makes every earlier marker stale at once.
-    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(job_plan.to_json().encode()).hexdigest()[:16]
 
 
-def mark_share_done(out: Path, plan: JobPlan, rank: int, world_size: int, shards: list[PlannedShard]) -> bool:
+def mark_share_done(out: Path, job_plan: JobPlan, rank: int, world_size: int, shards: list[PlannedShard]) -> bool:
     """After a rank's run: if none of its `shards` is pending (a stat of each sidecar: its share only), leave a
     marker saying so. Returns whether it did."""
     if pending_shards(out, shards):
         return False
-    marker = share_rank_marker(share_world_folder(out, _plan_digest(plan), world_size), rank)
+    marker = share_rank_marker(share_world_folder(out, _plan_digest(job_plan), world_size), rank)
     if not marker.is_file():
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, "")
     return True
 
 
-def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None:
+def first_share_pending(out: Path, job_plan: JobPlan, world_size: int) -> int | None:
     """The first rank of `world_size` without a done marker, or None when every one has one. It stops at the
     first missing marker, so a task that is not the last one to finish pays about one stat, not a read of every
     chunk plan. A marker is a hint, never the truth: None is followed by `pending_in_job`, which checks it all (a
     marker left from before shards were removed by hand costs that check, nothing worse)."""
-    digest = _plan_digest(plan)
+    digest = _plan_digest(job_plan)
     folder = share_world_folder(out, digest, world_size)
     if share_complete(out, digest).is_file():
         return None
@@ -99,7 +99,7 @@ def first_share_pending(out: Path, plan: JobPlan, world_size: int) -> int | None
     return None
 
 
-def clear_share_markers(out: Path, plan: JobPlan) -> None:
+def clear_share_markers(out: Path, job_plan: JobPlan) -> None:
     """Once the manifest is written, the per-rank markers have served; one `complete` marker of this plan takes
     their place, so a finished directory holds the same files whatever number of processes wrote it, and a rerun
     of any task of a finished job checks everything and finalizes again, as before.
@@ -108,7 +108,7 @@ def clear_share_markers(out: Path, plan: JobPlan) -> None:
     the markers themselves (every plan's rank markers, an earlier plan's `complete`) and the folders they leave
     empty. Removing the whole folder took another task's `complete`, or the temporary it was renaming into place
     (a FileNotFoundError that failed that task)."""
-    complete = share_complete(out, _plan_digest(plan))
+    complete = share_complete(out, _plan_digest(job_plan))
     complete.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(complete, "")
     done = out / SHARE_MARKERS_DIR
@@ -138,16 +138,16 @@ def _is_share_marker(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ the manifest
 
 
-def pending_in_job(out: Path, plan: JobPlan) -> tuple[int, int]:
+def pending_in_job(out: Path, job_plan: JobPlan) -> tuple[int, int]:
     """(shards not finished, chunks not planned yet) over the whole job: (0, 0) once it is done.
 
     Reads one chunk plan at a time, so it needs the memory of one chunk, not of the dataset."""
     shards, unplanned = 0, 0
-    for ref in plan.chunk_refs():
+    for ref in job_plan.chunk_refs():
         if not (out / ref.plan_name).is_file():
             unplanned += 1
             continue
-        shards += len(pending_shards(out, chunks.read_chunk_plan(out, plan, ref).shards))
+        shards += len(pending_shards(out, chunks.read_chunk_plan(out, job_plan, ref).shards))
     return shards, unplanned
 
 
@@ -161,7 +161,7 @@ def finalize_with_outcome(out: Path) -> tuple[Manifest, dict[str, Any]]:
     plan_path = out / PLAN_FILE
     if not plan_path.is_file():
         raise ShardFormatError(f"{out}: no {PLAN_FILE}; run `latentcache encode` into it first")
-    plan = job_plan.read_job_plan(out)
+    plan = read_job_plan(out)
     remove_stale_temporaries(out)
     shards: list[ShardEntry] = []
     failures: list[dict[str, Any]] = []

@@ -79,10 +79,10 @@ def run(settings: JobSettings, world: World = World()) -> int:
     if settings.dry_run:
         return print_dry_run(settings, world, fits_checked) if world.is_main else EXIT_OK
     vae, texts = _load_encoders(settings, world, fits_checked)
-    plan, failed = _job_plan(settings, world, vae)
+    job_plan, failed = _job_plan(settings, world, vae)
     if failed:
         return EXIT_USAGE  # the main process prints why
-    share, failed = _on_every_rank(world, lambda: _Share.make(settings, world, plan))
+    share, failed = _on_every_rank(world, lambda: _Share.make(settings, world, job_plan))
     if failed:
         return EXIT_USAGE  # the rank that refused prints why
     redo, kept = _damaged(settings, world, share) if settings.repair else (frozenset[str](), {})
@@ -122,14 +122,15 @@ def _load_encoders(settings: JobSettings, world: World, fits_checked: bool) -> t
 
 def _job_plan(settings: JobSettings, world: World, vae: VideoVAE) -> tuple[JobPlan, bool]:
     """The job's top-level plan, made (or read and extended) by the main process and read back by the others;
-    (plan, True) when the main process refused it (it prints why)."""
-    from latentcache.encode import job_plan, planning
+    (job plan, True) when the main process refused it (it prints why)."""
+    from latentcache.encode import planning
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
+    from latentcache.encode.job_plan import read_job_plan
 
     out = settings.out
 
-    def make_plan() -> job_plan.JobPlan:
+    def make_plan() -> JobPlan:
         # Streamed into the compact table load_or_make_plan builds; no video is opened for the top-level plan.
         inputs = iter_inputs(settings.inputs, exclude=[out], images=settings.encode.clip.images)
         # Taken before the lists are read: unchanged lists are not read again (`rerun_inputs.lists_unchanged`).
@@ -139,38 +140,39 @@ def _job_plan(settings: JobSettings, world: World, vae: VideoVAE) -> tuple[JobPl
 
     new_out = not out.exists()
     try:
-        plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
+        job_plan, failed = _on_every_rank(world, make_plan if world.is_main else lambda: None)
     except LatentcacheError:
         if new_out and world.is_main:
             release_output(out)  # refused before anything was planned: no OUT holding only `.latentcache`
         raise
     if not failed and not world.is_main:
-        plan = job_plan.read_job_plan(out)
-    return plan, failed
+        job_plan = read_job_plan(out)
+    return job_plan, failed
 
 
 @dataclass(slots=True)
 class _Share:
     """This rank's share of the job: its chunk plans, and which of them this run planned (probed) itself."""
 
-    plan: JobPlan
+    job_plan: JobPlan
     chunk_plans: list[ChunkPlan]
     # Chunks this run plans (probes) itself: their refused inputs are this run's work; read-back ones were counted
     # by the run that planned them.
     fresh: list[bool]
 
     @staticmethod
-    def make(settings: JobSettings, world: World, plan: JobPlan) -> _Share:
+    def make(settings: JobSettings, world: World, job_plan: JobPlan) -> _Share:
         """Each rank probes only its own chunks' inputs (or reads their chunk plans from an earlier run, checking that
         its inputs did not change since)."""
-        from latentcache.encode import job_plan, planning
+        from latentcache.encode import planning
+        from latentcache.encode.job_plan import chunks_for_rank
 
         out = settings.out
-        fresh = [not (out / ref.plan_name).is_file() for ref in job_plan.chunks_for_rank(plan, world.rank,
+        fresh = [not (out / ref.plan_name).is_file() for ref in chunks_for_rank(job_plan, world.rank,
                                                                                       world.world_size)]
-        chunk_plans = planning.plan_chunks(out, plan, settings.encode, rank=world.rank, world_size=world.world_size,
+        chunk_plans = planning.plan_chunks(out, job_plan, settings.encode, rank=world.rank, world_size=world.world_size,
                                            strict=settings.runtime.strict, reencode_changed=settings.reencode_changed)
-        return _Share(plan, chunk_plans, fresh)
+        return _Share(job_plan, chunk_plans, fresh)
 
     @property
     def shards(self) -> list[PlannedShard]:
@@ -193,7 +195,7 @@ def _damaged(settings: JobSettings, world: World, share: _Share) -> tuple[frozen
 
     out, mine = settings.out, share.shards
     damaged = finalize.damaged_shards(out, mine)
-    kept = repair.unrepairable(out, share.plan, share.chunk_plans, damaged)
+    kept = repair.unrepairable(out, share.job_plan, share.chunk_plans, damaged)
     redo = frozenset(s.relpath for s in damaged if s.relpath not in kept)
     print(f"[{'rank ' + str(world.rank) if world.world_size > 1 else 'repair'}] {len(damaged)} of {len(mine)} "
           f"shard(s) do not match the sha256 their sidecar recorded{': writing them again' if redo else ''}")
@@ -227,7 +229,7 @@ def _encode_share(settings: JobSettings, world: World, share: _Share, vae: Video
                                                                 if s.relpath not in pending),
                                        unit="clip", desc=label, position=world.local_rank, dynamic_ncols=True,
                                        leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
-        return execute.run(out, share.plan, vae, settings.encode, rank=world.rank, world_size=world_size,
+        return execute.run(out, share.job_plan, vae, settings.encode, rank=world.rank, world_size=world_size,
                            on_clip=bar.update, texts=texts, chunk_plans=share.chunk_plans, runtime=settings.runtime,
                            redo=redo)
 
@@ -247,10 +249,10 @@ def _end_of_share(settings: JobSettings, world: World, share: _Share, summary: R
     them and finalizes once no share is left anywhere. Returns the exit code."""
     from latentcache.encode import finalize
 
-    out, plan, world_size = settings.out, share.plan, world.world_size
+    out, job_plan, world_size = settings.out, share.job_plan, world.world_size
     # Before the barrier: once every rank of the job has its marker, the main process of the last task runs the
     # full check; the others stop at a missing marker (a cost of their share, not of the dataset).
-    finalize.mark_share_done(out, plan, world.rank, world_size, share.shards)
+    finalize.mark_share_done(out, job_plan, world.rank, world_size, share.shards)
     totals = world.reduce_sum([1, summary.clips_written, clips.skipped_total, clips.failed_total,
                                summary.shards_written, summary.shards_redone, summary.seconds, kept])
     world.barrier()
@@ -258,14 +260,14 @@ def _end_of_share(settings: JobSettings, world: World, share: _Share, summary: R
         return EXIT_OK
     *totals, kept_total = totals
     print_job_summary(totals, time.perf_counter() - started, device_words(vae.device))
-    waiting = finalize.first_share_pending(out, plan, world_size)
+    waiting = finalize.first_share_pending(out, job_plan, world_size)
     if waiting is not None:
         print(f"{out}: the shares of other tasks are still being worked on (rank {waiting} of {world_size} has not "
               f"finished); the last task to finish writes the manifest (or run `latentcache finalize {out}` once all "
               "are done)")
         code = EXIT_OK
     else:
-        code = _finish(out, plan)
+        code = _finish(out, job_plan)
     if kept_total:
         # The output stays damaged: a run that leaves a shard `verify` refuses never exits 0 (nor 3, "inputs failed").
         print(f"{out}: {int(kept_total)} damaged shard(s) could not be repaired (named above); kept as they are")
@@ -273,38 +275,39 @@ def _end_of_share(settings: JobSettings, world: World, share: _Share, summary: R
     return code
 
 
-def _finish(out: Path, plan: JobPlan) -> int:
+def _finish(out: Path, job_plan: JobPlan) -> int:
     """Finalize when nothing is left of the plan as it is on disk now: an append started while this run worked
     (docs/distributed.md allows one) adds a part that this run never saw, and the run that appended it finishes it
     and writes the manifest. So this run's own inputs being done, it exits 0 saying so, also when the append lands
     between its check and its finalize."""
-    from latentcache.encode import finalize, job_plan
+    from latentcache.encode import finalize
+    from latentcache.encode.job_plan import read_job_plan
     from latentcache.errors import ShardFormatError
 
-    left, unplanned = finalize.pending_in_job(out, plan)
+    left, unplanned = finalize.pending_in_job(out, job_plan)
     if left or unplanned:
         # SLURM array tasks cannot wait for each other: the last one to finish finds nothing left and finalizes.
         print(f"{out}: {left} shard(s) and {unplanned} unplanned chunk(s) are still being worked on by other tasks; "
               f"the last task to finish writes the manifest (or run `latentcache finalize {out}` once all are done)")
         return EXIT_OK
-    current = job_plan.read_job_plan(out)
-    if len(current.parts) > len(plan.parts):
+    current = read_job_plan(out)
+    if len(current.parts) > len(job_plan.parts):
         left, unplanned = finalize.pending_in_job(out, current)
         if left or unplanned:
-            print(_appended_since(out, plan, current, f"{left} shard(s) and {unplanned} unplanned chunk(s)"))
+            print(_appended_since(out, job_plan, current, f"{left} shard(s) and {unplanned} unplanned chunk(s)"))
             return EXIT_OK
     try:
         return report_finalize(out)
     except ShardFormatError:
-        now = job_plan.read_job_plan(out)
+        now = read_job_plan(out)
         if len(now.parts) <= len(current.parts):
             raise
-        print(_appended_since(out, plan, now, "its new inputs"))
+        print(_appended_since(out, job_plan, now, "its new inputs"))
         return EXIT_OK
 
 
-def _appended_since(out: Path, plan: JobPlan, current: JobPlan, left: str) -> str:
-    return (f"{out}: every input of this run is done; another run appended {len(current.parts) - len(plan.parts)} "
+def _appended_since(out: Path, job_plan: JobPlan, current: JobPlan, left: str) -> str:
+    return (f"{out}: every input of this run is done; another run appended {len(current.parts) - len(job_plan.parts)} "
             f"part(s) of inputs since this one read the plan, and {left} of them are still being worked on: the run "
             f"that appended them writes the manifest when it ends (or run `latentcache finalize {out}` once it has)")
 

@@ -277,9 +277,9 @@ def read_job_plan(out: Path) -> JobPlan:
     return JobPlan.from_json(text, str(path))
 
 
-def chunks_for_rank(plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]:
+def chunks_for_rank(job_plan: JobPlan, rank: int, world_size: int) -> list[ChunkRef]:
     """Round-robin over all parts' chunks: chunk i belongs to rank i % world_size. No coordination needed."""
-    return [ref for ref in plan.chunk_refs() if ref.index % world_size == rank]
+    return [ref for ref in job_plan.chunk_refs() if ref.index % world_size == rank]
 
 
 def _write_stream_atomic(path: Path, pieces: Iterable[bytes]) -> None:

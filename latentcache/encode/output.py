@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks, job_plan
-from latentcache.encode.job_plan import JobPlan
+from latentcache.encode import chunks
+from latentcache.encode.job_plan import JobPlan, read_job_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
@@ -58,7 +58,7 @@ def refuse_foreign_output(out: Path) -> None:
     others = [f for f in out.iterdir() if not f.name.startswith(OUTPUT_MARKER + ".")] if out.is_dir() else []
     if others and not marker.is_file():
         try:
-            job_plan.read_job_plan(out)
+            read_job_plan(out)
         except (OSError, UnicodeDecodeError, ValueError, ConfigError, ShardFormatError):
             raise ConfigError(f"--out {out} is not empty and was not made by latentcache (no {OUTPUT_MARKER}, no "
                               f"readable {PLAN_FILE}); its files could be overwritten: pass a new or empty "
@@ -70,7 +70,7 @@ def refuse_changed_settings(out: Path, settings: EncodeSettings, overwrite: bool
     is loaded, in `planning.load_or_make_plan`)."""
     if overwrite or not plan_path(out).is_file():
         return
-    existing = job_plan.read_job_plan(out)
+    existing = read_job_plan(out)
     wanted = JobPlan(existing.fingerprint, settings.output_affecting(), existing.vae, [])
     # Through JSON, as plan.json holds them (a tuple now is the list it became there).
     if json.loads(json.dumps(wanted.settings, default=str)) != existing.settings:
@@ -107,7 +107,7 @@ def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -
                           "--out) and run the same command again: finished shards are kept") from e
 
 
-def clear_outputs(out: Path, plan: JobPlan) -> None:
+def clear_outputs(out: Path, job_plan: JobPlan) -> None:
     """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
     temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
     emptied folders go)."""
@@ -120,10 +120,10 @@ def clear_outputs(out: Path, plan: JobPlan) -> None:
             path.unlink()
             removed.append(path)
 
-    for ref in plan.chunk_refs():
+    for ref in job_plan.chunk_refs():
         chunk_file = out / ref.plan_name
         if chunk_file.is_file():
-            for shard in chunks.read_chunk_plan(out, plan, ref).shards:
+            for shard in chunks.read_chunk_plan(out, job_plan, ref).shards:
                 path = out / shard.relpath
                 remove(path)
                 remove(sidecar_of(path))
@@ -133,7 +133,7 @@ def clear_outputs(out: Path, plan: JobPlan) -> None:
             remove(carry)
         remove(chunk_file)
         folders.add(chunk_file.parent)
-    for part in plan.parts:
+    for part in job_plan.parts:
         for name in (inputs_name(part.index), keys_name(part.index)):
             remove(out / name)
             folders.add((out / name).parent)

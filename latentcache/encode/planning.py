@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import chunks, job_plan, rerun_inputs
-from latentcache.encode.job_plan import JobPlan
+from latentcache.encode import chunks, rerun_inputs
+from latentcache.encode.job_plan import InputTable, JobPlan, auto_chunk_size, chunks_for_rank, make_part, read_job_plan
 from latentcache.encode.output import _writing, claim_output, clear_outputs, differences
 from latentcache.encode.plan import ChunkPlan, InputVideo
 from latentcache.encode.probing import VideoInfo
@@ -51,7 +51,7 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
     wanted = JobPlan(hash_json({"settings": settings.output_affecting(), "vae": record}), settings.output_affecting(),
                      record, [])
     if path.is_file():
-        existing = job_plan.read_job_plan(out)
+        existing = read_job_plan(out)
         changed = vae_change(existing.vae.get("identity"), record["identity"], str(path))
         if changed and not overwrite:
             raise ConfigError(f"{out}: {changed}")
@@ -62,44 +62,44 @@ def load_or_make_plan(out: Path, inputs: Iterable[InputVideo], settings: EncodeS
             if rerun_inputs.lists_unchanged(out, existing, lists):
                 log.info("%s: the input lists are the ones plan.json was made from; not read again", out)
                 return existing
-            return _append_and_record(out, existing, job_plan.InputTable(inputs), chunk_size, world_size, lists)
+            return _append_and_record(out, existing, InputTable(inputs), chunk_size, world_size, lists)
         clear_outputs(out, existing)
-    return _append_and_record(out, wanted, job_plan.InputTable(inputs), chunk_size, world_size, lists)
+    return _append_and_record(out, wanted, InputTable(inputs), chunk_size, world_size, lists)
 
 
-def _append_and_record(out: Path, plan: JobPlan, table: job_plan.InputTable, chunk_size: int | None,
+def _append_and_record(out: Path, job_plan: JobPlan, table: InputTable, chunk_size: int | None,
                        world_size: int, lists: list[dict[str, Any]] | None) -> JobPlan:
-    grown = _append(out, plan, table, chunk_size, world_size)
+    grown = _append(out, job_plan, table, chunk_size, world_size)
     # Captions read from sidecar files can change while the lists do not: then the lists are read on every run.
     rerun_inputs.record_lists(out, grown, None if table.sidecar_captions else lists)
     return grown
 
 
-def _append(out: Path, plan: JobPlan, table: job_plan.InputTable, chunk_size: int | None,
+def _append(out: Path, job_plan: JobPlan, table: InputTable, chunk_size: int | None,
             world_size: int = 1) -> JobPlan:
     """The plan with the inputs it lacks added as one new part; the plan itself when there are none."""
-    new = rerun_inputs.new_inputs(out, plan, table)
+    new = rerun_inputs.new_inputs(out, job_plan, table)
     if not len(new):
-        return plan
-    if plan.parts:
+        return job_plan
+    if job_plan.parts:
         log.info("%d new input(s): planned as part %d, the %d earlier part(s) stay as they are", len(new),
-                 len(plan.parts), len(plan.parts))
+                 len(job_plan.parts), len(job_plan.parts))
     # A function of the new inputs and the world size alone: every task of the job agrees. The part records it, so
     # an output planned under an earlier rule resumes with its own chunk size.
-    size = chunk_size or job_plan.auto_chunk_size(len(new), world_size)
-    part = job_plan.make_part(out, len(plan.parts), table, new, size)
-    grown = JobPlan(plan.fingerprint, plan.settings, plan.vae, [*plan.parts, part])
+    size = chunk_size or auto_chunk_size(len(new), world_size)
+    part = make_part(out, len(job_plan.parts), table, new, size)
+    grown = JobPlan(job_plan.fingerprint, job_plan.settings, job_plan.vae, [*job_plan.parts, part])
     # plan.json last: it names the part, whose files are in place by now.
     _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
     pause_point("planned")  # test-only kill moment (see shards.PAUSE_ENV); nothing when unset
     return grown
 
 
-def plan_chunks(out: Path, plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
+def plan_chunks(out: Path, job_plan: JobPlan, settings: EncodeSettings, *, rank: int = 0, world_size: int = 1,
                 probe_fn: Callable[[str], VideoInfo] | None = None, strict: bool = False,
                 reencode_changed: bool = False) -> list[ChunkPlan]:
     """This rank's chunk plans, read from OUT/chunks/ or made now: it probes only its own share of the inputs.
     `strict`: the first input that cannot be probed raises (see `plan.make_plan`). An input changed since its chunk
     was planned is refused, or with `reencode_changed` its chunk is planned again (see `chunks.plan_share`)."""
-    return chunks.plan_share(out, plan, job_plan.chunks_for_rank(plan, rank, world_size), settings, probe_fn=probe_fn,
+    return chunks.plan_share(out, job_plan, chunks_for_rank(job_plan, rank, world_size), settings, probe_fn=probe_fn,
                              strict=strict, reencode_changed=reencode_changed)

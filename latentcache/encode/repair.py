@@ -16,12 +16,13 @@ from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.plan import ChunkPlan, PlannedShard
 
 
-def unrepairable(out: Path, plan: JobPlan, chunk_plans: list[ChunkPlan], damaged: list[PlannedShard]) -> dict[str, str]:
+def unrepairable(out: Path, job_plan: JobPlan, chunk_plans: list[ChunkPlan],
+                 damaged: list[PlannedShard]) -> dict[str, str]:
     """relpath -> why, for each of `damaged` one of whose clips' sources is gone or not what its chunk plan
     recorded (size and mtime, a link's target, a tar's stat, an object's ETag)."""
     if not damaged:
         return {}
-    recorded = planned_stats(out, plan, chunk_plans)
+    recorded = planned_stats(out, job_plan, chunk_plans)
     by_key = {key: clip for chunk in chunk_plans for key, clip in chunk.clip_map().items()}
     why: dict[str, str] = {}
     for shard in damaged:

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode import chunks, job_plan
+from latentcache.encode import chunks
 from latentcache.encode.input_stats import NAMED_CHANGES, compare_stat
-from latentcache.encode.job_plan import InputTable, JobPlan
+from latentcache.encode.job_plan import InputTable, JobPlan, input_from_line, key_digest, part_digests
 from latentcache.encode.plan import input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
@@ -22,16 +22,16 @@ from latentcache.format.out_layout import INPUT_LISTS_RECORD, inputs_name
 from latentcache.format.shards import write_text_atomic
 
 
-def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
+def new_inputs(out: Path, job_plan: JobPlan, table: InputTable) -> np.ndarray:
     """Positions in `table` of inputs no part holds yet. Refuses, naming them, inputs planned before but not given."""
-    planned = np.sort(np.concatenate([job_plan.part_digests(out, p) for p in plan.parts] or [np.zeros(0, np.uint64)]))
+    planned = np.sort(np.concatenate([part_digests(out, p) for p in job_plan.parts] or [np.zeros(0, np.uint64)]))
     removed = planned[~np.isin(planned, table.digests, assume_unique=True)]
     if len(removed):
-        examples = _relpaths_of(out, plan, set(removed[:5].tolist()))
+        examples = _relpaths_of(out, job_plan, set(removed[:5].tolist()))
         raise ConfigError(f"{out}/plan.json was made from inputs that are not given now: {len(removed)} planned "
                           f"input(s) are missing, e.g. {', '.join(examples)}. Pass every earlier input again (new "
                           "ones are added as a new part), or use a new --out directory.")
-    _refuse_changed_in_place(out, plan, table)
+    _refuse_changed_in_place(out, job_plan, table)
     return np.nonzero(~np.isin(table.digests, planned, assume_unique=True))[0]
 
 
@@ -40,16 +40,16 @@ def new_inputs(out: Path, plan: JobPlan, table: InputTable) -> np.ndarray:
 _HELD_FIELDS = ("caption", "extra")
 
 
-def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> None:
+def _refuse_changed_in_place(out: Path, job_plan: JobPlan, table: InputTable) -> None:
     """Refuses, naming them, planned inputs given now with another caption or extra columns than their part holds.
 
     Parts and the table are both in digest order, so each part is one pass over its inputs file; a line is parsed
     only when its bytes differ (the absolute path may: a dataset moved keeps its keys and stays valid)."""
     changed: list[str] = []
     count = 0
-    moved = _MovedInputs(out, plan)
-    for part in plan.parts:
-        positions = np.searchsorted(table.digests, job_plan.part_digests(out, part))
+    moved = _MovedInputs(out, job_plan)
+    for part in job_plan.parts:
+        positions = np.searchsorted(table.digests, part_digests(out, part))
         path = out / inputs_name(part.index)
         with path.open("rb") as f:
             for n, (line, position) in enumerate(zip(f, positions, strict=False), 1):
@@ -58,7 +58,7 @@ def _refuse_changed_in_place(out: Path, plan: JobPlan, table: InputTable) -> Non
                     continue
                 chunk, at = divmod(n - 1, part.chunk_size)
                 before = chunks.read_input_line(line, path, at + 1, f" of chunk {chunk}")
-                now = job_plan.input_from_line(strictjson.loads(given))
+                now = input_from_line(strictjson.loads(given))
                 if now.path != before.path:
                     moved.add(part.index, chunk, at, before.path, now.path)
                 fields = [name for name in _HELD_FIELDS if getattr(before, name) != getattr(now, name)]
@@ -83,9 +83,9 @@ class _MovedInputs:
     chunk at a time (one chunk plan in memory); a changed one is refused by name, also with --reencode-changed, which
     reads the planned path."""
 
-    def __init__(self, out: Path, plan: JobPlan) -> None:
-        self.out, self.plan = out, plan
-        self.refs = {(r.part, r.chunk): r for r in plan.chunk_refs()}
+    def __init__(self, out: Path, job_plan: JobPlan) -> None:
+        self.out, self.plan = out, job_plan
+        self.refs = {(r.part, r.chunk): r for r in job_plan.chunk_refs()}
         self.pending: list[tuple[int, str, str]] = []
         self.where: tuple[int, int] | None = None
         self.changes: list[tuple[str, str, str]] = []
@@ -125,42 +125,42 @@ class _MovedInputs:
             "or encode into a new --out directory.")
 
 
-def _relpaths_of(out: Path, plan: JobPlan, digests: set[int]) -> list[str]:
+def _relpaths_of(out: Path, job_plan: JobPlan, digests: set[int]) -> list[str]:
     found = []
-    for part in plan.parts:
+    for part in job_plan.parts:
         path = out / inputs_name(part.index)
         with path.open("rb") as f:
             for n, line in enumerate(f, 1):
                 ident = input_id(chunks.read_input_line(line, path, n))
-                if job_plan.key_digest(ident) in digests:
+                if key_digest(ident) in digests:
                     found.append(ident)
     return sorted(found)
 
 
-def _lists_record(plan: JobPlan, identity: list[dict[str, Any]]) -> dict[str, Any]:
+def _lists_record(job_plan: JobPlan, identity: list[dict[str, Any]]) -> dict[str, Any]:
     # The parts' digests tie the record to this plan.json: a record left from before --overwrite or a hand edit
     # of the plan never matches another plan.
-    return {"lists": identity, "parts": [[p.count, p.sha256] for p in plan.parts]}
+    return {"lists": identity, "parts": [[p.count, p.sha256] for p in job_plan.parts]}
 
 
-def lists_unchanged(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> bool:
+def lists_unchanged(out: Path, job_plan: JobPlan, identity: list[dict[str, Any]] | None) -> bool:
     """Whether `identity` (`input_stats.list_identity`, taken now) is what the lists were when `plan` was last
     extended from them: then they hold no input the plan lacks, and reading them again is skipped. False when
     either is unknown (folders given, no record, an unreadable or damaged record: the lists are read as before)."""
-    if identity is None or not plan.parts:
+    if identity is None or not job_plan.parts:
         return False
     try:
         recorded = strictjson.loads((out / INPUT_LISTS_RECORD).read_bytes())
     except (OSError, ValueError):
         return False
-    return recorded == _lists_record(plan, identity)
+    return recorded == _lists_record(job_plan, identity)
 
 
-def record_lists(out: Path, plan: JobPlan, identity: list[dict[str, Any]] | None) -> None:
+def record_lists(out: Path, job_plan: JobPlan, identity: list[dict[str, Any]] | None) -> None:
     """After plan.json holds every input of the lists: what they were (taken before they were read, so a list
     changed while it was read does not match next time). None: forget any earlier record."""
     path = out / INPUT_LISTS_RECORD
     if identity is None:
         path.unlink(missing_ok=True)
         return
-    write_text_atomic(path, json.dumps(_lists_record(plan, identity), indent=0, sort_keys=True, allow_nan=False))
+    write_text_atomic(path, json.dumps(_lists_record(job_plan, identity), indent=0, sort_keys=True, allow_nan=False))
