@@ -247,7 +247,7 @@ OUT_NAME_PIECES = re.compile(r"\.tar$|\.tar\.json|\.carry\.tar|\.keys\.npy|\.jso
 NOT_OUT = {
     "encode/inputs/": {"'.jsonl'": "an input list (JSON lines) given to encode",
                        "'.tar'": "a webdataset tar of input videos"},
-    "storage/sources.py": {"'.tar'": "a webdataset tar of input videos"},
+    "storage/trust.py": {"'.tar'": "a webdataset tar of input videos (`tar::member`)"},
     "tools/export_musubi.py": {"f'{item_name(sample)}_{start:05d}-{frames:03d}_{width:04d}x{height:04d}_"
                                "{arch.short}.safetensors'": "a cache file named as musubi-tuner names it"},
 }

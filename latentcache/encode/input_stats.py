@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.errors import ConfigError
-from latentcache.storage import location, sources
+from latentcache.storage import location, sources, trust
 
 # What an input was when its chunk was probed, as the chunk plan records it (None: it could not be read then):
 #   a local file   {"size", "mtime_ns", "sha256"}, plus "target" (the file it names) where the path is a link
@@ -35,7 +35,7 @@ def quick_stat(path: str) -> Stat:
     """The fields that are cheap to get: one stat (of the file, or of a member's tar), or one HEAD of an object.
     None: it is gone or is not a regular file now (devices, fifos and folders are never read here)."""
     try:
-        split = sources.split_tar_path(path)
+        split = trust.split_tar_path(path)
         found = sources.object_stat(path)  # one HEAD for an object; None for a local file or a tar member
         if found is not None:
             return found

@@ -20,7 +20,7 @@ from latentcache.errors import ShardFormatError
 from latentcache.format import strictjson
 from latentcache.format.layout import IMAGE_TENSORS, KNOWN_MEMBERS, LATENTS, TEXT_EMBEDS
 from latentcache.format.text import read_text
-from latentcache.storage.location import open_regular
+from latentcache.storage.trust import open_regular
 
 
 def _shown(value: Any, limit: int = 120) -> str:

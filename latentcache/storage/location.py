@@ -5,14 +5,10 @@ with the part of pathlib the package uses). `resolve` picks one from a string on
 differs between the two (open, read with a limit, size, list, join, write atomically), so no module outside
 storage/ asks which kind it holds.
 
-Who a string comes from decides what it may name; that rule lives here alone:
-
-- a string read from a file (a list's row, a plan, a manifest, a tar: possibly a stranger's) is a local path or an
-  object in a store (the schemes in `store.OBJECT_SCHEMES`, no `::` chains); it never reaches an opener that
-  interprets schemes (`pipe:`, `http:`), and a local file it names is read only when it is a regular file (never a
-  FIFO, which would block, or a device, which never ends): `open_url(text, trusted=False)`;
-- a url the user typed (`LatentShardDataset("pipe:...")`, `latentcache verify https://...`) is theirs, like a shell
-  command: `open_url(text, trusted=True)` also hands it to webdataset's gopen.
+Who a string comes from decides what it may name (storage/trust.py holds that rule): a string read from a file is
+opened with `open_url(text, trusted=False)`, a local regular file or an object and nothing else; a url the user typed
+(`LatentShardDataset("pipe:...")`, `latentcache verify https://...`) is theirs, like a shell command, and
+`open_url(text, trusted=True)` also hands it to webdataset's gopen.
 """
 
 from __future__ import annotations
@@ -22,60 +18,31 @@ import fnmatch
 import glob
 import io
 import os
-import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from latentcache.errors import ConfigError, ShardFormatError
+from latentcache.errors import ConfigError
 from latentcache.storage import store
-from latentcache.storage.store import OBJECT_SCHEMES, UnsupportedUrl, check_url, filesystem, join
-
-
-def is_url(path: str | os.PathLike | ObjectPath) -> bool:
-    """True for urls (s3://, gs://, memory://, http://...); plain paths and file:// are local."""
-    text = path if isinstance(path, str) else str(path)  # str(), not fspath(): ObjectPath is not os.PathLike
-    return "://" in text and not text.startswith("file://")
+from latentcache.storage.store import filesystem, join
+from latentcache.storage.trust import (
+    UnsupportedUrl,
+    check_url,
+    is_object_url,
+    is_url,
+    local_path,
+    open_regular,
+    opener,
+)
 
 
 def in_object_store(location: Any) -> bool:
     """True for a location in object storage: an `ObjectPath`, or a url whose scheme fsspec serves here (s3://...).
     Plain paths and file:// are local."""
-    if isinstance(location, ObjectPath):
-        return True
-    text = str(location)
-    return "://" in text and text.split("://", 1)[0] in OBJECT_SCHEMES
-
-
-def local_path(url: str) -> str | None:
-    """The filesystem path a url the user typed names (a plain path, or file://), None for the others (an object
-    store's, http, pipe:...)."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url or url.startswith("pipe:"):
-        return None
-    return url
+    return isinstance(location, ObjectPath) or is_object_url(str(location))
 
 
 # ------------------------------------------------------------------------------------------------ opening
-
-
-def open_regular(path: str | os.PathLike, where: str) -> BinaryIO:
-    """Open a regular file for reading, refusing anything else (a FIFO would block forever, /dev/zero never ends).
-
-    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the type is then checked on
-    the opened descriptor, so a file swapped between a check and the open cannot slip through.
-    """
-    # A missing or unreadable file stays an OSError (naming the path): the caller says what is incomplete.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise ShardFormatError(f"{where}: is {kind}; latentcache reads only regular files")
-    return os.fdopen(fd, "rb")
 
 
 def open_url(url: str, *, trusted: bool = True) -> BinaryIO:
@@ -87,11 +54,11 @@ def open_url(url: str, *, trusted: bool = True) -> BinaryIO:
     webdataset's gopen (http, pipe:...). Untrusted (read from a file): every other url is refused (UnsupportedUrl)
     and a string that is no url is a local path, whatever it looks like (`pipe:cmd` is a file of that name).
     Trusted by default for the public `latentcache.dataset.open_url(url)`; inside the package every call says."""
-    local = local_path(url) if trusted else (None if is_url(url) else url)
-    if local is not None:
-        return open_regular(local, url)
-    if in_object_store(url) or not trusted:
-        f = store.open_object(url)  # refuses any scheme but an object store's
+    how, name = opener(url, trusted=trusted)  # the trust rule: storage/trust.py
+    if how == "local":
+        return open_regular(name, url)
+    if how == "object":
+        f = store.open_object(url)
         f.name = url
         return f
     import webdataset as wds
@@ -463,23 +430,6 @@ def _read_chunks(stream: Any, most: int) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
-
-
-def own_file_problem(url: str, root: str | None, path: str) -> str | None:
-    """Why `url` cannot be opened as the file `path` under `root` by latentcache's own reader (a file named by a
-    stranger's file, a manifest), or None: it must be in the root's own object store, or a regular local file under
-    the root reached without a symbolic link below it (a link to another output's shard would give that shard's
-    samples twice when outputs are combined)."""
-    if in_object_store(url):
-        return None if root is not None and in_object_store(root) else "is not under the dataset's root"
-    local = local_path(url)
-    if local is None:  # cannot happen for a plain relative path under a root; refused all the same, never to gopen
-        return "is not a local file or an object in the dataset's store"
-    # Resolved at each read (a few lstat calls next to reading megabytes): a relative root follows the current folder.
-    if os.path.realpath(local) != os.path.join(os.path.realpath(root or "."), path):
-        return (f"is reached through a symbolic link (it resolves to {os.path.realpath(local)}); shards of an output "
-                "must be regular files inside it: copy the file instead of linking it")
-    return None
 
 
 def read_ahead(items: list[Any], url_of: Callable[[Any], str], fetch: Callable[[Any], Any], ahead: int

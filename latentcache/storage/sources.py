@@ -24,10 +24,7 @@ from typing import Any, BinaryIO
 
 from latentcache.storage.location import is_url, open_url, size
 from latentcache.storage.store import filesystem
-
-# Separates a tar's path from a member's name: "shards/00003.tar::000031.mp4".
-TAR_SEP = "::"
-TAR_MARK = ".tar" + TAR_SEP
+from latentcache.storage.trust import TAR_SEP, member_problem, split_tar_path
 
 
 class UnsafeMember(OSError):
@@ -40,15 +37,6 @@ class MemberNotFound(FileNotFoundError):
 
 def tar_member_path(tar: str | os.PathLike, member: str) -> str:
     return f"{os.fspath(tar)}{TAR_SEP}{member}"
-
-
-def split_tar_path(path: str) -> tuple[str, str] | None:
-    """'/d/x.tar::a/b.mp4' -> ('/d/x.tar', 'a/b.mp4'); None for a path that names no tar member."""
-    i = path.find(TAR_MARK)
-    if i < 0:
-        return None
-    cut = i + len(".tar")
-    return path[:cut], path[cut + len(TAR_SEP):]
 
 
 def ffmpeg_name(path: str) -> str | None:
@@ -80,35 +68,10 @@ def object_stat(path: str) -> dict[str, Any] | None:
     return {"size": int(info["size"]), "modified": None if modified is None else str(modified)}
 
 
-def openable_from_file(path: Any) -> bool:
-    """Whether a source path read from a file (a plan a stranger may have written) may be opened at all: an
-    absolute local path (or a member of a tar at one) or an s3:// object, no control characters; never another
-    scheme (`pipe:`, `http:`, `concat:`)."""
-    if not isinstance(path, str) or not path or any(ord(c) < 32 for c in path):
-        return False
-    if path.startswith("s3://"):
-        return True
-    split = split_tar_path(path)
-    local = str(split[0]) if split else path
-    return "://" not in path and ":" not in local and os.path.isabs(local)
-
-
 def local_source(path: str) -> Path | None:
     """The local file of a source that is one (a folder's file, a list's row), for what lies beside it (its
     caption sidecar); None for a tar member or an object."""
     return Path(path) if split_tar_path(path) is None and "://" not in path else None
-
-
-def member_problem(info: tarfile.TarInfo) -> str | None:
-    """Why a tar member cannot be an input (see shards.check_member_name for the name rule), or None."""
-    name = info.name.replace("\\", "/")
-    if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
-        return "has an absolute or parent-relative name"
-    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.issparse():
-        kind = "a link" if info.issym() or info.islnk() else "a directory" if info.isdir() else \
-            "a device, fifo or sparse file"
-        return f"is {kind}, not a regular file"
-    return None
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,36 +19,19 @@ import logging
 from typing import Any, BinaryIO
 
 from latentcache.errors import MissingDependency
+from latentcache.storage.trust import check_url
 
 log = logging.getLogger(__name__)
 
-# Schemes read through fsspec (every other url is refused by `filesystem`). http(s) and pipe: shard urls that a user
-# types are opened by webdataset's gopen (location.open_url); strings read from files never reach it.
-OBJECT_SCHEMES = frozenset({"s3", "gs", "gcs", "az", "abfs", "memory"})
 # Whole-object reads (shards) larger than two parts are fetched as concurrent ranges of this size.
 PART_SIZE = 8 << 20
 # Range reads of this size: a probe costs one or two requests, a clip's packets a few, a shard one per 16 MiB.
 BLOCK_SIZE = 16 << 20
 
 
-class UnsupportedUrl(OSError):
-    """A url latentcache does not open: not object storage, or one that asks fsspec to chain openers."""
-
-
-def check_url(url: str) -> None:
-    """Raises UnsupportedUrl unless `url` is an object-storage url fsspec may open (see `filesystem`)."""
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme not in OBJECT_SCHEMES or "::" in url:
-        raise UnsupportedUrl(f"{url}: not an object-storage url latentcache reads (schemes: "
-                             f"{', '.join(sorted(OBJECT_SCHEMES))}; no '::' chains); refused, nothing was opened")
-
-
 def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) for `url`, with a clear error when its package is missing.
-
-    Only object-storage schemes (OBJECT_SCHEMES) are opened, and never a chained url (`simplecache::s3://...`,
-    `zip://x::s3://...`): urls reach here from list files and plans, and fsspec would otherwise open anything it
-    has a driver for (http, ftp, ssh, github, local files through `file::`) wherever such a string names it."""
+    """(fsspec filesystem, path within it) for `url`, with a clear error when its package is missing. Only what
+    `trust.check_url` lets through is opened: urls reach here from list files and plans."""
     check_url(url)
     try:
         import fsspec

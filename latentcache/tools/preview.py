@@ -129,7 +129,7 @@ def _source_path(root: Path, key: str, meta: dict[str, Any]) -> str | None:
 def _not_the_encoded_file(path: str, recorded: Any, meta: dict[str, Any]) -> str | None:
     """Why the plan's `path` is not shown as the source (None: it is the file that was encoded)."""
     from latentcache.encode.input_stats import input_stat
-    from latentcache.storage.sources import openable_from_file
+    from latentcache.storage.trust import openable_from_file
 
     if not openable_from_file(path):
         return "the plan names no local file, tar member or s3:// object there"

@@ -9,7 +9,7 @@ Who a url comes from decides how it may be opened. A url the user typed (`Latent
 opens. A shard path read from a file (a manifest, which may come from a stranger) never reaches gopen: it must be a
 plain relative name under the dataset's own root (`_inside`), and is opened by latentcache's own reader, a local
 regular file reached without a symbolic link below the root, or the root's own object store
-(`location.own_file_problem`).
+(`trust.own_file_problem`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from latentcache.errors import LatentMismatchError, ShardFormatError
 from latentcache.format.manifest import Manifest
 from latentcache.format.out_layout import MANIFEST_FILE, SHARD_SUFFIX
 from latentcache.format.reader import TarStats, iter_tar
-from latentcache.storage import location
+from latentcache.storage import location, trust
 from latentcache.storage.location import open_url  # noqa: F401 (the public latentcache.dataset.open_url)
+from latentcache.storage.trust import plain_relative
 
 PIXEL_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".ts", ".m4v", ".png", ".jpg", ".jpeg",
                   ".webp", ".bmp"}
@@ -92,7 +92,7 @@ def expand_urls(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 def _find_manifest_dir(urls: list[str]) -> Path:
     """The directory holding manifest.json, searched upwards from the first local shard."""
-    local = location.local_path(urls[0])
+    local = trust.local_path(urls[0])
     if local is None:
         raise ShardFormatError(f"{urls[0]} is remote: pass manifest=PATH_OR_URL_OF/manifest.json (copy it next to "
                                "the training script) so the dataset knows the latent spec and the shard checksums")
@@ -117,7 +117,7 @@ def _match_shards(urls: list[str], manifest: Manifest, root: Path | str) -> list
     by_path = {s.path: s for s in manifest.shards}
     refs = []
     for url in urls:
-        local = location.local_path(url)
+        local = trust.local_path(url)
         entry = None
         if local is not None:
             try:
@@ -142,17 +142,10 @@ def _match_shards(urls: list[str], manifest: Manifest, root: Path | str) -> list
     return refs
 
 
-# A shard path as latentcache writes it (shards/17x64x96/000000.tar): "/"-separated names, none empty, "." or "..",
-# none holding a colon (a url scheme such as pipe: or s3:, a drive letter), a backslash or a control character.
-_SHARD_PATH = re.compile(r"(?:[^/\\:\x00-\x1f\x7f]+/)*[^/\\:\x00-\x1f\x7f]+")
-
-
 def _inside(path: str, root: Path | str) -> str:
     """A shard path from a manifest, refused unless it is a plain relative name under the dataset's root: manifests
     may come from strangers, and `/dev/zero`, `../../etc`, `pipe:cmd` or `https://...` must never be opened."""
-    # fullmatch: one C call per shard; the split runs only for the rare path with a part starting with a dot.
-    if (not isinstance(path, str) or _SHARD_PATH.fullmatch(path) is None
-            or ((path[0] == "." or "/." in path) and any(part in (".", "..") for part in path.split("/")))):
+    if not plain_relative(path):  # the trust rule for a stranger's path: storage/trust.py
         raise ShardFormatError(f"{root}/manifest.json: shard path {path!r} is not a plain relative path inside the "
                                "dataset directory (absolute, `..`, empty parts, a url scheme, a backslash or a "
                                "control character); latentcache writes paths such as shards/17x64x96/000000.tar. "
@@ -221,7 +214,7 @@ def _lists_directories(items: list[Any]) -> bool:
     """Whether a list names output directories (True) or shard files/urls (False), told by its first item (a list of
     shard files costs no stat per file); a list that mixes both is refused."""
     def is_dir(item: Any) -> bool:
-        local = isinstance(item, str | os.PathLike) and location.local_path(str(item)) is not None
+        local = isinstance(item, str | os.PathLike) and trust.local_path(str(item)) is not None
         return local and Path(item).is_dir()
 
     if not items or not is_dir(items[0]):
@@ -260,13 +253,13 @@ def read_bytes(shard: ShardRef, buffer: bytearray | None = None) -> memoryview:
     """The whole shard, read once; refused, before anything is read, when larger than the manifest says.
 
     A shard named by a manifest (`shard.root` set) is opened only by latentcache's own reader, never by gopen: see
-    `location.own_file_problem`. A local shard is read straight into `buffer` when one is given (grown as needed):
+    `trust.own_file_problem`. A local shard is read straight into `buffer` when one is given (grown as needed):
     see `location.read_whole`. A shard in object storage costs one HEAD (its size, checked first) and GETs of no
     more than it holds; `prefetched` starts the next shards' reads early, so that wait overlaps decoding.
     """
     limit = shard.bytes if shard.bytes is not None else MAX_SHARD_BYTES
     if shard.root is not None:
-        problem = location.own_file_problem(shard.url, shard.root, shard.path)
+        problem = trust.own_file_problem(shard.url, shard.root, shard.path)
         if problem:
             raise ShardFormatError(f"{shard.url}: shard {shard.path!r} of {shard.root}/manifest.json {problem}; "
                                    "refused")

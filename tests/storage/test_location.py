@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from latentcache.errors import ConfigError, ShardFormatError
-from latentcache.storage import location, sources
+from latentcache.storage import location, sources, trust
 from latentcache.storage.location import ObjectPath
-from latentcache.storage.store import UnsupportedUrl
+from latentcache.storage.trust import UnsupportedUrl
 
 pytest.importorskip("fsspec")
 
@@ -143,11 +143,34 @@ def test_identity_and_names(tmp_path):
 
 
 def test_the_plan_path_rule_and_ffmpeg_names(tmp_path):
-    assert sources.openable_from_file("/data/a.mp4") and sources.openable_from_file("/data/x.tar::a.mp4")
-    assert sources.openable_from_file("s3://bucket/a.mp4")
+    assert trust.openable_from_file("/data/a.mp4") and trust.openable_from_file("/data/x.tar::a.mp4")
+    assert trust.openable_from_file("s3://bucket/a.mp4")
     for hostile in ("pipe:cat /etc/passwd", "http://example.invalid/a.mp4", "concat:/a|/b", "videos/a.mp4",
                     "/data/a\n.mp4", "", None):
-        assert not sources.openable_from_file(hostile), hostile
+        assert not trust.openable_from_file(hostile), hostile
     assert sources.ffmpeg_name("/data/a.mp4") == "file:/data/a.mp4"
     assert sources.ffmpeg_name("/data/x.tar::a.mp4") is None and sources.ffmpeg_name("s3://b/a.mp4") is None
     assert sources.object_stat(str(tmp_path / "a.mp4")) is None
+
+
+def test_the_trust_rule_for_a_strangers_path(tmp_path):
+    """storage/trust.py: what a string read from a file may name, in one place."""
+    assert trust.opener("pipe:cat x", trusted=False) == ("local", "pipe:cat x")
+    assert trust.opener("pipe:cat x", trusted=True) == ("gopen", "pipe:cat x")
+    assert trust.opener("file:///d/a.tar", trusted=True) == ("local", "/d/a.tar")
+    assert trust.opener("s3://b/a.tar", trusted=False) == ("object", "s3://b/a.tar")
+    with pytest.raises(UnsupportedUrl):
+        trust.opener("https://example.invalid/a.tar", trusted=False)
+    assert trust.plain_relative("shards/17x64x96/000000.tar") and trust.plain_relative("a/.hidden/b.tar")
+    for hostile in ("/dev/zero", "../x.tar", "a/../../x.tar", "pipe:cmd", "s3://b/x.tar", "a//b.tar", "a\\b.tar",
+                    "a/./b.tar", "", "a\x00.tar", None, 3):
+        assert not trust.plain_relative(hostile), hostile
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "other.tar").write_bytes(b"")
+    (tmp_path / "out" / "shards" / "a.tar").symlink_to(tmp_path / "other.tar")
+    (tmp_path / "out" / "shards" / "b.tar").write_bytes(b"")
+    root = str(tmp_path / "out")
+    assert trust.own_file_problem(f"{root}/shards/b.tar", root, "shards/b.tar") is None
+    assert "symbolic link" in trust.own_file_problem(f"{root}/shards/a.tar", root, "shards/a.tar")
+    assert trust.own_file_problem("s3://b/out/shards/a.tar", "s3://b/out", "shards/a.tar") is None
+    assert trust.own_file_problem("s3://b/out/shards/a.tar", root, "shards/a.tar") == "is not under the dataset's root"

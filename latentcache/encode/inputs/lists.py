@@ -23,7 +23,7 @@ from latentcache.encode.inputs.paired_lists import paired_rows, prompts_beside
 from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError, MissingDependency
 from latentcache.format import strictjson
-from latentcache.storage import location, sources
+from latentcache.storage import location, sources, trust
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def from_list(list_file: Path) -> Iterator[InputVideo]:
             # wherever it is mounted.
             p = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
             rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, base)
-            rel = rel.replace(os.sep, "/").replace(sources.TAR_SEP, "/")  # a tar member: keyed like a folder's file
+            rel = rel.replace(os.sep, "/").replace(trust.TAR_SEP, "/")  # a tar member: keyed like a folder's file
         where = f"{list_file.name} row {n}"
         # Rows of a plain path + caption list (the common case at millions of rows) skip the span and extra work.
         plain = READ_COLUMNS.issuperset(row) and not any(row.get(c) not in (None, "") for c in _BOUND_COLUMNS)

@@ -14,7 +14,7 @@ from latentcache.encode.inputs.names import NOT_VIDEO_SUFFIXES, is_text, warn_no
 from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
-from latentcache.storage import sources
+from latentcache.storage import sources, trust
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _tar_caption(t: tarfile.TarFile, by_name: dict[str, tarfile.TarInfo], key: s
 
     def read(ext: str) -> bytes | None:
         m = by_name.get(f"{key}.{ext}")
-        if m is None or sources.member_problem(m) or m.size > _MAX_SIDECAR_BYTES:
+        if m is None or trust.member_problem(m) or m.size > _MAX_SIDECAR_BYTES:
             return None
         try:
             f = t.extractfile(m)

@@ -12,6 +12,7 @@ from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError
 from latentcache.format.out_layout import OUTPUT_MARKER
 from latentcache.storage import store
+from latentcache.storage.trust import UnsupportedUrl
 
 
 def from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]:
@@ -24,7 +25,7 @@ def from_url(url: str, exclude: set[str], images: bool) -> Iterator[InputVideo]:
         found = store.list_files(root)
     except FileNotFoundError:
         found = []
-    except store.UnsupportedUrl as e:  # http://, a '::' chain: typed by the user, so a usage error (exit 2)
+    except UnsupportedUrl as e:  # http://, a '::' chain: typed by the user, so a usage error (exit 2)
         raise ConfigError(str(e)) from None
     if found == [root]:  # one object, not a prefix
         yield InputVideo(root, root.rsplit("/", 1)[-1], None)
