@@ -1,4 +1,4 @@
-"""The names of the files in an output directory (OUT, a local Path or a storage UrlPath): for each kind of file,
+"""The names of the files in an output directory (OUT, a local Path or a storage ObjectPath): for each kind of file,
 the one builder of its name and the one pattern that matches it. Every module that makes, finds or sweeps a file of
 OUT goes through here, the write side and the readers of strangers' outputs alike (`tests/test_layout.py` holds that
 rule); docs/format.md describes each file.
