@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentcache.encode.decode import decode_clip  # noqa: E402
-from latentcache.encode.memory import _is_oom, _release_memory  # noqa: E402  (the pipeline's own OOM handling)
+from latentcache.encode.memory import is_out_of_memory, release_cached_memory  # noqa: E402  (the pipeline's own OOM handling)
 from latentcache.encode.settings import ClipSettings, TilingSettings  # noqa: E402
 from latentcache.encode.vae import VideoVAE  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         except _OutOfTime:
             row.error = "cut off at the budget"
         except Exception as e:  # noqa: BLE001 - one setting's failure must not lose the others' figures
-            row.error = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
-            _release_memory(vae)
+            row.error = "out of memory" if is_out_of_memory(e) else f"{type(e).__name__}: {str(e)[:300]}"
+            release_cached_memory(vae)
         else:
             row.s_per_clip, row.clips_per_s, row.peak_gib = per_clip, 1.0 / per_clip, peak_gib
             row.first_call_s = first
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             report.flops_per_clip[key] = encode_bench.flops_per_clip(vae, clip)
         except Exception as e:  # noqa: BLE001
             print(f"FLOPs ({key}) not counted: {type(e).__name__}: {e}", flush=True)
-            _release_memory(vae)
+            release_cached_memory(vae)
         for name in dtypes:
             encode_bench.replace_dtype(vae, DTYPES[name])
             for batch in batches:

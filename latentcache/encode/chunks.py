@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from latentcache.encode import probing, reencode
-from latentcache.encode.input_stats import Change, Stat, _compare_all, changed_error, input_stats
+from latentcache.encode.input_stats import Change, Stat, changed_error, compare_all, input_stats
 from latentcache.encode.job_plan import ChunkRef, JobPlan, input_from_line, is_count, read_job_plan
 from latentcache.encode.plan import ChunkPlan, InputVideo, PlannedClip, PlannedShard, clip_key, make_plan
 from latentcache.encode.settings import EncodeSettings
@@ -203,7 +203,7 @@ def plan_share(out: Path, job_plan: JobPlan, refs: list[ChunkRef], settings: Enc
         found.append((ref, chunk, stats))
         if stats is not None:
             items.extend(zip((v.path for v in read_chunk_inputs(out, ref)), stats, strict=True))
-    results = iter(_compare_all(items, workers))
+    results = iter(compare_all(items, workers))
     changes: list[Change] = []
     redo: dict[int, list[tuple[Change | None, Stat]]] = {}
     refresh: list[tuple[ChunkRef, ChunkPlan, list[Stat]]] = []

@@ -21,8 +21,8 @@ from latentcache.encode import decoded_identity, reencode
 from latentcache.encode.frames import Clip
 from latentcache.encode.job_plan import JobPlan
 from latentcache.encode.loader import ClipStream, default_workers
-from latentcache.encode.memory import _is_oom, _release_memory, encode_with_fallback
-from latentcache.encode.output import _writing
+from latentcache.encode.memory import encode_with_fallback, is_out_of_memory, release_cached_memory
+from latentcache.encode.output import write_naming_path
 from latentcache.encode.plan import ChunkPlan, PlannedClip, PlannedShard, failure_record
 from latentcache.encode.planning import plan_chunks
 from latentcache.encode.provenance import software_record, vae_change
@@ -66,12 +66,12 @@ def _encode_batch(vae: VideoVAE, batch: list[tuple[PlannedClip, Clip]]
         try:
             mean, logvar = vae.encode(vae.stage([c.frames for _, c in batch]), sources=[p.source for p, _ in batch])
         except Exception as e:
-            if not (isinstance(e, InputError) or _is_oom(e)):
+            if not (isinstance(e, InputError) or is_out_of_memory(e)):
                 raise
             log.warning("batch of %d failed (%s); encoding its clips one by one", len(batch), e)
         else:
             return [(p, c, (mean[i], logvar[i], None)) for i, (p, c) in enumerate(batch)]
-        _release_memory(vae)  # out of the except block, once the failed call's frames are gone
+        release_cached_memory(vae)  # out of the except block, once the failed call's frames are gone
     results: list[tuple[PlannedClip, Clip, Encoded | InputError]] = []
     for p, c in batch:
         try:
@@ -127,10 +127,10 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
                                                       sources=[p.source for p, _ in clips])
             return [(mean[i], None if logvar is None else logvar[i]) for i in range(len(clips))]
         except Exception as e:
-            if not (isinstance(e, InputError) or _is_oom(e)):
+            if not (isinstance(e, InputError) or is_out_of_memory(e)):
                 raise
             log.warning("image conditions of a batch of %d failed (%s); encoding them one by one", len(clips), e)
-        _release_memory(vae)
+        release_cached_memory(vae)
     results: list[ImageCondition | InputError] = []
     for p, c in clips:
         try:
@@ -139,9 +139,9 @@ def _image_conditions(vae: VideoVAE, clips: list[tuple[PlannedClip, Clip]]
         except InputError as e:
             results.append(e)
         except Exception as e:
-            if not _is_oom(e):
+            if not is_out_of_memory(e):
                 raise
-            _release_memory(vae)
+            release_cached_memory(vae)
             results.append(InputError(p.source, "encode", f"out of memory encoding the image condition ({e})"))
     return results
 
@@ -289,7 +289,7 @@ def _write_job(out: Path, shard: PlannedShard, encoded: list[EncodedClip], failu
     def job() -> None:
         path = out / shard.relpath
         # A full disk or a vanished mount names the file and stops the run; the rerun redoes just this shard.
-        _writing(path, write_shard, path, encoded,
+        write_naming_path(path, write_shard, path, encoded,
                  extra={"shard_id": shard.shard_id, "bucket": shard.bucket, "failures": failures,
                         "software": software})
         summary.shards_written += 1

@@ -18,7 +18,7 @@ from typing import Any
 
 from latentcache.encode import chunks
 from latentcache.encode.job_plan import JobPlan, read_job_plan
-from latentcache.encode.output import _writing
+from latentcache.encode.output import write_naming_path
 from latentcache.encode.plan import PlannedShard
 from latentcache.encode.provenance import merge_software
 from latentcache.errors import ShardFormatError
@@ -199,7 +199,7 @@ def finalize_with_outcome(out: Path) -> tuple[Manifest, dict[str, Any]]:
         raise ShardFormatError(f"{out}: {len(missing)} planned chunk(s) or shard(s) are not finished, e.g. "
                                f"{missing[0]}; run the same `latentcache encode` again to complete them")
     failures_text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in failures)
-    _writing(out / FAILURES_FILE, write_text_atomic, out / FAILURES_FILE, failures_text)
+    write_naming_path(out / FAILURES_FILE, write_text_atomic, out / FAILURES_FILE, failures_text)
     buckets: dict[str, int] = {}
     for s in shards:
         buckets[s.bucket] = buckets.get(s.bucket, 0) + s.samples
@@ -219,7 +219,7 @@ def finalize_with_outcome(out: Path) -> tuple[Manifest, dict[str, Any]]:
         # Each distinct software record of the processes that wrote the shards, with their shard counts.
         software=merge_software(software),
     )
-    _writing(out / MANIFEST_FILE, write_manifest, out, manifest)
+    write_naming_path(out / MANIFEST_FILE, write_manifest, out, manifest)
     clear_share_markers(out, plan)
     return manifest, {"videos": plan.inputs, "videos_with_clips": with_clips, "tally": counted,
                       "clip": plan.settings.get("clip", {})}

@@ -114,7 +114,7 @@ def compare_stat(path: str, old: Stat) -> tuple[Change | None, Stat]:
     return None, now  # touched only: same bytes; the new stat is recorded so the next run does not read it again
 
 
-def _compare_all(items: list[tuple[str, Stat]], workers: int) -> list[tuple[Change | None, Stat]]:
+def compare_all(items: list[tuple[str, Stat]], workers: int) -> list[tuple[Change | None, Stat]]:
     """`compare_stat` of each item. A local, cached stat costs microseconds, and threads contending for the GIL
     make it slower; a stat on a network filesystem costs a round trip, which threads overlap. So the first items
     are timed one by one and the rest go to threads (in slices, not a task each) only when a stat is slow."""

@@ -38,13 +38,13 @@ def fallback_tilings(height: int, width: int, spatial: int,
     return found
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     # cuDNN and some kernels report an allocation failure as a plain RuntimeError.
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def _release_memory(vae: VideoVAE) -> None:
+def release_cached_memory(vae: VideoVAE) -> None:
     if vae.device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -63,7 +63,7 @@ def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
     try:
         for tiling in [None, *smaller]:  # None: as configured
             if tiling is not None:
-                _release_memory(vae)
+                release_cached_memory(vae)
                 log.warning("%s: out of memory; retrying with %dx%d tiles, overlap %g", ", ".join(sources),
                             tiling.tile_height, tiling.tile_width, tiling.overlap)
                 vae.configure(tiling, None)
@@ -71,13 +71,13 @@ def encode_with_fallback(vae: VideoVAE, frames: np.ndarray, sources: list[str]
                 mean, logvar = vae.encode(frames, sources=sources)
                 return mean, logvar, tiling
             except Exception as e:
-                if not _is_oom(e):
+                if not is_out_of_memory(e):
                     raise
                 # Keep the message, drop the traceback: its frames hold the activations that filled the memory.
                 last = e.with_traceback(None)
     finally:
         if last is not None:
             vae.configure(configured, None)
-            _release_memory(vae)
+            release_cached_memory(vae)
     raise InputError(", ".join(sources), "encode", f"out of memory even with the smallest tiles ({last}); use a "
                      "bigger GPU, fewer --frames or a smaller --height/--width") from last

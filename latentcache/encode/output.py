@@ -1,6 +1,6 @@
 """The output directory's ownership: a directory is latentcache's once `.latentcache` is in it (written first); a
 foreign non-empty one is refused, and `--overwrite` removes only the files the plan names, never a user's. Every
-write into it goes through `_writing`, which names the file when it fails."""
+write into it goes through `write_naming_path`, which names the file when it fails."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def claim_output(out: Path) -> None:
     """
     refuse_foreign_output(out)
     # Rewritten on every run (same bytes): also the check that OUT is writable, before anything is probed.
-    _writing(out, out.mkdir, parents=True, exist_ok=True)
+    write_naming_path(out, out.mkdir, parents=True, exist_ok=True)
     marker = marker_path(out)
-    _writing(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+    write_naming_path(marker, write_text_atomic, marker, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
 
 
 def refuse_foreign_output(out: Path) -> None:
@@ -95,7 +95,7 @@ def differences(old: JobPlan, new: JobPlan) -> str:
     return "; ".join(diffs[:6]) or "the input clips differ"
 
 
-def _writing(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+def write_naming_path(path: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Run `write(*args, **kwargs)`; an OSError (read-only, full disk, --out under a file) becomes a message
     naming `path`."""
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from latentcache.encode import chunks, rerun_inputs
 from latentcache.encode.job_plan import InputTable, JobPlan, auto_chunk_size, chunks_for_rank, make_part, read_job_plan
-from latentcache.encode.output import _writing, claim_output, clear_outputs, differences
+from latentcache.encode.output import claim_output, clear_outputs, differences, write_naming_path
 from latentcache.encode.plan import ChunkPlan, InputVideo
 from latentcache.encode.probing import VideoInfo
 from latentcache.encode.provenance import vae_change
@@ -90,7 +90,7 @@ def _append(out: Path, job_plan: JobPlan, table: InputTable, chunk_size: int | N
     part = make_part(out, len(job_plan.parts), table, new, size)
     grown = JobPlan(job_plan.fingerprint, job_plan.settings, job_plan.vae, [*job_plan.parts, part])
     # plan.json last: it names the part, whose files are in place by now.
-    _writing(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
+    write_naming_path(out / PLAN_FILE, write_text_atomic, out / PLAN_FILE, grown.to_json())
     pause_point("planned")  # test-only kill moment (see shards.PAUSE_ENV); nothing when unset
     return grown
 

@@ -15,7 +15,7 @@ from latentcache.format import strictjson
 from latentcache.format.layout import FORMAT_VERSION, SHA256_HEX
 from latentcache.format.manifest_fields import field_problems, normalized
 from latentcache.format.out_layout import MANIFEST_FILE
-from latentcache.format.reader import _is_int, _shown
+from latentcache.format.reader import is_int, shown
 from latentcache.format.shards import write_json_atomic
 from latentcache.storage import location
 
@@ -155,16 +155,16 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         return ["no latent_spec"]
     problems = spec_problems(manifest["latent_spec"]) + field_problems(manifest)
     if isinstance(manifest.get("buckets"), dict):
-        problems += [f"buckets has {_shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+        problems += [f"buckets has {shown(b)}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
                      for b in manifest["buckets"] if parse_bucket(b) is None][:1]
     shards = manifest.get("shards")
     if not isinstance(shards, list):
-        return [*problems, f"shards is {_shown(shards)}, expected a list of shard records"]
+        return [*problems, f"shards is {shown(shards)}, expected a list of shard records"]
     seen: set[str] = set()
     for i, entry in enumerate(shards):
         problem = _shard_entry_problem(entry)
         if problem is None and entry["path"] in seen:
-            problem = f"path {_shown(entry['path'])} is listed twice"
+            problem = f"path {shown(entry['path'])} is listed twice"
         if problem is not None:
             problems.append(f"shards[{i}] {problem}")
             break  # one bad entry says enough; a million-line report does not help
@@ -182,15 +182,15 @@ def _bucket_name_ok(bucket: str) -> bool:
 
 def _shard_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
-        return f"is {_shown(entry)}, expected an object with path, bucket, samples, bytes, sha256"
+        return f"is {shown(entry)}, expected an object with path, bucket, samples, bytes, sha256"
     if not (isinstance(entry.get("path"), str) and entry["path"]):
-        return f"has path {_shown(entry.get('path'))}, expected a relative path such as shards/17x64x96/000000.tar"
+        return f"has path {shown(entry.get('path'))}, expected a relative path such as shards/17x64x96/000000.tar"
     if not (isinstance(entry.get("bucket"), str) and _bucket_name_ok(entry["bucket"])):
-        return f"has bucket {_shown(entry.get('bucket'))}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
+        return f"has bucket {shown(entry.get('bucket'))}, expected FRAMESxHEIGHTxWIDTH such as 49x480x720"
     for name in ("samples", "bytes"):
-        if not (_is_int(entry.get(name)) and entry[name] >= 0):
-            return f"has {name} {_shown(entry.get(name))}, expected a count"
+        if not (is_int(entry.get(name)) and entry[name] >= 0):
+            return f"has {name} {shown(entry.get(name))}, expected a count"
     sha = entry.get("sha256")
     if sha is not None and not (isinstance(sha, str) and SHA256_HEX.match(sha)):
-        return f"has sha256 {_shown(sha)}, expected 64 lowercase hex digits"
+        return f"has sha256 {shown(sha)}, expected 64 lowercase hex digits"
     return None

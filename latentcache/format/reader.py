@@ -23,7 +23,7 @@ from latentcache.format.text import read_text
 from latentcache.storage.trust import open_regular
 
 
-def _shown(value: Any, limit: int = 120) -> str:
+def shown(value: Any, limit: int = 120) -> str:
     """repr(value) cut to `limit` characters: a crafted 50 MB name must not become a 50 MB error message."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -33,7 +33,7 @@ def check_member_name(name: str) -> None:
     """Refuse absolute (`/x`, `C:x`) and parent-relative (`../x`) member names: whoever extracts them escapes."""
     posix = name.replace("\\", "/")
     if posix.startswith("/") or ".." in posix.split("/") or (len(posix) > 1 and posix[1] == ":"):
-        raise ShardFormatError(f"member {_shown(name)} has an absolute or parent-relative path; latentcache writes "
+        raise ShardFormatError(f"member {shown(name)} has an absolute or parent-relative path; latentcache writes "
                                "plain KEY.EXT names")
 
 
@@ -46,7 +46,7 @@ def split_member(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     if not dot:
-        raise ShardFormatError(f"member {_shown(name)} has no extension")
+        raise ShardFormatError(f"member {shown(name)} has no extension")
     return f"{folder}/{key}" if folder else key, ext
 
 
@@ -77,20 +77,20 @@ def safetensors_header(data: bytes, where: str) -> dict[str, Any]:
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         shape = info.get("shape") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)):
-            raise ShardFormatError(f"{where}: tensor {_shown(name)} has data_offsets {_shown(offsets)}, expected "
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(v) for v in offsets)):
+            raise ShardFormatError(f"{where}: tensor {shown(name)} has data_offsets {shown(offsets)}, expected "
                                    "[begin, end]")
-        if not (isinstance(shape, list) and all(_is_int(v) and v >= 0 for v in shape)):
-            raise ShardFormatError(f"{where}: tensor {_shown(name)} has shape {_shown(shape)}, expected a list of "
+        if not (isinstance(shape, list) and all(is_int(v) and v >= 0 for v in shape)):
+            raise ShardFormatError(f"{where}: tensor {shown(name)} has shape {shown(shape)}, expected a list of "
                                    "sizes")
         begin, end = offsets
         if not 0 <= begin <= end <= room:
-            raise ShardFormatError(f"{where}: tensor {_shown(name)} claims bytes {begin}..{end}, the member holds "
+            raise ShardFormatError(f"{where}: tensor {shown(name)} claims bytes {begin}..{end}, the member holds "
                                    f"{room} bytes of tensor data; truncated or crafted")
     return header
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -98,16 +98,16 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     """A raw webdataset sample (bytes per extension) -> tensors and JSON. Unknown members are refused, unread."""
     key = sample.get("__key__", "?")
     if key.startswith("/") or ".." in key.split("/"):
-        raise ShardFormatError(f"{where}: member name {_shown(key)} is absolute or parent-relative; refusing the shard")
+        raise ShardFormatError(f"{where}: member name {shown(key)} is absolute or parent-relative; refusing the shard")
     unknown = [k for k in sample if not k.startswith("__") and k not in KNOWN_MEMBERS]
     if unknown:
         raise ShardFormatError(
-            f"{where}: sample {_shown(key)} has member(s) {_shown(', '.join(sorted(unknown)))[1:-1]}; latentcache "
+            f"{where}: sample {shown(key)} has member(s) {shown(', '.join(sorted(unknown)))[1:-1]}; latentcache "
             f"shards hold only {', '.join(sorted(KNOWN_MEMBERS))}. Refusing to decode them (a .pyd/.pth/.pickle "
             "member could run code when unpickled). Re-encode the data with `latentcache encode`."
         )
     if LATENTS not in sample:
-        raise ShardFormatError(f"{where}: sample {_shown(key)} has no {LATENTS} member")
+        raise ShardFormatError(f"{where}: sample {shown(key)} has no {LATENTS} member")
     out: dict[str, Any] = {"key": key, "url": where}
     headers = {member: safetensors_header(sample[member], f"{where}: member {key}.{member}")
                for member in (LATENTS, TEXT_EMBEDS) if member in sample}
@@ -120,17 +120,17 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
     except ShardFormatError:
         raise
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ShardFormatError(f"{where}: sample {_shown(key)} does not decode: {type(e).__name__}: {e}") from e
+        raise ShardFormatError(f"{where}: sample {shown(key)} does not decode: {type(e).__name__}: {e}") from e
     video = set(tensors) - set(IMAGE_TENSORS)
     image = set(tensors) & set(IMAGE_TENSORS)
     if (video != {"mean", "logvar"} and video != {"mean"}) or (image and "image_mean" not in image):
-        raise ShardFormatError(f"{where}: sample {_shown(key)} holds tensors {_shown(sorted(tensors))}, expected "
+        raise ShardFormatError(f"{where}: sample {shown(key)} holds tensors {shown(sorted(tensors))}, expected "
                                "mean and logvar (and image_mean, image_logvar with --image-latents)")
     if "logvar" in tensors and tensors["logvar"].shape != tensors["mean"].shape:
-        raise ShardFormatError(f"{where}: sample {_shown(key)} has logvar {tuple(tensors['logvar'].shape)} but mean "
+        raise ShardFormatError(f"{where}: sample {shown(key)} has logvar {tuple(tensors['logvar'].shape)} but mean "
                                f"{tuple(tensors['mean'].shape)}")
     if not isinstance(out["meta"], dict):
-        raise ShardFormatError(f"{where}: sample {_shown(key)} has a {type(out['meta']).__name__} as its JSON, "
+        raise ShardFormatError(f"{where}: sample {shown(key)} has a {type(out['meta']).__name__} as its JSON, "
                                "expected an object")
     out["mean"], out["logvar"] = tensors["mean"], tensors.get("logvar")
     out["image_mean"], out["image_logvar"] = tensors.get("image_mean"), tensors.get("image_logvar")
@@ -138,7 +138,7 @@ def decode_sample(sample: dict[str, Any], where: str) -> dict[str, Any]:
         from latentcache.format.checks import image_latent_problems
 
         problems = image_latent_problems(out["image_mean"], out["image_logvar"], out["mean"],
-                                         f"{where}: sample {_shown(key)}")
+                                         f"{where}: sample {shown(key)}")
         if problems:
             raise ShardFormatError(f"{problems[0]}. Re-encode the shard")
     return out
@@ -284,7 +284,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO | bytes | memoryview, where: s
                 key, ext = split_member(name)
                 problem = _member_problem(member, ext)
                 if problem:
-                    raise ShardFormatError(f"{where}: member {_shown(name)} {problem}")
+                    raise ShardFormatError(f"{where}: member {shown(name)} {problem}")
                 if current is not None and current["__key__"] != key:
                     stats.samples += 1
                     yield current
@@ -292,7 +292,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO | bytes | memoryview, where: s
                 if current is None:
                     current = {"__key__": key}
                 if ext in current:
-                    raise ShardFormatError(f"{where}: member {_shown(name)} appears twice in sample {_shown(key)}")
+                    raise ShardFormatError(f"{where}: member {shown(name)} appears twice in sample {shown(key)}")
                 if memory and member.offset_data + member.size > len(view):
                     raise tarfile.ReadError("unexpected end of data")
                 current[ext] = tar.extractfile(member).read() if members else None
@@ -306,7 +306,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO | bytes | memoryview, where: s
             raise ShardFormatError(f"{where}: more than {MAX_TRAILING_BYTES} bytes follow the end of the tar; "
                                    "not a shard latentcache wrote")
     except tarfile.TarError as e:
-        raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {_shown(name)} ({e}); copy the "
+        raise ShardFormatError(f"{where}: truncated or corrupt tar while reading member {shown(name)} ({e}); copy the "
                                "shard again or re-encode it") from e
     except ShardFormatError as e:
         message = str(e)
@@ -315,7 +315,7 @@ def iter_tar(source: str | os.PathLike | BinaryIO | bytes | memoryview, where: s
         if own:
             reader.raw.close()
     if reader.count - end < 2 * tarfile.BLOCKSIZE:
-        raise ShardFormatError(f"{where}: the tar ends after member {_shown(name)} without its end-of-archive blocks "
+        raise ShardFormatError(f"{where}: the tar ends after member {shown(name)} without its end-of-archive blocks "
                                f"({reader.count} bytes): the shard was cut short; copy it again or re-encode it")
     stats.bytes = reader.count
     stats.sha256 = reader.digest.hexdigest() if reader.digest is not None else None

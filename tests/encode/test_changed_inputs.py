@@ -234,9 +234,9 @@ def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch
     (tmp_path / "500.mp4").write_bytes(b"another file")
     items = list(zip(paths, recorded, strict=True))
     monkeypatch.setattr(input_stats, "_SLOW_STAT", 0.0)
-    threaded = input_stats._compare_all(items, 8)
+    threaded = input_stats.compare_all(items, 8)
     monkeypatch.setattr(input_stats, "_SLOW_STAT", float("inf"))
-    assert threaded == input_stats._compare_all(items, 8)
+    assert threaded == input_stats.compare_all(items, 8)
     assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
 
 
