@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.encode.decode import decode_clip  # noqa: E402
-from latentcache.encode.probing import probe  # noqa: E402
+from latentcache.encode.decoding.decode import decode_clip  # noqa: E402
+from latentcache.encode.decoding.probing import probe  # noqa: E402
 from latentcache.encode.settings import ClipSettings  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
 

@@ -33,11 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from latentcache.encode import execute, planning  # noqa: E402
-from latentcache.encode.decode import decode_clip  # noqa: E402
-from latentcache.encode.families import FAMILIES  # noqa: E402
+from latentcache.encode.decoding.decode import decode_clip  # noqa: E402
 from latentcache.encode.inputs import discover_inputs  # noqa: E402
+from latentcache.encode.models.families import FAMILIES  # noqa: E402
+from latentcache.encode.models.vae import VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
 from latentcache.encode.settings import ClipSettings, EncodeSettings, RuntimeSettings, TilingSettings, VAESettings  # noqa: E402
-from latentcache.encode.vae import VAEIdentity, VideoVAE, load_vae, resolve_dtype  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s), for the utilisation figure.
@@ -332,9 +332,9 @@ NAIVE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import torch
-from latentcache.encode.decode import decode_clip
+from latentcache.encode.decoding.decode import decode_clip
 from latentcache.encode.settings import ClipSettings, VAESettings
-from latentcache.encode.vae import load_vae
+from latentcache.encode.models.vae import load_vae
 
 job = json.loads(Path(sys.argv[1]).read_text())
 clip = ClipSettings(**job["clip"])

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.encode.decode import decode_clip  # noqa: E402
-from latentcache.encode.memory import is_out_of_memory, release_cached_memory  # noqa: E402  (the pipeline's own OOM handling)
+from latentcache.encode.decoding.decode import decode_clip  # noqa: E402
+from latentcache.encode.models.memory import is_out_of_memory, release_cached_memory  # noqa: E402  (the pipeline's own OOM handling)
+from latentcache.encode.models.vae import VideoVAE  # noqa: E402
 from latentcache.encode.settings import ClipSettings, TilingSettings  # noqa: E402
-from latentcache.encode.vae import VideoVAE  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(device=info, clip=clip.bucket)
     print(f"device: {info}; clip {clip.bucket}; budget {args.budget_s:.0f} s", flush=True)
     fallbacks = _Fallbacks()
-    logging.getLogger("latentcache.encode.vae").addHandler(fallbacks)
+    logging.getLogger("latentcache.encode.models.vae").addHandler(fallbacks)
     peak = next((v for k, v in encode_bench.PEAK_TFLOPS.items() if k in info["name"]), None)
 
     with tempfile.TemporaryDirectory() as tmp:

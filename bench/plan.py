@@ -47,7 +47,7 @@ SETTINGS = ["--vae", "tiny-random-cogvideox", "--frames", "17", "--fps", "8", "-
 
 def fake_probe(path: str):
     """A deterministic stand-in for probing.probe: size and duration from the path's hash."""
-    from latentcache.encode.probing import VideoInfo
+    from latentcache.encode.decoding.probing import VideoInfo
 
     h = hashlib.blake2b(path.encode(), digest_size=8).digest()
     # Widths and heights spread over every aspect from 9:28 to 28:9, so every bucket gets some videos and the
@@ -78,7 +78,7 @@ def step_top(work: Path, n: int, chunk_size: int) -> dict:
     from latentcache.cli import settings_from_args
     from latentcache.encode import planning
     from latentcache.encode.inputs import iter_inputs
-    from latentcache.encode.vae import load_vae
+    from latentcache.encode.models.vae import load_vae
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode
@@ -211,7 +211,7 @@ def step_rerun_top(work: Path, n: int, chunk_size: int, skip: int) -> dict:
     from latentcache.encode import planning
     from latentcache.encode.input_stats import list_identity
     from latentcache.encode.inputs import iter_inputs
-    from latentcache.encode.vae import load_vae
+    from latentcache.encode.models.vae import load_vae
 
     args = args_for(work, n, chunk_size)
     settings = settings_from_args(args).encode

@@ -2,7 +2,8 @@
 
 A local `--vae DIR` is hashed once per load (every process that loads it); a hub id resolved from the Hugging Face
 cache costs nothing, its files being links to blobs named by their sha256. Writes a file of random bytes the size
-of a VAE's weights, then times `latentcache.encode.provenance.file_sha256` on it, and on the same file as a cache link.
+of a VAE's weights, then times `latentcache.encode.models.provenance.file_sha256` on it, and on the same file as a
+cache link.
 
     python bench/provenance.py                 # 1 GB
     python bench/provenance.py --mb 256 --repeat 3
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from latentcache.encode.provenance import file_sha256
+from latentcache.encode.models.provenance import file_sha256
 
 
 def write_random(path: Path, mb: int) -> None:

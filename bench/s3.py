@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.encode.loader import ClipStream  # noqa: E402
-from latentcache.encode.plan import PlannedClip, clip_key  # noqa: E402
+from latentcache.encode.chunk_plan import PlannedClip, clip_key  # noqa: E402
+from latentcache.encode.decoding.loader import ClipStream  # noqa: E402
 from latentcache.encode.settings import ClipSettings  # noqa: E402
 from latentcache.tools.synthetic import write_video  # noqa: E402
 from latentcache.train.dataset import LatentShardDataset  # noqa: E402

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from latentcache.encode.families import FAMILIES
 from latentcache.encode.job import EXIT_CRASH, EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, report_finalize
+from latentcache.encode.models.families import FAMILIES
 from latentcache.encode.settings import (
     DECODE_CHECKS,
     ClipSettings,
@@ -208,8 +208,8 @@ def _batch_size(text: str) -> int | None:
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """The job's settings from `latentcache encode` (or jobs/encode.py) arguments, checked: built once, here."""
-    from latentcache.encode.families import family_of
-    from latentcache.encode.vae_source import check_source_name, family_for_source
+    from latentcache.encode.models.families import family_of
+    from latentcache.encode.models.vae_source import check_source_name, family_for_source
 
     if args.vae:
         check_source_name(args.vae)

@@ -34,7 +34,7 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vae():
-    from latentcache.encode.vae import load_vae
+    from latentcache.encode.models.vae import load_vae
 
     return load_vae(TINY_VAE, "cpu")
 

@@ -97,7 +97,7 @@ def test_a_frame_count_the_vae_cannot_encode_is_refused_before_the_weights_load(
     would fail another way): the refusal names --frames, from the config alone."""
     from diffusers import AutoencoderKLCogVideoX
 
-    from latentcache.encode.families import FAMILIES
+    from latentcache.encode.models.families import FAMILIES
 
     vae_dir = tmp_path / "vae"
     AutoencoderKLCogVideoX(**FAMILIES["cogvideox"].tiny_config).save_config(vae_dir)
@@ -123,7 +123,7 @@ def test_other_settings_are_refused_before_the_vae_loads(tmp_path: Path, capsys,
     def no_loading(*args, **kwargs):
         raise AssertionError("the VAE was loaded before the settings were checked")
 
-    monkeypatch.setattr("latentcache.encode.vae.load_vae", no_loading)
+    monkeypatch.setattr("latentcache.encode.models.vae.load_vae", no_loading)
     assert main(["encode", str(d), "--out", str(out), *TINY, "--frames", "17", "--fps", "4"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert f"{out} was made with other settings: settings.clip.fps: 8.0 then, 4.0 now" in err

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from latentcache.encode import probing, reencode
+from latentcache.encode import reencode
+from latentcache.encode.chunk_plan import ChunkPlan, InputVideo, PlannedClip, PlannedShard, clip_key, make_plan
+from latentcache.encode.decoding import probing
 from latentcache.encode.input_stats import Change, Stat, changed_error, compare_all, input_stats
 from latentcache.encode.job_plan import ChunkRef, JobPlan, input_from_line, is_count, read_job_plan
-from latentcache.encode.plan import ChunkPlan, InputVideo, PlannedClip, PlannedShard, clip_key, make_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format import strictjson

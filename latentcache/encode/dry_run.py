@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentcache.encode import chunks
+from latentcache.encode.chunk_plan import ChunkPlan, PlannedClip, clip_settings_for
 from latentcache.encode.job_plan import JobPlan, read_job_plan
-from latentcache.encode.plan import ChunkPlan, PlannedClip, clip_settings_for
+from latentcache.encode.models.vae import DTYPES, VideoVAE
 from latentcache.encode.settings import EncodeSettings, JobSettings
-from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.format.buckets import Bucket
 from latentcache.format.outcomes import Tally, tally
 
@@ -147,7 +147,7 @@ def _seed_from_output(out: Path, scratch: Path) -> JobPlan | None:
 def _estimate(result: DryRun, chunk_plans: list[ChunkPlan], vae: VideoVAE, settings: EncodeSettings, n: int) -> None:
     """Decode and encode up to `n` planned clips one at a time (the first is a warm-up, not counted, when there are
     more), timing each stage."""
-    from latentcache.encode.decode import decode_clip
+    from latentcache.encode.decoding.decode import decode_clip
     from latentcache.errors import InputError
 
     clips: list[PlannedClip] = [c for chunk in chunk_plans for c in chunk.clips][: n + 1 if n > 1 else n]

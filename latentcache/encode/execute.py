@@ -17,18 +17,19 @@ from typing import Any
 
 import torch
 
-from latentcache.encode import decoded_identity, reencode
-from latentcache.encode.frames import Clip
+from latentcache.encode import reencode
+from latentcache.encode.chunk_plan import ChunkPlan, PlannedClip, PlannedShard, failure_record
+from latentcache.encode.decoding import decoded_identity
+from latentcache.encode.decoding.frames import Clip
+from latentcache.encode.decoding.loader import ClipStream, default_workers
 from latentcache.encode.job_plan import JobPlan
-from latentcache.encode.loader import ClipStream, default_workers
-from latentcache.encode.memory import encode_with_fallback, is_out_of_memory, release_cached_memory
+from latentcache.encode.models.memory import encode_with_fallback, is_out_of_memory, release_cached_memory
+from latentcache.encode.models.provenance import software_record, vae_change
+from latentcache.encode.models.text import TextEncoder
+from latentcache.encode.models.vae import DTYPES, VideoVAE
 from latentcache.encode.output import write_naming_path
-from latentcache.encode.plan import ChunkPlan, PlannedClip, PlannedShard, failure_record
 from latentcache.encode.planning import plan_chunks
-from latentcache.encode.provenance import software_record, vae_change
 from latentcache.encode.settings import EncodeSettings, RuntimeSettings, TilingSettings, aspect_sizes
-from latentcache.encode.text import TextEncoder
-from latentcache.encode.vae import DTYPES, VideoVAE
 from latentcache.encode.writer import ShardWriter
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.out_layout import PLAN_FILE

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.encode import chunks
+from latentcache.encode.chunk_plan import PlannedShard
 from latentcache.encode.job_plan import JobPlan, read_job_plan
+from latentcache.encode.models.provenance import merge_software
 from latentcache.encode.output import write_naming_path
-from latentcache.encode.plan import PlannedShard
-from latentcache.encode.provenance import merge_software
 from latentcache.errors import ShardFormatError
 from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
 from latentcache.format.out_layout import (

@@ -27,11 +27,11 @@ from latentcache.format.out_layout import FAILURES_FILE, MANIFEST_FILE
 from latentcache.format.outcomes import Tally, tally
 
 if TYPE_CHECKING:  # imported where used: `latentcache --help` loads neither torch nor diffusers
+    from latentcache.encode.chunk_plan import ChunkPlan, PlannedShard
     from latentcache.encode.execute import RunSummary
     from latentcache.encode.job_plan import JobPlan
-    from latentcache.encode.plan import ChunkPlan, PlannedShard
-    from latentcache.encode.text import TextEncoder
-    from latentcache.encode.vae import VideoVAE
+    from latentcache.encode.models.text import TextEncoder
+    from latentcache.encode.models.vae import VideoVAE
 
 # Exit codes: 0 all inputs done, 1 crash (a bug: traceback), 2 usage or configuration error, 3 finished but some
 # inputs failed (see OUT/failures.jsonl), 4 finished but the output holds no sample at all (every input skipped or
@@ -95,8 +95,8 @@ def run(settings: JobSettings, world: World = World()) -> int:
 def _load_vae(settings: JobSettings, world: World, fits_checked: bool) -> VideoVAE:
     """The VAE on this process's device. The clip settings are checked against it here when its config could not be
     read before it loaded (`check_before_loading`), so they are checked once either way."""
-    from latentcache.encode.plan import check_fits_vae
-    from latentcache.encode.vae import load_vae
+    from latentcache.encode.chunk_plan import check_fits_vae
+    from latentcache.encode.models.vae import load_vae
 
     vae = load_vae(settings.encode.vae, world.device or settings.runtime.device)
     if not fits_checked:
@@ -113,7 +113,7 @@ def _load_encoders(settings: JobSettings, world: World, fits_checked: bool) -> t
     vae.tune(compile_encoder=runtime.compile)
     texts = None
     if encode.text is not None:
-        from latentcache.encode.text import load_text_encoder
+        from latentcache.encode.models.text import load_text_encoder
 
         texts = load_text_encoder(encode.text, encode.vae.family, vae.device)
     # A VAE with random weights is said once, by load_vae's warning (a second note here printed it twice).
@@ -345,9 +345,9 @@ def check_before_loading(settings: JobSettings) -> bool:
     and sizes the VAE cannot encode (from its config alone), buckets, --out holding someone else's files, and an
     output made with other settings. Returns whether the clip settings were checked against the VAE (False: its
     config could not be read before loading; `_load_vae` checks them then)."""
+    from latentcache.encode.chunk_plan import check_fits_vae
+    from latentcache.encode.models.vae_source import peek_spec
     from latentcache.encode.output import refuse_changed_settings, refuse_foreign_output
-    from latentcache.encode.plan import check_fits_vae
-    from latentcache.encode.vae_source import peek_spec
 
     check_inputs(settings.inputs, exclude=[settings.out], images=settings.encode.clip.images)
     spec = peek_spec(settings.encode.vae)

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from latentcache.encode.chunk_plan import InputVideo, input_id
 from latentcache.encode.inputs import duplicate_error, warn_duplicate
-from latentcache.encode.plan import InputVideo, input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
 from latentcache.format.out_layout import (

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.encode import chunks, rerun_inputs
+from latentcache.encode.chunk_plan import ChunkPlan, InputVideo
+from latentcache.encode.decoding.probing import VideoInfo
 from latentcache.encode.job_plan import InputTable, JobPlan, auto_chunk_size, chunks_for_rank, make_part, read_job_plan
+from latentcache.encode.models.provenance import vae_change
+from latentcache.encode.models.vae import VideoVAE
 from latentcache.encode.output import claim_output, clear_outputs, differences, write_naming_path
-from latentcache.encode.plan import ChunkPlan, InputVideo
-from latentcache.encode.probing import VideoInfo
-from latentcache.encode.provenance import vae_change
 from latentcache.encode.settings import EncodeSettings, hash_json
-from latentcache.encode.vae import VideoVAE
 from latentcache.errors import ConfigError
 from latentcache.format.out_layout import PLAN_FILE
 from latentcache.format.shards import pause_point, write_text_atomic

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import probing
+from latentcache.encode.chunk_plan import ChunkPlan, InputVideo, PlannedClip, input_id, lay_out_shards, make_plan
+from latentcache.encode.decoding import probing
 from latentcache.encode.input_stats import Stat, input_stats
-from latentcache.encode.plan import ChunkPlan, InputVideo, PlannedClip, input_id, lay_out_shards, make_plan
 from latentcache.encode.settings import EncodeSettings
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.out_layout import carry_name, sidecar_of

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentcache.encode.decoded_identity import differs, planned_stats
+from latentcache.encode.chunk_plan import ChunkPlan, PlannedShard
+from latentcache.encode.decoding.decoded_identity import differs, planned_stats
 from latentcache.encode.input_stats import quick_stat
 from latentcache.encode.job_plan import JobPlan
-from latentcache.encode.plan import ChunkPlan, PlannedShard
 
 
 def unrepairable(out: Path, job_plan: JobPlan, chunk_plans: list[ChunkPlan],

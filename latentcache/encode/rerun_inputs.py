@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from latentcache.encode import chunks
+from latentcache.encode.chunk_plan import input_id
 from latentcache.encode.input_stats import NAMED_CHANGES, compare_stat
 from latentcache.encode.job_plan import InputTable, JobPlan, input_from_line, key_digest, part_digests
-from latentcache.encode.plan import input_id
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
 from latentcache.format.out_layout import INPUT_LISTS_RECORD, inputs_name

@@ -47,7 +47,7 @@ class ClipSettings:
 
     def __post_init__(self) -> None:
         # Refused when made, by the CLI or by hand (a test, the demo, a script): what cannot work whatever the VAE.
-        # What the VAE cannot encode exactly is plan.check_fits_vae's, once its spec is known.
+        # What the VAE cannot encode exactly is chunk_plan.check_fits_vae's, once its spec is known.
         if self.frames < 1:
             raise ConfigError(f"--frames must be at least 1, got {self.frames}")
         if self.fps <= 0:

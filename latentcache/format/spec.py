@@ -72,7 +72,7 @@ class LatentSpec:
                 f"nearest valid: {nearest[0]} or {nearest[1]}"
             )
         s = self.spatial_compression
-        # --buckets replace --height/--width: their sizes are checked instead (encode.plan.check_buckets).
+        # --buckets replace --height/--width: their sizes are checked instead (encode.chunk_plan.check_buckets).
         for name, value in (() if clip.buckets else (("height", clip.height), ("width", clip.width))):
             if value < s or value % s:
                 lower = max(s, value // s * s)

@@ -161,7 +161,7 @@ def _plain_relative(source: Any) -> bool:
 
 def source_frames(root: Path, sample: dict[str, Any], height: int, width: int) -> np.ndarray | None:
     """The clip decoded from its source again, as the encoder saw it; None when the source is gone or unreadable."""
-    from latentcache.encode.decode import decode_clip
+    from latentcache.encode.decoding.decode import decode_clip
 
     meta = sample["meta"]
     start, frames, fps = (_number(meta.get(k), most) for k, most in (("clip_start", 1e7), ("frames", 1e4),
@@ -198,7 +198,7 @@ def _number(value: Any, most: float) -> float | None:
 
 def load_manifest_vae(manifest: Manifest, device: str = "cpu", where: str = MANIFEST_FILE) -> Any:
     """The VAE recorded in the manifest (tiny-random-* is rebuilt with the same seeded weights)."""
-    from latentcache.encode.vae import load_vae
+    from latentcache.encode.models.vae import load_vae
 
     identity, spec = manifest.vae, manifest.latent_spec
     if not (isinstance(identity.get("source"), str) and identity["source"]):

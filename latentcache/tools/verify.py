@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from latentcache.encode.provenance import describe_software, describe_vae, software_differences
+from latentcache.encode.models.provenance import describe_software, describe_vae, software_differences
 from latentcache.errors import LatentcacheError
 from latentcache.format.checks import latent_problems, meta_problems
 from latentcache.format.manifest import Manifest

@@ -18,9 +18,9 @@ from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import EXIT_NO_SAMPLES, EXIT_OK, EXIT_SOME_FAILED, main, report_finalize
 from latentcache.encode import execute, planning
-from latentcache.encode.decode import decode_clip
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.probing import probe
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.probing import probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.tools.synthetic import square_origin, write_video
 
@@ -223,7 +223,7 @@ def test_a_run_that_writes_no_sample_exits_4_saying_why(tmp_path, capsys):
 @pytest.mark.slow
 def test_files_deleted_or_replaced_between_plan_and_decode(tmp_path, tiny_vae, capsys):
     """A video deleted after planning is a failure record; one replaced after planning stops the run before any shard
-    holds latents of other bytes under its key (encode/decoded_identity.py), naming it."""
+    holds latents of other bytes under its key (encode/decoding/decoded_identity.py), naming it."""
     d = tmp_path / "in"
     d.mkdir()
     for name in ("a", "b", "c"):
@@ -457,7 +457,7 @@ def test_a_video_declaring_a_huge_frame_is_refused_before_any_frame_is_decoded(t
 def test_a_frame_over_the_limit_met_while_decoding_is_refused(tmp_path, monkeypatch):
     """A stream may change its resolution mid-way: a frame of a new size is checked when it is met (here the
     limit is lowered between the declared 96x64 and a later frame's 192x128)."""
-    from latentcache.encode import video_file
+    from latentcache.encode.decoding import video_file
 
     video = tmp_path / "grows.avi"
     _mjpeg_avi(video, ((96, 64),) * 4 + ((192, 128),) * 20)

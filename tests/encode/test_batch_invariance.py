@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
-from latentcache.encode.families import FAMILIES
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.tools.synthetic import write_video
 
 # The real HunyuanVideo 1.5 VAE's mid-block attention, small: the shape the issue reported crashing at batch 2.

@@ -20,7 +20,8 @@ from conftest import tree_bytes
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
-from latentcache.encode import chunks, input_stats, job_plan, loader, reencode
+from latentcache.encode import chunks, input_stats, job_plan, reencode
+from latentcache.encode.decoding import loader
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 

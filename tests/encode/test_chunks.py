@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import ENCODE_SMALL, REPO_ROOT, SMALL_VIDEOS, tiny_settings
 
-import latentcache.encode.probing
+import latentcache.encode.decoding.probing
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.encode import chunks, finalize, job, job_plan, planning, rerun_inputs
+from latentcache.encode.chunk_plan import InputVideo, clip_key
 from latentcache.encode.chunks import read_chunk_plan
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.job_plan import InputTable, JobPlan, Part, chunks_for_rank, read_job_plan
-from latentcache.encode.plan import InputVideo, clip_key
 from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.out_layout import INPUT_LISTS_RECORD, inputs_name
@@ -79,13 +79,13 @@ def _args(videos: Path | list[Path], out: Path, *extra: str):
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every video the code under test probes, through the real probe."""
     seen: list[str] = []
-    real = latentcache.encode.probing.probe
+    real = latentcache.encode.decoding.probing.probe
 
     def counting(path: str, **kwargs):
         seen.append(path)
         return real(path, **kwargs)
 
-    monkeypatch.setattr(latentcache.encode.probing, "probe", counting)
+    monkeypatch.setattr(latentcache.encode.decoding.probing, "probe", counting)
     return seen
 
 
@@ -220,7 +220,7 @@ def test_a_video_with_more_than_9999_clips_plans_and_reads_back(small_videos: Pa
     settings = tiny_settings(samples_per_shard=4096)
     settings = dataclasses.replace(settings, clip=dataclasses.replace(settings.clip, strategy="all"))
     video = small_videos / "v0.mp4"
-    real = latentcache.encode.probing.probe(video)
+    real = latentcache.encode.decoding.probing.probe(video)
     long_info = dataclasses.replace(real, duration=10_500 * (settings.clip.frames + 1) / settings.clip.fps,
                                     frames=0)
     plan = planning.load_or_make_plan(out, discover_inputs([video]), settings, tiny_vae)
@@ -340,7 +340,7 @@ def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkey
     """Most users' case, the issue's own: a small fine-tuning folder at the default flags is one chunk and one shard
     for its bucket, and every VAE call takes a full `auto` batch (8 here): not 24 one-clip shards of batch 1."""
     from latentcache.cli import main
-    from latentcache.encode.vae import VideoVAE
+    from latentcache.encode.models.vae import VideoVAE
     from latentcache.tools.synthetic import write_video
 
     videos = tmp_path / "in"

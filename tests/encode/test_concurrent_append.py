@@ -17,8 +17,8 @@ from conftest import REPO_ROOT, TINY_VAE, tree_bytes
 from latentcache.cli import main
 from latentcache.encode import job, job_plan, planning
 from latentcache.encode.inputs import iter_inputs
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import EncodeSettings
-from latentcache.encode.vae import load_vae
 from latentcache.format.shards import PAUSE_ENV
 from latentcache.tools.synthetic import write_video
 

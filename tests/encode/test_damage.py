@@ -18,9 +18,9 @@ import pytest
 from conftest import ENCODE_SMALL, TINY_CLIP
 
 from latentcache.cli import main
-from latentcache.encode.decode import decode_clip
-from latentcache.encode.plan import plan_video
-from latentcache.encode.probing import probe
+from latentcache.encode.chunk_plan import plan_video
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.probing import probe
 from latentcache.errors import InputError
 from latentcache.tools.synthetic import damage_packet, write_video
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import MATRIX_CODECS, MATRIX_FPS, MATRIX_FRAMES, MATRIX_HEIGHT, MATRIX_WIDTH, TINY_CLIP
 
-from latentcache.encode.decode import decode_clip
-from latentcache.encode.frames import Geometry
-from latentcache.encode.probing import probe
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.frames import Geometry
+from latentcache.encode.decoding.probing import probe
 from latentcache.encode.settings import ClipSettings
 from latentcache.errors import InputError
 from latentcache.tools.synthetic import square_origin, write_video

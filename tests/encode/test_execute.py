@@ -74,7 +74,7 @@ def test_default_chunk_size_follows_the_input_count_and_the_world_size():
 
 
 def _batch_sizes(monkeypatch) -> list[int]:
-    from latentcache.encode.vae import VideoVAE
+    from latentcache.encode.models.vae import VideoVAE
 
     sizes: list[int] = []
     real = VideoVAE.encode

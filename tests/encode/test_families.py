@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
-from latentcache.encode.families import FAMILIES, tile_problem
+from latentcache.encode.models.families import FAMILIES, tile_problem
+from latentcache.encode.models.vae import load_vae
+from latentcache.encode.models.vae_source import family_for_source
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import load_vae
-from latentcache.encode.vae_source import family_for_source
 from latentcache.errors import ConfigError, LatentMismatchError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
@@ -304,7 +304,7 @@ def test_normalize_matches_the_diffusers_pipeline_formula(family):
 
 def test_wan_2_2_config_gives_48_channels_and_16x_spatial():
     """Wan 2.2's VAE patchifies by 2 and compresses 16x; the spec reads that from the config, not a constant."""
-    from latentcache.encode.vae import VideoVAE
+    from latentcache.encode.models.vae import VideoVAE
 
     torch.manual_seed(0)
     model = diffusers.AutoencoderKLWan(
@@ -372,10 +372,10 @@ def test_a_new_family_is_one_entry_with_its_tiling_and_text_recipe(monkeypatch, 
     TEXT_FAMILIES entry (prompt recipe) only."""
     import dataclasses
 
-    from latentcache.encode.families import TilingAdapter
-    from latentcache.encode.text import text_family
-    from latentcache.encode.text_families import TEXT_FAMILIES
-    from latentcache.encode.vae import VideoVAE
+    from latentcache.encode.models.families import TilingAdapter
+    from latentcache.encode.models.text import text_family
+    from latentcache.encode.models.text_families import TEXT_FAMILIES
+    from latentcache.encode.models.vae import VideoVAE
 
     seen = []
     custom = dataclasses.replace(FAMILIES["cogvideox"], name="custom",

@@ -14,9 +14,9 @@ import torch
 
 from latentcache.cli import build_parser, main, settings_from_args
 from latentcache.encode.execute import resolve_batch_size
-from latentcache.encode.families import FAMILIES
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import ClipSettings, VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.tools.synthetic import write_video
 

@@ -18,9 +18,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from latentcache.cli import main
-from latentcache.encode.decode import decode_clip
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import ClipSettings, VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError, LatentMismatchError, ShardFormatError
 from latentcache.format.reader import decode_sample
 from latentcache.tools.synthetic import write_video

@@ -13,13 +13,13 @@ import torch
 from conftest import TINY_CLIP
 
 from latentcache.cli import main
-from latentcache.encode.decode import decode_clip
-from latentcache.encode.families import FAMILIES
-from latentcache.encode.image import ORIENTATIONS, exif_orientation
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.image import ORIENTATIONS, exif_orientation
+from latentcache.encode.decoding.probing import probe
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.probing import probe
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import ClipSettings, VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.errors import InputError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
@@ -227,7 +227,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
     """A 16000x16000 PNG that compresses to a few KB: refused before decoding (it would take ~1 GB), a failure
     naming the file, its size and the limit, in probe and decode, with or without --images. "Before decoding" is
     checked directly: FFmpeg never opens the file (a spy on `av.open`, which would otherwise demux and decode it)."""
-    from latentcache.encode import video_file
+    from latentcache.encode.decoding import video_file
 
     opened: list[object] = []
     real_open = video_file.av.open
@@ -240,7 +240,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
             call()
         assert e.value.path == str(path)
     assert opened == []
-    from latentcache.encode.image import MAX_IMAGE_PIXELS
+    from latentcache.encode.decoding.image import MAX_IMAGE_PIXELS
 
     assert MAX_IMAGE_PIXELS == 100_000_000
     # At the limit's edge: 10000x10000 passes the check (here 10000x100 stays cheap to decode).
@@ -252,7 +252,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
                                          ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}), ("GIF", {}),
                                          ("BMP", {})])
 def test_image_size_reads_each_header_as_pillow_does(tmp_path, fmt, kwargs):
-    from latentcache.encode.image import image_size
+    from latentcache.encode.decoding.image import image_size
 
     path = tmp_path / f"x.{fmt.lower()}"
     if fmt == "JPEG":  # behind an EXIF APP1 segment, as phones write them

@@ -15,11 +15,11 @@ from conftest import ENCODE_SMALL, TINY_CLIP
 
 from latentcache.cli import EXIT_SOME_FAILED, build_parser, settings_from_args
 from latentcache.encode import job
-from latentcache.encode.decode import decode_clip
+from latentcache.encode.chunk_plan import clip_key, input_id
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.probing import probe
 from latentcache.encode.inputs import discover_inputs, iter_inputs
 from latentcache.encode.job_plan import InputTable, input_from_line, input_line
-from latentcache.encode.plan import clip_key, input_id
-from latentcache.encode.probing import probe
 from latentcache.errors import ConfigError, InputError
 from latentcache.storage import sources
 from latentcache.tools.synthetic import damage_packet, write_video
@@ -257,7 +257,7 @@ def test_spans_are_part_of_the_planned_work(six_seconds: Path, tmp_path: Path, t
     from conftest import tiny_settings
 
     from latentcache.encode import planning
-    from latentcache.encode.plan import InputVideo
+    from latentcache.encode.chunk_plan import InputVideo
 
     assert set(input_line(InputVideo("/d/a.mp4", "a.mp4", "c"))) == {"caption", "path", "relpath"}
     table = six_seconds / "one.jsonl"

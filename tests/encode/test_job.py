@@ -142,12 +142,13 @@ def test_the_clip_settings_are_checked_against_the_vae_once_a_run(video_dir, tmp
 
     import pytest
 
-    from latentcache.encode import plan, vae_source
+    from latentcache.encode import chunk_plan
+    from latentcache.encode.models import vae_source
     from latentcache.errors import ConfigError
 
     checked = []
-    real = plan.check_buckets
-    monkeypatch.setattr(plan, "check_buckets", lambda *a: (checked.append(a), real(*a))[1])
+    real = chunk_plan.check_buckets
+    monkeypatch.setattr(chunk_plan, "check_buckets", lambda *a: (checked.append(a), real(*a))[1])
     assert job.run(_settings(video_dir, tmp_path / "out")) == job.EXIT_OK
     assert len(checked) == 1
     # A config that cannot be read before loading (peek_spec None): checked once the VAE is loaded, before any plan.

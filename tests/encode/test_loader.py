@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentcache.encode.loader import ClipStream, default_workers
-from latentcache.encode.plan import PlannedClip
+from latentcache.encode.chunk_plan import PlannedClip
+from latentcache.encode.decoding.loader import ClipStream, default_workers
 from latentcache.errors import InputError
 from tests.conftest import TINY_CLIP
 
@@ -40,7 +40,7 @@ def test_default_workers_leave_a_core_for_the_accelerator():
 
 
 def test_each_decoder_gets_its_share_of_the_cores(monkeypatch):
-    from latentcache.encode import loader
+    from latentcache.encode.decoding import loader
 
     monkeypatch.setattr(loader, "usable_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -55,7 +55,7 @@ def test_each_decoder_gets_its_share_of_the_cores(monkeypatch):
 
 def test_the_workers_decode_with_their_share_of_threads(video_dir, tmp_path, monkeypatch):
     """The thread count reaches decode_clip inside the forked workers (recorded there, read here)."""
-    from latentcache.encode import loader
+    from latentcache.encode.decoding import loader
 
     record = tmp_path / "threads"
     real = loader.decode_clip
@@ -92,7 +92,7 @@ def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path):
     if not torch.cuda.is_available():
         # "Once" is per process: a fresh one decodes twice and must say it exactly once.
         code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
-                "from latentcache.encode.decode import decode_clip; "
+                "from latentcache.encode.decoding.decode import decode_clip; "
                 "from latentcache.encode.settings import ClipSettings; "
                 "[decode_clip(sys.argv[1], 0.0, ClipSettings(frames=9, height=64, width=96), nvdec=True) "
                 "for _ in range(2)]")
@@ -128,7 +128,7 @@ def test_workers_decode_videos_straight_into_their_ring_slot(video_dir, tmp_path
 
     from PIL import Image
 
-    from latentcache.encode import loader
+    from latentcache.encode.decoding import loader
 
     picture = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "still.png")
@@ -153,7 +153,7 @@ def test_workers_decode_videos_straight_into_their_ring_slot(video_dir, tmp_path
 
 
 def test_decoding_into_a_buffer_gives_the_same_frames_in_it(video_dir):
-    from latentcache.encode.decode import decode_clip
+    from latentcache.encode.decoding.decode import decode_clip
 
     source = video_dir / "a_h264.mp4"
     fresh = decode_clip(source, 0.25, TINY_CLIP)
@@ -174,7 +174,7 @@ def test_the_whole_next_batch_is_decoding_while_a_batch_is_encoded(video_dir, tm
     for the clips never handed out. Workers mark each clip they start (the marks are made in the forked workers)."""
     import time
 
-    from latentcache.encode import loader
+    from latentcache.encode.decoding import loader
 
     marks = tmp_path / "started"
     marks.mkdir()
@@ -207,7 +207,7 @@ def test_too_little_shared_memory_is_a_usage_error_saying_what_to_change(video_d
     """Docker gives /dev/shm 64 MB unless told otherwise: a frame ring that does not fit is refused with the
     space it needs and the flags that change it (exit 2), not a traceback from torch mid-run."""
     from latentcache.cli import main
-    from latentcache.encode import loader
+    from latentcache.encode.decoding import loader
 
     monkeypatch.setattr(loader, "shm_free_bytes", lambda: 1 << 20)
     args = ["encode", str(video_dir / "a_h264.mp4"), "--out", str(tmp_path / "out"), "--vae", "tiny-random-cogvideox",

@@ -20,10 +20,10 @@ from diffusers.modular_pipelines.minimax_h3.modular_pipeline import (
 )
 
 from latentcache.cli import main
-from latentcache.encode.families import FAMILIES
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.vae import load_vae
+from latentcache.encode.models.vae_source import family_for_source
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import load_vae
-from latentcache.encode.vae_source import family_for_source
 from latentcache.errors import ConfigError
 from latentcache.format.buckets import FrameRule
 from latentcache.format.spec import LatentSpec

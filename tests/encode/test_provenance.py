@@ -17,10 +17,9 @@ from conftest import REPO_ROOT, tiny_settings, tree_bytes
 
 from latentcache.cli import main
 from latentcache.encode.execute import cpu_threads, run
-from latentcache.encode.families import FAMILIES
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.planning import load_or_make_plan
-from latentcache.encode.provenance import (
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.provenance import (
     file_sha256,
     merge_software,
     software_differences,
@@ -28,8 +27,9 @@ from latentcache.encode.provenance import (
     vae_change,
     weight_files,
 )
+from latentcache.encode.models.vae import load_vae
+from latentcache.encode.planning import load_or_make_plan
 from latentcache.encode.settings import VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import read_manifest
 from latentcache.format.out_layout import sidecar_of

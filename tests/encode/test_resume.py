@@ -26,10 +26,10 @@ from latentcache.cli import main
 from latentcache.encode.execute import run
 from latentcache.encode.finalize import finalize
 from latentcache.encode.inputs import discover_inputs
-from latentcache.encode.memory import fallback_tilings
+from latentcache.encode.models.memory import fallback_tilings
+from latentcache.encode.models.vae import VideoVAE, load_vae
 from latentcache.encode.planning import load_or_make_plan
 from latentcache.encode.settings import RuntimeSettings
-from latentcache.encode.vae import VideoVAE, load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.manifest import Manifest, read_manifest
 from latentcache.format.out_layout import sidecar_of
@@ -472,15 +472,15 @@ def test_out_inside_the_input_directory_reruns(small_videos: Path, tmp_path: Pat
 
 def test_out_that_is_a_file_is_refused_before_probing(small_videos: Path, tmp_path: Path, capsys,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import latentcache.encode.plan
-    import latentcache.encode.probing
+    import latentcache.encode.chunk_plan
+    import latentcache.encode.decoding.probing
 
     def no_probing(*args, **kwargs):
         raise AssertionError("an input was probed before --out was checked")
 
     # Told by a probe that must not run, not by a time bound that a loaded machine could exceed (issue 20.8).
-    monkeypatch.setattr(latentcache.encode.probing, "probe", no_probing)
-    monkeypatch.setattr(latentcache.encode.plan, "probe", no_probing)
+    monkeypatch.setattr(latentcache.encode.decoding.probing, "probe", no_probing)
+    monkeypatch.setattr(latentcache.encode.chunk_plan, "probe", no_probing)
     out = tmp_path / "out.txt"
     out.write_text("a file")
     assert main(_cli_args(small_videos, out)) == 2

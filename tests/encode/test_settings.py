@@ -89,8 +89,8 @@ def test_a_settings_record_refuses_what_the_cli_refuses_with_the_same_message(ar
 
 
 def test_settings_made_from_valid_values_and_their_copies_for_each_bucket_are_accepted():
-    from latentcache.encode.plan import clip_settings_for, plan_video
-    from latentcache.encode.probing import VideoInfo
+    from latentcache.encode.chunk_plan import clip_settings_for, plan_video
+    from latentcache.encode.decoding.probing import VideoInfo
 
     clip = FULL.clip  # frames 17, frame buckets 9 and 5
     assert clip_settings_for("5x64x96", clip).frames == 5  # a bucket's decode settings, shorter than its fallbacks

@@ -20,8 +20,8 @@ from conftest import shard_members
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
+from latentcache.encode.models.text import TextEncoder, load_text_encoder
 from latentcache.encode.settings import TextSettings
-from latentcache.encode.text import TextEncoder, load_text_encoder
 from latentcache.errors import ConfigError
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
@@ -127,7 +127,7 @@ def test_a_clip_without_caption_gets_the_pipelines_empty_prompt_embedding(t5_pip
 
 
 def test_more_new_captions_than_the_cache_holds(t5_pipeline, monkeypatch):
-    from latentcache.encode import text
+    from latentcache.encode.models import text
 
     monkeypatch.setattr(text, "CACHE_SIZE", 2)
     encoder = load_text_encoder(TextSettings(source=str(t5_pipeline) + "/", max_length=MAX_LENGTH), "cogvideox")

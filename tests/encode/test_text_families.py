@@ -19,10 +19,10 @@ from conftest import shard_members
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
-from latentcache.encode.families import FAMILIES
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.text import load_text_encoder
+from latentcache.encode.models.text_families import TEXT_FAMILIES
 from latentcache.encode.settings import TextSettings
-from latentcache.encode.text import load_text_encoder
-from latentcache.encode.text_families import TEXT_FAMILIES
 from latentcache.tools.synthetic import write_video
 from latentcache.train.dataset import LatentShardDataset
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentcache.encode.decode import decode_clip
-from latentcache.encode.families import FAMILIES, tile_problem
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.models.families import FAMILIES, tile_problem
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import ClipSettings, TilingSettings, VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.errors import ConfigError
 from latentcache.format.spec import LatentSpec
 from tests.conftest import TINY_CLIP
@@ -187,7 +187,7 @@ def test_the_geometry_read_from_the_config_alone_is_the_loaded_vaes(family: str,
     settings the VAE can encode, or let through ones it cannot. It guesses no normalisation."""
     import diffusers
 
-    from latentcache.encode.vae_source import peek_spec
+    from latentcache.encode.models.vae_source import peek_spec
 
     settings = VAESettings(source=f"tiny-random-{family}", family=family, subfolder=None, dtype="fp32")
     early, vae = peek_spec(settings), load_vae(settings, "cpu")

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentcache.cli import main
-from latentcache.encode.families import FAMILIES
-from latentcache.encode.vae_checks import config_problems
+from latentcache.encode.models.families import FAMILIES
+from latentcache.encode.models.vae_checks import config_problems
 from latentcache.tools.synthetic import write_video
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcache.encode import chunks, job_plan
-from latentcache.encode.provenance import merge_software
+from latentcache.encode.models.provenance import merge_software
 from latentcache.format.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 from latentcache.format.outcomes import tally
 from latentcache.format.shards import read_done

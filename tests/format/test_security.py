@@ -356,7 +356,7 @@ def test_a_shard_linked_to_another_outputs_shard_is_refused(encoded_dir: Path, t
 def test_ffmpeg_protocol_prefixes_in_a_path_are_not_interpreted(tmp_path: Path, monkeypatch) -> None:
     """An input named `concat:short.mp4` (a real file: a path from a stranger's list, plan or tar) is that file,
     not FFmpeg's concat protocol reading `short.mp4`."""
-    from latentcache.encode.probing import probe
+    from latentcache.encode.decoding.probing import probe
     from latentcache.tools.synthetic import write_video
 
     short = write_video(tmp_path / "short", num_frames=8, height=64, width=96)
@@ -370,7 +370,7 @@ def test_ffmpeg_protocol_prefixes_in_a_path_are_not_interpreted(tmp_path: Path, 
 def test_chained_or_web_urls_are_refused_as_inputs(tmp_path: Path) -> None:
     """A list row or plan entry naming `simplecache::file://...` (fsspec would open the local file through a chain,
     past every local-path rule) or `http://...` is a failure record, nothing opened."""
-    from latentcache.encode.probing import probe
+    from latentcache.encode.decoding.probing import probe
     from latentcache.errors import InputError
     from latentcache.tools.synthetic import write_video
 

@@ -460,9 +460,9 @@ def target_sat(data: Any, out: Path, checker: Checker) -> None:
 def target_vae_dir(data: Any, out: Path, checker: Checker) -> None:
     """A local --vae directory whose config.json holds other types and sizes: the family is detected and the VAE
     loaded, or a ConfigError names the directory, before anything is encoded."""
+    from latentcache.encode.models.vae import load_vae
+    from latentcache.encode.models.vae_source import family_for_source
     from latentcache.encode.settings import VAESettings
-    from latentcache.encode.vae import load_vae
-    from latentcache.encode.vae_source import family_for_source
 
     vae = out.parent / "vae"
     shutil.copytree(_tiny_vae_dir(out.parents[1]), vae)
@@ -481,8 +481,8 @@ def _tiny_vae_dir(scratch: Path) -> Path:
     """The tiny random Wan VAE saved as a local directory (config.json + safetensors), once per scratch folder."""
     folder = scratch / "tiny_vae"
     if not (folder / "config.json").is_file():
+        from latentcache.encode.models.vae import load_vae
         from latentcache.encode.settings import VAESettings
-        from latentcache.encode.vae import load_vae
 
         load_vae(VAESettings(source="tiny-random-wan", family="wan", subfolder=None), "cpu").model.save_pretrained(
             folder)

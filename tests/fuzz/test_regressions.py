@@ -115,8 +115,8 @@ def test_a_vae_directory_whose_config_fields_disagree_is_a_config_error(tmp_path
     temperal_downsample shorter than dim_mult) failed inside diffusers' constructor: TypeError, IndexError."""
     from fuzz_targets import _tiny_vae_dir
 
+    from latentcache.encode.models.vae import load_vae
     from latentcache.encode.settings import VAESettings
-    from latentcache.encode.vae import load_vae
     from latentcache.errors import ConfigError
 
     vae = tmp_path / "vae"

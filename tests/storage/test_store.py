@@ -171,7 +171,7 @@ def test_a_late_clip_of_an_mp4_with_moov_at_the_end_is_read_with_range_requests(
     packets; neither downloads the object. Counted on the files PyAV reads through, with 64 KiB blocks."""
     import s3fs
 
-    from latentcache.encode import decode, probing
+    from latentcache.encode.decoding import decode, probing
     from latentcache.encode.settings import ClipSettings
     from latentcache.storage import store
     from latentcache.tools.synthetic import write_video
@@ -235,8 +235,8 @@ def test_a_mirrored_image_in_s3_is_shown_as_the_same_file_on_disk(s3_endpoint: s
 
     Image = pytest.importorskip("PIL.Image")
     from latentcache.cli import main
-    from latentcache.encode.decode import decode_clip
-    from latentcache.encode.image import exif_orientation
+    from latentcache.encode.decoding.decode import decode_clip
+    from latentcache.encode.decoding.image import exif_orientation
     from latentcache.encode.settings import ClipSettings
 
     local = tmp_path / "pics"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from latentcache.cli import main
+from latentcache.encode.models.vae import load_vae
 from latentcache.encode.settings import VAESettings
-from latentcache.encode.vae import load_vae
 from latentcache.format.manifest import Manifest, read_manifest
 from latentcache.format.reader import decode_sample, iter_tar
 from latentcache.tools.preview import preview

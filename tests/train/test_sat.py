@@ -111,7 +111,7 @@ def test_the_dit_gets_raw_latents_times_scale_factor_once(encoded_dir: Path) -> 
 def test_latent_input_false_runs_the_vae_encoder_on_latents_and_fails(encoded_dir: Path) -> None:
     from diffusers import AutoencoderKLCogVideoX
 
-    from latentcache.encode.families import FAMILIES
+    from latentcache.encode.models.families import FAMILIES
 
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(**FAMILIES["cogvideox"].tiny_config)  # a CogVideoX VAE: its encoder takes RGB

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from latentcache.encode.chunk_plan import InputVideo, input_id
 from latentcache.encode.inputs import lists
 from latentcache.encode.inputs.captions import local_caption
 from latentcache.encode.inputs.folders import folder_inputs
@@ -21,7 +22,6 @@ from latentcache.encode.inputs.names import is_text, shown_name
 from latentcache.encode.inputs.patterns import expand, is_pattern
 from latentcache.encode.inputs.tars import tar_inputs
 from latentcache.encode.inputs.urls import from_url
-from latentcache.encode.plan import InputVideo, input_id
 from latentcache.errors import ConfigError
 from latentcache.storage import location
 

@@ -9,11 +9,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from latentcache.encode.image import IMAGE_SUFFIXES
+from latentcache.encode.chunk_plan import InputVideo
+from latentcache.encode.decoding.image import IMAGE_SUFFIXES
 from latentcache.encode.inputs.captions import local_caption
 from latentcache.encode.inputs.names import NOT_VIDEO_SUFFIXES, is_text, warn_not_utf8
 from latentcache.encode.inputs.tars import tar_inputs
-from latentcache.encode.plan import InputVideo
 from latentcache.format.out_layout import OUTPUT_MARKER
 
 log = logging.getLogger(__name__)

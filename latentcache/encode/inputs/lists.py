@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from latentcache.encode.chunk_plan import InputVideo
 from latentcache.encode.inputs.captions import MAX_CAPTION_BYTES, local_caption
 from latentcache.encode.inputs.paired_lists import paired_rows, prompts_beside
-from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError, MissingDependency
 from latentcache.format import strictjson
 from latentcache.storage import location, sources, trust

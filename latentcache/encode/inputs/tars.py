@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from latentcache.encode.chunk_plan import InputVideo
 from latentcache.encode.inputs.names import NOT_VIDEO_SUFFIXES, is_text, warn_not_utf8
-from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson
 from latentcache.storage import sources, trust

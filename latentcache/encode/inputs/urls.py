@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from latentcache.encode.image import IMAGE_SUFFIXES
+from latentcache.encode.chunk_plan import InputVideo
+from latentcache.encode.decoding.image import IMAGE_SUFFIXES
 from latentcache.encode.inputs.captions import object_caption
 from latentcache.encode.inputs.names import NOT_VIDEO_SUFFIXES
-from latentcache.encode.plan import InputVideo
 from latentcache.errors import ConfigError
 from latentcache.format.out_layout import OUTPUT_MARKER
 from latentcache.storage import store

@@ -10,9 +10,9 @@ from typing import Any
 import av
 import numpy as np
 
-from latentcache.encode.decode_loop import SKIP_CODECS
-from latentcache.encode.frames import ClipBuilder, Converter
-from latentcache.encode.video_file import CorruptVideo, open_video, since_start, stream_start
+from latentcache.encode.decoding.decode_loop import SKIP_CODECS
+from latentcache.encode.decoding.frames import ClipBuilder, Converter
+from latentcache.encode.decoding.video_file import CorruptVideo, open_video, since_start, stream_start
 from latentcache.errors import InputError
 
 # Codecs whose FFmpeg decoder conceals damage and reports nothing, and the differently built decode that is compared

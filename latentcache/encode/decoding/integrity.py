@@ -18,7 +18,7 @@ from typing import Any
 import av
 import numpy as np
 
-from latentcache.encode.video_file import why
+from latentcache.encode.decoding.video_file import why
 from latentcache.storage import sources
 
 log = logging.getLogger(__name__)

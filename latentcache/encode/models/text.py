@@ -1,7 +1,7 @@
 """Captions -> prompt embeddings, cached next to the latents as `<key>.text.safetensors`.
 
 Each family's diffusers pipeline encodes prompts its own way (templates, second encoders, masks, pooled outputs);
-its `TextFamily` (encode/text_families.py) says how, so a trainer that reads the cached tensors gets exactly what
+its `TextFamily` (encode/models/text_families.py) says how, so a trainer that reads the cached tensors gets exactly what
 the pipeline's `encode_prompt` hands its transformer, under the same names. Each distinct caption is encoded once
 (an LRU cache: clips of one video share a caption and sit next to each other in the plan).
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from latentcache.encode.families import family_of
+from latentcache.encode.models.families import family_of
+from latentcache.encode.models.text_families import TEXT_FAMILIES, TextFamily
+from latentcache.encode.models.vae import resolve_device, resolve_dtype
 from latentcache.encode.settings import TextSettings
-from latentcache.encode.text_families import TEXT_FAMILIES, TextFamily
-from latentcache.encode.vae import resolve_device, resolve_dtype
 from latentcache.errors import ConfigError, MissingDependency
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from latentcache.encode import tiny_text
+from latentcache.encode.models import tiny_text
 
 Tensors = dict[str, torch.Tensor]
 

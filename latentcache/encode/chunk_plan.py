@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from latentcache.encode.probing import VideoInfo, probe
+from latentcache.encode.decoding.probing import VideoInfo, probe
 from latentcache.encode.settings import ClipSettings, EncodeSettings, aspect_sizes, hash_json, parse_strategy
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket, FrameRule

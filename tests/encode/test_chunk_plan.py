@@ -1,4 +1,4 @@
-"""plan.py: inputs, clip strategies, aspect and frame buckets, the plan's shards; the CLI's clip flags."""
+"""chunk_plan.py: inputs, clip strategies, aspect and frame buckets, the plan's shards; the CLI's clip flags."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pytest
 from conftest import TINY_CLIP, tiny_settings
 
 from latentcache.cli import main
-from latentcache.encode.inputs import discover_inputs, iter_inputs
-from latentcache.encode.job_plan import InputTable
-from latentcache.encode.plan import (
+from latentcache.encode.chunk_plan import (
     check_buckets,
     clip_settings_for,
     clip_starts,
@@ -20,7 +18,9 @@ from latentcache.encode.plan import (
     nearest_size,
     plan_video,
 )
-from latentcache.encode.probing import VideoInfo, probe
+from latentcache.encode.decoding.probing import VideoInfo, probe
+from latentcache.encode.inputs import discover_inputs, iter_inputs
+from latentcache.encode.job_plan import InputTable
 from latentcache.encode.settings import parse_strategy
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.buckets import Bucket

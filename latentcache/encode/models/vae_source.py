@@ -1,6 +1,6 @@
 """What a `--vae` names, found without loading it: the family its config.json declares, a near miss of a built-in
 name or a hub that cannot be reached, refused in a moment, and the latent spec its config alone gives (`peek_spec`)
-so that a clip it cannot encode is refused before a multi-GB VAE loads. Loading and encoding are encode/vae.py.
+so that a clip it cannot encode is refused before a multi-GB VAE loads. Loading and encoding are encode/models/vae.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from latentcache.encode import vae_checks
-from latentcache.encode.families import FAMILIES, UNSUPPORTED, family_of
+from latentcache.encode.models import vae_checks
+from latentcache.encode.models.families import FAMILIES, UNSUPPORTED, family_of
 from latentcache.encode.settings import VAESettings
 from latentcache.errors import ConfigError
 from latentcache.format import strictjson

@@ -16,7 +16,7 @@ from typing import Any
 
 import av
 
-from latentcache.encode import image
+from latentcache.encode.decoding import image
 from latentcache.errors import InputError
 from latentcache.storage import sources
 

@@ -13,9 +13,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from latentcache.encode.integrity import Decoded
+from latentcache.encode.decoding.integrity import Decoded
+from latentcache.encode.decoding.video_file import CorruptVideo, check_video_size, display_rotation, displayed_width
 from latentcache.encode.settings import ClipSettings
-from latentcache.encode.video_file import CorruptVideo, check_video_size, display_rotation, displayed_width
 from latentcache.errors import InputError
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from latentcache.encode import decoded_identity
-from latentcache.encode.decode import decode_clip
-from latentcache.encode.frames import Clip
+from latentcache.encode.chunk_plan import PlannedClip, clip_settings_for
+from latentcache.encode.decoding import decoded_identity
+from latentcache.encode.decoding.decode import decode_clip
+from latentcache.encode.decoding.frames import Clip
 from latentcache.encode.input_stats import Stat
-from latentcache.encode.plan import PlannedClip, clip_settings_for
 from latentcache.encode.settings import ClipSettings
 from latentcache.errors import ConfigError, InputError
 

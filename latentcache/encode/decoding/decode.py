@@ -25,13 +25,12 @@ from typing import Any
 import av
 import numpy as np
 
-from latentcache.encode.decode_loop import SKIP_CODECS, Skipper, decoded_frames, nvdec_context
-from latentcache.encode.frames import Clip, ClipBuilder
-from latentcache.encode.integrity import SEEK_START, Decoded, Integrity
-from latentcache.encode.second_opinion import SECOND_OPINION, check_second_opinion
-from latentcache.encode.settings import DECODE_CHECKS, ClipSettings
-from latentcache.encode.still_image import decode_image
-from latentcache.encode.video_file import (
+from latentcache.encode.decoding.decode_loop import SKIP_CODECS, Skipper, decoded_frames, nvdec_context
+from latentcache.encode.decoding.frames import Clip, ClipBuilder
+from latentcache.encode.decoding.integrity import SEEK_START, Decoded, Integrity
+from latentcache.encode.decoding.second_opinion import SECOND_OPINION, check_second_opinion
+from latentcache.encode.decoding.still_image import decode_image
+from latentcache.encode.decoding.video_file import (
     CorruptVideo,
     TruncatedVideo,
     file_size,
@@ -43,6 +42,7 @@ from latentcache.encode.video_file import (
     video_stream,
     why,
 )
+from latentcache.encode.settings import DECODE_CHECKS, ClipSettings
 from latentcache.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,9 @@ import logging
 import av
 import numpy as np
 
-from latentcache.encode import image
-from latentcache.encode.frames import Clip, Geometry
-from latentcache.encode.settings import ClipSettings
-from latentcache.encode.video_file import (
+from latentcache.encode.decoding import image
+from latentcache.encode.decoding.frames import Clip, Geometry
+from latentcache.encode.decoding.video_file import (
     CorruptVideo,
     NotAVideo,
     check_pixels,
@@ -21,6 +20,7 @@ from latentcache.encode.video_file import (
     sample_aspect,
     why,
 )
+from latentcache.encode.settings import ClipSettings
 from latentcache.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def image_frame(container: av.container.InputContainer, path: str, stage: str
 
 def image_orientation(path: str, frame: av.VideoFrame) -> tuple[int, bool, int | None]:
     """(quarter turns counter-clockwise, mirrored, the EXIF tag or None): the file's EXIF orientation where it has
-    one (PyAV cannot tell a mirror from a rotation, see latentcache.encode.image), else the rotation PyAV reports."""
+    one (PyAV cannot tell a mirror from a rotation, see latentcache.encode.decoding.image), else the rotation PyAV
+    reports."""
     tag = image.exif_orientation(path)
     if tag is not None:
         turns, mirror = image.ORIENTATIONS[tag]

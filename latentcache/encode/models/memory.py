@@ -10,9 +10,9 @@ import logging
 import numpy as np
 import torch
 
-from latentcache.encode.families import tile_problem
+from latentcache.encode.models.families import tile_problem
+from latentcache.encode.models.vae import VideoVAE
 from latentcache.encode.settings import TilingSettings
-from latentcache.encode.vae import VideoVAE
 from latentcache.errors import InputError
 
 log = logging.getLogger(__name__)

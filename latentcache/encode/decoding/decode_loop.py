@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import av
 
-from latentcache.encode.integrity import Decoded, Integrity, MatroskaCRC
-from latentcache.encode.video_file import since_start, why
+from latentcache.encode.decoding.integrity import Decoded, Integrity, MatroskaCRC
+from latentcache.encode.decoding.video_file import since_start, why
 from latentcache.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import av
 
-from latentcache.encode.still_image import image_frame, image_orientation, image_source_size
-from latentcache.encode.video_file import (
+from latentcache.encode.decoding.still_image import image_frame, image_orientation, image_source_size
+from latentcache.encode.decoding.video_file import (
     CorruptVideo,
     check_video_size,
     display_rotation,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from latentcache.encode.chunk_plan import ChunkPlan
 from latentcache.encode.chunks import read_chunk_inputs, read_chunk_stats
 from latentcache.encode.input_stats import Stat, quick_stat
 from latentcache.encode.job_plan import JobPlan
-from latentcache.encode.plan import ChunkPlan
 from latentcache.errors import ConfigError, InputError
 
 

@@ -2,7 +2,7 @@
 
 Everything that differs between VAE families (class, normalisation, compression, frame rule, a tiny config for
 tests) lives in `FAMILIES`; the rest of latentcache only sees a `LatentSpec` and a `VideoVAE`. What a `--vae` names
-(its family, its config's early spec), found without loading it, is encode/vae_source.py.
+(its family, its config's early spec), found without loading it, is encode/models/vae_source.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentcache.encode import vae_checks
-from latentcache.encode.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
-from latentcache.encode.provenance import weights_provenance
+from latentcache.encode.models import vae_checks
+from latentcache.encode.models.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
+from latentcache.encode.models.provenance import weights_provenance
+from latentcache.encode.models.vae_source import TINY_RANDOM_SUFFIX, check_hub_reachable
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
-from latentcache.encode.vae_source import TINY_RANDOM_SUFFIX, check_hub_reachable
 from latentcache.errors import ConfigError, InputError
 from latentcache.format.spec import LatentSpec, image_condition_of, image_condition_problem
 
@@ -57,7 +57,7 @@ class VAEIdentity:
     revision: str | None
     config_hash: str
     random_weights: bool
-    # The sha256 of every weights file loaded (latentcache.encode.provenance; None for built-in random
+    # The sha256 of every weights file loaded (latentcache.encode.models.provenance; None for built-in random
     # weights). With the rest of the identity it is part of the plan's fingerprint, so other weights are refused.
     weights: dict[str, str] | None = None
 
