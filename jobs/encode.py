@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_encode_arguments(parser)
     args = parser.parse_args(argv)
+    if args.processes is not None:
+        # The launcher (accelerate's --num_processes, the SLURM array) decides how many processes run here; a count
+        # given twice would be taken silently for one that is not.
+        parser.error("--processes is for a plain `latentcache encode`; under jobs/encode.py the launcher decides the "
+                     "processes (accelerate launch --num_processes N, or the SLURM array's tasks)")
     cli.configure_logging(args.verbose)
     # Without cpu=True accelerate leaves processes on a GPU-less machine unconnected (each one thinks it is alone).
     # A rank that finishes early waits at the final barrier for the slowest one, which can be hours behind: the

@@ -90,7 +90,7 @@ def _add_vae_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--processes", type=_positive, default=None, metavar="N",
                    help="encode processes on this machine (default: one per visible GPU, CUDA_VISIBLE_DEVICES "
                    "choosing them; 1 on a CPU), each on its own device with its share of the shards, as under "
-                   "`accelerate launch` (docs/distributed.md); ignored by jobs/encode.py, where the launcher decides")
+                   "`accelerate launch` (docs/distributed.md); refused by jobs/encode.py, where the launcher decides")
     g.add_argument("--batch-size", type=_batch_size, default=None,
                    help="clips per VAE call, or 'auto' (default): from the clip size and the GPU's memory (on a CPU, "
                    "its RAM), the same on every run on the same machine")

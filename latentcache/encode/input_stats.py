@@ -31,7 +31,7 @@ NAMED_CHANGES = 10
 _HASH_BLOCK = 1 << 20
 
 
-def quick_stat(path: str) -> Stat:
+def quick_stat(path: str) -> Stat | None:
     """The fields that are cheap to get: one stat (of the file, or of a member's tar), or one HEAD of an object.
     None: it is gone or is not a regular file now (devices, fifos and folders are never read here)."""
     try:

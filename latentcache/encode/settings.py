@@ -172,6 +172,15 @@ class RuntimeSettings:
     # keeps, "auto" drops). A resume may change it without starting OUT again.
     decode_check: str = "auto"
 
+    def __post_init__(self) -> None:
+        counts = {"--workers": (self.workers, 0), "--batch-size": (self.batch_size, 1),
+                  "--cpu-threads": (self.cpu_threads, 1)}
+        for flag, (value, least) in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ConfigError(f"{flag} must be at least {least}, got {value!r}")
+        if self.decode_check not in DECODE_CHECKS:
+            raise ConfigError(f"--decode-check must be one of {', '.join(DECODE_CHECKS)}, got {self.decode_check!r}")
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class JobSettings:

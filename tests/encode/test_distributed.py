@@ -215,3 +215,14 @@ def test_failure_records_do_not_depend_on_the_process_count(bad_inputs: dict[str
         records[n] = sorted((out / "failures.jsonl").read_text().splitlines())
     assert records[1] == records[2]
     assert any("TruncatedVideo" in r for r in records[1]) and any("CorruptVideo" in r for r in records[1])
+
+
+def test_the_launchers_entry_refuses_a_process_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under jobs/encode.py the launcher decides how many processes run: a `--processes` there is refused, before
+    anything is started or written, rather than silently ignored."""
+    entry = _entry_module()
+    with pytest.raises(SystemExit) as stopped:
+        entry.main([str(tmp_path), "--out", str(tmp_path / "out"), "--processes", "2"])
+    assert stopped.value.code == 2
+    assert "--processes is for a plain `latentcache encode`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -68,6 +68,7 @@ REFUSED: list[tuple[list[str], Callable[[], object], str]] = [
      "--estimate goes with --dry-run"),
     (["--dry-run", "--estimate", "-1"], lambda: JobSettings(inputs=("in",), out=Path("out"), dry_run=True, estimate=-1),
      "--estimate must be 0 or more clips, got -1"),
+    (["--workers", "-1"], lambda: RuntimeSettings(workers=-1), "--workers must be at least 0, got -1"),
     (["--chunk-size", "0"], lambda: JobSettings(inputs=("in",), out=Path("out"), chunk_size=0),
      "--chunk-size must be at least 1, got 0"),
 ]
