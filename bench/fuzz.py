@@ -26,6 +26,8 @@ from fuzz_targets import TARGETS, build_base, run_one  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from latentcache.format.out_layout import manifest_path  # noqa: E402
+
 
 def run_target(target: str, base: Path, seconds: float, per_round: int) -> tuple[Counter, str | None]:
     """(outcomes, the failure's report or None) of `target` run for `seconds`."""
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown target {args.target!r}: {', '.join(sorted(TARGETS))} or all")
     with tempfile.TemporaryDirectory(prefix="fuzz-base-") as tmp:
         folder = args.base or Path(tmp)
-        base = folder / "out" if (folder / "out" / "manifest.json").is_file() else build_base(folder)
+        base = folder / "out" if manifest_path(folder / "out").is_file() else build_base(folder)
         failed = False
         for target in targets:
             started = time.monotonic()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latentcache.train.decoder as decoder_module  # noqa: E402
 from latentcache import LatentShardDataset, ShardFormatError  # noqa: E402
 from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
+from latentcache.format.out_layout import shard_name
 from latentcache.format.reader import TarStats, iter_tar
 from latentcache.format.shards import EncodedClip, write_shard  # noqa: E402
 from latentcache.train.decoder import SampleDecoder  # noqa: E402
@@ -46,10 +47,9 @@ def make_dataset(root: Path, samples: int, per_shard: int, store_logvar: bool) -
             mean = torch.randn(SHAPE, generator=gen).half()
             logvar = (torch.randn(SHAPE, generator=gen) - 4).half() if store_logvar else None
             clips.append(EncodedClip(f"clip{i:06d}", mean, logvar, {"frames": 49}))
-        path = root / "shards" / "49x480x720" / f"{shard_id:06d}.tar"
-        record = write_shard(path, clips)
-        shards.append(ShardEntry(str(path.relative_to(root)), "49x480x720", record["samples"], record["bytes"],
-                                 record["sha256"]))
+        relpath = shard_name("49x480x720", shard_id)
+        record = write_shard(root / relpath, clips)
+        shards.append(ShardEntry(relpath, "49x480x720", record["samples"], record["bytes"], record["sha256"]))
     write_manifest(root, Manifest(
         latent_spec={"family": "cogvideox", "channels": 16, "temporal_compression": 4, "spatial_compression": 8,
                      "scaling_factor": 1.15258426},

@@ -20,6 +20,7 @@ import torch
 
 from latentcache.encode.settings import hash_json
 from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
+from latentcache.format.out_layout import manifest_path, shard_name
 from latentcache.format.shards import EncodedClip, write_shard
 from latentcache.format.spec import LatentSpec
 from latentcache.tools.verify import verify
@@ -40,7 +41,7 @@ def make_dataset(out: Path, samples: int, per_shard: int, dtype: torch.dtype) ->
             mean = (torch.randn(shape, generator=gen) / spec.scaling_factor).to(dtype)
             logvar = torch.full(shape, -6.0, dtype=dtype)
             clips.append(EncodedClip(f"bench{i:06d}_0000", mean, logvar, {"bucket": BUCKET, "frames": 49}))
-        relpath = f"shards/{BUCKET}/{shard_id:06d}.tar"
+        relpath = shard_name(BUCKET, shard_id)
         record = write_shard(out / relpath, clips)
         shards.append(ShardEntry(relpath, BUCKET, record["samples"], record["bytes"], record["sha256"]))
     identity = {"class_name": "AutoencoderKLCogVideoX", "source": "bench", "subfolder": None, "revision": None,
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timed runs (the first may read from disk, later from cache)")
     args = p.parse_args(argv)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if not (args.reuse and (args.out / "manifest.json").is_file()):
+    if not (args.reuse and manifest_path(args.out).is_file()):
         started = time.perf_counter()
         make_dataset(args.out, args.samples, args.per_shard, dtype)
         print(f"wrote {args.samples} samples to {args.out} in {time.perf_counter() - started:.1f}s")
