@@ -147,12 +147,9 @@ def _optional_tuple(value: Any) -> tuple[float, ...] | None:
 
 def _cogvideox_spec(model: Any) -> LatentSpec:
     config = model.config
-    return LatentSpec(
-        family="cogvideox",
-        channels=int(config.latent_channels),
-        temporal_compression=int(config.temporal_compression_ratio),
-        # What CogVideoXPipeline uses: one 2x downsample per block after the first.
-        spatial_compression=2 ** (len(config.block_out_channels) - 1),
+    # The geometry is the config's arithmetic (`_cogvideox_geometry`); the normalisation is added here.
+    return dataclasses.replace(
+        _cogvideox_geometry(config),
         scaling_factor=float(config.scaling_factor),
         shift_factor=None if config.shift_factor is None else float(config.shift_factor),
         latents_mean=_optional_tuple(config.latents_mean),
@@ -163,14 +160,8 @@ def _cogvideox_spec(model: Any) -> LatentSpec:
 
 def _wan_spec(model: Any) -> LatentSpec:
     config = model.config
-    # Old configs lack the scale factors; the encoder's own downsampling schedule gives the same numbers.
-    temporal = config.get("scale_factor_temporal") or 2 ** sum(config.temperal_downsample)
-    spatial = config.get("scale_factor_spatial") or 2 ** (len(config.dim_mult) - 1) * (config.get("patch_size") or 1)
-    return LatentSpec(
-        family="wan",
-        channels=int(config.z_dim),
-        temporal_compression=int(temporal),
-        spatial_compression=int(spatial),
+    return dataclasses.replace(
+        _wan_geometry(config),
         # WanPipeline: (z - latents_mean) * (1 / latents_std); there is no scaling factor.
         latents_mean=_optional_tuple(config.latents_mean),
         latents_std=_optional_tuple(config.latents_std),
@@ -179,13 +170,8 @@ def _wan_spec(model: Any) -> LatentSpec:
 
 def _hunyuan_spec(model: Any) -> LatentSpec:
     config = model.config
-    return LatentSpec(
-        family="hunyuanvideo",
-        channels=int(config.latent_channels),
-        temporal_compression=int(config.temporal_compression_ratio),
-        spatial_compression=int(config.spatial_compression_ratio),
-        scaling_factor=float(config.scaling_factor),
-    )
+    return dataclasses.replace(_config_ratios_geometry("hunyuanvideo")(config),
+                               scaling_factor=float(config.scaling_factor))
 
 
 def _ltx_spec(model: Any) -> LatentSpec:
@@ -223,14 +209,9 @@ def _mochi_spec(model: Any) -> LatentSpec:
 
 def _hunyuan15_spec(model: Any) -> LatentSpec:
     config = model.config
-    return LatentSpec(
-        family="hunyuanvideo15",
-        channels=int(config.latent_channels),
-        temporal_compression=int(config.temporal_compression_ratio),
-        spatial_compression=int(config.spatial_compression_ratio),
-        # HunyuanVideo15ImageToVideoPipeline: image_latents * scaling_factor; decode: latents / scaling_factor.
-        scaling_factor=float(config.scaling_factor),
-    )
+    # HunyuanVideo15ImageToVideoPipeline: image_latents * scaling_factor; decode: latents / scaling_factor.
+    return dataclasses.replace(_config_ratios_geometry("hunyuanvideo15")(config),
+                               scaling_factor=float(config.scaling_factor))
 
 
 def _minimax_h3_spec(model: Any) -> LatentSpec:
@@ -265,11 +246,13 @@ def _geometry(family: str, channels: Any, temporal: Any, spatial: Any, rule: Fra
 # What each class's constructor derives from its config (diffusers 0.42), as the `_*_spec` functions above read it
 # off the built model.
 def _cogvideox_geometry(c: dict[str, Any]) -> LatentSpec:
+    # What CogVideoXPipeline uses: one 2x downsample per block after the first.
     return _geometry("cogvideox", c["latent_channels"], c["temporal_compression_ratio"],
                      2 ** (len(c["block_out_channels"]) - 1))
 
 
 def _wan_geometry(c: dict[str, Any]) -> LatentSpec:
+    # Old configs lack the scale factors; the encoder's own downsampling schedule gives the same numbers.
     temporal = c.get("scale_factor_temporal") or 2 ** sum(c["temperal_downsample"])
     spatial = c.get("scale_factor_spatial") or 2 ** (len(c["dim_mult"]) - 1) * (c.get("patch_size") or 1)
     return _geometry("wan", c["z_dim"], temporal, spatial)
