@@ -215,6 +215,23 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 
+def fast_cases(cases, fast) -> list:
+    """A test matrix whose fast tier runs only the cases in `fast`; the others are marked slow, so CI runs them all.
+
+    The fast tier keeps one representative of each matrix (the default family, the case a bug was found in), so a
+    developer's minute still goes through every code path once; the full matrix is CI's. A tuple case is passed as
+    the parametrize arguments it holds."""
+    out = []
+    for case in cases:
+        if case in fast:
+            out.append(case)
+        else:
+            out.append(pytest.param(*case if isinstance(case, tuple) else (case,), marks=pytest.mark.slow))
+    missing = [case for case in fast if case not in cases]
+    assert not missing, f"fast cases not in the matrix: {missing}"
+    return out
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs `encoded_reference` (a 2-process `accelerate launch` encode) is multi-process: slow tier."""
     for item in items:

@@ -12,14 +12,23 @@ A trainer that imports `LatentShardDataset` must not pay for the encoder side: c
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "latentcache"
 MAX_LINES = 600  # a module past it has more than one concern: split it along its seams
 MAX_FUNCTION_LINES = 80
+
+
+@functools.cache
+def _parsed(path: Path) -> ast.Module:
+    """A package module's syntax tree, parsed once per test run: every rule below walks the same files."""
+    return ast.parse(path.read_text(encoding="utf-8"))
 
 
 def _module_name(path: Path) -> str:
@@ -60,11 +69,12 @@ def _exists(module: str) -> bool:
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     graph = {}
     for path in PACKAGE.rglob("*.py"):
         name = _module_name(path)
-        graph[name] = _runtime_imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py")
+        graph[name] = _runtime_imports(_parsed(path), name, path.name == "__init__.py")
     return graph
 
 
@@ -120,7 +130,7 @@ def _private_imports() -> list[tuple[str, str, str]]:
     found = []
     for path in PACKAGE.rglob("*.py"):
         name = _module_name(path)
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = _parsed(path)
         modules: dict[str, str] = {}  # local name -> latentcache module it is bound to
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentcache") and not node.level:
@@ -195,7 +205,7 @@ def test_no_module_outside_storage_asks_whether_a_path_is_local():
         if _area(_module_name(path)) == "storage":
             continue
         found += [f"{path.relative_to(PACKAGE.parent)} {where}"
-                  for where in _local_or_remote_tests(ast.parse(path.read_text(encoding="utf-8")))]
+                  for where in _local_or_remote_tests(_parsed(path))]
     assert found == []
 
 
@@ -204,7 +214,7 @@ def test_every_open_url_call_in_the_package_says_whom_the_url_comes_from():
     say `trusted=` each time, so a string read from a file never reaches webdataset's gopen by omission."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_parsed(path)):
             if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "open_url"
                     and not any(k.arg == "trusted" for k in node.keywords)):
                 found.append(f"{path.relative_to(PACKAGE.parent)} line {node.lineno}")
@@ -218,7 +228,7 @@ def test_no_module_is_over_600_lines_and_no_function_over_80():
         where = path.relative_to(PACKAGE.parent)
         if text.count("\n") > MAX_LINES:
             long.append(f"{where}: {text.count(chr(10))} lines")
-        for node in ast.walk(ast.parse(text)):
+        for node in ast.walk(_parsed(path)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
@@ -226,6 +236,7 @@ def test_no_module_is_over_600_lines_and_no_function_over_80():
     assert long == []
 
 
+@pytest.mark.slow
 def test_the_dataset_imports_without_av_diffusers_or_the_write_side():
     code = ("import sys; from latentcache import LatentShardDataset; import latentcache.dataset, latentcache.sat; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('av', 'diffusers') "
@@ -302,8 +313,8 @@ def test_no_module_outside_format_builds_or_matches_an_output_file_name():
         module = path.relative_to(PACKAGE).as_posix()
         if not module.startswith("format/"):
             allowed = {code for where, codes in NOT_OUT.items() if module.startswith(where) for code in codes}
-            found += [f"{module} line {line}: {code}" for line, code in _output_names_built(ast.parse(
-                path.read_text(encoding="utf-8"))) if code not in allowed]
+            found += [f"{module} line {line}: {code}" for line, code in _output_names_built(
+                _parsed(path)) if code not in allowed]
     assert found == []
 
 

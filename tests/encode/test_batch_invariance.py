@@ -14,6 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import fast_cases
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
@@ -62,7 +63,8 @@ def _vae(family: str, config: dict | None, tmp_path: Path):
     return load_vae(VAESettings(source=str(tmp_path / "vae"), family=family, subfolder=None), "cpu")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Fast tier: the default family and the shape that crashed at batch 2 (issue: HunyuanVideo 1.5 attention).
+@pytest.mark.parametrize("case", fast_cases(sorted(CASES), fast=["cogvideox", "hunyuanvideo15-attention"]))
 def test_three_clips_in_one_batch_encode_as_they_do_one_at_a_time(case, decoded_clips, tmp_path):
     family, config = CASES[case]
     vae = _vae(family, config, tmp_path)

@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import tree_bytes
+from conftest import fast_cases, tree_bytes
 from s3_server import make_bucket, upload  # the S3 fixture itself, `s3_endpoint`, is conftest's
 
 from latentcache.cli import main
@@ -418,7 +418,7 @@ def test_reencode_changed_keeps_the_samples_of_deleted_inputs(tmp_path: Path,
     assert "nothing to encode" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage", ["carried", "removed", "planned", "written"])
+@pytest.mark.parametrize("stage", fast_cases(["carried", "removed", "planned", "written"], fast=["removed"]))
 def test_reencode_changed_killed_at_each_step_ends_as_an_uninterrupted_run(tmp_path: Path, stage: str,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed after the carry is written, after the old shards went, after the new chunk plan, or after the shards
@@ -450,7 +450,8 @@ def _copy_folder(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=shutil.copy2)  # same bytes and mtimes: a mirror, a moved copy
 
 
-@pytest.mark.parametrize("how", ["folder link repointed", "dataset moved", "file links repointed"])
+@pytest.mark.parametrize("how", fast_cases(["folder link repointed", "dataset moved", "file links repointed"],
+                                            fast=["folder link repointed"]))
 def test_an_input_is_checked_at_what_it_names_now(tmp_path: Path, how: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A replaced video reached through a repointed folder link, a dataset moved with one video replaced, or a
@@ -531,7 +532,8 @@ def test_a_listed_link_repointed_at_a_file_of_the_same_size_and_mtime_is_read(
     assert main(["encode", str(listed), "--out", str(out), *ARGS]) == 2
 
 
-@pytest.mark.parametrize("when", ["before its clip is decoded", "while its clip is decoded"])
+@pytest.mark.parametrize("when", fast_cases(["before its clip is decoded", "while its clip is decoded"],
+                                             fast=["while its clip is decoded"]))
 def test_a_video_replaced_while_its_chunk_is_encoded_and_put_back_later_keeps_no_other_latents(
         tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Replaced after its chunk was planned, then put back as it was after the run: the run stops (exit 2, naming it)

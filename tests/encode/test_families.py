@@ -12,6 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import fast_cases
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
@@ -57,7 +58,7 @@ def family_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+@pytest.fixture(scope="module", params=fast_cases(FAMILY_NAMES, fast=["cogvideox", "wan"]))
 def encoded(request: pytest.FixtureRequest, family_videos: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[str, Path]:
     """`latentcache encode --vae tiny-random-<family>` (no --family: the name says which) of one captioned video."""

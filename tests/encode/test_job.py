@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import TINY_CLIP
 
 from latentcache.cli import build_parser, settings_from_args
@@ -89,6 +90,7 @@ def test_exit_3_reports_failures_once_and_a_rerun_that_adds_none_exits_0(small_v
     assert encode() == job.EXIT_OK
 
 
+@pytest.mark.slow
 def test_mistakes_are_refused_before_diffusers_loads_and_leave_no_output(small_videos, tmp_path, capsys):
     """A mistyped input path or an empty folder is refused before diffusers is imported (it took 8-10 s), and a
     refused run leaves no OUT holding only `.latentcache`, also when the refusal comes while the plan reads the

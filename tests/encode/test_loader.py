@@ -74,6 +74,7 @@ def test_the_workers_decode_with_their_share_of_threads(video_dir, tmp_path, mon
     assert record.read_text().split() == ["3"] * len(planned)
 
 
+@pytest.mark.slow
 def test_nvdec_falls_back_to_the_cpu_with_the_same_frames(video_dir, tmp_path):
     """Without a GPU the cuvid decoders cannot open: the clip is decoded on the CPU, said once in the log."""
     import subprocess
@@ -168,6 +169,7 @@ def test_decoding_into_a_buffer_gives_the_same_frames_in_it(video_dir):
         decode_clip(source, 0.25, TINY_CLIP, out=buffer.view(np.int16))
 
 
+@pytest.mark.slow
 def test_the_whole_next_batch_is_decoding_while_a_batch_is_encoded(video_dir, tmp_path, monkeypatch):
     """A consumer that has taken a batch and is encoding it must find the next batch's clips already dispatched to
     the workers, not only `prefetch` (2) per worker: with one worker and batch 4 it otherwise waited after each batch

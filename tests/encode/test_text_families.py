@@ -15,7 +15,7 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from conftest import shard_members
+from conftest import fast_cases, shard_members
 from safetensors.torch import load as load_safetensors
 
 from latentcache.cli import main
@@ -93,7 +93,7 @@ def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+@pytest.fixture(scope="module", params=fast_cases(FAMILY_NAMES, fast=["cogvideox"]))
 def encoded(request: pytest.FixtureRequest, captioned: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param
     out = tmp_path_factory.mktemp(f"text_{family}") / "out"

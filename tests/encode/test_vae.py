@@ -204,6 +204,7 @@ def test_the_geometry_read_from_the_config_alone_is_the_loaded_vaes(family: str,
     assert _geometry(expected) != _geometry(vae.spec)  # the variant is another geometry
 
 
+@pytest.mark.slow
 def test_a_frame_count_the_vae_refuses_is_refused_before_diffusers_is_imported(tmp_path, video_dir) -> None:
     """`--frames 16` took ~10 s: the frame rule was known only once diffusers was imported. In a fresh process,
     the refusal now comes with diffusers never imported, for a built-in name and for a local VAE folder, and

@@ -27,6 +27,7 @@ def example():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_loss_falls_well_below_its_start(example, encoded_dir: Path) -> None:
     # Posterior means (no resampling noise) so 8 samples can be memorised in a few seconds.
     result = example.train(encoded_dir, steps=150, batch_size=4, lr=3e-3, sample_posterior=False, log_every=0)
