@@ -6,9 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from latentcache.encode.settings import ClipSettings, EncodeSettings, VAESettings
 from latentcache.tools.synthetic import write_video
+
+# One intra-op thread for the in-process tests (a run's --cpu-threads still sets its own): the tiny models gain
+# nothing from a second one, and on a 2-core machine shared with other work OpenMP's waiting threads made a 3-clip
+# encode 4 to 6 times slower (0.3 s with one thread, 1.1 to 1.8 s with two). Subprocesses choose their own count.
+torch.set_num_threads(1)
 
 # Small enough for a 2-core CI machine, real enough to exercise codecs, seeking and the VAE's shape rules.
 TINY_CLIP = ClipSettings(frames=17, fps=8.0, height=64, width=96)
