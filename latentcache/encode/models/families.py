@@ -342,7 +342,7 @@ FAMILIES: dict[str, VAEFamily] = {
         class_name="AutoencoderKLHunyuanVideo",
         default_source="hunyuanvideo-community/HunyuanVideo",
         default_subfolder="vae",
-        tiny_config=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        tiny_config=dict(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=2,
                          latent_channels=16),
         spec_from_model=_hunyuan_spec,
         geometry_from_config=_config_ratios_geometry("hunyuanvideo"),
