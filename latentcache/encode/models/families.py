@@ -329,7 +329,7 @@ FAMILIES: dict[str, VAEFamily] = {
         default_source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         default_subfolder="vae",
         # 3 spatial downsamples (8x), 2 of them temporal (4x), 16 channels; the default per-channel mean/std.
-        tiny_config=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        tiny_config=dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                          temperal_downsample=[False, True, True]),
         spec_from_model=_wan_spec,
         geometry_from_config=_wan_geometry,
