@@ -383,8 +383,9 @@ FAMILIES: dict[str, VAEFamily] = {
         default_source="hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
         default_subfolder="vae",
         # Five blocks: 16x spatial, 4x temporal, 32 channels; the last block is 2 * latent_channels wide, the
-        # smallest the encoder's channel-averaging shortcut allows.
-        tiny_config=dict(block_out_channels=(16, 16, 32, 32, 64), layers_per_block=1),
+        # smallest the encoder's channel-averaging shortcut allows, and the one before it a quarter of that, the
+        # smallest its temporal downsampler's shortcut (8 * in / out channels, halved on the first frame) allows.
+        tiny_config=dict(block_out_channels=(4, 4, 8, 16, 64), layers_per_block=1),
         spec_from_model=_hunyuan15_spec,
         geometry_from_config=_config_ratios_geometry("hunyuanvideo15"),
         tiling=SINGLE_OVERLAP_TILING,
