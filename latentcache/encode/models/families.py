@@ -405,9 +405,11 @@ FAMILIES: dict[str, VAEFamily] = {
         # channels. Without the two ratios in the config the model's fallback (patch * 2 ** #scaling blocks) would
         # say 64x/16x, not what these blocks do; LTX2Pipeline and the spec read the model's attributes, and
         # VideoVAE.encode checks the shape they predict.
-        # The decoder widens 2x per up block (its residual upsamplers need that).
+        # The decoder widens 2x per up block (its residual upsamplers need that). The first down block has no
+        # resnets: the encoder runs its input conv and that block at latent_channels (128) wide on the patchified
+        # frames, most of its encode time; the block's downsampler stays, so the compression is the same.
         tiny_config=dict(block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 16, 32),
-                         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                         layers_per_block=(0, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
                          spatial_compression_ratio=32, temporal_compression_ratio=8),
         spec_from_model=_ltx2_spec,
         geometry_from_config=_ltx_geometry("ltx2"),
