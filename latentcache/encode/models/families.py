@@ -423,7 +423,7 @@ FAMILIES: dict[str, VAEFamily] = {
         default_subfolder="vae",
         # The real down-sampling schedule (16x spatial, 4x temporal over six blocks), 24 channels, a one-layer ViT
         # decoder; per-channel statistics that are not the identity, so normalising is visible.
-        tiny_config=dict(block_out_channels=(8, 8, 16, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+        tiny_config=dict(block_out_channels=(4, 4, 8, 8, 8, 8), layers_per_block=1, norm_num_groups=2,
                          decoder_num_layers=1, decoder_num_attention_heads=2, decoder_attention_head_dim=8,
                          decoder_ffn_mult=2, latents_mean=tuple(round(0.05 * (i - 12), 2) for i in range(24)),
                          latents_std=tuple(round(0.5 + 0.05 * i, 2) for i in range(24))),
