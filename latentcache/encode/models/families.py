@@ -369,9 +369,11 @@ FAMILIES: dict[str, VAEFamily] = {
         default_source="genmo/mochi-1-preview",
         default_subfolder="vae",
         # Mochi's own expansions (6x time, 8x space, 12 channels) with narrow blocks and no attention; its group
-        # norms use 32 groups, hence 32-wide blocks.
+        # norms use 32 groups, hence 32-wide blocks. No resnets in the full-resolution blocks (the encoder's first,
+        # the decoder's last: both read layers_per_block[0]), which were most of its time; the down and up blocks
+        # that expand stay.
         tiny_config=dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
-                         layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5),
+                         layers_per_block=(0, 1, 1, 1, 1), add_attention_block=(False,) * 5),
         spec_from_model=_mochi_spec,
         geometry_from_config=_mochi_geometry,
         transformer_class="MochiTransformer3DModel",
