@@ -124,7 +124,7 @@ def test_sharded_safetensors_are_all_hashed(tmp_path: Path) -> None:
     from diffusers import AutoencoderKLCogVideoX
 
     torch.manual_seed(0)
-    AutoencoderKLCogVideoX(**FAMILIES["cogvideox"].tiny_config).save_pretrained(tmp_path, max_shard_size="200KB")
+    AutoencoderKLCogVideoX(**FAMILIES["cogvideox"].tiny_config).save_pretrained(tmp_path, max_shard_size="100KB")
     files = weight_files(tmp_path)
     assert len(files) > 1 and all(f.name.endswith(".safetensors") for f in files)
     vae = load_vae(VAESettings(source=str(tmp_path), subfolder=None), "cpu")
