@@ -80,6 +80,7 @@ def test_three_clips_in_one_batch_encode_as_they_do_one_at_a_time(case, decoded_
     assert not torch.allclose(mean[0], mean[1])  # three different clips, not one clip three times
 
 
+@pytest.mark.slow
 def test_hunyuanvideo15_cannot_batch_in_diffusers_so_latentcache_encodes_it_clip_by_clip(decoded_clips, tmp_path):
     """diffusers' own encode of a batch of two raises in the mid-block attention (the issue saw it at [2, 3, 17, 96,
     160]; any batch > 1 does); the family record says so and `VideoVAE.encode` calls it once per clip (the same

@@ -142,6 +142,7 @@ def test_a_touched_file_stays_done_and_is_not_read_again(encoded: tuple[Path, Pa
     assert _shards(out) == shards_before
 
 
+@pytest.mark.slow
 def test_append_with_a_changed_input_is_refused_then_reencoded(encoded: tuple[Path, Path], tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     videos, out = encoded
@@ -180,6 +181,7 @@ def _tar(path: Path, members: dict[str, bytes]) -> None:
             t.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_tar_members_replaced_are_refused_and_a_rebuilt_tar_of_the_same_bytes_stays_done(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     videos = _videos(tmp_path / "videos")
@@ -241,6 +243,7 @@ def test_the_check_gives_the_same_answers_in_threads(tmp_path: Path, monkeypatch
     assert [c.path for c, _ in threaded if c is not None] == [paths[500]]
 
 
+@pytest.mark.slow
 def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_done(
         s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Objects are checked by size and ETag (one HEAD each, nothing downloaded), against a real S3 server (moto)."""
@@ -270,6 +273,7 @@ def test_an_object_replaced_in_s3_is_refused_and_the_same_bytes_put_again_stay_d
     assert any(_shards(out).get(k) != shards_before.get(k) for k in redone)
 
 
+@pytest.mark.slow
 def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[Path, Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,6 +299,7 @@ def test_reencode_changed_killed_half_way_is_finished_by_a_rerun(encoded: tuple[
     assert tree_bytes(out) == tree_bytes(fresh)
 
 
+@pytest.mark.slow
 def test_a_caption_changed_in_a_list_or_a_sidecar_is_refused_by_name(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """An input's key is its relative path, so a recaptioned input is no new input: given again with another caption
@@ -389,6 +394,7 @@ def _deleted_and_replaced(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]
     return videos, out, before
 
 
+@pytest.mark.slow
 def test_reencode_changed_keeps_the_samples_of_deleted_inputs(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Only the changed input's clips are encoded again: the samples of the deleted (unchanged) inputs of its chunk,
@@ -534,6 +540,7 @@ def test_a_listed_link_repointed_at_a_file_of_the_same_size_and_mtime_is_read(
 
 @pytest.mark.parametrize("when", fast_cases(["before its clip is decoded", "while its clip is decoded"],
                                              fast=["while its clip is decoded"]))
+@pytest.mark.slow
 def test_a_video_replaced_while_its_chunk_is_encoded_and_put_back_later_keeps_no_other_latents(
         tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Replaced after its chunk was planned, then put back as it was after the run: the run stops (exit 2, naming it)

@@ -251,6 +251,7 @@ def list_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_an_unchanged_list_is_not_read_again_and_a_changed_one_is(small_videos: Path, tmp_path: Path,
                                                                   list_reads: list[str], capsys) -> None:
     listed = tmp_path / "list.txt"
@@ -336,6 +337,7 @@ def test_a_task_that_is_not_the_last_checks_its_own_share_only(small_videos: Pat
     assert [p.name for p in (out / "chunks" / "done").rglob("*") if p.is_file()] == ["complete"]
 
 
+@pytest.mark.slow
 def test_24_videos_on_one_process_fill_shards_and_batches(tmp_path: Path, monkeypatch) -> None:
     """Most users' case, the issue's own: a small fine-tuning folder at the default flags is one chunk and one shard
     for its bucket, and every VAE call takes a full `auto` batch (8 here): not 24 one-clip shards of batch 1."""

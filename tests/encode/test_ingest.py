@@ -324,6 +324,7 @@ def test_a_tar_holding_a_member_twice_warns_and_uses_the_last_copy(tmp_path: Pat
     assert probe(only.path).duration == pytest.approx(3.0)  # the bytes read are the last copy's
 
 
+@pytest.mark.slow
 def test_the_deepest_rows_accepted_encode_and_read_back(tmp_path: Path) -> None:
     """The nesting bound on list rows leaves room for what latentcache writes from them: a JSONL row 32 levels deep
     and a Parquet cell as deep as pyarrow reads (49 lists) reach the sample JSON and are read back by the dataset."""

@@ -106,6 +106,7 @@ def test_pixels_are_imagenet_normalised_as_the_pipeline_does(vae, frames):
         assert not torch.allclose(vae.model.encode(minus_one_to_one).latent_dist.mean, mean)
 
 
+@pytest.mark.slow
 def test_tiling_is_on_as_released_and_part_of_the_latents(frames):
     """Without --tiling latentcache keeps the class's released tiling (256-pixel tiles): on a 272-wide clip its
     latents are diffusers' default encode, which differs from an untiled one; an out-of-memory retry's smaller tiles

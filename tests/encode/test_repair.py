@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import ENCODE_SMALL, tree_bytes
 
 from latentcache.cli import main
@@ -56,6 +57,7 @@ def test_repair_rewrites_exactly_the_damaged_shard_to_its_original_bytes(small_v
     assert tree_bytes(out) == original
 
 
+@pytest.mark.slow
 def test_repair_keeps_a_damaged_shard_whose_source_is_gone(small_videos: Path, tmp_path: Path, capsys) -> None:
     """Deleting the videos once their latents exist is the point of a latent cache: --repair then cannot make a
     damaged shard's samples again, so it keeps that shard exactly as it is (never turning its samples into failures),

@@ -165,6 +165,7 @@ def test_kill_9_into_s3_then_resume_equals_an_uninterrupted_local_run(s3_endpoin
     assert len([n for n in tree_bytes(reference) if n.endswith(".tar")]) == SMALL_VIDEOS
 
 
+@pytest.mark.slow
 def test_a_late_clip_of_an_mp4_with_moov_at_the_end_is_read_with_range_requests(
         s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PyAV's mp4 muxer puts `moov` at the end (no faststart): probing needs the end, a late clip needs its

@@ -185,6 +185,7 @@ def _one_video_encoded(video_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     return videos, data
 
 
+@pytest.mark.slow
 def test_a_video_replaced_since_encoding_is_not_shown_beside_the_old_latents(video_dir: Path, tmp_path: Path,
                                                                              caplog) -> None:
     """The plan's path holds another video now (same name): the preview shows the reconstruction alone and says why,
@@ -197,6 +198,7 @@ def test_a_video_replaced_since_encoding_is_not_shown_beside_the_old_latents(vid
     assert "it is not the file that was encoded" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_file_a_plan_names_is_shown_only_if_it_is_the_encoded_one(video_dir: Path, tmp_path: Path) -> None:
     """A stranger's output whose plan names another file on this machine (its inputs file and plan.json rewritten to
     agree, its chunk plans left out): nothing records that file's identity, so it is not decoded into the preview;
