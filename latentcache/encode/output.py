@@ -18,11 +18,11 @@ from latentcache.errors import ConfigError, ShardFormatError
 from latentcache.format.layout import FORMAT_VERSION
 from latentcache.format.out_layout import (
     FAILURES_FILE,
+    INPUT_LISTS_RECORD,
     MANIFEST_FILE,
     OUTPUT_MARKER,
     OUTPUTS,
     PLAN_FILE,
-    SHARD_SUFFIX,
     carry_name,
     inputs_name,
     keys_name,
@@ -109,41 +109,47 @@ def write_naming_path(path: Path, write: Callable[..., Any], *args: Any, **kwarg
 
 def clear_outputs(out: Path, job_plan: JobPlan) -> None:
     """What `--overwrite` removes: the files latentcache wrote under `plan` (shard tars, their sidecars and
-    temporaries, chunk plans, inputs files), manifest, failures and plan; never another file, even under shards/ (only
-    emptied folders go)."""
+    temporaries, --reencode-changed's carry tars, chunk plans, inputs files, the input lists' record), manifest,
+    failures and plan; never another file, even under shards/ (only emptied folders go)."""
     folders: set[Path] = set()
     removed: list[Path] = []
 
-    def remove(path: Path) -> None:
+    def remove(path: Path) -> bool:
         remove_temporaries(path)
         if path.is_file():
             path.unlink()
             removed.append(path)
+            return True
+        return False
 
+    shard_tars = carry_tars = 0
     for ref in job_plan.chunk_refs():
         chunk_file = out / ref.plan_name
         if chunk_file.is_file():
             for shard in chunks.read_chunk_plan(out, job_plan, ref).shards:
                 path = out / shard.relpath
-                remove(path)
+                shard_tars += remove(path)
                 remove(sidecar_of(path))
                 folders.add(path.parent)
             carry = out / carry_name(ref.part, ref.chunk)  # --reencode-changed's (reencode.py)
             remove(sidecar_of(carry))
-            remove(carry)
+            carry_tars += remove(carry)
         remove(chunk_file)
         folders.add(chunk_file.parent)
     for part in job_plan.parts:
         for name in (inputs_name(part.index), keys_name(part.index)):
             remove(out / name)
             folders.add((out / name).parent)
-    for name in (MANIFEST_FILE, FAILURES_FILE, PLAN_FILE):
+    # The input lists' record (rerun_inputs.py) is latentcache's own file at its own name: a later run's inputs must
+    # not be compared with the lists of a run that --overwrite started again from nothing.
+    for name in (INPUT_LISTS_RECORD, MANIFEST_FILE, FAILURES_FILE, PLAN_FILE):
         remove(out / name)
-    tars = sum(p.suffix == SHARD_SUFFIX for p in removed)
+    carried = f" and {carry_tars} carry tar(s) of --reencode-changed" if carry_tars else ""
     # Said, not only done: the user sees what --overwrite took (and that nothing else went).
-    log.warning("--overwrite: removed %d file(s) that latentcache wrote in %s (%d shard tar(s) with their sidecars, "
+    log.warning("--overwrite: removed %d file(s) that latentcache wrote in %s (%d shard tar(s)%s with their sidecars, "
                 "the plan, chunk plans, inputs files, manifest, failures), e.g. %s; nothing else was touched",
-                len(removed), out, tars, ", ".join(str(p)[len(str(out)):].lstrip("/") for p in removed[:3]) or "-")
+                len(removed), out, shard_tars, carried,
+                ", ".join(str(p)[len(str(out)):].lstrip("/") for p in removed[:3]) or "-")
     for folder in sorted(folders, reverse=True) + [out / name for name in OUTPUTS[:3]]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

@@ -445,6 +445,34 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
                            "shards/9x64x96/p0000-c000000-000000.tar.json", "shards/readme", *USERS_TMP_FILES])
 
 
+def test_overwrite_removes_the_input_lists_record_and_counts_what_it_removed(small_videos: Path, tmp_path: Path,
+                                                                            caplog) -> None:
+    """OUT/inputs/lists.json is latentcache's own file (what the input lists were): --overwrite removes it with the
+    rest, so a run started again from nothing compares no input with the old run's lists; a user's files named like
+    it elsewhere stay. The message's counts are the files it removed and the shard tars among them."""
+    out = tmp_path / "out"
+    listed = tmp_path / "videos.txt"
+    listed.write_text(f"{small_videos / 'v0.mp4'}\n{small_videos / 'v1.mp4'}\n")
+    assert main(_cli_args(listed, out)) == 0
+    assert (out / "inputs" / "lists.json").is_file()
+    before = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    users = ["lists.json", "shards/lists.json", "chunks/lists.json"]
+    for name in users:
+        (out / name).write_text("mine")
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copy(small_videos / "v0.mp4", videos)
+    assert main([*_cli_args(videos, out, frames="9"), "--overwrite"]) == 0
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--overwrite: removed")]
+    # 2 tars + 2 sidecars, 2 chunk plans, the plan, 2 inputs files, the lists' record, manifest, failures.
+    ours = sorted(name for name in before if name != ".latentcache" and not name.startswith("chunks/done/"))
+    assert len(ours) == 12 and sum(name.endswith(".tar") for name in ours) == 2
+    assert said.startswith(f"--overwrite: removed 12 file(s) that latentcache wrote in {out} (2 shard tar(s) with "
+                           "their sidecars, ")
+    assert not (out / "inputs" / "lists.json").exists()  # this run's inputs are a folder: it writes no record
+    assert all((out / name).read_text() == "mine" for name in users)
+
+
 def test_an_output_made_before_the_marker_still_resumes(small_videos: Path, encoded_reference: Path, tmp_path: Path,
                                                         capsys) -> None:
     out = tmp_path / "out"
