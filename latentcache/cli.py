@@ -58,7 +58,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     """`latentcache encode`'s arguments, group by group in the order --help lists them."""
-    p.add_argument("inputs", nargs="+",
+    p.add_argument("inputs", nargs="+", type=typed_input,
                    help="what to encode, any mix of: video files; folders (searched recursively); glob or brace "
                    "patterns; list files (.txt of paths, .csv/.jsonl/.parquet tables with path, caption and clip "
                    "start/end columns); webdataset .tar files of videos; s3:// (or gs://, az://) urls of any of these")
@@ -390,11 +390,26 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_USAGE if problems else EXIT_OK
 
 
+def typed_input(text: str) -> str:
+    """A path the user typed, a file url read as the local path it names (file:///x is /x; storage/trust.py)."""
+    from latentcache.storage.trust import typed
+
+    try:
+        return typed(text)
+    except LatentcacheError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None  # argparse names the argument, and exits 2
+
+
+def local_arg(text: str) -> Path:
+    """A local file or folder argument; a file url names its path."""
+    return Path(typed_input(text))
+
+
 def path_or_url(text: str) -> Path | str:
     """A local path, or an object-storage url (s3://bucket/prefix) kept as text: Path() would fold its '//'."""
     from latentcache.storage.location import argument
 
-    return argument(text)
+    return argument(typed_input(text))
 
 
 def path_or_url_out(text: str) -> Any:
@@ -413,7 +428,7 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", formatter_class=HelpFormatter,
                        help="read every shard: checksums, counts, shapes, finiteness, latent statistics")
     p.add_argument("dir", type=path_or_url, help="a latentcache output directory or s3:// url")
-    p.add_argument("--trainer-config", type=Path, nargs="+", default=None,
+    p.add_argument("--trainer-config", type=local_arg, nargs="+", default=None,
                    help="also check a SAT-style training YAML (several are merged in order, like SAT's --base)")
     p.add_argument("--no-sha256", action="store_true", help="skip checksum comparison (counts are still checked)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
@@ -425,19 +440,19 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("preview", formatter_class=HelpFormatter,
                        help="decode latents back to video with the manifest's VAE (mp4, beside sources)")
-    p.add_argument("dir", type=Path, help="a latentcache output directory")
+    p.add_argument("dir", type=local_arg, help="a latentcache output directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--key", action="append", default=None, help="sample key (repeatable)")
     which.add_argument("--random", type=int, default=1, metavar="N", help="N random samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --random choice")
-    p.add_argument("--out", type=Path, default=Path("preview.mp4"), help="the mp4 to write")
+    p.add_argument("--out", type=local_arg, default=Path("preview.mp4"), help="the mp4 to write")
     p.add_argument("--device", default="cpu", help="where the VAE decodes")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_preview)
     p = sub.add_parser("check-config", formatter_class=HelpFormatter,
                        help="does a CogVideo SAT-style training YAML fit these latents?")
-    p.add_argument("config", type=Path, nargs="+", help="YAML file(s), merged in order like SAT's --base a b")
-    p.add_argument("--data", type=Path, required=True, help="latentcache output directory")
+    p.add_argument("config", type=local_arg, nargs="+", help="YAML file(s), merged in order like SAT's --base a b")
+    p.add_argument("--data", type=local_arg, required=True, help="latentcache output directory")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_check_config)
     p = sub.add_parser("export", formatter_class=HelpFormatter,
@@ -446,7 +461,7 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> None:
                        "(docs/trainer.md); an unknown one is answered with the list of those supported")
     p.add_argument("trainer", help="the trainer whose cache files to write: musubi, ltx2 or fastvideo")
     p.add_argument("dir", type=path_or_url, help="latentcache output directory")
-    p.add_argument("--to", type=Path, required=True, help="the folder to write the trainer's files into")
+    p.add_argument("--to", type=local_arg, required=True, help="the folder to write the trainer's files into")
     p.add_argument("--arch", default=None,
                    help="musubi: wan, hv, hv15 or k5 (default: from the output's VAE family; k5 is Kandinsky 5, "
                    "which uses the HunyuanVideo VAE)")
@@ -474,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finalize)
     p = sub.add_parser("demo", formatter_class=HelpFormatter,
                        help="generate videos, encode them with a tiny random VAE, feed a tiny transformer")
-    p.add_argument("--out", type=Path, default=Path("demo_out"),
+    p.add_argument("--out", type=local_arg, default=Path("demo_out"),
                    help="a new or empty folder; the demo writes videos/ and latents/ there")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     p.set_defaults(func=_cmd_demo)

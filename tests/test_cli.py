@@ -156,3 +156,58 @@ def test_dry_run_on_an_existing_output_describes_the_append(three_videos: Path, 
     assert f"{out} holds 3 input(s) already; a run would add 1 new input(s)" in printed
     assert "inputs: 1; clips: 1 in 1 shard(s)" in printed and "bucket 33x64x96: 1 clip(s)" in printed
     assert tree_bytes(out) == before
+
+
+# ------------------------------------------------------------------ a file url the user typed is the path it names
+
+
+@pytest.mark.slow
+def test_encode_reads_and_writes_the_paths_file_urls_name(video_dir: Path, tmp_path: Path, monkeypatch):
+    """`--out file:///TMP/out` encodes into /TMP/out, and an input `file:///TMP/videos` encodes those videos: nothing
+    named `file:` appears in the current folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    shutil.copy(next(video_dir.glob("a_h264.*")), videos)
+    assert main(["encode", f"file://{videos}", "--out", f"file://{out}", *TINY, "--frames", "9"]) == EXIT_OK
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == 1 and manifest["counts"]["failed"] == 0
+    assert list(cwd.iterdir()) == []
+    # The same output through localhost, and the plain spelling: one output, already done.
+    assert main(["encode", str(videos), "--out", f"file://localhost{out}", *TINY, "--frames", "9"]) == EXIT_OK
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_the_trainer_commands_and_the_dataset_read_a_file_url(encoded_dir: Path, tmp_path: Path, monkeypatch,
+                                                              capsys):
+    from latentcache import LatentShardDataset
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", f"file://{encoded_dir}"]) == EXIT_OK
+    assert main(["verify", f"file://localhost{encoded_dir}", "--no-sha256"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert str(encoded_dir) in printed
+    assert (len(list(LatentShardDataset(f"file://{encoded_dir}")))
+            == len(list(LatentShardDataset(encoded_dir))) > 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["encode", "VIDEOS", "--out", "file://nas.example/latents"], "names a file on the host 'nas.example'"),
+    (["encode", "file:videos", "--out", "OUT"], "a file url is file:///ABSOLUTE/PATH"),
+    (["info", "file:/data/latents"], "a file url is file:///ABSOLUTE/PATH"),
+    (["export", "musubi", "OUT", "--to", "file://other/cache"], "names a file on the host 'other'"),
+])
+def test_an_unusual_file_url_argument_is_a_usage_error_naming_it(argv, why, video_dir: Path, tmp_path: Path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(video_dir) if a == "VIDEOS" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    spelling = next(a for a in argv if a.startswith("file:"))
+    assert f"'{spelling}': " in err and why in err and "refused, nothing was opened or written" in err
+    assert list(tmp_path.iterdir()) == []

@@ -182,10 +182,10 @@ def list_identity(inputs: list[str]) -> list[dict[str, Any]] | None:
 
     found = []
     for raw in inputs:
-        raw = str(raw)
-        if location.local(raw) is None or Path(raw).suffix.lower() not in LIST_SUFFIXES:
+        local = location.local(str(raw))  # a file url names its path
+        if local is None or local.suffix.lower() not in LIST_SUFFIXES:
             return None
-        path = os.path.abspath(raw)  # relative rows resolve against the list's folder: the same path, the same rows
+        path = os.path.abspath(local)  # relative rows resolve against the list's folder: the same path, the same rows
         try:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):

@@ -321,7 +321,8 @@ def check_inputs(paths: tuple[str, ...], exclude: list[Any], *, images: bool = F
     from latentcache.storage import location
 
     for raw in paths:
-        if location.local(raw) is None or (Path(raw).is_file() and Path(raw).suffix.lower() in LIST_SUFFIXES):
+        local = location.local(raw)
+        if local is None or (local.is_file() and local.suffix.lower() in LIST_SUFFIXES):
             continue
         next(iter_inputs([raw], exclude, images=images), None)
 

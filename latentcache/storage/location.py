@@ -33,6 +33,7 @@ from latentcache.storage.trust import (
     local_path,
     open_regular,
     opener,
+    typed,
 )
 
 
@@ -225,11 +226,12 @@ Location = Path | ObjectPath
 
 
 def resolve(text: str | os.PathLike | ObjectPath) -> Location:
-    """The location a string names: an ObjectPath for an object-store url, a Path otherwise (file:// included, as
-    a path). A url of another scheme (http://, a '::' chain) is refused (UnsupportedUrl): only `open_url` with
-    `trusted` opens those. A location passes through as it is."""
+    """The location a string the user typed names: an ObjectPath for an object-store url, a Path otherwise (a file
+    url as the path it names, `typed`). A url of another scheme (http://, a '::' chain) is refused (UnsupportedUrl):
+    only `open_url` with `trusted` opens those. A location passes through as it is."""
     if isinstance(text, Path | ObjectPath):
         return text
+    text = typed(os.fspath(text))  # file:///x is /x (`typed`): never a folder named `file:`
     if not is_url(text):
         return Path(text)
     check_url(str(text))
@@ -246,18 +248,20 @@ def output_location(text: str | os.PathLike) -> Location:
 
 
 def argument(text: str) -> Path | str:
-    """A folder or file argument the user typed: a local Path, or a url kept as text (Path() would fold its
-    '//'), for the reader that opens it."""
+    """A folder or file argument the user typed: a local Path (a file url as the path it names, `typed`), or a url
+    kept as text (Path() would fold its '//'), for the reader that opens it."""
+    text = typed(text)  # file:///x is /x
     return text if is_url(text) else Path(text)
 
 
 def identity(spelling: str) -> str:
     """What a spelling of a location resolves to: the real path (links and `./` resolved) of a local one, the url
     without repeated or trailing slashes of a remote one (`s3://b/out/` and `s3://b//out` are one)."""
+    spelling = typed(spelling)  # file:///x is /x
     if is_url(spelling):
         scheme, rest = spelling.split("://", 1)
         return f"{scheme.lower()}://" + "/".join(part for part in rest.split("/") if part not in ("", "."))
-    return os.path.realpath(spelling[len("file://"):] if spelling.startswith("file://") else spelling)
+    return os.path.realpath(spelling)
 
 
 def object_url(text: Any) -> str | None:
@@ -278,7 +282,12 @@ def expand_pattern(url: str) -> list[str]:
     local = local_path(url)
     if local is None or not glob.has_magic(local):
         return [local if local is not None else url]
-    return [m if local_path(m) == m else os.path.join(".", m) for m in sorted(glob.glob(local))]
+    return [m if _reads_as_path(m) else os.path.join(".", m) for m in sorted(glob.glob(local))]
+
+
+def _reads_as_path(name: str) -> bool:
+    """Whether a local file's name, handed on as a url, reads as that file: not a url, not `pipe:`, not `file:`."""
+    return name[:5].lower() != "file:" and local_path(name) == name
 
 
 # ----------------------------------------------------------------------------------- reading and writing
@@ -302,9 +311,12 @@ def size(location: str | Location) -> int:
 
 
 def local(text: str | os.PathLike | ObjectPath) -> Path | None:
-    """The local path `text` names, None for a url (an object store's, read through it, or one of another scheme,
-    refused when it is opened or listed). file:// is no url here: it names a local path of that spelling."""
-    return None if isinstance(text, ObjectPath) or is_url(text) else Path(text)
+    """The local path `text` (a location the user typed) names, None for a url (an object store's, read through it,
+    or one of another scheme, refused when it is opened or listed). A file url names the path `typed` gives."""
+    if isinstance(text, ObjectPath):
+        return None
+    text = typed(os.fspath(text))
+    return None if is_url(text) else Path(text)
 
 
 def local_size(url: str) -> int | None:

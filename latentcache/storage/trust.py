@@ -14,6 +14,10 @@ object in a store, and nothing else:
 - an input a plan names (a plan may be a stranger's too) only as an absolute local path, a member of a tar at one, or
   an s3:// object: `openable_from_file`.
 
+A string read from a file that spells `file:///x` is a local path of that spelling, never the file /x. A string the
+user typed (a command-line path, a dataset url) may be a file url: `typed` says which local path it names, one rule
+for every argument.
+
 Every opener in storage/ applies these; no other module decides them.
 """
 
@@ -25,7 +29,7 @@ import stat
 import tarfile
 from typing import Any, BinaryIO, Literal
 
-from latentcache.errors import ShardFormatError
+from latentcache.errors import ConfigError, ShardFormatError
 
 # Schemes read through fsspec (every other url is refused by `check_url`). http(s) and pipe: shard urls that a user
 # types are opened by webdataset's gopen (`opener`); strings read from files never reach it.
@@ -63,11 +67,39 @@ def check_url(url: str) -> None:
                              f"{', '.join(sorted(OBJECT_SCHEMES))}; no '::' chains); refused, nothing was opened")
 
 
+# The hosts a file url may name: none (`file:///x`) or this machine's own name for itself (`file://localhost/x`).
+_LOCAL_HOSTS = ("", "localhost")
+
+
+def typed(text: str) -> str:
+    """A location the user typed (a command-line path, a dataset url), with a file url turned into the local path it
+    names: `file:///abs/x` and `file://localhost/abs/x` are `/abs/x` (as webdataset reads them). Any other spelling
+    that starts with `file:` is refused (ConfigError naming it and why), never taken as a folder named `file:` in the
+    current one; every other string is returned as it is."""
+    if text[:5].lower() != "file:" or (text[5:6] == ":" and "://" in text):
+        return text  # not a file url (`file::s3://...` is an fsspec chain: `check_url` refuses every one)
+    if text[5:7] != "//":
+        why = "a file url is file:///ABSOLUTE/PATH (three slashes)"
+    else:
+        host, slash, path = text[7:].partition("/")
+        if host.lower() not in _LOCAL_HOSTS:
+            why = f"it names a file on the host {host!r}; latentcache reads local files as file:///ABSOLUTE/PATH"
+        elif not slash:
+            why = "it names no path; a file url is file:///ABSOLUTE/PATH"
+        elif any(c in path for c in "%?#"):
+            why = ("percent-escapes, queries and fragments of a file url are not decoded here; give the plain path "
+                   "instead")
+        else:
+            return "/" + path
+    raise ConfigError(f"{text!r}: {why} (a local file whose name starts with 'file:' is given as ./NAME); refused, "
+                      "nothing was opened or written")
+
+
 def local_path(url: str) -> str | None:
-    """The filesystem path a url the user typed names (a plain path, or file://), None for the others (an object
-    store's, http, pipe:...). Its spelling is webdataset's: `pipe:cmd` is a command."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
+    """The filesystem path a url the user typed names (a plain path, or a file url as `typed` reads it), None for
+    the others (an object store's, http, pipe:...). Its spelling is webdataset's: `pipe:cmd` is a command."""
+    if url[:5].lower() == "file:":
+        return typed(url)
     if "://" in url or url.startswith("pipe:"):
         return None
     return url

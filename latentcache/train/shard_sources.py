@@ -157,6 +157,7 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
                    ) -> tuple[Manifest, Path | str, list[ShardRef]]:
     """A dataset directory, or shard urls (paths, globs, brace lists, file://, anything webdataset opens)
     -> (manifest, manifest directory, shards). A dataset in object storage (`s3://bucket/latents`) gives its url."""
+    source, manifest = _typed(source), _typed(manifest)
     remote = _object_store_source(source, manifest)
     if remote is not None:
         return remote
@@ -177,6 +178,16 @@ def resolve_source(source: Any, manifest: str | os.PathLike | None = None
     return data, mroot, _match_shards(urls, data, mroot)
 
 
+def _typed(source: Any) -> Any:
+    """A source or manifest the user typed, each string in it with a file url read as the local path it names (as
+    on the command line: `trust.typed`), in it or in a list of them; a Path or other object is left as it is."""
+    if isinstance(source, str):
+        return trust.typed(source)
+    if isinstance(source, list | tuple):
+        return [trust.typed(item) if isinstance(item, str) else item for item in source]
+    return source
+
+
 def _directory_shards(manifest: Manifest, root: Path) -> list[ShardRef]:
     """The shards of an output directory, straight from its manifest: string work only, no Path or stat per shard
     (a 10M-sample output lists ~156k shards, and opening it must take seconds, not minutes)."""
@@ -191,7 +202,9 @@ def _directory_shards(manifest: Manifest, root: Path) -> list[ShardRef]:
 def resolve_sources(source: Any, manifest: str | os.PathLike | None = None
                     ) -> list[tuple[Manifest, Path, list[ShardRef]]]:
     """`resolve_source` for one source, or for each of a list of output directories (a list of shard files or
-    urls is one source). Several outputs must share the latent spec and the VAE; each ShardRef says its source."""
+    urls is one source). Several outputs must share the latent spec and the VAE; each ShardRef says its source.
+    The user typed these: a file url names the local path `trust.typed` gives, as on the command line."""
+    source, manifest = _typed(source), _typed(manifest)
     if isinstance(source, str | os.PathLike) or not _lists_directories(source := list(source)):
         return [resolve_source(source, manifest)]
     if manifest is not None:

@@ -445,6 +445,7 @@ def test_overwrite_removes_only_what_latentcache_wrote(small_videos: Path, tmp_p
                            "shards/9x64x96/p0000-c000000-000000.tar.json", "shards/readme", *USERS_TMP_FILES])
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_input_lists_record_and_counts_what_it_removed(small_videos: Path, tmp_path: Path,
                                                                             caplog) -> None:
     """OUT/inputs/lists.json is latentcache's own file (what the input lists were): --overwrite removes it with the

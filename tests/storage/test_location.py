@@ -174,3 +174,46 @@ def test_the_trust_rule_for_a_strangers_path(tmp_path):
     assert "symbolic link" in trust.own_file_problem(f"{root}/shards/a.tar", root, "shards/a.tar")
     assert trust.own_file_problem("s3://b/out/shards/a.tar", "s3://b/out", "shards/a.tar") is None
     assert trust.own_file_problem("s3://b/out/shards/a.tar", root, "shards/a.tar") == "is not under the dataset's root"
+
+
+def test_a_file_url_the_user_typed_is_the_local_path_it_names_everywhere(tmp_path, monkeypatch):
+    """One rule for a location the user typed: file:///abs and file://localhost/abs are /abs, for an output, an
+    input, a dataset url and the identity that tells two spellings apart; never a folder named `file:`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    url = f"file://{tmp_path}/real"
+    for spelling in (url, f"file://localhost{tmp_path}/real", f"FILE://LocalHost{tmp_path}/real"):
+        assert trust.typed(spelling) == f"{tmp_path}/real"
+        assert location.resolve(spelling) == location.output_location(spelling) == tmp_path / "real"
+        assert location.local(spelling) == location.argument(spelling) == tmp_path / "real"
+        assert location.identity(spelling) == str(tmp_path / "real")
+        assert trust.local_path(spelling) == f"{tmp_path}/real"
+    assert trust.typed("videos/a.mp4") == "videos/a.mp4" and trust.typed("s3://b/x") == "s3://b/x"
+    assert not any(p.name.startswith("file:") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("spelling", "why"), [
+    ("file://nas.example/x/a.mp4", "names a file on the host 'nas.example'"),
+    ("file:relative/a.mp4", r"a file url is file:///ABSOLUTE/PATH \(three slashes\)"),
+    ("file:/abs/a.mp4", r"a file url is file:///ABSOLUTE/PATH \(three slashes\)"),
+    ("file://", "names no path"),
+    ("file:///x/my%20video.mp4", "percent-escapes, queries and fragments"),
+])
+def test_an_unusual_file_url_the_user_typed_is_refused_naming_it_and_why(spelling, why, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for how in (trust.typed, location.resolve, location.local, location.identity, location.argument,
+                location.output_location, trust.local_path):
+        with pytest.raises(ConfigError, match=f"^'{spelling}': (it )?{why}.*refused, nothing was opened or written"):
+            how(spelling)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_read_from_a_file_keeps_the_strangers_rule(tmp_path, monkeypatch):
+    """Not loosened: a string read from a file (a list row, a manifest) that spells file:///x is a local file of that
+    very spelling, never /x, and opening one that is not there fails naming it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.tar").write_bytes(b"x")
+    assert trust.opener(f"file://{tmp_path}/a.tar", trusted=False) == ("local", f"file://{tmp_path}/a.tar")
+    with pytest.raises(FileNotFoundError):
+        location.open_url(f"file://{tmp_path}/a.tar", trusted=False)
+    assert not trust.openable_from_file(f"file://{tmp_path}/a.tar")

@@ -39,13 +39,13 @@ def iter_inputs(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.P
     """
     skip = frozenset(local.resolve() for e in exclude if (local := location.local(e)) is not None)
     for raw in paths:
-        if location.local(raw) is None:
+        p = location.local(raw)  # a file url the user typed names its path
+        if p is None:
             excluded = {str(e).rstrip("/") for e in exclude if location.local(e) is None}
             yield from from_url(str(raw), excluded, images)
             continue
-        p = Path(raw)
-        if not p.exists() and is_pattern(str(raw)):
-            root, matches = expand(str(raw))
+        if not p.exists() and is_pattern(text := location.typed(str(raw))):
+            root, matches = expand(text)
             found = [(m, m.relative_to(root).as_posix()) for m in matches]
         else:
             found = [(p, None)]
