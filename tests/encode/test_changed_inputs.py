@@ -611,3 +611,29 @@ def test_reencode_changed_carries_samples_over_in_object_storage(s3_endpoint: st
     assert not (after["videos/v1.mp4"]["latents"].shape == before["videos/v1.mp4"]["latents"].shape
                 and (after["videos/v1.mp4"]["latents"] == before["videos/v1.mp4"]["latents"]).all())
     assert main(["verify", out]) == 0
+
+
+@pytest.mark.slow
+def test_overwrite_counts_a_left_carry_apart_from_the_shard_tars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A --reencode-changed run killed before its carry went leaves chunks/.../*.carry.tar beside the new shards:
+    --overwrite removes it with its sidecar and says so apart, so "N shard tar(s)" is the shard tars it removed."""
+    videos, out, _ = _deleted_and_replaced(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(reencode, "drop_carry", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["encode", str(videos), "--out", str(out), *SHARED, "--reencode-changed"])
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    ours = [n for n in files if n != ".latentcache" and not n.startswith("chunks/done/")]
+    shards = [n for n in ours if n.startswith("shards/") and n.endswith(".tar")]
+    [carry] = [n for n in ours if n.endswith(".carry.tar")]
+    assert f"{carry}.json" in ours and shards
+    (tmp_path / "videos" / "v0.mp4").write_bytes((tmp_path / "videos" / "v3.mp4").read_bytes())
+    (tmp_path / "videos" / "v2.mp4").write_bytes((tmp_path / "videos" / "v3.mp4").read_bytes())
+    caplog.clear()
+    assert main(["encode", str(videos), "--out", str(out), *SHARED, "--overwrite"]) == 0
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--overwrite: removed")]
+    assert said.startswith(f"--overwrite: removed {len(ours)} file(s) that latentcache wrote in {out} "
+                           f"({len(shards)} shard tar(s) and 1 carry tar(s) of --reencode-changed with their "
+                           "sidecars, ")
+    assert not list((out / "chunks").rglob("*.carry.tar*"))
