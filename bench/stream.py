@@ -10,11 +10,16 @@ The "streamed" rows are the reading before issue 12, kept here to measure agains
 hashed while its samples were already being handed out (a changed shard delivered its samples, then raised), and
 no per-sample latent check ran. `read_shard` now reads a shard into memory once, hashes it and counts its samples
 before the first one leaves, and every sample passes `checks.latent_problems`.
+
+Before timing, one pass of each dataset row checks that it reads what its label says (`check_rows`): an "old read" row
+reads every shard through `streamed_read_shard` and none through today's `read_shard`, a "no latent check" row runs
+no latent check, and every other row reads today's way with the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import tempfile
 import time
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import latentcache.train.dataset as dataset_module  # noqa: E402
 import latentcache.train.decoder as decoder_module  # noqa: E402
 from latentcache import LatentShardDataset, ShardFormatError  # noqa: E402
 from latentcache.format.manifest import Manifest, ShardEntry, write_manifest
@@ -74,8 +80,10 @@ def timed(label: str, n_expected: int, iterate) -> float:
     return n / seconds
 
 
-def streamed_read_shard(shard: ShardRef, *, check_sha256: bool = True):
-    """The reading before issue 12: samples leave while the tar streams; count and sha256 are checked at the end."""
+def streamed_read_shard(shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None,
+                        data: memoryview | None = None):
+    """The reading before issue 12: samples leave while the tar streams; count and sha256 are checked at the end.
+    `read_shard`'s signature; `buffer` and `data` go unused, as before issue 12 (local shards only: `data` is None)."""
     stats = TarStats()
     with open_url(shard.url) as stream:
         yield from iter_tar(stream, shard.url, stats, sha256=check_sha256 and bool(shard.sha256))
@@ -89,13 +97,26 @@ class StreamedDataset(LatentShardDataset):
     def __init__(self, *args, latent_check: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.latent_check = latent_check
+        self.old_reads = 0  # shards read through `_read`, in this process (check_rows)
         if not latent_check:
             d = self.decoder
             self.decoder = UncheckedDecoder(d.spec, sample_posterior=d.sample_posterior, normalize=d.normalize,
                                             layout=d.layout, dtype=d.dtype, seed=d.seed)
 
-    def _read(self, shard: ShardRef, buffer=None):
-        return streamed_read_shard(shard, check_sha256=self.check_sha256)
+    def _read(self, shard: ShardRef, *, check_sha256: bool = True, buffer: bytearray | None = None,
+              data: memoryview | None = None):
+        self.old_reads += 1
+        return streamed_read_shard(shard, check_sha256=check_sha256, buffer=buffer, data=data)
+
+    def iter_slot(self, slot, skip: int = 0):
+        # The dataset reads each shard through the module-level `read_shard` it imported (there is no read method to
+        # override since train/ was split): this pass points that name at the old read, and back when it ends.
+        today = dataset_module.read_shard
+        dataset_module.read_shard = self._read
+        try:
+            yield from super().iter_slot(slot, skip)
+        finally:
+            dataset_module.read_shard = today
 
 
 class UncheckedDecoder(SampleDecoder):
@@ -111,6 +132,58 @@ class UncheckedDecoder(SampleDecoder):
 
 def raw_tar_reader(urls: list[str]):
     return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples())
+
+
+def dataset_rows(root: Path) -> list[tuple[str, LatentShardDataset]]:
+    """(label, dataset) of the dataset rows; "  same, ..." is the row above read another way."""
+    no_sha = {"sample_posterior": False, "check_sha256": False}
+    mean = {"sample_posterior": False}
+    old = {"latent_check": False}
+    return [(label, cls(root, **kwargs)) for label, cls, kwargs in [
+        ("LatentShardDataset mean, no sha256", LatentShardDataset, no_sha),
+        ("  same, old read", StreamedDataset, no_sha),
+        ("  same, old read, no latent check", StreamedDataset, {**no_sha, **old}),
+        ("LatentShardDataset mean", LatentShardDataset, mean),
+        ("  same, old read", StreamedDataset, mean),
+        ("  same, old read, no latent check", StreamedDataset, {**mean, **old}),
+        ("LatentShardDataset posterior sample", LatentShardDataset, {}),
+        ("  same, old read, no latent check", StreamedDataset, old),
+        ("LatentShardDataset batch 8", LatentShardDataset, {"batch_size": 8})]]
+
+
+def check_rows(rows: list[tuple[str, LatentShardDataset]], shards: int) -> str:
+    """One untimed pass of each dataset row in this process, counting the shard reads of each kind and the latent
+    checks: a row must read what its label says (an "old read" row every shard the old way and none through today's
+    `read_shard`, the others the reverse; a "no latent check" row no check, the others one per sample), else this
+    raises. The timed passes then run the same datasets (in workers too: the routing lives in the dataset)."""
+    calls = collections.Counter()
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    saved = dataset_module.read_shard, decoder_module.latent_problems
+    dataset_module.read_shard = counting("today", saved[0])
+    decoder_module.latent_problems = counting("check", saved[1])
+    try:
+        for label, dataset in rows:
+            calls.clear()
+            old_before = getattr(dataset, "old_reads", 0)
+            samples = sum(len(item["key"]) if dataset.batch_size else 1 for item in dataset)
+            seen = {"old": getattr(dataset, "old_reads", 0) - old_before, "today": calls["today"],
+                    "check": calls["check"]}
+            want = {"old": shards if "old read" in label else 0, "today": 0 if "old read" in label else shards,
+                    "check": 0 if "no latent check" in label else samples}
+            if seen != want:
+                raise AssertionError(f"row {label.strip()!r} does not read what its label says: {seen}, "
+                                     f"expected {want}")
+    finally:
+        dataset_module.read_shard, decoder_module.latent_problems = saved
+    old_rows = sum("old read" in label for label, _ in rows)
+    return (f"checked: {old_rows} \"old read\" rows read each of the {shards} shards the old way, the other "
+            f"{len(rows) - old_rows} rows today's way; \"no latent check\" rows run no latent check")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         pt_files = sorted((Path(tmp) / "pt").glob("*.pt"))
         shards = LatentShardDataset(root).shards
         reused = bytearray()
-        no_sha = {"sample_posterior": False, "check_sha256": False}
-        mean = {"sample_posterior": False}
-        old = {"latent_check": False}
         readers = [
             ("per-clip .pt (torch.load)", lambda: (torch.load(p) for p in pt_files), 1),
             ("shard bytes: streamed, sha256 after (old)",
@@ -148,17 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             ("shard bytes: in memory, sha256 first", lambda: (r for s in shards for r in read_shard(s)), 1),
             ("  same, one buffer reused", lambda: (r for s in shards for r in read_shard(s, buffer=reused)), 1),
         ]
-        for label, cls, kwargs in [
-                ("LatentShardDataset mean, no sha256", LatentShardDataset, no_sha),
-                ("  same, old read", StreamedDataset, no_sha),
-                ("  same, old read, no latent check", StreamedDataset, {**no_sha, **old}),
-                ("LatentShardDataset mean", LatentShardDataset, mean),
-                ("  same, old read", StreamedDataset, mean),
-                ("  same, old read, no latent check", StreamedDataset, {**mean, **old}),
-                ("LatentShardDataset posterior sample", LatentShardDataset, {}),
-                ("  same, old read, no latent check", StreamedDataset, old),
-                ("LatentShardDataset batch 8", LatentShardDataset, {"batch_size": 8})]:
-            readers.append((label, loader(cls(root, **kwargs)), kwargs.get("batch_size", 1)))
+        rows = dataset_rows(root)
+        print(check_rows(rows, len(shards)))
+        readers += [(label, loader(dataset), dataset.batch_size or 1) for label, dataset in rows]
         # Rows interleaved, best of --repeats: a shared machine's load then hits every row alike.
         best = [0.0] * len(readers)
         for _ in range(args.repeats):

@@ -66,8 +66,57 @@ def test_full_tiny_needs_full():
 def test_stream_bench(capsys):
     assert bench("stream").main(["--samples", "4", "--per-shard", "2"]) == 0
     out = capsys.readouterr().out
-    for label in ("per-clip .pt", "LatentShardDataset mean, no sha256", "LatentShardDataset batch 8"):
+    for label in ("per-clip .pt", "LatentShardDataset mean, no sha256", "LatentShardDataset batch 8",
+                  "  same, old read, no latent check"):
         assert ratio(out, label) > 0
+    # Every row was checked to read what its label says before it was timed.
+    assert 'checked: 5 "old read" rows read each of the 2 shards the old way, the other 4 rows today\'s way' in out
+
+
+def test_stream_bench_old_read_rows_read_the_old_way(tmp_path: Path, monkeypatch):
+    """StreamedDataset (the "old read" rows) reads every shard through the bench's streamed_read_shard and none
+    through the read_shard the dataset uses today; without latent_check, no sample is checked."""
+    import latentcache.format.checks as checks_module
+    import latentcache.train.dataset as dataset_module
+    import latentcache.train.decoder as decoder_module
+
+    stream = bench("stream")
+    stream.make_dataset(tmp_path, 3, 2, store_logvar=True)
+    calls = {"old": 0, "today": 0, "check": 0}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(stream, "streamed_read_shard", counting("old", stream.streamed_read_shard))
+    monkeypatch.setattr(dataset_module, "read_shard", counting("today", dataset_module.read_shard))
+    monkeypatch.setattr(decoder_module, "latent_problems", counting("check", checks_module.latent_problems))
+    keys = [s["key"] for s in stream.StreamedDataset(tmp_path, sample_posterior=False)]
+    assert (sorted(keys), calls) == (["clip000000", "clip000001", "clip000002"], {"old": 2, "today": 0, "check": 3})
+    calls.update(old=0, check=0)
+    assert len(list(stream.StreamedDataset(tmp_path, latent_check=False))) == 3
+    assert calls == {"old": 2, "today": 0, "check": 0}
+    assert len(list(stream.LatentShardDataset(tmp_path))) == 3  # the old read ends with the pass
+    assert calls == {"old": 2, "today": 2, "check": 3}
+
+
+@pytest.mark.parametrize("undo", ["old read", "no latent check"])
+def test_stream_bench_refuses_a_row_that_does_not_read_what_its_label_says(tmp_path: Path, monkeypatch, undo):
+    """If an "old read" row reads today's way (as it did while the dataset no longer called the bench's read hook),
+    or a "no latent check" row checks, the bench stops before timing anything, naming the row."""
+    stream = bench("stream")
+    stream.make_dataset(tmp_path, 2, 1, store_logvar=True)
+    if undo == "old read":
+        monkeypatch.setattr(stream.StreamedDataset, "iter_slot", stream.LatentShardDataset.iter_slot)
+        seen = "row 'same, old read' does not read what its label says: {'old': 0, 'today': 2, 'check': 2}"
+    else:
+        monkeypatch.setattr(stream.UncheckedDecoder, "latents", stream.SampleDecoder.latents)
+        seen = "row 'same, old read, no latent check' does not read what its label says: {'old': 2, 'today': 0, " \
+               "'check': 2}"
+    with pytest.raises(AssertionError, match=re.escape(seen)):
+        stream.check_rows(stream.dataset_rows(tmp_path), 2)
 
 
 def test_verify_bench(tmp_path: Path, capsys):
