@@ -104,11 +104,15 @@ def test_dataset_arguments_of_other_types_are_config_errors(fuzz_base: Path) -> 
 
 
 @pytest.mark.parametrize(("change", "named"), [
-    ({"num_res_blocks": {}}, "num_res_blocks is {}, expected a value like"),
+    ({"num_res_blocks": {}}, "num_res_blocks is {}, expected a whole number from 0 to 16"),
     ({"temperal_downsample": []}, "temperal_downsample is [], expected a value like"),
     ({"temperal_downsample": [True]}, "list index out of range"),
     ({"dim_mult": []}, "dim_mult is [], expected a value like"),
     ({"latents_mean": [10**400] + [0.0] * 15, "latents_std": [1.0] * 16}, "latents_mean is [1000"),
+    # A model of any size: diffusers allocated 11 trillion parameters, or built 60000 layers a block for minutes.
+    ({"base_dim": 60000}, "the config builds a model of 10,990,975,141,363 parameters (AutoencoderKLWan), past"),
+    ({"num_res_blocks": 60000}, "num_res_blocks is 60000, expected a whole number from 0 to 16"),
+    ({"dim_mult": [1] * 60000}, "dim_mult has 60000 entries, expected at most 12"),
 ])
 def test_a_vae_directory_whose_config_fields_disagree_is_a_config_error(tmp_path: Path, change: dict,
                                                                         named: str) -> None:

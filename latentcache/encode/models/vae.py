@@ -21,7 +21,7 @@ import torch
 
 from latentcache.encode.models import vae_checks
 from latentcache.encode.models.families import FAMILIES, UNSUPPORTED, VAEFamily, family_of, tile_problem
-from latentcache.encode.models.provenance import weights_provenance
+from latentcache.encode.models.provenance import weight_files, weights_provenance
 from latentcache.encode.models.vae_source import TINY_RANDOM_SUFFIX, check_hub_reachable
 from latentcache.encode.settings import TilingSettings, VAESettings, hash_json
 from latentcache.errors import ConfigError, InputError
@@ -353,7 +353,10 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
             wrong = vae_checks.default_type_problems(config, cls)
             if wrong:
                 raise ConfigError(f"--vae {tried}: config.json: {'; '.join(wrong[:3])}. Fix the VAE's config.json")
+            _check_size(cls, config, source, subfolder, tried)
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision), subfolder
+    except ConfigError:
+        raise  # already names the file and the fix (a ConfigError is a ValueError too)
     # A config whose fields disagree (a temperal_downsample shorter than dim_mult) fails inside the model's
     # constructor with whatever error its code meets first: the config's problem, named as such.
     except (OSError, ValueError, TypeError, IndexError, KeyError, NameError, ZeroDivisionError, OverflowError) as e:
@@ -369,6 +372,20 @@ def _from_pretrained(cls: Any, family: VAEFamily, settings: VAESettings) -> tupl
     fix = f"pass --family {known[found]}" if found in known else "point --vae at one of the supported VAEs"
     raise ConfigError(f"--vae {source}: found a {found}, but the {family.name} family expects {family.class_name}; "
                       f"{fix}")
+
+
+def _check_size(cls: Any, config: dict[str, Any], source: str, subfolder: str | None, tried: str) -> None:
+    """Refuse a config that builds a model past any released VAE's size, and a local directory's weights larger than
+    that model can be, before diffusers allocates the one or reads the other (vae_checks.check_model_size)."""
+    with _quiet("diffusers.configuration_utils"):  # from_pretrained warns about unexpected keys once, below
+        count = vae_checks.check_model_size(cls, config, f"--vae {tried}: config.json")
+    folder = Path(source) / (subfolder or "")
+    if folder.is_dir():
+        try:
+            files = weight_files(folder)
+        except ConfigError:
+            return  # no weights file: from_pretrained names what it looked for
+        vae_checks.check_weights_size(files, count, f"--vae {tried}")
 
 
 @contextlib.contextmanager

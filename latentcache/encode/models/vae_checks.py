@@ -5,7 +5,12 @@ naming the file and the field) before OUT is claimed, not after an encode of hou
   `_class_name` that is not a name; counts (`latent_channels`, `z_dim`, compression ratios, block widths) that are
   not positive whole numbers of a believable size (2**31 channels would allocate 14 TB before any message);
   `scaling_factor` 0, NaN or null; `latents_mean`/`latents_std` that are not one finite number per latent channel,
-  or a `latents_std` holding a value <= 0.
+  or a `latents_std` holding a value <= 0; more blocks or layers than any released VAE comes near (building a
+  module takes time even on torch's meta device: a million layers would take over an hour).
+- The model's size (`check_model_size`), before diffusers builds it for real: the class built from the config on
+  the meta device (no memory, milliseconds), its parameters counted against `MAX_PARAMETERS`, and the weights files
+  of a local directory against that count, so a crafted config (100000-wide blocks) is refused in a moment, not
+  after the process has taken every byte of memory.
 - The loaded model (`checked_spec`): every parameter and buffer has a value (a weights file missing a tensor leaves
   it on the meta device: "Cannot copy out of meta tensor" later), and its latent spec (normalisation read from the
   config or, for LTX-Video, from buffers in the weights) passes the very check every reader runs on a manifest
@@ -26,9 +31,36 @@ from latentcache.format.spec import LatentSpec
 # Believable sizes: the largest VAEs known have 128 latent channels, 1024-wide blocks and 32x compression.
 _MAX_CHANNELS = 1 << 16
 _MAX_COMPRESSION = 64
-_COUNTS = ("in_channels", "out_channels", "latent_channels", "z_dim", "base_dim", "layers_per_block",
-           "temporal_compression_ratio", "spatial_compression_ratio", "patch_size", "patch_size_t")
-_COUNT_LISTS = ("block_out_channels", "decoder_block_out_channels", "dim_mult", "layers_per_block")
+# Structure, about twice to four times the released VAEs' (diffusers 0.42.1's class defaults, which are the released
+# configs): at most 6 blocks (MiniMax-H3), 6 layers in a block (LTX-2, Mochi) and 36 transformer layers (MiniMax-H3's
+# decoder). On the meta device a CogVideoX of 16 blocks of 64 layers takes 3 s to build; these caps keep it < 1 s.
+_MAX_BLOCKS = 12
+_MAX_LAYERS = 16
+_MAX_TRANSFORMER_LAYERS = 144
+_LAYERS = ("layers_per_block", "decoder_layers_per_block", "num_res_blocks")
+_COUNTS = ("in_channels", "out_channels", "latent_channels", "z_dim", "base_dim", "decoder_base_dim", *_LAYERS,
+           "decoder_num_layers", "temporal_compression_ratio", "spatial_compression_ratio", "patch_size",
+           "patch_size_t")
+_COUNT_LISTS = ("block_out_channels", "decoder_block_out_channels", "encoder_block_out_channels", "dim_mult",
+                *_LAYERS)
+# Parameters (and buffers) a VAE's config may build. The largest released video VAEs, counted on the meta device
+# from their configs: MiniMax-H3 2.60 billion, HunyuanVideo 1.5 1.26 B, LTX-2 1.22 B, Wan 2.2 0.70 B, Mochi 0.46 B,
+# LTX-Video 0.42 B, HunyuanVideo 0.25 B, CogVideoX 0.22 B, Wan 2.1 0.13 B. About 4x the largest (40 GB in fp32):
+# room for a bigger release, while a crafted config cannot ask for a model of any size.
+MAX_PARAMETERS = 10_000_000_000
+# Weights bytes a checkpoint may hold per parameter its config builds: fp64 (twice an fp32 copy), plus per file the
+# largest header safetensors itself reads (100 MB). A larger checkpoint holds tensors the model does not take, which
+# diffusers would still read into memory.
+_BYTES_PER_PARAMETER = 8
+_HEADER_BYTES = 100_000_000
+
+
+def _most(key: str) -> int:
+    if "compression" in key or key.startswith("patch"):
+        return _MAX_COMPRESSION
+    if key in _LAYERS:
+        return _MAX_LAYERS
+    return _MAX_TRANSFORMER_LAYERS if key == "decoder_num_layers" else _MAX_CHANNELS
 
 
 def _real(value: Any) -> bool:
@@ -38,8 +70,8 @@ def _real(value: Any) -> bool:
         return False
 
 
-def _count(value: Any, most: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+def _count(value: Any, most: int, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
 
 
 def config_problems(config: dict[str, Any]) -> list[str]:
@@ -49,15 +81,19 @@ def config_problems(config: dict[str, Any]) -> list[str]:
     if name is not None and not isinstance(name, str):
         problems.append(f"_class_name is {str(name)[:100]}, expected a class name such as AutoencoderKLWan")
     for key in _COUNTS:
-        most = _MAX_COMPRESSION if "compression" in key or key.startswith("patch") else _MAX_CHANNELS
+        most, least = _most(key), 0 if key in ("num_res_blocks", "decoder_num_layers") else 1
         if key in config and config[key] is not None and not isinstance(config[key], list | tuple) \
-                and not _count(config[key], most):
-            problems.append(f"{key} is {str(config[key])[:60]}, expected a whole number from 1 to {most}")
+                and not _count(config[key], most, least):
+            problems.append(f"{key} is {str(config[key])[:60]}, expected a whole number from {least} to {most}")
     for key in _COUNT_LISTS:
-        values, least = config.get(key), 0 if key.startswith("layers") else 1  # a block may have no layers
-        if isinstance(values, list | tuple) and not all(_count(v, _MAX_CHANNELS) or (least == 0 and v == 0)
-                                                        for v in values):
-            problems.append(f"{key} is {str(values)[:100]}, expected whole numbers from {least} to {_MAX_CHANNELS}")
+        values, least = config.get(key), 0 if key in _LAYERS else 1  # a block may have no layers
+        if isinstance(values, list | tuple) and not all(_count(v, _most(key), least) for v in values):
+            problems.append(f"{key} is {str(values)[:100]}, expected whole numbers from {least} to {_most(key)}")
+    for key, values in config.items():
+        # Every list but the per-channel normalisation has one entry per block (or per layer kind of a block).
+        if isinstance(values, list | tuple) and not key.startswith("latents_") and len(values) > _MAX_BLOCKS:
+            problems.append(f"{key} has {len(values)} entries, expected at most {_MAX_BLOCKS} (one per block; the "
+                            "released VAEs have at most 6)")
     if "scaling_factor" in config and not (_real(config["scaling_factor"]) and config["scaling_factor"] > 0):
         shown = "NaN or null" if config["scaling_factor"] is None else repr(config["scaling_factor"])
         problems.append(f"scaling_factor is {shown}, expected a finite number > 0 (0 makes every latent zero)")
@@ -85,6 +121,36 @@ def check_config(config: Any, where: str) -> None:
     if problems:
         raise ConfigError(f"{where}: {'; '.join(problems)}. Fix the VAE's config.json (or pass the VAE it was "
                           "copied from)")
+
+
+def check_model_size(cls: Any, config: dict[str, Any], where: str) -> int:
+    """The parameters and buffers `cls` built from `config` would hold, counted on the meta device (no memory);
+    ConfigError naming `where` when past `MAX_PARAMETERS`, or when the config cannot build the class at all."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except (RuntimeError, NotImplementedError) as e:  # diffusers' own errors (TypeError...) are the caller's
+        raise ConfigError(f"{where}: its config cannot build a {cls.__name__} ({str(e)[:200]})") from None
+    count = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"{where}: the config builds a model of {count:,} parameters ({cls.__name__}), past "
+                          f"the {MAX_PARAMETERS:,} latentcache accepts (the largest released video VAE, MiniMax-H3's, "
+                          "has 2.6 billion). Fix the VAE's config.json (or pass the VAE it was copied from)")
+    return count
+
+
+def check_weights_size(files: list[Path], count: int, where: str) -> None:
+    """Refuse, naming `where`, weights files larger than a model of `count` parameters can be (see
+    `_BYTES_PER_PARAMETER`), before diffusers reads them into memory."""
+    total = sum(path.stat().st_size for path in files)
+    most = count * _BYTES_PER_PARAMETER + len(files) * _HEADER_BYTES
+    if total > most:
+        raise ConfigError(f"{where}: the weights ({', '.join(p.name for p in files)}) hold {total:,} bytes, past "
+                          f"the {most:,} a model of {count:,} parameters can fill ({_BYTES_PER_PARAMETER} bytes "
+                          "each, plus headers): they hold tensors of another model. Pass the weights that belong "
+                          "to this config.json")
 
 
 def default_type_problems(config: dict[str, Any], cls: Any) -> list[str]:
